@@ -1,0 +1,1 @@
+"""meshcar package."""
