@@ -1,0 +1,465 @@
+"""Sidecar injection as a pure function on Kubernetes objects (plain dicts).
+
+Theory of operation: `inject_object(obj, options)` finds the Pod spec inside a workload
+(Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob),
+reads the `meshcar.io/*` annotations, and returns a deep copy with the meshcar sidecar added
+the way `linkerd inject` does it:
+
+- a native sidecar (an initContainer with `restartPolicy: Always`, Kubernetes >= 1.29,
+  placed first so it runs before the other init containers and the app) by default, or a
+  classic container (placed first in `containers`) with `meshcar.io/sidecar-mode: classic`;
+- a `startupProbe` on the admin `/ready` so that, as a native sidecar, the app containers
+  start only once the sidecar holds a certificate; readiness `/ready`, liveness `/live`;
+- a memory-backed emptyDir for the key and certificate, and a projected service-account
+  token with the CA's audience and a short expiry (the CA verifies it, see ca/k8s_token.py);
+- the sidecar configuration (docs/CONFIG.md) rendered as YAML into the env var
+  `MESHCAR_CONFIG`, read by `meshcar sidecar --config-env MESHCAR_CONFIG`. The pod's own
+  identity `spiffe://TD/ns/NS/sa/SA` is filled in by the kubelet through `$(VAR)` expansion
+  of downward-API env vars, so the same rendering works for the CLI and the webhook;
+- `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and `NO_PROXY`/`no_proxy`
+  (localhost) on every app container.
+
+Nothing else is touched. Objects of other kinds come back unchanged; objects already
+injected (a container named `meshcar-proxy` exists) come back unchanged, so injecting twice
+equals injecting once. What cannot be injected raises `InjectError` naming the object.
+The annotation syntax is documented in docs/DEPLOY.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from meshcar.errors import MeshcarError
+
+PREFIX = "meshcar.io/"
+ANN_INJECT = PREFIX + "inject"
+ANN_INJECTED = PREFIX + "injected"
+ANN_MODE = PREFIX + "sidecar-mode"
+ANN_APP_PORT = PREFIX + "app-port"
+ANN_INBOUND_PORT = PREFIX + "inbound-port"
+ANN_OUTBOUND_PORT = PREFIX + "outbound-port"
+ANN_ADMIN_PORT = PREFIX + "admin-port"
+ANN_UPSTREAMS = PREFIX + "upstreams"
+ANN_ALLOWED_CALLERS = PREFIX + "allowed-callers"
+ANN_LOG_LEVEL = PREFIX + "log-level"
+
+SIDECAR_NAME = "meshcar-proxy"
+STATE_VOLUME = "meshcar-state"
+TOKEN_VOLUME = "meshcar-token"
+TRUST_VOLUME = "meshcar-trust"
+STATE_DIR = "/var/run/meshcar/state"
+TOKEN_DIR = "/var/run/secrets/meshcar"
+TOKEN_PATH = TOKEN_DIR + "/token"
+TRUST_DIR = "/var/run/meshcar/trust"
+TRUST_CONFIGMAP = "meshcar-ca-bundle"
+TRUST_KEY = "ca-bundle.pem"
+CONFIG_ENV = "MESHCAR_CONFIG"
+NS_ENV = "MESHCAR_POD_NAMESPACE"
+SA_ENV = "MESHCAR_POD_SERVICE_ACCOUNT"
+SIDECAR_UID = 10001
+
+DEFAULT_INBOUND_PORT = 4143
+DEFAULT_OUTBOUND_PORT = 4140
+DEFAULT_ADMIN_PORT = 4191
+
+# kind -> path of keys from the object to its PodTemplateSpec ("" = the object itself)
+POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+PROXY_ENV_NAMES = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+NO_PROXY = "localhost,127.0.0.1,::1"
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?$")
+_SPIFFE_RE = re.compile(r"^spiffe://[a-z0-9.\-_]+(/[A-Za-z0-9.\-_]+)+$")
+
+
+class InjectError(MeshcarError):
+    """An object cannot be injected; the message names the object and the reason."""
+
+    status = 400
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    """Cluster-wide injection settings (CLI flags / webhook flags)."""
+
+    image: str = "ghcr.io/meshcar/meshcar:0.1.0"
+    ca_url: str = "https://meshcar-ca.meshcar-system.svc:8600"
+    trust_domain: str = "meshcar.demo"
+    sidecar_mode: str = "native"  # native | classic (default; the annotation overrides)
+    ca_bundle_pem: str | None = None  # inline trust root; None = ConfigMap meshcar-ca-bundle
+    token_audience: str = "meshcar-ca"
+    token_expiration_seconds: int = 600  # the minimum Kubernetes allows
+    image_pull_policy: str = "IfNotPresent"
+
+    def __post_init__(self) -> None:
+        if self.sidecar_mode not in ("native", "classic"):
+            raise InjectError(f"sidecar mode must be native or classic, not {self.sidecar_mode!r}")
+
+
+def object_name(obj: Any) -> str:
+    """`kind/name` (with namespace when set) for messages."""
+    if not isinstance(obj, dict):
+        return "<not an object>"
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = meta.get("name") or meta.get("generateName") or "<unnamed>"
+    ns = meta.get("namespace")
+    kind = str(obj.get("kind", "<no kind>")).lower()
+    return f"{kind}/{name}" + (f" (namespace {ns})" if ns else "")
+
+
+def is_injectable_kind(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("kind") in POD_TEMPLATE_PATHS
+
+
+def _pod_template(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    node: Any = obj
+    for key in POD_TEMPLATE_PATHS[obj["kind"]]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            raise InjectError(f"{where}: no pod template (missing {key!r})")
+        node = node[key]
+    if not isinstance(node.get("spec"), dict):
+        raise InjectError(f"{where}: no pod spec")
+    return node
+
+
+def _all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for key in ("initContainers", "containers"):
+        for c in spec.get(key) or []:
+            if isinstance(c, dict):
+                out.append(c)
+    return out
+
+
+def is_injected(obj: dict[str, Any]) -> bool:
+    """Structural check: a container named meshcar-proxy already exists in the pod spec."""
+    if not is_injectable_kind(obj):
+        return False
+    try:
+        tmpl = _pod_template(obj, object_name(obj))
+    except InjectError:
+        return False
+    return any(c.get("name") == SIDECAR_NAME for c in _all_containers(tmpl["spec"]))
+
+
+def _annotations(obj: dict[str, Any], tmpl: dict[str, Any]) -> dict[str, str]:
+    """The pod template's annotations, falling back to the workload's own for missing keys."""
+    merged: dict[str, str] = {}
+    for meta in (obj.get("metadata"), tmpl.get("metadata")):
+        if isinstance(meta, dict) and isinstance(meta.get("annotations"), dict):
+            merged.update({str(k): str(v) for k, v in meta["annotations"].items()})
+    return merged
+
+
+def _port(ann: dict[str, str], key: str, default: int | None, where: str) -> int:
+    raw = ann.get(key)
+    if raw is None:
+        if default is None:
+            raise InjectError(f"{where}: annotation {key} is required (the app's local HTTP port)")
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InjectError(f"{where}: annotation {key}: {raw!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise InjectError(f"{where}: annotation {key}: {value} is not in 1..65535")
+    return value
+
+
+def parse_identity(text: str, trust_domain: str) -> str:
+    """`spiffe://...` as is, or the shorthand `NS/SA` -> `spiffe://TD/ns/NS/sa/SA`."""
+    text = text.strip()
+    if text.startswith("spiffe://"):
+        if not _SPIFFE_RE.match(text):
+            raise ValueError(f"{text!r} is not a valid SPIFFE ID")
+        return text
+    parts = text.split("/")
+    if len(parts) == 2 and all(_NAME_RE.match(p) for p in parts):
+        return f"spiffe://{trust_domain}/ns/{parts[0]}/sa/{parts[1]}"
+    raise ValueError(f"{text!r} is neither a spiffe:// ID nor NAMESPACE/SERVICEACCOUNT")
+
+
+def _items(raw: str) -> list[str]:
+    return [item for item in re.split(r"[,\s]+", raw.strip()) if item]
+
+
+def parse_allowed_callers(raw: str, trust_domain: str) -> list[str]:
+    """Comma- or whitespace-separated identities (SPIFFE IDs or NS/SA)."""
+    out: list[str] = []
+    for item in _items(raw):
+        ident = parse_identity(item, trust_domain)
+        if ident not in out:
+            out.append(ident)
+    return out
+
+
+def _parse_hostport(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def parse_upstreams(raw: str, trust_domain: str) -> dict[str, dict[str, Any]]:
+    """`NAME=HOST:PORT[;HOST:PORT...]=IDENTITY` entries, separated by commas or whitespace."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in _items(raw):
+        parts = item.split("=", 2)
+        if len(parts) != 3:
+            raise ValueError(f"{item!r} is not NAME=HOST:PORT[;HOST:PORT...]=IDENTITY")
+        name, endpoints, ident = parts
+        if not _SERVICE_RE.match(name):
+            raise ValueError(f"{item!r}: {name!r} is not a valid service name")
+        if name in out:
+            raise ValueError(f"upstream {name!r} is given twice")
+        eps = [_parse_hostport(e) for e in endpoints.split(";") if e]
+        if not eps:
+            raise ValueError(f"{item!r}: no endpoints")
+        out[name] = {"endpoints": eps, "spiffe_id": parse_identity(ident, trust_domain)}
+    return out
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """What the annotations of one pod say."""
+
+    mode: str
+    app_port: int
+    inbound_port: int
+    outbound_port: int
+    admin_port: int
+    allowed_callers: tuple[str, ...]
+    upstreams: tuple[tuple[str, tuple[str, ...], str], ...]  # (name, endpoints, spiffe id)
+    log_level: str | None
+
+
+def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> PodSettings:
+    """Validate the meshcar.io/* annotations of one pod; every problem is an InjectError."""
+    mode = ann.get(ANN_MODE, options.sidecar_mode).strip()
+    if mode not in ("native", "classic"):
+        raise InjectError(f"{where}: annotation {ANN_MODE}: {mode!r} is not native or classic")
+    app_port = _port(ann, ANN_APP_PORT, None, where)
+    inbound = _port(ann, ANN_INBOUND_PORT, DEFAULT_INBOUND_PORT, where)
+    outbound = _port(ann, ANN_OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT, where)
+    admin = _port(ann, ANN_ADMIN_PORT, DEFAULT_ADMIN_PORT, where)
+    ports = {"app": app_port, "inbound": inbound, "outbound": outbound, "admin": admin}
+    if len(set(ports.values())) != len(ports):
+        raise InjectError(f"{where}: ports must differ, got {ports}")
+    try:
+        callers = parse_allowed_callers(ann.get(ANN_ALLOWED_CALLERS, ""), options.trust_domain)
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_ALLOWED_CALLERS}: {exc}") from None
+    try:
+        ups = parse_upstreams(ann.get(ANN_UPSTREAMS, ""), options.trust_domain)
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_UPSTREAMS}: {exc}") from None
+    level = ann.get(ANN_LOG_LEVEL)
+    if level is not None and level not in ("debug", "info", "warning", "error"):
+        raise InjectError(f"{where}: annotation {ANN_LOG_LEVEL}: {level!r} is not a log level")
+    return PodSettings(
+        mode=mode, app_port=app_port, inbound_port=inbound, outbound_port=outbound,
+        admin_port=admin, allowed_callers=tuple(callers),
+        upstreams=tuple((n, tuple(u["endpoints"]), u["spiffe_id"]) for n, u in ups.items()),
+        log_level=level,
+    )
+
+
+def render_config(settings: PodSettings, options: InjectOptions) -> str:
+    """The sidecar's YAML configuration (docs/CONFIG.md) with the pod identity as $(VARS)."""
+    identity: dict[str, Any] = {
+        "spiffe_id": f"spiffe://{options.trust_domain}/ns/$({NS_ENV})/sa/$({SA_ENV})",
+        "ca_url": options.ca_url,
+    }
+    if options.ca_bundle_pem is not None:
+        identity["ca_bundle_pem"] = options.ca_bundle_pem
+    else:
+        identity["ca_bundle"] = f"{TRUST_DIR}/{TRUST_KEY}"
+    identity["k8s_token_file"] = TOKEN_PATH
+    identity["state_dir"] = STATE_DIR
+    config: dict[str, Any] = {
+        "identity": identity,
+        "app": {"host": "127.0.0.1", "port": settings.app_port},
+        "inbound": {"listen": f"0.0.0.0:{settings.inbound_port}", "allow": list(settings.allowed_callers)},
+        "outbound": {
+            "listen": f"127.0.0.1:{settings.outbound_port}",
+            "upstreams": {
+                name: {"endpoints": list(eps), "spiffe_id": sid} for name, eps, sid in settings.upstreams
+            },
+        },
+        "admin": {"listen": f"0.0.0.0:{settings.admin_port}"},
+    }
+    if settings.log_level:
+        config["log_level"] = settings.log_level
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    }
+
+
+def sidecar_container(settings: PodSettings, options: InjectOptions) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": SIDECAR_NAME,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["meshcar", "sidecar", "--config-env", CONFIG_ENV],
+        "env": [
+            {"name": NS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": SA_ENV, "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+            {"name": CONFIG_ENV, "value": render_config(settings, options)},
+        ],
+        "ports": [
+            {"name": "meshcar-inbound", "containerPort": settings.inbound_port, "protocol": "TCP"},
+            {"name": "meshcar-admin", "containerPort": settings.admin_port, "protocol": "TCP"},
+        ],
+        "startupProbe": _probe("/ready", settings.admin_port, 1, 120),
+        "readinessProbe": _probe("/ready", settings.admin_port, 5, 3),
+        "livenessProbe": _probe("/live", settings.admin_port, 10, 3),
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"memory": "128Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+        ],
+    }
+    if options.ca_bundle_pem is None:
+        container["volumeMounts"].append({"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True})
+    if settings.mode == "native":
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {
+            "name": TOKEN_VOLUME,
+            "projected": {
+                "sources": [{
+                    "serviceAccountToken": {
+                        "audience": options.token_audience,
+                        "expirationSeconds": options.token_expiration_seconds,
+                        "path": "token",
+                    }
+                }]
+            },
+        },
+    ]
+    if options.ca_bundle_pem is None:
+        volumes.append({
+            "name": TRUST_VOLUME,
+            "configMap": {"name": TRUST_CONFIGMAP, "items": [{"key": TRUST_KEY, "path": TRUST_KEY}]},
+        })
+    return volumes
+
+
+def _proxy_env(settings: PodSettings) -> list[dict[str, str]]:
+    proxy = f"http://127.0.0.1:{settings.outbound_port}"
+    return [
+        {"name": "HTTP_PROXY", "value": proxy},
+        {"name": "http_proxy", "value": proxy},
+        {"name": "NO_PROXY", "value": NO_PROXY},
+        {"name": "no_proxy", "value": NO_PROXY},
+    ]
+
+
+def _check_pod_spec(spec: dict[str, Any], settings: PodSettings, where: str) -> None:
+    if spec.get("hostNetwork"):
+        raise InjectError(
+            f"{where}: hostNetwork pods cannot be injected (the sidecar's ports would be the node's)"
+        )
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        raise InjectError(f"{where}: the pod has no containers")
+    names = set()
+    for c in _all_containers(spec):
+        names.add(c.get("name"))
+    taken = {settings.inbound_port, settings.admin_port, settings.outbound_port}
+    for c in _all_containers(spec):
+        for p in c.get("ports") or []:
+            if isinstance(p, dict) and p.get("containerPort") in taken:
+                raise InjectError(
+                    f"{where}: container {c.get('name')!r} uses port {p['containerPort']}, "
+                    "which the sidecar needs (set meshcar.io/inbound-port, -outbound-port, -admin-port)"
+                )
+    for key in ("volumes",):
+        for v in spec.get(key) or []:
+            if isinstance(v, dict) and v.get("name") in (STATE_VOLUME, TOKEN_VOLUME, TRUST_VOLUME):
+                raise InjectError(f"{where}: volume name {v['name']!r} is reserved for meshcar")
+
+
+def inject_object(obj: Any, options: InjectOptions) -> Any:
+    """Return the object with the sidecar injected, or unchanged (other kinds, opted out,
+    already injected). Never mutates its argument."""
+    if not is_injectable_kind(obj) or is_injected(obj):
+        return obj
+    where = object_name(obj)
+    tmpl = _pod_template(obj, where)
+    ann = _annotations(obj, tmpl)
+    inject = ann.get(ANN_INJECT, "enabled").strip()
+    if inject == "disabled":
+        return obj
+    if inject != "enabled":
+        raise InjectError(f"{where}: annotation {ANN_INJECT}: {inject!r} is not enabled or disabled")
+    settings = pod_settings(ann, options, where)
+    _check_pod_spec(tmpl["spec"], settings, where)
+
+    out = copy.deepcopy(obj)
+    tmpl = _pod_template(out, where)
+    spec = tmpl["spec"]
+    meta = tmpl.setdefault("metadata", {})
+    annotations = meta.setdefault("annotations", {})
+    annotations[ANN_INJECTED] = "true"
+    annotations[ANN_MODE] = settings.mode
+
+    for c in spec["containers"]:
+        env = [e for e in (c.get("env") or []) if e.get("name") not in PROXY_ENV_NAMES]
+        c["env"] = env + _proxy_env(settings)
+
+    sidecar = sidecar_container(settings, options)
+    if settings.mode == "native":
+        spec["initContainers"] = [sidecar] + list(spec.get("initContainers") or [])
+    else:
+        annotations.setdefault("kubectl.kubernetes.io/default-container", spec["containers"][0]["name"])
+        spec["containers"] = [sidecar] + list(spec["containers"])
+    spec["volumes"] = list(spec.get("volumes") or []) + sidecar_volumes(options)
+    return out
+
+
+def inject_document(doc: Any, options: InjectOptions) -> Any:
+    """Inject one YAML document: a workload, a `kind: List` (items injected), or anything else."""
+    if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+        out = dict(doc)
+        out["items"] = [inject_object(item, options) for item in doc["items"]]
+        return out
+    return inject_object(doc, options)
