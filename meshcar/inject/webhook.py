@@ -1,0 +1,260 @@
+"""`meshcar webhook`: a mutating admission webhook (AdmissionReview v1) for sidecar injection.
+
+Theory of operation: the API server POSTs an AdmissionReview to `/inject` over HTTPS. The
+pure part, `review_response(body, options)`, runs the same `inject_object` as `meshcar
+inject` on `request.object` and answers with the JSONPatch (RFC 6902, base64) from the
+object before to the object after. The I/O part is trio + h11: `serve_webhook` binds with
+`nursery.start`, every connection runs in its own task under `fail_after` timeouts, and any
+error in one connection is logged and ends only that connection.
+
+What the API server gets:
+- a well-formed review: HTTP 200 with an AdmissionReview response, `allowed: true`, and
+  either the patch, or no patch (other kinds, opted out, already injected), or -- when the
+  pod cannot be injected (hostNetwork, no app port, a bad annotation) -- no patch and a
+  `warnings` entry saying why: an injector must not block workloads, and kubectl shows the
+  warning to the user;
+- a malformed review (not JSON, not an AdmissionReview v1, no `request.uid`): HTTP 400 with
+  `{"error": "bad_review", "message": ...}`. Without a uid there is no valid AdmissionReview
+  answer; the API server treats a non-200 as a failed call and applies `failurePolicy`.
+`GET /healthz` answers 200 for the Deployment's probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import ssl
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import jsonpatch
+import trio
+
+from meshcar.inject.cli import add_option_arguments, options_from_args
+from meshcar.inject.patch import InjectError, InjectOptions, inject_object, object_name
+
+log = logging.getLogger("meshcar.webhook")
+
+MAX_BODY = 4 * 1024 * 1024  # Kubernetes objects are at most ~1.5 MiB
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+IDLE_TIMEOUT = 60.0
+HANDSHAKE_TIMEOUT = 10.0
+INJECT_PATH = "/inject"
+
+
+class BadReview(Exception):
+    """The request body is not a usable AdmissionReview v1."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+def _bad(message: str) -> Answer:
+    return Answer(400, {"error": "bad_review", "message": message})
+
+
+def parse_review(body: bytes) -> dict[str, Any]:
+    try:
+        review = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadReview(f"body is not JSON: {exc}") from None
+    if not isinstance(review, dict):
+        raise BadReview("body is not a JSON object")
+    if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
+        raise BadReview("expected apiVersion admission.k8s.io/v1, kind AdmissionReview")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("missing request")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReview("missing request.uid")
+    obj = request.get("object")
+    if obj is not None and not isinstance(obj, dict):
+        raise BadReview("request.object is not an object")
+    return review
+
+
+def review_response(body: bytes, options: InjectOptions) -> Answer:
+    """Pure: an AdmissionReview request body -> the HTTP answer."""
+    try:
+        review = parse_review(body)
+    except BadReview as exc:
+        return _bad(str(exc))
+    request = review["request"]
+    response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
+    obj = request.get("object")
+    if request.get("operation", "CREATE") in ("CREATE", "UPDATE") and isinstance(obj, dict):
+        before = obj
+        if "kind" not in before and isinstance(request.get("kind"), dict):
+            # the API server always sets kind on the object; be lenient with hand-made reviews
+            before = dict(obj, kind=request["kind"].get("kind"))
+        try:
+            after = inject_object(before, options)
+        except InjectError as exc:
+            response["warnings"] = [f"meshcar: not injected: {exc}"]
+            log.warning("not injected: %s", exc)
+        else:
+            if after is not before:
+                patch = jsonpatch.make_patch(before, after).patch
+                response["patchType"] = "JSONPatch"
+                response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
+                ns = request.get("namespace")
+                log.info("injected %s%s", object_name(after), f" in {ns}" if ns else "")
+    return Answer(200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+
+
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, event: Any) -> None:
+    data = conn.send(event)
+    if data:
+        await stream.send_all(data)
+
+
+async def _answer(stream: trio.abc.Stream, conn: h11.Connection, answer: Answer) -> None:
+    payload = json.dumps(answer.body).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+    if conn.our_state is h11.SEND_RESPONSE and answer.status >= 400:
+        headers.append(("connection", "close"))
+    await _send(stream, conn, h11.Response(status_code=answer.status, headers=headers))
+    await _send(stream, conn, h11.Data(data=payload))
+    await _send(stream, conn, h11.EndOfMessage())
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        data = await stream.receive_some(65536)
+        conn.receive_data(data)  # b"" means EOF
+
+
+async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
+                          options: InjectOptions) -> bool:
+    """Serve one request; returns False when the connection must close."""
+    target = request.target.split(b"?", 1)[0]
+    body = bytearray()
+    too_large = False
+    with trio.fail_after(BODY_TIMEOUT):
+        while True:
+            event = await _next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                if len(body) + len(event.data) > MAX_BODY:
+                    too_large = True
+                    break
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return False
+    if too_large:
+        await _answer(stream, conn, Answer(413, {"error": "too_large", "message": f"body over {MAX_BODY} bytes"}))
+        return False
+    if request.method == b"GET" and target == b"/healthz":
+        answer = Answer(200, {"status": "ok"})
+    elif target != INJECT_PATH.encode():
+        answer = Answer(404, {"error": "not_found", "message": f"POST AdmissionReview to {INJECT_PATH}"})
+    elif request.method != b"POST":
+        answer = Answer(405, {"error": "method_not_allowed", "message": "use POST"})
+    else:
+        answer = review_response(bytes(body), options)
+    await _answer(stream, conn, answer)
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def handle_connection(stream: trio.SSLStream, options: InjectOptions) -> None:
+    """One connection: TLS handshake, then keep-alive requests until close or a timeout."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.do_handshake()
+        while True:
+            with trio.fail_after(IDLE_TIMEOUT if conn.their_state is h11.IDLE else HEADER_TIMEOUT):
+                event = await _next_event(stream, conn)
+            if not isinstance(event, h11.Request):
+                break
+            if not await _handle_request(stream, conn, event, options):
+                break
+            conn.start_next_cycle()
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                await _answer(stream, conn, Answer(exc.error_status_hint,
+                                                   {"error": "bad_http", "message": str(exc)}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass
+    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        pass
+    except Exception:  # one bad connection must never take the server down
+        log.exception("webhook connection failed")
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                pass
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, host: str, port: int,
+                        *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; `await nursery.start(serve_webhook, ...)` returns the bound listeners."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
+
+    async def handler(stream: trio.SSLStream) -> None:
+        await handle_connection(stream, options)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(handler, ssl_listeners, handler_nursery=nursery)
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshcar webhook", description="Mutating admission webhook for meshcar injection.")
+    parser.add_argument("--listen", type=_split_listen, default=("127.0.0.1", 8443), help="HOST:PORT (default 127.0.0.1:8443)")
+    parser.add_argument("--tls-cert", required=True, help="PEM certificate (chain) of the webhook")
+    parser.add_argument("--tls-key", required=True, help="PEM private key of the webhook")
+    add_option_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format='{"level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
+    try:
+        options = options_from_args(args)
+        ctx = server_ssl_context(args.tls_cert, args.tls_key)
+    except (InjectError, OSError, ssl.SSLError) as exc:
+        print(f"meshcar webhook: {exc}", file=sys.stderr)
+        return 2
+    host, port = args.listen
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_webhook, options, ctx, host, port)
+            log.info("webhook listening on %s:%d", host, port)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        return 130
+    return 0
