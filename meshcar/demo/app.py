@@ -1,0 +1,385 @@
+"""The small JSON demo app of the scenario (`meshcar demo-app`).
+
+It is the "application" behind each sidecar, not part of meshcar's data path, so it is a
+plain threaded stdlib `http.server` (HTTP/1.1, keep-alive, HEAD).  It is honest: every
+answer reports exactly what it received -- service name, method, path, every request header
+(as an ordered list of `Name: value` lines, so duplicates stay visible), the body size, the peer identity
+taken from `X-Forwarded-Client-Cert` when present, and in TLS mode the client certificate.
+
+Special routes (each calls a peer only through the app's own sidecar, `HTTP_PROXY`):
+
+- api `/v1/pay`: calls payments `/v1/charge` and includes payments' answer;
+- web `/try-payments`: calls payments and reports the status it got (403 expected);
+- web `/pay`: calls api `/v1/pay` (the full web -> api -> payments chain).
+
+`--tls-cert/--tls-key/--tls-client-ca` turn it into payments' public partner endpoint:
+TLS with a required client certificate (end-to-end mTLS).  With `--proxy-protocol` a PROXY
+v1/v2 header (from the edge in passthrough mode) may precede the TLS handshake; the address
+it carries is reported, not trusted for anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+IDLE_TIMEOUT_SECONDS = 30.0
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+PEER_CALL_TIMEOUT_SECONDS = 10.0
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PeerCall:
+    """A route that calls another service through the sidecar."""
+
+    service: str
+    path: str
+    key: str  # where the peer's answer goes in our JSON
+
+
+# (service, path) -> call.  Everything else is a plain echo.
+PEER_ROUTES: dict[tuple[str, str], PeerCall] = {
+    ("api", "/v1/pay"): PeerCall("payments", "/v1/charge", "payments"),
+    ("web", "/try-payments"): PeerCall("payments", "/v1/charge", "payments"),
+    ("web", "/pay"): PeerCall("api", "/v1/pay", "api"),
+}
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    host: str
+    port: int
+    proxy: str | None
+    tls: ssl.SSLContext | None
+    proxy_protocol: bool = False
+
+
+def parse_xfcc(value: str) -> list[dict[str, str]]:
+    """Parse an Envoy-format `X-Forwarded-Client-Cert` value into its elements.
+
+    Elements are separated by `,`, key=value pairs by `;`; values may be double-quoted
+    (and then may contain `,` `;` `=` and `\\"`).  Keys are returned as written.
+    """
+    elements: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    key, buf, in_value, quoted, escaped = "", [], False, False, False
+
+    def end_pair() -> None:
+        nonlocal key, buf, in_value
+        if in_value:
+            current[key.strip()] = "".join(buf)
+        elif "".join(buf).strip():
+            current["".join(buf).strip()] = ""
+        key, buf, in_value = "", [], False
+
+    for ch in value:
+        if quoted:
+            if escaped:
+                buf.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                buf.append(ch)
+        elif ch == '"' and in_value:
+            quoted = True
+        elif ch == "=" and not in_value:
+            key, buf, in_value = "".join(buf), [], True
+        elif ch == ";":
+            end_pair()
+        elif ch == ",":
+            end_pair()
+            if current:
+                elements.append(current)
+            current = {}
+        else:
+            buf.append(ch)
+    end_pair()
+    if current:
+        elements.append(current)
+    return elements
+
+
+def peer_from_xfcc(values: list[str]) -> str | None:
+    """The calling identity: the `URI` of the last XFCC element (the nearest hop)."""
+    elements = [e for v in values for e in parse_xfcc(v)]
+    for element in reversed(elements):
+        for k, v in element.items():
+            if k.lower() == "uri" and v:
+                return v
+    return None
+
+
+def call_peer(proxy: str | None, call: PeerCall, request_id: str | None) -> dict[str, Any]:
+    """Call a peer through the sidecar's HTTP proxy and report what came back."""
+    if not proxy:
+        return {"error": "HTTP_PROXY is not set: this app reaches peers only through its sidecar"}
+    url = f"http://{call.service}{call.path}"
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    started = time.perf_counter()
+    try:
+        with httpx.Client(proxy=proxy, trust_env=False, timeout=PEER_CALL_TIMEOUT_SECONDS) as c:
+            r = c.get(url, headers=headers)
+    except httpx.HTTPError as exc:
+        return {"url": url, "via": proxy, "error": f"{type(exc).__name__}: {exc}"}
+    answer: dict[str, Any] = {
+        "url": url,
+        "via": proxy,
+        "status": r.status_code,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    try:
+        answer["body"] = r.json()
+    except ValueError:
+        answer["body"] = r.text[:2000]
+    return answer
+
+
+class DemoServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        super().__init__((config.host, config.port), DemoHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:  # per-connection thread
+        request.settimeout(IDLE_TIMEOUT_SECONDS)
+        header = None
+        if self.config.proxy_protocol:
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
+            try:
+                header = read_proxy_header(request)
+            except (ValueError, OSError) as exc:
+                log({"event": "proxy_protocol.rejected", "client": client_address[0],
+                     "error": str(exc)})
+                return
+        if self.config.tls is not None:
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
+            try:
+                request = self.config.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log({"event": "tls.handshake_failed", "client": client_address[0],
+                     "error": f"{type(exc).__name__}: {exc}"})
+                return
+            request.settimeout(IDLE_TIMEOUT_SECONDS)
+            try:
+                self.RequestHandlerClass(request, client_address, self, proxy_header=header)
+            finally:
+                request.close()  # the TLS socket owns the descriptor now
+            return
+        self.RequestHandlerClass(request, client_address, self, proxy_header=header)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        log({"event": "connection.error", "client": client_address[0],
+             "error": f"{type(exc).__name__}: {exc}"})
+
+
+def read_proxy_header(sock: socket.socket) -> Any:
+    """Consume a PROXY v1/v2 header if the connection starts with one; None if it does not.
+
+    Bytes are only peeked until the parser has a whole header, then exactly the header's
+    bytes are read, so the TLS handshake that follows finds its ClientHello intact.
+    """
+    from meshcar.proto import proxy_protocol as pp
+
+    buf = b""
+    result = pp.parse_proxy_header(buf)
+    while isinstance(result, pp.Incomplete):
+        want = len(buf) + result.at_least
+        buf = sock.recv(want, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(buf) < want:
+            raise ValueError("connection closed inside a PROXY header")
+        result = pp.parse_proxy_header(buf)
+    if isinstance(result, pp.Rejected):
+        if result.kind is pp.RejectKind.NOT_PROXY:
+            return None  # a direct client: no header
+        raise ValueError(f"bad PROXY header: {result.reason}")
+    remaining = result.consumed
+    while remaining:
+        chunk = sock.recv(remaining)
+        if not chunk:
+            raise ValueError("connection closed inside a PROXY header")
+        remaining -= len(chunk)
+    return result
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "meshcar-demo-app"
+    server: DemoServer
+
+    def __init__(self, *args: Any, proxy_header: Any = None, **kwargs: Any) -> None:
+        self.proxy_header = proxy_header
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # one JSON line per request instead, from _answer
+
+    def _read_body(self) -> int:
+        te = self.headers.get("Transfer-Encoding", "")
+        if te.lower() == "chunked":
+            total = 0
+            while True:
+                size_line = self.rfile.readline(1024)
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return total
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise ValueError("body too large")
+                self.rfile.read(size + 2)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0 or length > MAX_BODY_BYTES:
+            raise ValueError("bad Content-Length")
+        remaining = length
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 65536))
+            if not chunk:
+                raise ValueError("body ended early")
+            remaining -= len(chunk)
+        return length
+
+    def _handle(self) -> None:
+        cfg = self.server.config
+        try:
+            body_bytes = self._read_body()
+        except ValueError as exc:
+            self._send(400, {"service": cfg.name, "error": str(exc)}, close=True)
+            return
+        path = self.path
+        route_path = path.split("?", 1)[0]
+        xfcc = self.headers.get_all("X-Forwarded-Client-Cert") or []
+        doc: dict[str, Any] = {
+            "service": cfg.name,
+            "method": self.command,
+            "path": path,
+            "headers": [f"{k}: {v}" for k, v in self.headers.items()],
+            "body_bytes": body_bytes,
+            "client": self.client_address[0],
+            "peer": peer_from_xfcc(xfcc),
+        }
+        if isinstance(self.connection, ssl.SSLSocket):
+            doc["tls"] = _tls_info(self.connection)
+        if self.proxy_header is not None:
+            h = self.proxy_header
+            doc["proxy_protocol"] = {
+                "version": h.version, "command": str(h.command),
+                "source": f"{h.src_addr}:{h.src_port}" if h.src_addr else None,
+                "destination": f"{h.dst_addr}:{h.dst_port}" if h.dst_addr else None,
+            }
+        status = 200
+        call = PEER_ROUTES.get((cfg.name, route_path))
+        if call is not None:
+            answer = call_peer(cfg.proxy, call, self.headers.get("X-Request-Id"))
+            doc[call.key] = answer
+            if "error" in answer:
+                status = 502
+        self._send(status, doc)
+
+    def _send(self, status: int, doc: dict[str, Any], *, close: bool = False) -> None:
+        body = json.dumps(doc, indent=2).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        log({"event": "request", "service": doc.get("service"), "method": self.command,
+             "path": self.path, "status": status, "peer": doc.get("peer"),
+             "client": self.client_address[0]})
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _handle
+
+
+def _tls_info(conn: ssl.SSLSocket) -> dict[str, Any]:
+    peer = conn.getpeercert() or {}
+    subject = ", ".join("=".join(x) for rdn in peer.get("subject", ()) for x in rdn)
+    return {"version": conn.version(), "cipher": (conn.cipher() or ("",))[0],
+            "client_cert_subject": subject or None}
+
+
+_log_lock = threading.Lock()
+
+
+def log(record: dict[str, Any]) -> None:
+    with _log_lock:
+        print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def build_tls(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    """Server context for payments' partner endpoint: a client certificate is REQUIRED."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(client_ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meshcar demo-app", description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True, help="service name (web, api, payments)")
+    p.add_argument("--port", required=True, type=int)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--tls-cert", help="server certificate (PEM, chain) for TLS mode")
+    p.add_argument("--tls-key", help="server key for TLS mode")
+    p.add_argument("--tls-client-ca", help="CA that client certificates must chain to")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="accept a PROXY protocol v1/v2 header before TLS (optional per "
+                   "connection: a client without one is served as is; the header's source "
+                   "address is reported under proxy_protocol)")
+    args = p.parse_args(argv)
+    tls_args = (args.tls_cert, args.tls_key, args.tls_client_ca)
+    if any(tls_args) and not all(tls_args):
+        p.error("--tls-cert, --tls-key and --tls-client-ca go together")
+    return args
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwind serve_forever and close the listener
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    tls = build_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    config = AppConfig(args.name, args.host, args.port, os.environ.get("HTTP_PROXY") or None, tls,
+                       proxy_protocol=args.proxy_protocol)
+    try:
+        server = DemoServer(config)
+    except OSError as exc:
+        print(f"meshcar demo-app: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _stop)
+    log({"event": "app.ready", "service": args.name, "listen": f"{args.host}:{args.port}",
+         "tls": tls is not None})
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,282 @@
+"""`meshcar demo --check`: the SCENARIO.md expectations as a list of named check functions.
+
+A check is a function of the running demo (`DemoEnv`) that returns a short detail on success
+and raises `CheckFailed` (or anything else) on failure.  A check without a function is shown
+as SKIP "not implemented" -- never as passing.  The edge (issue 3) fills in the edge rows by
+giving them a function; `exit_code` is non-zero on any FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import httpx
+
+from meshcar import scenario as sc
+from meshcar.demo.plan import LOOPBACK, DemoPaths, PublicCerts
+
+NOT_IMPLEMENTED = "not implemented yet (edge, issue 3)"
+HTTP_TIMEOUT_SECONDS = 10.0
+OPENSSL_TIMEOUT_SECONDS = 15.0
+
+
+class CheckFailed(Exception):
+    """An expectation did not hold; the message says what was seen instead."""
+
+
+class Status(Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclass(frozen=True)
+class DemoEnv:
+    scenario: sc.Scenario
+    paths: DemoPaths
+    certs: PublicCerts
+
+
+@dataclass(frozen=True)
+class Check:
+    ref: str  # the SCENARIO.md item it verifies ("4", "4 mesh", "-")
+    title: str
+    fn: Callable[[DemoEnv], str] | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ref: str
+    title: str
+    status: Status
+    detail: str
+
+
+def run_checks(checks: list[Check], env: DemoEnv) -> list[CheckResult]:
+    results = []
+    for check in checks:
+        if check.fn is None:
+            results.append(CheckResult(check.ref, check.title, Status.SKIP, NOT_IMPLEMENTED))
+            continue
+        try:
+            detail = check.fn(env)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a FAIL row
+            msg = str(exc) if isinstance(exc, CheckFailed) else f"{type(exc).__name__}: {exc}"
+            results.append(CheckResult(check.ref, check.title, Status.FAIL, msg))
+        else:
+            results.append(CheckResult(check.ref, check.title, Status.PASS, detail))
+    return results
+
+
+def render_table(results: list[CheckResult]) -> str:
+    label = {Status.PASS: "PASS", Status.FAIL: "FAIL", Status.SKIP: "SKIP (not implemented)"}
+    rows = [("RESULT", "#", "EXPECTATION", "DETAIL")]
+    rows += [(label[r.status], r.ref, r.title, r.detail.replace("\n", " ")) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(row[j].ljust(widths[j]) for j in range(3)) + "  " + row[3])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    counts = {s: sum(1 for r in results if r.status is s) for s in Status}
+    lines.append("")
+    lines.append(
+        f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
+        f"{counts[Status.SKIP]} not implemented (skipped, not passed)"
+    )
+    return "\n".join(lines)
+
+
+def exit_code(results: list[CheckResult]) -> int:
+    return 1 if any(r.status is Status.FAIL for r in results) else 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def get_json(url: str, *, proxy: str | None = None, headers: dict[str, str] | None = None
+             ) -> tuple[int, dict[str, Any]]:
+    with httpx.Client(proxy=proxy, trust_env=False, timeout=HTTP_TIMEOUT_SECONDS) as client:
+        r = client.get(url, headers=headers or {})
+    try:
+        doc = r.json()
+    except ValueError as exc:
+        raise CheckFailed(f"GET {url}: {r.status_code}, not JSON: {r.text[:200]!r}") from exc
+    if not isinstance(doc, dict):
+        raise CheckFailed(f"GET {url}: {r.status_code}, JSON is not an object")
+    return r.status_code, doc
+
+
+def header_values(doc: dict[str, Any], name: str) -> list[str]:
+    """Values of header `name` in a demo app answer (`"Name: value"` lines)."""
+    out = []
+    for line in doc.get("headers", []):
+        k, _, v = str(line).partition(":")
+        if k.strip().lower() == name.lower():
+            out.append(v.strip())
+    return out
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise CheckFailed(message)
+
+
+def app_url(env: DemoEnv, service: str, path: str) -> str:
+    return f"http://{LOOPBACK}:{env.scenario.service(service).app_port}{path}"
+
+
+def openssl_request(
+    port: int, servername: str, cafile: str, *, cert: str | None = None, key: str | None = None,
+    request: bytes = b"",
+) -> subprocess.CompletedProcess[str]:
+    """`openssl s_client` to 127.0.0.1:port, sending `request`, waiting for the server to close."""
+    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", servername,
+            "-CAfile", cafile, "-verify_return_error", "-ign_eof"]
+    if servername and not servername.replace(".", "").isdigit():
+        argv += ["-verify_hostname", servername]
+    if cert and key:
+        argv += ["-cert", cert, "-key", key]
+    return subprocess.run(argv, input=request.decode(), capture_output=True, text=True,
+                          timeout=OPENSSL_TIMEOUT_SECONDS, check=False)
+
+
+def _http_request(host: str, path: str = "/healthz") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+
+# --------------------------------------------------------------------------- mesh checks
+
+
+def check_sidecars_ready(env: DemoEnv) -> str:
+    seen = []
+    for s in env.scenario.services:
+        url = f"http://{LOOPBACK}:{s.admin_port}/ready"
+        with httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_SECONDS) as client:
+            status = client.get(url).status_code
+        expect(status == 200, f"{s.name} sidecar {url} answered {status}")
+        seen.append(s.name)
+    return "200 from " + ", ".join(seen)
+
+
+def check_web_api_payments(env: DemoEnv) -> str:
+    status, doc = get_json(app_url(env, "web", "/pay"))
+    api = doc.get("api", {})
+    expect(status == 200 and api.get("status") == 200,
+           f"web /pay: {status}, api answered {api.get('status')} {api.get('error', '')}")
+    api_doc = api.get("body", {})
+    expect(api_doc.get("peer") == sc.spiffe_id("web"), f"api saw caller {api_doc.get('peer')!r}")
+    pay = api_doc.get("payments", {})
+    expect(pay.get("status") == 200, f"payments answered api with {pay.get('status')}")
+    pay_peer = pay.get("body", {}).get("peer")
+    expect(pay_peer == sc.spiffe_id("api"), f"payments saw caller {pay_peer!r}")
+    return f"api saw {api_doc['peer']}, payments saw {pay_peer}"
+
+
+def check_api_pay(env: DemoEnv) -> str:
+    status, doc = get_json(app_url(env, "api", "/v1/pay"))
+    pay = doc.get("payments", {})
+    expect(status == 200 and pay.get("status") == 200,
+           f"api /v1/pay: {status}, payments answered {pay.get('status')} {pay.get('error', '')}")
+    peer = pay.get("body", {}).get("peer")
+    expect(peer == sc.spiffe_id("api"), f"payments saw caller {peer!r}")
+    return f"payments saw {peer}"
+
+
+def check_web_payments_refused(env: DemoEnv) -> str:
+    status, doc = get_json(app_url(env, "web", "/try-payments"))
+    got = doc.get("payments", {}).get("status")
+    expect(got == 403, f"web -> payments got {got!r} ({doc.get('payments')}), expected 403")
+    return "web -> payments: 403"
+
+
+def check_xfcc_replaced(env: DemoEnv) -> str:
+    web = env.scenario.service("web")
+    forged = f"By={sc.spiffe_id('api')};Hash=forged-by-check;URI={sc.spiffe_id('edge')}"
+    status, doc = get_json(
+        "http://api/v1/xfcc-probe",
+        proxy=f"http://{LOOPBACK}:{web.outbound_port}",
+        headers={"X-Forwarded-Client-Cert": forged},
+    )
+    expect(status == 200, f"web sidecar -> api answered {status}")
+    values = header_values(doc, "X-Forwarded-Client-Cert")
+    expect(all("forged-by-check" not in v for v in values),
+           f"the client-sent XFCC reached api: {values}")
+    expect(len(values) == 1, f"api received {len(values)} XFCC headers: {values}")
+    expect(doc.get("peer") == sc.spiffe_id("web"), f"api saw caller {doc.get('peer')!r}")
+    return f"api got one XFCC, URI={doc['peer']}"
+
+
+def check_mesh_requires_client_cert(env: DemoEnv) -> str:
+    payments = env.scenario.service("payments")
+    r = openssl_request(payments.inbound_port, "payments", str(env.paths.mesh_bundle),
+                        request=_http_request("payments"))
+    expect("HTTP/1." not in r.stdout,
+           f"mesh listener answered HTTP without a client certificate: {r.stdout[-200:]!r}")
+    return f"no client certificate: refused (openssl exit {r.returncode})"
+
+
+def check_payments_public(env: DemoEnv) -> str:
+    port = sc.PAYMENTS_PUBLIC_PORT
+    host = sc.PAYMENTS_PUBLIC_HOST
+    c = env.certs
+    without = openssl_request(port, host, str(c.edge_ca), request=_http_request(host))
+    expect("HTTP/1." not in without.stdout,
+           "answered HTTP without a client certificate")
+    refused = "certificate required" in without.stderr or without.returncode != 0
+    expect(refused, f"handshake without client certificate not refused: {without.stderr[-300:]!r}")
+    with_cert = openssl_request(port, host, str(c.edge_ca), cert=str(c.partner_cert),
+                                key=str(c.partner_key), request=_http_request(host))
+    expect("Verify return code: 0 (ok)" in with_cert.stdout,
+           f"payments' certificate does not verify as {host} against edge-ca.pem")
+    expect("HTTP/1.1 200" in with_cert.stdout,
+           f"with the partner certificate: no 200 ({with_cert.stderr[-300:]!r})")
+    body = with_cert.stdout[with_cert.stdout.find("{"):]
+    try:
+        subject = json.loads(body[: body.rfind("}") + 1])["tls"]["client_cert_subject"]
+    except (ValueError, KeyError, TypeError):
+        subject = "?"
+    return f"{host} verified; no client cert: refused; partner cert: 200 (payments saw {subject})"
+
+
+def mesh_checks() -> list[Check]:
+    return [
+        Check("8 mesh", "every sidecar /ready is 200", check_sidecars_ready),
+        Check("-", "web -> api -> payments over mTLS (identities checked at each hop)",
+              check_web_api_payments),
+        Check("4 mesh", "api /v1/pay: payments saw caller spiffe://meshcar.demo/svc/api",
+              check_api_pay),
+        Check("5 mesh", "web -> payments over the mesh is refused with 403 (/try-payments)",
+              check_web_payments_refused),
+        Check("9 mesh", "client-sent X-Forwarded-Client-Cert replaced by the sidecar",
+              check_xfcc_replaced),
+        Check("-", "mesh listener refuses a client without a certificate",
+              check_mesh_requires_client_cert),
+        Check("3 direct", "payments' public endpoint: own cert, demands a partner client cert",
+              check_payments_public),
+    ]
+
+
+def edge_checks() -> list[Check]:
+    """SCENARIO.md items 1-10 through the edge: the edge engineer gives each a function."""
+    return [
+        Check("1", "api.demo.test /v1/hello via edge: XFP https, XFF, XFCC names edge"),
+        Check("2", "s_client api.demo.test: the edge's certificate (SAN api.demo.test)"),
+        Check("3", "s_client payments.demo.test via edge: payments' own cert; partner mTLS"),
+        Check("4", "https://api.demo.test:8443/v1/pay: payments saw caller api"),
+        Check("5", "https://www.demo.test:8443/try-payments reports 403"),
+        Check("6", "http://127.0.0.1:8080 with Host www.demo.test: 301 to https"),
+        Check("7", "edge access log: HTTP entries for www/api, TCP-only for payments"),
+        Check("8", "edge health-checks payments over TCP and api/web over HTTP"),
+        Check("9", "client-sent X-Forwarded-Client-Cert never reaches api via the edge"),
+        Check("10", "burst past api's rate limit: 429 with Retry-After"),
+    ]
+
+
+def all_checks() -> list[Check]:
+    return mesh_checks() + edge_checks()
