@@ -1,0 +1,132 @@
+"""`meshcar ca init|serve|token`: parse arguments, call the CA modules, map errors to exit 1.
+
+Output contract (docs/CA.md): `init` prints one JSON line `{"event": "ca.init", ...}`;
+`token` prints the join token alone on one line; `serve` prints
+`{"event": "ca.ready", "listen": "HOST:PORT"}` once bound, then one JSON line per request,
+and `{"event": "ca.stopped"}` on SIGINT/SIGTERM (exit 0). Errors are one line on stderr
+(`meshcar ca init: ...`) with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from . import files
+from .api import CAServer, json_log
+from .auth import Authenticator, K8sVerifier, mint_token
+from .duration import parse_duration
+from .errors import CAError, ConfigError
+from .issuer import BuiltinIssuer, utcnow
+from .sign import SignService
+from .store import Store
+from .tls import server_context
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshcar ca", description="meshcar's certificate authority")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a root, an intermediate and the API certificate")
+    init.add_argument("--dir", required=True, type=Path, help="CA directory (created 0700)")
+    init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. meshcar.demo")
+    init.add_argument("--max-ttl", default="24h", help="maximum SVID lifetime (default 24h)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA in --dir")
+
+    serve = sub.add_parser("serve", help="serve the HTTPS API")
+    serve.add_argument("--dir", required=True, type=Path)
+    serve.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks a free port)")
+    serve.add_argument("--san", action="append", default=[], metavar="NAME",
+                       help="extra DNS name or IP for the API certificate (repeatable)")
+
+    token = sub.add_parser("token", help="mint a join token bound to one SPIFFE ID")
+    token.add_argument("--dir", required=True, type=Path)
+    token.add_argument("--spiffe-id", required=True)
+    token.add_argument("--ttl", default="24h", help="token lifetime (default 24h)")
+    token.add_argument("--uses", default=1, type=int, help="how many certificates it may obtain (default 1)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "token":
+            return _token(args)
+        return _serve(args)
+    except CAError as exc:
+        print(f"meshcar ca {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meshcar ca {args.command}: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _init(args: argparse.Namespace) -> int:
+    max_ttl = parse_duration(args.max_ttl)
+    paths = files.create_ca(args.dir, args.trust_domain, max_ttl, utcnow(), force=args.force)
+    json_log({
+        "event": "ca.init", "dir": str(paths.dir), "trust_domain": args.trust_domain,
+        "max_ttl_seconds": max_ttl, "root": str(paths.root_pem), "bundle": str(paths.bundle_pem),
+    })
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.ttl)
+    if args.uses < 1:
+        raise ConfigError("--uses must be at least 1")
+    paths, config = files.open_ca(args.dir)
+    token = mint_token(Store(paths.db), config.trust_domain, args.spiffe_id, ttl, args.uses, int(time.time()))
+    print(token)
+    return 0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8600")
+    return host, int(port)
+
+
+def load_k8s_verifier() -> K8sVerifier | None:
+    """The Kubernetes projected-token verifier, if this build has one (ca/k8s_token.py)."""
+    return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen)
+    issuer = BuiltinIssuer.load(args.dir)
+    paths, _ = files.open_ca(args.dir)
+    files.write_server_cert(paths, issuer.intermediate, issuer.intermediate_key, args.san, utcnow())
+    store = Store(paths.db)
+    service = SignService(issuer, Authenticator(store, issuer, load_k8s_verifier()), store)
+    server = CAServer(service, server_context(paths))
+    trio.run(_run, server, host, port)
+    return 0
+
+
+async def _run(server: CAServer, host: str, port: int) -> None:
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve_listeners, listeners)
+            addr = bound[0].socket.getsockname()
+            shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            json_log({"event": "ca.ready", "listen": f"{shown}:{addr[1]}"})
+            async for signum in signals:
+                json_log({"event": "ca.stopped", "signal": signal.Signals(signum).name})
+                nursery.cancel_scope.cancel()
+                break
+
+

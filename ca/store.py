@@ -1,0 +1,145 @@
+"""SQLite records of the CA (ca.db): join tokens (sha256 only) and issued certificates.
+
+Every call opens its own connection and closes it, so calls may run in worker threads
+(`trio.to_thread.run_sync`). A process-wide lock makes this process a single writer, and
+`BEGIN IMMEDIATE` with a busy timeout serialises it against other processes (for example
+`meshcar ca token` while `meshcar ca serve` runs). Token consumption is one transaction:
+check expiry and remaining uses, then decrement.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Unauthenticated
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    not_before TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    auth TEXT NOT NULL,
+    client_bundle_version INTEGER
+);
+"""
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: str  # hex
+    spiffe_id: str
+    not_before: str  # RFC 3339
+    not_after: str  # RFC 3339
+    issued_at: int  # unix seconds
+    auth: str  # token | renewal | k8s_token
+    client_bundle_version: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    spiffe_id: str
+    expires_at: int
+    uses_left: int
+
+
+class Store:
+    """The CA's SQLite database at `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, path: Path) -> Store:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
+        store = cls(path)
+        with store._transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return store
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, closing(sqlite3.connect(self.path, timeout=10, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def add_token(self, token_sha256: str, spiffe_id: str, created_at: int, expires_at: int, uses: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO tokens (token_sha256, spiffe_id, created_at, expires_at, uses_left)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_sha256, spiffe_id, created_at, expires_at, uses),
+            )
+
+    def token(self, token_sha256: str) -> TokenRecord | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT spiffe_id, expires_at, uses_left FROM tokens WHERE token_sha256 = ?",
+                (token_sha256,),
+            ).fetchone()
+        return TokenRecord(*row) if row else None
+
+    def consume_token(self, token_sha256: str, now: int) -> str:
+        """Use the token once and return its SPIFFE ID; raise Unauthenticated
+        (bad_token / token_expired / token_used_up) without consuming otherwise."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT spiffe_id, expires_at, uses_left FROM tokens WHERE token_sha256 = ?",
+                (token_sha256,),
+            ).fetchone()
+            if row is None:
+                raise Unauthenticated("unknown join token", code="bad_token")
+            spiffe_id, expires_at, uses_left = row
+            if expires_at <= now:
+                raise Unauthenticated("the join token has expired", code="token_expired")
+            if uses_left <= 0:
+                raise Unauthenticated("the join token has no uses left", code="token_used_up")
+            db.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ?",
+                (token_sha256,),
+            )
+        return str(spiffe_id)
+
+    def record_certificate(self, rec: CertificateRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
+                " auth, client_bundle_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rec.serial, rec.spiffe_id, rec.not_before, rec.not_after, rec.issued_at,
+                 rec.auth, rec.client_bundle_version),
+            )
+
+    def certificates(self) -> list[CertificateRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT serial, spiffe_id, not_before, not_after, issued_at, auth,"
+                " client_bundle_version FROM certificates ORDER BY issued_at, serial"
+            ).fetchall()
+        return [CertificateRecord(*r) for r in rows]
