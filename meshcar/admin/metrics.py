@@ -1,0 +1,40 @@
+"""Prometheus metrics of one sidecar or edge process (one registry per process object)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "meshcar_requests", "HTTP requests proxied", ["direction", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "meshcar_request_duration_seconds", "Time from request head to end of response",
+            ["direction"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.handshakes = Counter(
+            "meshcar_tls_handshakes", "TLS handshakes", ["direction", "result"], registry=r
+        )
+        self.authz_denials = Counter(
+            "meshcar_authz_denials", "Requests refused by the allow list", ["peer"], registry=r
+        )
+        self.cert_not_after = Gauge(
+            "meshcar_certificate_not_after_seconds", "Unix time the current SVID expires", registry=r
+        )
+        self.renewals = Counter(
+            "meshcar_certificate_renewals", "Certificate renewals", ["result"], registry=r
+        )
+        self.bundle_version = Gauge(
+            "meshcar_trust_bundle_version", "Version of the trust bundle held", registry=r
+        )
+        self.pool_connections = Counter(
+            "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

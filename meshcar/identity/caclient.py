@@ -1,0 +1,93 @@
+"""Client of the CA API (docs/CA-API.md): bootstrap with a join token, renew over mTLS.
+
+Only the CSR goes to the CA; the private key stays in this process and its state dir.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from meshcar.errors import MeshcarError
+from meshcar.identity.keys import csr_pem, key_pem, new_key
+from meshcar.tls.store import Credential
+
+
+class CAError(MeshcarError):
+    """The CA refused or could not be reached. `retryable` says whether to try again."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class CAClient:
+    url: str
+    ca_bundle: Path  # root(s) the CA's HTTPS certificate chains to
+    timeout: float = 10.0
+
+    def _ssl(self, chain_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
+        if chain_file is not None and key_file is not None:
+            ctx.load_cert_chain(str(chain_file), str(key_file))
+        return ctx
+
+    async def sign(
+        self, spiffe_id: str, *, token: str | None = None, chain_file: Path | None = None,
+        key_file: Path | None = None, ttl_seconds: int | None = None, bundle_version: int = 0,
+    ) -> Credential:
+        """Get a new SVID: with a join token (bootstrap) or our current cert (renewal)."""
+        key = new_key()
+        body: dict[str, object] = {"csr": csr_pem(key, spiffe_id), "bundle_version": bundle_version}
+        if token is not None:
+            body["token"] = token
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        data = await self._request("POST", "/v1/sign", json=body, chain_file=chain_file, key_file=key_file)
+        try:
+            chain = data["chain"]
+            bundle = data["bundle"]
+            got_id = data["spiffe_id"]
+            version = int(data.get("bundle_version", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CAError(f"CA answered without {exc}", retryable=True) from None
+        if got_id != spiffe_id:
+            raise CAError(f"CA issued {got_id!r}, but this sidecar is configured as {spiffe_id!r}",
+                          retryable=False)
+        return Credential(got_id, chain, key_pem(key), bundle, version)
+
+    async def bundle(self) -> tuple[str, int]:
+        async with httpx.AsyncClient(verify=self._ssl(None, None), timeout=self.timeout) as client:
+            try:
+                resp = await client.get(self.url.rstrip("/") + "/v1/bundle")
+            except httpx.HTTPError as exc:
+                raise CAError(f"CA unreachable: {exc!r}", retryable=True) from None
+        if resp.status_code != 200:
+            raise CAError(f"CA bundle request failed: {resp.status_code}", retryable=True)
+        return resp.text, int(resp.headers.get("x-meshcar-bundle-version", "0"))
+
+    async def _request(self, method: str, path: str, *, json: object,
+                       chain_file: Path | None, key_file: Path | None) -> dict:
+        ctx = self._ssl(chain_file, key_file)
+        async with httpx.AsyncClient(verify=ctx, timeout=self.timeout) as client:
+            try:
+                resp = await client.request(method, self.url.rstrip("/") + path, json=json)
+            except httpx.HTTPError as exc:
+                raise CAError(f"CA unreachable at {self.url}: {exc!r}", retryable=True) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {}
+        if resp.status_code != 200:
+            msg = data.get("message") if isinstance(data, dict) else None
+            raise CAError(
+                f"CA refused: {resp.status_code} {msg or resp.text[:200]}",
+                retryable=resp.status_code >= 500 or resp.status_code == 429,
+            )
+        if not isinstance(data, dict):
+            raise CAError("CA answered with something that is not a JSON object", retryable=True)
+        return data

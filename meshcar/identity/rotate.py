@@ -1,0 +1,168 @@
+"""Getting and keeping an SVID: bootstrap with the join token, then renew before expiry.
+
+Theory of operation: `renew_delay()` is a pure function of the current certificate's
+validity window (renew at `fraction` of the lifetime, +/- `jitter` of it so that a fleet
+does not renew at once). `Rotator.run()` bootstraps (reusing a still-valid credential from
+the state dir after a restart, else the join token), marks the store ready, then sleeps
+until the renewal point or an explicit `renew_now()`, renews over mTLS with the current
+certificate, and retries with capped exponential backoff while the CA is unreachable. The
+old certificate keeps serving until it actually expires; the store is only ever replaced
+by a complete new credential.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+from meshcar.admin.metrics import Metrics
+from meshcar.identity.caclient import CAClient, CAError
+from meshcar.tls.store import Credential, CredentialStore
+
+log = logging.getLogger("meshcar.identity")
+
+
+def renew_delay(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime,
+                fraction: float = 2 / 3, jitter: float = 0.1,
+                rand: Callable[[], float] = random.random) -> float:
+    """Seconds from `now` until renewal: at fraction*(1 +/- jitter) of the lifetime."""
+    lifetime = (not_after - not_before).total_seconds()
+    f = fraction * (1 + jitter * (2 * rand() - 1))
+    f = min(max(f, 0.05), 0.95)
+    at = not_before + dt.timedelta(seconds=lifetime * f)
+    return max(0.0, (at - now).total_seconds())
+
+
+def retry_delay(attempt: int, base: float = 0.5, cap: float = 30.0,
+                rand: Callable[[], float] = random.random) -> float:
+    """Capped exponential backoff with full jitter in [d/2, d]."""
+    d = min(cap, base * (2 ** attempt))
+    return d / 2 + rand() * d / 2
+
+
+def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
+    """A credential left in the state dir by an earlier run, if still valid and ours."""
+    try:
+        chain = store.chain_file.read_text()
+        key = store.key_file.read_text()
+        bundle = store.bundle_file.read_text()
+        leaf = x509.load_pem_x509_certificate(chain.encode())
+    except (OSError, ValueError):
+        return None
+    cred = Credential(spiffe_id, chain, key, bundle)
+    uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    now = dt.datetime.now(dt.UTC)
+    if uris != [spiffe_id] or not (leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc):
+        return None
+    return cred
+
+
+class Rotator:
+    def __init__(self, store: CredentialStore, client: CAClient, spiffe_id: str, *,
+                 token_file: Path | None, metrics: Metrics, ttl_seconds: int | None = None,
+                 fraction: float = 2 / 3, jitter: float = 0.1) -> None:
+        self.store = store
+        self.client = client
+        self.spiffe_id = spiffe_id
+        self.token_file = token_file
+        self.metrics = metrics
+        self.ttl_seconds = ttl_seconds
+        self.fraction = fraction
+        self.jitter = jitter
+        self.next_renewal: dt.datetime | None = None
+        self._wake = trio.Event()
+        self._renewed = trio.Event()
+
+    def renew_now(self) -> None:
+        self._wake.set()
+
+    async def wait_renewed(self) -> None:
+        await self._renewed.wait()
+
+    def _install(self, cred: Credential, how: str) -> None:
+        self.store.install(cred)
+        self.metrics.cert_not_after.set(cred.not_after.timestamp())
+        self.metrics.bundle_version.set(cred.bundle_version)
+        _event("identity.installed", how=how, spiffe_id=cred.spiffe_id, serial=cred.serial_hex,
+               not_after=cred.not_after.isoformat())
+
+    async def bootstrap(self) -> None:
+        saved = load_saved(self.store, self.spiffe_id)
+        if saved is not None:
+            self._install(saved, "reused from state dir")
+            return
+        attempt = 0
+        while True:
+            try:
+                token = self._read_token()
+                cred = await self.client.sign(self.spiffe_id, token=token, ttl_seconds=self.ttl_seconds)
+            except CAError as exc:
+                self.metrics.renewals.labels("failure").inc()
+                _event("identity.bootstrap_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
+                await trio.sleep(retry_delay(attempt, cap=30.0 if exc.retryable else 60.0))
+                attempt += 1
+                continue
+            self.metrics.renewals.labels("success").inc()
+            self._install(cred, "bootstrap with join token")
+            return
+
+    def _read_token(self) -> str:
+        if self.token_file is None:
+            raise CAError("no valid certificate in the state dir and no token_file configured", False)
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise CAError(f"cannot read token_file {self.token_file}: {exc.strerror}", False) from None
+        if not token:
+            raise CAError(f"token_file {self.token_file} is empty", False)
+        return token
+
+    async def renew_once(self) -> None:
+        cur = self.store.credential
+        assert cur is not None
+        cred = await self.client.sign(
+            self.spiffe_id, chain_file=self.store.chain_file, key_file=self.store.key_file,
+            ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version,
+        )
+        self._install(cred, "renewed")
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.bootstrap()
+        task_status.started()
+        attempt = 0
+        while True:
+            cred = self.store.credential
+            assert cred is not None
+            now = dt.datetime.now(dt.UTC)
+            if attempt == 0:
+                delay = renew_delay(cred.not_before, cred.not_after, now, self.fraction, self.jitter)
+            else:
+                remaining = (cred.not_after - now).total_seconds()
+                delay = min(retry_delay(attempt - 1), max(remaining / 4, 0.5))
+            self.next_renewal = now + dt.timedelta(seconds=delay)
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self.renew_once()
+            except CAError as exc:
+                self.metrics.renewals.labels("failure").inc()
+                attempt += 1
+                _event("identity.renew_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
+                continue
+            self.metrics.renewals.labels("success").inc()
+            attempt = 0
+            self._renewed.set()
+            self._renewed = trio.Event()
+
+
+def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    log.log(level, json.dumps({"event": name, **fields}, default=str))

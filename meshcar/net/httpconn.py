@@ -1,0 +1,48 @@
+"""An HTTP/1.1 connection: a trio stream plus a sans-IO parser, read as a queue of events."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from meshcar.proto.http1 import Event, Http1Parser
+
+READ_SIZE = 64 * 1024
+
+
+class HttpConn:
+    def __init__(self, stream: trio.abc.Stream, kind: str) -> None:
+        self.stream = stream
+        self.parser = Http1Parser(kind)
+        self._pending: deque[Event] = deque()
+        self.eof = False
+        self.bytes_received = 0
+
+    async def next_event(self) -> Event | None:
+        """The next event; None when the peer closed cleanly between messages."""
+        while not self._pending:
+            if self.eof:
+                return None
+            data = await self.stream.receive_some(READ_SIZE)
+            if not data:
+                self.eof = True
+                self._pending.extend(self.parser.feed_eof())
+            else:
+                self.bytes_received += len(data)
+                self._pending.extend(self.parser.feed(data))
+        return self._pending.popleft()
+
+    def has_buffered_events(self) -> bool:
+        return bool(self._pending)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass

@@ -1,0 +1,70 @@
+"""The server side of an HTTP/1.1 connection: read request heads, hand each to a handler.
+
+The loop owns keep-alive, idle and head timeouts, and the answer to requests that cannot
+be parsed (400/431/501 with `Connection: close`, then close). Handlers own everything
+from the request head to the end of their response, including reading the request body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from meshcar.errors import ProtocolError
+from meshcar.net.errors import CONNECTION_ERRORS
+from meshcar.net.httpconn import HttpConn
+from meshcar.proto.headers import simple_response
+from meshcar.proto.http1 import EndOfMessage, RequestHead
+
+log = logging.getLogger("meshcar.http")
+
+# A handler returns True if the connection may carry another request.
+Handler = Callable[[RequestHead, HttpConn], Awaitable[bool]]
+
+
+def error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": status, "message": message}).encode() + b"\n"
+
+
+async def send_error(conn: HttpConn, status: int, message: str, close: bool = True) -> None:
+    body = error_body(status, message)
+    try:
+        await conn.send(simple_response(status, body, content_type=b"application/json", close=close))
+    except CONNECTION_ERRORS:
+        pass
+
+
+async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 60.0,
+                     head_timeout: float = 30.0) -> None:
+    first = True
+    try:
+        while True:
+            with trio.move_on_after(head_timeout if first else idle_timeout) as scope:
+                try:
+                    event = await conn.next_event()
+                except ProtocolError as exc:
+                    log.info(json.dumps({"event": "http.bad_request", "error": str(exc)}))
+                    await send_error(conn, exc.status, str(exc))
+                    return
+            if scope.cancelled_caught:
+                if not first or conn.bytes_received:
+                    await send_error(conn, 408, "request head not received in time")
+                return
+            first = False
+            if event is None:
+                return
+            if isinstance(event, EndOfMessage):
+                continue  # the end of a bodiless request whose handler did not read it
+            if not isinstance(event, RequestHead):  # cannot happen with a request parser
+                await send_error(conn, 400, "unexpected data")
+                return
+            keep = await handler(event, conn)
+            if not keep or not event.keep_alive:
+                return
+    except CONNECTION_ERRORS:
+        return
+    finally:
+        await conn.aclose()

@@ -1,0 +1,236 @@
+"""Sans-IO HTTP/1.1 message framing on top of httptools (llhttp).
+
+Theory of operation
+-------------------
+`Http1Parser` turns bytes into a small set of events, in the style of h11: a head
+(`RequestHead` / `ResponseHead`), zero or more `Data` chunks, then `EndOfMessage`. The C
+parser does all the parsing (request line, headers, chunked decoding, Content-Length
+arithmetic) and rejects the classic smuggling vectors itself: Content-Length together with
+Transfer-Encoding, duplicate or malformed Content-Length, a Transfer-Encoding other than
+`chunked` last, obs-fold, bare LF. Any such error becomes `ProtocolError` with a status hint
+(400 for a request, 502 for a response from upstream); the caller answers and closes.
+
+We never hand-parse HTTP here: the only header inspection is of the already-parsed header
+list, to decide framing for re-serialisation and to refuse what we do not proxy.
+
+Bodies are never buffered: every `feed()` returns the events produced by that slice of
+bytes, so memory is bounded by the read size. The parser is reused across keep-alive
+messages; a response to HEAD (or a 1xx/204/304) has no body whatever its headers say,
+which llhttp cannot be told, so for those the parser stops after the head and is renewed.
+A response without Content-Length or chunked framing is delimited by connection close: the
+caller ends it with `feed_eof()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httptools
+
+from meshcar.errors import ProtocolError
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+
+    def header(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    until_close: bool  # body delimited by connection close
+
+    def header(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    pass
+
+
+END = EndOfMessage()
+Event = RequestHead | ResponseHead | Data | EndOfMessage
+
+
+def get_header(headers: Headers, name: bytes) -> bytes | None:
+    lname = name.lower()
+    for k, v in headers:
+        if k.lower() == lname:
+            return v
+    return None
+
+
+class _StopAfterHead(Exception):
+    """Raised inside the callback to stop llhttp after a head that has no body."""
+
+
+class Http1Parser:
+    """Parse one direction of an HTTP/1.1 connection into events (see module docstring)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("request", "response"):
+            raise ValueError(kind)
+        self._kind = kind
+        self._events: list[Event] = []
+        self._headers: Headers = []
+        self._url = b""
+        self._head_bytes = 0
+        self._in_head = True
+        self._until_close = False
+        self._expect_no_body = False  # set by the caller before feeding a HEAD response
+        self._new_parser()
+
+    # -- public API -------------------------------------------------------------------
+
+    def expect_no_body(self) -> None:
+        """The next response answers HEAD: it has no body whatever its headers say."""
+        self._expect_no_body = True
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # CONNECT or Upgrade: meshcar does not tunnel these (yet).
+            raise ProtocolError("CONNECT and protocol upgrades are not supported", 501) from exc
+        except httptools.HttpParserCallbackError as exc:
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, _StopAfterHead):
+                self._finish_bodyless()
+            elif isinstance(inner, ProtocolError):
+                raise inner from None
+            else:
+                raise self._error(str(exc)) from exc
+        except _StopAfterHead:
+            self._finish_bodyless()
+        except ProtocolError:
+            raise
+        except httptools.HttpParserError as exc:
+            raise self._error(str(exc)) from exc
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            raise self._error("request head too large", 431 if self._kind == "request" else 502)
+        events, self._events = self._events, []
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        """The peer closed. Ends a close-delimited body; anything else mid-message is an error."""
+        if self._until_close:
+            self._until_close = False
+            self._new_parser()
+            return [END]
+        if not self._in_head or self._head_bytes:
+            raise self._error("connection closed in the middle of a message")
+        return []
+
+    # -- llhttp callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._url = b""
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_status(self, reason: bytes) -> None:
+        self._url += reason  # the response's reason phrase shares the start-line buffer
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= MAX_HEADERS:
+            raise ProtocolError("too many headers", 431)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        p = self._parser
+        headers = self._headers
+        te = get_header(headers, b"transfer-encoding")
+        chunked = te is not None  # llhttp accepted it, so it ends in `chunked`
+        cl_raw = get_header(headers, b"content-length")
+        content_length = int(cl_raw) if cl_raw is not None else None
+        if self._kind == "request":
+            self._events.append(
+                RequestHead(
+                    method=p.get_method(),
+                    target=self._url,
+                    version=p.get_http_version(),
+                    headers=headers,
+                    keep_alive=p.should_keep_alive(),
+                    chunked=chunked,
+                    content_length=content_length,
+                )
+            )
+            return
+        status = p.get_status_code()
+        no_body = self._expect_no_body or status in (204, 304) or 100 <= status < 200
+        until_close = not no_body and not chunked and content_length is None
+        self._events.append(
+            ResponseHead(
+                status=status,
+                reason=self._url,
+                version=p.get_http_version(),
+                headers=headers,
+                keep_alive=p.should_keep_alive() and not until_close,
+                chunked=chunked,
+                content_length=0 if no_body else content_length,
+                until_close=until_close,
+            )
+        )
+        self._until_close = until_close
+        if no_body and not (100 <= status < 200):
+            raise _StopAfterHead()
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        # llhttp signals 1xx interim responses as complete messages too; they carry no body.
+        self._events.append(END)
+        self._in_head = True
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _new_parser(self) -> None:
+        cls = httptools.HttpRequestParser if self._kind == "request" else httptools.HttpResponseParser
+        self._parser = cls(self)
+        self._in_head = True
+        self._head_bytes = 0
+
+    def _finish_bodyless(self) -> None:
+        self._expect_no_body = False
+        self._events.append(END)
+        self._new_parser()
+
+    def _error(self, message: str, status: int | None = None) -> ProtocolError:
+        if status is None:
+            status = 400 if self._kind == "request" else 502
+        who = "request" if self._kind == "request" else "upstream response"
+        return ProtocolError(f"malformed {who}: {message}", status)

@@ -1,0 +1,264 @@
+"""Sidecar configuration: YAML in, frozen dataclasses out, every problem reported at once.
+
+The format is documented in docs/CONFIG.md. Validation collects all problems, each as
+`FILE: dotted.key: what is wrong`, and raises one `ConfigError` listing them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshcar.errors import ConfigError, IdentityError
+from meshcar.identity.spiffe import SpiffeId
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    endpoints: tuple[HostPort, ...]
+    spiffe_id: str
+    local_port: int | None = None
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    spiffe_id: str
+    ca_url: str
+    ca_bundle: Path
+    token_file: Path | None
+    state_dir: Path
+    ttl_seconds: int | None = None
+    renew_fraction: float = 2 / 3
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    identity: IdentityConfig
+    app: HostPort
+    inbound_listen: HostPort
+    allow: tuple[str, ...]
+    outbound_listen: HostPort | None
+    upstreams: tuple[Upstream, ...]
+    admin_listen: HostPort
+    log_level: str = "info"
+
+    @property
+    def trust_domain(self) -> str:
+        return SpiffeId.parse(self.identity.spiffe_id).trust_domain
+
+
+class _Checker:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def bad(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {msg}")
+
+    def section(self, data: dict, key: str, required: bool = True) -> dict:
+        val = data.get(key)
+        if val is None:
+            if required:
+                self.bad(key, "missing section")
+            return {}
+        if not isinstance(val, dict):
+            self.bad(key, "must be a mapping")
+            return {}
+        return val
+
+    def unknown(self, data: dict, prefix: str, allowed: set[str]) -> None:
+        for k in data:
+            if k not in allowed:
+                self.bad(f"{prefix}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def string(self, data: dict, key: str, path: str, required: bool = True) -> str | None:
+        val = data.get(key)
+        if val is None:
+            if required:
+                self.bad(path, "missing")
+            return None
+        if not isinstance(val, str) or not val:
+            self.bad(path, "must be a non-empty string")
+            return None
+        return val
+
+    def path(self, data: dict, key: str, path: str, required: bool = True) -> Path | None:
+        s = self.string(data, key, path, required)
+        if s is None:
+            return None
+        p = Path(s)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def spiffe(self, val: Any, path: str) -> str | None:
+        if not isinstance(val, str):
+            self.bad(path, "must be a SPIFFE ID string")
+            return None
+        try:
+            return str(SpiffeId.parse(val))
+        except IdentityError as exc:
+            self.bad(path, str(exc))
+            return None
+
+    def port(self, val: Any, path: str) -> int | None:
+        if isinstance(val, bool) or not isinstance(val, int) or not (1 <= val <= 65535):
+            self.bad(path, f"must be a port number 1-65535, got {val!r}")
+            return None
+        return val
+
+    def hostport(self, val: Any, path: str, loopback_only: bool = False) -> HostPort | None:
+        if not isinstance(val, str) or ":" not in val:
+            self.bad(path, f"must be HOST:PORT, got {val!r}")
+            return None
+        host, _, port_s = val.rpartition(":")
+        host = host.strip("[]")
+        if not host:
+            self.bad(path, f"must be HOST:PORT, got {val!r}")
+            return None
+        try:
+            port = int(port_s)
+        except ValueError:
+            self.bad(path, f"port must be a number, got {port_s!r}")
+            return None
+        if self.port(port, path) is None:
+            return None
+        if loopback_only:
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    self.bad(path, f"must listen on loopback (the app's side), got {host}")
+                    return None
+            except ValueError:
+                if host != "localhost":
+                    self.bad(path, f"must be a loopback IP address, got {host!r}")
+                    return None
+        return HostPort(host, port)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
+    c = _Checker(source, base_dir or Path.cwd())
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level"})
+
+    ident = c.section(data, "identity")
+    c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
+                                   "ttl_seconds", "renew_fraction"})
+    sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if ident else None
+    ca_url = c.string(ident, "ca_url", "identity.ca_url") if ident else None
+    if ca_url and not ca_url.startswith("https://"):
+        c.bad("identity.ca_url", "must be an https:// URL")
+    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle") if ident else None
+    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if ident else None
+    state_dir = c.path(ident, "state_dir", "identity.state_dir") if ident else None
+    ttl = ident.get("ttl_seconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
+        c.bad("identity.ttl_seconds", "must be an integer >= 10")
+        ttl = None
+    frac = ident.get("renew_fraction", 2 / 3)
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.1 <= frac <= 0.9):
+        c.bad("identity.renew_fraction", "must be a number between 0.1 and 0.9")
+        frac = 2 / 3
+
+    app = c.section(data, "app")
+    c.unknown(app, "app.", {"host", "port"})
+    app_host = app.get("host", "127.0.0.1")
+    app_port = c.port(app.get("port"), "app.port") if app else None
+
+    inbound = c.section(data, "inbound")
+    c.unknown(inbound, "inbound.", {"listen", "allow"})
+    in_listen = c.hostport(inbound.get("listen"), "inbound.listen") if inbound else None
+    allow_raw = inbound.get("allow", [])
+    allow: list[str] = []
+    if not isinstance(allow_raw, list):
+        c.bad("inbound.allow", "must be a list of SPIFFE IDs")
+    else:
+        for i, a in enumerate(allow_raw):
+            v = c.spiffe(a, f"inbound.allow[{i}]")
+            if v:
+                allow.append(v)
+
+    outbound = c.section(data, "outbound", required=False)
+    c.unknown(outbound, "outbound.", {"listen", "upstreams"})
+    out_listen = (c.hostport(outbound.get("listen"), "outbound.listen", loopback_only=True)
+                  if outbound.get("listen") is not None else None)
+    ups_raw = outbound.get("upstreams", {}) or {}
+    upstreams: list[Upstream] = []
+    if not isinstance(ups_raw, dict):
+        c.bad("outbound.upstreams", "must be a mapping of service name to upstream")
+    else:
+        for name, u in ups_raw.items():
+            p = f"outbound.upstreams.{name}"
+            if not isinstance(name, str) or not name or any(ch in name for ch in " /:@"):
+                c.bad(p, "service name must be a plain host name")
+                continue
+            if not isinstance(u, dict):
+                c.bad(p, "must be a mapping")
+                continue
+            c.unknown(u, p + ".", {"endpoints", "spiffe_id", "local_port"})
+            eps_raw = u.get("endpoints")
+            eps: list[HostPort] = []
+            if not isinstance(eps_raw, list) or not eps_raw:
+                c.bad(p + ".endpoints", "must be a non-empty list of HOST:PORT")
+            else:
+                for i, e in enumerate(eps_raw):
+                    hp = c.hostport(e, f"{p}.endpoints[{i}]")
+                    if hp:
+                        eps.append(hp)
+            usid = c.spiffe(u.get("spiffe_id"), p + ".spiffe_id")
+            lp = u.get("local_port")
+            if lp is not None:
+                lp = c.port(lp, p + ".local_port")
+            if eps and usid:
+                upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp))
+
+    admin = c.section(data, "admin")
+    c.unknown(admin, "admin.", {"listen"})
+    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if admin else None
+
+    level = data.get("log_level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        c.bad("log_level", "must be one of debug, info, warning, error")
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    assert sid and ca_url and ca_bundle and state_dir and app_port and in_listen and admin_listen
+    return SidecarConfig(
+        identity=IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac)),
+        app=HostPort(str(app_host), app_port),
+        inbound_listen=in_listen,
+        allow=tuple(allow),
+        outbound_listen=out_listen,
+        upstreams=tuple(upstreams),
+        admin_listen=admin_listen,
+        log_level=level,
+    )
+
+
+def load_config(path: Path) -> SidecarConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return load_config_text(text, str(path), path.parent)
+
+
+def load_config_text(text: str, source: str, base_dir: Path | None = None) -> SidecarConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    return parse_config(data, source, base_dir)

@@ -1,0 +1,121 @@
+"""Inbound: the mTLS mesh listener in front of the app.
+
+Each connection: TLS 1.3 handshake requiring a client certificate that chains to the trust
+bundle (OpenSSL checks chain and dates), then the SPIFFE rules on the leaf (`tls.svid`),
+then per request: the caller's identity against the allow list (403 with a clear body
+otherwise), client-sent identity headers removed, our own XFCC added, and the request
+forwarded to the app on localhost over a keep-alive pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.errors import IdentityError, UpstreamError
+from meshcar.net.errors import CONNECTION_ERRORS
+from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
+from meshcar.net.httpconn import HttpConn
+from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.pool import Pool
+from meshcar.net.proxying import proxy_request
+from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
+from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.sidecar.accesslog import log_request
+from meshcar.sidecar.config import SidecarConfig
+from meshcar.sidecar.dialers import AppDialer
+from meshcar.tls.store import CredentialStore
+from meshcar.tls.svid import PeerIdentity, svid_from_der
+
+log = logging.getLogger("meshcar.inbound")
+
+
+def xfcc_value(by: str, peer: PeerIdentity) -> bytes:
+    """Envoy's X-Forwarded-Client-Cert format: By=<us>;Hash=<sha256 of peer DER>;URI=<peer>."""
+    return f"By={by};Hash={peer.cert_sha256};URI={peer.spiffe_id}".encode()
+
+
+def _keep(resp: ResponseHead, headers: Headers) -> Headers:
+    return headers
+
+
+class Inbound:
+    def __init__(self, cfg: SidecarConfig, store: CredentialStore, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.allow = frozenset(cfg.allow)
+        self.pool = Pool(AppDialer(cfg.app).dial)
+        self.handshake_timeout = 10.0
+
+    async def aclose(self) -> None:
+        await self.pool.close_all()
+
+    async def handle_connection(self, tcp: trio.SocketStream) -> None:
+        ssl_stream = trio.SSLStream(tcp, self.store.server_context(), server_side=True)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await ssl_stream.do_handshake()
+        except (trio.TooSlowError, *CONNECTION_ERRORS) as exc:
+            self.metrics.handshakes.labels("inbound", "failure").inc()
+            log.info(json.dumps({"type": "connection", "direction": "inbound", "event": "tls_failed",
+                                 "error": _short(exc)}))
+            await trio.aclose_forcefully(tcp)
+            return
+        self.metrics.handshakes.labels(
+            "inbound", "resumed" if ssl_stream.session_reused else "full").inc()
+        try:
+            peer: PeerIdentity | None = svid_from_der(
+                ssl_stream.getpeercert(binary_form=True), trust_domain=self.cfg.trust_domain)
+            problem = ""
+        except IdentityError as exc:
+            peer, problem = None, str(exc)
+        conn = HttpConn(ssl_stream, "request")
+        await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem))
+
+    async def handle_request(self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None,
+                             problem: str) -> bool:
+        start = time.perf_counter()
+        peer_id = peer.spiffe_id if peer else None
+        me = self.cfg.identity.spiffe_id
+        status, bytes_in, bytes_out, keep = 0, 0, 0, True
+        try:
+            if peer is None or peer.spiffe_id not in self.allow:
+                msg = (f"caller certificate rejected: {problem}" if peer is None
+                       else f"{peer.spiffe_id} is not allowed to call {me}")
+                self.metrics.authz_denials.labels(peer_id or "invalid").inc()
+                status, keep = 403, not request_has_body(req)
+                await send_error(down, 403, msg, close=not keep)
+                return keep
+            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+            headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
+            head = request_bytes(req, req.target, headers)
+            try:
+                ex = await proxy_request(down, req, head, self.pool, "app", _keep)
+            except UpstreamError as exc:
+                status, keep = exc.status, not request_has_body(req)
+                await send_error(down, exc.status, f"app at {self.cfg.app}: {exc}", close=not keep)
+                return keep
+            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
+            return True
+        except (DownstreamGone, ResponseStarted) as exc:
+            status = status or 499
+            keep = False
+            log.info(json.dumps({"event": "inbound.aborted", "error": str(exc)}))
+            return False
+        finally:
+            dur = time.perf_counter() - start
+            self.metrics.requests.labels("inbound", str(status)).inc()
+            self.metrics.latency.labels("inbound").observe(dur)
+            log_request(direction="inbound", peer=peer_id, method=req.method.decode("latin-1"),
+                        path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
+                        bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
+
+
+def _short(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"[:200]

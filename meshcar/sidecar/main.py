@@ -1,0 +1,168 @@
+"""`meshcar sidecar --config FILE`: build the sidecar from its config and run it under trio.
+
+Start order: admin listener first (so /live and /ready answer at once, /ready false), then
+the identity (bootstrap; no mesh traffic is accepted before a certificate exists), then the
+inbound and outbound listeners, all started with `nursery.start` so ports are bound before
+anything reports ready. SIGTERM/SIGINT stop accepting and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.errors import ConfigError
+from meshcar.identity.caclient import CAClient, CAError
+from meshcar.identity.rotate import Rotator
+from meshcar.sidecar.accesslog import setup_logging
+from meshcar.sidecar.config import HostPort, SidecarConfig, load_config, load_config_text
+from meshcar.sidecar.inbound import Inbound
+from meshcar.sidecar.outbound import Outbound
+from meshcar.tls.store import CredentialStore
+
+log = logging.getLogger("meshcar.sidecar")
+
+
+def _event(name: str, **fields: object) -> None:
+    log.info(json.dumps({"event": name, **fields}, default=str))
+
+
+class Sidecar:
+    def __init__(self, cfg: SidecarConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.store = CredentialStore(cfg.identity.state_dir)
+        ident = cfg.identity
+        self.rotator = Rotator(
+            self.store, CAClient(ident.ca_url, ident.ca_bundle), ident.spiffe_id,
+            token_file=ident.token_file, metrics=self.metrics, ttl_seconds=ident.ttl_seconds,
+            fraction=ident.renew_fraction,
+        )
+        self.inbound = Inbound(cfg, self.store, self.metrics)
+        self.outbound = Outbound(cfg, self.store, self.metrics)
+        self.listening = False
+        self._cancel: trio.CancelScope | None = None
+
+    # -- admin hooks -----------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self.store.credential is None:
+            return False, "no certificate yet"
+        if not self.store.is_valid_now():
+            return False, "certificate expired and not yet renewed"
+        if not self.listening:
+            return False, "listeners not started"
+        return True, "ok"
+
+    def certs(self) -> dict:
+        cred = self.store.credential
+        if cred is None:
+            return {"spiffe_id": self.cfg.identity.spiffe_id, "certificate": None}
+        return {
+            "spiffe_id": cred.spiffe_id,
+            "serial": cred.serial_hex,
+            "not_before": cred.not_before.isoformat(),
+            "not_after": cred.not_after.isoformat(),
+            "next_renewal": self.rotator.next_renewal.isoformat() if self.rotator.next_renewal else None,
+            "bundle_version": cred.bundle_version,
+            "expires_in_seconds": round((cred.not_after - dt.datetime.now(dt.UTC)).total_seconds()),
+        }
+
+    async def renew(self) -> dict:
+        before = self.store.credential.serial_hex if self.store.credential else None
+        try:
+            await self.rotator.renew_once()
+        except CAError as exc:
+            return {"renewed": False, "error": str(exc), "serial": before}
+        self.metrics.renewals.labels("success").inc()
+        return {"renewed": True, "previous_serial": before, **self.certs()}
+
+    def shutdown(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._cancel = scope
+            try:
+                await self._serve(scope, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.inbound.aclose()
+                    await self.outbound.aclose()
+
+    async def _serve(self, scope: trio.CancelScope, task_status: trio.TaskStatus[None]) -> None:
+        cfg = self.cfg
+        async with trio.open_nursery() as nursery:
+            admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew,
+                                                         self.shutdown))
+            await _listen(nursery, admin.handle_connection, cfg.admin_listen)
+            _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
+            await nursery.start(self.rotator.run)
+            await _listen(nursery, self.inbound.handle_connection, cfg.inbound_listen)
+            if cfg.outbound_listen is not None:
+                await _listen(nursery, self.outbound.handle_connection, cfg.outbound_listen)
+            for up in cfg.upstreams:
+                if up.local_port is not None:
+                    await _listen(nursery, partial(self.outbound.handle_connection, fixed=up.name),
+                                  HostPort("127.0.0.1", up.local_port))
+            self.listening = True
+            _event("sidecar.ready", spiffe_id=cfg.identity.spiffe_id,
+                   inbound=str(cfg.inbound_listen),
+                   outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None)
+            task_status.started()
+            nursery.start_soon(_stop_on_signals, scope)
+
+
+async def _listen(nursery: trio.Nursery, handler, where: HostPort) -> None:
+    await nursery.start(partial(trio.serve_tcp, handler, where.port, host=where.host))
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            _event("sidecar.stopping", signal=signal.Signals(sig).name)
+            scope.cancel()
+            return
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshcar sidecar", description="Run a meshcar sidecar.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="YAML config file (docs/CONFIG.md)")
+    src.add_argument("--config-env", metavar="VAR", help="read the YAML config from this env variable")
+    args = parser.parse_args(argv)
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config)
+        else:
+            text = os.environ.get(args.config_env)
+            if text is None:
+                raise ConfigError([f"${args.config_env}: environment variable is not set"])
+            cfg = load_config_text(text, f"${args.config_env}")
+    except ConfigError as exc:
+        print(f"meshcar sidecar: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    try:
+        trio.run(Sidecar(cfg).run)
+    except* OSError as group:
+        print(f"meshcar sidecar: cannot listen: {group.exceptions[0]}", file=sys.stderr)
+        return 1
+    except* KeyboardInterrupt:
+        pass
+    _event("sidecar.stopped")
+    return 0

@@ -1,0 +1,123 @@
+"""Outbound: the app's local HTTP proxy, carrying requests to peer sidecars over mTLS.
+
+The app sends either proxy-style requests (`GET http://payments/v1/x`, via HTTP_PROXY) or
+origin-form requests to a fixed local port bound to one upstream. The service is named by
+the absolute URI's host (else the Host header); only configured upstreams are reachable,
+anything else is answered 502 with a clear body, so the sidecar is never an open proxy.
+Connections to peers are pooled keep-alive mTLS connections whose peer SPIFFE ID has been
+checked against the upstream's expected identity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from urllib.parse import urlsplit
+
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.errors import UpstreamError
+from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
+from meshcar.net.httpconn import HttpConn
+from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.pool import Pool
+from meshcar.net.proxying import proxy_request
+from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
+from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.sidecar.accesslog import log_request
+from meshcar.sidecar.config import SidecarConfig
+from meshcar.sidecar.dialers import MeshDialer
+from meshcar.tls.store import CredentialStore
+
+log = logging.getLogger("meshcar.outbound")
+
+
+def route_target(req: RequestHead) -> tuple[str | None, bytes]:
+    """(service name or None, origin-form target) for a proxy-style or origin-form request."""
+    target = req.target
+    if target.startswith((b"http://", b"HTTP://")):
+        parts = urlsplit(target.decode("latin-1"))
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return (parts.hostname or None), path.encode("latin-1")
+    if not target.startswith(b"/"):
+        return None, target
+    host = req.header(b"host")
+    if host is None:
+        return None, target
+    name = host.decode("latin-1").strip().lower()
+    if name.startswith("["):
+        return None, target
+    return name.rsplit(":", 1)[0] if ":" in name else name, target
+
+
+def _keep(resp: ResponseHead, headers: Headers) -> Headers:
+    return headers
+
+
+class Outbound:
+    def __init__(self, cfg: SidecarConfig, store: CredentialStore, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.upstreams = {u.name: u for u in cfg.upstreams}
+        self.dialer = MeshDialer(store, self.upstreams, metrics)
+        self.pool = Pool(self.dialer.dial)
+
+    async def aclose(self) -> None:
+        await self.pool.close_all()
+
+    async def handle_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
+        conn = HttpConn(stream, "request")
+        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed))
+
+    async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
+        start = time.perf_counter()
+        status, bytes_in, bytes_out, service = 0, 0, 0, fixed
+        keep_after_error = not request_has_body(req)
+        try:
+            if req.target.startswith((b"https://", b"HTTPS://")):
+                status = 400
+                await send_error(down, 400, "send plain http:// to the sidecar; it adds mTLS itself",
+                                 close=not keep_after_error)
+                return keep_after_error
+            name, target = route_target(req)
+            if fixed is not None:
+                service = fixed
+            else:
+                service = name
+            if service not in self.upstreams:
+                status = 502
+                known = ", ".join(sorted(self.upstreams)) or "none"
+                await send_error(
+                    down, 502,
+                    f"unknown service {service!r}: this sidecar only routes to its configured "
+                    f"upstreams ({known})", close=not keep_after_error)
+                return keep_after_error
+            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+            if req.header(b"host") is None:
+                headers.append((b"Host", service.encode()))
+            head = request_bytes(req, target, headers)
+            try:
+                ex = await proxy_request(down, req, head, self.pool, service, _keep,
+                                         on_release=self.dialer.remember_session)
+            except UpstreamError as exc:
+                status = exc.status
+                await send_error(down, exc.status, f"upstream {service}: {exc}",
+                                 close=not keep_after_error)
+                return keep_after_error
+            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
+            return True
+        except (DownstreamGone, ResponseStarted) as exc:
+            status = status or 499
+            log.info(json.dumps({"event": "outbound.aborted", "error": str(exc)}))
+            return False
+        finally:
+            dur = time.perf_counter() - start
+            self.metrics.requests.labels("outbound", str(status)).inc()
+            self.metrics.latency.labels("outbound").observe(dur)
+            log_request(direction="outbound", upstream=service, method=req.method.decode("latin-1"),
+                        path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
+                        bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
