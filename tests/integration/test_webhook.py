@@ -1,0 +1,219 @@
+"""The admission webhook over real HTTPS on loopback, with real AdmissionReview v1 JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jsonpatch
+import kubernetes_validate
+import pytest
+import trio
+import trustme
+import yaml
+
+from meshcar.inject import cli
+from meshcar.inject.patch import InjectOptions
+from meshcar.inject.webhook import serve_webhook
+
+OPTS = InjectOptions()
+
+
+def pod(**spec: Any) -> dict[str, Any]:
+    """A pod as the API server hands it to a webhook for a Deployment's ReplicaSet."""
+    s: dict[str, Any] = {
+        "serviceAccountName": "api",
+        "containers": [{"name": "api", "image": "example/api:1", "ports": [{"containerPort": 9002}]}],
+    }
+    s.update(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "api-7c9d8f-",
+            "labels": {"app": "api", "pod-template-hash": "7c9d8f"},
+            "annotations": {
+                "meshcar.io/app-port": "9002",
+                "meshcar.io/upstreams": "payments=payments.default.svc:7003=default/payments",
+                "meshcar.io/allowed-callers": "default/web",
+            },
+        },
+        "spec": s,
+    }
+
+
+def review(obj: Any, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", operation: str = "CREATE") -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "default",
+            "operation": operation,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                         "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "object": obj,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+@pytest.fixture
+async def webhook(nursery: trio.Nursery) -> AsyncIterator[tuple[str, trustme.CA]]:
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "meshcar-webhook.meshcar-system.svc").configure_cert(ctx)
+    listeners = await nursery.start(serve_webhook, OPTS, ctx, "127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    yield f"https://127.0.0.1:{port}", ca
+
+
+def client(ca: trustme.CA) -> httpx.AsyncClient:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return httpx.AsyncClient(verify=ctx, timeout=10)
+
+
+def cli_inject(obj: dict[str, Any]) -> dict[str, Any]:
+    docs, _ = cli.inject_stream(yaml.safe_dump(obj), OPTS)
+    return docs[0]
+
+
+async def test_pod_patch_equals_cli_output(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    obj = pod()
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["apiVersion"] == "admission.k8s.io/v1" and body["kind"] == "AdmissionReview"
+    resp = body["response"]
+    assert resp["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert resp["allowed"] is True and resp["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(resp["patch"]))
+    assert all(op["op"] in ("add", "replace", "remove") for op in patch)
+    patched = jsonpatch.apply_patch(obj, patch)
+    assert patched == cli_inject(obj)
+    patched["metadata"]["name"] = "api-7c9d8f-abcde"  # the API server fills it from generateName
+    kubernetes_validate.validate(patched, "1.29.0", strict=True)
+    assert patched["spec"]["initContainers"][0]["name"] == "meshcar-proxy"
+
+
+async def test_classic_annotation_and_pod_with_existing_init_and_env(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    obj = pod(initContainers=[{"name": "migrate", "image": "example/migrate:1"}])
+    obj["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    obj["metadata"]["annotations"]["meshcar.io/sidecar-mode"] = "classic"
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    patch = json.loads(base64.b64decode(r.json()["response"]["patch"]))
+    patched = jsonpatch.apply_patch(obj, patch)
+    assert patched == cli_inject(obj)
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["meshcar-proxy", "api"]
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}},
+        dict(pod(), metadata=dict(pod()["metadata"], annotations={"meshcar.io/inject": "disabled"})),
+    ],
+)
+async def test_nothing_to_inject_is_allowed_without_patch(webhook: tuple[str, trustme.CA], obj: dict[str, Any]) -> None:
+    url, ca = webhook
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    assert r.status_code == 200
+    resp = r.json()["response"]
+    assert resp == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+
+
+async def test_already_injected_gets_no_patch(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    injected = cli_inject(pod())
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(injected))
+    assert "patch" not in r.json()["response"]
+
+
+async def test_uninjectable_pod_is_allowed_with_a_warning(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(pod(hostNetwork=True)))
+        no_port = pod()
+        del no_port["metadata"]["annotations"]["meshcar.io/app-port"]
+        r2 = await c.post(url + "/inject", json=review(no_port))
+    resp = r.json()["response"]
+    assert resp["allowed"] is True and "patch" not in resp
+    assert "hostNetwork" in resp["warnings"][0] and "pod/api-7c9d8f-" in resp["warnings"][0]
+    assert "meshcar.io/app-port" in r2.json()["response"]["warnings"][0]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
+                     "request": {"uid": "x"}}).encode(), "admission.k8s.io/v1"),
+        (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(), "missing request"),
+        (json.dumps(review(pod(), uid="")).encode(), "missing request.uid"),
+        (json.dumps(dict(review(None), request=dict(review(None)["request"], object="x"))).encode(),
+         "not an object"),
+    ],
+)
+async def test_malformed_review_gets_400_and_server_keeps_serving(
+    webhook: tuple[str, trustme.CA], body: bytes, message: str
+) -> None:
+    url, ca = webhook
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "bad_review" and message in r.json()["message"]
+        ok = await c.post(url + "/inject", json=review(pod()))
+        assert ok.status_code == 200 and "patch" in ok.json()["response"]
+
+
+async def test_http_errors(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    async with client(ca) as c:
+        assert (await c.get(url + "/healthz")).json() == {"status": "ok"}
+        assert (await c.get(url + "/inject")).status_code == 405
+        assert (await c.post(url + "/mutate", json={})).status_code == 404
+        big = await c.post(url + "/inject", content=b"x" * (5 * 1024 * 1024))
+        assert big.status_code == 413
+    async with client(ca) as c:
+        assert (await c.post(url + "/inject", json=review(pod()))).status_code == 200
+
+
+async def test_broken_clients_do_not_stop_others(webhook: tuple[str, trustme.CA]) -> None:
+    url, ca = webhook
+    port = int(url.rsplit(":", 1)[1])
+    # a client that connects and never says anything, one that speaks plain HTTP to the TLS
+    # port, and one that sends garbage after a real handshake
+    silent = await trio.open_tcp_stream("127.0.0.1", port)
+    plain = await trio.open_tcp_stream("127.0.0.1", port)
+    await plain.send_all(b"POST /inject HTTP/1.1\r\nHost: x\r\n\r\n")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    garbage = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1")
+    await garbage.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+    reply = await garbage.receive_some(4096)
+    assert reply.startswith(b"HTTP/1.1 400")
+    async with client(ca) as c:
+        for _ in range(3):  # keep-alive on one connection
+            r = await c.post(url + "/inject", json=review(pod()))
+            assert r.status_code == 200 and "patch" in r.json()["response"]
+    for s in (silent, plain, garbage):
+        await s.aclose()
