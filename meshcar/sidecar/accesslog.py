@@ -22,3 +22,6 @@ def setup_logging(level: str = "info") -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every CA request as plain text at INFO; meshcar logs its own JSON events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -139,6 +139,13 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshcar sidecar", description="Run a meshcar sidecar.")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -159,10 +166,16 @@ def main(argv: list[str]) -> int:
     setup_logging(cfg.log_level)
     try:
         trio.run(Sidecar(cfg).run)
-    except* OSError as group:
-        print(f"meshcar sidecar: cannot listen: {group.exceptions[0]}", file=sys.stderr)
-        return 1
-    except* KeyboardInterrupt:
+    except (OSError, BaseExceptionGroup) as exc:
+        err = first_leaf(exc)
+        if isinstance(err, KeyboardInterrupt):
+            pass
+        elif isinstance(err, OSError):
+            print(f"meshcar sidecar: cannot listen: {err}", file=sys.stderr)
+            return 1
+        else:
+            raise
+    except KeyboardInterrupt:
         pass
     _event("sidecar.stopped")
     return 0
