@@ -1,0 +1,105 @@
+"""`meshcar demo`'s plan: sidecar configs and the process list come from meshcar/scenario.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from meshcar import scenario as sc
+from meshcar.demo.plan import (
+    CA_URL,
+    DemoPaths,
+    PublicCerts,
+    all_ports,
+    ca_process,
+    mesh_processes,
+    sidecar_config,
+)
+from meshcar.sidecar.config import parse_config
+
+PATHS = DemoPaths(Path("/demo"))
+CERTS = PublicCerts(*(Path(f"/demo/{n}") for n in (
+    "edge-ca.pem", "partner-ca.pem", "partner.pem", "partner.key", "pay.pem", "pay.key")))
+
+
+def test_api_sidecar_config_matches_the_scenario() -> None:
+    api = sc.SCENARIO.service("api")
+    cfg = sidecar_config(sc.SCENARIO, api, PATHS)
+    assert cfg["identity"]["spiffe_id"] == "spiffe://meshcar.demo/svc/api"
+    assert cfg["identity"]["ca_url"] == f"https://127.0.0.1:{sc.CA_PORT}" == CA_URL
+    assert cfg["identity"]["ca_bundle"] == "/demo/ca/root.pem"
+    assert cfg["identity"]["token_file"] == "/demo/sidecars/api/join.token"
+    assert cfg["identity"]["ttl_seconds"] == sc.CERT_TTL_SECONDS
+    assert cfg["app"] == {"host": "127.0.0.1", "port": api.app_port}
+    assert cfg["inbound"] == {
+        "listen": f"127.0.0.1:{api.inbound_port}",
+        "allow": ["spiffe://meshcar.demo/svc/edge", "spiffe://meshcar.demo/svc/web"],
+    }
+    pay = sc.SCENARIO.service("payments")
+    assert cfg["outbound"] == {
+        "listen": f"127.0.0.1:{api.outbound_port}",
+        "upstreams": {"payments": {"endpoints": [f"127.0.0.1:{pay.inbound_port}"],
+                                   "spiffe_id": "spiffe://meshcar.demo/svc/payments"}},
+    }
+    assert cfg["admin"] == {"listen": f"127.0.0.1:{api.admin_port}"}
+
+
+def test_payments_accepts_api_only_and_calls_nobody() -> None:
+    cfg = sidecar_config(sc.SCENARIO, sc.SCENARIO.service("payments"), PATHS)
+    assert cfg["inbound"]["allow"] == ["spiffe://meshcar.demo/svc/api"]
+    assert cfg["outbound"]["upstreams"] == {}
+
+
+def test_every_upstream_points_at_the_peers_mesh_listener() -> None:
+    for s in sc.SCENARIO.services:
+        ups = sidecar_config(sc.SCENARIO, s, PATHS)["outbound"]["upstreams"]
+        assert set(ups) == set(s.upstreams)
+        for name, u in ups.items():
+            peer = sc.SCENARIO.service(name)
+            assert u["endpoints"] == [f"127.0.0.1:{peer.inbound_port}"]
+            assert u["spiffe_id"] == peer.spiffe_id
+
+
+def test_generated_configs_pass_the_sidecars_own_validation() -> None:
+    """The contract test: what the demo writes is what `meshcar sidecar --config` accepts."""
+    for s in sc.SCENARIO.services:
+        text = yaml.safe_dump(sidecar_config(sc.SCENARIO, s, PATHS), sort_keys=False)
+        parsed = parse_config(yaml.safe_load(text), f"{s.name}.yaml", Path("/demo"))
+        assert parsed.identity.spiffe_id == s.spiffe_id
+        assert parsed.app.port == s.app_port
+        assert set(parsed.allow) == {sc.spiffe_id(c) for c in s.allowed_callers}
+        assert {u.name for u in parsed.upstreams} == set(s.upstreams)
+
+
+def test_process_list_covers_every_part_with_a_probe_and_no_port_twice() -> None:
+    procs = [ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS, python="/py")
+    names = [p.name for p in procs]
+    assert names == ["ca", "sidecar-web", "sidecar-api", "sidecar-payments",
+                     "app-web", "app-api", "app-payments", "payments-public"]
+    ports = [port for port, _ in all_ports(procs)]
+    assert len(ports) == len(set(ports))
+    expected = {sc.CA_PORT, sc.PAYMENTS_PUBLIC_PORT}
+    for s in sc.SCENARIO.services:
+        expected |= {s.app_port, s.inbound_port, s.outbound_port, s.admin_port}
+    assert set(ports) == expected
+    for p in procs[1:]:
+        assert p.argv[:3] == ("/py", "-m", "meshcar.cli")
+
+
+def test_apps_reach_peers_only_through_their_own_sidecar() -> None:
+    procs = {p.name: p for p in mesh_processes(sc.SCENARIO, PATHS, CERTS)}
+    for s in sc.SCENARIO.services:
+        env = dict(procs[f"app-{s.name}"].env)
+        assert env["HTTP_PROXY"] == f"http://127.0.0.1:{s.outbound_port}"
+        assert procs[f"sidecar-{s.name}"].probe.url == f"http://127.0.0.1:{s.admin_port}/ready"
+
+
+def test_payments_public_endpoint_requires_partner_certificates() -> None:
+    public = {p.name: p for p in mesh_processes(sc.SCENARIO, PATHS, CERTS)}["payments-public"]
+    argv = list(public.argv)
+    assert argv[argv.index("--port") + 1] == str(sc.PAYMENTS_PUBLIC_PORT)
+    assert argv[argv.index("--tls-client-ca") + 1] == str(CERTS.partner_ca)
+    assert "--proxy-protocol" in argv
+    assert public.probe.client_cert == CERTS.partner_cert
+    assert public.probe.server_hostname == sc.PAYMENTS_PUBLIC_HOST
