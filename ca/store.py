@@ -140,6 +140,6 @@ class Store:
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT serial, spiffe_id, not_before, not_after, issued_at, auth,"
-                " client_bundle_version FROM certificates ORDER BY issued_at, serial"
+                " client_bundle_version FROM certificates ORDER BY rowid"
             ).fetchall()
         return [CertificateRecord(*r) for r in rows]
