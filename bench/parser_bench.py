@@ -15,7 +15,8 @@ parsers collect the header list (a proxy needs it) and touch, but do not copy, b
 
 Throughput is the best of ``--repeat`` runs of ``--seconds`` each (best-of filters noise
 from other processes on the machine). Part 2 feeds classic request-smuggling vectors to
-both parsers, each out of the box (no wrapper checks), and prints what each did.
+both parsers, each out of the box (no wrapper checks), and prints what each did. When
+meshcar.proto.http1 (the wrapper the sidecar uses) is importable, it gets a column too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from dataclasses import dataclass
 
 import h11
 import httptools
+
+try:  # the lead's wrapper on the proxy path (meshcar/proto/http1.py), when present
+    from meshcar.proto import http1 as meshcar_http1
+except ImportError:  # pragma: no cover - the bench also runs without it
+    meshcar_http1 = None  # type: ignore[assignment]
 
 # --- workloads --------------------------------------------------------------------------
 
@@ -126,6 +132,22 @@ def httptools_loop(message: bytes, kind: str) -> Callable[[int], int]:
         for _ in range(n):
             feed(message)
         assert proto.done == n, (proto.done, n)
+        return n
+
+    return run
+
+
+def meshcar_loop(message: bytes, kind: str) -> Callable[[int], int]:
+    assert meshcar_http1 is not None
+
+    def run(n: int) -> int:
+        parser = meshcar_http1.Http1Parser(kind)
+        done = 0
+        for _ in range(n):
+            for event in parser.feed(message):
+                if type(event) is meshcar_http1.EndOfMessage:
+                    done += 1
+        assert done == n, (done, n)
         return n
 
     return run
@@ -335,6 +357,21 @@ def run_httptools(data: bytes) -> Outcome:
     return Outcome(False, f"body {body!r}, {proto.done} msgs")
 
 
+def run_meshcar(data: bytes) -> Outcome:
+    assert meshcar_http1 is not None
+    parser = meshcar_http1.Http1Parser("request")
+    body = b""
+    try:
+        for event in parser.feed(data):
+            if type(event) is meshcar_http1.Data:
+                body += event.data
+            elif type(event) is meshcar_http1.EndOfMessage:
+                return Outcome(False, f"body {body!r}")
+    except Exception as exc:  # ProtocolError, with the status it would answer
+        return Outcome(True, f"{getattr(exc, 'status', '?')} {exc}"[:40])
+    return Outcome(False, f"waits for body, has {len(body)} B")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=1.0)
@@ -346,26 +383,35 @@ def main() -> int:
         f"h11 {h11.__version__}, httptools {httptools.__version__}"
     )
     print(f"# best of {args.repeat} x ~{args.seconds:.1f} s per cell; messages/s (µs/message)\n")
-    print("| workload | bytes | h11 msg/s | httptools msg/s | httptools/h11 | h11 set-up share |")
-    print("|---|---:|---:|---:|---:|---:|")
+    wrap = meshcar_http1 is not None
+    print(
+        "| workload | bytes | h11 msg/s | httptools msg/s | httptools/h11 | h11 set-up share |"
+        + (" meshcar Http1Parser msg/s | Http1Parser/h11 |" if wrap else "")
+    )
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if wrap else ""))
     for kind, table in (("request", REQUESTS), ("response", RESPONSES)):
         overhead = rate(h11_overhead(kind), args.seconds, args.repeat)
         for name, message in table.items():
             h = rate(h11_loop(message, kind), args.seconds, args.repeat)
             t = rate(httptools_loop(message, kind), args.seconds, args.repeat)
             share = (1 / overhead) / (1 / h)
-            print(
+            line = (
                 f"| {name} | {len(message)} | {h:,.0f} ({1e6 / h:.1f}) | "
                 f"{t:,.0f} ({1e6 / t:.2f}) | {t / h:.1f}x | {share:.0%} |"
             )
+            if wrap:
+                m = rate(meshcar_loop(message, kind), args.seconds, args.repeat)
+                line += f" {m:,.0f} ({1e6 / m:.2f}) | {m / h:.1f}x |"
+            print(line)
             sys.stdout.flush()
 
-    print("\n| smuggling vector | h11 | httptools |")
-    print("|---|---|---|")
+    print("\n| smuggling vector | h11 | httptools |" + (" meshcar Http1Parser |" if wrap else ""))
+    print("|---|---|---|" + ("---|" if wrap else ""))
     for name, data in VECTORS:
-        print(
-            f"| {name} | {run_h11(data + NEXT)} | {run_httptools(data + NEXT)} |".replace("\n", " ")
-        )
+        line = f"| {name} | {run_h11(data + NEXT)} | {run_httptools(data + NEXT)} |"
+        if wrap:
+            line += f" {run_meshcar(data + NEXT)} |"
+        print(line.replace("\n", " "))
     return 0
 
 
