@@ -157,13 +157,13 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
                                    "ttl_seconds", "renew_fraction"})
-    sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if ident else None
-    ca_url = c.string(ident, "ca_url", "identity.ca_url") if ident else None
+    sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
+    ca_url = c.string(ident, "ca_url", "identity.ca_url") if "identity" in data else None
     if ca_url and not ca_url.startswith("https://"):
         c.bad("identity.ca_url", "must be an https:// URL")
-    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle") if ident else None
-    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if ident else None
-    state_dir = c.path(ident, "state_dir", "identity.state_dir") if ident else None
+    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle") if "identity" in data else None
+    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
+    state_dir = c.path(ident, "state_dir", "identity.state_dir") if "identity" in data else None
     ttl = ident.get("ttl_seconds")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
         c.bad("identity.ttl_seconds", "must be an integer >= 10")
@@ -176,11 +176,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     app = c.section(data, "app")
     c.unknown(app, "app.", {"host", "port"})
     app_host = app.get("host", "127.0.0.1")
-    app_port = c.port(app.get("port"), "app.port") if app else None
+    app_port = c.port(app.get("port"), "app.port") if "app" in data else None
 
     inbound = c.section(data, "inbound")
     c.unknown(inbound, "inbound.", {"listen", "allow"})
-    in_listen = c.hostport(inbound.get("listen"), "inbound.listen") if inbound else None
+    in_listen = c.hostport(inbound.get("listen"), "inbound.listen") if "inbound" in data else None
     allow_raw = inbound.get("allow", [])
     allow: list[str] = []
     if not isinstance(allow_raw, list):
@@ -227,7 +227,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
 
     admin = c.section(data, "admin")
     c.unknown(admin, "admin.", {"listen"})
-    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if admin else None
+    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
 
     level = data.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):

@@ -15,7 +15,7 @@ from meshcar.sidecar.inbound import Inbound
 from meshcar.sidecar.outbound import Outbound
 from meshcar.tls.store import CredentialStore
 from tests.support.echo_app import serve_echo
-from tests.support.pki import TestCA
+from tests.support.pki import ThrowawayCA
 
 TD = "meshcar.test"
 NODES: list = []
@@ -53,7 +53,7 @@ def make_cfg(tmp: Path, name: str, app_port: int, allow: list[str], upstreams: d
     }, "test.yaml", tmp)
 
 
-async def start_node(nursery: trio.Nursery, tmp: Path, ca: TestCA, name: str, app_port: int,
+async def start_node(nursery: trio.Nursery, tmp: Path, ca: ThrowawayCA, name: str, app_port: int,
                      allow: list[str], upstreams: dict) -> Node:
     cfg = make_cfg(tmp, name, app_port, allow, upstreams)
     store = CredentialStore(cfg.identity.state_dir)
@@ -68,7 +68,7 @@ async def start_node(nursery: trio.Nursery, tmp: Path, ca: TestCA, name: str, ap
 
 @dataclass
 class Mesh:
-    ca: TestCA
+    ca: ThrowawayCA
     app_port: int
     client: Node  # "web": may call "api"
     server: Node  # "api": allows web
@@ -76,7 +76,7 @@ class Mesh:
 
 @pytest.fixture
 async def mesh(tmp_path: Path, nursery: trio.Nursery):
-    ca = TestCA.create()
+    ca = ThrowawayCA.create()
     app_port = await serve_echo(nursery)
     server = await start_node(nursery, tmp_path, ca, "api", app_port, [sid("web")], {})
     client = await start_node(

@@ -7,6 +7,14 @@ import pytest
 
 from tests.integration.conftest import Mesh, sid
 
+SMUGGLING_REQUESTS = [
+    b"POST http://api/ HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api\r\n\r\n",
+    b"POST http://api/ HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    b"POST http://api/ HTTP/1.1\r\nHost: api\r\nContent-Length: -1\r\n\r\n",
+    b"POST http://api/ HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX-Fold: a\r\n Transfer-Encoding: chunked\r\n\r\n",
+]
+
 
 def proxied(mesh: Mesh) -> httpx.AsyncClient:
     return httpx.AsyncClient(proxy=f"http://127.0.0.1:{mesh.client.outbound_port}", timeout=10)

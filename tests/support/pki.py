@@ -32,14 +32,14 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 @dataclass
-class TestCA:
+class ThrowawayCA:
     root: x509.Certificate
     root_key: ec.EllipticCurvePrivateKey
     inter: x509.Certificate
     inter_key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def create(cls, name: str = "test") -> TestCA:
+    def create(cls, name: str = "test") -> ThrowawayCA:
         now = dt.datetime.now(dt.UTC)
         rk = ec.generate_private_key(ec.SECP256R1())
         root = (x509.CertificateBuilder().subject_name(_name(f"{name} root")).issuer_name(_name(f"{name} root"))

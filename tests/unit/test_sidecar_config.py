@@ -1,0 +1,88 @@
+"""Sidecar config validation: good configs parse, every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshcar.errors import ConfigError
+from meshcar.sidecar.config import load_config, load_config_text
+
+GOOD = """
+identity:
+  spiffe_id: spiffe://meshcar.demo/svc/api
+  ca_url: https://127.0.0.1:8600
+  ca_bundle: ca.pem
+  token_file: api.token
+  state_dir: state
+app: {port: 9002}
+inbound:
+  listen: 127.0.0.1:7002
+  allow: [spiffe://meshcar.demo/svc/web]
+outbound:
+  listen: 127.0.0.1:7102
+  upstreams:
+    Payments:
+      endpoints: ["127.0.0.1:7003"]
+      spiffe_id: spiffe://meshcar.demo/svc/payments
+      local_port: 7302
+admin: {listen: 127.0.0.1:7202}
+"""
+
+
+def test_good_config(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text(GOOD)
+    cfg = load_config(f)
+    assert cfg.identity.spiffe_id == "spiffe://meshcar.demo/svc/api"
+    assert cfg.identity.ca_bundle == tmp_path / "ca.pem"  # relative to the config file
+    assert cfg.app.port == 9002 and cfg.app.host == "127.0.0.1"
+    assert cfg.allow == ("spiffe://meshcar.demo/svc/web",)
+    (up,) = cfg.upstreams
+    assert up.name == "payments" and up.local_port == 7302 and str(up.endpoints[0]) == "127.0.0.1:7003"
+    assert cfg.trust_domain == "meshcar.demo"
+
+
+def test_every_problem_is_reported_with_file_and_key() -> None:
+    bad = """
+identity:
+  spiffe_id: http://nope
+  ca_url: http://127.0.0.1:8600
+  state_dir: s
+  colour: blue
+app: {port: 70000}
+inbound:
+  listen: nohost
+  allow: [spiffe://meshcar.demo/svc/web, 42]
+outbound:
+  listen: 0.0.0.0:7102
+  upstreams:
+    payments: {endpoints: [], spiffe_id: spiffe://x/}
+admin: {}
+"""
+    with pytest.raises(ConfigError) as err:
+        load_config_text(bad, "bad.yaml")
+    problems = err.value.problems
+    text = "\n".join(problems)
+    for key in ["identity.spiffe_id", "identity.ca_url", "identity.ca_bundle", "identity.colour",
+                "app.port", "inbound.listen", "inbound.allow[1]", "outbound.listen",
+                "outbound.upstreams.payments.endpoints", "outbound.upstreams.payments.spiffe_id",
+                "admin.listen"]:
+        assert f"bad.yaml: {key}:" in text, (key, text)
+    assert len(problems) >= 11
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[1, 2]", "top level must be a mapping"),
+    ("a: [", "not valid YAML"),
+    ("", "top level must be a mapping"),
+])
+def test_not_a_config(text: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        load_config_text(text, "x.yaml")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
