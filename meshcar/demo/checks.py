@@ -132,16 +132,23 @@ def app_url(env: DemoEnv, service: str, path: str) -> str:
 
 
 def openssl_request(
-    port: int, servername: str, cafile: str, *, cert: str | None = None, key: str | None = None,
-    request: bytes = b"",
+    port: int, cafile: str, *, servername: str | None = None, verify_hostname: bool = True,
+    cert: str | None = None, key: str | None = None, request: bytes = b"", quiet: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """`openssl s_client` to 127.0.0.1:port, sending `request`, waiting for the server to close."""
-    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", servername,
-            "-CAfile", cafile, "-verify_return_error", "-ign_eof"]
-    if servername and not servername.replace(".", "").isdigit():
-        argv += ["-verify_hostname", servername]
+    """`openssl s_client` to 127.0.0.1:port sending `request`, until the server closes.
+
+    `-verify_return_error`: an unverifiable server certificate fails the handshake.  `quiet`
+    leaves only the server's bytes on stdout (no session dumps interleaved)."""
+    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-CAfile", cafile,
+            "-verify_return_error", "-ign_eof"]
+    if servername:
+        argv += ["-servername", servername]
+        if verify_hostname:
+            argv += ["-verify_hostname", servername]
     if cert and key:
         argv += ["-cert", cert, "-key", key]
+    if quiet:
+        argv.append("-quiet")
     return subprocess.run(argv, input=request.decode(), capture_output=True, text=True,
                           timeout=OPENSSL_TIMEOUT_SECONDS, check=False)
 
@@ -214,34 +221,41 @@ def check_xfcc_replaced(env: DemoEnv) -> str:
 
 def check_mesh_requires_client_cert(env: DemoEnv) -> str:
     payments = env.scenario.service("payments")
-    r = openssl_request(payments.inbound_port, "payments", str(env.paths.mesh_bundle),
+    r = openssl_request(payments.inbound_port, str(env.paths.mesh_bundle),
                         request=_http_request("payments"))
+    expect("Verify return code: 0 (ok)" in r.stdout,
+           f"the mesh listener's certificate does not chain to mesh-bundle.pem "
+           f"(openssl exit {r.returncode}: {r.stderr.strip()[-200:]!r})")
     expect("HTTP/1." not in r.stdout,
            f"mesh listener answered HTTP without a client certificate: {r.stdout[-200:]!r}")
-    return f"no client certificate: refused (openssl exit {r.returncode})"
+    expect(r.returncode != 0, "openssl reported success without a client certificate")
+    return "mesh certificate verified; no client certificate: connection refused"
 
 
 def check_payments_public(env: DemoEnv) -> str:
-    port = sc.PAYMENTS_PUBLIC_PORT
+    port = env.scenario.service("payments").public_tls_port
+    expect(port is not None, "the scenario gives payments no public endpoint")
+    assert port is not None
     host = sc.PAYMENTS_PUBLIC_HOST
     c = env.certs
-    without = openssl_request(port, host, str(c.edge_ca), request=_http_request(host))
-    expect("HTTP/1." not in without.stdout,
-           "answered HTTP without a client certificate")
-    refused = "certificate required" in without.stderr or without.returncode != 0
-    expect(refused, f"handshake without client certificate not refused: {without.stderr[-300:]!r}")
-    with_cert = openssl_request(port, host, str(c.edge_ca), cert=str(c.partner_cert),
-                                key=str(c.partner_key), request=_http_request(host))
-    expect("Verify return code: 0 (ok)" in with_cert.stdout,
-           f"payments' certificate does not verify as {host} against edge-ca.pem")
-    expect("HTTP/1.1 200" in with_cert.stdout,
-           f"with the partner certificate: no 200 ({with_cert.stderr[-300:]!r})")
-    body = with_cert.stdout[with_cert.stdout.find("{"):]
+    with_cert = openssl_request(port, str(c.edge_ca), servername=host, cert=str(c.partner_cert),
+                                key=str(c.partner_key), request=_http_request(host), quiet=True)
+    expect(with_cert.stdout.startswith("HTTP/1.1 200"),
+           f"with the partner certificate, verifying {host} against edge-ca.pem: no 200 "
+           f"(openssl exit {with_cert.returncode}: {with_cert.stderr.strip()[-300:]!r})")
     try:
-        subject = json.loads(body[: body.rfind("}") + 1])["tls"]["client_cert_subject"]
-    except (ValueError, KeyError, TypeError):
-        subject = "?"
-    return f"{host} verified; no client cert: refused; partner cert: 200 (payments saw {subject})"
+        doc = json.loads(with_cert.stdout.split("\n\n", 1)[1])  # text mode: CRLF -> LF
+        subject = doc["tls"]["client_cert_subject"]
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise CheckFailed(f"payments' answer is not the demo JSON: {with_cert.stdout[:200]!r}") from exc
+    without = openssl_request(port, str(c.edge_ca), servername=host,
+                              request=_http_request(host), quiet=True)
+    expect("HTTP/1." not in without.stdout, "answered HTTP without a client certificate")
+    expect("certificate required" in without.stderr,
+           f"no 'certificate required' alert without a client certificate: "
+           f"{without.stderr.strip()[-300:]!r}")
+    return (f"{host} verified against edge-ca.pem; partner cert: 200 (payments saw {subject}); "
+            "no client cert: alert certificate required")
 
 
 def mesh_checks() -> list[Check]:

@@ -1,0 +1,134 @@
+"""`meshcar demo` as a real process: `--check` passes, SIGTERM leaves no child and no port.
+
+These need every part of the mesh (CA, sidecar, demo app); they use the scenario's fixed
+loopback ports, so no other demo may run at the same time.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshcar import scenario as sc
+from meshcar.demo.checks import all_checks
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT = 120.0
+
+
+def scenario_ports() -> list[int]:
+    ports = [sc.CA_PORT]
+    for s in sc.SCENARIO.services:
+        ports += [s.app_port, s.inbound_port, s.outbound_port, s.admin_port]
+        if s.public_tls_port:
+            ports.append(s.public_tls_port)
+    return ports
+
+
+def busy_ports() -> list[int]:
+    busy = []
+    for port in scenario_ports():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def demo_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshcar.cli", "demo", *args]
+
+
+def test_demo_check_passes_and_prints_the_table(tmp_path: Path) -> None:
+    assert busy_ports() == [], "scenario ports busy before the test"
+    r = subprocess.run(demo_argv("--check", "--dir", str(tmp_path / "demo")),
+                       capture_output=True, text=True, timeout=START_TIMEOUT + 60, check=False)
+    out = r.stdout
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{out}\nstderr:\n{r.stderr}"
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("RESULT"))
+    rows = lines[header + 2: header + 2 + len(all_checks())]
+    for check, row in zip(all_checks(), rows, strict=True):
+        assert check.title in row
+        expected = "PASS" if check.fn is not None else "SKIP (not implemented)"
+        assert row.startswith(expected), row
+    assert not any(row.startswith("FAIL") for row in rows)
+    assert " 0 failed," in out
+    for name in ("mesh-bundle.pem", "edge-ca.pem", "partner.pem", "partner.key"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert busy_ports() == []
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                break
+            if sel.select(left):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen += line
+    return seen
+
+
+def test_sigterm_stops_every_child_and_frees_the_ports(tmp_path: Path) -> None:
+    assert busy_ports() == [], "scenario ports busy before the test"
+    proc = subprocess.Popen(demo_argv("--dir", str(tmp_path / "demo")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = _read_until(proc, "meshcar demo: ready:", START_TIMEOUT)
+        assert "meshcar demo: ready:" in out, (
+            f"not ready: exit {proc.poll()}\n{out}\n{proc.stderr.read() if proc.poll() is not None else ''}")
+        children = children_of(proc.pid)
+        assert len(children) == 8  # CA, 3 sidecars, 3 apps, payments' public endpoint
+        assert set(busy_ports()) == set(scenario_ports())
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    survivors = [pid for pid in children if alive(pid)]
+    assert survivors == []
+    assert busy_ports() == []
