@@ -7,6 +7,7 @@ import ssl
 import trio
 
 from meshcar.errors import UpstreamError
+from meshcar.net.tlsstream import TLSStream
 
 
 async def open_tcp(host: str, port: int, timeout: float = 5.0) -> trio.SocketStream:
@@ -20,11 +21,9 @@ async def open_tcp(host: str, port: int, timeout: float = 5.0) -> trio.SocketStr
 
 
 async def open_tls(host: str, port: int, ctx: ssl.SSLContext, *, server_hostname: str | None = None,
-                   session: ssl.SSLSession | None = None, timeout: float = 5.0) -> trio.SSLStream:
+                   session: ssl.SSLSession | None = None, timeout: float = 5.0) -> TLSStream:
     tcp = await open_tcp(host, port, timeout)
-    stream = trio.SSLStream(tcp, ctx, server_hostname=server_hostname)
-    if session is not None:
-        stream.session = session
+    stream = TLSStream(tcp, ctx, server_side=False, server_hostname=server_hostname, session=session)
     try:
         with trio.fail_after(timeout):
             await stream.do_handshake()

@@ -18,6 +18,7 @@ from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.connect import open_tcp, open_tls
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pooled
+from meshcar.net.tlsstream import TLSStream
 from meshcar.sidecar.config import HostPort, Upstream
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import svid_from_der
@@ -57,7 +58,7 @@ class MeshDialer:
 
     def remember_session(self, p: Pooled) -> None:
         stream = p.conn.stream
-        if isinstance(stream, trio.SSLStream):
+        if isinstance(stream, TLSStream):
             sess = stream.session
             if sess is not None:
                 self._sessions[p.endpoint] = sess

@@ -23,6 +23,7 @@ from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
+from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 from meshcar.sidecar.accesslog import log_request
@@ -56,7 +57,7 @@ class Inbound:
         await self.pool.close_all()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
-        ssl_stream = trio.SSLStream(tcp, self.store.server_context(), server_side=True)
+        ssl_stream = TLSStream(tcp, self.store.server_context(), server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await ssl_stream.do_handshake()

@@ -1,0 +1,75 @@
+"""Real `meshcar` processes for end-to-end tests: start, wait for readiness, stop, free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def meshcar_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshcar.cli", *args]
+
+
+class Procs:
+    """Processes started by a test; all stopped (TERM, then KILL) at teardown."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "wb")
+        p = subprocess.Popen(meshcar_cmd(*args), stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        self.procs.append((name, p))
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")
+
+    def wait_http(self, url: str, *, verify: str | bool = False, timeout: float = 20.0,
+                  status: int = 200, name: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for pname, p in self.procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"{pname} exited with {p.returncode}:\n{self.log(pname)[-3000:]}")
+            try:
+                ctx = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+                r = httpx.get(url, verify=ctx, timeout=2)
+                if r.status_code == status:
+                    return
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.05)  # polling interval, not synchronisation: we wait on readiness
+        logs = self.log(name)[-3000:] if name else ""
+        raise AssertionError(f"{url} not ready after {timeout}s: {last}\n{logs}")
+
+    def stop_all(self) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
