@@ -12,6 +12,7 @@ by a complete new credential.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -133,6 +134,25 @@ class Rotator:
             ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version,
         )
         self._install(cred, "renewed")
+
+    async def refresh_bundle(self) -> bool:
+        """Fetch the CA's trust bundle; swap it in if it changed. True if it changed."""
+        pem, version = await self.client.bundle()
+        cur = self.store.credential
+        if cur is None or (pem == cur.bundle_pem and version == cur.bundle_version):
+            return False
+        self._install(dataclasses.replace(cur, bundle_pem=pem, bundle_version=version),
+                      "trust bundle refreshed")
+        return True
+
+    async def bundle_loop(self, interval: float) -> None:
+        """Refresh the trust bundle every `interval` seconds (renewals refresh it too)."""
+        while True:
+            await trio.sleep(interval * (0.9 + 0.2 * random.random()))
+            try:
+                await self.refresh_bundle()
+            except CAError as exc:
+                _event("identity.bundle_refresh_failed", error=str(exc), level=logging.WARNING)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.bootstrap()

@@ -43,6 +43,7 @@ class IdentityConfig:
     state_dir: Path
     ttl_seconds: int | None = None
     renew_fraction: float = 2 / 3
+    bundle_refresh_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
 
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
-                                   "ttl_seconds", "renew_fraction"})
+                                   "ttl_seconds", "renew_fraction", "bundle_refresh_seconds"})
     sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
     ca_url = c.string(ident, "ca_url", "identity.ca_url") if "identity" in data else None
     if ca_url and not ca_url.startswith("https://"):
@@ -172,6 +173,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.1 <= frac <= 0.9):
         c.bad("identity.renew_fraction", "must be a number between 0.1 and 0.9")
         frac = 2 / 3
+
+    refresh = ident.get("bundle_refresh_seconds", 300)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
+        c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
+        refresh = 300
 
     app = c.section(data, "app")
     c.unknown(app, "app.", {"host", "port"})
@@ -237,7 +243,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(c.problems)
     assert sid and ca_url and ca_bundle and state_dir and app_port and in_listen and admin_listen
     return SidecarConfig(
-        identity=IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac)),
+        identity=IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
+                                float(refresh)),
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),

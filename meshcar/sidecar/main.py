@@ -112,6 +112,7 @@ class Sidecar:
             await _listen(nursery, admin.handle_connection, cfg.admin_listen)
             _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
             await nursery.start(self.rotator.run)
+            nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
             await _listen(nursery, self.inbound.handle_connection, cfg.inbound_listen)
             if cfg.outbound_listen is not None:
                 await _listen(nursery, self.outbound.handle_connection, cfg.outbound_listen)

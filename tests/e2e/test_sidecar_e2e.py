@@ -143,3 +143,28 @@ def test_access_log_is_json_lines(pair: Pair) -> None:
     reqs = [x for x in lines if x.get("type") == "request" and x.get("path") == "/logged"]
     assert reqs and reqs[-1]["direction"] == "inbound" and reqs[-1]["peer"] == sid("web")
     assert reqs[-1]["status"] == 200 and "duration_ms" in reqs[-1]
+
+
+def test_cert_show_and_renew_without_dropping_pooled_connections(pair: Pair) -> None:
+    admin = f"127.0.0.1:{pair.ports['web_admin']}"
+    proxy = f"http://127.0.0.1:{pair.ports['web_out']}"
+    assert curl("-x", proxy, "http://api/before").returncode == 0
+    shown = subprocess.run(meshcar_cmd("cert", "show", "--admin", admin), capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    before = json.loads(shown.stdout)
+    assert before["spiffe_id"] == sid("web") and before["next_renewal"]
+    renewed = subprocess.run(meshcar_cmd("cert", "renew", "--admin", admin), capture_output=True, text=True)
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    after = json.loads(renewed.stdout)
+    assert after["renewed"] and after["serial"] != before["serial"]
+    assert after["previous_serial"] == before["serial"]
+    # renewal was authenticated by the current certificate: the join token was single-use
+    r = curl("-x", proxy, "-w", "%{http_code}", "-o", "/dev/null", "http://api/after")
+    assert r.stdout == "200"
+    metrics = curl(f"http://{admin}/metrics").stdout
+    assert 'meshcar_certificate_renewals_total{result="success"}' in metrics
+
+
+def test_cert_cli_reports_unreachable_admin() -> None:
+    r = subprocess.run(meshcar_cmd("cert", "show", "--admin", "127.0.0.1:1"), capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot reach the admin API" in r.stderr

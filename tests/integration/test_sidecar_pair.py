@@ -108,3 +108,13 @@ async def test_head_204_304_and_close_delimited(mesh: Mesh) -> None:
         assert r.status_code == 200 and r.json()["target"] == "/close"
         r = await c.get("http://api/after")  # the pool recovered from the closed connection
         assert r.status_code == 200
+
+
+async def test_new_mesh_connections_resume_the_tls_session(mesh: Mesh) -> None:
+    mesh.client.outbound.pool.idle_timeout = 0  # every request dials anew
+    async with proxied(mesh) as c:
+        for _ in range(4):
+            assert (await c.get("http://api/x")).status_code == 200
+    hs = mesh.client.metrics.handshakes
+    assert hs.labels("outbound", "full")._value.get() == 1
+    assert hs.labels("outbound", "resumed")._value.get() == 3
