@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Issue 2 §6: app -> sidecar -> mTLS -> sidecar -> app, meshcar against nginx, in one run.
+
+    .venv/bin/python bench/run_mesh_bench.py [--duration 10] [--threads 2] [--connections 32]
+
+A script, not a test.  It installs nginx and wrk from Debian's packages if they are missing,
+then measures two sidecar pairs in front of the same upstream ("the app": an nginx worker
+answering a static 200, so that only the sidecars differ):
+
+- nginx: outbound nginx (plain HTTP in, `proxy_pass https://` with a client certificate,
+  `proxy_ssl_verify on`, TLS 1.3, keep-alive upstream pool, session reuse) -> inbound nginx
+  (`ssl_verify_client on`, caller authorized by certificate, XFCC set) -> app;
+- meshcar: `meshcar sidecar` a (outbound proxy, `Host: b`) -> `meshcar sidecar` b (mesh
+  listener, allow a) -> app; identities from a `meshcar ca serve` started for the run.
+
+One worker/process per sidecar.  Each pair is checked once with a real request (200 and the
+app's body) and warmed up (pools filled), then wrk runs with `--latency`.  Prints requests/s,
+p50 and p99 latency for both and the ratio meshcar/nginx.  Both pairs write one access-log
+line per request by default (meshcar always does at log level info); `--no-access-logs`
+turns logging off on both.  Exit status is non-zero if either half failed or saw errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from meshcar.demo.pki import make_ca, make_leaf, write_private  # noqa: E402
+from meshcar.demo.plan import Probe, ProcSpec, meshcar_argv  # noqa: E402
+from meshcar.demo.supervisor import DemoStartupError, Supervisor  # noqa: E402
+
+NGINX_DIR = REPO / "bench" / "nginx"
+TRUST_DOMAIN = "bench.meshcar.test"
+APP_BODY = b"hello from the app\n"
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: str  # "" when wrk reported no socket errors and no non-2xx/3xx answers
+    raw: str
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def ensure_tools() -> tuple[str, str]:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    wrk = shutil.which("wrk")
+    if nginx and wrk:
+        return nginx, wrk
+    if os.geteuid() != 0:
+        sys.exit("bench: nginx and wrk are needed: apt-get install -y nginx-light wrk (as root)")
+    say("installing nginx and wrk from Debian packages")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    pkgs = ["wrk"] + ([] if nginx else ["nginx-light"])
+    if subprocess.run(["apt-get", "install", "-y", *pkgs], env=env, check=False).returncode != 0:
+        subprocess.run(["apt-get", "install", "-y", "wrk", "nginx"], check=True, env=env)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    wrk = shutil.which("wrk")
+    if not (Path(nginx).exists() and wrk):
+        sys.exit("bench: nginx or wrk still missing after apt-get install")
+    return nginx, wrk
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --------------------------------------------------------------------------- nginx pair
+
+
+def nginx_pki(d: Path) -> None:
+    """Root -> a, b: ECDSA P-256 leaves with SPIFFE URI SANs (and DNS names nginx can check)."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root, root_key = make_ca("bench mesh root")
+    (d / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    for name in ("a", "b"):
+        cert, key = make_leaf(root, root_key, f"{name}.mesh", dns_names=(f"{name}.mesh",),
+                              uris=(f"spiffe://{TRUST_DOMAIN}/svc/{name}",),
+                              server=True, client=True, days=2)
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_private(d / f"{name}.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+
+
+def render_nginx(template: str, prefix: Path, values: dict[str, str]) -> Path:
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / "tmp").mkdir(exist_ok=True)
+    text = (NGINX_DIR / template).read_text()
+    for key, value in {**values, "PREFIX": str(prefix)}.items():
+        text = text.replace(f"@@{key}@@", value)
+    left = re.findall(r"@@[A-Z_]+@@", text)
+    if left:
+        raise SystemExit(f"bench: unfilled placeholders in {template}: {left}")
+    conf = prefix / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def nginx_spec(nginx: str, name: str, conf: Path, probe: Probe) -> ProcSpec:
+    return ProcSpec(name, (nginx, "-p", str(conf.parent), "-c", str(conf)), probe)
+
+
+# --------------------------------------------------------------------------- meshcar pair
+
+
+def run_meshcar_cmd(*args: str) -> str:
+    r = subprocess.run(meshcar_argv(*args), capture_output=True, text=True, check=False, timeout=60)
+    if r.returncode != 0:
+        raise DemoStartupError(f"meshcar {' '.join(args[:2])} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def meshcar_specs(work: Path, app_port: int, access_logs: bool
+                  ) -> tuple[ProcSpec, list[ProcSpec], int, int]:
+    ca_port, a_in, a_out, a_admin, b_in, b_admin = free_ports(6)
+    ca_dir = work / "ca"
+    run_meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
+    ca = ProcSpec("meshcar-ca", meshcar_argv("ca", "serve", "--dir", str(ca_dir),
+                                             "--listen", f"127.0.0.1:{ca_port}"),
+                  Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"))
+    ids = {n: f"spiffe://{TRUST_DOMAIN}/svc/{n}" for n in ("a", "b")}
+    sidecars = []
+    for name, inbound, admin, allow, upstreams, out in (
+        ("a", a_in, a_admin, [], {"b": {"endpoints": [f"127.0.0.1:{b_in}"], "spiffe_id": ids["b"]}},
+         a_out),
+        ("b", b_in, b_admin, [ids["a"]], {}, None),
+    ):
+        d = work / f"sidecar-{name}"
+        d.mkdir(mode=0o700)
+        token = run_meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", ids[name],
+                                "--ttl", "1h", "--uses", "1").strip()
+        write_private(d / "join.token", token.encode() + b"\n")
+        cfg: dict[str, object] = {
+            "identity": {"spiffe_id": ids[name], "ca_url": f"https://127.0.0.1:{ca_port}",
+                         "ca_bundle": str(ca_dir / "root.pem"),
+                         "token_file": str(d / "join.token"), "state_dir": str(d / "state")},
+            "app": {"host": "127.0.0.1", "port": app_port},
+            "inbound": {"listen": f"127.0.0.1:{inbound}", "allow": allow},
+            "admin": {"listen": f"127.0.0.1:{admin}"},
+            "log_level": "info" if access_logs else "warning",
+        }
+        if out is not None:
+            cfg["outbound"] = {"listen": f"127.0.0.1:{out}", "upstreams": upstreams}
+        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        sidecars.append(ProcSpec(f"meshcar-sidecar-{name}",
+                                 meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
+                                 Probe(f"http://127.0.0.1:{admin}/ready")))
+    return ca, sidecars, a_out, b_in
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def sanity(url: str, host: str | None) -> None:
+    headers = {"Host": host} if host else {}
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        r = c.get(url, headers=headers)
+    if r.status_code != 200 or r.content != APP_BODY:
+        raise DemoStartupError(f"GET {url}: {r.status_code} {r.content[:200]!r}, expected the app")
+
+
+def refuses_without_client_cert(port: int, cafile: Path) -> None:
+    """The inbound side must not serve a TLS client that presents no certificate."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.check_hostname = False  # SVIDs carry no DNS name; the chain is still verified
+    try:
+        with httpx.Client(verify=ctx, trust_env=False, timeout=10) as c:
+            status = c.get(f"https://127.0.0.1:{port}/").status_code
+    except httpx.HTTPError as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise DemoStartupError(f"inbound 127.0.0.1:{port}: its certificate does not verify "
+                                   f"against {cafile}: {exc}") from exc
+        return  # refused during or right after the handshake, as it should be
+    if status == 200:
+        raise DemoStartupError(f"inbound 127.0.0.1:{port} served a client without a certificate")
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(name: str, out: str) -> WrkResult:
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            raise ValueError(f"no {pct}% line in wrk output")
+        return float(m.group(1)) * _UNIT_MS[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if not (rps and total):
+        raise ValueError("wrk output without Requests/sec")
+    errors = []
+    if m := re.search(r"Socket errors:.*", out):
+        errors.append(m.group(0).strip())
+    if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
+        errors.append(f"{m.group(1)} non-2xx/3xx responses")
+    return WrkResult(name, float(rps.group(1)), latency("50"), latency("99"),
+                     int(total.group(1)), "; ".join(errors), out)
+
+
+def run_wrk(wrk: str, name: str, url: str, host: str | None, args: argparse.Namespace) -> WrkResult:
+    base = [wrk, f"-t{args.threads}", f"-c{args.connections}"]
+    hdr = ["-H", f"Host: {host}"] if host else []
+    subprocess.run(base + [f"-d{args.warmup}s", *hdr, url], capture_output=True, check=True)
+    say(f"{name}: wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency")
+    out = subprocess.run(base + [f"-d{args.duration}s", "--latency", *hdr, url],
+                         capture_output=True, text=True, check=True).stdout
+    return parse_wrk(name, out)
+
+
+def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: int,
+                  args: argparse.Namespace) -> WrkResult:
+    certs = work / "nginx-certs"
+    nginx_pki(certs)
+    out_port, in_port = free_ports(2)
+    log_line = "access_log @@PREFIX@@/access.log mesh;" if args.access_logs else "access_log off;"
+    values = {"APP_PORT": str(app_port), "IN_PORT": str(in_port), "OUT_PORT": str(out_port),
+              "CERTS": str(certs)}
+    specs = []
+    for role in ("inbound", "outbound"):
+        prefix = work / f"nginx-{role}"
+        text_values = {**values, "ACCESS_LOG": log_line.replace("@@PREFIX@@", str(prefix))}
+        conf = render_nginx(f"{role}.conf", prefix, text_values)
+        # The outbound probe goes through the inbound nginx to the app: it covers both.
+        probe_port = out_port if role == "outbound" else app_port
+        specs.append(nginx_spec(nginx, f"nginx-{role}", conf,
+                                Probe(f"http://127.0.0.1:{probe_port}/")))
+    children = [sup.start(s, work / "logs" / f"{s.name}.log") for s in specs]
+    sup.wait_ready(children, timeout=30)
+    url = f"http://127.0.0.1:{out_port}/"
+    sanity(url, None)
+    refuses_without_client_cert(in_port, certs / "root.pem")
+    return run_wrk(wrk, "nginx", url, None, args)
+
+
+def measure_meshcar(sup: Supervisor, wrk: str, work: Path, app_port: int,
+                    args: argparse.Namespace) -> WrkResult:
+    ca, sidecars, out_port, in_port = meshcar_specs(work / "meshcar", app_port, args.access_logs)
+    sup.wait_ready([sup.start(ca, work / "logs" / f"{ca.name}.log")], timeout=30)
+    children = [sup.start(s, work / "logs" / f"{s.name}.log") for s in sidecars]
+    sup.wait_ready(children, timeout=60)
+    url = f"http://127.0.0.1:{out_port}/"
+    sanity(url, "b")
+    refuses_without_client_cert(in_port, work / "meshcar" / "ca" / "root.pem")
+    return run_wrk(wrk, "meshcar", url, "b", args)
+
+
+def report(results: dict[str, WrkResult | str], args: argparse.Namespace) -> str:
+    lines = [
+        f"app -> sidecar -> mTLS (TLS 1.3) -> sidecar -> app; wrk -t{args.threads} "
+        f"-c{args.connections} -d{args.duration}s; one worker per sidecar; "
+        f"access logs {'on' if args.access_logs else 'off'}; {os.cpu_count()} CPUs",
+        "",
+        f"{'pair':<10}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}  errors",
+    ]
+    for name in ("meshcar", "nginx"):
+        r = results.get(name)
+        if r is None:
+            lines.append(f"{name:<10}{'not run':>12}  (--only {args.only})")
+        elif isinstance(r, WrkResult):
+            lines.append(f"{name:<10}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}  "
+                         f"{r.errors or 'none'}")
+        else:
+            lines.append(f"{name:<10}{'FAILED':>12}  {r}")
+    m, n = results.get("meshcar"), results.get("nginx")
+    if isinstance(m, WrkResult) and isinstance(n, WrkResult):
+        lines.append("")
+        lines.append(f"ratio meshcar/nginx: requests/s {m.rps / n.rps:.2f}x, "
+                     f"p50 latency {m.p50_ms / n.p50_ms:.2f}x, p99 latency {m.p99_ms / n.p99_ms:.2f}x")
+    else:
+        lines.append("")
+        lines.append("ratio meshcar/nginx: n/a (a half failed)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds of measurement per pair")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per pair")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--only", choices=("both", "nginx", "meshcar"), default="both")
+    p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    args = p.parse_args()
+
+    nginx, wrk = ensure_tools()
+    work = Path(tempfile.mkdtemp(prefix="meshcar-bench-"))
+    (work / "logs").mkdir()
+    results: dict[str, WrkResult | str] = {}
+    try:
+        with Supervisor() as sup:
+            (app_port,) = free_ports(1)
+            app_conf = render_nginx("app.conf", work / "nginx-app", {"APP_PORT": str(app_port)})
+            app = sup.start(nginx_spec(nginx, "app", app_conf, Probe(f"http://127.0.0.1:{app_port}/")),
+                            work / "logs" / "app.log")
+            sup.wait_ready([app], timeout=30)
+            for name in ("nginx", "meshcar"):
+                if args.only not in ("both", name):
+                    continue
+                started = len(sup.children)
+                try:
+                    if name == "nginx":
+                        results[name] = measure_nginx(sup, nginx, wrk, work, app_port, args)
+                    else:
+                        results[name] = measure_meshcar(sup, wrk, work, app_port, args)
+                except (DemoStartupError, subprocess.CalledProcessError, ValueError,
+                        httpx.HTTPError) as exc:
+                    results[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    print(f"bench: {name} failed:\n{exc}", file=sys.stderr)
+                # Stop this pair before measuring the next: they must not share the CPUs.
+                for child in sup.children[started:]:
+                    child.proc.terminate()
+                for child in sup.children[started:]:
+                    try:
+                        child.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        child.proc.kill()
+                        child.proc.wait()
+    finally:
+        wanted = ("nginx", "meshcar") if args.only == "both" else (args.only,)
+        ok = all(isinstance(r := results.get(n), WrkResult) and not r.errors for n in wanted)
+        if args.keep or not ok:
+            say(f"work directory kept (logs, configs): {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(report(results, args))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
