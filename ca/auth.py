@@ -5,7 +5,8 @@ Three credentials, checked in this order of precedence:
   consumes one use. Tokens are random (`secrets.token_urlsafe(32)`), so a plain sha256 is
   enough (no salt/stretching needed for 256-bit secrets).
 - `k8s_token`: a projected Kubernetes service-account token, checked by a pluggable
-  verifier `(token) -> spiffe_id` (see `load_k8s_verifier`); without one the CA answers
+  verifier `(token) -> spiffe_id` (`projected_token_verifier`, built on ca/k8s_token.py,
+  enabled by `meshcar ca serve --k8s-issuer ...`); without one the CA answers
   401 bad_k8s_token "not configured".
 - none in the body, but a client certificate on the TLS connection: renewal. The certificate
   must be an unexpired non-CA leaf signed directly by one of the issuer's current issuing
@@ -21,6 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -107,6 +109,27 @@ def check_renewal_certificate(
         return check_spiffe_id(uris[0], trust_domain)
     except InvalidSpiffeId as exc:
         raise _bad_cert(f"the client certificate's identity is not valid here: {exc}") from exc
+
+
+def projected_token_verifier(
+    jwks: dict[str, Any], issuer: str, audience: str, trust_domain: str
+) -> K8sVerifier:
+    """A K8sVerifier backed by ca/k8s_token.py: the JWT is checked against `jwks` (the
+    cluster's service-account issuer keys), `issuer` and `audience`; the result is
+    `spiffe://TD/ns/NS/sa/SA`. Its error reasons never contain the token."""
+    from .k8s_token import K8sTokenError, verify_projected_token
+
+    def verify(token: str) -> str:
+        try:
+            return verify_projected_token(
+                token, jwks=jwks, issuer=issuer, audience=audience, trust_domain=trust_domain
+            )
+        except K8sTokenError as exc:
+            raise Unauthenticated(
+                f"the Kubernetes token was rejected: {exc.reason}", code="bad_k8s_token"
+            ) from None
+
+    return verify
 
 
 @dataclass(frozen=True)

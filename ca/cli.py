@@ -19,7 +19,7 @@ import trio
 
 from . import files
 from .api import CAServer, json_log
-from .auth import Authenticator, K8sVerifier, mint_token
+from .auth import Authenticator, K8sVerifier, mint_token, projected_token_verifier
 from .duration import parse_duration
 from .errors import CAError, ConfigError
 from .issuer import BuiltinIssuer, utcnow
@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks a free port)")
     serve.add_argument("--san", action="append", default=[], metavar="NAME",
                        help="extra DNS name or IP for the API certificate (repeatable)")
+    k8s = serve.add_argument_group("Kubernetes projected service-account tokens (k8s_token)")
+    k8s.add_argument("--k8s-issuer", metavar="URL", help="the cluster's service-account issuer (enables k8s_token)")
+    k8s.add_argument("--k8s-audience", default="meshcar-ca", help="required audience (default meshcar-ca)")
+    k8s.add_argument("--k8s-jwks", type=Path, metavar="FILE", help="JWKS file (kubectl get --raw /openid/v1/jwks)")
+    k8s.add_argument("--k8s-discovery", metavar="URL", help="fetch the JWKS by OIDC discovery from URL at start")
+    k8s.add_argument("--k8s-discovery-ca", metavar="FILE", help="CA file for --k8s-discovery")
+    k8s.add_argument("--k8s-discovery-token-file", type=Path, metavar="FILE",
+                     help="bearer token file for --k8s-discovery (e.g. the pod's own token)")
 
     token = sub.add_parser("token", help="mint a join token bound to one SPIFFE ID")
     token.add_argument("--dir", required=True, type=Path)
@@ -96,18 +104,39 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load_k8s_verifier() -> K8sVerifier | None:
-    """The Kubernetes projected-token verifier, if this build has one (ca/k8s_token.py)."""
-    return None
+def load_k8s_verifier(args: argparse.Namespace, trust_domain: str) -> K8sVerifier | None:
+    """The k8s_token verifier configured by the --k8s-* flags, or None if not enabled."""
+    source = args.k8s_jwks or args.k8s_discovery
+    if not args.k8s_issuer:
+        if source:
+            raise ConfigError("--k8s-jwks/--k8s-discovery need --k8s-issuer")
+        return None
+    if bool(args.k8s_jwks) == bool(args.k8s_discovery):
+        raise ConfigError("--k8s-issuer needs exactly one of --k8s-jwks FILE or --k8s-discovery URL")
+    from .k8s_token import K8sTokenError, fetch_jwks, load_jwks_file
+
+    try:
+        if args.k8s_jwks:
+            jwks = load_jwks_file(str(args.k8s_jwks))
+        else:
+            bearer = args.k8s_discovery_token_file.read_text().strip() if args.k8s_discovery_token_file else None
+            jwks = fetch_jwks(
+                args.k8s_discovery, expected_issuer=args.k8s_issuer,
+                ca_file=args.k8s_discovery_ca, bearer_token=bearer,
+            )
+    except K8sTokenError as exc:
+        raise ConfigError(exc.reason) from None
+    return projected_token_verifier(jwks, args.k8s_issuer, args.k8s_audience, trust_domain)
 
 
 def _serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     issuer = BuiltinIssuer.load(args.dir)
     paths, _ = files.open_ca(args.dir)
+    k8s_verifier = load_k8s_verifier(args, issuer.trust_domain)
     files.write_server_cert(paths, issuer.intermediate, issuer.intermediate_key, args.san, utcnow())
     store = Store(paths.db)
-    service = SignService(issuer, Authenticator(store, issuer, load_k8s_verifier()), store)
+    service = SignService(issuer, Authenticator(store, issuer, k8s_verifier), store)
     server = CAServer(service, server_context(paths))
     trio.run(_run, server, host, port)
     return 0

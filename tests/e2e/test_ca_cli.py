@@ -232,3 +232,38 @@ def test_serve_sign_renew_with_curl_and_openssl(served: Served, ca_dir: Path, tm
     assert [r.get("auth") for r in requests if r["path"] == "/v1/sign"] == ["token", None, "renewal"]
     assert token not in json.dumps(records)
     assert os.path.exists(ca_dir / "ca.db")
+
+
+def test_serve_with_k8s_jwks(ca_dir: Path, tmp_path: Path) -> None:
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
+    issuer = "https://kubernetes.default.svc"
+
+    bad = ca("serve", "--dir", str(ca_dir), "--listen", "127.0.0.1:0", "--k8s-issuer", issuer, check=False)
+    assert bad.returncode == 1 and "--k8s-jwks" in bad.stderr and bad.stderr.count("\n") == 1
+
+    served = start_serve(ca_dir, "--k8s-issuer", issuer, "--k8s-jwks", str(jwks_file))
+    try:
+        now = int(time.time())
+        token = jwt.encode(
+            {"iss": issuer, "aud": ["meshcar-ca"], "exp": now + 600, "iat": now,
+             "sub": "system:serviceaccount:shop:api",
+             "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "api", "uid": "u"}}},
+            signing_key, algorithm="ES256", headers={"kid": "k1"},
+        )
+        key, csr = tmp_path / "w.key", tmp_path / "w.csr"
+        run("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        run("openssl", "req", "-new", "-key", str(key), "-subj", "/CN=x", "-out", str(csr))
+        body = tmp_path / "body.json"
+        body.write_text(json.dumps({"csr": csr.read_text(), "k8s_token": token}))
+        out = curl(served, ca_dir, "/v1/sign", "--fail-with-body", "--data-binary", f"@{body}")
+        assert json.loads(out.stdout)["spiffe_id"] == f"spiffe://{TD}/ns/shop/sa/api"
+    finally:
+        stop(served)

@@ -63,14 +63,13 @@ class RunningCA:
         return httpx.AsyncClient(base_url=self.url, verify=ctx or self.client_ctx(), timeout=10)
 
 
-@pytest.fixture
-async def ca(tmp_path: Path, nursery: trio.Nursery) -> RunningCA:
+async def start_ca(tmp_path: Path, nursery: trio.Nursery, k8s_verifier: Any = None) -> RunningCA:
     paths = create_ca(tmp_path / "ca", TD, 86400, datetime.now(UTC))
     issuer = BuiltinIssuer.load(paths.dir)
     store = Store(paths.db)
     logs: list[dict[str, Any]] = []
     server = CAServer(
-        SignService(issuer, Authenticator(store, issuer), store),
+        SignService(issuer, Authenticator(store, issuer, k8s_verifier), store),
         server_context(paths),
         Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=2.0),
         log=logs.append,
@@ -78,6 +77,11 @@ async def ca(tmp_path: Path, nursery: trio.Nursery) -> RunningCA:
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
     port = listeners[0].socket.getsockname()[1]
     return RunningCA(paths, issuer, store, port, logs, tmp_path)
+
+
+@pytest.fixture
+async def ca(tmp_path: Path, nursery: trio.Nursery) -> RunningCA:
+    return await start_ca(tmp_path, nursery)
 
 
 def make_csr(key: Any = None, cn: str = "x", san: str | None = None) -> tuple[Any, str]:
@@ -409,3 +413,44 @@ async def test_stalled_client_does_not_block_others_and_is_closed(ca: RunningCA)
     await trio.aclose_forcefully(half)
     assert any(r.get("error") == "handshake_timeout" for r in ca.logs)
     assert any(r.get("status") == 408 for r in ca.logs)
+
+
+# --- Kubernetes projected tokens (verifier from ca/k8s_token.py) -------------------------------
+
+
+async def test_k8s_token_issues_namespace_service_account_identity(tmp_path: Path, nursery: trio.Nursery) -> None:
+    import time
+
+    import jwt
+    from meshcar_ca.auth import projected_token_verifier
+
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
+    jwks = {"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "ES256"}]}
+    issuer = "https://kubernetes.default.svc"
+    ca = await start_ca(tmp_path, nursery, projected_token_verifier(jwks, issuer, "meshcar-ca", TD))
+
+    def k8s_jwt(aud: str = "meshcar-ca", ns: str = "shop", sa: str = "api") -> str:
+        now = int(time.time())
+        claims = {
+            "iss": issuer, "aud": [aud], "exp": now + 600, "iat": now, "nbf": now,
+            "sub": f"system:serviceaccount:{ns}:{sa}",
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
+        }
+        return jwt.encode(claims, signing_key, algorithm="ES256", headers={"kid": "k1"})
+
+    token = k8s_jwt()
+    resp = await sign(ca, {"csr": make_csr(san=ADMIN)[1], "k8s_token": token})
+    assert resp.status_code == 200, resp.text
+    leaf = verify_chain(ca, resp.json()["chain"])
+    assert pki.uri_sans(leaf) == [f"spiffe://{TD}/ns/shop/sa/api"]
+    assert ca.store.certificates()[0].auth == "k8s_token"
+
+    wrong_aud = await sign(ca, {"csr": make_csr()[1], "k8s_token": k8s_jwt(aud="kubernetes")})
+    assert_error(wrong_aud, 401, "bad_k8s_token")
+    assert "audience" in wrong_aud.json()["message"]
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    forged = jwt.encode(jwt.decode(token, options={"verify_signature": False}), other_key, algorithm="ES256", headers={"kid": "k1"})
+    assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": forged}), 401, "bad_k8s_token")
+    assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": "garbage"}), 401, "bad_k8s_token")
+    assert token not in json.dumps(ca.logs)
