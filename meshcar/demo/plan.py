@@ -198,3 +198,10 @@ def edge_processes(scenario: sc.Scenario, paths: DemoPaths) -> list[ProcSpec]:
 
 def all_ports(procs: list[ProcSpec]) -> list[tuple[int, str]]:
     return [p for spec in procs for p in spec.ports]
+
+
+def scenario_ports(scenario: sc.Scenario, paths: DemoPaths) -> list[tuple[int, str]]:
+    """Every port the demo will bind, known before any file exists (for a fast check)."""
+    placeholder = PublicCerts(*(paths.root / "-",) * 6)
+    return all_ports([ca_process(paths)] + mesh_processes(scenario, paths, placeholder)
+                     + edge_processes(scenario, paths))

@@ -31,12 +31,12 @@ from meshcar.demo.plan import (
     DemoPaths,
     ProcSpec,
     PublicCerts,
-    all_ports,
     ca_process,
     edge_processes,
     hostport,
     mesh_processes,
     meshcar_argv,
+    scenario_ports,
     sidecar_config,
 )
 from meshcar.demo.supervisor import DemoStartupError, Interrupted, Supervisor
@@ -180,13 +180,13 @@ def _run(args: argparse.Namespace, scenario: sc.Scenario, paths: DemoPaths,
          stop: threading.Event) -> int:
     with Supervisor(stop) as sup:
         try:
-            certs = prepare(paths, scenario)
-            procs = ([ca_process(paths)] + mesh_processes(scenario, paths, certs)
-                     + edge_processes(scenario, paths))
-            busy = ports_in_use(all_ports(procs))
+            busy = ports_in_use(scenario_ports(scenario, paths))
             if busy:
                 listed = ", ".join(f"{port} ({label})" for port, label in busy)
                 raise DemoStartupError(f"ports already in use: {listed} -- is a demo running?")
+            certs = prepare(paths, scenario)
+            procs = ([ca_process(paths)] + mesh_processes(scenario, paths, certs)
+                     + edge_processes(scenario, paths))
             _say(f"starting {len(procs)} processes (logs in {paths.logs_dir})")
             start_all(sup, paths, procs, args.timeout)
         except Interrupted:

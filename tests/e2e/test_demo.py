@@ -132,3 +132,16 @@ def test_sigterm_stops_every_child_and_frees_the_ports(tmp_path: Path) -> None:
     survivors = [pid for pid in children if alive(pid)]
     assert survivors == []
     assert busy_ports() == []
+
+
+def test_a_busy_port_is_named_and_nothing_is_left_running(tmp_path: Path) -> None:
+    assert busy_ports() == [], "scenario ports busy before the test"
+    api = sc.SCENARIO.service("api")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", api.inbound_port))
+        squatter.listen()
+        r = subprocess.run(demo_argv("--check", "--dir", str(tmp_path / "demo")),
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1
+    assert f"{api.inbound_port} (api sidecar inbound (mesh))" in r.stderr
+    assert busy_ports() == []

@@ -14,6 +14,7 @@ from meshcar.demo.plan import (
     all_ports,
     ca_process,
     mesh_processes,
+    scenario_ports,
     sidecar_config,
 )
 from meshcar.sidecar.config import parse_config
@@ -103,3 +104,8 @@ def test_payments_public_endpoint_requires_partner_certificates() -> None:
     assert "--proxy-protocol" in argv
     assert public.probe.client_cert == CERTS.partner_cert
     assert public.probe.server_hostname == sc.PAYMENTS_PUBLIC_HOST
+
+
+def test_ports_known_up_front_are_the_ports_of_the_plan() -> None:
+    planned = all_ports([ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS))
+    assert scenario_ports(sc.SCENARIO, PATHS) == planned
