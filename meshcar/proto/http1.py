@@ -177,11 +177,18 @@ class Http1Parser:
         cl_raw = get_header(headers, b"content-length")
         content_length = int(cl_raw) if cl_raw is not None else None
         if self._kind == "request":
+            version = p.get_http_version()
+            if te is not None and (version != "1.1" or te.strip().lower() != b"chunked"):
+                # RFC 9112 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing; and meshcar
+                # forwards only `chunked` alone (it does not track other codings).
+                raise ProtocolError("Transfer-Encoding must be exactly `chunked`, and only in a version 1.1 request", 400)
+            if version == "1.1" and get_header(headers, b"host") is None:
+                raise ProtocolError("HTTP/1.1 request without a Host header", 400)
             self._events.append(
                 RequestHead(
                     method=p.get_method(),
                     target=self._url,
-                    version=p.get_http_version(),
+                    version=version,
                     headers=headers,
                     keep_alive=p.should_keep_alive(),
                     chunked=chunked,

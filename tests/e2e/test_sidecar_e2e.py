@@ -138,9 +138,14 @@ def test_keys_are_private(pair: Pair) -> None:
 
 
 def test_access_log_is_json_lines(pair: Pair) -> None:
+    import time
+
     curl("-x", f"http://127.0.0.1:{pair.ports['web_out']}", "http://api/logged")
-    lines = [json.loads(line) for line in pair.procs.log("api-sidecar").splitlines() if line.startswith("{")]
-    reqs = [x for x in lines if x.get("type") == "request" and x.get("path") == "/logged"]
+    deadline = time.monotonic() + 5  # the line is written just after the response is sent
+    reqs: list[dict] = []
+    while not reqs and time.monotonic() < deadline:
+        lines = [json.loads(x) for x in pair.procs.log("api-sidecar").splitlines() if x.startswith("{")]
+        reqs = [x for x in lines if x.get("type") == "request" and x.get("path") == "/logged"]
     assert reqs and reqs[-1]["direction"] == "inbound" and reqs[-1]["peer"] == sid("web")
     assert reqs[-1]["status"] == 200 and "duration_ms" in reqs[-1]
 

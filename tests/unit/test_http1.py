@@ -49,6 +49,9 @@ SMUGGLING = [
     b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"GARBAGE\r\n\r\n",
+    b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
 ]
 
 
