@@ -96,7 +96,7 @@ class InjectError(MeshcarError):
 class InjectOptions:
     """Cluster-wide injection settings (CLI flags / webhook flags)."""
 
-    image: str = "ghcr.io/meshcar/meshcar:0.1.0"
+    image: str = "meshcar:0.1.0"
     ca_url: str = "https://meshcar-ca.meshcar-system.svc:8600"
     trust_domain: str = "meshcar.demo"
     sidecar_mode: str = "native"  # native | classic (default; the annotation overrides)
@@ -427,7 +427,8 @@ def inject_object(obj: Any, options: InjectOptions) -> Any:
     tmpl = _pod_template(obj, where)
     ann = _annotations(obj, tmpl)
     inject = ann.get(ANN_INJECT, "enabled").strip()
-    if inject == "disabled":
+    labels = (tmpl.get("metadata") or {}).get("labels") or {}
+    if inject == "disabled" or labels.get(ANN_INJECT) == "disabled":
         return obj
     if inject != "enabled":
         raise InjectError(f"{where}: annotation {ANN_INJECT}: {inject!r} is not enabled or disabled")

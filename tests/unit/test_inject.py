@@ -394,3 +394,35 @@ def test_cli_stdin_through_meshcar_command() -> None:
     assert proc.returncode == 0, proc.stderr
     docs = list(yaml.safe_load_all(proc.stdout))
     assert docs == [inject_document(d, OPTS) for d in yaml.safe_load_all(_multi_doc())]
+
+
+def test_label_opt_out() -> None:
+    obj = workload("Deployment")
+    pod_spec(obj)["metadata"]["labels"]["meshcar.io/inject"] = "disabled"
+    assert inject_object(obj, OPTS) is obj
+
+
+@pytest.mark.parametrize("bundle", [None, PEM])
+def test_rendered_config_is_accepted_by_the_sidecar_loader(bundle: str | None) -> None:
+    """Everything but the two Kubernetes-only identity keys (k8s_token_file, ca_bundle_pem,
+    which the sidecar does not read yet) passes the sidecar's own config validation once the
+    kubelet has expanded $(MESHCAR_POD_NAMESPACE) and $(MESHCAR_POD_SERVICE_ACCOUNT)."""
+    from meshcar.sidecar.config import parse_config
+
+    env = {e["name"]: e for e in sidecar_of(inject_object(workload("Deployment"),
+                                                          InjectOptions(ca_bundle_pem=bundle)))["env"]}
+    assert env["MESHCAR_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["MESHCAR_POD_SERVICE_ACCOUNT"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
+    text = (env[CONFIG_ENV]["value"].replace("$(MESHCAR_POD_NAMESPACE)", "default")
+            .replace("$(MESHCAR_POD_SERVICE_ACCOUNT)", "api"))
+    data = yaml.safe_load(text)
+    ident = data["identity"]
+    ident["token_file"] = ident.pop("k8s_token_file")
+    if "ca_bundle_pem" in ident:
+        del ident["ca_bundle_pem"]
+        ident["ca_bundle"] = "/var/run/meshcar/trust/ca-bundle.pem"
+    cfg = parse_config(data, "$MESHCAR_CONFIG")
+    assert cfg.identity.spiffe_id == "spiffe://meshcar.demo/ns/default/sa/api"
+    assert cfg.app.port == 9002
+    assert cfg.allow == ("spiffe://meshcar.demo/ns/default/sa/web", "spiffe://meshcar.demo/ns/edge/sa/edge")
+    assert [u.name for u in cfg.upstreams] == ["payments"]
