@@ -255,7 +255,7 @@ async def _next_event(stream: trio.SSLStream[trio.SocketStream], conn: h11.Conne
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(65536)
-        conn.receive_data(data)
+        conn.receive_data(bytes(data))
 
 
 def _peer(tcp: trio.SocketStream) -> str:

@@ -47,7 +47,10 @@ class Bundle:
 
 
 class Issuer(Protocol):
-    trust_domain: str
+    @property
+    def trust_domain(self) -> str:
+        """The SPIFFE trust domain this issuer signs for."""
+        ...
 
     def sign(
         self, csr: x509.CertificateSigningRequest, spiffe_id: str, ttl_seconds: int | None
