@@ -76,7 +76,8 @@ def parse_xfcc(value: str) -> list[dict[str, str]]:
     """
     elements: list[dict[str, str]] = []
     current: dict[str, str] = {}
-    key, buf, in_value, quoted, escaped = "", [], False, False, False
+    buf: list[str] = []
+    key, in_value, quoted, escaped = "", False, False, False
 
     def end_pair() -> None:
         nonlocal key, buf, in_value
@@ -181,11 +182,11 @@ class DemoServer(ThreadingHTTPServer):
                 return
             request.settimeout(IDLE_TIMEOUT_SECONDS)
             try:
-                self.RequestHandlerClass(request, client_address, self, proxy_header=header)
+                DemoHandler(request, client_address, self, proxy_header=header)
             finally:
                 request.close()  # the TLS socket owns the descriptor now
             return
-        self.RequestHandlerClass(request, client_address, self, proxy_header=header)
+        DemoHandler(request, client_address, self, proxy_header=header)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

@@ -90,7 +90,8 @@ def _load(cert_path: Path, key_path: Path) -> Issued | None:
         return None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         return None
     if cert.not_valid_after_utc - _now() < _MIN_REMAINING:
         return None

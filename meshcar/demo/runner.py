@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 import httpx
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from meshcar import scenario as sc
 from meshcar.demo import checks as chk
