@@ -71,7 +71,7 @@ async def start_ca(tmp_path: Path, nursery: trio.Nursery, k8s_verifier: Any = No
     server = CAServer(
         SignService(issuer, Authenticator(store, issuer, k8s_verifier), store),
         server_context(paths),
-        Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=2.0),
+        Limits(handshake_timeout=1.5, idle_timeout=2.0, request_timeout=3.0),
         log=logs.append,
     )
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
@@ -407,8 +407,8 @@ async def test_stalled_client_does_not_block_others_and_is_closed(ca: RunningCA)
     half = await _tls(ca)
     await half.send_all(b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # stalls mid-body
     await assert_still_serving(ca)
-    assert await _read_all(stalled) == b""  # closed by the handshake timeout (1 s here)
-    await _read_all(half)  # closed by the request timeout (2 s here)
+    assert await _read_all(stalled) == b""  # closed by the handshake timeout (1.5 s here)
+    await _read_all(half)  # closed by the request timeout (3 s here)
     await stalled.aclose()
     await trio.aclose_forcefully(half)
     assert any(r.get("error") == "handshake_timeout" for r in ca.logs)
