@@ -19,6 +19,14 @@ import pytest
 
 from meshcar import scenario as sc
 from meshcar.demo.checks import all_checks
+from meshcar.demo.plan import (
+    DemoPaths,
+    ProcSpec,
+    PublicCerts,
+    ca_process,
+    edge_processes,
+    mesh_processes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +74,13 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def planned_processes(d: Path) -> list[ProcSpec]:
+    paths = DemoPaths(d)
+    certs = PublicCerts(*(d / "-",) * 6)
+    return ([ca_process(paths)] + mesh_processes(sc.SCENARIO, paths, certs)
+            + edge_processes(sc.SCENARIO, paths))
 
 
 def demo_argv(*args: str) -> list[str]:
@@ -119,7 +134,8 @@ def test_sigterm_stops_every_child_and_frees_the_ports(tmp_path: Path) -> None:
         assert "meshcar demo: ready:" in out, (
             f"not ready: exit {proc.poll()}\n{out}\n{proc.stderr.read() if proc.poll() is not None else ''}")
         children = children_of(proc.pid)
-        assert len(children) == 8  # CA, 3 sidecars, 3 apps, payments' public endpoint
+        # CA, 3 sidecars, 3 apps, payments' public endpoint (+ the edge once it plugs in)
+        assert len(children) == len(planned_processes(tmp_path / "demo"))
         assert set(busy_ports()) == set(scenario_ports())
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
