@@ -43,6 +43,8 @@ MAX_BODY = 4 * 1024 * 1024  # Kubernetes objects are at most ~1.5 MiB
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
+LINGER_SECONDS = 2.0  # after refusing a body, read and drop what is in flight (no RST)
+LINGER_BYTES = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 INJECT_PATH = "/inject"
 
@@ -136,12 +138,29 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         conn.receive_data(data)  # b"" means EOF
 
 
+async def _refuse_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
+    """413, then a lingering close: drain what the client is still sending for a moment, so
+    that closing does not reset the connection before the client has read the answer."""
+    await _answer(stream, conn, Answer(413, {"error": "too_large", "message": f"body over {MAX_BODY} bytes"}))
+    drained = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        while drained < LINGER_BYTES:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            drained += len(data)
+
+
 async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
                           options: InjectOptions) -> bool:
     """Serve one request; returns False when the connection must close."""
     target = request.target.split(b"?", 1)[0]
     body = bytearray()
-    too_large = False
+    declared = dict(request.headers).get(b"content-length", b"0")
+    too_large = declared.isdigit() and int(declared) > MAX_BODY
+    if too_large:  # answer before reading a body we will not accept
+        await _refuse_body(stream, conn)
+        return False
     with trio.fail_after(BODY_TIMEOUT):
         while True:
             event = await _next_event(stream, conn)
@@ -155,7 +174,7 @@ async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request
             else:
                 return False
     if too_large:
-        await _answer(stream, conn, Answer(413, {"error": "too_large", "message": f"body over {MAX_BODY} bytes"}))
+        await _refuse_body(stream, conn)
         return False
     if request.method == b"GET" and target == b"/healthz":
         answer = Answer(200, {"status": "ok"})

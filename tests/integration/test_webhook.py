@@ -192,7 +192,45 @@ async def test_http_errors(webhook: tuple[str, trustme.CA]) -> None:
         assert (await c.get(url + "/inject")).status_code == 405
         assert (await c.post(url + "/mutate", json={})).status_code == 404
         big = await c.post(url + "/inject", content=b"x" * (5 * 1024 * 1024))
-        assert big.status_code == 413
+        assert big.status_code == 413 and big.json()["error"] == "too_large"
+    async with client(ca) as c:
+        assert (await c.post(url + "/inject", json=review(pod()))).status_code == 200
+
+
+async def _raw(url: str, ca: trustme.CA, data: bytes) -> bytes:
+    """Send raw bytes over TLS; return one whole HTTP response (head + Content-Length body)."""
+    port = int(url.rsplit(":", 1)[1])
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1")
+    await stream.send_all(data)
+    reply = b""
+    with trio.fail_after(5):
+        while True:
+            head, sep, body = reply.partition(b"\r\n\r\n")
+            if sep:
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                if len(body) >= length:
+                    break
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"connection closed before a whole response: {reply!r}"
+            reply += chunk
+    await stream.aclose()
+    return reply
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_oversized_body_gets_413(webhook: tuple[str, trustme.CA], chunked: bool) -> None:
+    url, ca = webhook
+    if chunked:
+        chunk = b"x" * 65536
+        piece = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        data = b"POST /inject HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + piece * 70
+    else:
+        data = b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: 5242880\r\n\r\n"
+    reply = await _raw(url, ca, data)
+    assert reply.startswith(b"HTTP/1.1 413") and b"too_large" in reply
     async with client(ca) as c:
         assert (await c.post(url + "/inject", json=review(pod()))).status_code == 200
 
