@@ -163,6 +163,12 @@ class CAServer:
                     response = _error_response(exc)
                     if isinstance(exc, TooLarge):
                         keep = False
+                except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    raise
+                except Exception as exc:  # a bug: answer 500 to this request, keep serving others
+                    self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__})
+                    response = _json_response(500, {"error": "internal", "message": "internal error"}, error="internal")
+                    keep = False
                 await self._send(stream, conn, response, close=not keep, head=method == "HEAD")
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint

@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Unauthenticated
+from .errors import Unauthenticated, Unavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -81,14 +81,17 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, closing(sqlite3.connect(self.path, timeout=10, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        try:
+            with self._lock, closing(sqlite3.connect(self.path, timeout=10, isolation_level=None)) as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, unreadable
+            raise Unavailable(f"the CA database is unavailable ({exc})") from exc
 
     def add_token(self, token_sha256: str, spiffe_id: str, created_at: int, expires_at: int, uses: int) -> None:
         with self._transaction() as db:

@@ -454,3 +454,35 @@ async def test_k8s_token_issues_namespace_service_account_identity(tmp_path: Pat
     assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": forged}), 401, "bad_k8s_token")
     assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": "garbage"}), 401, "bad_k8s_token")
     assert token not in json.dumps(ca.logs)
+
+
+async def test_a_failing_backend_costs_one_request_only(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """An unexpected error in the issuer answers 500 to that request and the server keeps serving."""
+    ca = await start_ca(tmp_path, nursery)
+    real = ca.issuer
+    calls: list[str] = []
+
+    class FlakyIssuer:
+        trust_domain = TD
+
+        def sign(self, csr: Any, spiffe_id: str, ttl: int | None) -> Any:
+            calls.append(spiffe_id)
+            if len(calls) == 1:
+                raise RuntimeError("backend exploded")
+            return real.sign(csr, spiffe_id, ttl)
+
+        def bundle(self) -> Any:
+            return real.bundle()
+
+        def issuing_certificates(self) -> Any:
+            return real.issuing_certificates()
+
+    flaky = FlakyIssuer()
+    server = CAServer(
+        SignService(flaky, Authenticator(ca.store, flaky), ca.store), server_context(ca.paths), log=ca.logs.append
+    )
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    ca.port = listeners[0].socket.getsockname()[1]
+    assert_error(await sign(ca, {"csr": make_csr()[1], "token": ca.token()}), 500, "internal")
+    assert "exploded" not in json.dumps(ca.logs)
+    await assert_still_serving(ca)
