@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from meshcar.errors import ProtocolError
+from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.httpconn import HttpConn
 from meshcar.proto.headers import simple_response
@@ -38,7 +39,7 @@ async def send_error(conn: HttpConn, status: int, message: str, close: bool = Tr
 
 
 async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 60.0,
-                     head_timeout: float = 30.0) -> None:
+                     head_timeout: float = 30.0, drain: Drain | None = None) -> None:
     first = True
     try:
         while True:
@@ -61,7 +62,12 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
             if not isinstance(event, RequestHead):  # cannot happen with a request parser
                 await send_error(conn, 400, "unexpected data")
                 return
-            keep = await handler(event, conn)
+            if drain is None:
+                keep = await handler(event, conn)
+            else:
+                with drain.track():
+                    keep = await handler(event, conn)
+                keep = keep and not drain.draining
             if not keep or not event.keep_alive:
                 return
     except CONNECTION_ERRORS:

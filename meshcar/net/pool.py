@@ -40,6 +40,7 @@ class Pool:
         self._stacks: dict[str, _Stack] = {}
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.retired = False  # once set, connections are closed after use, never kept
 
     async def acquire(self, key: str) -> tuple[Pooled, bool]:
         stack = self._stacks.setdefault(key, _Stack())
@@ -53,12 +54,18 @@ class Pool:
 
     async def release(self, p: Pooled, reusable: bool) -> None:
         stack = self._stacks.setdefault(p.key, _Stack())
-        if reusable and len(stack.idle) < self.max_idle and not p.conn.has_buffered_events():
+        if (reusable and not self.retired and len(stack.idle) < self.max_idle
+                and not p.conn.has_buffered_events()):
             p.idle_since = time.monotonic()
             p.requests += 1
             stack.idle.append(p)
         else:
             await p.conn.aclose()
+
+    async def retire(self) -> None:
+        """Close idle connections now and every busy one when its request is done."""
+        self.retired = True
+        await self.close_all()
 
     async def close_all(self) -> None:
         for stack in self._stacks.values():

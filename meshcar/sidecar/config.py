@@ -56,6 +56,7 @@ class SidecarConfig:
     upstreams: tuple[Upstream, ...]
     admin_listen: HostPort
     log_level: str = "info"
+    drain_seconds: float = 10.0
 
     @property
     def trust_domain(self) -> str:
@@ -153,7 +154,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     c = _Checker(source, base_dir or Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level"})
+    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
+                         "drain_seconds"})
 
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
@@ -235,6 +237,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     c.unknown(admin, "admin.", {"listen"})
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
 
+    drain = data.get("drain_seconds", 10)
+    if isinstance(drain, bool) or not isinstance(drain, int | float) or not (0 <= drain <= 3600):
+        c.bad("drain_seconds", "must be a number of seconds between 0 and 3600")
+        drain = 10
     level = data.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):
         c.bad("log_level", "must be one of debug, info, warning, error")
@@ -252,6 +258,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         upstreams=tuple(upstreams),
         admin_listen=admin_listen,
         log_level=level,
+        drain_seconds=float(drain),
     )
 
 

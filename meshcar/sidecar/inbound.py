@@ -17,6 +17,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.errors import IdentityError, UpstreamError
+from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
 from meshcar.net.httpconn import HttpConn
@@ -50,6 +51,7 @@ class Inbound:
         self.store = store
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
+        self.drain: Drain | None = None  # set by the process that owns the listeners
         self.pool = Pool(AppDialer(cfg.app).dial)
         self.handshake_timeout = 10.0
 
@@ -76,7 +78,8 @@ class Inbound:
         except IdentityError as exc:
             peer, problem = None, str(exc)
         conn = HttpConn(ssl_stream, "request")
-        await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem))
+        await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem),
+                         drain=self.drain)
 
     async def handle_request(self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None,
                              problem: str) -> bool:

@@ -25,6 +25,7 @@ from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.rotate import Rotator
+from meshcar.net.drain import Drain
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort, SidecarConfig, load_config, load_config_text
 from meshcar.sidecar.inbound import Inbound
@@ -53,6 +54,9 @@ class Sidecar:
         self.outbound = Outbound(cfg, self.store, self.metrics)
         self.listening = False
         self._cancel: trio.CancelScope | None = None
+        self._services: trio.Nursery | None = None
+        self._listen_scope: trio.CancelScope | None = None
+        self._drain = Drain()
 
     # -- admin hooks -----------------------------------------------------------------------
 
@@ -63,6 +67,8 @@ class Sidecar:
             return False, "certificate expired and not yet renewed"
         if not self.listening:
             return False, "listeners not started"
+        if self._drain.draining:
+            return False, "draining"
         return True, "ok"
 
     def certs(self) -> dict:
@@ -89,55 +95,81 @@ class Sidecar:
         return {"renewed": True, "previous_serial": before, **self.certs()}
 
     def shutdown(self) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
+        if self._services is not None:
+            self._services.start_soon(self.drain, self.cfg.drain_seconds)
 
     # -- run ---------------------------------------------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *,
+                  handle_signals: bool = True) -> None:
+        """Serve until cancelled, a signal (if `handle_signals`) or POST /shutdown drains us."""
         with trio.CancelScope() as scope:
             self._cancel = scope
             try:
-                await self._serve(scope, task_status)
+                async with trio.open_nursery() as conns:  # connection handlers
+                    async with trio.open_nursery() as services:
+                        self._services = services
+                        await self._start(services, conns)
+                        task_status.started()
+                        if handle_signals:
+                            services.start_soon(self._drain_on_signals)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.inbound.aclose()
                     await self.outbound.aclose()
 
-    async def _serve(self, scope: trio.CancelScope, task_status: trio.TaskStatus[None]) -> None:
+    async def _start(self, services: trio.Nursery, conns: trio.Nursery) -> None:
         cfg = self.cfg
-        async with trio.open_nursery() as nursery:
-            admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew,
-                                                         self.shutdown))
-            await _listen(nursery, admin.handle_connection, cfg.admin_listen)
-            _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
-            await nursery.start(self.rotator.run)
-            nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
-            await _listen(nursery, self.inbound.handle_connection, cfg.inbound_listen)
-            if cfg.outbound_listen is not None:
-                await _listen(nursery, self.outbound.handle_connection, cfg.outbound_listen)
-            for up in cfg.upstreams:
-                if up.local_port is not None:
-                    await _listen(nursery, partial(self.outbound.handle_connection, fixed=up.name),
-                                  HostPort("127.0.0.1", up.local_port))
-            self.listening = True
-            _event("sidecar.ready", spiffe_id=cfg.identity.spiffe_id,
-                   inbound=str(cfg.inbound_listen),
-                   outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None)
-            task_status.started()
-            nursery.start_soon(_stop_on_signals, scope)
+        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown))
+        await _listen(services, admin.handle_connection, cfg.admin_listen, conns)
+        _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
+        await services.start(self.rotator.run)  # returns once a certificate is installed
+        services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
+        await services.start(self._serve_mesh, conns)
+        self.listening = True
+        _event("sidecar.ready", spiffe_id=cfg.identity.spiffe_id, inbound=str(cfg.inbound_listen),
+               outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None)
 
+    async def _serve_mesh(self, conns: trio.Nursery,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The traffic listeners, in their own cancel scope so draining can stop them alone."""
+        cfg = self.cfg
+        self.inbound.drain = self.outbound.drain = self._drain
+        with trio.CancelScope() as self._listen_scope:
+            async with trio.open_nursery() as ln:
+                await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns)
+                if cfg.outbound_listen is not None:
+                    await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns)
+                for up in cfg.upstreams:
+                    if up.local_port is not None:
+                        await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),
+                                      HostPort("127.0.0.1", up.local_port), conns)
+                task_status.started()
 
-async def _listen(nursery: trio.Nursery, handler, where: HostPort) -> None:
-    await nursery.start(partial(trio.serve_tcp, handler, where.port, host=where.host))
-
-
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for sig in signals:
-            _event("sidecar.stopping", signal=signal.Signals(sig).name)
-            scope.cancel()
+    async def drain(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish (up to `grace` s), then stop."""
+        if self._drain.draining:
             return
+        self._drain.draining = True
+        _event("sidecar.draining", in_flight=self._drain.in_flight, grace_seconds=grace)
+        if self._listen_scope is not None:
+            self._listen_scope.cancel()
+        with trio.move_on_after(grace):
+            await self._drain.wait_idle()
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _drain_on_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                _event("sidecar.stopping", signal=signal.Signals(sig).name)
+                await self.drain(self.cfg.drain_seconds)
+                return
+
+
+async def _listen(nursery: trio.Nursery, handler, where: HostPort, conns: trio.Nursery) -> None:
+    listeners = await trio.open_tcp_listeners(where.port, host=where.host)
+    await nursery.start(partial(trio.serve_listeners, handler, listeners, handler_nursery=conns))
 
 
 def first_leaf(exc: BaseException) -> BaseException:

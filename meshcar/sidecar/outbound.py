@@ -19,6 +19,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.errors import UpstreamError
+from meshcar.net.drain import Drain
 from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
@@ -64,6 +65,7 @@ class Outbound:
         self.metrics = metrics
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
+        self.drain: Drain | None = None  # set by the process that owns the listeners
         self.pool = Pool(self.dialer.dial)
 
     async def aclose(self) -> None:
@@ -71,7 +73,7 @@ class Outbound:
 
     async def handle_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
         conn = HttpConn(stream, "request")
-        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed))
+        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain)
 
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()
