@@ -27,6 +27,9 @@ from .sign import SignService
 from .store import Store
 from .tls import server_context
 
+IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshcar ca", description="meshcar's certificate authority")
@@ -47,10 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     k8s.add_argument("--k8s-issuer", metavar="URL", help="the cluster's service-account issuer (enables k8s_token)")
     k8s.add_argument("--k8s-audience", default="meshcar-ca", help="required audience (default meshcar-ca)")
     k8s.add_argument("--k8s-jwks", type=Path, metavar="FILE", help="JWKS file (kubectl get --raw /openid/v1/jwks)")
-    k8s.add_argument("--k8s-discovery", metavar="URL", help="fetch the JWKS by OIDC discovery from URL at start")
-    k8s.add_argument("--k8s-discovery-ca", metavar="FILE", help="CA file for --k8s-discovery")
+    k8s.add_argument("--k8s-discovery-url", "--k8s-discovery", dest="k8s_discovery", metavar="URL",
+                     help="fetch the JWKS at start by OIDC discovery from URL (https://kubernetes.default.svc)")
+    k8s.add_argument("--k8s-discovery-ca", metavar="FILE",
+                     help=f"CA file for discovery (default: {IN_CLUSTER_CA} if it exists)")
     k8s.add_argument("--k8s-discovery-token-file", type=Path, metavar="FILE",
-                     help="bearer token file for --k8s-discovery (e.g. the pod's own token)")
+                     help=f"bearer token file for discovery (default: {IN_CLUSTER_TOKEN} if it exists)")
 
     token = sub.add_parser("token", help="mint a join token bound to one SPIFFE ID")
     token.add_argument("--dir", required=True, type=Path)
@@ -109,20 +114,23 @@ def load_k8s_verifier(args: argparse.Namespace, trust_domain: str) -> K8sVerifie
     source = args.k8s_jwks or args.k8s_discovery
     if not args.k8s_issuer:
         if source:
-            raise ConfigError("--k8s-jwks/--k8s-discovery need --k8s-issuer")
+            raise ConfigError("--k8s-jwks/--k8s-discovery-url need --k8s-issuer")
         return None
     if bool(args.k8s_jwks) == bool(args.k8s_discovery):
-        raise ConfigError("--k8s-issuer needs exactly one of --k8s-jwks FILE or --k8s-discovery URL")
+        raise ConfigError("--k8s-issuer needs exactly one of --k8s-jwks FILE or --k8s-discovery-url URL")
     from .k8s_token import K8sTokenError, fetch_jwks, load_jwks_file
 
     try:
         if args.k8s_jwks:
             jwks = load_jwks_file(str(args.k8s_jwks))
         else:
-            bearer = args.k8s_discovery_token_file.read_text().strip() if args.k8s_discovery_token_file else None
+            ca_file = args.k8s_discovery_ca or (IN_CLUSTER_CA if Path(IN_CLUSTER_CA).is_file() else None)
+            token_file = args.k8s_discovery_token_file or (
+                Path(IN_CLUSTER_TOKEN) if Path(IN_CLUSTER_TOKEN).is_file() else None
+            )
+            bearer = token_file.read_text().strip() if token_file else None
             jwks = fetch_jwks(
-                args.k8s_discovery, expected_issuer=args.k8s_issuer,
-                ca_file=args.k8s_discovery_ca, bearer_token=bearer,
+                args.k8s_discovery, expected_issuer=args.k8s_issuer, ca_file=ca_file, bearer_token=bearer,
             )
     except K8sTokenError as exc:
         raise ConfigError(exc.reason) from None
