@@ -50,8 +50,12 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> InjectOptions:
     bundle = None
     if args.ca_bundle:
-        with open(args.ca_bundle, encoding="ascii") as fh:
-            bundle = fh.read()
+        try:
+            with open(args.ca_bundle, encoding="ascii") as fh:
+                bundle = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+            raise InjectError(f"--ca-bundle {args.ca_bundle}: cannot read: {reason}") from None
         if "-----BEGIN CERTIFICATE-----" not in bundle:
             raise InjectError(f"{args.ca_bundle}: not a PEM certificate")
     return InjectOptions(

@@ -19,7 +19,8 @@ the way `linkerd inject` does it:
 - `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and `NO_PROXY`/`no_proxy`
   (localhost) on every app container.
 
-Nothing else is touched. Objects of other kinds come back unchanged; objects already
+Nothing else is touched. Objects of other kinds come back unchanged; so do workloads that
+opted out (annotation or label `meshcar.io/inject: disabled`); objects already
 injected (a container named `meshcar-proxy` exists) come back unchanged, so injecting twice
 equals injecting once. What cannot be injected raises `InjectError` naming the object.
 The annotation syntax is documented in docs/DEPLOY.md.
@@ -401,9 +402,6 @@ def _check_pod_spec(spec: dict[str, Any], settings: PodSettings, where: str) -> 
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
         raise InjectError(f"{where}: the pod has no containers")
-    names = set()
-    for c in _all_containers(spec):
-        names.add(c.get("name"))
     taken = {settings.inbound_port, settings.admin_port, settings.outbound_port}
     for c in _all_containers(spec):
         for p in c.get("ports") or []:

@@ -261,16 +261,23 @@ def main(argv: list[str] | None = None) -> int:
                         format='{"level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
     try:
         options = options_from_args(args)
-        ctx = server_ssl_context(args.tls_cert, args.tls_key)
-    except (InjectError, OSError, ssl.SSLError) as exc:
+    except (InjectError, OSError) as exc:
         print(f"meshcar webhook: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ctx = server_ssl_context(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"meshcar webhook: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {reason}",
+              file=sys.stderr)
         return 2
     host, port = args.listen
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_webhook, options, ctx, host, port)
-            log.info("webhook listening on %s:%d", host, port)
+            listeners = await nursery.start(serve_webhook, options, ctx, host, port)
+            bound = listeners[0].socket.getsockname()
+            log.info("webhook listening on %s:%d", bound[0], bound[1])
 
     try:
         trio.run(run)

@@ -255,3 +255,38 @@ async def test_broken_clients_do_not_stop_others(webhook: tuple[str, trustme.CA]
             assert r.status_code == 200 and "patch" in r.json()["response"]
     for s in (silent, plain, garbage):
         await s.aclose()
+
+
+async def test_meshcar_webhook_command(tmp_path: Any) -> None:
+    """`meshcar webhook` as a real process: refuses unreadable TLS files clearly, else serves."""
+    import subprocess
+    import sys
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    bad = await trio.run_process(
+        [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", "127.0.0.1:0",
+         "--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(key_file)],
+        capture_stdout=True, capture_stderr=True, check=False)
+    assert bad.returncode == 2 and b"missing.crt" in bad.stderr
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
+            [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", "127.0.0.1:0",
+             "--tls-cert", str(cert_file), "--tls-key", str(key_file)],
+            stderr=subprocess.PIPE, check=False, task_status=task_status))
+        try:
+            buf = b""
+            with trio.fail_after(20):
+                while b"webhook listening on" not in buf:
+                    chunk = await proc.stderr.receive_some(4096)
+                    assert chunk, buf
+                    buf += chunk
+            port = int(buf.split(b"webhook listening on 127.0.0.1:")[1].split(b'"')[0])
+            async with client(ca) as c:
+                r = await c.post(f"https://127.0.0.1:{port}/inject", json=review(pod()))
+            assert r.status_code == 200 and "patch" in r.json()["response"]
+        finally:
+            proc.terminate()

@@ -386,6 +386,18 @@ def test_cli_bad_input(tmp_path: Any, capsys: pytest.CaptureFixture[str], text: 
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "needle"), [(None, "cannot read"), ("hello", "not a PEM certificate")])
+def test_cli_bad_ca_bundle(tmp_path: Any, capsys: pytest.CaptureFixture[str], content: str | None, needle: str) -> None:
+    src = tmp_path / "in.yaml"
+    src.write_text(yaml.safe_dump(workload("Pod")))
+    bundle = tmp_path / "root.pem"
+    if content is not None:
+        bundle.write_text(content)
+    assert cli.main(["-f", str(src), "--ca-bundle", str(bundle)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and str(bundle) in err and needle in err
+
+
 def test_cli_stdin_through_meshcar_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "meshcar.cli", "inject", "-f", "-"],
