@@ -57,8 +57,10 @@ class MeshDialer:
         return Pooled(HttpConn(stream, "response"), name, ep, peer)
 
     def remember_session(self, p: Pooled) -> None:
+        """Keep the TLS session of a new connection for the next dial (once per connection:
+        TLS 1.3 tickets arrive with the first response, and reading `.session` is costly)."""
         stream = p.conn.stream
-        if isinstance(stream, TLSStream):
+        if p.requests == 0 and isinstance(stream, TLSStream):
             sess = stream.session
             if sess is not None:
                 self._sessions[p.endpoint] = sess

@@ -26,6 +26,7 @@ from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.rotate import Rotator
 from meshcar.net.drain import Drain
+from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort, SidecarConfig, load_config, load_config_text
 from meshcar.sidecar.inbound import Inbound
@@ -123,6 +124,7 @@ class Sidecar:
         admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown))
         await _listen(services, admin.handle_connection, cfg.admin_listen, conns)
         _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
+        services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
         services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         await services.start(self._serve_mesh, conns)
