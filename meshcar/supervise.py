@@ -85,6 +85,6 @@ def main(argv: list[str]) -> int:
     except (OSError, BaseExceptionGroup) as exc:
         err = first_leaf(exc)
         if isinstance(err, OSError):
-            print(f"meshcar run: cannot listen: {err}", file=sys.stderr)
+            print(f"meshcar run: {err}", file=sys.stderr)
             return 1
         raise

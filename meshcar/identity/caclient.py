@@ -6,7 +6,7 @@ Only the CSR goes to the CA; the private key stays in this process and its state
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -27,17 +27,26 @@ class CAError(MeshcarError):
 @dataclass(frozen=True)
 class CAClient:
     url: str
-    ca_bundle: Path  # root(s) the CA's HTTPS certificate chains to
+    ca_bundle: Path | None  # root(s) the CA's HTTPS certificate chains to (a file) ...
     timeout: float = 10.0
+    ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or inline PEM
 
     def _ssl(self, chain_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
+        try:
+            if self.ca_bundle_pem is not None:
+                ctx = ssl.create_default_context(cadata=self.ca_bundle_pem)
+            else:
+                ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise CAError(f"cannot load the CA bundle {self.ca_bundle or '(inline)'}: {exc}",
+                          retryable=True) from None
         if chain_file is not None and key_file is not None:
             ctx.load_cert_chain(str(chain_file), str(key_file))
         return ctx
 
     async def sign(
-        self, spiffe_id: str, *, token: str | None = None, chain_file: Path | None = None,
+        self, spiffe_id: str, *, token: str | None = None, k8s_token: str | None = None,
+        chain_file: Path | None = None,
         key_file: Path | None = None, ttl_seconds: int | None = None, bundle_version: int = 0,
     ) -> Credential:
         """Get a new SVID: with a join token (bootstrap) or our current cert (renewal)."""
@@ -45,6 +54,8 @@ class CAClient:
         body: dict[str, object] = {"csr": csr_pem(key, spiffe_id), "bundle_version": bundle_version}
         if token is not None:
             body["token"] = token
+        if k8s_token is not None:
+            body["k8s_token"] = k8s_token
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         data = await self._request("POST", "/v1/sign", json=body, chain_file=chain_file, key_file=key_file)

@@ -69,7 +69,9 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
 class Rotator:
     def __init__(self, store: CredentialStore, client: CAClient, spiffe_id: str, *,
                  token_file: Path | None, metrics: Metrics, ttl_seconds: int | None = None,
-                 fraction: float = 2 / 3, jitter: float = 0.1) -> None:
+                 fraction: float = 2 / 3, jitter: float = 0.1,
+                 k8s_token_file: Path | None = None) -> None:
+        self.k8s_token_file = k8s_token_file
         self.store = store
         self.client = client
         self.spiffe_id = spiffe_id
@@ -103,8 +105,12 @@ class Rotator:
         attempt = 0
         while True:
             try:
-                token = self._read_token()
-                cred = await self.client.sign(self.spiffe_id, token=token, ttl_seconds=self.ttl_seconds)
+                if self.k8s_token_file is not None:
+                    cred = await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
+                        self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds)
+                else:
+                    cred = await self.client.sign(self.spiffe_id, token=self._read_token(
+                        self.token_file, "token_file"), ttl_seconds=self.ttl_seconds)
             except CAError as exc:
                 self.metrics.renewals.labels("failure").inc()
                 _event("identity.bootstrap_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
@@ -115,15 +121,17 @@ class Rotator:
             self._install(cred, "bootstrap with join token")
             return
 
-    def _read_token(self) -> str:
-        if self.token_file is None:
+    @staticmethod
+    def _read_token(path: Path | None, key: str) -> str:
+        """Read a credential file afresh each time (a projected token is rotated by the kubelet)."""
+        if path is None:
             raise CAError("no valid certificate in the state dir and no token_file configured", False)
         try:
-            token = self.token_file.read_text().strip()
+            token = path.read_text().strip()
         except OSError as exc:
-            raise CAError(f"cannot read token_file {self.token_file}: {exc.strerror}", False) from None
+            raise CAError(f"cannot read {key} {path}: {exc.strerror}", False) from None
         if not token:
-            raise CAError(f"token_file {self.token_file} is empty", False)
+            raise CAError(f"{key} {path} is empty", False)
         return token
 
     async def renew_once(self) -> None:

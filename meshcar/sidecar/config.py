@@ -7,7 +7,7 @@ The format is documented in docs/CONFIG.md. Validation collects all problems, ea
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,14 @@ class Upstream:
 class IdentityConfig:
     spiffe_id: str
     ca_url: str
-    ca_bundle: Path
+    ca_bundle: Path | None  # file with the root(s) of the CA API's certificate ...
     token_file: Path | None
     state_dir: Path
     ttl_seconds: int | None = None
     renew_fraction: float = 2 / 3
     bundle_refresh_seconds: float = 300.0
+    ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or the PEM inline
+    k8s_token_file: Path | None = None  # projected service-account token (Kubernetes)
 
 
 @dataclass(frozen=True)
@@ -159,13 +161,24 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
 
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
-                                   "ttl_seconds", "renew_fraction", "bundle_refresh_seconds"})
+                                   "ttl_seconds", "renew_fraction", "bundle_refresh_seconds",
+                                   "ca_bundle_pem", "k8s_token_file"})
     sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
     ca_url = c.string(ident, "ca_url", "identity.ca_url") if "identity" in data else None
     if ca_url and not ca_url.startswith("https://"):
         c.bad("identity.ca_url", "must be an https:// URL")
-    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle") if "identity" in data else None
+    has_pem = ident.get("ca_bundle_pem") is not None
+    ca_bundle = (c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem)
+                 if "identity" in data else None)
+    ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
+    if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
+        c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
+    if ca_bundle is not None and ca_bundle_pem is not None:
+        c.bad("identity.ca_bundle", "give either ca_bundle or ca_bundle_pem, not both")
     token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
+    k8s_token_file = c.path(ident, "k8s_token_file", "identity.k8s_token_file", required=False)
+    if token_file is not None and k8s_token_file is not None:
+        c.bad("identity.token_file", "give either token_file or k8s_token_file, not both")
     state_dir = c.path(ident, "state_dir", "identity.state_dir") if "identity" in data else None
     ttl = ident.get("ttl_seconds")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
@@ -247,10 +260,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
 
     if c.problems:
         raise ConfigError(c.problems)
-    assert sid and ca_url and ca_bundle and state_dir and app_port and in_listen and admin_listen
+    assert sid and ca_url and state_dir and app_port and in_listen and admin_listen
     return SidecarConfig(
         identity=IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
-                                float(refresh)),
+                                float(refresh), ca_bundle_pem, k8s_token_file),
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),

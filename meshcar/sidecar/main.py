@@ -47,9 +47,9 @@ class Sidecar:
         self.store = CredentialStore(cfg.identity.state_dir)
         ident = cfg.identity
         self.rotator = Rotator(
-            self.store, CAClient(ident.ca_url, ident.ca_bundle), ident.spiffe_id,
-            token_file=ident.token_file, metrics=self.metrics, ttl_seconds=ident.ttl_seconds,
-            fraction=ident.renew_fraction,
+            self.store, CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem),
+            ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
+            metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction,
         )
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
         if isinstance(err, KeyboardInterrupt):
             pass
         elif isinstance(err, OSError):
-            print(f"meshcar sidecar: cannot listen: {err}", file=sys.stderr)
+            print(f"meshcar sidecar: {err}", file=sys.stderr)
             return 1
         else:
             raise
