@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
         r = self.registry
         self.requests = Counter(
             "meshcar_requests", "HTTP requests proxied", ["direction", "status"], registry=r
@@ -35,6 +37,18 @@ class Metrics:
         self.pool_connections = Counter(
             "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
         )
+
+    def observe_request(self, direction: str, status: int, seconds: float) -> None:
+        """Count one request (the hot path: label children are cached)."""
+        key = (direction, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(direction, str(status))
+        child.inc()
+        hist = self._latency_children.get(direction)
+        if hist is None:
+            hist = self._latency_children[direction] = self.latency.labels(direction)
+        hist.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import trio
 
 
 class Drain:
+    """`with drain:` around each request; `await wait_idle()` when stopping."""
+
     def __init__(self) -> None:
         self.in_flight = 0
         self.draining = False
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None
 
-    @contextmanager
-    def track(self) -> Iterator[None]:
+    def __enter__(self) -> Drain:
         self.in_flight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def wait_idle(self) -> None:
         while self.in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
             await self._idle.wait()

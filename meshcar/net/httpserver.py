@@ -65,7 +65,7 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
             if drain is None:
                 keep = await handler(event, conn)
             else:
-                with drain.track():
+                with drain:
                     keep = await handler(event, conn)
                 keep = keep and not drain.draining
             if not keep or not event.keep_alive:

@@ -113,8 +113,7 @@ class Inbound:
             return False
         finally:
             dur = time.perf_counter() - start
-            self.metrics.requests.labels("inbound", str(status)).inc()
-            self.metrics.latency.labels("inbound").observe(dur)
+            self.metrics.observe_request("inbound", status, dur)
             log_request(direction="inbound", peer=peer_id, method=req.method.decode("latin-1"),
                         path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
                         bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))

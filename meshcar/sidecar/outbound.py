@@ -118,8 +118,7 @@ class Outbound:
             return False
         finally:
             dur = time.perf_counter() - start
-            self.metrics.requests.labels("outbound", str(status)).inc()
-            self.metrics.latency.labels("outbound").observe(dur)
+            self.metrics.observe_request("outbound", status, dur)
             log_request(direction="outbound", upstream=service, method=req.method.decode("latin-1"),
                         path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
                         bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
