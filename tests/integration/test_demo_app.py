@@ -42,9 +42,9 @@ def test_echo_is_honest_and_keeps_the_connection_alive() -> None:
             conn.putrequest("POST", "/v1/echo?x=1")
             for name, value in [("X-Forwarded-Client-Cert", "By=a;URI=spiffe://td/one"),
                                 ("X-Forwarded-Client-Cert", "URI=spiffe://td/two"),
-                                ("Transfer-Encoding", "chunked")]:
+                                ("Content-Length", "8")]:
                 conn.putheader(name, value)
-            conn.endheaders(b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n")
+            conn.endheaders(b"helloabc")
             r = conn.getresponse()
             doc = json.loads(r.read())
             first_sock = conn.sock
@@ -63,6 +63,19 @@ def test_echo_is_honest_and_keeps_the_connection_alive() -> None:
             r = conn.getresponse()
             assert json.loads(r.read())["peer"] is None
             assert conn.sock is first_sock  # one connection for all three
+        finally:
+            conn.close()
+
+
+def test_chunked_body_gets_411_not_a_hand_parse() -> None:
+    with serve(app("api")) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.putrequest("POST", "/v1/echo")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders(b"5\r\nhello\r\n0\r\n\r\n")
+            r = conn.getresponse()
+            assert r.status == 411 and "Content-Length" in json.loads(r.read())["error"]
         finally:
             conn.close()
 
