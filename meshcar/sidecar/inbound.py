@@ -52,6 +52,7 @@ class Inbound:
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
         self.drain: Drain | None = None  # set by the process that owns the listeners
+        self.response_timeout = 60.0  # seconds to wait for the upstream's response head
         self.pool = Pool(AppDialer(cfg.app).dial)
         self.handshake_timeout = 10.0
 
@@ -99,7 +100,8 @@ class Inbound:
             headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
             head = request_bytes(req, req.target, headers)
             try:
-                ex = await proxy_request(down, req, head, self.pool, "app", _keep)
+                ex = await proxy_request(down, req, head, self.pool, "app", _keep,
+                                         response_timeout=self.response_timeout)
             except UpstreamError as exc:
                 status, keep = exc.status, not request_has_body(req)
                 await send_error(down, exc.status, f"app at {self.cfg.app}: {exc}", close=not keep)

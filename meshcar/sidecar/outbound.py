@@ -66,6 +66,7 @@ class Outbound:
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.drain: Drain | None = None  # set by the process that owns the listeners
+        self.response_timeout = 60.0  # seconds to wait for the upstream's response head
         self.pool = Pool(self.dialer.dial)
 
     async def aclose(self) -> None:
@@ -104,7 +105,8 @@ class Outbound:
             head = request_bytes(req, target, headers)
             try:
                 ex = await proxy_request(down, req, head, self.pool, service, _keep,
-                                         on_release=self.dialer.remember_session)
+                                         on_release=self.dialer.remember_session,
+                                         response_timeout=self.response_timeout)
             except UpstreamError as exc:
                 status = exc.status
                 await send_error(down, exc.status, f"upstream {service}: {exc}",

@@ -112,3 +112,11 @@ async def test_app_down_is_503_with_clear_body(tmp_path, nursery, mesh: Mesh) ->
         assert r.status_code == 503 and "connect to 127.0.0.1" in r.text
         r = await c.get("http://gone/")
         assert r.status_code == 503 and "upstream gone" in r.text
+
+
+async def test_slow_app_is_504_and_the_sidecar_recovers(mesh: Mesh) -> None:
+    mesh.server.inbound.response_timeout = 0.3
+    async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{mesh.client.outbound_port}", timeout=10) as c:
+        r = await c.get("http://api/sleep/5")
+        assert r.status_code == 504 and "did not answer within 0.3s" in r.text
+        assert (await c.get("http://api/ok")).status_code == 200

@@ -47,6 +47,8 @@ async def _handle(stream: trio.SocketStream) -> None:
             info = {"method": req.method.decode(), "target": target,
                     "headers": [[k.decode(), v.decode()] for k, v in req.headers],
                     "body_length": n, "body_sha256": h.hexdigest()}
+            if target.startswith("/sleep/"):
+                await trio.sleep(float(target.split("/")[2]))  # the app being slow, on purpose
             if target.startswith("/bytes/"):
                 size = int(target.split("/")[2])
                 await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])))
