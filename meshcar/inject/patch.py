@@ -115,7 +115,8 @@ def object_name(obj: Any) -> str:
     """`kind/name` (with namespace when set) for messages."""
     if not isinstance(obj, dict):
         return "<not an object>"
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    raw_meta = obj.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     name = meta.get("name") or meta.get("generateName") or "<unnamed>"
     ns = meta.get("namespace")
     kind = str(obj.get("kind", "<no kind>")).lower()

@@ -135,7 +135,7 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
         if event is not h11.NEED_DATA:
             return event
         data = await stream.receive_some(65536)
-        conn.receive_data(data)  # b"" means EOF
+        conn.receive_data(bytes(data))  # b"" means EOF
 
 
 async def _refuse_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:

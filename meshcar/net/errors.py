@@ -14,3 +14,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+
+# The same, plus a trio timeout: what can end a handshake we wait on.
+HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (trio.TooSlowError, *CONNECTION_ERRORS)

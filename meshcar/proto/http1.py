@@ -24,6 +24,7 @@ caller ends it with `feed_eof()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
@@ -112,7 +113,7 @@ class Http1Parser:
         """The next response answers HEAD: it has no body whatever its headers say."""
         self._expect_no_body = True
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes | bytearray) -> list[Event]:
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -170,7 +171,7 @@ class Http1Parser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
-        p = self._parser
+        p: Any = self._parser  # HttpRequestParser or HttpResponseParser, per self._kind
         headers = self._headers
         te = get_header(headers, b"transfer-encoding")
         chunked = te is not None  # llhttp accepted it, so it ends in `chunked`

@@ -18,7 +18,7 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.drain import Drain
-from meshcar.net.errors import CONNECTION_ERRORS
+from meshcar.net.errors import HANDSHAKE_ERRORS
 from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
@@ -64,7 +64,7 @@ class Inbound:
         try:
             with trio.fail_after(self.handshake_timeout):
                 await ssl_stream.do_handshake()
-        except (trio.TooSlowError, *CONNECTION_ERRORS) as exc:
+        except HANDSHAKE_ERRORS as exc:
             self.metrics.handshakes.labels("inbound", "failure").inc()
             log.info(json.dumps({"type": "connection", "direction": "inbound", "event": "tls_failed",
                                  "error": _short(exc)}))

@@ -12,7 +12,6 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from meshcar.errors import IdentityError
 from meshcar.identity.spiffe import SpiffeId
@@ -40,13 +39,13 @@ def svid_from_der(der: bytes | None, *, trust_domain: str | None = None,
 def svid_from_cert(cert: x509.Certificate, der: bytes, *, trust_domain: str | None = None,
                    now: dt.datetime | None = None) -> PeerIdentity:
     try:
-        bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
             raise IdentityError("peer certificate is a CA certificate, not a workload SVID")
     except x509.ExtensionNotFound:
         pass
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise IdentityError("peer certificate has no SAN, so no SPIFFE ID") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
