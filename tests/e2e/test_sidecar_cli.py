@@ -1,0 +1,61 @@
+"""`meshcar sidecar` as a command: bad configuration is reported at once, with file and key."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import free_port, meshcar_cmd
+
+pytestmark = pytest.mark.e2e
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(meshcar_cmd(*args), capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bad_config_lists_every_problem(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("identity: {spiffe_id: nope}\napp: {port: 0}\ninbound: {listen: x}\n")
+    r = run("sidecar", "--config", str(f))
+    assert r.returncode == 2
+    for key in ("identity.spiffe_id", "identity.ca_url", "identity.state_dir", "app.port",
+                "inbound.listen", "admin: missing section"):
+        assert f"{f}: {key}" in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_missing_file_and_env(tmp_path: Path) -> None:
+    r = run("sidecar", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    r = run("sidecar", "--config-env", "MESHCAR_NOT_SET_ANYWHERE")
+    assert r.returncode == 2 and "$MESHCAR_NOT_SET_ANYWHERE: environment variable is not set" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "s.yaml"
+        cfg.write_text(
+            "identity: {spiffe_id: 'spiffe://td/x', ca_url: 'https://127.0.0.1:1', ca_bundle: ca.pem,"
+            " state_dir: st}\n"
+            f"app: {{port: 1}}\ninbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
+            f"admin: {{listen: '127.0.0.1:{port}'}}\n")
+        r = run("sidecar", "--config", str(cfg))
+    assert r.returncode == 1 and "Address already in use" in r.stderr, r.stderr
+
+
+def test_unknown_command_and_help() -> None:
+    r = run("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "sidecar" in r.stdout and "demo" in r.stdout
