@@ -55,10 +55,24 @@ def request_bytes(req: RequestHead, target: bytes, headers: Headers) -> bytes:
     return serialize_request(req.method, target, headers + framing_headers(req.chunked, req.content_length))
 
 
-async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, src_is_downstream: bool) -> int:
-    """Stream one message body from src to dst; return the payload bytes moved."""
+COALESCE_LIMIT = 64 * 1024
+
+
+async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, src_is_downstream: bool,
+                    prefix: bytes = b"") -> int:
+    """Stream one message body from src to dst; return the payload bytes moved.
+
+    `prefix` (the message head) is sent together with whatever body the source has
+    already delivered, so a small message leaves in one write (one TLS record, one
+    syscall) instead of one per piece.
+    """
     moved = 0
+    pending: list[bytes] = [prefix] if prefix else []
+    size = len(prefix)
     while True:
+        if pending and (size >= COALESCE_LIMIT or not src.has_buffered_events()):
+            await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
+            pending, size = [], 0
         try:
             ev = await src.next_event()
         except ProtocolError as exc:
@@ -76,23 +90,25 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
         if isinstance(ev, Data):
             moved += len(ev.data)
             out = chunk(ev.data) if chunked_out else ev.data
-            try:
-                await dst.send_all(out)
-            except CONNECTION_ERRORS as exc:
-                if src_is_downstream:
-                    raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
-                raise DownstreamGone(repr(exc)) from None
+            pending.append(out)
+            size += len(out)
         elif isinstance(ev, EndOfMessage):
             if chunked_out:
-                try:
-                    await dst.send_all(LAST_CHUNK)
-                except CONNECTION_ERRORS as exc:
-                    if src_is_downstream:
-                        raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
-                    raise DownstreamGone(repr(exc)) from None
+                pending.append(LAST_CHUNK)
+            if pending:
+                await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
             return moved
         else:
             raise UpstreamError("unexpected message in the middle of a body", 502)
+
+
+async def _send(dst: trio.abc.Stream, data: bytes, *, dst_is_downstream: bool) -> None:
+    try:
+        await dst.send_all(data)
+    except CONNECTION_ERRORS as exc:
+        if dst_is_downstream:
+            raise DownstreamGone(repr(exc)) from None
+        raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
 
 
 async def forward(
@@ -107,12 +123,10 @@ async def forward(
 ) -> Exchange:
     """Send `head` + the request body to `up`, relay the response to `down`."""
     ex = exchange or Exchange()
-    try:
-        await up.send(head)
-    except CONNECTION_ERRORS as exc:
-        raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
     if request_has_body(req):
-        ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True)
+        ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True, prefix=head)
+    else:
+        await _send(up.stream, head, dst_is_downstream=False)
     if req.method == b"HEAD":
         up.parser.expect_no_body()
     try:
@@ -151,14 +165,17 @@ async def forward(
     if not req.keep_alive:
         headers.append((b"Connection", b"close"))
     ex.status = resp.status
-    await _send_down(down, serialize_response(resp.status, resp.reason, headers))
-    ex.response_started = True
+    resp_head = serialize_response(resp.status, resp.reason, headers)
     if not no_body:
+        ex.response_started = True  # from here on, only closing is left on failure
         try:
-            ex.bytes_down = await pipe_body(up, down.stream, chunked_out, src_is_downstream=False)
+            ex.bytes_down = await pipe_body(up, down.stream, chunked_out, src_is_downstream=False,
+                                            prefix=resp_head)
         except UpstreamError as exc:
             raise ResponseStarted(str(exc)) from None
     else:
+        await _send_down(down, resp_head)
+        ex.response_started = True
         ev = await up.next_event()
         if not isinstance(ev, EndOfMessage):
             raise ResponseStarted("upstream response framing broken")
