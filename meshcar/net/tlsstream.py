@@ -28,7 +28,7 @@ READ_SIZE = 256 * 1024
 
 
 class TLSStream(trio.abc.Stream):
-    def __init__(self, transport: trio.SocketStream, ctx: ssl.SSLContext, *, server_side: bool,
+    def __init__(self, transport: trio.abc.Stream, ctx: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None, session: ssl.SSLSession | None = None) -> None:
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
