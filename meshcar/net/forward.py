@@ -47,6 +47,11 @@ class Exchange:
     response_started: bool = False
 
 
+def keep_response_headers(resp: ResponseHead, headers: Headers) -> Headers:
+    """The `rewrite_response` for legs that pass response headers on unchanged."""
+    return headers
+
+
 def request_has_body(req: RequestHead) -> bool:
     return req.chunked or bool(req.content_length)
 

@@ -19,14 +19,20 @@ from meshcar.admin.metrics import Metrics
 from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import HANDSHAKE_ERRORS
-from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
+from meshcar.net.forward import (
+    DownstreamGone,
+    ResponseStarted,
+    keep_response_headers,
+    request_bytes,
+    request_has_body,
+)
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
 from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
-from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.proto.http1 import RequestHead
 from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import AppDialer
@@ -39,10 +45,6 @@ log = logging.getLogger("meshcar.inbound")
 def xfcc_value(by: str, peer: PeerIdentity) -> bytes:
     """Envoy's X-Forwarded-Client-Cert format: By=<us>;Hash=<sha256 of peer DER>;URI=<peer>."""
     return f"By={by};Hash={peer.cert_sha256};URI={peer.spiffe_id}".encode()
-
-
-def _keep(resp: ResponseHead, headers: Headers) -> Headers:
-    return headers
 
 
 class Inbound:
@@ -100,7 +102,7 @@ class Inbound:
             headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
             head = request_bytes(req, req.target, headers)
             try:
-                ex = await proxy_request(down, req, head, self.pool, "app", _keep,
+                ex = await proxy_request(down, req, head, self.pool, "app", keep_response_headers,
                                          response_timeout=self.response_timeout)
             except UpstreamError as exc:
                 status, keep = exc.status, not request_has_body(req)

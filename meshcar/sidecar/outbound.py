@@ -20,13 +20,19 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.errors import UpstreamError
 from meshcar.net.drain import Drain
-from meshcar.net.forward import DownstreamGone, ResponseStarted, request_bytes, request_has_body
+from meshcar.net.forward import (
+    DownstreamGone,
+    ResponseStarted,
+    keep_response_headers,
+    request_bytes,
+    request_has_body,
+)
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
-from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.proto.http1 import RequestHead
 from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
@@ -53,10 +59,6 @@ def route_target(req: RequestHead) -> tuple[str | None, bytes]:
     if name.startswith("["):
         return None, target
     return name.rsplit(":", 1)[0] if ":" in name else name, target
-
-
-def _keep(resp: ResponseHead, headers: Headers) -> Headers:
-    return headers
 
 
 class Outbound:
@@ -104,7 +106,7 @@ class Outbound:
                 headers.append((b"Host", service.encode()))
             head = request_bytes(req, target, headers)
             try:
-                ex = await proxy_request(down, req, head, self.pool, service, _keep,
+                ex = await proxy_request(down, req, head, self.pool, service, keep_response_headers,
                                          on_release=self.dialer.remember_session,
                                          response_timeout=self.response_timeout)
             except UpstreamError as exc:
