@@ -80,19 +80,27 @@ class _CloseConnection(Exception):
 
 
 class CAServer:
-    """Serves one CA (a SignService) over TLS (an SSLContext from `tls.server_context`)."""
+    """Serves one CA (a SignService) over TLS: an SSLContext from `tls.server_context`, or a
+    function returning the context to use for each new connection (so a root rotation can
+    change the server certificate and the trusted roots without a restart)."""
 
     def __init__(
         self,
         service: SignService,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         limits: Limits | None = None,
         log: Log = json_log,
     ) -> None:
         self.service = service
-        self.ssl_context = ssl_context
+        self._context = ssl_context
         self.limits = limits or Limits()
         self.log = log
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context for the next connection."""
+        ctx = self._context
+        return ctx if isinstance(ctx, ssl.SSLContext) else ctx()
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED

@@ -70,6 +70,7 @@ class Credentials:
 class Identity:
     spiffe_id: str
     method: str  # token | k8s_token | renewal
+    renewed_serial: str | None = None  # renewal: serial (hex) of the certificate presented
 
 
 def _bad_cert(message: str) -> Unauthenticated:
@@ -152,7 +153,8 @@ class Authenticator:
                 creds.peer_cert_der, self.issuer.issuing_certificates(),
                 self.issuer.trust_domain, now,
             )
-            return Identity(spiffe_id, "renewal")
+            serial = format(x509.load_der_x509_certificate(creds.peer_cert_der).serial_number, "x")
+            return Identity(spiffe_id, "renewal", serial)
         raise Unauthenticated(
             "no credential: send a join token, a k8s_token, or renew over mTLS with your current certificate",
             code="no_credential",

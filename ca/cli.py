@@ -1,15 +1,20 @@
-"""`meshcar ca init|serve|token`: parse arguments, call the CA modules, map errors to exit 1.
+"""`meshcar ca init|serve|token|rotate-root|status|vault-setup`: parse arguments, call the CA
+modules, map errors to exit 1.
 
 Output contract (docs/CA.md): `init` prints one JSON line `{"event": "ca.init", ...}`;
 `token` prints the join token alone on one line; `serve` prints
 `{"event": "ca.ready", "listen": "HOST:PORT"}` once bound, then one JSON line per request,
-and `{"event": "ca.stopped"}` on SIGINT/SIGTERM (exit 0). Errors are one line on stderr
+and `{"event": "ca.stopped"}` on SIGINT/SIGTERM (exit 0); `rotate-root` prints one JSON
+line saying which stage it reached; `status` prints the rotation state as one JSON object;
+`vault-setup` one JSON line (no secrets). Errors are one line on stderr
 (`meshcar ca init: ...`) with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import time
@@ -22,10 +27,10 @@ from .api import CAServer, json_log
 from .auth import Authenticator, K8sVerifier, mint_token, projected_token_verifier
 from .duration import parse_duration
 from .errors import CAError, ConfigError
-from .issuer import BuiltinIssuer, utcnow
+from .issuer import BuiltinIssuer, Issuer, LiveIssuer, utcnow
 from .sign import SignService
 from .store import Store
-from .tls import server_context
+from .tls import ServerTLS
 
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -57,6 +62,45 @@ def _parser() -> argparse.ArgumentParser:
     k8s.add_argument("--k8s-discovery-token-file", type=Path, metavar="FILE",
                      help=f"bearer token file for discovery (default: {IN_CLUSTER_TOKEN} if it exists)")
 
+    backend = serve.add_argument_group("issuing backend")
+    backend.add_argument("--backend", choices=("builtin", "vault"), default="builtin",
+                         help="builtin: sign with the intermediate in --dir (default); vault: Vault/OpenBao PKI")
+    backend.add_argument("--vault-addr", metavar="URL", help="Vault/OpenBao address, e.g. https://vault:8200")
+    backend.add_argument("--vault-mount", default="pki_int", help="PKI mount that signs (default pki_int)")
+    backend.add_argument("--vault-role", metavar="ROLE",
+                         help="PKI role to sign with; {path} becomes the SPIFFE ID path with - for /")
+    backend.add_argument("--vault-token-file", type=Path, metavar="FILE", help="Vault token (development)")
+    backend.add_argument("--vault-approle-role-id-file", type=Path, metavar="FILE")
+    backend.add_argument("--vault-approle-secret-id-file", type=Path, metavar="FILE")
+    backend.add_argument("--vault-approle-mount", default="approle")
+    backend.add_argument("--vault-ca-cert", type=Path, metavar="FILE", help="CA file for Vault's own TLS certificate")
+    backend.add_argument("--vault-refresh", default="60s", help="how often to re-read Vault's CA chain (default 60s)")
+
+    rotate = sub.add_parser("rotate-root", help="advance a trust-root rotation by one stage (docs/ROTATION.md)")
+    rotate.add_argument("--dir", required=True, type=Path)
+    rotate.add_argument("--force", action="store_true",
+                        help="switch issuing (stage 2) even if some workloads have not reported the new bundle")
+
+    status = sub.add_parser("status", help="print the CA's rotation state as JSON")
+    status.add_argument("--dir", required=True, type=Path)
+
+    vs = sub.add_parser("vault-setup", help="configure PKI mounts, roles and AppRoles on a fresh Vault/OpenBao")
+    vs.add_argument("--addr", required=True, metavar="URL")
+    vs.add_argument("--token-file", type=Path, metavar="FILE",
+                    help="admin token file (default: $VAULT_TOKEN or $BAO_TOKEN, or --token)")
+    vs.add_argument("--token", help=argparse.SUPPRESS)  # development only: visible in ps
+    vs.add_argument("--trust-domain", required=True)
+    vs.add_argument("--out", required=True, type=Path, help="directory for vault-root.pem and AppRole files")
+    vs.add_argument("--root-mount", default="pki")
+    vs.add_argument("--int-mount", default="pki_int")
+    vs.add_argument("--role", default="meshcar-workloads")
+    vs.add_argument("--allowed-uri", action="append", default=[], metavar="PATTERN",
+                    help="URI SAN pattern the role allows (default spiffe://TD/svc/*; repeatable)")
+    vs.add_argument("--workload", action="append", default=[], metavar="PATH",
+                    help="also a role, policy and AppRole allowing only spiffe://TD/PATH (repeatable)")
+    vs.add_argument("--max-ttl", default="24h")
+    vs.add_argument("--ca-cert", type=Path, metavar="FILE", help="CA file for Vault's TLS certificate")
+
     token = sub.add_parser("token", help="mint a join token bound to one SPIFFE ID")
     token.add_argument("--dir", required=True, type=Path)
     token.add_argument("--spiffe-id", required=True)
@@ -72,6 +116,12 @@ def main(argv: list[str]) -> int:
             return _init(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "rotate-root":
+            return _rotate_root(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "vault-setup":
+            return _vault_setup(args)
         return _serve(args)
     except CAError as exc:
         print(f"meshcar ca {args.command}: {exc.message}", file=sys.stderr)
@@ -137,26 +187,105 @@ def load_k8s_verifier(args: argparse.Namespace, trust_domain: str) -> K8sVerifie
     return projected_token_verifier(jwks, args.k8s_issuer, args.k8s_audience, trust_domain)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    host, port = parse_listen(args.listen)
-    issuer = BuiltinIssuer.load(args.dir)
-    paths, _ = files.open_ca(args.dir)
-    k8s_verifier = load_k8s_verifier(args, issuer.trust_domain)
-    files.write_server_cert(paths, issuer.intermediate, issuer.intermediate_key, args.san, utcnow())
-    store = Store(paths.db)
-    service = SignService(issuer, Authenticator(store, issuer, k8s_verifier), store)
-    server = CAServer(service, server_context(paths))
-    trio.run(_run, server, host, port)
+def _rotate_root(args: argparse.Namespace) -> int:
+    from .rotation import advance
+
+    json_log(advance(args.dir, utcnow(), force=args.force))
     return 0
 
 
-async def _run(server: CAServer, host: str, port: int) -> None:
+def _status(args: argparse.Namespace) -> int:
+    from .rotation import status
+
+    print(json.dumps(status(args.dir, utcnow()), indent=2))
+    return 0
+
+
+def _vault_setup(args: argparse.Namespace) -> int:
+    import hvac
+    import hvac.exceptions
+    import requests
+
+    from .vault_setup import VaultLayout, setup
+
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    else:
+        token = args.token or os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN") or ""
+    if not token:
+        raise ConfigError("no admin token: use --token-file FILE or set VAULT_TOKEN")
+    parse_duration(args.max_ttl)
+    client = hvac.Client(url=args.addr, token=token, verify=str(args.ca_cert) if args.ca_cert else True)
+    layout = VaultLayout(
+        trust_domain=args.trust_domain, root_mount=args.root_mount, int_mount=args.int_mount,
+        role=args.role, allowed_uris=tuple(args.allowed_uri), workloads=tuple(args.workload),
+        max_ttl=args.max_ttl,
+    )
+    try:
+        json_log(setup(client, layout, args.out))
+    except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+        errors = getattr(exc, "errors", None)
+        raise ConfigError(f"Vault at {args.addr}: {'; '.join(map(str, errors)) if errors else type(exc).__name__}") from None
+    return 0
+
+
+def _vault_issuer(args: argparse.Namespace, config: files.CAConfig) -> Issuer:
+    from .vault_issuer import VaultIssuer, VaultSettings
+
+    if not args.vault_addr:
+        raise ConfigError("--backend vault needs --vault-addr")
+    settings = VaultSettings(
+        addr=args.vault_addr, role=args.vault_role or "", mount=args.vault_mount,
+        token_file=args.vault_token_file, approle_role_id_file=args.vault_approle_role_id_file,
+        approle_secret_id_file=args.vault_approle_secret_id_file, approle_mount=args.vault_approle_mount,
+        ca_cert=args.vault_ca_cert,
+    )
+    vault = VaultIssuer(settings, config.trust_domain, config.max_ttl_seconds, config.bundle_version)
+    vault.login()
+    vault.refresh()
+    return vault
+
+
+def _serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen)
+    paths, config = files.open_ca(args.dir)
+    issuer: Issuer
+    refresh: tuple[float, object] | None = None
+    if args.backend == "vault":
+        issuer = _vault_issuer(args, config)
+        refresh = (float(parse_duration(args.vault_refresh)), issuer.refresh)  # type: ignore[attr-defined]
+        vault_issuer = issuer
+        tls = ServerTLS(paths, args.san, lambda: vault_issuer.bundle().pem)
+    else:
+        issuer = LiveIssuer(lambda: BuiltinIssuer.load(args.dir), paths.config)
+        tls = ServerTLS(paths, args.san)
+    k8s_verifier = load_k8s_verifier(args, issuer.trust_domain)
+    tls.context()  # issue the API certificate now, so errors show before binding
+    store = Store(paths.db)
+    service = SignService(issuer, Authenticator(store, issuer, k8s_verifier), store)
+    server = CAServer(service, tls.context)
+    trio.run(_run, server, host, port, refresh)
+    return 0
+
+
+async def _refresh_loop(interval: float, refresh: object) -> None:
+    while True:
+        await trio.sleep(interval)
+        try:
+            await trio.to_thread.run_sync(refresh)  # type: ignore[arg-type]
+        except CAError as exc:
+            json_log({"event": "ca.backend_refresh_failed", "error": exc.message})
+
+
+async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, object] | None = None) -> None:
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            if refresh is not None:
+                nursery.start_soon(_refresh_loop, *refresh)
             bound = await nursery.start(server.serve_listeners, listeners)
             addr = bound[0].socket.getsockname()
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]

@@ -59,6 +59,14 @@ class Unauthenticated(CAError):
     code = "no_credential"
 
 
+class Forbidden(CAError):
+    """The identity is authenticated, but the issuing backend's policy does not allow it
+    (a Vault/OpenBao PKI role that does not permit this SPIFFE ID)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(CAError):
     status = 404
     code = "not_found"

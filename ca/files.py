@@ -29,6 +29,8 @@ CA_FILES = (
     "root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem",
     "server.pem", "server.key", "ca.db", "config.json",
 )
+# present only while a root rotation is under way (docs/ROTATION.md)
+NEXT_FILES = ("next-root.pem", "next-root.key", "next-intermediate.pem", "next-intermediate.key")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,22 @@ class CAPaths:
         return self.dir / "server.key"
 
     @property
+    def next_root_pem(self) -> Path:
+        return self.dir / "next-root.pem"
+
+    @property
+    def next_root_key(self) -> Path:
+        return self.dir / "next-root.key"
+
+    @property
+    def next_intermediate_pem(self) -> Path:
+        return self.dir / "next-intermediate.pem"
+
+    @property
+    def next_intermediate_key(self) -> Path:
+        return self.dir / "next-intermediate.key"
+
+    @property
     def db(self) -> Path:
         return self.dir / "ca.db"
 
@@ -78,22 +96,59 @@ class CAPaths:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """A root rotation under way (docs/ROTATION.md). Stage 1: the new root is in the bundle,
+    the old intermediate still issues. Stage 2: the new intermediate issues. Stage 3 ends the
+    rotation (the old root leaves the bundle), so it is never stored."""
+
+    stage: int
+    started_at: int  # unix seconds
+    target_bundle_version: int  # the first bundle version that holds the new root
+    switched_at: int | None = None  # when stage 2 began
+    forced: bool = False  # stage 2 was forced before every workload had reported
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "stage": self.stage, "started_at": self.started_at,
+            "target_bundle_version": self.target_bundle_version,
+            "switched_at": self.switched_at, "forced": self.forced,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object]) -> Rotation:
+        stage = int(raw["stage"])  # type: ignore[call-overload]
+        if stage not in (1, 2):
+            raise ValueError(f"rotation stage {stage} is not 1 or 2")
+        switched = raw.get("switched_at")
+        return cls(
+            stage=stage,
+            started_at=int(raw["started_at"]),  # type: ignore[call-overload]
+            target_bundle_version=int(raw["target_bundle_version"]),  # type: ignore[call-overload]
+            switched_at=None if switched is None else int(switched),  # type: ignore[call-overload]
+            forced=bool(raw.get("forced", False)),
+        )
+
+
+@dataclass(frozen=True)
 class CAConfig:
-    """config.json: the trust domain, the maximum SVID lifetime, the trust bundle version."""
+    """config.json: the trust domain, the maximum SVID lifetime, the trust bundle version and,
+    while one is under way, the state of a root rotation. config.json is written last in
+    every state change: it is the commit point."""
 
     trust_domain: str
     max_ttl_seconds: int = DEFAULT_MAX_TTL_SECONDS
     bundle_version: int = 1
+    rotation: Rotation | None = None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "trust_domain": self.trust_domain,
-                "max_ttl_seconds": self.max_ttl_seconds,
-                "bundle_version": self.bundle_version,
-            },
-            indent=2,
-        ) + "\n"
+        data: dict[str, object] = {
+            "trust_domain": self.trust_domain,
+            "max_ttl_seconds": self.max_ttl_seconds,
+            "bundle_version": self.bundle_version,
+        }
+        if self.rotation is not None:
+            data["rotation"] = self.rotation.to_dict()
+        return json.dumps(data, indent=2) + "\n"
 
 
 def write_file(path: Path, data: bytes | str, mode: int) -> None:
@@ -144,6 +199,8 @@ def create_ca(
     write_file(paths.intermediate_pem, pki.cert_pem(inter), 0o644)
     write_file(paths.bundle_pem, pki.cert_pem(root), 0o644)
     write_file(paths.config, config.to_json(), 0o644)
+    for name in NEXT_FILES:  # a rotation of the replaced CA must not survive it
+        (paths.dir / name).unlink(missing_ok=True)
     paths.db.unlink(missing_ok=True)
     Store.create(paths.db)
     write_server_cert(paths, inter, inter_key, [], now)
@@ -178,12 +235,17 @@ def open_ca(directory: Path) -> tuple[CAPaths, CAConfig]:
             trust_domain=check_trust_domain(str(raw["trust_domain"])),
             max_ttl_seconds=int(raw.get("max_ttl_seconds", DEFAULT_MAX_TTL_SECONDS)),
             bundle_version=int(raw.get("bundle_version", 1)),
+            rotation=Rotation.from_dict(raw["rotation"]) if raw.get("rotation") else None,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{paths.config}: invalid ({exc})") from exc
     missing = [n for n in CA_FILES if n not in ("server.pem", "server.key") and not (paths.dir / n).exists()]
     if missing:
         raise ConfigError(f"{paths.dir}: missing {', '.join(missing)}")
+    if config.rotation is not None:
+        absent = [n for n in NEXT_FILES if not (paths.dir / n).exists()]
+        if absent:
+            raise ConfigError(f"{paths.dir}: a root rotation is under way but {', '.join(absent)} is missing")
     return paths, config
 
 

@@ -2,13 +2,20 @@
 
 An `Issuer` turns an already-checked CSR plus an already-authenticated SPIFFE ID into an
 X509-SVID; it never decides who may get which identity (that is `auth.py`). The HTTPS API
-only talks to this interface, so another backend (Vault/OpenBao PKI via hvac, issue 4) is
-one more class with the same three methods. `sign` may block (a remote backend does network
-I/O): the API calls it from a worker thread.
+only talks to this interface, so another backend (Vault/OpenBao PKI via hvac,
+`vault_issuer.py`) is one more class with the same methods. `sign` may block (a remote
+backend does network I/O): the API calls it from a worker thread.
+
+`BuiltinIssuer.load` follows a root rotation (docs/ROTATION.md): in stage 2 it signs with
+`next-intermediate.*`, and in stages 1-2 it accepts renewals from both intermediates.
+`LiveIssuer` lets a running `ca serve` pick up such changes without a restart: it re-loads
+the directory whenever config.json (the commit point of every state change) is replaced.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +39,7 @@ class IssuedCert:
     not_after: datetime
     certificate_pem: str  # the leaf
     chain_pem: str  # leaf + intermediate(s), leaf first
+    issuer_id: str | None = None  # SKI (hex) of the signing CA certificate
 
     @property
     def serial_hex(self) -> str:
@@ -82,18 +90,27 @@ class BuiltinIssuer:
     roots: tuple[x509.Certificate, ...]
     bundle_version: int = 1
     clock: Callable[[], datetime] = utcnow
+    also_accepted: tuple[x509.Certificate, ...] = ()  # other intermediates renewals may come from
 
     @classmethod
     def load(cls, directory: Path, clock: Callable[[], datetime] = utcnow) -> BuiltinIssuer:
         paths, config = files.open_ca(directory)
+        current = (files.load_cert(paths.intermediate_pem), paths.intermediate_key)
+        accepted: tuple[x509.Certificate, ...] = ()
+        if config.rotation is not None:
+            following = (files.load_cert(paths.next_intermediate_pem), paths.next_intermediate_key)
+            if config.rotation.stage == 2:
+                current, following = following, current
+            accepted = (following[0],)
         return cls(
             trust_domain=config.trust_domain,
             max_ttl_seconds=config.max_ttl_seconds,
-            intermediate=files.load_cert(paths.intermediate_pem),
-            intermediate_key=files.load_key(paths.intermediate_key),
+            intermediate=current[0],
+            intermediate_key=files.load_key(current[1]),
             roots=tuple(files.load_certs(paths.bundle_pem)),
             bundle_version=config.bundle_version,
             clock=clock,
+            also_accepted=accepted,
         )
 
     def sign(
@@ -115,10 +132,73 @@ class BuiltinIssuer:
             not_after=cert.not_valid_after_utc,
             certificate_pem=pki.cert_pem(cert),
             chain_pem=pki.cert_pem(cert, self.intermediate),
+            issuer_id=key_id(self.intermediate),
         )
 
     def bundle(self) -> Bundle:
         return Bundle(pem=pki.cert_pem(*self.roots), version=self.bundle_version)
 
     def issuing_certificates(self) -> tuple[x509.Certificate, ...]:
-        return (self.intermediate,)
+        return (self.intermediate, *self.also_accepted)
+
+
+def key_id(cert: x509.Certificate) -> str:
+    """The certificate's subject key identifier in hex (what issued-certificate records name)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()  # type: ignore[arg-type]
+
+
+class LiveIssuer:
+    """An Issuer that re-loads itself when the CA directory changes (a root rotation).
+
+    `current()` compares the identity of config.json (inode, mtime, size: every change
+    replaces the file) with the one it loaded; on a change it loads afresh. If loading fails
+    (a state change is half written), it keeps the previous issuer and tries again at the
+    next call. Safe to call from worker threads.
+    """
+
+    def __init__(self, load: Callable[[], BuiltinIssuer], watch: Path) -> None:
+        self._load = load
+        self._watch = watch
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._issuer = load()
+        self.generation = 0  # bumped on every successful re-load
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._watch)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> BuiltinIssuer:
+        stamp = self._stat()
+        if stamp == self._stamp or stamp is None:
+            return self._issuer
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    self._issuer = self._load()
+                except Exception:  # half-written change: keep serving, retry next time
+                    return self._issuer
+                self._stamp = stamp
+                self.generation += 1
+        return self._issuer
+
+    @property
+    def trust_domain(self) -> str:
+        return self.current().trust_domain
+
+    def sign(
+        self, csr: x509.CertificateSigningRequest, spiffe_id: str, ttl_seconds: int | None
+    ) -> IssuedCert:
+        return self.current().sign(csr, spiffe_id, ttl_seconds)
+
+    def bundle(self) -> Bundle:
+        return self.current().bundle()
+
+    def issuing_certificates(self) -> tuple[x509.Certificate, ...]:
+        return self.current().issuing_certificates()

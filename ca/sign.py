@@ -102,6 +102,8 @@ class SignService:
                 issued_at=int(now.timestamp()),
                 auth=identity.method,
                 client_bundle_version=req.bundle_version,
+                issuer=issued.issuer_id,
+                renewed_from=identity.renewed_serial,
             )
         )
         bundle = self.issuer.bundle()

@@ -34,9 +34,14 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after TEXT NOT NULL,
     issued_at INTEGER NOT NULL,
     auth TEXT NOT NULL,
-    client_bundle_version INTEGER
+    client_bundle_version INTEGER,
+    issuer TEXT,
+    renewed_from TEXT
 );
+CREATE INDEX IF NOT EXISTS certificates_renewed_from ON certificates (renewed_from);
 """
+# columns added after the first release; an older ca.db gets them on first use
+_ADDED_COLUMNS = (("issuer", "TEXT"), ("renewed_from", "TEXT"))
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,9 @@ class CertificateRecord:
     not_after: str  # RFC 3339
     issued_at: int  # unix seconds
     auth: str  # token | renewal | k8s_token
-    client_bundle_version: int | None = None
+    client_bundle_version: int | None = None  # the bundle version the client said it held
+    issuer: str | None = None  # SKI (hex) of the CA certificate that signed it
+    renewed_from: str | None = None  # serial (hex) of the certificate presented to renew
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._migrated = False
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -84,6 +92,9 @@ class Store:
         try:
             with self._lock, closing(sqlite3.connect(self.path, timeout=10, isolation_level=None)) as db:
                 db.execute("BEGIN IMMEDIATE")
+                if not self._migrated:
+                    _migrate(db)
+                    self._migrated = True
                 try:
                     yield db
                 except BaseException:
@@ -134,15 +145,48 @@ class Store:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
-                " auth, client_bundle_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " auth, client_bundle_version, issuer, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rec.serial, rec.spiffe_id, rec.not_before, rec.not_after, rec.issued_at,
-                 rec.auth, rec.client_bundle_version),
+                 rec.auth, rec.client_bundle_version, rec.issuer, rec.renewed_from),
             )
 
     def certificates(self) -> list[CertificateRecord]:
         with self._transaction() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM certificates ORDER BY rowid").fetchall()
+        return [CertificateRecord(*r) for r in rows]
+
+    def unexpired(self, now_rfc3339: str) -> list[CertificateRecord]:
+        """Certificates whose not-after is later than `now` (RFC 3339 strings of one format
+        compare like the times they name)."""
+        with self._transaction() as db:
             rows = db.execute(
-                "SELECT serial, spiffe_id, not_before, not_after, issued_at, auth,"
-                " client_bundle_version FROM certificates ORDER BY rowid"
+                f"SELECT {_COLUMNS} FROM certificates WHERE not_after > ? ORDER BY rowid", (now_rfc3339,)
             ).fetchall()
         return [CertificateRecord(*r) for r in rows]
+
+    def active(self, now_rfc3339: str) -> list[CertificateRecord]:
+        """The certificates workloads hold now: unexpired and not yet replaced by a renewal
+        that presented them."""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM certificates c WHERE not_after > ? AND NOT EXISTS"
+                " (SELECT 1 FROM certificates r WHERE r.renewed_from = c.serial) ORDER BY rowid",
+                (now_rfc3339,),
+            ).fetchall()
+        return [CertificateRecord(*r) for r in rows]
+
+
+_COLUMNS = (
+    "serial, spiffe_id, not_before, not_after, issued_at, auth, client_bundle_version, issuer, renewed_from"
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a ca.db from an earlier release lacks (inside the open transaction)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(certificates)")}
+    if not have:
+        return  # no table yet: Store.create is about to make it
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE certificates ADD COLUMN {name} {kind}")
+    db.execute("CREATE INDEX IF NOT EXISTS certificates_renewed_from ON certificates (renewed_from)")
