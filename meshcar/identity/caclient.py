@@ -1,6 +1,12 @@
 """Client of the CA API (docs/CA-API.md): bootstrap with a join token, renew over mTLS.
 
 Only the CSR goes to the CA; the private key stays in this process and its state dir.
+
+The CA's HTTPS certificate is verified against the configured `ca_bundle` (handed out of
+band) plus, when the caller passes it, the trust bundle the workload already holds (it came
+from the CA over a verified connection). So after a trust-root rotation the CA API may
+present a certificate chained to the new root without every workload's `ca_bundle` file
+being replaced first (docs/ROTATION.md).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ class CAClient:
     timeout: float = 10.0
     ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or inline PEM
 
-    def _ssl(self, chain_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    def _ssl(self, chain_file: Path | None, key_file: Path | None,
+             trust_pem: str | None = None) -> ssl.SSLContext:
         try:
             if self.ca_bundle_pem is not None:
                 ctx = ssl.create_default_context(cadata=self.ca_bundle_pem)
@@ -40,6 +47,11 @@ class CAClient:
         except (OSError, ssl.SSLError) as exc:
             raise CAError(f"cannot load the CA bundle {self.ca_bundle or '(inline)'}: {exc}",
                           retryable=True) from None
+        if trust_pem:
+            try:
+                ctx.load_verify_locations(cadata=trust_pem)
+            except (ssl.SSLError, ValueError):
+                pass  # a damaged held bundle must not stop bootstrap with the configured one
         if chain_file is not None and key_file is not None:
             ctx.load_cert_chain(str(chain_file), str(key_file))
         return ctx
@@ -48,6 +60,7 @@ class CAClient:
         self, spiffe_id: str, *, token: str | None = None, k8s_token: str | None = None,
         chain_file: Path | None = None,
         key_file: Path | None = None, ttl_seconds: int | None = None, bundle_version: int = 0,
+        trust_pem: str | None = None,
     ) -> Credential:
         """Get a new SVID: with a join token (bootstrap) or our current cert (renewal)."""
         key = new_key()
@@ -58,7 +71,8 @@ class CAClient:
             body["k8s_token"] = k8s_token
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
-        data = await self._request("POST", "/v1/sign", json=body, chain_file=chain_file, key_file=key_file)
+        data = await self._request("POST", "/v1/sign", json=body, chain_file=chain_file, key_file=key_file,
+                                   trust_pem=trust_pem)
         try:
             chain = data["chain"]
             bundle = data["bundle"]
@@ -71,8 +85,8 @@ class CAClient:
                           retryable=False)
         return Credential(got_id, chain, key_pem(key), bundle, version)
 
-    async def bundle(self) -> tuple[str, int]:
-        async with httpx.AsyncClient(verify=self._ssl(None, None), timeout=self.timeout) as client:
+    async def bundle(self, trust_pem: str | None = None) -> tuple[str, int]:
+        async with httpx.AsyncClient(verify=self._ssl(None, None, trust_pem), timeout=self.timeout) as client:
             try:
                 resp = await client.get(self.url.rstrip("/") + "/v1/bundle")
             except httpx.HTTPError as exc:
@@ -82,8 +96,8 @@ class CAClient:
         return resp.text, int(resp.headers.get("x-meshcar-bundle-version", "0"))
 
     async def _request(self, method: str, path: str, *, json: object,
-                       chain_file: Path | None, key_file: Path | None) -> dict:
-        ctx = self._ssl(chain_file, key_file)
+                       chain_file: Path | None, key_file: Path | None, trust_pem: str | None = None) -> dict:
+        ctx = self._ssl(chain_file, key_file, trust_pem)
         async with httpx.AsyncClient(verify=ctx, timeout=self.timeout) as client:
             try:
                 resp = await client.request(method, self.url.rstrip("/") + path, json=json)

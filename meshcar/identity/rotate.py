@@ -70,8 +70,10 @@ class Rotator:
     def __init__(self, store: CredentialStore, client: CAClient, spiffe_id: str, *,
                  token_file: Path | None, metrics: Metrics, ttl_seconds: int | None = None,
                  fraction: float = 2 / 3, jitter: float = 0.1,
-                 k8s_token_file: Path | None = None) -> None:
+                 k8s_token_file: Path | None = None,
+                 clock: Callable[[], dt.datetime] | None = None) -> None:
         self.k8s_token_file = k8s_token_file
+        self.clock = clock or _utcnow  # wall clock; tests pass one driven by trio's MockClock
         self.store = store
         self.client = client
         self.spiffe_id = spiffe_id
@@ -139,13 +141,14 @@ class Rotator:
         assert cur is not None
         cred = await self.client.sign(
             self.spiffe_id, chain_file=self.store.chain_file, key_file=self.store.key_file,
-            ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version,
+            ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version, trust_pem=cur.bundle_pem,
         )
         self._install(cred, "renewed")
 
     async def refresh_bundle(self) -> bool:
         """Fetch the CA's trust bundle; swap it in if it changed. True if it changed."""
-        pem, version = await self.client.bundle()
+        held = self.store.credential
+        pem, version = await self.client.bundle(trust_pem=held.bundle_pem if held else None)
         cur = self.store.credential
         if cur is None or (pem == cur.bundle_pem and version == cur.bundle_version):
             return False
@@ -169,7 +172,7 @@ class Rotator:
         while True:
             cred = self.store.credential
             assert cred is not None
-            now = dt.datetime.now(dt.UTC)
+            now = self.clock()
             if attempt == 0:
                 delay = renew_delay(cred.not_before, cred.not_after, now, self.fraction, self.jitter)
             else:
@@ -190,6 +193,10 @@ class Rotator:
             attempt = 0
             self._renewed.set()
             self._renewed = trio.Event()
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
