@@ -82,7 +82,7 @@ def _read_secret(path: Path, what: str) -> str:
 def _vault_message(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
     if isinstance(errors, list) and errors:
-        return "; ".join(str(e) for e in errors)[:300]
+        return " ".join("; ".join(str(e) for e in errors).split())[:300]
     return type(exc).__name__
 
 
