@@ -83,10 +83,13 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
                 pytest.fail(f"OpenBao not healthy after 30 s: {(d / 'bao.log').read_text()[-2000:]}")
             time.sleep(0.1)  # polling the health endpoint with a deadline
         out = d / "setup"
+        # the operator's script (deploy/vault/setup.sh -> meshcar ca vault-setup), token from the env
+        script = Path(__file__).parents[2] / "deploy" / "vault" / "setup.sh"
         r = subprocess.run(
-            meshcar_cmd("ca", "vault-setup", "--addr", addr, "--token-file", str(token_file),
-                        "--trust-domain", TD, "--out", str(out), "--workload", "svc/web", "--workload", "svc/api"),
+            ["sh", str(script), TD, str(out), "--workload", "svc/web", "--workload", "svc/api"],
             capture_output=True, text=True, timeout=60,
+            env={**os.environ, "VAULT_ADDR": addr, "VAULT_TOKEN": token,
+                 "MESHCAR": str(Path(sys.executable).parent / "meshcar")},
         )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout)
