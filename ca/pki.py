@@ -75,10 +75,13 @@ def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 
 def build_root(
-    key: ec.EllipticCurvePrivateKey, trust_domain: str, now: datetime
+    key: ec.EllipticCurvePrivateKey, trust_domain: str, now: datetime, label: str = ""
 ) -> x509.Certificate:
-    """Self-signed root CA: 10 years, CA:true pathlen 1, keyCertSign + cRLSign."""
-    name = _name((NameOID.ORGANIZATION_NAME, "meshcar"), (NameOID.COMMON_NAME, f"meshcar root CA {trust_domain}"))
+    """Self-signed root CA: 10 years, CA:true pathlen 1, keyCertSign + cRLSign. `label`
+    (e.g. " v2" for a rotated root) keeps successive roots' names distinct."""
+    name = _name(
+        (NameOID.ORGANIZATION_NAME, "meshcar"), (NameOID.COMMON_NAME, f"meshcar root CA {trust_domain}{label}")
+    )
     builder = _ca_builder(name, name, key.public_key(), now - BACKDATE, now + ROOT_LIFETIME, 1)
     return builder.sign(key, hashes.SHA256())
 
@@ -90,6 +93,7 @@ def build_intermediate(
     root_key: ec.EllipticCurvePrivateKey,
     now: datetime,
     lifetime: timedelta = INTERMEDIATE_LIFETIME,
+    label: str = "",
 ) -> x509.Certificate:
     """Issuing CA: 1 year (never past the root), pathlen 0.
 
@@ -99,7 +103,7 @@ def build_intermediate(
     """
     name = _name(
         (NameOID.ORGANIZATION_NAME, "meshcar"),
-        (NameOID.COMMON_NAME, f"meshcar intermediate CA {trust_domain}"),
+        (NameOID.COMMON_NAME, f"meshcar intermediate CA {trust_domain}{label}"),
     )
     not_after = min(now + lifetime, root_cert.not_valid_after_utc)
     builder = (

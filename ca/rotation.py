@@ -147,17 +147,18 @@ def advance(directory: Path, now: datetime, force: bool = False) -> dict[str, An
 
 
 def _start(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict[str, Any]:
+    version = config.bundle_version + 1
+    label = f" v{version}"  # distinct names: peers hold both roots at once
     root_key = pki.new_key()
-    root = pki.build_root(root_key, config.trust_domain, now)
+    root = pki.build_root(root_key, config.trust_domain, now, label=label)
     inter_key = pki.new_key()
-    inter = pki.build_intermediate(inter_key.public_key(), config.trust_domain, root, root_key, now)
+    inter = pki.build_intermediate(inter_key.public_key(), config.trust_domain, root, root_key, now, label=label)
     old_roots = files.load_certs(paths.bundle_pem)
     files.write_file(paths.next_root_key, pki.key_pem(root_key), 0o600)
     files.write_file(paths.next_root_pem, pki.cert_pem(root), 0o644)
     files.write_file(paths.next_intermediate_key, pki.key_pem(inter_key), 0o600)
     files.write_file(paths.next_intermediate_pem, pki.cert_pem(inter), 0o644)
     files.write_file(paths.bundle_pem, pki.cert_pem(*old_roots, root), 0o644)
-    version = config.bundle_version + 1
     rot = files.Rotation(stage=1, started_at=int(now.timestamp()), target_bundle_version=version)
     files.write_file(paths.config, replace(config, bundle_version=version, rotation=rot).to_json(), 0o644)
     return {"event": "ca.rotate_root", "stage": 1, "state": STAGE_NAMES[1], "bundle_version": version,

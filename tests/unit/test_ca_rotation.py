@@ -99,6 +99,7 @@ def test_full_rotation_in_order(world: World) -> None:
                    "forced": False, "not_reported": 0}
     new_inter = world.live.current().intermediate
     assert key_id(new_inter) != key_id(old_inter)
+    assert new_inter.subject != old_inter.subject  # distinct names: peers hold both roots at once
     web, _ = world.renew(web, bundle_version=2)  # presented an old-root certificate
     assert web.issuer == new_inter.subject
     web.verify_directly_issued_by(new_inter)
