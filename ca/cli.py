@@ -202,8 +202,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _vault_setup(args: argparse.Namespace) -> int:
-    import hvac
-    import hvac.exceptions
+    import hvac  # type: ignore[import-untyped]
+    import hvac.exceptions  # type: ignore[import-untyped]
     import requests
 
     from .vault_setup import VaultLayout, setup

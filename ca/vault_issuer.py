@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hvac
-import hvac.exceptions
+import hvac  # type: ignore[import-untyped]
+import hvac.exceptions  # type: ignore[import-untyped]
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization

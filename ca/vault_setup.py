@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import hvac
+import hvac  # type: ignore[import-untyped]
 
 from .errors import ConfigError
 from .files import write_file
