@@ -65,7 +65,7 @@ class SidecarConfig:
         return SpiffeId.parse(self.identity.spiffe_id).trust_domain
 
 
-class _Checker:
+class Checker:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
         self.base_dir = base_dir
@@ -152,13 +152,8 @@ class _Checker:
         return HostPort(host, port)
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
-    c = _Checker(source, base_dir or Path.cwd())
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
-                         "drain_seconds"})
-
+def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
+    """The `identity:` section (shared by the sidecar and the edge); problems go to `c`."""
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
                                    "ttl_seconds", "renew_fraction", "bundle_refresh_seconds",
@@ -193,6 +188,21 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
         c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
         refresh = 300
+    if not (sid and ca_url and state_dir) or (ca_bundle is None and ca_bundle_pem is None):
+        return None
+    return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
+                          float(refresh), ca_bundle_pem, k8s_token_file)
+
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
+    c = Checker(source, base_dir or Path.cwd())
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
+                         "drain_seconds"})
+
+    identity = parse_identity(c, data)
 
     app = c.section(data, "app")
     c.unknown(app, "app.", {"host", "port"})
@@ -260,10 +270,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
 
     if c.problems:
         raise ConfigError(c.problems)
-    assert sid and ca_url and state_dir and app_port and in_listen and admin_listen
+    assert identity and app_port and in_listen and admin_listen
     return SidecarConfig(
-        identity=IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
-                                float(refresh), ca_bundle_pem, k8s_token_file),
+        identity=identity,
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),
