@@ -34,6 +34,10 @@ class DownstreamGone(Exception):
     """The client went away or sent a broken body: close everything, answer nobody."""
 
 
+class BodyTooLarge(Exception):
+    """A streamed request body passed the route's limit: answer 413 and close."""
+
+
 class ResponseStarted(Exception):
     """The upstream failed after the response head was sent: only closing is left."""
 
@@ -64,7 +68,7 @@ COALESCE_LIMIT = 64 * 1024
 
 
 async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, src_is_downstream: bool,
-                    prefix: bytes = b"") -> int:
+                    prefix: bytes = b"", limit: int | None = None) -> int:
     """Stream one message body from src to dst; return the payload bytes moved.
 
     `prefix` (the message head) is sent together with whatever body the source has
@@ -94,6 +98,8 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
             raise UpstreamError("upstream closed in the middle of the body", 502)
         if isinstance(ev, Data):
             moved += len(ev.data)
+            if limit is not None and moved > limit:
+                raise BodyTooLarge(f"request body larger than {limit} bytes")
             out = chunk(ev.data) if chunked_out else ev.data
             pending.append(out)
             size += len(out)
@@ -125,11 +131,13 @@ async def forward(
     *,
     response_timeout: float = 60.0,
     exchange: Exchange | None = None,
+    max_request_body: int | None = None,
 ) -> Exchange:
     """Send `head` + the request body to `up`, relay the response to `down`."""
     ex = exchange or Exchange()
     if request_has_body(req):
-        ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True, prefix=head)
+        ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True, prefix=head,
+                                      limit=max_request_body)
     else:
         await _send(up.stream, head, dst_is_downstream=False)
     if req.method == b"HEAD":

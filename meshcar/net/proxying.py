@@ -26,6 +26,7 @@ async def proxy_request(
     down: HttpConn, req: RequestHead, head: bytes, pool: Pool, key: str,
     rewrite_response: Callable[[ResponseHead, Headers], Headers], *,
     on_release: Callable[[Pooled], None] | None = None, response_timeout: float = 60.0,
+    max_request_body: int | None = None,
 ) -> Exchange:
     retryable = not request_has_body(req)
     while True:
@@ -33,7 +34,7 @@ async def proxy_request(
         ex = Exchange()
         try:
             ex = await forward(down, req, head, p.conn, rewrite_response, exchange=ex,
-                               response_timeout=response_timeout)
+                               response_timeout=response_timeout, max_request_body=max_request_body)
         except UpstreamError:
             await p.conn.aclose()
             if reused and retryable and not ex.response_started:

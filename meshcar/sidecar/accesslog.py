@@ -22,10 +22,15 @@ FLUSH_SECONDS = 0.2
 
 
 def log_request(**fields: object) -> None:
+    log_entry("request", **fields)
+
+
+def log_entry(kind: str, **fields: object) -> None:
+    """One JSON access-log line of type `kind` (request, connection, waf, ...)."""
     global _last_flush
     if not _enabled:
         return
-    _buffer.append(json.dumps({"type": "request", **fields}, separators=(",", ":")))
+    _buffer.append(json.dumps({"type": kind, **fields}, separators=(",", ":")))
     now = time.monotonic()
     if len(_buffer) >= 256 or now - _last_flush > FLUSH_SECONDS:
         flush()

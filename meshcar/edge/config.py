@@ -1,0 +1,368 @@
+"""Edge configuration: YAML in, frozen dataclasses out, every problem reported at once.
+
+The format is documented in docs/EDGE.md. Each route names one host (the SNI and the Host
+header), its mode (`terminate`, `bridge`, `passthrough`) and its backend; terminate and
+bridge routes carry the L7 features.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshcar.errors import ConfigError
+from meshcar.sidecar.config import Checker, HostPort, IdentityConfig, parse_identity
+
+MODES = ("terminate", "bridge", "passthrough")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    interval: float = 2.0
+    timeout: float = 1.0
+    path: str = "/"  # L7 backends; passthrough backends get a TCP connect
+    fall: int = 2  # failures in a row that eject an endpoint
+    rise: int = 1  # successes in a row that readmit it
+
+
+@dataclass(frozen=True)
+class Backend:
+    endpoints: tuple[HostPort, ...]
+    balance: str = "round_robin"  # or least_connections
+    spiffe_id: str | None = None  # bridge: the backend sidecar's identity
+    health: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class DenyRule:
+    methods: tuple[str, ...] = ()
+    path: re.Pattern[str] | None = None
+    header: tuple[str, re.Pattern[str]] | None = None
+    name: str = "deny"
+
+    def matches(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None and not self.path.search(path):
+            return False
+        if self.header is not None:
+            hname, pattern = self.header
+            values = [v.decode("latin-1") for k, v in headers if k.decode("latin-1").lower() == hname]
+            if not any(pattern.search(v) for v in values):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    mode: str  # optional | required
+    ca_file: Path
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str
+    mode: str
+    backend: Backend
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    path_prefix: str = "/"
+    path_exact: str | None = None
+    hsts: str | None = None  # the header value, e.g. "max-age=31536000"
+    rate_limit: RateLimit | None = None
+    max_body_bytes: int | None = None
+    client_auth: ClientAuth | None = None
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    deny: tuple[DenyRule, ...] = ()
+    proxy_protocol: str | None = None  # passthrough: v1 | v2
+
+    def path_matches(self, path: str) -> bool:
+        if self.path_exact is not None:
+            return path == self.path_exact
+        return path.startswith(self.path_prefix)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    https_listen: HostPort
+    http_listen: HostPort | None
+    admin_listen: HostPort
+    routes: tuple[Route, ...]
+    identity: IdentityConfig | None  # needed by bridge routes
+    trusted_hops: int = 0
+    default_route: str | None = None  # host of the route for a missing/unknown SNI
+    log_level: str = "info"
+    hello_timeout: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def route_for(self, host: str | None) -> Route | None:
+        if host is not None:
+            for r in self.routes:
+                if r.host == host:
+                    return r
+        if self.default_route is not None:
+            for r in self.routes:
+                if r.host == self.default_route:
+                    return r
+        return None
+
+
+def _number(c: Checker, val: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
+    ok = not isinstance(val, bool) and isinstance(val, int if integer else int | float) and val >= minimum
+    if not ok:
+        c.bad(path, f"must be {'an integer' if integer else 'a number'} >= {minimum:g}")
+        return None
+    return val
+
+
+def _regex(c: Checker, val: Any, path: str) -> re.Pattern[str] | None:
+    if not isinstance(val, str):
+        c.bad(path, "must be a regular expression string")
+        return None
+    try:
+        return re.compile(val)
+    except re.error as exc:
+        c.bad(path, f"invalid regular expression: {exc}")
+        return None
+
+
+def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
+    if not isinstance(raw, dict):
+        c.bad(p, "must be a mapping with endpoints")
+        return None
+    c.unknown(raw, p + ".", {"endpoints", "balance", "spiffe_id", "health"})
+    eps_raw = raw.get("endpoints")
+    eps: list[HostPort] = []
+    if not isinstance(eps_raw, list) or not eps_raw:
+        c.bad(p + ".endpoints", "must be a non-empty list of HOST:PORT")
+    else:
+        for i, e in enumerate(eps_raw):
+            hp = c.hostport(e, f"{p}.endpoints[{i}]")
+            if hp:
+                eps.append(hp)
+    balance = raw.get("balance", "round_robin")
+    if balance not in ("round_robin", "least_connections"):
+        c.bad(p + ".balance", "must be round_robin or least_connections")
+    sid = None
+    if mode == "bridge":
+        sid = c.spiffe(raw.get("spiffe_id"), p + ".spiffe_id")
+    elif raw.get("spiffe_id") is not None:
+        c.bad(p + ".spiffe_id", "only bridge routes talk mTLS to a sidecar")
+    health = None
+    h = raw.get("health")
+    if h is not None:
+        if not isinstance(h, dict):
+            c.bad(p + ".health", "must be a mapping")
+        else:
+            c.unknown(h, p + ".health.", {"interval", "timeout", "path", "fall", "rise"})
+            health = HealthCheck(
+                interval=_number(c, h.get("interval", 2.0), p + ".health.interval", minimum=0.05) or 2.0,
+                timeout=_number(c, h.get("timeout", 1.0), p + ".health.timeout", minimum=0.01) or 1.0,
+                path=str(h.get("path", "/")),
+                fall=_number(c, h.get("fall", 2), p + ".health.fall", minimum=1, integer=True) or 2,
+                rise=_number(c, h.get("rise", 1), p + ".health.rise", minimum=1, integer=True) or 1,
+            )
+    if not eps:
+        return None
+    return Backend(tuple(eps), balance, sid, health)
+
+
+ROUTE_KEYS = {"host", "mode", "backend", "tls", "path_prefix", "path_exact", "hsts", "rate_limit",
+              "max_body_bytes", "client_auth", "headers", "deny", "proxy_protocol"}
+
+
+def _route(c: Checker, raw: Any, i: int) -> Route | None:
+    p = f"routes[{i}]"
+    if not isinstance(raw, dict):
+        c.bad(p, "must be a mapping")
+        return None
+    c.unknown(raw, p + ".", ROUTE_KEYS)
+    host = raw.get("host")
+    if not isinstance(host, str) or not re.fullmatch(r"[a-z0-9*]([a-z0-9.-]*[a-z0-9])?", host or ""):
+        c.bad(p + ".host", f"must be a lowercase host name, got {host!r}")
+        host = None
+    mode = raw.get("mode")
+    if mode not in MODES:
+        c.bad(p + ".mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        return None
+    backend = _backend(c, raw.get("backend"), p + ".backend", mode)
+    kw: dict[str, Any] = {}
+    if mode == "passthrough":
+        for k in ROUTE_KEYS - {"host", "mode", "backend", "proxy_protocol"}:
+            if k in raw:
+                c.bad(f"{p}.{k}", "passthrough routes never decrypt: L7 settings do not apply")
+        pp = raw.get("proxy_protocol")
+        if pp not in (None, "v1", "v2"):
+            c.bad(p + ".proxy_protocol", "must be v1 or v2")
+        kw["proxy_protocol"] = pp
+    else:
+        if "proxy_protocol" in raw:
+            c.bad(p + ".proxy_protocol", "only passthrough routes send a PROXY header")
+        tls = raw.get("tls")
+        if not isinstance(tls, dict):
+            c.bad(p + ".tls", "terminate and bridge routes need tls: {cert, key}")
+        else:
+            c.unknown(tls, p + ".tls.", {"cert", "key"})
+            kw["cert_file"] = c.path(tls, "cert", p + ".tls.cert")
+            kw["key_file"] = c.path(tls, "key", p + ".tls.key")
+        if "path_prefix" in raw:
+            if not isinstance(raw["path_prefix"], str) or not raw["path_prefix"].startswith("/"):
+                c.bad(p + ".path_prefix", "must start with /")
+            else:
+                kw["path_prefix"] = raw["path_prefix"]
+        if "path_exact" in raw:
+            if not isinstance(raw["path_exact"], str) or not raw["path_exact"].startswith("/"):
+                c.bad(p + ".path_exact", "must start with /")
+            else:
+                kw["path_exact"] = raw["path_exact"]
+        hsts = raw.get("hsts")
+        if hsts is True:
+            kw["hsts"] = "max-age=31536000; includeSubDomains"
+        elif isinstance(hsts, str) and hsts.startswith("max-age="):
+            kw["hsts"] = hsts
+        elif hsts not in (None, False):
+            c.bad(p + ".hsts", "must be true or a Strict-Transport-Security value (max-age=...)")
+        rl = raw.get("rate_limit")
+        if rl is not None:
+            if not isinstance(rl, dict):
+                c.bad(p + ".rate_limit", "must be {per_second, burst}")
+            else:
+                c.unknown(rl, p + ".rate_limit.", {"per_second", "burst"})
+                ps = _number(c, rl.get("per_second"), p + ".rate_limit.per_second", minimum=0.001)
+                burst = _number(c, rl.get("burst", 1), p + ".rate_limit.burst", minimum=1, integer=True)
+                if ps and burst:
+                    kw["rate_limit"] = RateLimit(float(ps), int(burst))
+        if "max_body_bytes" in raw:
+            kw["max_body_bytes"] = _number(c, raw["max_body_bytes"], p + ".max_body_bytes", minimum=0,
+                                           integer=True)
+        ca = raw.get("client_auth")
+        if ca is not None:
+            if not isinstance(ca, dict) or ca.get("mode") not in ("optional", "required"):
+                c.bad(p + ".client_auth", "must be {mode: optional|required, ca: FILE}")
+            else:
+                c.unknown(ca, p + ".client_auth.", {"mode", "ca"})
+                ca_file = c.path(ca, "ca", p + ".client_auth.ca")
+                if ca_file is not None:
+                    kw["client_auth"] = ClientAuth(ca["mode"], ca_file)
+        hdrs = raw.get("headers")
+        if hdrs is not None:
+            if not isinstance(hdrs, dict):
+                c.bad(p + ".headers", "must be {add: {NAME: VALUE}, remove: [NAME]}")
+            else:
+                c.unknown(hdrs, p + ".headers.", {"add", "remove"})
+                add = hdrs.get("add", {}) or {}
+                if not isinstance(add, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and "\n" not in v and "\r" not in v
+                        for k, v in add.items()):
+                    c.bad(p + ".headers.add", "must map header names to single-line strings")
+                else:
+                    kw["add_headers"] = tuple(add.items())
+                rem = hdrs.get("remove", []) or []
+                if not isinstance(rem, list) or not all(isinstance(x, str) for x in rem):
+                    c.bad(p + ".headers.remove", "must be a list of header names")
+                else:
+                    kw["remove_headers"] = tuple(x.lower() for x in rem)
+        deny = raw.get("deny", []) or []
+        rules: list[DenyRule] = []
+        if not isinstance(deny, list):
+            c.bad(p + ".deny", "must be a list of rules")
+        else:
+            for j, d in enumerate(deny):
+                dp = f"{p}.deny[{j}]"
+                if not isinstance(d, dict) or not d:
+                    c.bad(dp, "must be a mapping with methods, path and/or header")
+                    continue
+                c.unknown(d, dp + ".", {"name", "methods", "path", "header"})
+                methods = d.get("methods", [])
+                if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+                    c.bad(dp + ".methods", "must be a list of methods")
+                    methods = []
+                path_re = _regex(c, d["path"], dp + ".path") if "path" in d else None
+                header = None
+                if "header" in d:
+                    hd = d["header"]
+                    if not isinstance(hd, dict) or "name" not in hd or "pattern" not in hd:
+                        c.bad(dp + ".header", "must be {name, pattern}")
+                    else:
+                        pat = _regex(c, hd["pattern"], dp + ".header.pattern")
+                        if pat is not None:
+                            header = (str(hd["name"]).lower(), pat)
+                rules.append(DenyRule(tuple(m.upper() for m in methods), path_re, header,
+                                      str(d.get("name", f"deny[{j}]"))))
+        kw["deny"] = tuple(rules)
+    if host is None or backend is None:
+        return None
+    return Route(host, mode, backend, **kw)
+
+
+def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> EdgeConfig:
+    c = Checker(source, base_dir or Path.cwd())
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
+                         "log_level", "hello_timeout"})
+    listen = c.section(data, "listen")
+    c.unknown(listen, "listen.", {"https", "http"})
+    https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
+    http = c.hostport(listen["http"], "listen.http") if listen.get("http") is not None else None
+    admin = c.section(data, "admin")
+    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
+    routes: list[Route] = []
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        c.bad("routes", "must be a non-empty list")
+    else:
+        seen: set[str] = set()
+        for i, r in enumerate(raw_routes):
+            route = _route(c, r, i)
+            if route is None:
+                continue
+            if route.host in seen:
+                c.bad(f"routes[{i}].host", f"{route.host} has two routes")
+            seen.add(route.host)
+            routes.append(route)
+    identity = parse_identity(c, data) if "identity" in data else None
+    if any(r.mode == "bridge" for r in routes) and "identity" not in data:
+        c.bad("identity", "bridge routes need the edge's mesh identity")
+    hops = data.get("trusted_hops", 0)
+    if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
+        c.bad("trusted_hops", "must be an integer >= 0")
+        hops = 0
+    default = data.get("default_route")
+    if default is not None and default not in {r.host for r in routes}:
+        c.bad("default_route", f"{default!r} is not the host of a route")
+    level = data.get("log_level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        c.bad("log_level", "must be one of debug, info, warning, error")
+    hello_timeout = data.get("hello_timeout", 10.0)
+    if isinstance(hello_timeout, bool) or not isinstance(hello_timeout, int | float) or hello_timeout <= 0:
+        c.bad("hello_timeout", "must be a number of seconds > 0")
+        hello_timeout = 10.0
+    if c.problems:
+        raise ConfigError(c.problems)
+    assert https and admin_listen
+    return EdgeConfig(https, http, admin_listen, tuple(routes), identity, hops, default, level,
+                      float(hello_timeout))
+
+
+def load_edge_config(path: Path) -> EdgeConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_edge_config(data, str(path), path.parent)

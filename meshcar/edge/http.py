@@ -1,0 +1,263 @@
+"""The edge's L7 side: terminate and bridge routes, and the HTTP -> HTTPS redirect listener.
+
+Per request, in this order: the route by Host (421 when it differs from the SNI's route in
+client-certificate requirements, or when the Host names a passthrough host), the path
+(404), WAF deny rules (403, logged), the per-client-IP rate limit (429 + Retry-After), the
+body limit (413), then the headers: hop-by-hop and configured ones removed, client-sent
+X-Forwarded-* / Forwarded / X-Forwarded-Client-Cert always replaced by the edge's own
+(from the real connection, with `trusted_hops`), configured ones added. terminate sends
+plain HTTP to the backend; bridge re-encrypts with mTLS using the edge's mesh identity and
+checks the backend sidecar's SPIFFE ID. HSTS is added to responses of routes that ask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.edge.config import EdgeConfig, Route
+from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
+from meshcar.errors import IdentityError, UpstreamError
+from meshcar.net.connect import open_tcp, open_tls
+from meshcar.net.forward import (
+    BodyTooLarge,
+    DownstreamGone,
+    ResponseStarted,
+    request_bytes,
+    request_has_body,
+)
+from meshcar.net.httpconn import HttpConn
+from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.pool import Pool, Pooled
+from meshcar.net.proxying import proxy_request
+from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
+from meshcar.proto.headers import clean_headers, simple_response
+from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.sidecar.accesslog import log_entry
+from meshcar.tls.store import CredentialStore
+from meshcar.tls.svid import svid_from_der
+
+log = logging.getLogger("meshcar.edge")
+
+
+@dataclass
+class ClientConn:
+    """What the edge knows about one client connection."""
+
+    ip: str
+    sni: str | None
+    sni_route: Route | None
+    cert_der: bytes | None  # the verified client certificate, if any
+    scheme: str = "https"
+
+
+def host_of(req: RequestHead) -> str | None:
+    raw = req.header(b"host")
+    if raw is None:
+        return None
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+class Backends:
+    """A balancer per route, and pooled connections to the chosen endpoints."""
+
+    def __init__(self, cfg: EdgeConfig, store: CredentialStore | None, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.balancers: dict[str, Balancer] = {}
+        self.routes = {r.host: r for r in cfg.routes}
+        for r in cfg.routes:
+            h = r.backend.health
+            self.balancers[r.host] = Balancer(r.backend.endpoints, r.backend.balance,
+                                              fall=h.fall if h else 2, rise=h.rise if h else 1)
+        self.pool = Pool(self._dial)
+        self._sessions: dict[str, object] = {}
+
+    @staticmethod
+    def key(route: Route, state: EndpointState) -> str:
+        return f"{route.host}|{state.endpoint}"
+
+    async def _dial(self, key: str) -> Pooled:
+        host, _, ep = key.partition("|")
+        route = self.routes[host]
+        h, _, p = ep.rpartition(":")
+        if route.mode == "terminate":
+            return Pooled(HttpConn(await open_tcp(h, int(p)), "response"), key, ep)
+        assert self.store is not None and route.backend.spiffe_id is not None
+        stream = await open_tls(h, int(p), self.store.client_context(),
+                                session=self._sessions.get(key))  # type: ignore[arg-type]
+        try:
+            peer = svid_from_der(stream.getpeercert(binary_form=True))
+            if peer.spiffe_id != route.backend.spiffe_id:
+                raise IdentityError(f"backend at {ep} is {peer.spiffe_id}, expected {route.backend.spiffe_id}")
+        except IdentityError as exc:
+            await trio.aclose_forcefully(stream)
+            raise UpstreamError(str(exc), 502) from None
+        return Pooled(HttpConn(stream, "response"), key, ep, peer)
+
+    def remember_session(self, p: Pooled) -> None:
+        stream = p.conn.stream
+        if p.requests == 0 and hasattr(stream, "session") and stream.session is not None:
+            self._sessions[p.key] = stream.session
+
+
+class L7:
+    def __init__(self, cfg: EdgeConfig, backends: Backends, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.backends = backends
+        self.metrics = metrics
+        self.limiters = {r.host: RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
+                         for r in cfg.routes if r.rate_limit is not None}
+        self.response_timeout = 60.0
+
+    async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
+        conn = HttpConn(stream, "request")
+        await serve_http(conn, lambda req, c: self.handle(req, c, client))
+
+    async def handle(self, req: RequestHead, down: HttpConn, client: ClientConn) -> bool:
+        start = time.perf_counter()
+        host = host_of(req)
+        route = self.cfg.route_for(host) if host else client.sni_route
+        path = req.target.decode("latin-1")
+        status, backend, bytes_in, bytes_out, keep = 0, None, 0, 0, not request_has_body(req)
+        mode = route.mode if route else None
+        try:
+            problem = self._refuse(req, route, client, path)
+            if problem is not None:
+                status, message, extra = problem
+                await down.send(simple_response(
+                    status, json.dumps({"error": status, "message": message}).encode() + b"\n",
+                    content_type=b"application/json", extra=extra, close=not keep))
+                return keep
+            assert route is not None
+            balancer = self.backends.balancers[route.host]
+            state = balancer.pick()
+            if state is None:
+                status = 503
+                await send_error(down, 503, f"no healthy endpoint for {route.host}", close=not keep)
+                return keep
+            backend = str(state.endpoint)
+            head = request_bytes(req, req.target, self._headers(req, route, client))
+            state.active += 1
+            try:
+                ex = await proxy_request(
+                    down, req, head, self.backends.pool, Backends.key(route, state),
+                    lambda resp, hs: self._response_headers(route, resp, hs),
+                    on_release=self.backends.remember_session,
+                    response_timeout=self.response_timeout, max_request_body=route.max_body_bytes)
+            finally:
+                state.active -= 1
+            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
+            return True
+        except UpstreamError as exc:
+            status = exc.status
+            await send_error(down, exc.status, f"{route.host if route else host}: {exc}", close=not keep)
+            return keep
+        except BodyTooLarge as exc:
+            status = 413
+            await send_error(down, 413, str(exc))
+            return False
+        except (DownstreamGone, ResponseStarted):
+            status = status or 499
+            return False
+        finally:
+            dur = time.perf_counter() - start
+            self.metrics.observe_request(f"edge-{mode or 'none'}", status, dur)
+            log_entry("request", client=client.ip, sni=client.sni, host=host, method=req.method.decode("latin-1"),
+                      path=path, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+                      duration_ms=round(dur * 1000, 3), mode=mode, backend=backend,
+                      plaintext_backend=mode == "terminate")
+
+    def _refuse(self, req: RequestHead, route: Route | None, client: ClientConn,
+                path: str) -> tuple[int, str, Headers] | None:
+        """The status, message and extra headers for a request the edge must refuse itself."""
+        if route is None:
+            return 404, f"no route for host {host_of(req)!r}", []
+        if route.mode == "passthrough":
+            return 421, f"{route.host} is served end to end by its backend; connect with SNI {route.host}", []
+        sni_route = client.sni_route
+        if sni_route is not None and sni_route is not route:
+            need_sni = sni_route.client_auth.mode if sni_route.client_auth else None
+            need_host = route.client_auth.mode if route.client_auth else None
+            if need_sni != need_host:
+                return 421, (f"connect with SNI {route.host}: its client-certificate requirement "
+                             f"differs from {sni_route.host}'s"), []
+        if route.client_auth and route.client_auth.mode == "required" and client.cert_der is None:
+            return 403, f"{route.host} requires a client certificate", []
+        only_path = urlsplit(path).path if path.startswith(("http://", "https://")) else path.split("?", 1)[0]
+        if not route.path_matches(only_path):
+            return 404, f"no route for {only_path} on {route.host}", []
+        method = req.method.decode("latin-1")
+        for rule in route.deny:
+            if rule.matches(method, only_path, req.headers):
+                log_entry("waf", client=client.ip, host=route.host, method=method, path=only_path,
+                          rule=rule.name, decision="deny")
+                self.metrics.authz_denials.labels(f"waf:{route.host}").inc()
+                return 403, f"request denied by rule {rule.name}", []
+        limiter = self.limiters.get(route.host)
+        if limiter is not None:
+            ok, retry = limiter.allow(client.ip, time.monotonic())
+            if not ok:
+                return 429, f"rate limit for {route.host} exceeded", [(b"Retry-After", str(retry).encode())]
+        if route.max_body_bytes is not None and (req.content_length or 0) > route.max_body_bytes:
+            return 413, f"request body larger than {route.max_body_bytes} bytes", []
+        return None
+
+    def _headers(self, req: RequestHead, route: Route, client: ClientConn) -> Headers:
+        headers = clean_headers(req.headers, drop={h.encode("latin-1") for h in route.remove_headers})
+        fwd = forwarded_for(headers, peer_ip=client.ip, scheme=client.scheme, host=host_of(req),
+                            trusted_hops=self.cfg.trusted_hops)
+        xfcc = None
+        if client.cert_der is not None and route.client_auth is not None:
+            xfcc = encode_xfcc([xfcc_element(by=None, cert_der=client.cert_der)])
+        out = apply_forwarded(headers, fwd, xfcc=xfcc)
+        out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in route.add_headers]
+        return out
+
+    @staticmethod
+    def _response_headers(route: Route, resp: ResponseHead, headers: Headers) -> Headers:
+        if route.hsts:
+            headers = [h for h in headers if h[0].lower() != b"strict-transport-security"]
+            headers.append((b"Strict-Transport-Security", route.hsts.encode()))
+        return headers
+
+
+class Redirector:
+    """The plain-HTTP listener: every request gets 301 to the same URL over https."""
+
+    def __init__(self, cfg: EdgeConfig) -> None:
+        self.cfg = cfg
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        await serve_http(HttpConn(stream, "request"), self.handle)
+
+    def location(self, host_header: str, target: str) -> str:
+        host, _, port = host_header.rpartition(":") if host_header.count(":") == 1 else (host_header, "", "")
+        if not host:
+            host, port = host_header, ""
+        if port == str(self.cfg.http_listen.port if self.cfg.http_listen else 80):
+            port = str(self.cfg.https_listen.port)
+        netloc = host if port in ("", "443") else f"{host}:{port}"
+        return f"https://{netloc}{target if target.startswith('/') else '/'}"
+
+    async def handle(self, req: RequestHead, conn: HttpConn) -> bool:
+        host = req.header(b"host")
+        if not host:
+            await send_error(conn, 400, "a Host header is needed to redirect to https")
+            return False
+        location = self.location(host.decode("latin-1").strip(), req.target.decode("latin-1"))
+        body = f"moved to {location}\n".encode()
+        await conn.send(simple_response(301, body, extra=[(b"Location", location.encode("latin-1"))],
+                                        close=not req.keep_alive or request_has_body(req)))
+        log_entry("request", client=None, host=host.decode("latin-1"), method=req.method.decode("latin-1"),
+                  path=req.target.decode("latin-1"), status=301, mode="redirect")
+        return not request_has_body(req)

@@ -1,0 +1,151 @@
+"""`meshcar edge --config FILE`: the public entry point, assembled and run under trio.
+
+Start order: admin listener (/ready false), the mesh identity if any bridge route needs it
+(no bridged traffic before a certificate exists), health checks, then the HTTPS and HTTP
+listeners via `nursery.start`, so ports are bound before /ready says true. A WARNING is
+logged at start for every terminate route: that leg to the backend is plaintext.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+from prometheus_client import Gauge
+
+from meshcar.admin.metrics import Metrics
+from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.edge.config import EdgeConfig, load_edge_config
+from meshcar.edge.health import health_loop
+from meshcar.edge.http import L7, Backends, Redirector
+from meshcar.edge.listener import TLSListener
+from meshcar.errors import ConfigError
+from meshcar.identity.caclient import CAClient
+from meshcar.identity.rotate import Rotator
+from meshcar.sidecar import accesslog
+from meshcar.sidecar.accesslog import setup_logging
+from meshcar.sidecar.config import HostPort
+from meshcar.sidecar.main import first_leaf
+from meshcar.tls.store import CredentialStore
+
+log = logging.getLogger("meshcar.edge")
+
+
+def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    log.log(level, json.dumps({"event": name, **fields}, default=str))
+
+
+class Edge:
+    def __init__(self, cfg: EdgeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.backend_up = Gauge("meshcar_edge_backend_up", "1 if the endpoint passes its health check",
+                                ["route", "endpoint", "check"], registry=self.metrics.registry)
+        self.store: CredentialStore | None = None
+        self.rotator: Rotator | None = None
+        if cfg.identity is not None:
+            ident = cfg.identity
+            self.store = CredentialStore(ident.state_dir)
+            self.rotator = Rotator(
+                self.store, CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem),
+                ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
+                metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction)
+        self.backends = Backends(cfg, self.store, self.metrics)
+        self.l7 = L7(cfg, self.backends, self.metrics)
+        self.tls = TLSListener(cfg, self.l7, self.backends.balancers, self.metrics)
+        self.redirector = Redirector(cfg)
+        self.listening = False
+
+    def ready(self) -> tuple[bool, str]:
+        if self.store is not None and not self.store.is_valid_now():
+            return False, "no valid mesh certificate"
+        if not self.listening:
+            return False, "listeners not started"
+        return True, "ok"
+
+    def status(self) -> dict:
+        out: dict = {"routes": {}}
+        for host, bal in self.backends.balancers.items():
+            out["routes"][host] = [{"endpoint": str(s.endpoint), "healthy": s.healthy, "active": s.active}
+                                   for s in bal.states]
+        if self.store is not None and self.store.credential is not None:
+            cred = self.store.credential
+            out.update(spiffe_id=cred.spiffe_id, serial=cred.serial_hex, not_after=cred.not_after.isoformat())
+        return out
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        try:
+            async with trio.open_nursery() as nursery:
+                admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status))
+                await _listen(nursery, admin.handle_connection, cfg.admin_listen)
+                nursery.start_soon(accesslog.flush_loop)
+                if self.rotator is not None:
+                    await nursery.start(self.rotator.run)
+                    assert cfg.identity is not None
+                    nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
+                for route in cfg.routes:
+                    if route.mode == "terminate":
+                        _event("edge.plaintext_backend", logging.WARNING, route=route.host,
+                               message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
+                    if route.backend.health is not None:
+                        nursery.start_soon(health_loop, route, self.backends, self.backend_up)
+                await _listen(nursery, self.tls.handle_connection, cfg.https_listen)
+                if cfg.http_listen is not None:
+                    await _listen(nursery, self.redirector.handle_connection, cfg.http_listen)
+                self.listening = True
+                _event("edge.ready", https=str(cfg.https_listen),
+                       http=str(cfg.http_listen) if cfg.http_listen else None,
+                       routes={r.host: r.mode for r in cfg.routes})
+                task_status.started()
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.backends.pool.close_all()
+
+
+async def _listen(nursery: trio.Nursery, handler, where: HostPort) -> None:  # noqa: ANN001
+    await nursery.start(partial(trio.serve_tcp, handler, where.port, host=where.host))
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            _event("edge.stopping", signal=signal.Signals(sig).name)
+            scope.cancel()
+            return
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshcar edge", description="Run the meshcar edge.")
+    parser.add_argument("--config", type=Path, required=True, help="YAML config (docs/EDGE.md)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_edge_config(args.config)
+        edge = Edge(cfg)
+    except ConfigError as exc:
+        print(f"meshcar edge: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable certificate/key files
+        print(f"meshcar edge: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    try:
+        trio.run(edge.run)
+    except (OSError, BaseExceptionGroup) as exc:
+        err = first_leaf(exc)
+        if isinstance(err, KeyboardInterrupt):
+            return 0
+        if isinstance(err, OSError):
+            print(f"meshcar edge: {err}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,115 @@
+"""Relay bytes both ways between two TCP streams, zero-copy with `os.splice` where possible.
+
+Theory of operation: each direction runs in its own task. With splice, bytes go socket ->
+pipe -> socket inside the kernel (never copied into Python); the task parks on
+`wait_readable`/`wait_writable` only when a non-blocking splice says EAGAIN, and yields to
+the scheduler every few rounds so one busy connection cannot starve the others. Without
+splice (not Linux, or not plain sockets) it falls back to a receive/send loop. When one
+side finishes sending, the other side's write half is shut (half-close is preserved); the
+relay ends when both directions have ended, or on the first error (both are then closed).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from meshcar.net.errors import CONNECTION_ERRORS
+
+CHUNK = 256 * 1024
+HAS_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+@dataclass
+class RelayStats:
+    a_to_b: int = 0
+    b_to_a: int = 0
+    spliced: bool = False
+
+
+def _sock(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType) -> int:
+    total = 0
+    rounds = 0
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                n = os.splice(src.fileno(), w, CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                rounds = 0
+                await trio.lowlevel.wait_readable(src)
+                continue
+            if n == 0:
+                break
+            left = n
+            while left:
+                try:
+                    left -= os.splice(r, dst.fileno(), left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    rounds = 0
+                    await trio.lowlevel.wait_writable(dst)
+            total += n
+            rounds += 1
+            if rounds >= 8:
+                rounds = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        os.close(r)
+        os.close(w)
+    return total
+
+
+async def _copy_one_way(src: trio.abc.Stream, dst: trio.abc.Stream) -> int:
+    total = 0
+    while True:
+        data = await src.receive_some(CHUNK)
+        if not data:
+            return total
+        await dst.send_all(data)
+        total += len(data)
+
+
+async def _half_close(stream: trio.abc.Stream) -> None:
+    sock = _sock(stream)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_WR)
+        elif isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+    except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, use_splice: bool = True) -> RelayStats:
+    """Move bytes a->b and b->a until both directions end; errors close both."""
+    stats = RelayStats()
+    sa, sb = _sock(a), _sock(b)
+    stats.spliced = use_splice and HAS_SPLICE and sa is not None and sb is not None
+
+    async def one_way(src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool) -> None:
+        s_src, s_dst = _sock(src), _sock(dst)
+        if stats.spliced and s_src is not None and s_dst is not None:
+            n = await _splice_one_way(s_src, s_dst)
+        else:
+            n = await _copy_one_way(src, dst)
+        if forward:
+            stats.a_to_b += n
+        else:
+            stats.b_to_a += n
+        await _half_close(dst)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, a, b, True)
+            nursery.start_soon(one_way, b, a, False)
+    except* CONNECTION_ERRORS:
+        pass  # a reset or broken peer ends the relay; the caller closes both streams
+    return stats
