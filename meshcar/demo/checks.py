@@ -276,19 +276,232 @@ def mesh_checks() -> list[Check]:
     ]
 
 
+# --------------------------------------------------------------------------- edge checks
+
+
+@dataclass(frozen=True)
+class CurlAnswer:
+    status: int
+    headers: dict[str, str]  # lower-case names, last value wins
+    body: str
+
+
+def curl_edge(env: DemoEnv, host: str, path: str, *extra: str) -> CurlAnswer:
+    """`curl --cacert edge-ca.pem --resolve HOST:8443:127.0.0.1 https://HOST:8443/PATH`."""
+    port = sc.EDGE_HTTPS_PORT
+    argv = ["curl", "-sS", "-i", "--max-time", str(int(HTTP_TIMEOUT_SECONDS)),
+            "--cacert", str(env.certs.edge_ca), "--resolve", f"{host}:{port}:{LOOPBACK}",
+            *extra, f"https://{host}:{port}{path}"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_SECONDS, check=False)
+    if r.returncode != 0:
+        raise CheckFailed(f"curl https://{host}:{port}{path} failed: {r.stderr.strip()[-300:]}")
+    return _parse_curl(r.stdout)
+
+
+def _parse_curl(out: str) -> CurlAnswer:
+    out = out.replace("\r\n", "\n")  # text-mode subprocess output may or may not keep CRs
+    head, _, body = out.partition("\n\n")
+    lines = head.split("\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return CurlAnswer(status, headers, body)
+
+
+def _doc(ans: CurlAnswer) -> dict[str, Any]:
+    try:
+        doc = json.loads(ans.body)
+    except ValueError as exc:
+        raise CheckFailed(f"{ans.status}, not JSON: {ans.body[:200]!r}") from exc
+    return doc if isinstance(doc, dict) else {}
+
+
+API_HOST, WWW_HOST = "api.demo.test", "www.demo.test"
+
+
+def check_edge_api_hello(env: DemoEnv) -> str:
+    ans = curl_edge(env, API_HOST, "/v1/hello")
+    expect(ans.status == 200, f"api.demo.test/v1/hello: {ans.status}")
+    doc = _doc(ans)
+    expect(doc.get("service") == "api", f"answered by {doc.get('service')!r}, not api")
+    xfp, xff, xfcc = (header_values(doc, n) for n in
+                      ("X-Forwarded-Proto", "X-Forwarded-For", "X-Forwarded-Client-Cert"))
+    expect(xfp == ["https"], f"api saw X-Forwarded-Proto {xfp}")
+    expect(xff == [LOOPBACK], f"api saw X-Forwarded-For {xff}")
+    expect(len(xfcc) == 1 and xfcc[0].endswith(f"URI={sc.spiffe_id('edge')}"), f"api saw XFCC {xfcc}")
+    expect("strict-transport-security" in ans.headers, "no HSTS header on api.demo.test")
+    return f"200 from api; XFP https, XFF {xff[0]}, XFCC URI={sc.spiffe_id('edge')}; HSTS set"
+
+
+def _first_cert_sans(output: str) -> str:
+    start = output.find("-----BEGIN CERTIFICATE-----")
+    end = output.find("-----END CERTIFICATE-----")
+    if start < 0 or end < 0:
+        raise CheckFailed("openssl s_client showed no certificate")
+    pem = output[start:end + len("-----END CERTIFICATE-----")]
+    r = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=pem,
+                       capture_output=True, text=True, check=False)
+    return r.stdout.replace("\n", " ").strip()
+
+
+def check_edge_certificate(env: DemoEnv) -> str:
+    r = openssl_request(sc.EDGE_HTTPS_PORT, str(env.certs.edge_ca), servername=API_HOST,
+                        request=_http_request(API_HOST, "/v1/hello"))
+    sans = _first_cert_sans(r.stdout)
+    expect("DNS:api.demo.test" in sans, f"certificate for api.demo.test has SANs {sans}")
+    expect("Verify return code: 0 (ok)" in r.stdout, "the edge certificate did not verify")
+    return f"edge certificate ({sans}) verified against edge-ca.pem"
+
+
+def check_edge_passthrough(env: DemoEnv) -> str:
+    c = env.certs
+    host = sc.PAYMENTS_PUBLIC_HOST
+    with_cert = openssl_request(sc.EDGE_HTTPS_PORT, str(c.edge_ca), servername=host,
+                                cert=str(c.partner_cert), key=str(c.partner_key),
+                                request=_http_request(host, "/v1/charge"))
+    sans = _first_cert_sans(with_cert.stdout)
+    expect("DNS:payments.demo.test" in sans and "api.demo.test" not in sans,
+           f"the certificate behind SNI payments.demo.test has SANs {sans}, not payments' own")
+    expect("HTTP/1.1 200" in with_cert.stdout, f"no 200 with the partner certificate: {with_cert.stderr[-300:]!r}")
+    body = with_cert.stdout.replace("\r\n", "\n")
+    body = body[body.rfind("\n\n") + 2:]
+    proxied = ""
+    try:
+        proxied = json.loads(body[body.find("{"):]).get("proxy_protocol", {}).get("source", "")
+    except ValueError:
+        pass
+    without = openssl_request(sc.EDGE_HTTPS_PORT, str(c.edge_ca), servername=host,
+                              request=_http_request(host, "/v1/charge"))
+    expect("HTTP/1.1 200" not in without.stdout, "payments answered without a client certificate")
+    expect("certificate required" in without.stderr, f"no 'certificate required': {without.stderr[-300:]!r}")
+    return (f"payments' own certificate ({sans}); partner cert: 200"
+            + (f", PROXY v2 source {proxied}" if proxied else "") + "; without: certificate required")
+
+
+def check_edge_api_pay(env: DemoEnv) -> str:
+    ans = curl_edge(env, API_HOST, "/v1/pay")
+    expect(ans.status == 200, f"api.demo.test/v1/pay: {ans.status} {ans.body[:200]!r}")
+    doc = _doc(ans)
+    pay = doc.get("payments") or {}
+    peer = pay.get("body", {}).get("peer") if isinstance(pay, dict) else None
+    expect(peer == sc.spiffe_id("api"), f"payments saw caller {peer!r} ({str(pay)[:200]})")
+    return f"edge -> api (bridge) -> payments; payments saw {peer}"
+
+
+def check_edge_web_try_payments(env: DemoEnv) -> str:
+    ans = curl_edge(env, WWW_HOST, "/try-payments")
+    doc = _doc(ans)
+    text = json.dumps(doc)
+    expect("403" in text, f"/try-payments via the edge reported {text[:200]}")
+    return "web reports 403 from payments' sidecar"
+
+
+def check_edge_redirect(env: DemoEnv) -> str:
+    r = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", "-H", f"Host: {WWW_HOST}",
+                        f"http://{LOOPBACK}:{sc.EDGE_HTTP_PORT}/x"], capture_output=True, text=True, check=False)
+    ans = _parse_curl(r.stdout) if r.returncode == 0 else None
+    expect(ans is not None and ans.status == 301, f"HTTP listener answered {r.stdout[:100]!r} {r.stderr[-200:]!r}")
+    assert ans is not None
+    loc = ans.headers.get("location")
+    expect(loc == f"https://{WWW_HOST}/x", f"Location {loc!r}")
+    return f"301 Location: {loc}"
+
+
+def _edge_log(env: DemoEnv) -> list[dict[str, Any]]:
+    out = []
+    for line in env.paths.log("edge").read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def check_edge_access_log(env: DemoEnv) -> str:
+    import time
+
+    deadline = time.monotonic() + 3  # access log lines are written in batches (<= 0.2 s)
+    while True:
+        entries = _edge_log(env)
+        http = [e for e in entries if e.get("type") == "request" and e.get("host") in (WWW_HOST, API_HOST)]
+        pay = [e for e in entries if e.get("sni") == sc.PAYMENTS_PUBLIC_HOST or e.get("host") == sc.PAYMENTS_PUBLIC_HOST]
+        hosts = {e["host"] for e in http}
+        if hosts == {WWW_HOST, API_HOST} and pay or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    expect(hosts == {WWW_HOST, API_HOST}, f"HTTP entries for {sorted(hosts)}")
+    expect(all(e.get("type") == "connection" for e in pay) and pay,
+           f"payments entries: {[e.get('type') for e in pay]}")
+    expect(all("path" not in e and "method" not in e for e in pay), "a payments entry has HTTP fields")
+    return f"{len(http)} HTTP entries (www, api); {len(pay)} TCP-only entries for payments"
+
+
+def check_edge_health(env: DemoEnv) -> str:
+    import time
+
+    want = {(API_HOST, "http"), (WWW_HOST, "http"), (sc.PAYMENTS_PUBLIC_HOST, "tcp")}
+    deadline = time.monotonic() + 6
+    seen: set[tuple[str, str]] = set()
+    while True:
+        with httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_SECONDS) as client:
+            text = client.get(f"http://{LOOPBACK}:{sc.EDGE_ADMIN_PORT}/metrics").text
+        seen = set()
+        for line in text.splitlines():
+            if line.startswith("meshcar_edge_backend_up{") and line.rstrip().endswith(" 1.0"):
+                labels = dict(p.split("=", 1) for p in line[line.index("{") + 1:line.index("}")].split(","))
+                seen.add((labels["route"].strip('"'), labels["check"].strip('"')))
+        if want <= seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    expect(want <= seen, f"healthy checks seen: {sorted(seen)}")
+    return "payments: TCP up; api, www: HTTP up (meshcar_edge_backend_up)"
+
+
+def check_edge_xfcc_stripped(env: DemoEnv) -> str:
+    forged = "By=spiffe://meshcar.demo/svc/api;URI=spiffe://meshcar.demo/svc/payments"
+    ans = curl_edge(env, API_HOST, "/v1/hello", "-H", f"X-Forwarded-Client-Cert: {forged}")
+    doc = _doc(ans)
+    xfcc = header_values(doc, "X-Forwarded-Client-Cert")
+    expect(forged not in xfcc and len(xfcc) == 1, f"api saw XFCC {xfcc}")
+    return f"api saw only {xfcc[0]}"
+
+
+def check_edge_rate_limit(env: DemoEnv) -> str:
+    port = sc.EDGE_HTTPS_PORT
+    url = f"https://{API_HOST}:{port}/v1/hello"
+    argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(env.certs.edge_ca),
+            "--resolve", f"{API_HOST}:{port}:{LOOPBACK}", "-o", "/dev/null", "-w", "%{http_code}\n"]
+    argv = argv[:-4] + ["-w", "%{http_code} %header{retry-after}\n", "--parallel", "--parallel-max", "16"]
+    for _ in range(150):
+        argv += ["-o", "/dev/null", url]  # one -o per URL
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    answers = [line.split() for line in r.stdout.splitlines() if line.strip()]
+    codes = [a[0] for a in answers]
+    limited = [a for a in answers if a[0] == "429"]
+    expect(bool(limited), f"no 429 in a burst of {len(codes)}: {sorted(set(codes))}")
+    expect(all(len(a) == 2 and a[1].isdigit() for a in limited),
+           f"429 answers without a numeric Retry-After: {limited[:3]}")
+    return (f"burst of {len(codes)}: {codes.count('200')} x 200, {len(limited)} x 429 "
+            f"with Retry-After: {limited[0][1]}")
+
+
 def edge_checks() -> list[Check]:
-    """SCENARIO.md items 1-10 through the edge: the edge engineer gives each a function."""
+    """SCENARIO.md items 1-10 through the edge."""
     return [
-        Check("1", "api.demo.test /v1/hello via edge: XFP https, XFF, XFCC names edge"),
-        Check("2", "s_client api.demo.test: the edge's certificate (SAN api.demo.test)"),
-        Check("3", "s_client payments.demo.test via edge: payments' own cert; partner mTLS"),
-        Check("4", "https://api.demo.test:8443/v1/pay: payments saw caller api"),
-        Check("5", "https://www.demo.test:8443/try-payments reports 403"),
-        Check("6", "http://127.0.0.1:8080 with Host www.demo.test: 301 to https"),
-        Check("7", "edge access log: HTTP entries for www/api, TCP-only for payments"),
-        Check("8", "edge health-checks payments over TCP and api/web over HTTP"),
-        Check("9", "client-sent X-Forwarded-Client-Cert never reaches api via the edge"),
-        Check("10", "burst past api's rate limit: 429 with Retry-After"),
+        Check("1", "api.demo.test /v1/hello via edge: XFP https, XFF, XFCC names edge", check_edge_api_hello),
+        Check("2", "s_client api.demo.test: the edge's certificate (SAN api.demo.test)", check_edge_certificate),
+        Check("3", "s_client payments.demo.test via edge: payments' own cert; partner mTLS",
+              check_edge_passthrough),
+        Check("4", "https://api.demo.test:8443/v1/pay: payments saw caller api", check_edge_api_pay),
+        Check("5", "https://www.demo.test:8443/try-payments reports 403", check_edge_web_try_payments),
+        Check("6", "http://127.0.0.1:8080 with Host www.demo.test: 301 to https", check_edge_redirect),
+        Check("7", "edge access log: HTTP entries for www/api, TCP-only for payments", check_edge_access_log),
+        Check("8", "edge health-checks payments over TCP and api/web over HTTP", check_edge_health),
+        Check("9", "client-sent X-Forwarded-Client-Cert never reaches api via the edge", check_edge_xfcc_stripped),
+        Check("10", "burst past api's rate limit: 429 with Retry-After", check_edge_rate_limit),
     ]
 
 

@@ -191,9 +191,46 @@ def mesh_processes(
     return procs
 
 
+EDGE_NAME = "edge"
+
+
+def edge_config(scenario: sc.Scenario, paths: DemoPaths) -> dict[str, Any]:
+    """The edge's config (docs/EDGE.md), from `scenario.edge_routes`, on loopback."""
+    from meshcar.edge.scenario_config import edge_config_for
+
+    ports = {"app": lambda s: s.app_port, "mesh": lambda s: s.inbound_port,
+             "public": lambda s: s.public_tls_port}
+    return edge_config_for(
+        scenario,
+        https=hostport(sc.EDGE_HTTPS_PORT), http=hostport(sc.EDGE_HTTP_PORT),
+        admin=hostport(sc.EDGE_ADMIN_PORT),
+        identity={
+            "spiffe_id": sc.spiffe_id(EDGE_NAME),
+            "ca_url": CA_URL,
+            "ca_bundle": str(paths.ca_root),
+            "token_file": str(paths.token_file(EDGE_NAME)),
+            "state_dir": str(paths.state_dir(EDGE_NAME)),
+            "ttl_seconds": sc.CERT_TTL_SECONDS,
+        },
+        cert=str(paths.root / "pki" / "edge.pem"), key=str(paths.root / "pki" / "edge.key"),
+        endpoint=lambda svc, kind: hostport(ports[kind](svc)),
+    )
+
+
 def edge_processes(scenario: sc.Scenario, paths: DemoPaths) -> list[ProcSpec]:
-    """The edge (issue 3) plugs in here: its config from `scenario.edge_routes`."""
-    return []
+    """The edge: one process, its config from `scenario.edge_routes`."""
+    if not scenario.edge_routes:
+        return []
+    return [ProcSpec(
+        name=EDGE_NAME,
+        argv=meshcar_argv("edge", "--config", str(paths.sidecar_dir(EDGE_NAME) / "edge.yaml")),
+        probe=Probe(f"http://{hostport(sc.EDGE_ADMIN_PORT)}/ready"),
+        ports=(
+            (sc.EDGE_HTTPS_PORT, "edge HTTPS"),
+            (sc.EDGE_HTTP_PORT, "edge HTTP"),
+            (sc.EDGE_ADMIN_PORT, "edge admin"),
+        ),
+    )]
 
 
 def all_ports(procs: list[ProcSpec]) -> list[tuple[int, str]]:

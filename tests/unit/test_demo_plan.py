@@ -13,6 +13,7 @@ from meshcar.demo.plan import (
     PublicCerts,
     all_ports,
     ca_process,
+    edge_processes,
     mesh_processes,
     scenario_ports,
     sidecar_config,
@@ -107,5 +108,25 @@ def test_payments_public_endpoint_requires_partner_certificates() -> None:
 
 
 def test_ports_known_up_front_are_the_ports_of_the_plan() -> None:
-    planned = all_ports([ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS))
+    planned = all_ports([ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS)
+                        + edge_processes(sc.SCENARIO, PATHS))
     assert scenario_ports(sc.SCENARIO, PATHS) == planned
+
+
+def test_edge_config_is_built_from_the_scenario_and_loads() -> None:
+    from meshcar.demo.plan import edge_config
+    from meshcar.edge.config import parse_edge_config
+
+    cfg = parse_edge_config(edge_config(sc.SCENARIO, PATHS), "edge.yaml", PATHS.root)
+    by_host = {r.host: r for r in cfg.routes}
+    assert set(by_host) == {r.host for r in sc.SCENARIO.edge_routes}
+    for r in sc.SCENARIO.edge_routes:
+        route, svc = by_host[r.host], sc.SCENARIO.service(r.backend)
+        assert route.mode == r.mode
+        port = {"terminate": svc.app_port, "bridge": svc.inbound_port,
+                "passthrough": svc.public_tls_port}[r.mode]
+        assert [e.port for e in route.backend.endpoints] == [port]
+    assert by_host["api.demo.test"].backend.spiffe_id == sc.spiffe_id("api")
+    assert by_host["api.demo.test"].path_prefix == "/v1/" and by_host["api.demo.test"].hsts
+    assert by_host["payments.demo.test"].proxy_protocol == "v2"
+    assert cfg.https_listen.port == sc.EDGE_HTTPS_PORT and cfg.identity is not None
