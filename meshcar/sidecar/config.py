@@ -32,6 +32,7 @@ class Upstream:
     endpoints: tuple[HostPort, ...]
     spiffe_id: str
     local_port: int | None = None
+    match: tuple[HostPort, ...] = ()  # original destinations captured transparently
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SidecarConfig:
     admin_listen: HostPort
     log_level: str = "info"
     drain_seconds: float = 10.0
+    transparent_listen: HostPort | None = None  # iptables-redirected app traffic
 
     @property
     def trust_domain(self) -> str:
@@ -223,7 +225,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                 allow.append(v)
 
     outbound = c.section(data, "outbound", required=False)
-    c.unknown(outbound, "outbound.", {"listen", "upstreams"})
+    c.unknown(outbound, "outbound.", {"listen", "upstreams", "transparent_listen"})
     out_listen = (c.hostport(outbound.get("listen"), "outbound.listen", loopback_only=True)
                   if outbound.get("listen") is not None else None)
     ups_raw = outbound.get("upstreams", {}) or {}
@@ -239,7 +241,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             if not isinstance(u, dict):
                 c.bad(p, "must be a mapping")
                 continue
-            c.unknown(u, p + ".", {"endpoints", "spiffe_id", "local_port"})
+            c.unknown(u, p + ".", {"endpoints", "spiffe_id", "local_port", "match"})
             eps_raw = u.get("endpoints")
             eps: list[HostPort] = []
             if not isinstance(eps_raw, list) or not eps_raw:
@@ -253,9 +255,20 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             lp = u.get("local_port")
             if lp is not None:
                 lp = c.port(lp, p + ".local_port")
+            match: list[HostPort] = []
+            m_raw = u.get("match", [])
+            if not isinstance(m_raw, list):
+                c.bad(p + ".match", "must be a list of HOST:PORT (original destinations)")
+            else:
+                for i, m in enumerate(m_raw):
+                    hp = c.hostport(m, f"{p}.match[{i}]")
+                    if hp:
+                        match.append(hp)
             if eps and usid:
-                upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp))
+                upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp, tuple(match)))
 
+    transparent = (c.hostport(outbound["transparent_listen"], "outbound.transparent_listen")
+                   if outbound.get("transparent_listen") is not None else None)
     admin = c.section(data, "admin")
     c.unknown(admin, "admin.", {"listen"})
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
@@ -281,6 +294,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         admin_listen=admin_listen,
         log_level=level,
         drain_seconds=float(drain),
+        transparent_listen=transparent,
     )
 
 

@@ -31,6 +31,7 @@ from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort, SidecarConfig, load_config, load_config_text
 from meshcar.sidecar.inbound import Inbound
 from meshcar.sidecar.outbound import Outbound
+from meshcar.sidecar.transparent import Transparent
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.sidecar")
@@ -142,6 +143,9 @@ class Sidecar:
                 await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns)
                 if cfg.outbound_listen is not None:
                     await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns)
+                if cfg.transparent_listen is not None:
+                    await _listen(ln, Transparent(cfg, self.outbound).handle_connection,
+                                  cfg.transparent_listen, conns)
                 for up in cfg.upstreams:
                     if up.local_port is not None:
                         await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),

@@ -1,0 +1,57 @@
+"""Transparent capture: sockaddr_in parsing and original-destination -> upstream mapping."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from meshcar.errors import ConfigError
+from meshcar.net.origdst import parse_sockaddr_in
+from meshcar.sidecar.config import parse_config
+from meshcar.sidecar.transparent import upstream_for
+
+
+def sockaddr(ip: str, port: int, family: int = socket.AF_INET) -> bytes:
+    return struct.pack("=H", family) + struct.pack("!H", port) + socket.inet_aton(ip) + b"\0" * 8
+
+
+def test_parse_sockaddr_in() -> None:
+    assert parse_sockaddr_in(sockaddr("10.77.0.3", 9002)) == ("10.77.0.3", 9002)
+    assert parse_sockaddr_in(sockaddr("255.255.255.255", 65535)) == ("255.255.255.255", 65535)
+    with pytest.raises(ValueError, match="too short"):
+        parse_sockaddr_in(b"\x02\x00")
+    with pytest.raises(ValueError, match="not an AF_INET"):
+        parse_sockaddr_in(sockaddr("1.2.3.4", 1, family=socket.AF_INET6))
+
+
+CFG = {
+    "identity": {"spiffe_id": "spiffe://td/svc/web", "ca_url": "https://ca:1", "ca_bundle": "b",
+                 "state_dir": "s"},
+    "app": {"port": 9001}, "inbound": {"listen": "0.0.0.0:7001"}, "admin": {"listen": "127.0.0.1:7201"},
+    "outbound": {"transparent_listen": "127.0.0.1:15001", "upstreams": {
+        "api": {"endpoints": ["10.77.0.3:7002"], "spiffe_id": "spiffe://td/svc/api",
+                "match": ["10.77.0.3:9002", "10.96.0.10:80"]},
+        "pay": {"endpoints": ["10.77.0.4:7003"], "spiffe_id": "spiffe://td/svc/pay"},
+    }},
+}
+
+
+def test_original_destination_maps_to_its_upstream_only() -> None:
+    cfg = parse_config(CFG, "s.yaml")
+    assert cfg.transparent_listen is not None and cfg.transparent_listen.port == 15001
+    assert upstream_for(cfg, ("10.77.0.3", 9002)) == "api"
+    assert upstream_for(cfg, ("10.96.0.10", 80)) == "api"
+    assert upstream_for(cfg, ("10.77.0.3", 9003)) is None  # right IP, wrong port
+    assert upstream_for(cfg, ("10.77.0.4", 7003)) is None  # no match list: never captured
+    assert upstream_for(cfg, ("8.8.8.8", 443)) is None
+
+
+def test_bad_match_entries_are_reported() -> None:
+    bad = {**CFG, "outbound": {"transparent_listen": "nope", "upstreams": {
+        "api": {"endpoints": ["10.77.0.3:7002"], "spiffe_id": "spiffe://td/svc/api", "match": ["x"]}}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad, "s.yaml")
+    text = str(err.value)
+    assert "outbound.transparent_listen" in text and "outbound.upstreams.api.match[0]" in text
