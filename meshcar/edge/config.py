@@ -142,15 +142,7 @@ def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
         c.bad(p, "must be a mapping with endpoints")
         return None
     c.unknown(raw, p + ".", {"endpoints", "balance", "spiffe_id", "health"})
-    eps_raw = raw.get("endpoints")
-    eps: list[HostPort] = []
-    if not isinstance(eps_raw, list) or not eps_raw:
-        c.bad(p + ".endpoints", "must be a non-empty list of HOST:PORT")
-    else:
-        for i, e in enumerate(eps_raw):
-            hp = c.hostport(e, f"{p}.endpoints[{i}]")
-            if hp:
-                eps.append(hp)
+    eps = c.hostports(raw.get("endpoints"), p + ".endpoints", required=True)
     balance = raw.get("balance", "round_robin")
     if balance not in ("round_robin", "least_connections"):
         c.bad(p + ".balance", "must be round_robin or least_connections")

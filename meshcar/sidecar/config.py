@@ -126,6 +126,18 @@ class Checker:
             return None
         return val
 
+    def hostports(self, val: Any, path: str, *, required: bool) -> list[HostPort]:
+        """A list of HOST:PORT (non-empty if `required`); each bad entry reported."""
+        if not isinstance(val, list) or (required and not val):
+            self.bad(path, f"must be a {'non-empty ' if required else ''}list of HOST:PORT")
+            return []
+        out = []
+        for i, e in enumerate(val):
+            hp = self.hostport(e, f"{path}[{i}]")
+            if hp:
+                out.append(hp)
+        return out
+
     def hostport(self, val: Any, path: str, loopback_only: bool = False) -> HostPort | None:
         if not isinstance(val, str) or ":" not in val:
             self.bad(path, f"must be HOST:PORT, got {val!r}")
@@ -242,28 +254,12 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                 c.bad(p, "must be a mapping")
                 continue
             c.unknown(u, p + ".", {"endpoints", "spiffe_id", "local_port", "match"})
-            eps_raw = u.get("endpoints")
-            eps: list[HostPort] = []
-            if not isinstance(eps_raw, list) or not eps_raw:
-                c.bad(p + ".endpoints", "must be a non-empty list of HOST:PORT")
-            else:
-                for i, e in enumerate(eps_raw):
-                    hp = c.hostport(e, f"{p}.endpoints[{i}]")
-                    if hp:
-                        eps.append(hp)
+            eps = c.hostports(u.get("endpoints"), p + ".endpoints", required=True)
             usid = c.spiffe(u.get("spiffe_id"), p + ".spiffe_id")
             lp = u.get("local_port")
             if lp is not None:
                 lp = c.port(lp, p + ".local_port")
-            match: list[HostPort] = []
-            m_raw = u.get("match", [])
-            if not isinstance(m_raw, list):
-                c.bad(p + ".match", "must be a list of HOST:PORT (original destinations)")
-            else:
-                for i, m in enumerate(m_raw):
-                    hp = c.hostport(m, f"{p}.match[{i}]")
-                    if hp:
-                        match.append(hp)
+            match = c.hostports(u.get("match", []), p + ".match", required=False)
             if eps and usid:
                 upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp, tuple(match)))
 
