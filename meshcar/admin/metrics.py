@@ -34,6 +34,14 @@ class Metrics:
         self.bundle_version = Gauge(
             "meshcar_trust_bundle_version", "Version of the trust bundle held", registry=r
         )
+        self.edge_requests = Counter(
+            "meshcar_edge_requests", "Edge requests (terminate/bridge) or connections (passthrough)",
+            ["route", "mode", "status"], registry=r
+        )
+        self.edge_bytes = Counter(
+            "meshcar_edge_bytes", "Payload bytes through the edge", ["route", "mode", "direction"],
+            registry=r
+        )
         self.pool_connections = Counter(
             "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
         )
@@ -49,6 +57,13 @@ class Metrics:
         if hist is None:
             hist = self._latency_children[direction] = self.latency.labels(direction)
         hist.observe(seconds)
+
+    def observe_edge(self, route: str, mode: str, status: int, bytes_in: int, bytes_out: int) -> None:
+        self.edge_requests.labels(route, mode, str(status)).inc()
+        if bytes_in:
+            self.edge_bytes.labels(route, mode, "in").inc(bytes_in)
+        if bytes_out:
+            self.edge_bytes.labels(route, mode, "out").inc(bytes_out)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -172,6 +172,8 @@ class L7:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request(f"edge-{mode or 'none'}", status, dur)
+            self.metrics.observe_edge(route.host if route else "(none)", mode or "none", status,
+                                      bytes_in, bytes_out)
             log_entry("request", client=client.ip, sni=client.sni, host=host, method=req.method.decode("latin-1"),
                       path=path, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
                       duration_ms=round(dur * 1000, 3), mode=mode, backend=backend,

@@ -161,6 +161,9 @@ class TLSListener:
             await trio.aclose_forcefully(tcp)
             dur = time.perf_counter() - start
             self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
+            self.metrics.observe_edge(route.host, "passthrough", 0 if error is None else 502,
+                                      len(peeked) + (stats.a_to_b if stats else 0),
+                                      stats.b_to_a if stats else 0)
             log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
                       bytes_up=len(peeked) + (stats.a_to_b if stats else 0),
                       bytes_down=stats.b_to_a if stats else 0, duration_ms=round(dur * 1000, 3),

@@ -173,3 +173,28 @@ def test_cert_show_and_renew_without_dropping_pooled_connections(pair: Pair) -> 
 def test_cert_cli_reports_unreachable_admin() -> None:
     r = subprocess.run(meshcar_cmd("cert", "show", "--admin", "127.0.0.1:1"), capture_output=True, text=True)
     assert r.returncode == 1 and "cannot reach the admin API" in r.stderr
+
+
+def test_post_shutdown_drains_and_exits(tmp_path: Path) -> None:
+    """The native-sidecar case: the app (or a preStop hook) asks the sidecar to stop."""
+    import httpx
+
+    ports = {n: free_port() for n in ["ca", "api_app", "api_in", "api_out", "api_admin"]}
+    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
+                   check=True, capture_output=True)
+    (tmp_path / "api.token").write_text(_token(tmp_path / "ca", "api"))
+    procs = Procs(tmp_path)
+    try:
+        procs.start("ca", "ca", "serve", "--dir", str(tmp_path / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
+        procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem"))
+        side = procs.start("api", "sidecar", "--config", str(_sidecar_cfg(tmp_path, "api", ports, [], {})))
+        admin = f"http://127.0.0.1:{ports['api_admin']}"
+        procs.wait_http(f"{admin}/ready")
+        r = httpx.post(f"{admin}/shutdown")
+        assert r.status_code == 202 and r.json() == {"shutting_down": True}
+        assert side.wait(timeout=20) == 0
+        assert '"event": "sidecar.draining"' in procs.log("api")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{admin}/live")
+    finally:
+        procs.stop_all()

@@ -141,6 +141,8 @@ async def test_terminate_replaces_forwarding_headers(edge: EdgeEnv) -> None:
     assert "x-forwarded-client-cert" not in h and "forwarded" not in h and "x-internal" not in h
     assert h["x-edge"] == ["yes"]
     assert json.loads(out)["target"] == "/x?y=1"
+    text = edge.metrics.render().decode()
+    assert 'meshcar_edge_requests_total{mode="terminate",route="www.test",status="200"} 1.0' in text
 
 
 async def test_bridge_reencrypts_with_the_edge_identity_and_adds_hsts(edge: EdgeEnv) -> None:
@@ -184,6 +186,9 @@ async def test_passthrough_keeps_the_backend_certificate_and_its_client_auth(edg
                                capture_stdout=True, capture_stderr=True, check=False)
     assert "HTTP/1.1 200" not in r.stdout.decode()
     assert "certificate required" in r.stderr.decode()
+    text = edge.metrics.render().decode()
+    assert 'meshcar_edge_requests_total{mode="passthrough",route="pay.test",status="0"}' in text
+    assert 'meshcar_edge_bytes_total{direction="out",mode="passthrough",route="pay.test"}' in text
 
 
 async def test_edge_certificate_for_terminated_hosts(edge: EdgeEnv) -> None:
