@@ -59,3 +59,18 @@ def test_unknown_command_and_help() -> None:
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "sidecar" in r.stdout and "demo" in r.stdout
+
+
+def test_edge_bad_config_and_unreadable_certificate(tmp_path: Path) -> None:
+    f = tmp_path / "edge.yaml"
+    f.write_text("listen: {https: nope}\nroutes: []\n")
+    r = run("edge", "--config", str(f))
+    assert r.returncode == 2
+    for key in ("listen.https", "admin: missing section", "routes: must be a non-empty list"):
+        assert key in r.stderr, r.stderr
+    f.write_text(
+        "listen: {https: '127.0.0.1:1'}\nadmin: {listen: '127.0.0.1:2'}\n"
+        "routes: [{host: a.test, mode: terminate, tls: {cert: missing.pem, key: missing.pem},"
+        " backend: {endpoints: ['127.0.0.1:3']}}]\n")
+    r = run("edge", "--config", str(f))
+    assert r.returncode == 2 and "No such file" in r.stderr, r.stderr
