@@ -433,7 +433,7 @@ def check_edge_access_log(env: DemoEnv) -> str:
             break
         time.sleep(0.05)
     expect(hosts == {WWW_HOST, API_HOST}, f"HTTP entries for {sorted(hosts)}")
-    expect(all(e.get("type") == "connection" for e in pay) and pay,
+    expect(bool(pay) and all(e.get("type") == "connection" for e in pay),
            f"payments entries: {[e.get('type') for e in pay]}")
     expect(all("path" not in e and "method" not in e for e in pay), "a payments entry has HTTP fields")
     return f"{len(http)} HTTP entries (www, api); {len(pay)} TCP-only entries for payments"
