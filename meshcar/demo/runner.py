@@ -133,6 +133,12 @@ def what_to_try(paths: DemoPaths, scenario: sc.Scenario) -> str:
 The mesh is up: CA {CA_URL}, services {', '.join(s.name for s in scenario.services)}.
 Try (each app answers JSON with the headers it received and the caller's identity):
 
+  # through the edge (https://127.0.0.1:{sc.EDGE_HTTPS_PORT}): api.demo.test is bridged to api's sidecar
+  curl -s --cacert {d}/edge-ca.pem --resolve api.demo.test:{sc.EDGE_HTTPS_PORT}:127.0.0.1 https://api.demo.test:{sc.EDGE_HTTPS_PORT}/v1/pay
+  # www.demo.test is terminated at the edge; payments.demo.test passes through (payments' own cert)
+  openssl s_client -connect 127.0.0.1:{sc.EDGE_HTTPS_PORT} -servername {host} -cert {d}/partner.pem -key {d}/partner.key </dev/null
+  curl -si -H 'Host: www.demo.test' http://127.0.0.1:{sc.EDGE_HTTP_PORT}/x     # 301 to https
+
   # web -> api -> payments, every hop over mTLS
   curl -s http://{hostport(web.app_port)}/pay
   # api -> payments (payments sees spiffe://{sc.TRUST_DOMAIN}/svc/api)
