@@ -36,7 +36,7 @@ The hello body (RFC 8446 section 4.1.2, RFC 5246 section 7.4.1.2) is parsed stri
 session id <= 32 bytes, a non-empty even-length cipher list, at least one compression
 method, then extensions (optional before TLS 1.3) with no trailing bytes and no duplicate
 extension types. Three extensions are decoded: server_name (RFC 6066: exactly one entry, of
-type host_name, a valid DNS name, returned lower-cased; IP literals, trailing dots, bad
+type host_name, a valid DNS name, returned lower-cased (an IP literal counts as no SNI); trailing dots, bad
 labels and undecodable ``xn--`` labels are rejected), ALPN (RFC 7301: non-empty names) and
 supported_versions (RFC 8446). The SSLv2-compatible hello format is rejected.
 """
@@ -336,7 +336,7 @@ def _parse_body(
     )
 
 
-def _parse_sni(ext: _Reader) -> str:
+def _parse_sni(ext: _Reader) -> str | None:
     names = ext.vector(2, "server_name_list", min_len=1)
     ext.end("server_name extension")
     name_type = names.u8("name_type")
@@ -347,8 +347,20 @@ def _parse_sni(ext: _Reader) -> str:
         raise _Malformed("server_name_list must hold exactly one host_name")
     host = validate_hostname(raw)
     if host is None:
+        if _is_ip_literal(raw):
+            # RFC 6066 forbids IP literals here, but real clients (wrk, some SDKs) send them:
+            # treat the hello as one without SNI (the default route, if any, applies).
+            return None
         raise _Malformed("server_name is not a valid DNS host name")
     return host
+
+
+def _is_ip_literal(raw: bytes) -> bool:
+    try:
+        ipaddress.ip_address(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
 
 
 def _parse_alpn(ext: _Reader) -> tuple[str, ...]:
