@@ -26,12 +26,11 @@ from meshcar.edge.health import health_loop
 from meshcar.edge.http import L7, Backends, Redirector
 from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
-from meshcar.identity.caclient import CAClient
 from meshcar.identity.rotate import Rotator
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort
-from meshcar.sidecar.main import first_leaf
+from meshcar.sidecar.main import first_leaf, issuer_client
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")
@@ -53,7 +52,7 @@ class Edge:
             ident = cfg.identity
             self.store = CredentialStore(ident.state_dir)
             self.rotator = Rotator(
-                self.store, CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem),
+                self.store, issuer_client(ident),
                 ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
                 metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction)
         self.backends = Backends(cfg, self.store, self.metrics)

@@ -25,6 +25,7 @@ from cryptography import x509
 
 from meshcar.admin.metrics import Metrics
 from meshcar.identity.caclient import CAClient, CAError
+from meshcar.identity.vaultclient import VaultClient
 from meshcar.tls.store import Credential, CredentialStore
 
 log = logging.getLogger("meshcar.identity")
@@ -67,12 +68,14 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
 
 
 class Rotator:
-    def __init__(self, store: CredentialStore, client: CAClient, spiffe_id: str, *,
+    def __init__(self, store: CredentialStore, client: CAClient | VaultClient, spiffe_id: str, *,
                  token_file: Path | None, metrics: Metrics, ttl_seconds: int | None = None,
                  fraction: float = 2 / 3, jitter: float = 0.1,
                  k8s_token_file: Path | None = None,
                  clock: Callable[[], dt.datetime] | None = None) -> None:
         self.k8s_token_file = k8s_token_file
+        # Vault authenticates the workload itself (AppRole/token): no meshcar join token
+        self.own_credential = isinstance(client, VaultClient)
         self.clock = clock or _utcnow  # wall clock; tests pass one driven by trio's MockClock
         self.store = store
         self.client = client
@@ -110,6 +113,9 @@ class Rotator:
                 if self.k8s_token_file is not None:
                     cred = await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
                         self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds)
+                elif self.token_file is None and self.own_credential:
+                    # the backend authenticates the workload itself (Vault AppRole/token)
+                    cred = await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds)
                 else:
                     cred = await self.client.sign(self.spiffe_id, token=self._read_token(
                         self.token_file, "token_file"), ttl_seconds=self.ttl_seconds)

@@ -36,9 +36,22 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class VaultIdentity:
+    """Issue directly from Vault/OpenBao PKI (`identity.vault`), instead of the CA API."""
+
+    addr: str
+    role: str
+    mount: str = "pki_int"
+    token_file: Path | None = None
+    approle_role_id_file: Path | None = None
+    approle_secret_id_file: Path | None = None
+    ca_cert: Path | None = None
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     spiffe_id: str
-    ca_url: str
+    ca_url: str | None  # the CA API (None when identity.vault is used)
     ca_bundle: Path | None  # file with the root(s) of the CA API's certificate ...
     token_file: Path | None
     state_dir: Path
@@ -47,6 +60,7 @@ class IdentityConfig:
     bundle_refresh_seconds: float = 300.0
     ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or the PEM inline
     k8s_token_file: Path | None = None  # projected service-account token (Kubernetes)
+    vault: VaultIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -171,14 +185,20 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
     ident = c.section(data, "identity")
     c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
                                    "ttl_seconds", "renew_fraction", "bundle_refresh_seconds",
-                                   "ca_bundle_pem", "k8s_token_file"})
+                                   "ca_bundle_pem", "k8s_token_file", "vault"})
     sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
-    ca_url = c.string(ident, "ca_url", "identity.ca_url") if "identity" in data else None
+    vault = _vault(c, ident.get("vault")) if ident.get("vault") is not None else None
+    if vault is not None:
+        for k in ("ca_url", "ca_bundle", "ca_bundle_pem", "token_file", "k8s_token_file"):
+            if ident.get(k) is not None:
+                c.bad(f"identity.{k}", "not used with identity.vault (Vault authenticates the workload)")
+    ca_url = (c.string(ident, "ca_url", "identity.ca_url")
+              if "identity" in data and "vault" not in ident else None)
     if ca_url and not ca_url.startswith("https://"):
         c.bad("identity.ca_url", "must be an https:// URL")
     has_pem = ident.get("ca_bundle_pem") is not None
     ca_bundle = (c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem)
-                 if "identity" in data else None)
+                 if "identity" in data and "vault" not in ident else None)
     ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
     if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
         c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
@@ -202,10 +222,34 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
     if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
         c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
         refresh = 300
-    if not (sid and ca_url and state_dir) or (ca_bundle is None and ca_bundle_pem is None):
+    if not (sid and state_dir):
+        return None
+    if vault is None and (not ca_url or (ca_bundle is None and ca_bundle_pem is None)):
         return None
     return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
-                          float(refresh), ca_bundle_pem, k8s_token_file)
+                          float(refresh), ca_bundle_pem, k8s_token_file, vault)
+
+
+def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
+    p = "identity.vault"
+    if not isinstance(raw, dict):
+        c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
+        return None
+    c.unknown(raw, p + ".", {"addr", "role", "mount", "token_file", "approle_role_id_file",
+                             "approle_secret_id_file", "ca_cert"})
+    addr = c.string(raw, "addr", p + ".addr")
+    if addr and not addr.startswith(("https://", "http://")):
+        c.bad(p + ".addr", "must be an http(s):// URL")
+    role = c.string(raw, "role", p + ".role")
+    token = c.path(raw, "token_file", p + ".token_file", required=False)
+    rid = c.path(raw, "approle_role_id_file", p + ".approle_role_id_file", required=False)
+    sec = c.path(raw, "approle_secret_id_file", p + ".approle_secret_id_file", required=False)
+    if (token is None) == (rid is None or sec is None) or (token is not None and (rid or sec)):
+        c.bad(p, "give either token_file, or both approle_role_id_file and approle_secret_id_file")
+    if not (addr and role):
+        return None
+    return VaultIdentity(addr, role, str(raw.get("mount", "pki_int")), token, rid, sec,
+                         c.path(raw, "ca_cert", p + ".ca_cert", required=False))
 
 
 

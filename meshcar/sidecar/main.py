@@ -25,10 +25,17 @@ from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.rotate import Rotator
+from meshcar.identity.vaultclient import VaultClient
 from meshcar.net.drain import Drain
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
-from meshcar.sidecar.config import HostPort, SidecarConfig, load_config, load_config_text
+from meshcar.sidecar.config import (
+    HostPort,
+    IdentityConfig,
+    SidecarConfig,
+    load_config,
+    load_config_text,
+)
 from meshcar.sidecar.inbound import Inbound
 from meshcar.sidecar.outbound import Outbound
 from meshcar.sidecar.transparent import Transparent
@@ -41,6 +48,17 @@ def _event(name: str, **fields: object) -> None:
     log.info(json.dumps({"event": name, **fields}, default=str))
 
 
+def issuer_client(ident: IdentityConfig) -> CAClient | VaultClient:
+    """The identity's issuing backend: the meshcar CA API, or Vault/OpenBao directly."""
+    if ident.vault is not None:
+        v = ident.vault
+        return VaultClient(v.addr, v.role, v.mount, token_file=v.token_file,
+                           role_id_file=v.approle_role_id_file, secret_id_file=v.approle_secret_id_file,
+                           ca_cert=v.ca_cert)
+    assert ident.ca_url is not None
+    return CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem)
+
+
 class Sidecar:
     def __init__(self, cfg: SidecarConfig) -> None:
         self.cfg = cfg
@@ -48,7 +66,7 @@ class Sidecar:
         self.store = CredentialStore(cfg.identity.state_dir)
         ident = cfg.identity
         self.rotator = Rotator(
-            self.store, CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem),
+            self.store, issuer_client(ident),
             ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
             metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction,
         )
