@@ -5,8 +5,8 @@ pipe -> socket inside the kernel (never copied into Python); the task parks on
 `wait_readable`/`wait_writable` only when a non-blocking splice says EAGAIN, and yields to
 the scheduler every few rounds so one busy connection cannot starve the others. Without
 splice (not Linux, or not plain sockets) it falls back to a receive/send loop. When one
-side finishes sending, the other side's write half is shut (half-close is preserved); the
-relay ends when both directions have ended, or on the first error (both are then closed).
+side finishes sending, the other side's write half is shut (half-close is preserved); an
+error ends only its own direction, and the relay ends when both directions have ended.
 """
 
 from __future__ import annotations
@@ -102,21 +102,25 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, use_splice: bool = Tr
     stats.spliced = use_splice and HAS_SPLICE and sa is not None and sb is not None
 
     async def one_way(src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool) -> None:
+        # A failure here (a reset, writing to a peer that closed) ends this direction only:
+        # the other one still delivers what is in flight, e.g. a TLS alert the backend sent
+        # just before closing, which the client must see instead of a reset.
         s_src, s_dst = _sock(src), _sock(dst)
-        if stats.spliced and s_src is not None and s_dst is not None:
-            n = await _splice_one_way(s_src, s_dst)
-        else:
-            n = await _copy_one_way(src, dst)
+        n = 0
+        try:
+            if stats.spliced and s_src is not None and s_dst is not None:
+                n = await _splice_one_way(s_src, s_dst)
+            else:
+                n = await _copy_one_way(src, dst)
+        except CONNECTION_ERRORS:
+            pass
         if forward:
             stats.a_to_b += n
         else:
             stats.b_to_a += n
         await _half_close(dst)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one_way, a, b, True)
-            nursery.start_soon(one_way, b, a, False)
-    except* CONNECTION_ERRORS:
-        pass  # a reset or broken peer ends the relay; the caller closes both streams
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one_way, a, b, True)
+        nursery.start_soon(one_way, b, a, False)
     return stats
