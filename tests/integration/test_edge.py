@@ -21,6 +21,7 @@ from meshcar.tls.store import CredentialStore
 from tests.integration.conftest import sid, start_node
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
+from tests.support.rawclient import raw_exchange
 from tests.support.tls_backend import serve_tls_backend
 
 
@@ -200,23 +201,7 @@ async def test_edge_certificate_for_terminated_hosts(edge: EdgeEnv) -> None:
 
 
 async def raw(port: int, data: bytes, pieces: int = 1) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        step = max(1, len(data) // pieces)
-        for i in range(0, len(data), step):
-            await stream.send_all(data[i:i + step])
-            await trio.sleep(0.02)  # separate TCP segments on purpose
-        out = b""
-        with trio.move_on_after(3):
-            while True:
-                try:
-                    chunk = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        return out
+    return await raw_exchange(port, data, pieces=pieces, wait=3, require_close=False)
 
 
 def client_hello(sni: str | None) -> bytes:

@@ -10,23 +10,7 @@ import trio
 
 from tests.integration.conftest import Mesh, sid
 from tests.integration.test_sidecar_pair import SMUGGLING_REQUESTS
-
-
-async def raw_exchange(port: int, data: bytes) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(data)
-        out = b""
-        with trio.fail_after(5):
-            while True:
-                try:
-                    chunk = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        return out
+from tests.support.rawclient import raw_exchange
 
 
 async def still_serves(mesh: Mesh) -> None:
