@@ -67,6 +67,20 @@ def host_of(req: RequestHead) -> str | None:
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
+def split_host_port(value: str) -> tuple[str, str]:
+    """A Host header as (host, port or ""); IPv6 literals keep their brackets."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return value, ""
+        rest = value[end + 1:]
+        return value[:end + 1], rest[1:] if rest.startswith(":") else ""
+    if value.count(":") == 1 and not value.startswith(":"):
+        host, _, port = value.partition(":")
+        return host, port
+    return value, ""
+
+
 class Backends:
     """A balancer per route, and pooled connections to the chosen endpoints."""
 
@@ -243,9 +257,7 @@ class Redirector:
         await serve_http(HttpConn(stream, "request"), self.handle)
 
     def location(self, host_header: str, target: str) -> str:
-        host, _, port = host_header.rpartition(":") if host_header.count(":") == 1 else (host_header, "", "")
-        if not host:
-            host, port = host_header, ""
+        host, port = split_host_port(host_header)
         if port == str(self.cfg.http_listen.port if self.cfg.http_listen else 80):
             port = str(self.cfg.https_listen.port)
         netloc = host if port in ("", "443") else f"{host}:{port}"

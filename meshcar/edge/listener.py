@@ -25,6 +25,7 @@ from meshcar.edge.http import L7, ClientConn
 from meshcar.edge.policy import Balancer
 from meshcar.errors import UpstreamError
 from meshcar.net.connect import open_tcp
+from meshcar.net.direct import DirectStream
 from meshcar.net.errors import HANDSHAKE_ERRORS
 from meshcar.net.prefixed import PrefixedStream
 from meshcar.net.relay import relay
@@ -94,8 +95,9 @@ class TLSListener:
         except OSError:
             await trio.aclose_forcefully(tcp)
             return
+        direct = DirectStream(tcp)
         try:
-            peeked, hello, why = await self.peek_hello(tcp)
+            peeked, hello, why = await self.peek_hello(direct)
         except HANDSHAKE_ERRORS:
             peeked, hello, why = b"", None, "connection broke before a ClientHello"
         if hello is None:
@@ -113,7 +115,7 @@ class TLSListener:
         if route.mode == "passthrough":
             await self.passthrough(tcp, peeked, route, client_ip, hello.sni, start)
             return
-        tls = TLSStream(PrefixedStream(tcp, peeked), self.contexts[route.host], server_side=True)
+        tls = TLSStream(PrefixedStream(direct, peeked), self.contexts[route.host], server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls.do_handshake()
