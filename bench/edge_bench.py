@@ -11,7 +11,10 @@
 Everything is on 127.0.0.1, one worker/process per front. Needs nginx (with
 libnginx-mod-stream), wrk, curl and openssl; installs them with apt-get if missing.
 
-    .venv/bin/python bench/edge_bench.py [--duration 8] [--size-mb 256]
+    .venv/bin/python bench/edge_bench.py [--duration 8] [--size-mb 256] [--rounds 5] [--only pass|term|hs]
+
+Each measure runs `--rounds` times with meshcar and nginx alternating (so background load
+on the machine hits both alike); the table shows medians, and the raw samples are printed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,33 +104,41 @@ def wrk(url: str, duration: int) -> dict:
             "p99": float(p99.group(1)) * scale[p99.group(2)]}
 
 
-def download(port: int, ca: Path, rounds: int) -> float:
-    speeds = []
-    for _ in range(rounds):
-        r = subprocess.run(["curl", "-sS", "--cacert", str(ca), "--resolve", f"{HOST_P}:{port}:127.0.0.1",
-                            "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}",
-                            f"https://{HOST_P}:{port}/big"], capture_output=True, text=True, check=True)
-        code, seconds, size = r.stdout.split()
-        if code != "200" or int(size) == 0:
-            raise SystemExit(f"bench: download through {port} answered {code} with {size} bytes")
-        speeds.append(int(size) / float(seconds) / 1e6)
-    return sum(speeds) / len(speeds)  # MB/s
+def download(port: int, ca: Path) -> float:
+    """One download of the big file through `port`, in MB/s."""
+    r = subprocess.run(["curl", "-sS", "--cacert", str(ca), "--resolve", f"{HOST_P}:{port}:127.0.0.1",
+                        "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}",
+                        f"https://{HOST_P}:{port}/big"], capture_output=True, text=True, check=True)
+    code, seconds, size = r.stdout.split()
+    if code != "200" or int(size) == 0:
+        raise SystemExit(f"bench: download through {port} answered {code} with {size} bytes")
+    return int(size) / float(seconds) / 1e6
 
 
 def handshakes(port: int, duration: int) -> float:
+    """New TLS connections per second with `openssl s_time -new` (one full handshake per
+    connection, one connection at a time). s_time prints whole seconds, so the rate is its
+    connection count over the wall-clock time measured here."""
+    t0 = time.monotonic()
     r = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(duration)],
                        capture_output=True, text=True, check=False)
+    wall = time.monotonic() - t0
     m = re.search(r"(\d+) connections in ([\d.]+) real seconds", r.stdout)
     if not m:
         raise SystemExit(f"bench: openssl s_time failed on {port}: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return int(m.group(1)) / float(m.group(2))
+    return int(m.group(1)) / wall
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=8, help="seconds per wrk / s_time run")
     ap.add_argument("--size-mb", type=int, default=256, help="size of the passthrough download")
-    ap.add_argument("--rounds", type=int, default=3, help="downloads per front (averaged)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds per measure; the fronts alternate within a round and the median counts")
+    ap.add_argument("--only", choices=("pass", "term", "hs"), action="append",
+                    help="run only these measures (repeatable; default: all)")
+    ap.add_argument("--hold", action="store_true",
+                    help="start everything, print the ports and wait (for profiling by hand)")
     args = ap.parse_args()
     ensure_tools()
     d = Path(tempfile.mkdtemp(prefix="meshcar-edge-bench-"))
@@ -181,24 +193,45 @@ stream {{
         for p in ("app", "tls_backend", "edge", "ng_term", "ng_pass"):
             wait_port(ports[p])
 
-        results: dict[str, dict[str, float]] = {"meshcar": {}, "nginx": {}}
-        for name, term, pas in (("meshcar", ports["edge"], ports["edge"]),
-                                ("nginx", ports["ng_term"], ports["ng_pass"])):
-            print(f"bench: {name}: passthrough download x{args.rounds} ({args.size_mb} MiB)", flush=True)
-            results[name]["pass_mbps"] = download(pas, d / "ca.pem", args.rounds)
-            print(f"bench: {name}: terminate wrk -t2 -c32 -d{args.duration}s", flush=True)
-            w = wrk(f"https://127.0.0.1:{term}/", args.duration)
-            results[name].update(term_rps=w["rps"], term_p50=w["p50"], term_p99=w["p99"])
-            print(f"bench: {name}: openssl s_time -new -time {args.duration}", flush=True)
-            results[name]["hs"] = handshakes(term, args.duration)
+        if args.hold:
+            print(json.dumps({"dir": str(d), "pids": {"edge": procs[-1].pid}, **ports}), flush=True)
+            signal.pause()
+        only = set(args.only or ("pass", "term", "hs"))
+        fronts = {"meshcar": (ports["edge"], ports["edge"]), "nginx": (ports["ng_term"], ports["ng_pass"])}
+        samples: dict[str, dict[str, list[float]]] = {name: {} for name in fronts}
 
+        def measure(key: str, what: str, fn) -> None:  # noqa: ANN001
+            # meshcar and nginx alternate, so load from elsewhere on the machine hits both alike
+            print(f"bench: {what}, {args.rounds} rounds, fronts alternating", flush=True)
+            for _ in range(args.rounds):
+                for name, (term, pas) in fronts.items():
+                    value = fn(term, pas)
+                    for k, v in (value if isinstance(value, dict) else {key: value}).items():
+                        samples[name].setdefault(k, []).append(v)
+
+        if "pass" in only:
+            measure("pass_mbps", f"passthrough download of {args.size_mb} MiB",
+                    lambda term, pas: download(pas, d / "ca.pem"))
+        if "term" in only:
+            measure("term_rps", f"terminate wrk -t2 -c32 -d{args.duration}s", lambda term, pas: {
+                "term_rps": (w := wrk(f"https://127.0.0.1:{term}/", args.duration))["rps"],
+                "term_p50": w["p50"], "term_p99": w["p99"]})
+        if "hs" in only:
+            measure("hs", f"openssl s_time -new -time {args.duration}",
+                    lambda term, pas: handshakes(term, args.duration))
+        results = {name: {k: statistics.median(v) for k, v in per.items()} for name, per in samples.items()}
+        print("\nsamples: " + json.dumps({n: {k: [round(x, 1) for x in v] for k, v in per.items()}
+                                          for n, per in samples.items()}))
         m, n = results["meshcar"], results["nginx"]
-        print(f"\nedge benchmarks, one worker each, 127.0.0.1, {os.cpu_count()} CPUs\n")
+        print(f"\nedge benchmarks, one worker each, 127.0.0.1, {os.cpu_count()} CPUs, "
+              f"median of {args.rounds} alternating rounds\n")
         print(f"{'measure':38} {'meshcar':>10} {'nginx':>10} {'ratio':>7}")
         rows = [("passthrough download MB/s", "pass_mbps"), ("terminate requests/s (wrk -c32)", "term_rps"),
                 ("terminate p50 ms", "term_p50"), ("terminate p99 ms", "term_p99"),
                 ("new TLS handshakes/s (s_time -new)", "hs")]
         for label, key in rows:
+            if key not in m:
+                continue
             print(f"{label:38} {m[key]:10.1f} {n[key]:10.1f} {m[key] / n[key]:6.2f}x")
         return 0
     finally:

@@ -38,8 +38,14 @@ def _sock(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return stream.socket if isinstance(stream, trio.SocketStream) else None
 
 
-async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType) -> int:
-    total = 0
+class _Count:
+    """Bytes moved so far in one direction (kept when the direction ends with an error)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType, count: _Count) -> None:
     rounds = 0
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -63,7 +69,7 @@ async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketTy
                 except BlockingIOError:
                     rounds = 0
                     await trio.lowlevel.wait_writable(dst)
-            total += n
+            count.n += n
             rounds += 1
             if rounds >= 8:
                 rounds = 0
@@ -71,17 +77,15 @@ async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketTy
     finally:
         os.close(r)
         os.close(w)
-    return total
 
 
-async def _copy_one_way(src: trio.abc.Stream, dst: trio.abc.Stream) -> int:
-    total = 0
+async def _copy_one_way(src: trio.abc.Stream, dst: trio.abc.Stream, count: _Count) -> None:
     while True:
         data = await src.receive_some(CHUNK)
         if not data:
-            return total
+            return
         await dst.send_all(data)
-        total += len(data)
+        count.n += len(data)
 
 
 async def _half_close(stream: trio.abc.Stream) -> None:
@@ -106,18 +110,19 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, use_splice: bool = Tr
         # the other one still delivers what is in flight, e.g. a TLS alert the backend sent
         # just before closing, which the client must see instead of a reset.
         s_src, s_dst = _sock(src), _sock(dst)
-        n = 0
+        count = _Count()
         try:
             if stats.spliced and s_src is not None and s_dst is not None:
-                n = await _splice_one_way(s_src, s_dst)
+                await _splice_one_way(s_src, s_dst, count)
             else:
-                n = await _copy_one_way(src, dst)
+                await _copy_one_way(src, dst, count)
         except CONNECTION_ERRORS:
             pass
-        if forward:
-            stats.a_to_b += n
-        else:
-            stats.b_to_a += n
+        finally:  # bytes moved before an error or a cancellation still count
+            if forward:
+                stats.a_to_b += count.n
+            else:
+                stats.b_to_a += count.n
         await _half_close(dst)
 
     async with trio.open_nursery() as nursery:
