@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from typing import Protocol
 
 SO_ORIGINAL_DST = 80  # from linux/netfilter_ipv4.h
 SOCKADDR_IN_SIZE = 16
@@ -26,10 +27,22 @@ def parse_sockaddr_in(raw: bytes) -> tuple[str, int]:
     return str(ipaddress.IPv4Address(raw[4:8])), port
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int] | None:
-    """The pre-redirect destination, or None when the connection was not redirected."""
+class _HasGetsockopt(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+
+
+def original_dst(sock: _HasGetsockopt) -> tuple[str, int] | None:
+    """The pre-redirect destination, or None when the kernel has none for this connection.
+
+    `sock` is a stdlib or trio socket (both forward `getsockopt`). A connection made straight
+    to the listener (not redirected) may still report the listener's own address: callers
+    must treat the answer as a lookup key, never as a place to connect to.
+    """
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
     except OSError:
         return None
-    return parse_sockaddr_in(raw)
+    try:
+        return parse_sockaddr_in(raw)
+    except ValueError:
+        return None

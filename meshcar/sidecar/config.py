@@ -307,7 +307,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             if eps and usid:
                 upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp, tuple(match)))
 
-    transparent = (c.hostport(outbound["transparent_listen"], "outbound.transparent_listen")
+    transparent = (c.hostport(outbound["transparent_listen"], "outbound.transparent_listen",
+                              loopback_only=True)
                    if outbound.get("transparent_listen") is not None else None)
     admin = c.section(data, "admin")
     c.unknown(admin, "admin.", {"listen"})

@@ -40,7 +40,7 @@ class Transparent:
         self.outbound = outbound
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
-        dst = original_dst(stream.socket._sock)  # type: ignore[attr-defined]
+        dst = original_dst(stream.socket)
         name = upstream_for(self.cfg, dst) if dst else None
         if name is not None:
             await self.outbound.handle_connection(stream, fixed=name)

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from meshcar.errors import ConfigError
-from meshcar.net.origdst import parse_sockaddr_in
+from meshcar.net.origdst import original_dst, parse_sockaddr_in
 from meshcar.sidecar.config import parse_config
 from meshcar.sidecar.transparent import upstream_for
 
@@ -55,3 +55,30 @@ def test_bad_match_entries_are_reported() -> None:
         parse_config(bad, "s.yaml")
     text = str(err.value)
     assert "outbound.transparent_listen" in text and "outbound.upstreams.api.match[0]" in text
+
+
+class FakeSock:
+    def __init__(self, answer: bytes | OSError) -> None:
+        self.answer = answer
+        self.asked: tuple[int, int, int] | None = None
+
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes:
+        self.asked = (level, optname, buflen)
+        if isinstance(self.answer, OSError):
+            raise self.answer
+        return self.answer
+
+
+def test_original_dst_asks_netfilter_and_tolerates_unredirected_sockets() -> None:
+    sock = FakeSock(sockaddr("10.77.0.3", 9002))
+    assert original_dst(sock) == ("10.77.0.3", 9002)
+    assert sock.asked == (socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, sizeof(struct sockaddr_in)
+    assert original_dst(FakeSock(OSError(2, "No such file or directory"))) is None  # no conntrack entry
+    assert original_dst(FakeSock(sockaddr("1.2.3.4", 1, family=socket.AF_INET6))) is None
+
+
+def test_transparent_listener_must_be_loopback() -> None:
+    # it sends with this sidecar's identity: reachable from other pods it would lend it out
+    bad = {**CFG, "outbound": {**CFG["outbound"], "transparent_listen": "0.0.0.0:15001"}}
+    with pytest.raises(ConfigError, match="outbound.transparent_listen"):
+        parse_config(bad, "s.yaml")
