@@ -85,6 +85,22 @@ http {{
     return conf
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (nginx: master + workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    pids += [int(c) for c in children]
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def start(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as f:
         return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -174,6 +190,7 @@ stream {{
   server {{ listen 127.0.0.1:{ports['ng_pass']}; ssl_preread on; proxy_pass $backend; }}
 }}""")
         procs.append(start(["nginx", "-c", str(front), "-p", str(d)], d / "front.log"))
+        nginx_front = procs[-1]
         # the meshcar edge: the same two routes on one listener
         edge_cfg = {
             "listen": {"https": f"127.0.0.1:{ports['edge']}"},
@@ -198,6 +215,7 @@ stream {{
             signal.pause()
         only = set(args.only or ("pass", "term", "hs"))
         fronts = {"meshcar": (ports["edge"], ports["edge"]), "nginx": (ports["ng_term"], ports["ng_pass"])}
+        front_pid = {"meshcar": procs[-1].pid, "nginx": nginx_front.pid}
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in fronts}
 
         def measure(key: str, what: str, fn) -> None:  # noqa: ANN001
@@ -205,9 +223,12 @@ stream {{
             print(f"bench: {what}, {args.rounds} rounds, fronts alternating", flush=True)
             for _ in range(args.rounds):
                 for name, (term, pas) in fronts.items():
+                    cpu0 = cpu_seconds(front_pid[name])
                     value = fn(term, pas)
+                    cpu = cpu_seconds(front_pid[name]) - cpu0
                     for k, v in (value if isinstance(value, dict) else {key: value}).items():
                         samples[name].setdefault(k, []).append(v)
+                    samples[name].setdefault(key + "_cpu", []).append(cpu)
 
         if "pass" in only:
             measure("pass_mbps", f"passthrough download of {args.size_mb} MiB",
@@ -220,19 +241,28 @@ stream {{
             measure("hs", f"openssl s_time -new -time {args.duration}",
                     lambda term, pas: handshakes(term, args.duration))
         results = {name: {k: statistics.median(v) for k, v in per.items()} for name, per in samples.items()}
+        for per in results.values():  # the front's own CPU for the work it did (a steadier figure)
+            if "pass_mbps_cpu" in per:
+                per["pass_cpu_per_gib"] = per.pop("pass_mbps_cpu") / (args.size_mb / 1024)
+            if "hs_cpu" in per:
+                per["hs_cpu_ms"] = per.pop("hs_cpu") * 1000 / (per["hs"] * args.duration)
+            per.pop("term_rps_cpu", None)
         print("\nsamples: " + json.dumps({n: {k: [round(x, 1) for x in v] for k, v in per.items()}
                                           for n, per in samples.items()}))
         m, n = results["meshcar"], results["nginx"]
         print(f"\nedge benchmarks, one worker each, 127.0.0.1, {os.cpu_count()} CPUs, "
               f"median of {args.rounds} alternating rounds\n")
-        print(f"{'measure':38} {'meshcar':>10} {'nginx':>10} {'ratio':>7}")
-        rows = [("passthrough download MB/s", "pass_mbps"), ("terminate requests/s (wrk -c32)", "term_rps"),
+        print(f"{'measure':46} {'meshcar':>10} {'nginx':>10} {'ratio':>7}")
+        rows = [("passthrough download MB/s", "pass_mbps"),
+                ("passthrough front CPU s per GiB (lower wins)", "pass_cpu_per_gib"),
+                ("terminate requests/s (wrk -c32)", "term_rps"),
                 ("terminate p50 ms", "term_p50"), ("terminate p99 ms", "term_p99"),
-                ("new TLS handshakes/s (s_time -new)", "hs")]
+                ("new TLS handshakes/s (s_time -new)", "hs"),
+                ("front CPU ms per new connection (lower wins)", "hs_cpu_ms")]
         for label, key in rows:
             if key not in m:
                 continue
-            print(f"{label:38} {m[key]:10.1f} {n[key]:10.1f} {m[key] / n[key]:6.2f}x")
+            print(f"{label:46} {m[key]:10.2f} {n[key]:10.2f} {m[key] / n[key]:6.2f}x")
         return 0
     finally:
         for p in procs:
