@@ -16,9 +16,11 @@ rules are on the path of every call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +79,10 @@ def _skip_reason() -> str | None:
     for tool in ("ip", "iptables", "curl", "setpriv"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
+    r = sh("setpriv", f"--reuid={SIDECAR_UID}", f"--regid={SIDECAR_UID}", "--clear-groups",
+           *meshcar_cmd("--help"), check=False)
+    if r.returncode != 0:
+        return f"uid {SIDECAR_UID} (the sidecars') cannot run {sys.executable} -m meshcar.cli: {r.stderr.strip()}"
     probe = f"{PREFIX}-probe"
     try:
         r = sh("ip", "netns", "add", probe, check=False)
@@ -92,20 +98,34 @@ def _skip_reason() -> str | None:
     return None
 
 
+def _dead_run(name: str) -> bool:
+    """`name` is `mcpods<pid>-...` and that pid no longer exists."""
+    pid = name[len(NS_PREFIX):].split("-", 1)[0]
+    if not (name.startswith(NS_PREFIX) and "-" in name and pid.isdigit()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return False
+
+
 def _cleanup_leftovers() -> None:
-    """Namespaces of earlier runs whose process is gone (a crash); a live run's are kept.
-    Deleting a namespace removes its rules, its veth ends and the bridge inside it."""
+    """What earlier runs whose process is gone (a crash) left: the processes inside their
+    namespaces are stopped, the namespaces deleted (which removes their rules, veth ends and
+    bridge), their temporary directories removed. A live run's are kept."""
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        pid = name[len(NS_PREFIX):].split("-", 1)[0]
-        if not (name.startswith(NS_PREFIX) and "-" in name and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if _dead_run(name):
+            for left in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(left), signal.SIGKILL)
             sh("ip", "netns", "del", name, check=False)
-        except PermissionError:
-            pass  # alive, someone else's
+    for left_dir in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*-*"):
+        if left_dir.is_dir() and _dead_run(left_dir.name):
+            shutil.rmtree(left_dir, ignore_errors=True)
 
 
 def _wait(what: str, ok, deadline: float, logs) -> None:
