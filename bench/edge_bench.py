@@ -13,8 +13,10 @@ libnginx-mod-stream), wrk, curl and openssl; installs them with apt-get if missi
 
     .venv/bin/python bench/edge_bench.py [--duration 8] [--size-mb 256] [--rounds 5] [--only pass|term|hs]
 
-Each measure runs `--rounds` times with meshcar and nginx alternating (so background load
-on the machine hits both alike); the table shows medians, and the raw samples are printed.
+Each measure runs once per front as an uncounted warm-up (the first read of the big file
+fills the page cache), then `--rounds` times with meshcar and nginx alternating in ABBA
+order (so background load hits both alike and neither always goes first); the table
+shows medians, and the raw samples are printed.
 """
 
 from __future__ import annotations
@@ -220,9 +222,12 @@ stream {{
 
         def measure(key: str, what: str, fn) -> None:  # noqa: ANN001
             # meshcar and nginx alternate, so load from elsewhere on the machine hits both alike
-            print(f"bench: {what}, {args.rounds} rounds, fronts alternating", flush=True)
-            for _ in range(args.rounds):
-                for name, (term, pas) in fronts.items():
+            print(f"bench: {what}, 1 warm-up + {args.rounds} rounds, fronts alternating", flush=True)
+            for term, pas in fronts.values():  # warm-up, not counted (page cache, pools)
+                fn(term, pas)
+            for i in range(args.rounds):
+                order = list(fronts.items())
+                for name, (term, pas) in order if i % 2 == 0 else order[::-1]:  # ABBA: neither always first
                     cpu0 = cpu_seconds(front_pid[name])
                     value = fn(term, pas)
                     cpu = cpu_seconds(front_pid[name]) - cpu0

@@ -7,6 +7,11 @@ the scheduler every few rounds so one busy connection cannot starve the others. 
 splice (not Linux, or not plain sockets) it falls back to a receive/send loop. When one
 side finishes sending, the other side's write half is shut (half-close is preserved); an
 error ends only its own direction, and the relay ends when both directions have ended.
+
+trio sets TCP_NOTSENT_LOWAT (16 KiB) on its sockets: good for request/response latency,
+but it makes a socket writable only once its queue is almost drained, so a bulk relay
+would stall each direction until the queue empties. The relay puts both sockets back on
+the kernel's default (measured: ~15 % more passthrough throughput, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024  # F_SETPIPE_SZ: fewer, larger splices than the 64 KiB default
 F_SETPIPE_SZ = 1031
 HAS_SPLICE = hasattr(os, "splice")
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -104,6 +110,12 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream, *, use_splice: bool = Tr
     stats = RelayStats()
     sa, sb = _sock(a), _sock(b)
     stats.spliced = use_splice and HAS_SPLICE and sa is not None and sb is not None
+    for sock in (sa, sb):
+        if sock is not None and TCP_NOTSENT_LOWAT is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 0)  # 0: the system default
+            except OSError:
+                pass
 
     async def one_way(src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool) -> None:
         # A failure here (a reset, writing to a peer that closed) ends this direction only:
