@@ -5,6 +5,7 @@ log entries per mode, and the assembled process (`Edge.run`: plaintext warning, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -262,3 +263,23 @@ async def test_assembled_edge_warns_about_plaintext_and_becomes_ready(
         text = (await client.get(f"http://127.0.0.1:{admin}/metrics")).text
     assert 'meshcar_edge_requests_total{mode="terminate",route="www.test",status="200"} 1.0' in text
     nursery.cancel_scope.cancel()
+
+
+async def test_bulk_bodies_both_ways_through_a_terminated_connection(tmp_path: Path, pki: PublicPKI,
+                                                                     nursery: trio.Nursery) -> None:
+    # large enough that the edge's direct socket writes and reads hit EAGAIN and wait
+    echo = await serve_echo(nursery)
+    edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)])
+    size = 8 * 1024 * 1024
+    rc, out, err = await curl(*resolve(pki.ca_file, "www.test", edge.https), "-o", "/dev/null",
+                              "-w", "%{http_code} %{size_download}", f"https://www.test:{edge.https}/bytes/{size}")
+    assert rc == 0 and out == f"200 {size}", err
+    body = tmp_path / "upload.bin"
+    data = bytes(range(256)) * (4 * 1024 * 1024 // 256)
+    body.write_bytes(data)
+    rc, out, err = await curl(*resolve(pki.ca_file, "www.test", edge.https), "--data-binary", f"@{body}",
+                              f"https://www.test:{edge.https}/upload")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["body_length"] == len(data) and info["body_sha256"] == hashlib.sha256(data).hexdigest()
+    await edge.aclose()
