@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Issue 3: the edge (`meshcar edge`) against nginx on one machine, three measures, one run.
 
-    .venv/bin/python bench/run_edge_bench.py [--duration 10] [--size-mb 1024] [--transfers 5]
+    .venv/bin/python bench/run_edge_bench.py [--duration 10] [--size-mb 1024] [--rounds 5]
+    .venv/bin/python bench/run_edge_bench.py --only hs --only pass     # some measures only
+    .venv/bin/python bench/run_edge_bench.py --hold                    # start, print ports/pids, wait
 
-A script, not a test.  It installs nginx (with the stream module), wrk, curl and openssl
-from Debian's packages if they are missing, then starts, all on 127.0.0.1:
+A script, not a test.  It installs nginx (nginx-light, with libnginx-mod-stream), wrk, curl
+and openssl from Debian's packages if they are missing, then starts, all on 127.0.0.1:
 
 - the backends, shared by both fronts: "the app" (one nginx worker, `return 200`,
   bench/nginx/app.conf) and a TLS backend (one nginx worker serving a large sparse file
-  with sendfile, its own copy of the ECDSA P-256 certificate, bench/nginx/edge_tls_backend.conf);
+  with sendfile, the same ECDSA P-256 certificate, bench/nginx/edge_tls_backend.conf);
 - meshcar's edge, a real process (`python -m meshcar.cli edge --config FILE`, ready when its
   admin `/ready` says so) with two routes on one listener: `www.bench.test` terminate to
   the app (also the `default_route`) and `pass.bench.test` passthrough to the TLS backend
@@ -17,8 +19,8 @@ from Debian's packages if they are missing, then starts, all on 127.0.0.1:
   certificate and `proxy_pass http://` to the app over a keep-alive pool, and a `stream`
   server with `ssl_preread on` routing `$ssl_preread_server_name` to the TLS backend.
 
-Measures (each front checked once with a real request first; warm-up runs not counted;
-then the fronts alternate in ABBA order so background load hits both alike; medians):
+Every process is started and stopped by the demo's Supervisor (also on errors).  Each front
+is checked once with a real request first.  Measures:
 
 1. passthrough bulk throughput: `curl` downloads the large file through the front
    (`--resolve pass.bench.test:PORT:127.0.0.1`, the certificate verified), MB/s;
@@ -26,13 +28,21 @@ then the fronts alternate in ABBA order so background load hits both alike; medi
    with `Host: www.bench.test` (wrk's SNI is then the IP: meshcar's default_route applies);
 3. new TLS handshakes/s: `openssl s_time -new` (a full handshake per connection, no
    resumption; s_time sends no SNI, so meshcar's default_route applies), one or more
-   clients in parallel, connections over wall-clock seconds.
+   clients in parallel; the rate is their connection count over the wall-clock seconds
+   measured here (s_time itself prints whole seconds).
 
-It also reports each front's own CPU time (from /proc) per GiB relayed and per new
-connection, and checks from meshcar's access log that passthrough was spliced and from its
-metrics that the handshakes were full ones.  Access logs are on for both fronts by default
-(meshcar logs at level info; nginx to a file with a 64 KiB buffer, as meshcar batches its
-writes); `--no-access-logs` turns both off.  Exit status is non-zero if something failed.
+Method: each measure runs once per front as an uncounted warm-up (the first read of the big
+file fills the page cache; pools fill), then `--rounds` times with meshcar and nginx
+alternating in ABBA order, so background load hits both alike and neither always goes
+first.  Around every sample the front's own CPU time is read from /proc (nginx: master +
+worker), giving CPU seconds per GiB relayed and CPU ms per new connection, steadier figures
+than the rates on a shared machine.  The table shows medians and the ratio meshcar/nginx
+with the targets; every raw sample is printed.  From meshcar's own /metrics it reports the
+change of `meshcar_tls_handshakes_total{direction="edge"}` per `result` label over the
+counted handshake rounds, and from its access log that passthrough was spliced.  Access
+logs are on for both fronts by default (meshcar at level info; nginx to a file with a
+64 KiB buffer, as meshcar batches its writes); `--no-access-logs` turns both off.  Exit
+status is non-zero if something failed.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +72,6 @@ from run_mesh_bench import (  # noqa: E402  (run_mesh_bench puts the repository 
     WrkResult,
     ensure_tools,
     free_ports,
-    metric_sum,
     nginx_spec,
     parse_wrk,
     render_nginx,
@@ -74,15 +84,21 @@ from meshcar.demo.supervisor import Child, DemoStartupError, Supervisor  # noqa:
 
 HOST_T, HOST_P = "www.bench.test", "pass.bench.test"
 FRONTS = ("meshcar", "nginx")
+MEASURES = ("pass", "term", "hs")
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+GIB = 1024 * 1024 * 1024
+HANDSHAKES_METRIC = "meshcar_tls_handshakes_total"
 
 COMMANDS: list[str] = []  # the exact client commands, printed at the end
 
 
-def run_logged(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    cmd = shlex.join(argv)
+def log_command(cmd: str) -> None:
     if cmd not in COMMANDS:
         COMMANDS.append(cmd)
+
+
+def run_logged(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    log_command(shlex.join(argv))
     return subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
 
@@ -111,16 +127,18 @@ def ensure_edge_tools() -> tuple[str, str, str]:
     return nginx, wrk, f"load_module {STREAM_MODULE};"
 
 
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its direct children (nginx: master + worker)."""
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
     total = 0.0
-    for p in pids:
+    for p in [pid, *child_pids(pid)]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -168,6 +186,7 @@ def edge_spec(work: Path, ports: dict[str, int], access_logs: bool) -> ProcSpec:
 
 def start_all(sup: Supervisor, nginx: str, load_stream: str, work: Path, args: argparse.Namespace
               ) -> tuple[dict[str, int], dict[str, Child]]:
+    """Backends, nginx front and meshcar edge; returns the ports and the children by role."""
     names = ("app", "tls_backend", "edge", "edge_admin", "ng_term", "ng_pass")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     certs, www = work / "certs", work / "www"
@@ -201,7 +220,7 @@ def start_all(sup: Supervisor, nginx: str, load_stream: str, work: Path, args: a
               server_hostname=HOST_T)), logs / "nginx-front.log")
     edge = sup.start(edge_spec(work, ports, args.access_logs), logs / "meshcar-edge.log")
     sup.wait_ready([front, edge], timeout=60)
-    return ports, {"meshcar": edge, "nginx": front}
+    return ports, {"meshcar": edge, "nginx": front, "app": app, "tls_backend": backend}
 
 
 def sanity(ports: dict[str, int], certs: Path) -> None:
@@ -212,6 +231,31 @@ def sanity(ports: dict[str, int], certs: Path) -> None:
                       extensions={"sni_hostname": HOST_T})
         if r.status_code != 200 or r.content != APP_BODY:
             raise DemoStartupError(f"{name} terminate: {r.status_code} {r.content[:200]!r}")
+
+
+def hold(work: Path, ports: dict[str, int], children: dict[str, Child]) -> None:
+    """Print where everything is as one JSON line, then wait for Ctrl-C or SIGTERM."""
+    pids = {role: c.proc.pid for role, c in children.items()}
+    info = {
+        "work_dir": str(work),
+        "ports": ports,
+        "pids": pids,
+        "nginx_front_workers": child_pids(pids["nginx"]),
+        "hosts": {"terminate": HOST_T, "passthrough": HOST_P},
+        "cafile": str(work / "certs" / "root.pem"),
+        "big_file": f"https://{HOST_P}:PORT/big ({(work / 'www' / 'big').stat().st_size} bytes)",
+    }
+    print(json.dumps(info), flush=True)
+    say("holding: everything runs until Ctrl-C or SIGTERM")
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        say("stopping")
 
 
 # --------------------------------------------------------------------------- measures
@@ -236,15 +280,13 @@ def wrk_terminate(wrk: str, port: int, seconds: int, args: argparse.Namespace, n
     return parse_wrk(name, r.stdout)
 
 
-def handshakes(port: int, seconds: int, clients: int, cafile: Path) -> float:
-    """New TLS connections per second: `clients` parallel `openssl s_time -new`, each a full
-    handshake per connection, one at a time; their connection counts over wall-clock time
-    (s_time itself prints whole seconds)."""
+def handshakes(port: int, seconds: int, clients: int, cafile: Path) -> tuple[int, float]:
+    """New TLS connections: `clients` parallel `openssl s_time -new`, each a full handshake
+    per connection, one at a time.  Returns (their connection count, the wall-clock seconds
+    measured here); s_time itself prints whole seconds."""
     argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds),
             "-CAfile", str(cafile)]
-    cmd = shlex.join(argv) + (f"   ({clients} in parallel)" if clients > 1 else "")
-    if cmd not in COMMANDS:
-        COMMANDS.append(cmd)
+    log_command(shlex.join(argv) + (f"   ({clients} in parallel)" if clients > 1 else ""))
     t0 = time.monotonic()
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(clients)]
@@ -256,88 +298,115 @@ def handshakes(port: int, seconds: int, clients: int, cafile: Path) -> float:
         if not m:
             raise DemoStartupError(f"openssl s_time on {port} failed: {out[-400:]} {err[-400:]}")
         total += int(m.group(1))
-    return total / wall
+    return total, wall
 
 
-def alternate(what: str, rounds: int, warmup: Callable[[str], object],
-              one: Callable[[str], dict[str, float]], pids: dict[str, int],
-              samples: dict[str, dict[str, list[float]]], cpu_key: str) -> None:
-    """Warm up both fronts, then `rounds` rounds with the fronts in ABBA order."""
-    say(f"{what}: warm-up, then {rounds} rounds, meshcar and nginx alternating")
+Sample = dict[str, float]
+
+
+def alternate(what: str, rounds: int, warmup: Callable[[str], object], one: Callable[[str], Sample],
+              per_cpu: Callable[[Sample, float], Sample], pids: dict[str, int],
+              samples: dict[str, dict[str, list[float]]],
+              before_rounds: Callable[[], None] | None = None) -> None:
+    """Warm up both fronts (not counted), then `rounds` rounds with the fronts in ABBA order;
+    each sample also gets the front's own CPU for it, turned into figures by `per_cpu`."""
+    say(f"{what}: warm-up, then {rounds} rounds, meshcar and nginx alternating (ABBA)")
     for name in FRONTS:
         warmup(name)
+    if before_rounds is not None:
+        before_rounds()
     for i in range(rounds):
         for name in FRONTS if i % 2 == 0 else FRONTS[::-1]:
             cpu0 = cpu_seconds(pids[name])
             values = one(name)
-            values[cpu_key] = cpu_seconds(pids[name]) - cpu0
+            cpu = cpu_seconds(pids[name]) - cpu0
+            values.update(per_cpu(values, cpu))
             for k, v in values.items():
                 samples[name].setdefault(k, []).append(v)
 
 
-def edge_checks(work: Path, admin_port: int, access_logs: bool, passthrough: bool) -> list[str]:
-    """What meshcar says it did: spliced passthrough connections, full (not resumed) handshakes."""
-    notes = []
+# --------------------------------------------------------------------------- meshcar's own view
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def edge_handshakes(admin_port: int) -> dict[str, float]:
+    """meshcar_tls_handshakes_total{direction="edge"} by `result`, every label that appears."""
     with httpx.Client(trust_env=False, timeout=10) as c:
         text = c.get(f"http://127.0.0.1:{admin_port}/metrics").text
-    full = metric_sum(text, "meshcar_tls_handshakes_total", direction="edge", result="full")
-    resumed = metric_sum(text, "meshcar_tls_handshakes_total", direction="edge", result="resumed")
-    failed = metric_sum(text, "meshcar_tls_handshakes_total", direction="edge", result="failure")
-    notes.append(f"meshcar edge handshakes: {full:.0f} full, {resumed:.0f} resumed, {failed:.0f} failed")
-    if access_logs and passthrough:
-        spliced = copied = 0
-        for line in (work / "logs" / "meshcar-edge.log").read_text(errors="replace").splitlines():
-            if '"mode":"passthrough"' in line and line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("spliced"):
-                    spliced += 1
-                else:
-                    copied += 1
-        notes.append(f"meshcar passthrough connections: {spliced} spliced, {copied} copied in Python")
-    return notes
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(HANDSHAKES_METRIC + "{"):
+            continue
+        labels_text, _, value = line[len(HANDSHAKES_METRIC) + 1:].rpartition("} ")
+        labels = dict(_LABEL.findall(labels_text))
+        if labels.get("direction") == "edge":
+            result = labels.get("result", "?")
+            counts[result] = counts.get(result, 0.0) + float(value)
+    return counts
+
+
+def handshake_note(before: dict[str, float], after: dict[str, float], connections: float) -> str:
+    deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(set(before) | set(after))}
+    shown = ", ".join(f"{k} +{v:.0f}" for k, v in deltas.items() if v) or "no change"
+    return (f'meshcar {HANDSHAKES_METRIC}{{direction="edge"}} during the counted handshake rounds '
+            f"({connections:.0f} s_time connections to meshcar): {shown}")
+
+
+def passthrough_note(work: Path) -> str:
+    spliced = copied = 0
+    for line in (work / "logs" / "meshcar-edge.log").read_text(errors="replace").splitlines():
+        if '"mode":"passthrough"' in line and line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("spliced"):
+                spliced += 1
+            else:
+                copied += 1
+    return f"meshcar passthrough connections (access log): {spliced} spliced, {copied} copied in Python"
 
 
 # --------------------------------------------------------------------------- report
 
-
-ROWS = [
-    ("passthrough download MB/s", "pass_mbps", "{:.0f}", False),
-    ("passthrough front CPU s per GiB", "pass_cpu_per_gib", "{:.2f}", True),
-    ("terminate requests/s", "term_rps", "{:.0f}", False),
-    ("terminate p50 ms", "term_p50", "{:.2f}", True),
-    ("terminate p99 ms", "term_p99", "{:.2f}", True),
-    ("new TLS handshakes/s", "hs", "{:.0f}", False),
-    ("front CPU ms per new connection", "hs_cpu_ms", "{:.2f}", True),
+# label, key, format, lower wins, target (text, met when the ratio meshcar/nginx satisfies it)
+ROWS: list[tuple[str, str, str, bool, tuple[str, Callable[[float], bool]] | None]] = [
+    ("passthrough download MB/s", "pass_mbps", "{:.0f}", False, ("ahead of nginx", lambda r: r > 1.0)),
+    ("passthrough front CPU s per GiB", "pass_cpu_per_gib", "{:.2f}", True, None),
+    ("terminate requests/s", "term_rps", "{:.0f}", False, None),
+    ("terminate p50 ms", "term_p50", "{:.2f}", True, None),
+    ("terminate p99 ms", "term_p99", "{:.2f}", True, None),
+    ("terminate front CPU us per request", "term_cpu_us", "{:.1f}", True, None),
+    ("new TLS handshakes/s", "hs", "{:.0f}", False, (">= 0.8x", lambda r: r >= 0.8)),
+    ("front CPU ms per new connection", "hs_cpu_ms", "{:.2f}", True, None),
 ]
 
 
 def report(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace, notes: list[str]) -> str:
     med = {n: {k: statistics.median(v) for k, v in per.items()} for n, per in samples.items()}
-    for per in med.values():  # the front's own CPU for the work it did
-        if "pass_cpu" in per:
-            per["pass_cpu_per_gib"] = per.pop("pass_cpu") / (args.size_mb / 1024)
-        if "hs_cpu" in per and per.get("hs"):
-            per["hs_cpu_ms"] = per.pop("hs_cpu") * 1000 / (per["hs"] * args.duration)
-        per.pop("term_cpu", None)
+    runs = {"pass_mbps": f"{args.transfers} downloads of {args.size_mb} MiB",
+            "term_rps": f"{args.rounds} x wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
+            "hs": f"{args.rounds} x {args.hs_clients} s_time -new -time {args.duration}"}
     lines = [
         f"edge benchmarks: meshcar edge (one process) vs nginx (one worker), 127.0.0.1, "
-        f"{os.cpu_count()} CPUs; access logs {'on' if args.access_logs else 'off'}; medians of "
-        f"{args.transfers} downloads of {args.size_mb} MiB / {args.rounds} x wrk -t{args.threads} "
-        f"-c{args.connections} -d{args.duration}s / {args.rounds} x {args.hs_clients} s_time -new "
-        f"-time {args.duration}",
+        f"{os.cpu_count()} CPUs; access logs {'on' if args.access_logs else 'off'}; medians after "
+        f"one warm-up per front, fronts alternating ABBA: "
+        + " / ".join(text for key, text in runs.items() if key in med["meshcar"]),
         "",
-        f"{'measure':<46}{'meshcar':>10}{'nginx':>10}{'meshcar/nginx':>15}",
+        f"{'measure':<50}{'meshcar':>10}{'nginx':>10}{'meshcar/nginx':>15}  target",
     ]
     m, n = med["meshcar"], med["nginx"]
-    for label, key, fmt, lower_wins in ROWS:
+    for label, key, fmt, lower_wins, target in ROWS:
         if key not in m or key not in n:
             continue
-        ratio = f"{m[key] / n[key]:.2f}x" if n[key] else "n/a"
-        lines.append(f"{label + (' (lower wins)' if lower_wins else ''):<46}"
-                     f"{fmt.format(m[key]):>10}{fmt.format(n[key]):>10}{ratio:>15}")
+        ratio = m[key] / n[key] if n[key] else None
+        goal = ""
+        if target is not None and ratio is not None:
+            goal = f"{target[0]}: {'met' if target[1](ratio) else 'NOT met'}"
+        lines.append(f"{label + (' (lower wins)' if lower_wins else ''):<50}"
+                     f"{fmt.format(m[key]):>10}{fmt.format(n[key]):>10}"
+                     f"{(f'{ratio:.2f}x' if ratio is not None else 'n/a'):>15}  {goal}".rstrip())
     lines += ["", "samples (in order): " + json.dumps(
         {name: {k: [round(x, 2) for x in v] for k, v in per.items()} for name, per in samples.items()})]
     lines += notes
@@ -349,19 +418,25 @@ def report(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk and s_time run")
-    p.add_argument("--warmup", type=int, default=2, help="seconds of wrk/s_time warm-up per front")
-    p.add_argument("--rounds", type=int, default=3, help="wrk and s_time runs per front (median)")
-    p.add_argument("--transfers", type=int, default=5, help="downloads per front (median)")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of the wrk/s_time warm-up per front")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="counted rounds per measure; the fronts alternate ABBA and the median counts")
+    p.add_argument("--transfers", type=int, default=None,
+                   help="counted downloads per front for passthrough (default: --rounds)")
     p.add_argument("--size-mb", type=int, default=1024, help="size of the passthrough download, MiB")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections")
     p.add_argument("--hs-clients", type=int, default=1, help="parallel `openssl s_time -new` clients")
-    p.add_argument("--only", choices=("pass", "term", "hs"), action="append",
-                   help="run only these measures (repeatable; default: all three)")
+    p.add_argument("--only", choices=MEASURES, action="append",
+                   help="run only this measure: pass, term or hs (repeatable; default: all three)")
+    p.add_argument("--hold", action="store_true",
+                   help="start everything, print ports and pids as JSON and wait (to profile by hand)")
     p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args()
-    only = set(args.only or ("pass", "term", "hs"))
+    if args.transfers is None:
+        args.transfers = args.rounds
+    only = set(args.only or MEASURES)
 
     nginx, wrk, load_stream = ensure_edge_tools()
     work = Path(tempfile.mkdtemp(prefix="meshcar-edge-bench-"))
@@ -371,11 +446,15 @@ def main() -> int:
     ok = False
     try:
         with Supervisor() as sup:
-            ports, fronts = start_all(sup, nginx, load_stream, work, args)
-            pids = {name: child.proc.pid for name, child in fronts.items()}
+            ports, children = start_all(sup, nginx, load_stream, work, args)
+            pids = {name: children[name].proc.pid for name in FRONTS}
             say(f"ready: meshcar edge 127.0.0.1:{ports['edge']} (admin {ports['edge_admin']}), nginx "
                 f"terminate {ports['ng_term']} / stream {ports['ng_pass']}; work dir {work}")
             sanity(ports, work / "certs")
+            if args.hold:
+                hold(work, ports, children)
+                ok = True
+                return 0
             cafile = work / "certs" / "root.pem"
             term_port = {"meshcar": ports["edge"], "nginx": ports["ng_term"]}
             pass_port = {"meshcar": ports["edge"], "nginx": ports["ng_pass"]}
@@ -384,23 +463,39 @@ def main() -> int:
                 alternate(f"passthrough: curl downloads of {args.size_mb} MiB", args.transfers,
                           lambda f: download(pass_port[f], cafile, size),
                           lambda f: {"pass_mbps": download(pass_port[f], cafile, size)},
-                          pids, samples, "pass_cpu")
+                          lambda v, cpu: {"pass_cpu_per_gib": cpu / (size / GIB)},
+                          pids, samples)
             if "term" in only:
-                def term(f: str) -> dict[str, float]:
+                def term(f: str) -> Sample:
                     r = wrk_terminate(wrk, term_port[f], args.duration, args, f)
                     if r.errors:
                         raise DemoStartupError(f"wrk against {f}: {r.errors}\n{r.raw}")
-                    return {"term_rps": r.rps, "term_p50": r.p50_ms, "term_p99": r.p99_ms}
+                    return {"term_rps": r.rps, "term_p50": r.p50_ms, "term_p99": r.p99_ms,
+                            "term_requests": r.requests}
                 alternate(f"terminate: wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
                           args.rounds, lambda f: wrk_terminate(wrk, term_port[f], args.warmup, args, f),
-                          term, pids, samples, "term_cpu")
+                          term, lambda v, cpu: {"term_cpu_us": cpu * 1e6 / max(v["term_requests"], 1)},
+                          pids, samples)
             if "hs" in only:
+                before: dict[str, float] = {}
+
+                def snapshot() -> None:
+                    time.sleep(0.5)  # the warm-up's last connections are counted when they end
+                    before.update(edge_handshakes(ports["edge_admin"]))
+
+                def hs(f: str) -> Sample:
+                    conns, wall = handshakes(term_port[f], args.duration, args.hs_clients, cafile)
+                    return {"hs": conns / wall, "hs_conns": conns, "hs_wall": wall}
                 alternate(f"handshakes: {args.hs_clients} x openssl s_time -new -time {args.duration}",
                           args.rounds, lambda f: handshakes(term_port[f], args.warmup, args.hs_clients, cafile),
-                          lambda f: {"hs": handshakes(term_port[f], args.duration, args.hs_clients, cafile)},
-                          pids, samples, "hs_cpu")
-            time.sleep(1.5)  # meshcar flushes its access log every second
-            notes = edge_checks(work, ports["edge_admin"], args.access_logs, "pass" in only)
+                          hs, lambda v, cpu: {"hs_cpu_ms": cpu * 1000 / max(v["hs_conns"], 1)},
+                          pids, samples, before_rounds=snapshot)
+                time.sleep(1)  # let the last connections end and be counted
+                notes.append(handshake_note(before, edge_handshakes(ports["edge_admin"]),
+                                            sum(samples["meshcar"]["hs_conns"])))
+            if "pass" in only and args.access_logs:
+                time.sleep(1.5)  # meshcar flushes its access log every second
+                notes.append(passthrough_note(work))
             dead = [c.spec.name for c in sup.dead_children()]
             if dead:
                 raise DemoStartupError(f"exited during the run: {', '.join(dead)}")
