@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import struct
@@ -458,3 +459,134 @@ def test_built_hello_round_trips(
     assert result.consumed == len(rec)
     cut = data.draw(st.integers(min_value=0, max_value=len(rec) - 1))
     assert isinstance(parse_client_hello(rec[:cut]), Incomplete)
+
+
+# --- exact results: every field, every reject reason --------------------------------------
+
+
+def fields_of(data: bytes) -> dict[str, object]:
+    """Decode a well-formed hello's lists by walking its layout (no validation at all)."""
+    body = handshake_of(data)[4:]
+    p = 2 + 32
+    session_id = body[p + 1 : p + 1 + body[p]]
+    p += 1 + body[p]
+    k = int.from_bytes(body[p : p + 2], "big")
+    suites = tuple(int.from_bytes(body[i : i + 2], "big") for i in range(p + 2, p + 2 + k, 2))
+    p += 2 + k
+    p += 1 + body[p] + 2  # compression methods, extensions length
+    types, versions = [], ()
+    while p < len(body):
+        ext_type = int.from_bytes(body[p : p + 2], "big")
+        k = int.from_bytes(body[p + 2 : p + 4], "big")
+        types.append(ext_type)
+        if ext_type == 43:
+            vs = body[p + 5 : p + 4 + k]
+            versions = tuple(int.from_bytes(vs[i : i + 2], "big") for i in range(0, len(vs), 2))
+        p += 4 + k
+    return {
+        "session_id": session_id,
+        "cipher_suites": suites,
+        "extension_types": tuple(types),
+        "supported_versions": versions,
+        "record_version": int.from_bytes(data[1:3], "big"),
+        "records": 1,
+    }
+
+
+@pytest.mark.parametrize("name", CAPTURES)
+def test_capture_fields_match_layout(name: str) -> None:
+    data = capture(name)
+    result = parse_client_hello(data)
+    assert isinstance(result, ClientHello)
+    got = {key: getattr(result, key) for key in fields_of(data)}
+    assert got == fields_of(data)
+    assert type(result.session_id) is bytes
+    assert all(type(suite) is int for suite in result.cipher_suites)
+
+
+@pytest.mark.parametrize("name", CAPTURES)
+def test_bytearray_and_memoryview_input_give_the_same_result(name: str) -> None:
+    data = capture(name)
+    expected = parse_client_hello(data)
+    for view in (bytearray(data), memoryview(data), memoryview(b"xx" + data)[2:]):
+        assert parse_client_hello(view) == expected
+    split = records_of(handshake_of(data), [7, len(handshake_of(data)) - 7])
+    assert parse_client_hello(bytearray(split)) == parse_client_hello(split)
+
+
+# The reasons are part of the edge's log lines: pinned here as they read before the parser
+# was rewritten for speed (the rewrite kept every one of them).
+REASONS = [
+    (b"GET /", "first byte 0x47 is not a TLS handshake"),
+    (b"\x16\x03\x03\x00\x04\x02\x00\x00\x00", "handshake type 2 is not client_hello"),
+    (b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00", "legacy_version: needs 2 bytes, 1 left"),
+    (one_record(b"\x01\x00\x00\x02\x03\x03"), "random: needs 32 bytes, 0 left"),
+    (one_record(build_hello(session_id=b"x" * 33)), "legacy_session_id: length 33 out of range"),
+    (one_record(build_hello(suites=())), "cipher_suites: length 0 out of range"),
+    (one_record(build_hello(compression=b"")), "legacy_compression_methods: length 0 out of range"),
+    (one_record(build_hello(legacy_version=0x0202)), "legacy_version 0x0202 is not TLS"),
+    (one_record(build_hello(trailing=b"\x00")), "ClientHello: 1 trailing bytes"),
+    (one_record(build_hello(ext(5, b"") + ext(5, b""))), "duplicate extension 5"),
+    (one_record(build_hello(b"\x00\x00\x00\x05abc")), "extension 0: needs 5 bytes, 3 left"),
+    (one_record(build_hello(b"\x00")), "extension type: needs 2 bytes, 1 left"),
+    (one_record(build_hello(b"\x00\x10\x00")), "extension 16 length: needs 2 bytes, 1 left"),
+    (one_record(build_hello(sni_ext(b"a.test", 1))), "server_name type 1 is not host_name"),
+    (one_record(build_hello(sni_ext(b""))), "host_name: length 0 out of range"),
+    (one_record(build_hello(ext(0, u16(0)))), "server_name_list: length 0 out of range"),
+    (one_record(build_hello(ext(0, b""))), "server_name_list length: needs 2 bytes, 0 left"),
+    (
+        one_record(build_hello(ext(0, u16(14) + b"\x00\x00\x04a.de" + b"\x00\x00\x04b.de"))),
+        "server_name_list must hold exactly one host_name",
+    ),
+    (one_record(build_hello(sni_ext(b"a.test")[:-1])), "extension 0: needs 11 bytes, 10 left"),
+    (
+        one_record(build_hello(ext(0, u16(9) + b"\x00\x00\x07a.test"))),
+        "host_name: needs 7 bytes, 6 left",
+    ),
+    (one_record(build_hello(sni_ext(b"a..b"))), "server_name is not a valid DNS host name"),
+    (
+        one_record(build_hello(ext(0, u16(1) + b"\x00\x00"))),
+        "server_name extension: 1 trailing bytes",
+    ),
+    (one_record(build_hello(alpn_ext([b""]))), "protocol_name_list: length 1 out of range"),
+    (one_record(build_hello(alpn_ext([b"h2", b""]))), "protocol_name: length 0 out of range"),
+    (one_record(build_hello(ext(16, u16(3) + b"\x05h2"))), "protocol_name: needs 5 bytes, 2 left"),
+    (one_record(build_hello(ext(43, b"\x03\x03\x04\x03"))), "supported_versions: odd length"),
+    (one_record(build_hello(ext(43, b"\x00"))), "supported_versions: length 0 out of range"),
+    (
+        one_record(build_hello(ext(43, b"\x02\x03\x04\x00"))),
+        "supported_versions extension: 1 trailing bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), REASONS, ids=[r for _, r in REASONS])
+def test_reject_reasons_are_pinned(data: bytes, reason: str) -> None:
+    result = parse_client_hello(data)
+    assert isinstance(result, Rejected), result
+    assert result.reason == reason
+
+
+def test_many_extensions_within_the_size_limit() -> None:
+    exts = b"".join(ext(t, b"") for t in range(100, 3100))  # 12000 bytes of empty extensions
+    result = parse_client_hello(records_of(build_hello(exts), [1 << 14]))
+    assert isinstance(result, ClientHello)
+    assert result.extension_types == tuple(range(100, 3100))
+    duplicate = records_of(build_hello(exts + ext(3000, b"")), [1 << 14])
+    assert parse_client_hello(duplicate) == Rejected(
+        RejectKind.MALFORMED, "duplicate extension 3000"
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"[0-9a-fA-F.:]{1,45}", fullmatch=True))
+def test_validate_hostname_never_returns_an_ip_literal(text: str) -> None:
+    host = validate_hostname(text.encode())
+    if host is not None:
+        with pytest.raises(ValueError):
+            ipaddress.ip_address(host)
+
+
+@pytest.mark.parametrize("literal", [b"::1", b"fe80::1", b"::ffff:10.0.0.1", b"0.0.0.0"])
+def test_validate_hostname_rejects_ip_literals(literal: bytes) -> None:
+    assert validate_hostname(literal) is None
