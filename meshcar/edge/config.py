@@ -104,6 +104,7 @@ class EdgeConfig:
     default_route: str | None = None  # host of the route for a missing/unknown SNI
     log_level: str = "info"
     hello_timeout: float = 10.0
+    handshake_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def route_for(self, host: str | None) -> Route | None:
@@ -303,7 +304,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
-                         "log_level", "hello_timeout"})
+                         "log_level", "hello_timeout", "handshake_timeout"})
     listen = c.section(data, "listen")
     c.unknown(listen, "listen.", {"https", "http"})
     https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
@@ -337,15 +338,18 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     level = data.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):
         c.bad("log_level", "must be one of debug, info, warning, error")
-    hello_timeout = data.get("hello_timeout", 10.0)
-    if isinstance(hello_timeout, bool) or not isinstance(hello_timeout, int | float) or hello_timeout <= 0:
-        c.bad("hello_timeout", "must be a number of seconds > 0")
-        hello_timeout = 10.0
+    timeouts = {}
+    for name in ("hello_timeout", "handshake_timeout"):
+        value = data.get(name, 10.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            c.bad(name, "must be a number of seconds > 0")
+            value = 10.0
+        timeouts[name] = float(value)
     if c.problems:
         raise ConfigError(c.problems)
     assert https and admin_listen
     return EdgeConfig(https, http, admin_listen, tuple(routes), identity, hops, default, level,
-                      float(hello_timeout))
+                      **timeouts)
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

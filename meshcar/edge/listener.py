@@ -1,19 +1,28 @@
 """The edge's public TLS listener: peek the ClientHello, then hand the connection on by SNI.
 
-Theory of operation: bytes are read (not decrypted) until `parse_client_hello` has a
-complete hello, rejects the bytes, or the size/time bound is hit; garbage and timeouts
-close the connection cleanly. The route is chosen by SNI (or the default route). A
-passthrough route relays every byte, the peeked ones first, to the backend's own TLS
-server, optionally after a PROXY v1/v2 header with the real client address; only a TCP
-entry is logged. terminate/bridge routes get a TLS server over a stream that replays the
-peeked bytes, with the route's own certificate (Mozilla "intermediate" profile) and
-optional client-certificate verification, then the L7 handler.
+Theory of operation: connections come from `net/acceptor.py` as bare non-blocking sockets.
+The ClientHello is read with `MSG_PEEK` (not consumed, not decrypted) until
+`parse_client_hello` has a complete hello, rejects the bytes, or the size/time bound is hit;
+while the hello is incomplete, `SO_RCVLOWAT` makes the socket readable only once the bytes
+the parser still needs are there (a hello split over TCP segments costs no busy loop).
+Garbage and timeouts close the connection cleanly. The route is chosen by SNI (or the
+default route). A passthrough route relays every byte, the peeked ones included (they are
+still in the socket), to the backend's own TLS server, optionally after a PROXY v1/v2 header
+with the real client address; only a TCP entry is logged. terminate/bridge routes get
+OpenSSL on the socket itself (`net/tlssocket.py`: it reads the hello it was shown) with the
+route's own certificate (Mozilla "intermediate" profile) and optional client-certificate
+verification, then the L7 handler. Keeping Python off the handshake path is what makes the
+edge's new-connection rate close to nginx's (docs/PERFORMANCE.md).
+
+Handshake outcomes (`meshcar_tls_handshakes_total{direction="edge",result}`): full, resumed,
+failure (a TLS error: alert, protocol, certificate), aborted (the client reset or closed
+mid-handshake), timeout, no_client_hello, unknown_sni.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import socket
 import ssl
 import time
 
@@ -24,12 +33,11 @@ from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.http import L7, ClientConn
 from meshcar.edge.policy import Balancer
 from meshcar.errors import UpstreamError
+from meshcar.net.acceptor import serve_sockets
 from meshcar.net.connect import open_tcp
-from meshcar.net.direct import DirectStream
 from meshcar.net.errors import HANDSHAKE_ERRORS
-from meshcar.net.prefixed import PrefixedStream
 from meshcar.net.relay import relay
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tlssocket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
 from meshcar.sidecar.accesslog import log_entry
@@ -37,6 +45,7 @@ from meshcar.sidecar.accesslog import log_entry
 log = logging.getLogger("meshcar.edge")
 
 MAX_PEEK = 16 * 1024 + 5 * 16  # the parser's bound plus record headers
+HANDSHAKE_RESULTS = ("full", "resumed", "failure", "aborted", "timeout", "no_client_hello", "unknown_sni")
 
 # Mozilla "intermediate" (TLS 1.2 ciphers; TLS 1.3 suites are all allowed by OpenSSL). The
 # DHE suites are in Mozilla's list but need DH parameters, which the edge does not load:
@@ -71,68 +80,117 @@ class TLSListener:
         self.balancers = balancers
         self.metrics = metrics
         self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode != "passthrough"}
-        self.handshake_timeout = 10.0
+        self._outcome = {result: metrics.handshakes.labels("edge", result) for result in HANDSHAKE_RESULTS}
 
-    async def peek_hello(self, tcp: trio.abc.Stream) -> tuple[bytes, ClientHello | None, str]:
-        """(bytes read, the hello or None, why not)."""
-        buf = b""
-        with trio.move_on_after(self.cfg.hello_timeout):
-            while len(buf) < MAX_PEEK:
-                data = await tcp.receive_some(MAX_PEEK - len(buf))
-                if not data:
-                    return buf, None, "closed before a complete ClientHello"
-                buf += data
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on (host, port) until cancelled; started with the listening sockets."""
+        await serve_sockets(self.handle_socket, host, port, task_status=task_status)
+
+    async def peek_hello(self, sock: socket.socket) -> tuple[ClientHello | None, str]:
+        """(the hello or None, why not), leaving every byte in the socket."""
+        seen = 0
+        lowat = False
+        try:
+            while True:
+                try:
+                    buf = sock.recv(MAX_PEEK, socket.MSG_PEEK)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError:
+                    return None, "connection broke before a ClientHello"
+                if len(buf) <= seen:  # readable without new bytes: the client closed (FIN)
+                    return None, "closed before a complete ClientHello"
+                seen = len(buf)
                 result = parse_client_hello(buf)
                 if isinstance(result, ClientHello):
-                    return buf, result, ""
+                    return result, ""
                 if not isinstance(result, Incomplete):
-                    return buf, None, f"not a TLS ClientHello: {result.reason}"
-            return buf, None, "ClientHello too large"
-        return buf, None, "no complete ClientHello in time"
+                    return None, f"not a TLS ClientHello: {result.reason}"
+                if seen >= MAX_PEEK:
+                    return None, "ClientHello too large"
+                # readable again only once the bytes the parser still needs are in
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                                    min(seen + result.at_least, MAX_PEEK))
+                    lowat = True
+                except OSError:
+                    return None, "connection broke before a ClientHello"
+                await trio.lowlevel.wait_readable(sock)
+        finally:
+            if lowat:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass
 
-    async def handle_connection(self, tcp: trio.SocketStream) -> None:
-        start = time.perf_counter()
-        try:
-            client_ip = tcp.socket.getpeername()[0]
+    def _refuse(self, sock: socket.socket, result: str, **fields: object) -> None:
+        self._outcome[result].inc()
+        log_entry("connection", event="refused", **fields)
+        try:  # consume the peeked bytes: closing with unread data would send a reset
+            sock.recv(MAX_PEEK)
         except OSError:
-            await trio.aclose_forcefully(tcp)
-            return
-        direct = DirectStream(tcp)
-        try:
-            peeked, hello, why = await self.peek_hello(direct)
-        except HANDSHAKE_ERRORS:
-            peeked, hello, why = b"", None, "connection broke before a ClientHello"
-        if hello is None:
-            self.metrics.handshakes.labels("edge", "no_client_hello").inc()
-            log_entry("connection", client=client_ip, sni=None, event="refused", reason=why)
-            await trio.aclose_forcefully(tcp)
-            return
-        route = self.cfg.route_for(hello.sni)
-        if route is None:
-            self.metrics.handshakes.labels("edge", "unknown_sni").inc()
-            log_entry("connection", client=client_ip, sni=hello.sni, event="refused",
-                      reason="no route for this SNI" if hello.sni else "no SNI and no default route")
-            await trio.aclose_forcefully(tcp)
-            return
-        if route.mode == "passthrough":
-            await self.passthrough(tcp, peeked, route, client_ip, hello.sni, start)
-            return
-        tls = TLSStream(PrefixedStream(direct, peeked), self.contexts[route.host], server_side=True)
-        try:
-            with trio.fail_after(self.handshake_timeout):
-                await tls.do_handshake()
-        except HANDSHAKE_ERRORS as exc:
-            self.metrics.handshakes.labels("edge", "failure").inc()
-            log_entry("connection", client=client_ip, sni=hello.sni, event="tls_failed",
-                      reason=f"{type(exc).__name__}: {exc}"[:200])
-            await trio.aclose_forcefully(tcp)
-            return
-        self.metrics.handshakes.labels("edge", "resumed" if tls.session_reused else "full").inc()
-        client = ClientConn(client_ip, hello.sni, route, tls.getpeercert(binary_form=True))
-        await self.l7.serve(tls, client)
+            pass
+        _close(sock)
 
-    async def passthrough(self, tcp: trio.SocketStream, peeked: bytes, route: Route, client_ip: str,
+    async def handle_socket(self, sock: socket.socket, addr: tuple) -> None:
+        """One accepted connection; this task owns `sock` and closes it."""
+        start = time.perf_counter()
+        client_ip = addr[0]
+        hello: ClientHello | None = None
+        why = ""
+        try:
+            with trio.move_on_after(self.cfg.hello_timeout):
+                hello, why = await self.peek_hello(sock)
+            if hello is None:
+                self._refuse(sock, "no_client_hello", client=client_ip, sni=None,
+                             reason=why or "no complete ClientHello in time")
+                return
+            route = self.cfg.route_for(hello.sni)
+            if route is None:
+                self._refuse(sock, "unknown_sni", client=client_ip, sni=hello.sni,
+                             reason="no route for this SNI" if hello.sni else "no SNI and no default route")
+                return
+            if route.mode == "passthrough":
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            else:
+                tls = SocketTLSStream(sock, self.contexts[route.host])
+        except BaseException:
+            _close(sock)
+            raise
+        if route.mode == "passthrough":
+            await self.passthrough(stream, route, client_ip, hello.sni, start)  # closes the stream
+            return
+        try:
+            result, error = await self._handshake(tls)
+            self._outcome[result].inc()
+            if error is not None:
+                log_entry("connection", client=client_ip, sni=hello.sni, event="tls_failed",
+                          result=result, reason=error)
+                return
+            client = ClientConn(client_ip, hello.sni, route, tls.getpeercert(binary_form=True))
+            await self.l7.serve(tls, client)
+        finally:
+            tls.close_now()
+
+    async def _handshake(self, tls: SocketTLSStream) -> tuple[str, str | None]:
+        """(result label, error or None)."""
+        with trio.move_on_after(self.cfg.handshake_timeout):
+            try:
+                await tls.do_handshake()
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                return "aborted", f"{type(exc).__name__}: {exc}"[:200]
+            except ssl.SSLError as exc:
+                return "failure", f"{type(exc).__name__}: {exc}"[:200]
+            except OSError as exc:  # reset, broken pipe: the client went away
+                return "aborted", f"{type(exc).__name__}: {exc}"[:200]
+            return ("resumed" if tls.session_reused else "full"), None
+        return "timeout", f"no TLS handshake within {self.cfg.handshake_timeout:g} s"
+
+    async def passthrough(self, tcp: trio.SocketStream, route: Route, client_ip: str,
                           sni: str | None, start: float) -> None:
+        """Relay the connection, the peeked ClientHello included (still unread), to the backend."""
         balancer = self.balancers[route.host]
         state = balancer.pick()
         backend_ep = str(state.endpoint) if state else None
@@ -146,12 +204,11 @@ class TLSListener:
             state.active += 1
             counted = True
             up = await open_tcp(state.endpoint.host, state.endpoint.port)
-            header = b""
             if route.proxy_protocol is not None:
                 src = tcp.socket.getpeername()[:2]
                 dst = tcp.socket.getsockname()[:2]
-                header = pp.encode_v2(src, dst) if route.proxy_protocol == "v2" else pp.encode_v1(src, dst)
-            await up.send_all(header + peeked)
+                await up.send_all(pp.encode_v2(src, dst) if route.proxy_protocol == "v2"
+                                  else pp.encode_v1(src, dst))
             stats = await relay(tcp, up)
         except UpstreamError as exc:
             error = str(exc)
@@ -160,19 +217,21 @@ class TLSListener:
         finally:
             if counted and state is not None:
                 state.active -= 1
-            if up is not None:
-                await trio.aclose_forcefully(up)
-            await trio.aclose_forcefully(tcp)
+            with trio.CancelScope(shield=True):  # both close, even when cancelled
+                if up is not None:
+                    await trio.aclose_forcefully(up)
+                await trio.aclose_forcefully(tcp)
             dur = time.perf_counter() - start
+            up_bytes = stats.a_to_b if stats else 0
+            down_bytes = stats.b_to_a if stats else 0
             self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
             self.metrics.observe_edge(route.host, "passthrough", 0 if error is None else 502,
-                                      len(peeked) + (stats.a_to_b if stats else 0),
-                                      stats.b_to_a if stats else 0)
+                                      up_bytes, down_bytes)
             log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
-                      bytes_up=len(peeked) + (stats.a_to_b if stats else 0),
-                      bytes_down=stats.b_to_a if stats else 0, duration_ms=round(dur * 1000, 3),
+                      bytes_up=up_bytes, bytes_down=down_bytes, duration_ms=round(dur * 1000, 3),
                       spliced=stats.spliced if stats else False, error=error)
 
 
-def _event(name: str, **fields: object) -> None:
-    log.info(json.dumps({"event": name, **fields}, default=str))
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()

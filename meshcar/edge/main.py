@@ -95,7 +95,7 @@ class Edge:
                                message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
                     if route.backend.health is not None:
                         nursery.start_soon(health_loop, route, self.backends, self.backend_up)
-                await _listen(nursery, self.tls.handle_connection, cfg.https_listen)
+                await nursery.start(partial(self.tls.serve, cfg.https_listen.host, cfg.https_listen.port))
                 if cfg.http_listen is not None:
                     await _listen(nursery, self.redirector.handle_connection, cfg.http_listen)
                 self.listening = True

@@ -63,12 +63,18 @@ class RunningEdge:
     backends: Backends
 
     async def aclose(self) -> None:
-        await self.backends.pool.close_all()
+        await self.backends.pool.retire()  # busy connections too, once their request ends
 
 
 async def _serve(nursery: trio.Nursery, handler) -> int:  # noqa: ANN001
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
+
+
+async def serve_tls_listener(nursery: trio.Nursery, listener: TLSListener) -> int:
+    """The edge's public listener on a free loopback port, accepting as `meshcar edge` does."""
+    sockets = await nursery.start(partial(listener.serve, "127.0.0.1", 0))
+    return sockets[0].getsockname()[1]
 
 
 def terminate_route(host: str, port: int, **extra: Any) -> dict[str, Any]:
@@ -85,7 +91,7 @@ async def start_edge(nursery: trio.Nursery, tmp: Path, routes: list[dict[str, An
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
     l7 = L7(cfg, backends, metrics)
-    https = await _serve(nursery, TLSListener(cfg, l7, backends.balancers, metrics).handle_connection)
+    https = await serve_tls_listener(nursery, TLSListener(cfg, l7, backends.balancers, metrics))
     http = await _serve(nursery, Redirector(cfg).handle_connection)
     return RunningEdge(cfg, https, http, metrics, backends)
 

@@ -19,6 +19,7 @@ from meshcar.edge.http import L7, Backends, Redirector
 from meshcar.edge.listener import TLSListener
 from meshcar.tls.store import CredentialStore
 from tests.integration.conftest import sid, start_node
+from tests.integration.edge_fixtures import serve_tls_listener
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 from tests.support.rawclient import raw_exchange
@@ -105,11 +106,11 @@ async def edge(tmp_path: Path, nursery: trio.Nursery):
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
     l7 = L7(cfg, backends, metrics)
-    https = await _port(nursery, TLSListener(cfg, l7, backends.balancers, metrics).handle_connection)
+    https = await serve_tls_listener(nursery, TLSListener(cfg, l7, backends.balancers, metrics))
     http = await _port(nursery, Redirector(cfg).handle_connection)
     yield EdgeEnv(tmp_path, https, http, tmp_path / "public-ca.pem", tmp_path / "partner.pem", seen,
                   metrics, cfg, backends, echo_port)
-    await backends.pool.close_all()
+    await backends.pool.retire()
     await api.inbound.aclose()
 
 

@@ -210,6 +210,8 @@ async def test_access_log_http_entries_and_tcp_only_for_passthrough(
     assert out.endswith("403")
     rc, _, err = await curl(*resolve(pki.ca_file, "pay.test", edge.https), f"https://pay.test:{edge.https}/")
     assert rc == 0, err
+    # the relay ends (and logs) once both sides have closed, which can be just after curl exits
+    await wait_until(lambda: 'direction="edge-passthrough"' in edge.metrics.render().decode())
     accesslog.flush()
     entries = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     http = [e for e in entries if e["type"] == "request"]
@@ -282,4 +284,62 @@ async def test_bulk_bodies_both_ways_through_a_terminated_connection(tmp_path: P
     assert rc == 0, err
     info = json.loads(out)
     assert info["body_length"] == len(data) and info["body_sha256"] == hashlib.sha256(data).hexdigest()
+    await edge.aclose()
+
+
+def handshakes(edge, result: str) -> float:  # noqa: ANN001
+    """meshcar_tls_handshakes_total{direction="edge",result=...} as the edge counts it."""
+    return edge.metrics.handshakes.labels("edge", result)._value.get()
+
+
+async def test_handshake_outcomes_are_told_apart(tmp_path: Path, pki: PublicPKI, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)],
+                            default_route="www.test", handshake_timeout=0.3)
+    # `openssl s_time -new` completes each handshake and closes at once, without reading the
+    # session tickets the edge sends after it: every one is a full handshake, not a failure
+    r = await trio.run_process(["openssl", "s_time", "-connect", f"127.0.0.1:{edge.https}", "-new",
+                                "-time", "1"], capture_stdout=True, capture_stderr=True, check=False)
+    made = int(r.stdout.decode().split(" connections in ")[0].split()[-1])
+    assert made > 10, r.stdout.decode()
+    await wait_until(lambda: handshakes(edge, "full") >= made)
+    assert handshakes(edge, "failure") == handshakes(edge, "aborted") == 0
+
+    hello = client_hello("www.test")
+    # the client goes away after the edge's first flight: with a reset, and with a plain close
+    for linger in (True, False):
+        with trio.fail_after(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", edge.https)
+            await stream.send_all(hello)
+            assert (await stream.receive_some(5))[:1] == b"\x16"  # the ServerHello record
+            if linger:  # close() sends a reset
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            await stream.aclose()
+    await wait_until(lambda: handshakes(edge, "aborted") == 2)
+
+    # a hello and then silence: closed once handshake_timeout (0.3 s) is over
+    with trio.fail_after(3):
+        reply = await raw_exchange(edge.https, hello, wait=3)
+    assert reply[:1] == b"\x16"
+    await wait_until(lambda: handshakes(edge, "timeout") == 1)
+
+    # no cipher in common: the client gets the edge's alert, counted as a failure
+    r = await trio.run_process(["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https}",
+                                "-servername", "www.test", "-tls1_2", "-cipher", "AES128-SHA"],
+                               stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
+    assert r.returncode != 0 and "alert handshake failure" in r.stderr.decode(), r.stderr.decode()
+    await wait_until(lambda: handshakes(edge, "failure") == 1)
+    assert handshakes(edge, "full") >= made and handshakes(edge, "aborted") == 2
+
+    # half a hello and then end of stream: closed at once, not after hello_timeout (10 s)
+    with trio.fail_after(3):
+        stream = await trio.open_tcp_stream("127.0.0.1", edge.https)
+        await stream.send_all(hello[:40])
+        await stream.send_eof()
+        assert await stream.receive_some(100) == b""
+        await stream.aclose()
+    await wait_until(lambda: handshakes(edge, "no_client_hello") == 1)
+
+    rc, out, err = await curl(*resolve(pki.ca_file, "www.test", edge.https), f"https://www.test:{edge.https}/ok")
+    assert rc == 0 and json.loads(out)["target"] == "/ok", err
     await edge.aclose()

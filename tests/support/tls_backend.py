@@ -10,9 +10,9 @@ from functools import partial
 
 import trio
 
-from meshcar.net.prefixed import PrefixedStream
 from meshcar.net.tlsstream import TLSStream
 from meshcar.proto import proxy_protocol as pp
+from tests.support.prefixed import PrefixedStream
 
 
 async def _handle(ctx: ssl.SSLContext, seen: list[dict], tcp: trio.SocketStream) -> None:

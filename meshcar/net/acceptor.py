@@ -1,0 +1,101 @@
+"""Accept TCP connections and hand each plain, non-blocking `socket.socket` to a handler task.
+
+Theory of operation: `trio.serve_tcp` wraps every connection in a `SocketStream` (two
+setsockopt calls), accepts one connection per scheduler pass and closes the stream after
+the handler with a cancel scope of its own. The edge's public listener wants the bare
+socket instead (it peeks the ClientHello with `MSG_PEEK` and lets OpenSSL own the socket,
+see net/tlssocket.py), so this loop accepts until the kernel says EAGAIN, starts a handler
+task per connection with the peer address accept() already returned, and parks on
+`wait_readable` only when the queue is empty. The handler owns the socket and must close
+it. Like trio, it binds every address the host resolves to (IPv6 sockets are v6-only), and
+when the process runs out of descriptors or memory it logs, waits 100 ms and goes on
+instead of dying: the connections it already serves keep working.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("meshcar.net")
+
+Handler = Callable[[socket.socket, tuple], Awaitable[None]]
+
+# Out of resources: wait and retry (as trio.serve_listeners does).
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# One connection went bad between SYN and accept(): skip it.
+SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+               errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH}
+ACCEPT_BATCH = 64  # yield to the scheduler after this many accepts in a row
+
+
+def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.socket]:
+    """Listening, non-blocking sockets on every address `host` resolves to."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        seen = set()
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)  # the kernel caps it at net.core.somaxconn
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nursery) -> None:
+    in_a_row = 0
+    while True:
+        try:
+            conn, addr = lsock.accept()
+        except BlockingIOError:
+            in_a_row = 0
+            await trio.lowlevel.wait_readable(lsock)
+            continue
+        except OSError as exc:
+            if exc.errno in CAPACITY_ERRNOS:
+                log.error(json.dumps({"event": "accept.out_of_resources", "error": str(exc),
+                                      "listen": str(lsock.getsockname())}))
+                await trio.sleep(0.1)
+                continue
+            if exc.errno in SKIP_ERRNOS:
+                continue
+            raise
+        conn.setblocking(False)
+        nursery.start_soon(handler, conn, addr)
+        in_a_row += 1
+        if in_a_row >= ACCEPT_BATCH:
+            in_a_row = 0
+            await trio.lowlevel.checkpoint()
+
+
+async def serve_sockets(handler: Handler, host: str, port: int, *,
+                        task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; `task_status.started` gets the bound listening sockets."""
+    listeners = bind_listeners(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            for lsock in listeners:
+                nursery.start_soon(_accept_loop, lsock, handler, nursery)
+            task_status.started(listeners)
+    finally:
+        for lsock in listeners:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
