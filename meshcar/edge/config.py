@@ -338,7 +338,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     level = data.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):
         c.bad("log_level", "must be one of debug, info, warning, error")
-    timeouts = {}
+    timeouts: dict[str, float] = {}
     for name in ("hello_timeout", "handshake_timeout"):
         value = data.get(name, 10.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -349,7 +349,8 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
         raise ConfigError(c.problems)
     assert https and admin_listen
     return EdgeConfig(https, http, admin_listen, tuple(routes), identity, hops, default, level,
-                      **timeouts)
+                      hello_timeout=timeouts["hello_timeout"],
+                      handshake_timeout=timeouts["handshake_timeout"])
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

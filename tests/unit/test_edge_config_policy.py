@@ -38,6 +38,8 @@ def test_good_config_parses() -> None:
     assert not rule.matches("POST", "/admin/x", [])
     assert cfg.route_for("unknown.test") is None and cfg.route_for(None) is None
     assert cfg.route_for("pay.test").proxy_protocol == "v1"
+    assert cfg.hello_timeout == cfg.handshake_timeout == 10.0
+    assert parse_edge_config(dict(GOOD, handshake_timeout=2.5), "edge.yaml").handshake_timeout == 2.5
 
 
 def test_every_problem_at_once() -> None:
@@ -55,6 +57,8 @@ def test_every_problem_at_once() -> None:
             {"host": "x.test", "mode": "teleport", "backend": {}},
         ],
         "default_route": "nowhere.test",
+        "hello_timeout": 0,
+        "handshake_timeout": "soon",
     }
     with pytest.raises(ConfigError) as err:
         parse_edge_config(bad, "edge.yaml")
@@ -62,7 +66,7 @@ def test_every_problem_at_once() -> None:
     for key in ["listen.https", "admin.listen", "bogus", "routes[0].host", "routes[0].tls",
                 "routes[0].backend.endpoints", "routes[1].backend.spiffe_id", "routes[1].rate_limit.per_second",
                 "routes[1].deny[0].path", "routes[1].hsts", "routes[2].hsts", "routes[2].proxy_protocol",
-                "routes[3].mode", "identity", "default_route"]:
+                "routes[3].mode", "identity", "default_route", "hello_timeout", "handshake_timeout"]:
         assert f"edge.yaml: {key}:" in text, (key, text)
 
 
