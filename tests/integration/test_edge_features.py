@@ -115,6 +115,11 @@ async def test_public_tls_is_the_mozilla_intermediate_profile(tmp_path: Path, pk
     assert "Cipher is (NONE)" in out or "alert" in err
     out, err = await _s_client(edge.https, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
     assert "Cipher is (NONE)" in out and "handshake failure" in err
+    # a TLS 1.2 client asking to renegotiate (s_client's "R" command) is refused
+    r = await trio.run_process(["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https}", "-servername",
+                                "www.test", "-tls1_2"], stdin=b"R\n", capture_stdout=True,
+                               capture_stderr=True, check=False)
+    assert "RENEGOTIATING" in r.stderr.decode() and "no renegotiation" in r.stderr.decode(), r.stderr.decode()
     await edge.aclose()
 
 
