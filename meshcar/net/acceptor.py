@@ -60,6 +60,18 @@ def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.s
     return sockets
 
 
+async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple) -> None:
+    """A bug met by one connection is logged and ends that connection, not the listener."""
+    try:
+        await handler(conn, addr)
+    except Exception:
+        log.exception(json.dumps({"event": "connection.handler_error", "client": str(addr[0])}))
+    finally:
+        if conn.fileno() != -1:  # the handler leaked it (or failed before handing it on)
+            trio.lowlevel.notify_closing(conn)
+            conn.close()
+
+
 async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nursery) -> None:
     in_a_row = 0
     while True:
@@ -79,7 +91,7 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
                 continue
             raise
         conn.setblocking(False)
-        nursery.start_soon(handler, conn, addr)
+        nursery.start_soon(_run_handler, handler, conn, addr)
         in_a_row += 1
         if in_a_row >= ACCEPT_BATCH:
             in_a_row = 0

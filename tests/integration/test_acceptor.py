@@ -8,6 +8,7 @@ import sys
 import time
 from functools import partial
 
+import pytest
 import trio
 
 from meshcar.net.acceptor import bind_listeners, serve_sockets
@@ -33,6 +34,31 @@ async def test_every_connection_gets_a_task_with_its_peer_address(nursery: trio.
     assert len(seen) == 100
     assert {a[0] for a in seen} == {"127.0.0.1"}
     assert len({a[1] for a in seen}) == 100  # each task got its own client's address
+
+
+async def test_a_failing_handler_costs_only_its_connection(nursery: trio.Nursery,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(sock: socket.socket, addr: tuple) -> None:
+        data = b""
+        while not data:
+            try:
+                data = sock.recv(10)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+        if data == b"boom":
+            raise RuntimeError("a bug in the handler")
+        sock.send(b"ok:" + data)
+        sock.close()
+
+    listeners = await nursery.start(partial(serve_sockets, handler, "127.0.0.1", 0))
+    port = listeners[0].getsockname()[1]
+    for payload, expected in ((b"boom", b""), (b"fine", b"ok:fine")):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(payload)
+        with trio.fail_after(5):
+            assert await stream.receive_some(10) == expected  # closed (not left open) after the bug
+        await stream.aclose()
+    assert "connection.handler_error" in caplog.text and "a bug in the handler" in caplog.text
 
 
 def test_binds_every_address_and_refuses_a_taken_port() -> None:
