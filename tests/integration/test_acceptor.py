@@ -61,6 +61,17 @@ async def test_a_failing_handler_costs_only_its_connection(nursery: trio.Nursery
     assert "connection.handler_error" in caplog.text and "a bug in the handler" in caplog.text
 
 
+async def test_ipv6_loopback(nursery: trio.Nursery) -> None:
+    seen: list[tuple] = []
+    listeners = await nursery.start(partial(serve_sockets, partial(_greet, seen), "::1", 0))
+    assert listeners[0].family == socket.AF_INET6
+    stream = await trio.open_tcp_stream("::1", listeners[0].getsockname()[1])
+    with trio.fail_after(5):
+        assert await stream.receive_some(10) == b"hi"
+    await stream.aclose()
+    assert seen[0][0] == "::1"
+
+
 def test_binds_every_address_and_refuses_a_taken_port() -> None:
     socks = bind_listeners("localhost", 0)
     try:
