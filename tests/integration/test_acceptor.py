@@ -61,6 +61,16 @@ async def test_a_failing_handler_costs_only_its_connection(nursery: trio.Nursery
     assert "connection.handler_error" in caplog.text and "a bug in the handler" in caplog.text
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="needs IPv6 loopback (::1), absent on this machine")
 async def test_ipv6_loopback(nursery: trio.Nursery) -> None:
     seen: list[tuple] = []
     listeners = await nursery.start(partial(serve_sockets, partial(_greet, seen), "::1", 0))
