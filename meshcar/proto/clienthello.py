@@ -299,6 +299,20 @@ def _trailing(what: str, count: int) -> _Malformed:
     return _Malformed(f"{what}: {count} trailing bytes")
 
 
+def _vector(b: bytes, p: int, end: int, width: int, what: str, lo: int, hi: int) -> tuple[int, int]:
+    """Read the ``width``-byte length of a vector at ``p``: (where its contents start, its
+    length), the length checked against ``lo..hi`` and against ``end``."""
+    if end - p < width:
+        raise _short(f"{what} length", width, end - p)
+    k = b[p] if width == 1 else (b[p] << 8) | b[p + 1]
+    p += width
+    if k < lo or k > hi:
+        raise _out_of_range(what, k)
+    if end - p < k:
+        raise _short(what, k, end - p)
+    return p, k
+
+
 def _parse_body(
     b: bytes, p: int, end: int, *, record_version: int, consumed: int, records: int
 ) -> ClientHello:
@@ -312,41 +326,18 @@ def _parse_body(
         raise _short("random", 32, end - p)
     p += 32
 
-    # legacy_session_id<0..32>
-    if p >= end:
-        raise _short("legacy_session_id length", 1, 0)
-    k = b[p]
-    p += 1
-    if k > 32:
-        raise _out_of_range("legacy_session_id", k)
-    if end - p < k:
-        raise _short("legacy_session_id", k, end - p)
+    p, k = _vector(b, p, end, 1, "legacy_session_id", 0, 32)
     session_id = b[p : p + k]
     p += k
 
     # cipher_suites<2..2^16-2>: one unpack for the whole list
-    if end - p < 2:
-        raise _short("cipher_suites length", 2, end - p)
-    k = (b[p] << 8) | b[p + 1]
-    p += 2
-    if k < 2:
-        raise _out_of_range("cipher_suites", k)
-    if end - p < k:
-        raise _short("cipher_suites", k, end - p)
+    p, k = _vector(b, p, end, 2, "cipher_suites", 2, 0xFFFF)
     if k & 1:
         raise _Malformed("cipher_suites: odd length")
     cipher_suites: tuple[int, ...] = struct.unpack_from(f">{k >> 1}H", b, p)
     p += k
 
-    # legacy_compression_methods<1..2^8-1>
-    if p >= end:
-        raise _short("legacy_compression_methods length", 1, 0)
-    k = b[p]
-    p += 1
-    if k < 1:
-        raise _out_of_range("legacy_compression_methods", k)
-    if end - p < k:
-        raise _short("legacy_compression_methods", k, end - p)
+    p, k = _vector(b, p, end, 1, "legacy_compression_methods", 1, 0xFF)
     p += k
 
     sni: str | None = None
@@ -354,12 +345,7 @@ def _parse_body(
     supported_versions: tuple[int, ...] = ()
     ext_types: list[int] = []
     if p < end:  # extensions are optional before TLS 1.3
-        if end - p < 2:
-            raise _short("extensions length", 2, end - p)
-        k = (b[p] << 8) | b[p + 1]
-        p += 2
-        if end - p < k:
-            raise _short("extensions", k, end - p)
+        p, k = _vector(b, p, end, 2, "extensions", 0, 0xFFFF)
         if end - p > k:
             raise _trailing("ClientHello", end - p - k)
         seen: set[int] = set()
@@ -401,14 +387,7 @@ def _parse_body(
 
 def _parse_sni(b: bytes, p: int, end: int) -> str | None:
     # server_name_list<1..2^16-1>, filling the extension
-    if end - p < 2:
-        raise _short("server_name_list length", 2, end - p)
-    k = (b[p] << 8) | b[p + 1]
-    p += 2
-    if k < 1:
-        raise _out_of_range("server_name_list", k)
-    if end - p < k:
-        raise _short("server_name_list", k, end - p)
+    p, k = _vector(b, p, end, 2, "server_name_list", 1, 0xFFFF)
     if end - p > k:
         raise _trailing("server_name extension", end - p - k)
     name_type = b[p]
@@ -416,14 +395,7 @@ def _parse_sni(b: bytes, p: int, end: int) -> str | None:
     if name_type != SNI_HOST_NAME:
         raise _Malformed(f"server_name type {name_type} is not host_name")
     # host_name<1..2^16-1>, the list's only entry
-    if end - p < 2:
-        raise _short("host_name length", 2, end - p)
-    k = (b[p] << 8) | b[p + 1]
-    p += 2
-    if k < 1:
-        raise _out_of_range("host_name", k)
-    if end - p < k:
-        raise _short("host_name", k, end - p)
+    p, k = _vector(b, p, end, 2, "host_name", 1, 0xFFFF)
     if p + k != end:
         raise _Malformed("server_name_list must hold exactly one host_name")
     raw = b[p:end]
@@ -447,24 +419,12 @@ def _is_ip_literal(raw: bytes) -> bool:
 
 def _parse_alpn(b: bytes, p: int, end: int) -> tuple[str, ...]:
     # protocol_name_list<2..2^16-1>, filling the extension, of protocol_name<1..2^8-1>
-    if end - p < 2:
-        raise _short("protocol_name_list length", 2, end - p)
-    k = (b[p] << 8) | b[p + 1]
-    p += 2
-    if k < 2:
-        raise _out_of_range("protocol_name_list", k)
-    if end - p < k:
-        raise _short("protocol_name_list", k, end - p)
+    p, k = _vector(b, p, end, 2, "protocol_name_list", 2, 0xFFFF)
     if end - p > k:
         raise _trailing("ALPN extension", end - p - k)
     out = []
     while p < end:
-        k = b[p]
-        p += 1
-        if k < 1:
-            raise _out_of_range("protocol_name", k)
-        if end - p < k:
-            raise _short("protocol_name", k, end - p)
+        p, k = _vector(b, p, end, 1, "protocol_name", 1, 0xFF)
         out.append(b[p : p + k].decode("latin-1"))
         p += k
     return tuple(out)
@@ -472,14 +432,7 @@ def _parse_alpn(b: bytes, p: int, end: int) -> tuple[str, ...]:
 
 def _parse_supported_versions(b: bytes, p: int, end: int) -> tuple[int, ...]:
     # versions<2..254>, filling the extension
-    if p >= end:
-        raise _short("supported_versions length", 1, 0)
-    k = b[p]
-    p += 1
-    if k < 2 or k > 254:
-        raise _out_of_range("supported_versions", k)
-    if end - p < k:
-        raise _short("supported_versions", k, end - p)
+    p, k = _vector(b, p, end, 1, "supported_versions", 2, 254)
     if end - p > k:
         raise _trailing("supported_versions extension", end - p - k)
     if k & 1:
