@@ -31,20 +31,17 @@ CHECKPOINT_EVERY = 16
 
 
 class SocketTLSStream(trio.abc.Stream):
-    """TLS over a connected non-blocking `socket.socket`, which it takes over (and closes)."""
+    """The server side of TLS over an accepted non-blocking `socket.socket`, which it takes
+    over (and closes)."""
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool = True) -> None:
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
         # wrap_socket detaches `sock`: from here on the SSLSocket owns the descriptor.
-        self._ssl = ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False,
+        self._ssl = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
                                     suppress_ragged_eofs=False)
         self._ops = 0
         self._closed = False
 
-    # -- introspection, as on ssl.SSLSocket ------------------------------------------------------
-
-    @property
-    def socket(self) -> ssl.SSLSocket:
-        return self._ssl
+    # -- what the edge asks of a finished handshake -------------------------------------------
 
     def getpeercert(self, binary_form: bool = False):  # noqa: ANN201 - mirrors ssl's API
         return self._ssl.getpeercert(binary_form)
@@ -52,12 +49,6 @@ class SocketTLSStream(trio.abc.Stream):
     @property
     def session_reused(self) -> bool:
         return bool(self._ssl.session_reused)
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self._ssl.selected_alpn_protocol()
-
-    def version(self) -> str | None:
-        return self._ssl.version()
 
     # -- internals --------------------------------------------------------------------------------
 
