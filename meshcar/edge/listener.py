@@ -136,36 +136,29 @@ class TLSListener:
             sock.recv(MAX_PEEK)
         except OSError:
             pass
-        _close(sock)
 
     async def handle_socket(self, sock: socket.socket, addr: tuple) -> None:
-        """One accepted connection; this task owns `sock` and closes it."""
+        """One accepted connection. Whatever this leaves open of `sock`, the acceptor closes."""
         start = time.perf_counter()
         client_ip = addr[0]
         hello: ClientHello | None = None
         why = ""
-        try:
-            with trio.move_on_after(self.cfg.hello_timeout):
-                hello, why = await self.peek_hello(sock)
-            if hello is None:
-                self._refuse(sock, "no_client_hello", client=client_ip, sni=None,
-                             reason=why or "no complete ClientHello in time")
-                return
-            route = self.cfg.route_for(hello.sni)
-            if route is None:
-                self._refuse(sock, "unknown_sni", client=client_ip, sni=hello.sni,
-                             reason="no route for this SNI" if hello.sni else "no SNI and no default route")
-                return
-            if route.mode == "passthrough":
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            else:
-                tls = SocketTLSStream(sock, self.contexts[route.host])
-        except BaseException:
-            _close(sock)
-            raise
+        with trio.move_on_after(self.cfg.hello_timeout):
+            hello, why = await self.peek_hello(sock)
+        if hello is None:
+            self._refuse(sock, "no_client_hello", client=client_ip, sni=None,
+                         reason=why or "no complete ClientHello in time")
+            return
+        route = self.cfg.route_for(hello.sni)
+        if route is None:
+            self._refuse(sock, "unknown_sni", client=client_ip, sni=hello.sni,
+                         reason="no route for this SNI" if hello.sni else "no SNI and no default route")
+            return
         if route.mode == "passthrough":
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             await self.passthrough(stream, route, client_ip, hello.sni, start)  # closes the stream
             return
+        tls = SocketTLSStream(sock, self.contexts[route.host])  # takes the descriptor over
         try:
             result, error = await self._handshake(tls)
             self._outcome[result].inc()
@@ -183,12 +176,11 @@ class TLSListener:
         with trio.move_on_after(self.cfg.handshake_timeout):
             try:
                 await tls.do_handshake()
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
-                return "aborted", f"{type(exc).__name__}: {exc}"[:200]
-            except ssl.SSLError as exc:
-                return "failure", f"{type(exc).__name__}: {exc}"[:200]
-            except OSError as exc:  # reset, broken pipe: the client went away
-                return "aborted", f"{type(exc).__name__}: {exc}"[:200]
+            except OSError as exc:  # ssl.SSLError included
+                tls_error = isinstance(exc, ssl.SSLError) and not isinstance(
+                    exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+                # a TLS error is a failure; a reset, broken pipe or EOF: the client went away
+                return ("failure" if tls_error else "aborted"), f"{type(exc).__name__}: {exc}"[:200]
             return ("resumed" if tls.session_reused else "full"), None
         return "timeout", f"no TLS handshake within {self.cfg.handshake_timeout:g} s"
 
@@ -234,8 +226,3 @@ class TLSListener:
             log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
                       bytes_up=up_bytes, bytes_down=down_bytes, duration_ms=round(dur * 1000, 3),
                       spliced=stats.spliced if stats else False, error=error)
-
-
-def _close(sock: socket.socket) -> None:
-    trio.lowlevel.notify_closing(sock)
-    sock.close()

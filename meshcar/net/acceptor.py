@@ -6,8 +6,9 @@ the handler with a cancel scope of its own. The edge's public listener wants the
 socket instead (it peeks the ClientHello with `MSG_PEEK` and lets OpenSSL own the socket,
 see net/tlssocket.py), so this loop accepts until the kernel says EAGAIN, starts a handler
 task per connection with the peer address accept() already returned, and parks on
-`wait_readable` only when the queue is empty. The handler owns the socket and must close
-it. Like trio, it binds every address the host resolves to (IPv6 sockets are v6-only), and
+`wait_readable` only when the queue is empty. The handler may hand the socket on (to an
+`SSLSocket`, a trio socket) or close it; whatever it leaves open is closed when it returns,
+and an exception from a handler is logged and costs only that connection. Like trio, it binds every address the host resolves to (IPv6 sockets are v6-only), and
 when the process runs out of descriptors or memory it logs, waits 100 ms and goes on
 instead of dying: the connections it already serves keep working.
 """
@@ -67,7 +68,7 @@ async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple) -> No
     except Exception:
         log.exception(json.dumps({"event": "connection.handler_error", "client": str(addr[0])}))
     finally:
-        if conn.fileno() != -1:  # the handler leaked it (or failed before handing it on)
+        if conn.fileno() != -1:  # not handed on (or the handler failed before it could)
             trio.lowlevel.notify_closing(conn)
             conn.close()
 
