@@ -158,6 +158,7 @@ class TLSListener:
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             await self.passthrough(stream, route, client_ip, hello.sni, start)  # closes the stream
             return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's streams: no Nagle delay
         tls = SocketTLSStream(sock, self.contexts[route.host])  # takes the descriptor over
         try:
             result, error = await self._handshake(tls)

@@ -40,6 +40,7 @@ class SocketTLSStream(trio.abc.Stream):
                                     suppress_ragged_eofs=False)
         self._ops = 0
         self._closed = False
+        self._broken = False  # the connection failed: no close_notify to send on close
 
     # -- what the edge asks of a finished handshake -------------------------------------------
 
@@ -57,6 +58,10 @@ class SocketTLSStream(trio.abc.Stream):
         if self._ops >= CHECKPOINT_EVERY:
             self._ops = 0
             await trio.lowlevel.checkpoint()
+
+    def _broken_error(self, message: str) -> trio.BrokenResourceError:
+        self._broken = True
+        return trio.BrokenResourceError(message)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -76,6 +81,9 @@ class SocketTLSStream(trio.abc.Stream):
                 await trio.lowlevel.wait_readable(self._ssl)
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self._ssl)
+            except OSError:
+                self._broken = True
+                raise
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check_open()
@@ -94,11 +102,11 @@ class SocketTLSStream(trio.abc.Stream):
             except ssl.SSLZeroReturnError:
                 return b""
             except ssl.SSLEOFError:
-                raise trio.BrokenResourceError("peer closed without close_notify") from None
+                raise self._broken_error("peer closed without close_notify") from None
             except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from None
+                raise self._broken_error(f"TLS error: {exc}") from None
             except OSError as exc:
-                raise trio.BrokenResourceError(repr(exc)) from None
+                raise self._broken_error(repr(exc)) from None
             await self._maybe_checkpoint()
             return data
 
@@ -118,23 +126,26 @@ class SocketTLSStream(trio.abc.Stream):
                     self._ops = 0
                     await trio.lowlevel.wait_readable(self._ssl)
                 except ssl.SSLError as exc:
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from None
+                    raise self._broken_error(f"TLS error: {exc}") from None
                 except OSError as exc:
-                    raise trio.BrokenResourceError(repr(exc)) from None
+                    raise self._broken_error(repr(exc)) from None
         await self._maybe_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self._ssl)
 
     def close_now(self) -> None:
-        """Send close_notify if the socket takes it at once, then close. Never blocks."""
+        """Send close_notify if the socket takes it at once, then close. Never blocks. After
+        a failure (reset, truncation, TLS error) nothing is sent: the peer is gone or the TLS
+        state is dead, and a write would only cost a syscall (nginx skips it too)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._ssl.unwrap()  # one SSL_shutdown: queues close_notify, does not wait for the peer's
-        except (ssl.SSLError, OSError, ValueError):
-            pass
+        if not self._broken:
+            try:
+                self._ssl.unwrap()  # one SSL_shutdown: queues close_notify, does not wait for the peer's
+            except (ssl.SSLError, OSError, ValueError):
+                pass
         trio.lowlevel.notify_closing(self._ssl)
         self._ssl.close()
 

@@ -103,3 +103,16 @@ async def test_close_notify_is_end_of_data_but_a_bare_close_is_an_error(nursery:
             await trio.sleep(0.01)
     assert outcomes[0] == "eof"
     assert outcomes[1].startswith("broken: ") and "close_notify" in outcomes[1]
+
+
+async def test_a_healthy_connection_is_closed_with_close_notify(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    async def say_bye(tls: SocketTLSStream) -> None:
+        await tls.send_all(b"bye")  # then the handler's aclose
+
+    port = await start(nursery, ca, say_bye)
+    c = await client(ca, port)
+    with trio.fail_after(5):
+        assert await c.receive_some(10) == b"bye"
+        # trio's SSLStream raises BrokenResourceError on a close without close_notify
+        assert await c.receive_some(10) == b""
+    await c.aclose()
