@@ -36,10 +36,12 @@ from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
+from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
 from meshcar.proto.headers import clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 from meshcar.sidecar.accesslog import log_entry
+from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import svid_from_der
 
@@ -94,7 +96,7 @@ class Backends:
             self.balancers[r.host] = Balancer(r.backend.endpoints, r.backend.balance,
                                               fall=h.fall if h else 2, rise=h.rise if h else 1)
         self.pool = Pool(self._dial)
-        self._sessions: dict[str, object] = {}
+        self._sessions = SessionCache()
 
     @staticmethod
     def key(route: Route, state: EndpointState) -> str:
@@ -107,8 +109,8 @@ class Backends:
         if route.mode == "terminate":
             return Pooled(HttpConn(await open_tcp(h, int(p)), "response"), key, ep)
         assert self.store is not None and route.backend.spiffe_id is not None
-        stream = await open_tls(h, int(p), self.store.client_context(),
-                                session=self._sessions.get(key))  # type: ignore[arg-type]
+        ctx = self.store.client_context()
+        stream = await open_tls(h, int(p), ctx, session=self._sessions.get(key, ctx))
         try:
             peer = svid_from_der(stream.getpeercert(binary_form=True))
             if peer.spiffe_id != route.backend.spiffe_id:
@@ -120,8 +122,8 @@ class Backends:
 
     def remember_session(self, p: Pooled) -> None:
         stream = p.conn.stream
-        if p.requests == 0 and hasattr(stream, "session") and stream.session is not None:
-            self._sessions[p.key] = stream.session
+        if p.requests == 0 and isinstance(stream, TLSStream):
+            self._sessions.put(p.key, stream.context, stream.session)
 
 
 class L7:

@@ -48,6 +48,11 @@ class TLSStream(trio.abc.Stream):
         return self._obj.session
 
     @property
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext this connection was made with (sessions belong to it)."""
+        return self._obj.context
+
+    @property
     def session_reused(self) -> bool:
         return self._obj.session_reused
 

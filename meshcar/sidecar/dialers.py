@@ -9,7 +9,6 @@ request is sent on them.
 from __future__ import annotations
 
 import itertools
-import ssl
 
 import trio
 
@@ -20,6 +19,7 @@ from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pooled
 from meshcar.net.tlsstream import TLSStream
 from meshcar.sidecar.config import HostPort, Upstream
+from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import svid_from_der
 
@@ -34,14 +34,15 @@ class MeshDialer:
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self._rr = {name: itertools.cycle(u.endpoints) for name, u in upstreams.items()}
-        self._sessions: dict[HostPort, ssl.SSLSession] = {}
+        self._sessions = SessionCache()
 
     async def dial(self, name: str) -> Pooled:
         up = self.upstreams[name]
         ep = next(self._rr[name])
         try:
-            stream = await open_tls(ep.host, ep.port, self.store.client_context(),
-                                    session=self._sessions.get(ep), timeout=self.connect_timeout)
+            ctx = self.store.client_context()
+            stream = await open_tls(ep.host, ep.port, ctx, session=self._sessions.get(ep, ctx),
+                                    timeout=self.connect_timeout)
         except UpstreamError:
             self.metrics.handshakes.labels("outbound", "failure").inc()
             raise
@@ -61,9 +62,7 @@ class MeshDialer:
         TLS 1.3 tickets arrive with the first response, and reading `.session` is costly)."""
         stream = p.conn.stream
         if p.requests == 0 and isinstance(stream, TLSStream):
-            sess = stream.session
-            if sess is not None:
-                self._sessions[p.endpoint] = sess
+            self._sessions.put(p.endpoint, stream.context, stream.session)
 
 
 class AppDialer:
