@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import ssl
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -95,6 +96,7 @@ class CAServer:
         self._context = ssl_context
         self.limits = limits or Limits()
         self.log = log
+        self.internal_errors = 0  # connections ended by a bug (logged with traceback)
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -120,7 +122,9 @@ class CAServer:
         try:
             await self._connection(tcp, peer)
         except Exception as exc:  # a bug must cost one connection, never the server
-            self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__})
+            self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
+                      "traceback": traceback.format_exc()})
+            self.internal_errors += 1
         finally:
             await trio.aclose_forcefully(tcp)
 
@@ -174,7 +178,9 @@ class CAServer:
                 except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                     raise
                 except Exception as exc:  # a bug: answer 500 to this request, keep serving others
-                    self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__})
+                    self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
+                              "traceback": traceback.format_exc()})
+                    self.internal_errors += 1
                     response = _json_response(500, {"error": "internal", "message": "internal error"}, error="internal")
                     keep = False
                 await self._send(stream, conn, response, close=not keep, head=method == "HEAD")

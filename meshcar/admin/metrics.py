@@ -46,6 +46,14 @@ class Metrics:
             "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
         )
 
+        self.connection_errors = Counter(
+            "meshcar_connection_errors", "Connections ended by an unexpected error in meshcar",
+            ["listener"], registry=r
+        )
+
+    def count_connection_error(self, listener: str) -> None:
+        self.connection_errors.labels(listener).inc()
+
     def observe_request(self, direction: str, status: int, seconds: float) -> None:
         """Count one request (the hot path: label children are cached)."""
         key = (direction, status)

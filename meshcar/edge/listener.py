@@ -89,7 +89,8 @@ class TLSListener:
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept on (host, port) until cancelled; started with the listening sockets."""
-        await serve_sockets(self.handle_socket, host, port, task_status=task_status)
+        await serve_sockets(self.handle_socket, host, port, task_status=task_status,
+                            on_error=self.metrics.count_connection_error)
 
     async def peek_hello(self, sock: socket.socket) -> tuple[ClientHello | None, str]:
         """(the hello or None, why not), leaving every byte in the socket."""

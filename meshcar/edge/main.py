@@ -27,6 +27,7 @@ from meshcar.edge.http import L7, Backends, Redirector
 from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
 from meshcar.identity.rotate import Rotator
+from meshcar.net.guard import guarded
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort
@@ -83,7 +84,7 @@ class Edge:
         try:
             async with trio.open_nursery() as nursery:
                 admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status))
-                await _listen(nursery, admin.handle_connection, cfg.admin_listen)
+                await _listen(nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics)
                 nursery.start_soon(accesslog.flush_loop)
                 if self.rotator is not None:
                     await nursery.start(self.rotator.run)
@@ -97,7 +98,8 @@ class Edge:
                         nursery.start_soon(health_loop, route, self.backends, self.backend_up)
                 await nursery.start(partial(self.tls.serve, cfg.https_listen.host, cfg.https_listen.port))
                 if cfg.http_listen is not None:
-                    await _listen(nursery, self.redirector.handle_connection, cfg.http_listen)
+                    await _listen(nursery, self.redirector.handle_connection, cfg.http_listen, "http",
+                                  self.metrics)
                 self.listening = True
                 _event("edge.ready", https=str(cfg.https_listen),
                        http=str(cfg.http_listen) if cfg.http_listen else None,
@@ -109,8 +111,11 @@ class Edge:
                 await self.backends.pool.close_all()
 
 
-async def _listen(nursery: trio.Nursery, handler, where: HostPort) -> None:  # noqa: ANN001
-    await nursery.start(partial(trio.serve_tcp, handler, where.port, host=where.host))
+async def _listen(nursery: trio.Nursery, handler, where: HostPort, name: str,  # noqa: ANN001
+                  metrics: Metrics) -> None:
+    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
+    safe = guarded(handler, name, metrics.count_connection_error)
+    await nursery.start(partial(trio.serve_tcp, safe, where.port, host=where.host))
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

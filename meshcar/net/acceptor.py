@@ -61,19 +61,23 @@ def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.s
     return sockets
 
 
-async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple) -> None:
+async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple,
+                       on_error: Callable[[str], None] | None) -> None:
     """A bug met by one connection is logged and ends that connection, not the listener."""
     try:
         await handler(conn, addr)
     except Exception:
         log.exception(json.dumps({"event": "connection.handler_error", "client": str(addr[0])}))
+        if on_error is not None:
+            on_error("https")
     finally:
         if conn.fileno() != -1:  # not handed on (or the handler failed before it could)
             trio.lowlevel.notify_closing(conn)
             conn.close()
 
 
-async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nursery) -> None:
+async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nursery,
+                       on_error: Callable[[str], None] | None) -> None:
     in_a_row = 0
     while True:
         try:
@@ -92,7 +96,7 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
                 continue
             raise
         conn.setblocking(False)
-        nursery.start_soon(_run_handler, handler, conn, addr)
+        nursery.start_soon(_run_handler, handler, conn, addr, on_error)
         in_a_row += 1
         if in_a_row >= ACCEPT_BATCH:
             in_a_row = 0
@@ -100,13 +104,14 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
 
 
 async def serve_sockets(handler: Handler, host: str, port: int, *,
+                        on_error: Callable[[str], None] | None = None,
                         task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; `task_status.started` gets the bound listening sockets."""
     listeners = bind_listeners(host, port)
     try:
         async with trio.open_nursery() as nursery:
             for lsock in listeners:
-                nursery.start_soon(_accept_loop, lsock, handler, nursery)
+                nursery.start_soon(_accept_loop, lsock, handler, nursery, on_error)
             task_status.started(listeners)
     finally:
         for lsock in listeners:

@@ -27,6 +27,7 @@ from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.rotate import Rotator
 from meshcar.identity.vaultclient import VaultClient
 from meshcar.net.drain import Drain
+from meshcar.net.guard import guarded
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import (
@@ -141,7 +142,7 @@ class Sidecar:
     async def _start(self, services: trio.Nursery, conns: trio.Nursery) -> None:
         cfg = self.cfg
         admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown))
-        await _listen(services, admin.handle_connection, cfg.admin_listen, conns)
+        await _listen(services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics)
         _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
         services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
@@ -158,16 +159,19 @@ class Sidecar:
         self.inbound.drain = self.outbound.drain = self._drain
         with trio.CancelScope() as self._listen_scope:
             async with trio.open_nursery() as ln:
-                await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns)
+                await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound",
+                              self.metrics)
                 if cfg.outbound_listen is not None:
-                    await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns)
+                    await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns,
+                                  "outbound", self.metrics)
                 if cfg.transparent_listen is not None:
                     await _listen(ln, Transparent(cfg, self.outbound).handle_connection,
-                                  cfg.transparent_listen, conns)
+                                  cfg.transparent_listen, conns, "transparent", self.metrics)
                 for up in cfg.upstreams:
                     if up.local_port is not None:
                         await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),
-                                      HostPort("127.0.0.1", up.local_port), conns)
+                                      HostPort("127.0.0.1", up.local_port), conns, "outbound",
+                                      self.metrics)
                 task_status.started()
 
     async def drain(self, grace: float = 10.0) -> None:
@@ -191,9 +195,12 @@ class Sidecar:
                 return
 
 
-async def _listen(nursery: trio.Nursery, handler, where: HostPort, conns: trio.Nursery) -> None:
+async def _listen(nursery: trio.Nursery, handler, where: HostPort, conns: trio.Nursery,
+                  name: str, metrics: Metrics) -> list[trio.SocketListener]:
+    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
     listeners = await trio.open_tcp_listeners(where.port, host=where.host)
-    await nursery.start(partial(trio.serve_listeners, handler, listeners, handler_nursery=conns))
+    safe = guarded(handler, name, metrics.count_connection_error)
+    return await nursery.start(partial(trio.serve_listeners, safe, listeners, handler_nursery=conns))
 
 
 def first_leaf(exc: BaseException) -> BaseException:
