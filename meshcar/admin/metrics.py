@@ -31,6 +31,10 @@ class Metrics:
         self.renewals = Counter(
             "meshcar_certificate_renewals", "Certificate renewals", ["result"], registry=r
         )
+        self.identity_expired = Gauge(
+            "meshcar_identity_expired", "1 while no valid certificate is held (renewal failing past expiry)",
+            registry=r
+        )
         self.bundle_version = Gauge(
             "meshcar_trust_bundle_version", "Version of the trust bundle held", registry=r
         )

@@ -64,7 +64,8 @@ class Edge:
 
     def ready(self) -> tuple[bool, str]:
         if self.store is not None and not self.store.is_valid_now():
-            return False, "no valid mesh certificate"
+            reason = self.rotator.reason if self.rotator is not None else "no rotator"
+            return False, f"no valid mesh certificate ({reason})"
         if not self.listening:
             return False, "listeners not started"
         return True, "ok"

@@ -3,11 +3,18 @@
 Theory of operation: `renew_delay()` is a pure function of the current certificate's
 validity window (renew at `fraction` of the lifetime, +/- `jitter` of it so that a fleet
 does not renew at once). `Rotator.run()` bootstraps (reusing a still-valid credential from
-the state dir after a restart, else the join token), marks the store ready, then sleeps
+the state dir after a restart, else the bootstrap credential: join token file, projected
+service-account token, or the Vault AppRole/token), marks the store ready, then sleeps
 until the renewal point or an explicit `renew_now()`, renews over mTLS with the current
-certificate, and retries with capped exponential backoff while the CA is unreachable. The
-old certificate keeps serving until it actually expires; the store is only ever replaced
-by a complete new credential.
+certificate, and retries with capped exponential backoff and jitter while the CA is
+unreachable. The old certificate keeps serving until it actually expires; the store is only
+ever replaced by a complete new credential.
+
+Recovery: once the current certificate has expired (the CA was down longer than its
+lifetime), or the CA refuses the renewal outright (a non-retryable 4xx such as 401), the
+loop stops presenting that certificate and goes back to the bootstrap credential. `state`
+and `reason` say where the loop is ("valid", "retrying", "expired") for /ready and /certs;
+`meshcar_identity_expired` is 1 while no valid certificate is held.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
         leaf = x509.load_pem_x509_certificate(chain.encode())
     except (OSError, ValueError):
         return None
-    cred = Credential(spiffe_id, chain, key, bundle)
+    cred = Credential(spiffe_id, chain, key, bundle, store.saved_bundle_version())
     uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier)
     now = dt.datetime.now(dt.UTC)
@@ -86,11 +93,23 @@ class Rotator:
         self.fraction = fraction
         self.jitter = jitter
         self.next_renewal: dt.datetime | None = None
+        self.state = "starting"  # starting | valid | retrying | expired
+        self.reason = "no certificate yet"
         self._wake = trio.Event()
+        self._reschedule = False  # woken only to recompute the schedule (a renewal was done)
         self._renewed = trio.Event()
 
     def renew_now(self) -> None:
+        """Ask the loop to renew at once (it then schedules from the new certificate)."""
         self._wake.set()
+
+    async def renew_on_request(self) -> str:
+        """Renew now for an operator (POST /renew), then make the loop schedule its next
+        renewal from the new certificate instead of the old one. Raises CAError."""
+        how = await self.renew_once()
+        self._reschedule = True
+        self._wake.set()
+        return how
 
     async def wait_renewed(self) -> None:
         await self._renewed.wait()
@@ -110,24 +129,35 @@ class Rotator:
         attempt = 0
         while True:
             try:
-                if self.k8s_token_file is not None:
-                    cred = await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
-                        self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds)
-                elif self.token_file is None and self.own_credential:
-                    # the backend authenticates the workload itself (Vault AppRole/token)
-                    cred = await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds)
-                else:
-                    cred = await self.client.sign(self.spiffe_id, token=self._read_token(
-                        self.token_file, "token_file"), ttl_seconds=self.ttl_seconds)
+                cred = await self._sign_with_bootstrap_credential()
             except CAError as exc:
-                self.metrics.renewals.labels("failure").inc()
+                self.metrics.renewals.labels("bootstrap_failure").inc()
+                self._set_state("expired", f"bootstrap failed: {exc}")
                 _event("identity.bootstrap_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
                 await trio.sleep(retry_delay(attempt, cap=30.0 if exc.retryable else 60.0))
                 attempt += 1
                 continue
-            self.metrics.renewals.labels("success").inc()
-            self._install(cred, "bootstrap with join token")
+            self.metrics.renewals.labels("bootstrap").inc()
+            self._install(cred, "bootstrap")
             return
+
+    @property
+    def has_bootstrap_credential(self) -> bool:
+        return self.k8s_token_file is not None or self.token_file is not None or self.own_credential
+
+    async def _sign_with_bootstrap_credential(self) -> Credential:
+        if self.k8s_token_file is not None:
+            return await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
+                self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds)
+        if self.token_file is None and self.own_credential:
+            # the backend authenticates the workload itself (Vault AppRole/token)
+            return await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds)
+        return await self.client.sign(self.spiffe_id, token=self._read_token(
+            self.token_file, "token_file"), ttl_seconds=self.ttl_seconds)
+
+    def _set_state(self, state: str, reason: str) -> None:
+        self.state, self.reason = state, reason
+        self.metrics.identity_expired.set(1 if state == "expired" else 0)
 
     @staticmethod
     def _read_token(path: Path | None, key: str) -> str:
@@ -142,14 +172,42 @@ class Rotator:
             raise CAError(f"{key} {path} is empty", False)
         return token
 
-    async def renew_once(self) -> None:
+    async def renew_once(self) -> str:
+        """Replace the credential once; returns how. Raises CAError (counted) on failure.
+
+        With a valid certificate this renews over mTLS. With an expired one, or when the CA
+        refuses the renewal as non-retryable, it falls back to the bootstrap credential.
+        """
         cur = self.store.credential
         assert cur is not None
-        cred = await self.client.sign(
-            self.spiffe_id, chain_file=self.store.chain_file, key_file=self.store.key_file,
-            ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version, trust_pem=cur.bundle_pem,
-        )
-        self._install(cred, "renewed")
+        try:
+            if cur.not_after > self.clock() or not self.has_bootstrap_credential:
+                try:
+                    cred = await self.client.sign(
+                        self.spiffe_id, chain_file=self.store.chain_file, key_file=self.store.key_file,
+                        ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version,
+                        trust_pem=cur.bundle_pem,
+                    )
+                    how = "renewed"
+                except CAError as exc:
+                    if exc.retryable or not self.has_bootstrap_credential:
+                        raise
+                    _event("identity.renewal_refused", error=str(exc), level=logging.WARNING,
+                           action="falling back to the bootstrap credential")
+                    cred = await self._sign_with_bootstrap_credential()
+                    how = "re-bootstrapped after a refused renewal"
+            else:
+                cred = await self._sign_with_bootstrap_credential()
+                how = "re-bootstrapped after expiry"
+        except CAError as exc:
+            self.metrics.renewals.labels("failure").inc()
+            expired = cur.not_after <= self.clock()
+            self._set_state("expired" if expired else "retrying", str(exc))
+            raise
+        self._install(cred, how)
+        self.metrics.renewals.labels("success").inc()
+        self._set_state("valid", how)
+        return how
 
     async def refresh_bundle(self) -> bool:
         """Fetch the CA's trust bundle; swap it in if it changed. True if it changed."""
@@ -173,6 +231,7 @@ class Rotator:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.bootstrap()
+        self._set_state("valid", "bootstrapped")
         task_status.started()
         attempt = 0
         while True:
@@ -182,20 +241,26 @@ class Rotator:
             if attempt == 0:
                 delay = renew_delay(cred.not_before, cred.not_after, now, self.fraction, self.jitter)
             else:
+                # capped exponential backoff with jitter; while still valid, never wait past
+                # a quarter of what is left (so a short outage cannot outlast the certificate)
                 remaining = (cred.not_after - now).total_seconds()
-                delay = min(retry_delay(attempt - 1), max(remaining / 4, 0.5))
+                delay = retry_delay(attempt - 1)
+                if remaining > 0:
+                    delay = min(delay, max(remaining / 4, 0.5))
             self.next_renewal = now + dt.timedelta(seconds=delay)
             with trio.move_on_after(delay):
                 await self._wake.wait()
             self._wake = trio.Event()
+            if self._reschedule:
+                self._reschedule = False
+                attempt = 0
+                continue
             try:
                 await self.renew_once()
             except CAError as exc:
-                self.metrics.renewals.labels("failure").inc()
                 attempt += 1
                 _event("identity.renew_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
                 continue
-            self.metrics.renewals.labels("success").inc()
             attempt = 0
             self._renewed.set()
             self._renewed = trio.Event()

@@ -85,7 +85,7 @@ class Sidecar:
         if self.store.credential is None:
             return False, "no certificate yet"
         if not self.store.is_valid_now():
-            return False, "certificate expired and not yet renewed"
+            return False, f"certificate expired and not yet renewed ({self.rotator.reason})"
         if not self.listening:
             return False, "listeners not started"
         if self._drain.draining:
@@ -103,17 +103,18 @@ class Sidecar:
             "not_after": cred.not_after.isoformat(),
             "next_renewal": self.rotator.next_renewal.isoformat() if self.rotator.next_renewal else None,
             "bundle_version": cred.bundle_version,
+            "state": self.rotator.state,
+            "reason": self.rotator.reason,
             "expires_in_seconds": round((cred.not_after - dt.datetime.now(dt.UTC)).total_seconds()),
         }
 
     async def renew(self) -> dict:
         before = self.store.credential.serial_hex if self.store.credential else None
         try:
-            await self.rotator.renew_once()
+            how = await self.rotator.renew_on_request()  # counted; reschedules the loop
         except CAError as exc:
             return {"renewed": False, "error": str(exc), "serial": before}
-        self.metrics.renewals.labels("success").inc()
-        return {"renewed": True, "previous_serial": before, **self.certs()}
+        return {"renewed": True, "how": how, "previous_serial": before, **self.certs()}
 
     def shutdown(self) -> None:
         if self._services is not None:

@@ -92,10 +92,22 @@ class CredentialStore:
     def bundle_file(self) -> Path:
         return self.state_dir / "bundle.pem"
 
+    @property
+    def bundle_version_file(self) -> Path:
+        return self.state_dir / "bundle_version"
+
+    def saved_bundle_version(self) -> int:
+        """The bundle version written with the saved credential (0 if none or unreadable)."""
+        try:
+            return int(self.bundle_version_file.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
     def install(self, cred: Credential) -> None:
         write_private(self.key_file, cred.key_pem)
         write_private(self.chain_file, cred.chain_pem)
         write_private(self.bundle_file, cred.bundle_pem)
+        write_private(self.bundle_version_file, f"{cred.bundle_version}\n")
         server = mesh_server_context(self.chain_file, self.key_file, cred.bundle_pem)
         client = mesh_client_context(self.chain_file, self.key_file, cred.bundle_pem)
         self._live = _Live(cred, server, client)

@@ -39,6 +39,7 @@ class FakeCA:
         self.ca = ThrowawayCA.create("clock")
         self.ttl = ttl
         self.down = False
+        self.refuse_renewals = False  # answer renewals 401 (the CA no longer accepts the cert)
         self.calls: list[tuple[float, str]] = []  # (virtual time, "token" | "renewal" | "failed")
         self.issued: list[float] = []
 
@@ -50,6 +51,14 @@ class FakeCA:
         if self.down:
             self.calls.append((now, "failed"))
             raise CAError("CA unreachable (test)", retryable=True)
+        if chain_file is not None and self.refuse_renewals:
+            self.calls.append((now, "refused"))
+            raise CAError("CA refused: 401 certificate not accepted (test)", retryable=False)
+        if chain_file is not None:  # like the real CA: an expired client certificate fails TLS
+            leaf = Credential(spiffe_id, chain_file.read_text(), "", "").not_after
+            if leaf <= vnow():
+                self.calls.append((now, "refused"))
+                raise CAError("CA refused: 401 expired client certificate (test)", retryable=False)
         self.calls.append((now, "token" if token else "renewal"))
         self.issued.append(now)
         chain, key = self.ca.leaf([spiffe_id], ttl=dt.timedelta(seconds=ttl_seconds or self.ttl), not_before=vnow())
@@ -94,7 +103,8 @@ async def test_renews_at_two_thirds_of_each_lifetime(tmp_path: Path, autojump_cl
         nursery.cancel_scope.cancel()
     # each certificate lives 300 s and is replaced at 200 s: 200, 400, 600, 800, 1000
     assert renewals(fake) == pytest.approx([200, 400, 600, 800, 1000], abs=1.0)
-    assert metrics.renewals.labels("success")._value.get() == 6  # bootstrap + 5
+    assert metrics.renewals.labels("success")._value.get() == 5  # the bootstrap is not a renewal
+    assert metrics.renewals.labels("bootstrap")._value.get() == 1
     assert store.credential is not None and store.credential.not_before == T0 + dt.timedelta(seconds=1000)
     assert metrics.cert_not_after._value.get() == (T0 + dt.timedelta(seconds=1300)).timestamp()
 
@@ -156,12 +166,87 @@ async def test_keeps_serving_until_expiry_and_is_not_valid_after(tmp_path: Path,
         assert store.credential is cred and store.server_context() is ctx and store.is_valid_now()
         await trio.sleep(2)  # past not-after without a replacement: /ready must go false
         assert store.credential is cred and not store.is_valid_now()
-        # after expiry the loop keeps trying (at most every 0.5 s), never gives up
+        assert rot.state == "expired" and metrics.identity_expired._value.get() == 1
+        # after expiry the loop keeps trying with capped, jittered backoff: never gives up,
+        # never spins (round 1 retried every 0.5 s forever)
         before = len(fake.calls)
-        await trio.sleep(10)
-        assert len(fake.calls) - before >= 10
+        await trio.sleep(600)
+        after_expiry = fake.calls[before:]
+        assert 10 <= len(after_expiry) <= 600 / 15 + 2, len(after_expiry)
+        gaps = [b[0] - a[0] for a, b in zip(after_expiry, after_expiry[1:], strict=False)]
+        assert max(gaps) <= 30 + 1e-6 and min(gaps[-5:]) >= 15 - 1e-6, gaps
         fake.down = False
         await rot.wait_renewed()
         assert store.is_valid_now() and store.credential is not cred
+        # recovery used the bootstrap credential (the expired certificate was never presented)
+        assert fake.calls[-1][1] == "token" and "refused" not in [k for _, k in fake.calls]
+        assert rot.state == "valid" and metrics.identity_expired._value.get() == 0
+        nursery.cancel_scope.cancel()
+    assert metrics.renewals.labels("success")._value.get() == 1
+
+
+async def test_refused_renewal_falls_back_to_the_bootstrap_credential(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    rot, fake, store, metrics = make(tmp_path, ttl=300)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rot.run)
+        first = store.credential
+        fake.refuse_renewals = True  # e.g. the CA lost its record of this certificate
+        await rot.wait_renewed()
+        assert [k for _, k in fake.calls] == ["token", "refused", "token"]
+        assert fake.calls[1][0] == pytest.approx(200, abs=1.0) and fake.calls[2][0] == fake.calls[1][0]
+        assert store.credential is not first and rot.reason == "re-bootstrapped after a refused renewal"
+        nursery.cancel_scope.cancel()
+
+
+async def test_expired_without_bootstrap_credential_keeps_retrying_with_backoff(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None) -> None:
+    rot, fake, store, metrics = make(tmp_path, ttl=120)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rot.run)
+        rot.token_file = None  # the join token was single-use and is gone
+        fake.down = True
+        await trio.sleep(400)
+        fake.down = False
+        await trio.sleep(120)
+        # the expired certificate is refused (not retryable) and there is nothing to fall
+        # back to: the loop keeps trying, slowly, and says why
+        assert rot.state == "expired" and "expired client certificate" in rot.reason
+        tail = [t for t, _ in fake.calls[-4:]]
+        assert all(b - a >= 15 - 1e-6 for a, b in zip(tail, tail[1:], strict=False)), fake.calls[-4:]
+        nursery.cancel_scope.cancel()
+
+
+async def test_operator_renewal_reschedules_the_loop(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    rot, fake, store, metrics = make(tmp_path, ttl=300)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rot.run)
+        await trio.sleep(100)
+        assert await rot.renew_on_request() == "renewed"
+        await trio.sleep(250)  # the old schedule would renew at 200; the new one at 100 + 200
+        assert renewals(fake) == pytest.approx([100, 300], abs=1.0)
         nursery.cancel_scope.cancel()
     assert metrics.renewals.labels("success")._value.get() == 2
+
+
+async def test_failed_operator_renewal_is_counted(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    rot, fake, store, metrics = make(tmp_path, ttl=300)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rot.run)
+        fake.down = True
+        with pytest.raises(CAError):
+            await rot.renew_on_request()
+        assert metrics.renewals.labels("failure")._value.get() == 1
+        assert rot.state == "retrying"
+        nursery.cancel_scope.cancel()
+
+
+def test_bundle_version_survives_a_restart(tmp_path: Path) -> None:
+    ca = ThrowawayCA.create()
+    store = CredentialStore(tmp_path / "state")
+    cred = ca.credential(SID)
+    from dataclasses import replace
+    store.install(replace(cred, bundle_version=7))
+    from meshcar.identity.rotate import load_saved
+    again = load_saved(CredentialStore(tmp_path / "state"), SID)
+    assert again is not None and again.bundle_version == 7
