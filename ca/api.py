@@ -123,7 +123,7 @@ class CAServer:
             await self._connection(tcp, peer)
         except Exception as exc:  # a bug must cost one connection, never the server
             self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
-                      "traceback": traceback.format_exc()})
+                      "traceback": _frames(exc)})
             self.internal_errors += 1
         finally:
             await trio.aclose_forcefully(tcp)
@@ -179,7 +179,7 @@ class CAServer:
                     raise
                 except Exception as exc:  # a bug: answer 500 to this request, keep serving others
                     self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
-                              "traceback": traceback.format_exc()})
+                              "traceback": _frames(exc)})
                     self.internal_errors += 1
                     response = _json_response(500, {"error": "internal", "message": "internal error"}, error="internal")
                     keep = False
@@ -276,6 +276,12 @@ async def _next_event(stream: trio.SSLStream[trio.SocketStream], conn: h11.Conne
             return event
         data = await stream.receive_some(65536)
         conn.receive_data(bytes(data))
+
+
+def _frames(exc: BaseException) -> list[str]:
+    """Where a bug happened (file:line in function), without the exception's message or
+    source lines, which may carry request data or secrets."""
+    return [f"{f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
 
 
 def _peer(tcp: trio.SocketStream) -> str:

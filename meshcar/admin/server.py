@@ -1,11 +1,19 @@
-"""The admin listener (localhost): /live, /ready, /metrics, /certs, POST /renew, POST /shutdown.
+"""The admin listener: /live, /ready, /metrics, /certs, POST /renew, POST /shutdown.
 
 Shared by the sidecar and the edge: the process hands in callables for readiness, the
 certificate view and the actions, so this module knows nothing about either.
+
+Lockdown: the listener may be bound to the pod IP so the kubelet and Prometheus can reach
+the probes (`meshcar inject` does). Only `PUBLIC_PATHS` (/live, /ready, /metrics) are served
+to a peer that is not on loopback; everything that reveals certificate details or changes
+state (/certs, POST /renew, POST /shutdown) answers 403 unless the TCP peer address is in
+127.0.0.0/8 or ::1, i.e. the process's own pod or host. The peer address is the socket's,
+never a header.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,15 +36,39 @@ class AdminHooks:
     shutdown: Callable[[], None] | None = None
 
 
+PUBLIC_PATHS = frozenset({b"/live", b"/ready", b"/metrics"})
+
+
+def is_loopback_peer(stream: trio.abc.Stream) -> bool:
+    """True when the stream's TCP peer is a loopback address (False if it cannot be told)."""
+    sock = getattr(stream, "socket", None)
+    try:
+        host = sock.getpeername()[0] if sock is not None else None
+    except OSError:
+        return False
+    if not isinstance(host, str):
+        return False
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)
+
+
 class AdminServer:
-    def __init__(self, metrics: Metrics, hooks: AdminHooks) -> None:
+    def __init__(self, metrics: Metrics, hooks: AdminHooks,
+                 public_paths: frozenset[bytes] = PUBLIC_PATHS) -> None:
         self.metrics = metrics
         self.hooks = hooks
+        self.public_paths = public_paths
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
-        await serve_http(HttpConn(stream, "request"), self.handle_request)
+        local = is_loopback_peer(stream)
+        await serve_http(HttpConn(stream, "request"),
+                         lambda req, conn: self.handle_request(req, conn, local=local))
 
-    async def handle_request(self, req: RequestHead, conn: HttpConn) -> bool:
+    async def handle_request(self, req: RequestHead, conn: HttpConn, *, local: bool = False) -> bool:
         if request_has_body(req):
             await send_error(conn, 413, "admin endpoints take no request body")
             return False
@@ -45,6 +77,10 @@ class AdminServer:
             return False
         path = req.target.split(b"?", 1)[0]
         method = req.method
+        if not local and path not in self.public_paths:
+            await send_error(conn, 403, f"admin endpoint {path.decode('latin-1')} is served on "
+                             "loopback only", close=False)
+            return True
         if method in (b"GET", b"HEAD") and path == b"/live":
             await self._json(conn, 200, {"live": True})
         elif method in (b"GET", b"HEAD") and path == b"/ready":

@@ -1,0 +1,128 @@
+"""Admin lockdown: a peer off loopback (another network namespace, as another pod would be)
+gets only /live, /ready and /metrics; /certs, POST /renew and POST /shutdown are refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.admin.server import AdminHooks, AdminServer
+
+NS = f"mcadm{os.getpid() % 100000}"
+HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.renewed = 0
+        self.shut = 0
+
+    async def renew(self) -> dict:
+        self.renewed += 1
+        return {"renewed": True}
+
+    def shutdown(self) -> None:
+        self.shut += 1
+
+
+def _sh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def _netns_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create a network namespace and a veth pair"
+    if shutil.which("ip") is None or shutil.which("curl") is None:
+        return "needs ip (iproute2) and curl"
+    return None
+
+
+@pytest.fixture
+def other_pod() -> Iterator[str]:
+    reason = _netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    _sh("ip", "netns", "del", NS)
+    _sh("ip", "link", "del", f"{NS}h")
+    steps = [
+        ("ip", "netns", "add", NS),
+        ("ip", "link", "add", f"{NS}h", "type", "veth", "peer", "name", f"{NS}p"),
+        ("ip", "link", "set", f"{NS}p", "netns", NS),
+        ("ip", "addr", "add", f"{HOST_IP}/30", "dev", f"{NS}h"),
+        ("ip", "link", "set", f"{NS}h", "up"),
+        ("ip", "netns", "exec", NS, "ip", "addr", "add", f"{NS_IP}/30", "dev", f"{NS}p"),
+        ("ip", "netns", "exec", NS, "ip", "link", "set", f"{NS}p", "up"),
+        ("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up"),
+    ]
+    try:
+        for step in steps:
+            r = _sh(*step)
+            if r.returncode != 0:
+                pytest.skip(f"cannot set up a network namespace here: {' '.join(step)}: {r.stderr.strip()}")
+        yield NS
+    finally:
+        _sh("ip", "link", "del", f"{NS}h")
+        _sh("ip", "netns", "del", NS)
+
+
+async def _serve(nursery: trio.Nursery, calls: Calls) -> int:
+    admin = AdminServer(Metrics(), AdminHooks(lambda: (True, "ok"), lambda: {"serial": "ab"},
+                                              calls.renew, calls.shutdown))
+    listeners = await nursery.start(trio.serve_tcp, admin.handle_connection, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def _curl_from(ns: str, method: str, url: str) -> int:
+    r = await trio.run_process(["ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w",
+                                "%{http_code}", "-X", method, "--max-time", "10", url],
+                               capture_stdout=True, check=False)
+    return int(r.stdout.decode() or 0)
+
+
+async def test_other_namespace_gets_probes_only(other_pod: str, nursery: trio.Nursery) -> None:
+    calls = Calls()
+    port = await _serve(nursery, calls)
+    base = f"http://{HOST_IP}:{port}"
+    assert await _curl_from(other_pod, "GET", f"{base}/live") == 200
+    assert await _curl_from(other_pod, "GET", f"{base}/ready") == 200
+    assert await _curl_from(other_pod, "GET", f"{base}/metrics") == 200
+    assert await _curl_from(other_pod, "GET", f"{base}/certs") == 403
+    assert await _curl_from(other_pod, "POST", f"{base}/renew") == 403
+    assert await _curl_from(other_pod, "POST", f"{base}/shutdown") == 403
+    assert await _curl_from(other_pod, "POST", f"{base}/shutdown?x=/live") == 403
+    assert (calls.renewed, calls.shut) == (0, 0)
+    # the same process, from loopback: everything is served
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        assert (await c.get("/certs")).status_code == 200
+        assert (await c.post("/renew")).status_code == 200
+        assert (await c.post("/shutdown")).status_code == 202
+    assert (calls.renewed, calls.shut) == (1, 1)
+
+
+async def test_loopback_only_rule_without_namespaces(nursery: trio.Nursery) -> None:
+    """Where no namespace can be made: a non-loopback address of this host is still refused."""
+    import socket
+
+    calls = Calls()
+    port = await _serve(nursery, calls)
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a source address
+        own = probe.getsockname()[0]
+        probe.close()
+    except OSError:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    if own.startswith("127."):
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    async with httpx.AsyncClient(base_url=f"http://{own}:{port}") as c:
+        assert (await c.get("/ready")).status_code == 200
+        assert (await c.get("/certs")).status_code == 403
+        assert (await c.post("/renew")).status_code == 403
+    assert calls.renewed == 0
