@@ -75,6 +75,7 @@ class SidecarConfig:
     log_level: str = "info"
     drain_seconds: float = 10.0
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
+    pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
 
     @property
     def trust_domain(self) -> str:
@@ -281,7 +282,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                 allow.append(v)
 
     outbound = c.section(data, "outbound", required=False)
-    c.unknown(outbound, "outbound.", {"listen", "upstreams", "transparent_listen"})
+    c.unknown(outbound, "outbound.", {"listen", "upstreams", "transparent_listen", "pool_idle_seconds"})
+    pool_idle = outbound.get("pool_idle_seconds", 30)
+    if isinstance(pool_idle, bool) or not isinstance(pool_idle, int | float) or not (0.1 <= pool_idle <= 3600):
+        c.bad("outbound.pool_idle_seconds", "must be a number of seconds between 0.1 and 3600")
+        pool_idle = 30
     out_listen = (c.hostport(outbound.get("listen"), "outbound.listen", loopback_only=True)
                   if outbound.get("listen") is not None else None)
     ups_raw = outbound.get("upstreams", {}) or {}
@@ -336,6 +341,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         log_level=level,
         drain_seconds=float(drain),
         transparent_listen=transparent,
+        pool_idle_seconds=float(pool_idle),
     )
 
 

@@ -69,7 +69,7 @@ class Outbound:
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = 60.0  # seconds to wait for the upstream's response head
-        self.pool = Pool(self.dialer.dial)
+        self.pool = Pool(self.dialer.dial, idle_timeout=cfg.pool_idle_seconds)
 
     async def aclose(self) -> None:
         await self.pool.close_all()

@@ -86,3 +86,17 @@ def test_not_a_config(text: str, msg: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("value, ok", [(30, True), (0.5, True), (0, False), (-1, False),
+                                       ("30", False), (True, False), (4000, False)])
+def test_pool_idle_seconds(value: object, ok: bool) -> None:
+    import json
+
+    text = GOOD.replace("  listen: 127.0.0.1:7102\n", f"  listen: 127.0.0.1:7102\n  pool_idle_seconds: {json.dumps(value)}\n")
+    if ok:
+        assert load_config_text(text, "s.yaml").pool_idle_seconds == float(value)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ConfigError, match="outbound.pool_idle_seconds"):
+            load_config_text(text, "s.yaml")
+    assert load_config_text(GOOD, "s.yaml").pool_idle_seconds == 30.0
