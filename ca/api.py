@@ -29,6 +29,7 @@ import trio
 
 from .errors import CAError, MethodNotAllowed, NotFound, TooLarge
 from .sign import SignService, parse_sign_request
+from .throttle import AuthThrottle
 
 Log = Callable[[dict[str, Any]], None]
 JSON = "application/json"
@@ -97,6 +98,7 @@ class CAServer:
         self.limits = limits or Limits()
         self.log = log
         self.internal_errors = 0  # connections ended by a bug (logged with traceback)
+        self.auth_throttle = AuthThrottle()
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -170,8 +172,21 @@ class CAServer:
             with trio.fail_after(self.limits.request_timeout):
                 try:
                     body = await self._read_body(stream, conn, event)
-                    response = await self._dispatch(method, path, body, peer_der)
+                    source = peer.rsplit(":", 1)[0]
+                    wait = self.auth_throttle.retry_after(source) if peer_der is None else 0
+                    if wait and path == "/v1/sign":
+                        self.auth_throttle.refused += 1
+                        response = _json_response(
+                            429, {"error": "rate_limited", "message": "too many failed "
+                                  f"authentications from {source}; retry in {wait} s"},
+                            error="rate_limited")
+                        response = Response(429, response.body, JSON, (("Retry-After", str(wait)),),
+                                            response.log)
+                    else:
+                        response = await self._dispatch(method, path, body, peer_der)
                 except CAError as exc:
+                    if exc.status in (401, 403) and peer_der is None:
+                        self.auth_throttle.failed(peer.rsplit(":", 1)[0])
                     response = _error_response(exc)
                     if isinstance(exc, TooLarge):
                         keep = False

@@ -57,6 +57,8 @@ def parse_sign_request(raw: bytes) -> SignRequest:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("the body is not valid JSON") from exc
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     csr_text = body.get("csr")

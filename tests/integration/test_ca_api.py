@@ -486,3 +486,69 @@ async def test_a_failing_backend_costs_one_request_only(tmp_path: Path, nursery:
     assert_error(await sign(ca, {"csr": make_csr()[1], "token": ca.token()}), 500, "internal")
     assert "exploded" not in json.dumps(ca.logs)
     await assert_still_serving(ca)
+
+
+@pytest.mark.parametrize("body", [b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+                                  b'{"csr": ' + b"[" * 25_000 + b"]" * 25_000 + b"}"],
+                         ids=["deep-array", "deep-object", "deep-field"])
+async def test_deeply_nested_json_is_400_not_500(ca: RunningCA, body: bytes) -> None:
+    async with ca.client() as c:
+        resp = await c.post("/v1/sign", content=body, headers={"content-type": "application/json"})
+    assert len(body) < 64 * 1024  # under the body limit: the parser must see it
+    assert_error(resp, 400, "bad_request")
+    assert "nested too deeply" in resp.json()["message"]
+    assert ca.logs and not any(e.get("event") == "ca.internal_error" for e in ca.logs)
+    await assert_still_serving(ca)
+
+
+async def test_failed_authentications_are_rate_limited_per_source(ca: RunningCA) -> None:
+    _, csr = make_csr()
+    statuses = []
+    async with ca.client() as c:
+        for _ in range(40):
+            r = await c.post("/v1/sign", json={"csr": csr, "token": "guess"})
+            statuses.append(r.status_code)
+        limited = [s for s in statuses if s == 429]
+        assert statuses[:10] == [401] * 10  # the burst is answered normally
+        assert len(limited) >= 25, statuses  # then refused cheaply
+        r = await c.post("/v1/sign", json={"csr": csr, "token": "guess"})
+        assert_error(r, 429, "rate_limited")
+        assert int(r.headers["retry-after"]) >= 1
+    assert ca.logs[-1]["status"] == 429
+    await assert_healthz(ca)  # other endpoints still answer this source
+
+
+async def test_mtls_renewals_are_never_throttled(ca: RunningCA) -> None:
+    key, csr = make_csr()
+    first = await sign(ca, {"csr": csr, "token": ca.token()})
+    assert first.status_code == 200
+    chain = first.json()["chain"]
+    async with ca.client() as c:  # spend the source's budget with bad tokens
+        for _ in range(15):
+            await c.post("/v1/sign", json={"csr": csr, "token": "guess"})
+    renewed = await sign(ca, {"csr": make_csr(key)[1]}, ca.client_ctx(chain, key))
+    assert renewed.status_code == 200, renewed.text
+
+
+def test_throttle_refills_over_time() -> None:
+    from meshcar_ca.throttle import AuthThrottle
+
+    now = [0.0]
+    t = AuthThrottle(burst=3, per_second=0.5, clock=lambda: now[0])
+    assert t.retry_after("a") == 0
+    for _ in range(3):
+        t.failed("a")
+    assert t.retry_after("a") == 2 and t.retry_after("b") == 0
+    now[0] = 2.0
+    assert t.retry_after("a") == 0
+    t.failed("a")
+    assert t.retry_after("a") == 2
+    small = AuthThrottle(burst=1, per_second=1, max_sources=3, clock=lambda: now[0])
+    for i in range(10):
+        small.failed(str(i))
+    assert len(small._buckets) <= 3
+
+
+async def assert_healthz(ca: RunningCA) -> None:
+    async with ca.client() as c:
+        assert (await c.get("/healthz")).status_code == 200
