@@ -348,15 +348,23 @@ def run_root_rotation(mesh: Mesh, ttl: int) -> dict:
     st = mesh.status()
     assert st["stage"] == 1 and st["bundle_version"] == v0 + 1 and len(st["roots"]) == 2
     new_root_serial = st["new_root"]["serial"]
-    # too early to switch: not everyone has reported the new bundle (no --force)
+    # Too early to switch while not everyone has reported the new bundle (no --force). The
+    # sidecars refresh and report on their own schedule, so on a loaded machine they may
+    # already have reported: then the switch is legitimately allowed. Either outcome is
+    # checked against what the workloads hold; the refusal itself is pinned in
+    # tests/unit/test_ca_rotation.py without any race.
     early = mesh.ca("rotate-root")
-    assert early.returncode == 1 and "have not reported" in early.stderr, early.stderr
-    # every workload learns the bundle (refresh, renewal answer) and then reports it
-    wait_until("both sidecars to hold the new bundle",
-               lambda: all(mesh.certs(n)["bundle_version"] == v0 + 1 for n in ("web", "api")), 3 * ttl)
-    wait_until("stage 2 to be safe", lambda: mesh.status()["next"]["ready"], 4 * ttl)
-    timeline["stage1_ready_s"] = round(time.monotonic() - t0, 1)
-    r = mesh.ca("rotate-root")
+    if early.returncode != 0:
+        assert early.returncode == 1 and "have not reported" in early.stderr, early.stderr
+        # every workload learns the bundle (refresh, renewal answer) and then reports it
+        wait_until("both sidecars to hold the new bundle",
+                   lambda: all(mesh.certs(n)["bundle_version"] == v0 + 1 for n in ("web", "api")), 3 * ttl)
+        wait_until("stage 2 to be safe", lambda: mesh.status()["next"]["ready"], 4 * ttl)
+        timeline["stage1_ready_s"] = round(time.monotonic() - t0, 1)
+        r = mesh.ca("rotate-root")
+    else:
+        r = early
+        assert all(mesh.certs(n)["bundle_version"] == v0 + 1 for n in ("web", "api"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["forced"] is False
     st = mesh.status()
