@@ -312,3 +312,29 @@ async def test_health_checks_eject_and_readmit(edge: EdgeEnv, nursery: trio.Nurs
                 await trio.sleep(0.02)
     finally:
         listener.close()
+
+
+async def test_bridge_new_connections_after_a_credential_swap(edge: EdgeEnv) -> None:
+    """Round 1: after a renewal the bridge offered the old session to the new context and
+    every new backend connection failed, forever, while /ready stayed true."""
+
+    async def get(path: str) -> str:
+        rc, out, err = await curl(*resolve(edge, "api.test"), "-o", "/dev/null", "-w", "%{http_code}",
+                                  f"https://api.test:{edge.https}{path}")
+        assert rc == 0, err
+        return out
+
+    assert await get("/v1/a") == "200"
+    await edge.backends.pool.close_all()  # as an idle timeout would
+    assert await get("/v1/b") == "200"  # a new connection, resuming the cached session
+    store = edge.backends.store
+    assert store is not None
+    cred = store.credential
+    assert cred is not None
+    from dataclasses import replace
+
+    for version in (1, 2):  # a renewal-like swap, then a bundle change
+        store.install(replace(cred, bundle_version=cred.bundle_version + version))
+        await edge.backends.pool.close_all()
+        # one request each: the route's rate limit (burst 5) covers the whole test
+        assert await get(f"/v1/after-{version}") == "200"
