@@ -197,7 +197,10 @@ def _rotate_root(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .rotation import status
 
-    print(json.dumps(status(args.dir, utcnow()), indent=2))
+    st = status(args.dir, utcnow())
+    print(json.dumps(st, indent=2))
+    for warning in st["warnings"]:
+        print(f"meshcar ca status: WARNING: {warning}", file=sys.stderr)
     return 0
 
 

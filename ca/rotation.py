@@ -26,7 +26,7 @@ next request (`issuer.LiveIssuer`).
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,23 @@ def _old_certificates(store: Store, new_issuer_id: str, now: datetime) -> list[C
     return [r for r in store.unexpired(rfc3339(now)) if r.issuer != new_issuer_id]
 
 
+INTERMEDIATE_WARN_FRACTION = 0.25  # warn once less than this share of its lifetime is left
+INTERMEDIATE_WARN_MIN = timedelta(days=30)
+
+
+def expiry_warnings(cert: x509.Certificate, now: datetime, what: str) -> list[str]:
+    """Warnings for a CA certificate nearing its end (leaves get clamped to it, then fail)."""
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    left = cert.not_valid_after_utc - now
+    if left <= timedelta(0):
+        return [f"{what} expired at {rfc3339(cert.not_valid_after_utc)}: no certificate can be issued"]
+    if left < max(life * INTERMEDIATE_WARN_FRACTION, min(INTERMEDIATE_WARN_MIN, life / 2)):
+        return [f"{what} expires at {rfc3339(cert.not_valid_after_utc)} (in {left.days} d "
+                f"{left.seconds // 3600} h); leaves are clamped to it: rotate with "
+                "`meshcar ca rotate-root` before then"]
+    return []
+
+
 def status(directory: Path, now: datetime) -> dict[str, Any]:
     """The rotation state of the CA in `directory`, as `meshcar ca status` prints it."""
     paths, config = files.open_ca(directory)
@@ -78,6 +95,8 @@ def status(directory: Path, now: datetime) -> dict[str, Any]:
         "state": STAGE_NAMES[stage],
         "bundle_version": config.bundle_version,
         "roots": [_cert_info(c) for c in roots],
+        "warnings": expiry_warnings(current, now, "the issuing intermediate")
+        + [w for c in roots for w in expiry_warnings(c, now, f"root {format(c.serial_number, 'x')}")],
     }
     if rot is None:
         out["issuing_intermediate"] = _cert_info(current)

@@ -189,3 +189,15 @@ def test_init_force_discards_a_rotation_in_progress(world: World) -> None:
     files.create_ca(world.dir, TD, 3600, world.now, force=True)
     assert not any((world.dir / n).exists() for n in files.NEXT_FILES)
     assert rotation.status(world.dir, world.now)["stage"] == 0
+
+
+def test_status_warns_ahead_of_intermediate_expiry(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    files.create_ca(d, TD, 3600, T0)
+    inter = files.load_cert(files.open_ca(d)[0].intermediate_pem)
+    end = inter.not_valid_after_utc
+    assert rotation.status(d, T0)["warnings"] == []
+    soon = rotation.status(d, end - timedelta(days=10))["warnings"]
+    assert len(soon) == 1 and "issuing intermediate expires" in soon[0] and "rotate-root" in soon[0]
+    gone = rotation.status(d, end + timedelta(seconds=1))["warnings"]
+    assert any("issuing intermediate expired" in w for w in gone)
