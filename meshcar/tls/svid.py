@@ -1,8 +1,9 @@
 """X509-SVID checks on a peer certificate that OpenSSL has already chain-verified.
 
 OpenSSL verifies the chain to the trust bundle, validity dates and signatures during the
-handshake; this module applies the SPIFFE rules on top: a leaf (not a CA) with exactly one
-URI SAN that is a valid SPIFFE ID, in the expected trust domain.
+handshake; this module applies the SPIFFE rules on top: a leaf (not a CA, and no
+keyCertSign or cRLSign key usage, as X509-SVID section 4.3 requires) with exactly one URI
+SAN that is a valid SPIFFE ID, in the expected trust domain.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def svid_from_cert(cert: x509.Certificate, der: bytes, *, trust_domain: str | No
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
             raise IdentityError("peer certificate is a CA certificate, not a workload SVID")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if ku.key_cert_sign or ku.crl_sign:
+            raise IdentityError("peer certificate has keyCertSign or cRLSign key usage, which an "
+                                "X509-SVID leaf must not have")
     except x509.ExtensionNotFound:
         pass
     try:

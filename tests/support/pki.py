@@ -62,7 +62,8 @@ class ThrowawayCA:
         return _pem(self.root)
 
     def leaf(self, uris: list[str], *, ttl: dt.timedelta = dt.timedelta(hours=1), ca: bool = False,
-             not_before: dt.datetime | None = None, dns: list[str] | None = None) -> tuple[str, str]:
+             not_before: dt.datetime | None = None, dns: list[str] | None = None,
+             key_usage: x509.KeyUsage | None = None) -> tuple[str, str]:
         """(chain PEM, key PEM) for a leaf with these URI SANs."""
         now = dt.datetime.now(dt.UTC)
         nb = not_before or now - dt.timedelta(minutes=1)
@@ -73,6 +74,8 @@ class ThrowawayCA:
              .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                    ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        if key_usage is not None:
+            b = b.add_extension(key_usage, critical=True)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.DNSName(d) for d in dns or []]
         if names:

@@ -72,3 +72,26 @@ def test_dns_only_certificate_has_no_spiffe_id() -> None:
     chain, _ = CA.leaf([], dns=["api.demo.test"])
     with pytest.raises(IdentityError, match="exactly one URI SAN; this one has 0"):
         svid_from_der(_der(chain))
+
+
+def _ku(**on: bool) -> x509.KeyUsage:
+    flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
+                 data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                 encipher_only=False, decipher_only=False)
+    flags.update(on)
+    return x509.KeyUsage(**flags)
+
+
+@pytest.mark.parametrize("usage", [dict(key_cert_sign=True), dict(crl_sign=True),
+                                   dict(digital_signature=True, key_cert_sign=True),
+                                   dict(digital_signature=True, crl_sign=True)])
+def test_leaf_with_ca_key_usage_is_refused(usage: dict[str, bool]) -> None:
+    """X509-SVID 4.3: a leaf must not set keyCertSign or cRLSign (CA:false is not enough)."""
+    chain, _ = CA.leaf(["spiffe://meshcar.demo/svc/api"], key_usage=_ku(**usage))
+    with pytest.raises(IdentityError, match="keyCertSign or cRLSign"):
+        svid_from_der(_der(chain), trust_domain="meshcar.demo")
+
+
+def test_leaf_with_signature_key_usage_is_accepted() -> None:
+    chain, _ = CA.leaf(["spiffe://meshcar.demo/svc/api"], key_usage=_ku(digital_signature=True))
+    assert svid_from_der(_der(chain)).spiffe_id == "spiffe://meshcar.demo/svc/api"
