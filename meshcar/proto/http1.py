@@ -105,6 +105,7 @@ class Http1Parser:
         self._in_head = True
         self._until_close = False
         self._expect_no_body = False  # set by the caller before feeding a HEAD response
+        self._parsed_head = 0
         self._new_parser()
 
     # -- public API -------------------------------------------------------------------
@@ -156,16 +157,34 @@ class Http1Parser:
         self._headers = []
         self._url = b""
         self._in_head = True
+        self._parsed_head = 0  # bytes of this head seen by the callbacks, however it was fed
+
+    def _count_head(self, n: int) -> None:
+        # The limit is on the head as a whole: a head arriving in one large write is parsed
+        # by a single feed() call, so the per-feed count alone would not see it.
+        self._parsed_head += n
+        if self._parsed_head > MAX_HEAD_BYTES:
+            raise ProtocolError("request head too large" if self._kind == "request"
+                                else "response head too large",
+                                431 if self._kind == "request" else 502)
 
     def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
         self._url += url
 
     def on_status(self, reason: bytes) -> None:
+        self._count_head(len(reason))
         self._url += reason  # the response's reason phrase shares the start-line buffer
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self._headers) >= MAX_HEADERS:
             raise ProtocolError("too many headers", 431)
+        self._count_head(len(name) + len(value) + 4)
+        if self._kind == "request" and b"_" in name:
+            # Many frameworks fold `_` into `-` (CGI, nginx's underscores_in_headers), so
+            # `X_Forwarded_Client_Cert` could pass for a header meshcar strips. Envoy's
+            # headers_with_underscores_action: REJECT_REQUEST.
+            raise ProtocolError(f"header name with an underscore: {name.decode('latin-1')[:64]}", 400)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -183,8 +202,11 @@ class Http1Parser:
                 # RFC 9112 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing; and meshcar
                 # forwards only `chunked` alone (it does not track other codings).
                 raise ProtocolError("Transfer-Encoding must be exactly `chunked`, and only in a version 1.1 request", 400)
-            if version == "1.1" and get_header(headers, b"host") is None:
+            hosts = sum(1 for n, _ in headers if n.lower() == b"host")
+            if version == "1.1" and hosts == 0:
                 raise ProtocolError("HTTP/1.1 request without a Host header", 400)
+            if hosts > 1:
+                raise ProtocolError("more than one Host header (RFC 9112 3.2)", 400)
             self._events.append(
                 RequestHead(
                     method=p.get_method(),

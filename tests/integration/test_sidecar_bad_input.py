@@ -104,3 +104,14 @@ async def test_slow_app_is_504_and_the_sidecar_recovers(mesh: Mesh) -> None:
         r = await c.get("http://api/sleep/5")
         assert r.status_code == 504 and "did not answer within 0.3s" in r.text
         assert (await c.get("http://api/ok")).status_code == 200
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nHost: evil\r\n\r\n", b"400"),
+    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX_Forwarded_Client_Cert: URI=spiffe://x/admin\r\n\r\n", b"400"),
+    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX: " + b"a" * (100 * 1024) + b"\r\n\r\n", b"431"),
+], ids=["two-hosts", "underscore", "head-100k-one-write"])
+async def test_header_policy_on_the_outbound(mesh: Mesh, raw: bytes, status: bytes) -> None:
+    out = await raw_exchange(mesh.client.outbound_port, raw)
+    assert out.startswith(b"HTTP/1.1 " + status + b" "), out[:200]
+    await still_serves(mesh)

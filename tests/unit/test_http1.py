@@ -121,3 +121,57 @@ def test_random_bytes_only_ever_raise_protocol_error(data: bytes, step: int) -> 
             feed_all(kind, data, step)
         except ProtocolError:
             pass
+
+
+@pytest.mark.parametrize("size", [65 * 1024, 70 * 1024, 100 * 1024, 128 * 1024, 200 * 1024])
+@pytest.mark.parametrize("shape", ["one-header", "many-headers", "long-target"])
+def test_complete_heads_over_the_limit_in_one_write_are_431(size: int, shape: str) -> None:
+    """Round 1 counted per read: a whole 70-128 KiB head in one write passed the 64 KiB limit."""
+    if shape == "one-header":
+        head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * size + b"\r\n\r\n"
+    elif shape == "many-headers":
+        head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(
+            b"X-%d: " % i + b"b" * (size // 90) + b"\r\n" for i in range(90)) + b"\r\n"
+    else:
+        head = b"GET /" + b"c" * size + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    for step in (None, 8192):
+        with pytest.raises(ProtocolError) as err:
+            feed_all("request", head, step)
+        assert err.value.status == 431
+
+
+def test_response_head_over_the_limit_is_502() -> None:
+    with pytest.raises(ProtocolError) as err:
+        feed_all("response", b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n")
+    assert err.value.status == 502
+
+
+def test_head_just_under_the_limit_parses() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (60 * 1024) + b"\r\n\r\n"
+    req, end = feed_all("request", head)
+    assert isinstance(req, RequestHead) and end is END
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHOST: a\r\nX: 1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+])
+def test_more_than_one_host_is_400(raw: bytes) -> None:
+    with pytest.raises(ProtocolError, match="more than one Host") as err:
+        feed_all("request", raw)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("name", [b"X_Forwarded_Client_Cert", b"x_forwarded_for", b"_", b"X-Spiffe_Id",
+                                  b"Content_Length"])
+def test_header_names_with_underscores_are_400(name: bytes) -> None:
+    with pytest.raises(ProtocolError, match="underscore") as err:
+        feed_all("request", b"GET / HTTP/1.1\r\nHost: a\r\n" + name + b": v\r\n\r\n")
+    assert err.value.status == 400
+
+
+def test_underscores_in_response_headers_pass() -> None:
+    (resp, end) = feed_all("response", b"HTTP/1.1 204 No Content\r\nX_App: 1\r\n\r\n")
+    assert isinstance(resp, ResponseHead) and (b"X_App", b"1") in resp.headers
