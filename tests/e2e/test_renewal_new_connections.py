@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.procs import Procs, free_port, meshcar_cmd
-from tests.e2e.test_sidecar_e2e import _sidecar_cfg, _token, curl, sid
+from tests.e2e.procs import Procs, meshcar_cmd
+from tests.e2e.test_sidecar_e2e import _sidecar_cfg, curl, init_pair_dir, sid
 
 pytestmark = pytest.mark.e2e
-TD = "meshcar.demo"
 IDLE = 0.5
 
 
@@ -34,12 +33,7 @@ def _metric(admin: str, name: str, labels: str) -> float:
 
 def test_renewals_then_new_connections_and_bursts(tmp_path) -> None:
     d = tmp_path
-    names = ["ca"] + [f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")]
-    ports = {n: free_port() for n in names}
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD), check=True,
-                   capture_output=True)
-    for n in ("web", "api"):
-        (d / f"{n}.token").write_text(_token(d / "ca", n))
+    ports = init_pair_dir(d)
     procs = Procs(d)
     try:
         procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")

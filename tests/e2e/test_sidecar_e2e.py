@@ -47,15 +47,21 @@ def _sidecar_cfg(d: Path, name: str, ports: dict[str, int], allow: list[str], up
     return path
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> Pair:
-    d = tmp_path_factory.mktemp("pair")
+def init_pair_dir(d: Path) -> dict[str, int]:
+    """A CA initialised in d/ca and a join token file per sidecar; returns the ports to use."""
     names = ["ca"] + [f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")]
     ports = {n: free_port() for n in names}
     subprocess.run(meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD), check=True,
                    capture_output=True)
     for n in ("web", "api"):
         (d / f"{n}.token").write_text(_token(d / "ca", n))
+    return ports
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Pair:
+    d = tmp_path_factory.mktemp("pair")
+    ports = init_pair_dir(d)
     procs = Procs(d)
     try:
         procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
