@@ -4,7 +4,8 @@ Shared by the sidecar and the edge: the process hands in callables for readiness
 certificate view and the actions, so this module knows nothing about either.
 
 Lockdown: the listener may be bound to the pod IP so the kubelet and Prometheus can reach
-the probes (`meshcar inject` does). Only `PUBLIC_PATHS` (/live, /ready, /metrics) are served
+the probes (`meshcar inject` does). Only the public paths (`admin.public_paths`, default
+`PUBLIC_PATHS`: /live, /ready, /metrics; at most the read-only `MAY_BE_PUBLIC`) are served
 to a peer that is not on loopback; everything that reveals certificate details or changes
 state (/certs, POST /renew, POST /shutdown) answers 403 unless the TCP peer address is in
 127.0.0.0/8 or ::1, i.e. the process's own pod or host. The peer address is the socket's,
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from meshcar.admin.metrics import Metrics
+from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS
 from meshcar.net.forward import request_has_body
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
@@ -36,7 +38,6 @@ class AdminHooks:
     shutdown: Callable[[], None] | None = None
 
 
-PUBLIC_PATHS = frozenset({b"/live", b"/ready", b"/metrics"})
 
 
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
@@ -59,6 +60,8 @@ def is_loopback_peer(stream: trio.abc.Stream) -> bool:
 class AdminServer:
     def __init__(self, metrics: Metrics, hooks: AdminHooks,
                  public_paths: frozenset[bytes] = PUBLIC_PATHS) -> None:
+        if not public_paths <= MAY_BE_PUBLIC:
+            raise ValueError(f"admin paths {sorted(public_paths - MAY_BE_PUBLIC)} cannot be public")
         self.metrics = metrics
         self.hooks = hooks
         self.public_paths = public_paths

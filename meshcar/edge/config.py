@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.errors import ConfigError
 from meshcar.sidecar.config import Checker, HostPort, IdentityConfig, parse_identity
 
@@ -106,6 +107,7 @@ class EdgeConfig:
     hello_timeout: float = 10.0
     handshake_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+    admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/paths.py)
 
     def route_for(self, host: str | None) -> Route | None:
         if host is not None:
@@ -311,6 +313,10 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     http = c.hostport(listen["http"], "listen.http") if listen.get("http") is not None else None
     admin = c.section(data, "admin")
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
+    c.unknown(admin, "admin.", {"listen", "public_paths"})
+    public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
+    for w in why:
+        c.bad("admin.public_paths", w)
     routes: list[Route] = []
     raw_routes = data.get("routes")
     if not isinstance(raw_routes, list) or not raw_routes:
@@ -350,7 +356,8 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     assert https and admin_listen
     return EdgeConfig(https, http, admin_listen, tuple(routes), identity, hops, default, level,
                       hello_timeout=timeouts["hello_timeout"],
-                      handshake_timeout=timeouts["handshake_timeout"])
+                      handshake_timeout=timeouts["handshake_timeout"],
+                      admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths)
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

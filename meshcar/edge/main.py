@@ -84,7 +84,7 @@ class Edge:
         cfg = self.cfg
         try:
             async with trio.open_nursery() as nursery:
-                admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status))
+                admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths)
                 await _listen(nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics)
                 nursery.start_soon(accesslog.flush_loop)
                 if self.rotator is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.errors import ConfigError, IdentityError
 from meshcar.identity.spiffe import SpiffeId
 
@@ -76,6 +77,7 @@ class SidecarConfig:
     drain_seconds: float = 10.0
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
+    admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
 
     @property
     def trust_domain(self) -> str:
@@ -316,8 +318,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                               loopback_only=True)
                    if outbound.get("transparent_listen") is not None else None)
     admin = c.section(data, "admin")
-    c.unknown(admin, "admin.", {"listen"})
+    c.unknown(admin, "admin.", {"listen", "public_paths"})
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
+    public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
+    for w in why:
+        c.bad("admin.public_paths", w)
 
     drain = data.get("drain_seconds", 10)
     if isinstance(drain, bool) or not isinstance(drain, int | float) or not (0 <= drain <= 3600):
@@ -342,6 +347,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         drain_seconds=float(drain),
         transparent_listen=transparent,
         pool_idle_seconds=float(pool_idle),
+        admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
     )
 
 

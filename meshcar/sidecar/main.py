@@ -142,7 +142,8 @@ class Sidecar:
 
     async def _start(self, services: trio.Nursery, conns: trio.Nursery) -> None:
         cfg = self.cfg
-        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown))
+        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
+                            cfg.admin_public_paths)
         await _listen(services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics)
         _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
         services.start_soon(accesslog.flush_loop)

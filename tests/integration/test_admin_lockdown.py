@@ -72,9 +72,9 @@ def other_pod() -> Iterator[str]:
         _sh("ip", "netns", "del", NS)
 
 
-async def _serve(nursery: trio.Nursery, calls: Calls) -> int:
-    admin = AdminServer(Metrics(), AdminHooks(lambda: (True, "ok"), lambda: {"serial": "ab"},
-                                              calls.renew, calls.shutdown))
+async def _serve(nursery: trio.Nursery, calls: Calls, public: frozenset[bytes] | None = None) -> int:
+    hooks = AdminHooks(lambda: (True, "ok"), lambda: {"serial": "ab"}, calls.renew, calls.shutdown)
+    admin = AdminServer(Metrics(), hooks) if public is None else AdminServer(Metrics(), hooks, public)
     listeners = await nursery.start(trio.serve_tcp, admin.handle_connection, 0)
     return listeners[0].socket.getsockname()[1]
 
@@ -104,6 +104,28 @@ async def test_other_namespace_gets_probes_only(other_pod: str, nursery: trio.Nu
         assert (await c.post("/renew")).status_code == 200
         assert (await c.post("/shutdown")).status_code == 202
     assert (calls.renewed, calls.shut) == (1, 1)
+
+
+async def test_configured_public_paths_from_another_namespace(other_pod: str, nursery: trio.Nursery) -> None:
+    """`admin.public_paths: [/ready, /certs]`: exactly those off loopback, never /renew or /shutdown."""
+    from meshcar.sidecar.config import load_config_text
+    from tests.unit.test_sidecar_config import GOOD
+
+    cfg = load_config_text(GOOD.replace("admin: {listen: 127.0.0.1:7202}",
+                                        "admin: {listen: 127.0.0.1:7202, public_paths: [/ready, /certs]}"), "s.yaml")
+    calls = Calls()
+    port = await _serve(nursery, calls, cfg.admin_public_paths)
+    base = f"http://{HOST_IP}:{port}"
+    assert await _curl_from(other_pod, "GET", f"{base}/ready") == 200
+    assert await _curl_from(other_pod, "GET", f"{base}/certs") == 200
+    assert await _curl_from(other_pod, "GET", f"{base}/live") == 403
+    assert await _curl_from(other_pod, "GET", f"{base}/metrics") == 403
+    assert await _curl_from(other_pod, "POST", f"{base}/renew") == 403
+    assert await _curl_from(other_pod, "POST", f"{base}/shutdown") == 403
+    assert (calls.renewed, calls.shut) == (0, 0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        assert (await c.get("/live")).status_code == 200
+        assert (await c.get("/metrics")).status_code == 200
 
 
 async def test_loopback_only_rule_without_namespaces(nursery: trio.Nursery) -> None:

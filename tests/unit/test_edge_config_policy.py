@@ -126,3 +126,11 @@ def test_least_connections() -> None:
     b = Balancer(eps(3), policy="least_connections")
     b.states[0].active, b.states[1].active, b.states[2].active = 5, 1, 3
     assert b.pick().endpoint.port == 9001
+
+
+def test_admin_public_paths() -> None:
+    assert parse_edge_config(GOOD, "edge.yaml").admin_public_paths == {b"/live", b"/ready", b"/metrics"}
+    cfg = dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/ready"]))
+    assert parse_edge_config(cfg, "edge.yaml").admin_public_paths == {b"/ready"}
+    with pytest.raises(ConfigError, match=r"admin.public_paths: '/shutdown' cannot be served off loopback"):
+        parse_edge_config(dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/shutdown"])), "edge.yaml")

@@ -100,3 +100,42 @@ def test_pool_idle_seconds(value: object, ok: bool) -> None:
         with pytest.raises(ConfigError, match="outbound.pool_idle_seconds"):
             load_config_text(text, "s.yaml")
     assert load_config_text(GOOD, "s.yaml").pool_idle_seconds == 30.0
+
+
+@pytest.mark.parametrize("paths, expect", [
+    (None, {b"/live", b"/ready", b"/metrics"}),  # the default
+    (["/live", "/ready"], {b"/live", b"/ready"}),
+    ([], set()),  # nothing off loopback
+    (["/live", "/ready", "/metrics", "/certs"], {b"/live", b"/ready", b"/metrics", b"/certs"}),
+])
+def test_admin_public_paths(paths: list[str] | None, expect: set[bytes]) -> None:
+    import json
+
+    text = GOOD if paths is None else GOOD.replace(
+        "admin: {listen: 127.0.0.1:7202}", f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}")
+    assert load_config_text(text, "s.yaml").admin_public_paths == expect
+
+
+@pytest.mark.parametrize("paths, msg", [
+    (["/live", "/shutdown"], "'/shutdown' cannot be served off loopback"),
+    (["/renew"], "'/renew' cannot be served off loopback"),
+    (["/anything"], "'/anything' cannot be served off loopback"),
+    ("/live", "must be a list of paths"),
+    ([1], "must be a list of paths"),
+])
+def test_admin_public_paths_refuses_mutating_and_unknown(paths: object, msg: str) -> None:
+    import json
+
+    text = GOOD.replace("admin: {listen: 127.0.0.1:7202}",
+                        f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}")
+    with pytest.raises(ConfigError, match="admin.public_paths") as e:
+        load_config_text(text, "s.yaml")
+    assert msg in str(e.value)
+
+
+def test_admin_server_refuses_public_mutating_paths() -> None:
+    from meshcar.admin.metrics import Metrics
+    from meshcar.admin.server import AdminHooks, AdminServer
+
+    with pytest.raises(ValueError, match="/shutdown"):
+        AdminServer(Metrics(), AdminHooks(lambda: (True, ""), dict), frozenset({b"/live", b"/shutdown"}))
