@@ -108,6 +108,7 @@ class EdgeConfig:
     handshake_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/paths.py)
+    pool_idle_seconds: float = 30.0  # an idle pooled backend connection is closed after this
 
     def route_for(self, host: str | None) -> Route | None:
         if host is not None:
@@ -306,7 +307,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
-                         "log_level", "hello_timeout", "handshake_timeout"})
+                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds"})
     listen = c.section(data, "listen")
     c.unknown(listen, "listen.", {"https", "http"})
     https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
@@ -351,13 +352,18 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
             c.bad(name, "must be a number of seconds > 0")
             value = 10.0
         timeouts[name] = float(value)
+    pool_idle = data.get("pool_idle_seconds", 30.0)
+    if isinstance(pool_idle, bool) or not isinstance(pool_idle, int | float) or not (0.1 <= pool_idle <= 3600):
+        c.bad("pool_idle_seconds", "must be a number of seconds between 0.1 and 3600")
+        pool_idle = 30.0
     if c.problems:
         raise ConfigError(c.problems)
     assert https and admin_listen
     return EdgeConfig(https, http, admin_listen, tuple(routes), identity, hops, default, level,
                       hello_timeout=timeouts["hello_timeout"],
                       handshake_timeout=timeouts["handshake_timeout"],
-                      admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths)
+                      admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
+                      pool_idle_seconds=float(pool_idle))
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

@@ -95,7 +95,7 @@ class Backends:
             h = r.backend.health
             self.balancers[r.host] = Balancer(r.backend.endpoints, r.backend.balance,
                                               fall=h.fall if h else 2, rise=h.rise if h else 1)
-        self.pool = Pool(self._dial)
+        self.pool = Pool(self._dial, idle_timeout=cfg.pool_idle_seconds)
         self._sessions = SessionCache()
 
     @staticmethod

@@ -134,3 +134,13 @@ def test_admin_public_paths() -> None:
     assert parse_edge_config(cfg, "edge.yaml").admin_public_paths == {b"/ready"}
     with pytest.raises(ConfigError, match=r"admin.public_paths: '/shutdown' cannot be served off loopback"):
         parse_edge_config(dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/shutdown"])), "edge.yaml")
+
+
+@pytest.mark.parametrize("value, ok", [(30, True), (0.5, True), (0, False), ("2", False), (True, False)])
+def test_pool_idle_seconds(value: object, ok: bool) -> None:
+    if ok:
+        assert parse_edge_config(dict(GOOD, pool_idle_seconds=value), "edge.yaml").pool_idle_seconds == value
+    else:
+        with pytest.raises(ConfigError, match="pool_idle_seconds: must be a number"):
+            parse_edge_config(dict(GOOD, pool_idle_seconds=value), "edge.yaml")
+    assert parse_edge_config(GOOD, "edge.yaml").pool_idle_seconds == 30.0
