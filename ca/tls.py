@@ -26,6 +26,7 @@ from datetime import datetime
 from . import files
 from .files import CAPaths
 from .issuer import key_id, utcnow
+from .tlsprofile import apply_profile
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's x509_vfy.h; not exported by the ssl module
 
@@ -42,7 +43,7 @@ def server_context(paths: CAPaths, extra_roots_pem: str | None = None) -> ssl.SS
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME  # type: ignore[assignment]
     ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 
 
 class ServerTLS:

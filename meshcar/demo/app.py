@@ -335,7 +335,9 @@ def build_tls(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert, key)
     ctx.load_verify_locations(client_ca)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    from meshcar.tls.profile import apply_profile
+
+    return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

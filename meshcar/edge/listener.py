@@ -41,6 +41,7 @@ from meshcar.net.tlssocket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
 from meshcar.sidecar.accesslog import log_entry
+from meshcar.tls.profile import apply_profile
 
 log = logging.getLogger("meshcar.edge")
 
@@ -64,7 +65,8 @@ def public_server_context(route: Route) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION  # the client's cipher order counts, as Mozilla advises
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order, as Mozilla advises
     # TLS 1.2 client-initiated renegotiation: refused (a cheap way to make a server do
     # handshakes, and nothing a client needs). OpenSSL 3 refuses it by default; the option
     # keeps it so with OpenSSL 1.1.1 too.

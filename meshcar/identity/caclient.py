@@ -19,6 +19,7 @@ import httpx
 
 from meshcar.errors import MeshcarError
 from meshcar.identity.keys import csr_pem, key_pem, new_key
+from meshcar.tls.profile import restrict_groups
 from meshcar.tls.store import Credential
 
 
@@ -54,7 +55,7 @@ class CAClient:
                 pass  # a damaged held bundle must not stop bootstrap with the configured one
         if chain_file is not None and key_file is not None:
             ctx.load_cert_chain(str(chain_file), str(key_file))
-        return ctx
+        return restrict_groups(ctx)  # X25519/P-256/P-384 only
 
     async def sign(
         self, spiffe_id: str, *, token: str | None = None, k8s_token: str | None = None,

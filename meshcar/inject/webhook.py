@@ -36,6 +36,7 @@ import trio
 
 from meshcar.inject.cli import add_option_arguments, options_from_args
 from meshcar.inject.patch import InjectError, InjectOptions, inject_object, object_name
+from meshcar.tls.profile import apply_profile
 
 log = logging.getLogger("meshcar.webhook")
 
@@ -226,7 +227,7 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
-    return ctx
+    return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 
 
 async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, host: str, port: int,

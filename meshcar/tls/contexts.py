@@ -1,5 +1,7 @@
 """SSLContext builders for the mesh: TLS 1.3 only, mutual authentication, SPIFFE trust bundle.
 
+Key exchange over X25519, P-256 and P-384 only (Mozilla "modern"; `meshcar.tls.profile`).
+
 Hostname checks are off on purpose: mesh peers are identified by the SPIFFE ID in their URI
 SAN, which callers check after the handshake (`meshcar.tls.svid`). Chain, dates and
 signatures are still verified by OpenSSL against the trust bundle.
@@ -10,6 +12,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from meshcar.tls.profile import apply_profile
+
 
 def _common(ctx: ssl.SSLContext, chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -17,7 +21,7 @@ def _common(ctx: ssl.SSLContext, chain_file: Path, key_file: Path, bundle_pem: s
     ctx.load_verify_locations(cadata=bundle_pem)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's suite order
 
 
 def mesh_server_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
