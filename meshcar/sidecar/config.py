@@ -40,13 +40,15 @@ class Upstream:
 class VaultIdentity:
     """Issue directly from Vault/OpenBao PKI (`identity.vault`), instead of the CA API."""
 
-    addr: str
+    addrs: tuple[str, ...]  # one node, or the nodes of one HA cluster (tried in turn)
     role: str
     mount: str = "pki_int"
     token_file: Path | None = None
     approle_role_id_file: Path | None = None
     approle_secret_id_file: Path | None = None
     ca_cert: Path | None = None
+    connect_timeout_seconds: float = 2.0
+    timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -239,20 +241,40 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
         c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
         return None
     c.unknown(raw, p + ".", {"addr", "role", "mount", "token_file", "approle_role_id_file",
-                             "approle_secret_id_file", "ca_cert"})
-    addr = c.string(raw, "addr", p + ".addr")
-    if addr and not addr.startswith(("https://", "http://")):
-        c.bad(p + ".addr", "must be an http(s):// URL")
+                             "approle_secret_id_file", "ca_cert", "connect_timeout_seconds",
+                             "timeout_seconds"})
+    raw_addr = raw.get("addr")
+    addrs: list[str] = []
+    if raw_addr is None:
+        c.bad(p + ".addr", "is required")
+    elif isinstance(raw_addr, str) or (isinstance(raw_addr, list) and raw_addr):
+        for a in [raw_addr] if isinstance(raw_addr, str) else raw_addr:
+            if not isinstance(a, str) or not a.startswith(("https://", "http://")):
+                c.bad(p + ".addr", f"must be an http(s):// URL or a list of them (got {a!r})")
+            elif a.rstrip("/") in addrs:
+                c.bad(p + ".addr", f"names {a} twice")
+            else:
+                addrs.append(a.rstrip("/"))
+    else:
+        c.bad(p + ".addr", "must be an http(s):// URL or a non-empty list of them (the nodes of one cluster)")
+    timeouts: dict[str, float] = {}
+    for key, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
+        val = raw.get(key, default)
+        if isinstance(val, bool) or not isinstance(val, int | float) or not (low <= val <= 300):
+            c.bad(f"{p}.{key}", f"must be a number of seconds between {low} and 300")
+            val = default
+        timeouts[key] = float(val)
     role = c.string(raw, "role", p + ".role")
     token = c.path(raw, "token_file", p + ".token_file", required=False)
     rid = c.path(raw, "approle_role_id_file", p + ".approle_role_id_file", required=False)
     sec = c.path(raw, "approle_secret_id_file", p + ".approle_secret_id_file", required=False)
     if (token is None) == (rid is None or sec is None) or (token is not None and (rid or sec)):
         c.bad(p, "give either token_file, or both approle_role_id_file and approle_secret_id_file")
-    if not (addr and role):
+    if not (addrs and role):
         return None
-    return VaultIdentity(addr, role, str(raw.get("mount", "pki_int")), token, rid, sec,
-                         c.path(raw, "ca_cert", p + ".ca_cert", required=False))
+    return VaultIdentity(tuple(addrs), role, str(raw.get("mount", "pki_int")), token, rid, sec,
+                         c.path(raw, "ca_cert", p + ".ca_cert", required=False),
+                         timeouts["connect_timeout_seconds"], timeouts["timeout_seconds"])
 
 
 
