@@ -10,12 +10,15 @@ say) whose own X-Forwarded-For entries are believed.
 The hop chain is ``X-Forwarded-For entries (left to right) + [peer]``. With ``trusted_hops
 = N`` the last N elements are trusted proxies, so the client is the element just left of
 them: ``chain[-(N + 1)]``. Entries further left were written by the client (or by proxies
-we do not know) and are dropped, as is everything left of an entry that is not an IP
-address (a trusted proxy would never write one, so the chain is broken there). With the
-default ``N = 0`` every client-sent value is ignored: the client is the peer and the new
-X-Forwarded-For is just the peer address. X-Forwarded-Proto and -Host are taken from the
-trusted proxy nearest to the client only when N > 0 and the client-sent value is a single
-well-formed value; otherwise from the edge's own connection (scheme, Host header).
+we do not know) and are dropped. When the rightmost N entries are not all IP addresses
+(fewer than N entries, or one that is not an address: a trusted proxy writes neither), the
+chain did not come through the trusted proxies as configured and nothing in it is
+believed: the client is the peer, as with Envoy's ``xff_num_trusted_hops`` (never an
+entry the client could have written). With the default ``N = 0`` every client-sent value
+is ignored: the client is the peer and the new X-Forwarded-For is just the peer address.
+X-Forwarded-Proto and -Host are taken from the trusted proxy nearest to the client only
+when N > 0, the chain is complete, and the client-sent value is a single well-formed
+value; otherwise from the edge's own connection (scheme, Host header).
 
 :func:`apply_forwarded` removes every client-sent ``X-Forwarded-For/-Proto/-Host``,
 ``Forwarded`` (RFC 7239, never produced or verified by meshcar) and
@@ -127,15 +130,11 @@ def forwarded_for(
     chain = [peer]
     if trusted_hops:
         claimed = [e for e in _values(headers, XFF) if e]
-        for entry in reversed(claimed):
-            if len(chain) > trusted_hops:
-                break
-            ip = _ip_of(entry)
-            if ip is None:
-                break
-            chain.insert(0, ip)
+        trusted = [_ip_of(e) for e in claimed[-trusted_hops:]]
+        if len(trusted) == trusted_hops and all(trusted):
+            chain = [ip for ip in trusted if ip] + chain
     proto, fwd_host = scheme, host
-    if trusted_hops:
+    if len(chain) > 1:  # trusted_hops > 0 and the chain is complete
         protos = _values(headers, XFP)
         if len(protos) == 1 and protos[0].lower() in _SCHEMES:
             proto = protos[0].lower()

@@ -64,7 +64,10 @@ def test_xfcc_is_always_replaced() -> None:
         (1, "8.8.8.8", ("8.8.8.8", "10.0.0.1")),
         (2, "7.7.7.7", ("7.7.7.7", "8.8.8.8", "10.0.0.1")),
         (3, "6.6.6.6", ("6.6.6.6", "7.7.7.7", "8.8.8.8", "10.0.0.1")),
-        (9, "6.6.6.6", ("6.6.6.6", "7.7.7.7", "8.8.8.8", "10.0.0.1")),
+        # fewer entries than trusted hops: the peer, never a client-written entry (Envoy's
+        # xff_num_trusted_hops falls back to the downstream address)
+        (4, "10.0.0.1", ("10.0.0.1",)),
+        (9, "10.0.0.1", ("10.0.0.1",)),
     ],
 )
 def test_trusted_hops_pick_the_client(hops: int, client: str, chain: tuple[str, ...]) -> None:
@@ -77,17 +80,22 @@ def test_trusted_hops_pick_the_client(hops: int, client: str, chain: tuple[str, 
 
 
 def test_trusted_proto_and_host_need_single_valid_values() -> None:
-    base = [(b"X-Forwarded-Proto", b"HTTP"), (b"X-Forwarded-Host", b"www.demo.test:8443")]
+    base = [(b"X-Forwarded-For", b"192.0.2.7"), (b"X-Forwarded-Proto", b"HTTP"),
+            (b"X-Forwarded-Host", b"www.demo.test:8443")]
     fwd = forwarded_for(base, peer_ip="10.0.0.1", scheme="https", host="x", trusted_hops=1)
     assert (fwd.proto, fwd.host) == ("http", "www.demo.test:8443")
-    bad = [
+    # the chain is incomplete (no entry from the trusted proxy): its other claims are not
+    # believed either
+    fwd = forwarded_for(base[1:], peer_ip="10.0.0.1", scheme="https", host="x", trusted_hops=1)
+    assert (fwd.proto, fwd.host, fwd.client_ip) == ("https", "x", "10.0.0.1")
+    bad = [(b"X-Forwarded-For", b"192.0.2.7"),
         (b"X-Forwarded-Proto", b"https, http"),
         (b"X-Forwarded-Host", b"a b\x01"),
     ]
     fwd = forwarded_for(bad, peer_ip="10.0.0.1", scheme="https", host="x", trusted_hops=1)
     assert (fwd.proto, fwd.host) == ("https", "x")
     fwd = forwarded_for(
-        [(b"X-Forwarded-Proto", b"gopher")],
+        [(b"X-Forwarded-For", b"192.0.2.7"), (b"X-Forwarded-Proto", b"gopher")],
         peer_ip="10.0.0.1",
         scheme="http",
         host=None,
@@ -96,10 +104,38 @@ def test_trusted_proto_and_host_need_single_valid_values() -> None:
     assert fwd.proto == "http"
 
 
-def test_garbage_entry_breaks_the_chain() -> None:
-    headers = [(b"X-Forwarded-For", b"1.1.1.1, unknown, 2.2.2.2")]
-    fwd = forwarded_for(headers, peer_ip="10.0.0.1", scheme="https", host=None, trusted_hops=5)
-    assert fwd.chain == ("2.2.2.2", "10.0.0.1")
+@pytest.mark.parametrize(("xff", "hops", "chain"), [
+    (b"1.1.1.1, unknown, 2.2.2.2", 1, ("2.2.2.2", "10.0.0.1")),
+    (b"1.1.1.1, unknown, 2.2.2.2", 2, ("10.0.0.1",)),  # a trusted proxy never writes `unknown`
+    (b"1.1.1.1, unknown, 2.2.2.2", 5, ("10.0.0.1",)),
+    (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 3, ("1.1.1.1", "2.2.2.2", "3.3.3.3", "10.0.0.1")),
+    (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 2, ("2.2.2.2", "3.3.3.3", "10.0.0.1")),
+    (b"9.9.9.9", 2, ("10.0.0.1",)),  # the client skipped a proxy, or wrote the only entry
+    (b"", 1, ("10.0.0.1",)),
+    (b" , ,", 1, ("10.0.0.1",)),
+    (b"9.9.9.9, ", 1, ("9.9.9.9", "10.0.0.1")),  # empty entries are not entries
+    (b"[::1]:80, 300.1.1.1", 1, ("10.0.0.1",)),
+])
+def test_incomplete_or_broken_chain_means_the_peer(xff: bytes, hops: int,
+                                                   chain: tuple[str, ...]) -> None:
+    headers = [(b"X-Forwarded-For", xff)]
+    fwd = forwarded_for(headers, peer_ip="10.0.0.1", scheme="https", host=None, trusted_hops=hops)
+    assert fwd.chain == chain and fwd.client_ip == chain[0]
+
+
+@given(st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=8)), max_size=6),
+       st.integers(min_value=0, max_value=8))
+def test_the_client_is_the_peer_or_a_trusted_entry(entries: list[str], hops: int) -> None:
+    """The client is the peer or one of the rightmost `hops` entries, never one further left."""
+    value = ", ".join(entries)
+    if any(ord(ch) < 0x20 or ord(ch) > 0xFF for ch in value):
+        return
+    headers = [(b"X-Forwarded-For", value.encode("latin-1"))]
+    fwd = forwarded_for(headers, peer_ip="10.0.0.1", scheme="https", host=None, trusted_hops=hops)
+    claimed = [e.strip() for e in value.split(",") if e.strip()]
+    if fwd.client_ip != "10.0.0.1":
+        assert hops > 0 and len(claimed) >= hops
+        assert len(fwd.chain) == hops + 1
 
 
 def test_entries_with_ports_and_ipv6_are_normalised() -> None:
