@@ -146,14 +146,19 @@ class Rotator:
         return self.k8s_token_file is not None or self.token_file is not None or self.own_credential
 
     async def _sign_with_bootstrap_credential(self) -> Credential:
+        # A re-bootstrap (after expiry or a refused renewal) verifies the CA API with the held
+        # trust bundle too, as renewals do: after a root rotation the API chains to a root
+        # that `ca_bundle` may not have.
+        held = self.store.credential
+        trust = held.bundle_pem if held is not None else None
         if self.k8s_token_file is not None:
             return await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
-                self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds)
+                self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds, trust_pem=trust)
         if self.token_file is None and self.own_credential:
             # the backend authenticates the workload itself (Vault AppRole/token)
-            return await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds)
+            return await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds, trust_pem=trust)
         return await self.client.sign(self.spiffe_id, token=self._read_token(
-            self.token_file, "token_file"), ttl_seconds=self.ttl_seconds)
+            self.token_file, "token_file"), ttl_seconds=self.ttl_seconds, trust_pem=trust)
 
     def _set_state(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason

@@ -6,9 +6,22 @@ from collections import deque
 
 import trio
 
+from meshcar.net.tlsstream import TLSStream, socket_readable
 from meshcar.proto.http1 import Event, Http1Parser
 
 READ_SIZE = 64 * 1024
+
+
+def stream_has_unread(stream: trio.abc.Stream) -> bool:
+    """Without blocking: does `stream` hold or await anything unread (data, EOF, an error)?
+    Streams of unknown kinds count as unread: they are never pooled."""
+    if isinstance(stream, TLSStream):
+        return stream.has_unread()
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return True
+    fd = sock.fileno()
+    return fd < 0 or socket_readable(fd)
 
 
 class HttpConn:
@@ -35,6 +48,15 @@ class HttpConn:
 
     def has_buffered_events(self) -> bool:
         return bool(self._pending)
+
+    def clean_idle(self) -> bool:
+        """May this connection carry another exchange? Only when its last exchange is provably
+        complete and nothing unread waits on it: no buffered event, no parser leftover, no
+        message half-parsed, and nothing (data or EOF) in the TLS object or the socket. Never
+        blocks; a connection that fails this is to be closed, never reused."""
+        if self.eof or self._pending or self.parser.leftover or not self.parser.between_messages():
+            return False
+        return not stream_has_unread(self.stream)
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)

@@ -4,6 +4,12 @@ Bookkeeping is deliberately small: per key, a LIFO stack of idle connections wit
 they went idle. `acquire` hands out the most recently used idle connection younger than
 `idle_timeout`, else dials a new one; `release` puts a reusable connection back (up to
 `max_idle` per key) or closes it.
+
+Hygiene: a connection goes back only when its exchange is provably complete and nothing
+unread waits on it (`HttpConn.clean_idle`: parser leftovers, buffered events, bytes in the
+TLS object or the socket), and it is checked again, without blocking, when handed out: a
+byte or EOF that arrived while it was idle closes it. Otherwise a backend that writes
+after its response would have those bytes read as the next client's response.
 """
 
 from __future__ import annotations
@@ -47,15 +53,21 @@ class Pool:
         now = time.monotonic()
         while stack.idle:
             p = stack.idle.pop()
-            if now - p.idle_since < self.idle_timeout and not p.conn.eof:
+            # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
+            if now - p.idle_since < self.idle_timeout and p.conn.clean_idle():
                 return p, True
             await p.conn.aclose()
         return await self._dial(key), False
 
+    def idle_count(self, key: str | None = None) -> int:
+        """Idle connections held, for one key or all."""
+        stacks = [self._stacks.get(key, _Stack())] if key is not None else list(self._stacks.values())
+        return sum(len(s.idle) for s in stacks)
+
     async def release(self, p: Pooled, reusable: bool) -> None:
         stack = self._stacks.setdefault(p.key, _Stack())
         if (reusable and not self.retired and len(stack.idle) < self.max_idle
-                and not p.conn.has_buffered_events()):
+                and p.conn.clean_idle()):
             p.idle_since = time.monotonic()
             p.requests += 1
             stack.idle.append(p)

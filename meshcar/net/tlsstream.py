@@ -20,11 +20,20 @@ post-handshake messages).
 
 from __future__ import annotations
 
+import os
+import select
 import ssl
 
 import trio
 
 READ_SIZE = 256 * 1024
+
+
+def socket_readable(fd: int) -> bool:
+    """Would a read on `fd` return at once (data, EOF or an error)? Never blocks."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 class TLSStream(trio.abc.Stream):
@@ -61,6 +70,44 @@ class TLSStream(trio.abc.Stream):
 
     def version(self) -> str | None:
         return self._obj.version()
+
+    def has_unread(self) -> bool:
+        """Without blocking: is anything but TLS housekeeping waiting on this idle connection?
+
+        Takes what the socket already holds into OpenSSL, then asks for one byte of
+        application data. Post-handshake records (TLS 1.3 NewSessionTicket, KeyUpdate) are
+        consumed by OpenSSL and do not count; application data, close_notify, EOF, an error,
+        or a partial record left over (it might be data) all do. A connection that answers
+        True is never used again."""
+        if self._closed:
+            return True
+        if self._obj.pending():
+            return True
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return bool(self._incoming.pending)
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        while socket_readable(fd):
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                return True
+            if not data:
+                return True  # EOF
+            self._incoming.write(data)
+        if not self._incoming.pending:
+            return False
+        try:
+            self._obj.read(1)
+            return True  # application data nobody asked for
+        except ssl.SSLWantReadError:
+            return bool(self._incoming.pending)  # a partial record may be data
+        except ssl.SSLError:
+            return True
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ Bodies are never buffered: every `feed()` returns the events produced by that sl
 bytes, so memory is bounded by the read size. The parser is reused across keep-alive
 messages; a response to HEAD (or a 1xx/204/304) has no body whatever its headers say,
 which llhttp cannot be told, so for those the parser stops after the head and is renewed.
+The upstream answers one request at a time, so on the response side any byte after a final
+response in the same read (after a bodyless head, or after a body) is nobody's response:
+the parser sets `leftover` and refuses to read on, and the connection is never reused.
 A response without Content-Length or chunked framing is delimited by connection close: the
 caller ends it with `feed_eof()`.
 """
@@ -91,6 +94,10 @@ class _StopAfterHead(Exception):
     """Raised inside the callback to stop llhttp after a head that has no body."""
 
 
+class _StopAtLeftover(Exception):
+    """Raised when a response stream goes on after its final response in the same feed."""
+
+
 class Http1Parser:
     """Parse one direction of an HTTP/1.1 connection into events (see module docstring)."""
 
@@ -106,6 +113,9 @@ class Http1Parser:
         self._until_close = False
         self._expect_no_body = False  # set by the caller before feeding a HEAD response
         self._parsed_head = 0
+        self._final_done = False  # a final (non-1xx) response ended in the current feed
+        self._tail = b""  # the last bytes of the previous feed (a head terminator may span feeds)
+        self.leftover = False  # bytes followed a complete response: the connection is spent
         self._new_parser()
 
     # -- public API -------------------------------------------------------------------
@@ -115,31 +125,45 @@ class Http1Parser:
         self._expect_no_body = True
 
     def feed(self, data: bytes | bytearray) -> list[Event]:
+        if self.leftover:
+            raise self._error("bytes after a complete response")
+        mid_head = self._in_head  # a head may have begun in an earlier read (even after a 1xx)
         if self._in_head:
             self._head_bytes += len(data)
+        self._final_done = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             # CONNECT or Upgrade: meshcar does not tunnel these (yet).
             raise ProtocolError("CONNECT and protocol upgrades are not supported", 501) from exc
+        except _StopAtLeftover:
+            self._spent()
         except httptools.HttpParserCallbackError as exc:
             inner = exc.__cause__ or exc.__context__
             if isinstance(inner, _StopAfterHead):
-                self._finish_bodyless()
+                self._finish_bodyless(data, mid_head)
+            elif isinstance(inner, _StopAtLeftover):
+                self._spent()
             elif isinstance(inner, ProtocolError):
                 raise inner from None
             else:
                 raise self._error(str(exc)) from exc
         except _StopAfterHead:
-            self._finish_bodyless()
+            self._finish_bodyless(data, mid_head)
         except ProtocolError:
             raise
         except httptools.HttpParserError as exc:
             raise self._error(str(exc)) from exc
+        if self._kind == "response":
+            self._tail = (self._tail + bytes(data[-3:]))[-3:]
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             raise self._error("request head too large", 431 if self._kind == "request" else 502)
         events, self._events = self._events, []
         return events
+
+    def between_messages(self) -> bool:
+        """No message is half-parsed (the last one ended, or none began)."""
+        return self._in_head and self._head_bytes == 0 and not self._until_close and not self.leftover
 
     def feed_eof(self) -> list[Event]:
         """The peer closed. Ends a close-delimited body; anything else mid-message is an error."""
@@ -154,6 +178,10 @@ class Http1Parser:
     # -- llhttp callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._final_done:
+            # The upstream answers one request at a time: a byte after its final response
+            # (other than the CR/LF llhttp skips) is nobody's response (RFC 9112 9.3.2).
+            raise _StopAtLeftover()
         self._headers = []
         self._url = b""
         self._in_head = True
@@ -245,6 +273,8 @@ class Http1Parser:
         # llhttp signals 1xx interim responses as complete messages too; they carry no body.
         self._events.append(END)
         self._in_head = True
+        if self._kind == "response" and self._last_head_is_final():
+            self._final_done = True
 
     # -- internals ----------------------------------------------------------------------
 
@@ -254,9 +284,34 @@ class Http1Parser:
         self._in_head = True
         self._head_bytes = 0
 
-    def _finish_bodyless(self) -> None:
+    def _last_head_is_final(self) -> bool:
+        for ev in reversed(self._events):
+            if isinstance(ev, ResponseHead):
+                return ev.status >= 200
+        return True  # the head came in an earlier feed; only final responses have bodies
+
+    def _finish_bodyless(self, data: bytes | bytearray, mid_head: bool) -> None:
+        """llhttp stopped right after a bodyless head, somewhere inside `data`. It does not say
+        where, so find the end of that head: every head ends at the first blank line after its
+        start, and this feed completed as many heads as it produced. Counting terminators
+        from the start can only find each end early, never late, so any byte after the head
+        is seen (and a stray blank line errs towards closing, not towards reuse)."""
         self._expect_no_body = False
         self._events.append(END)
+        self._new_parser()
+        buf = (self._tail if mid_head else b"") + bytes(data)
+        end = 0
+        for _ in range(sum(1 for ev in self._events if isinstance(ev, ResponseHead))):
+            at = buf.find(b"\r\n\r\n", end)
+            if at < 0:
+                break
+            end = at + 4
+        if end < len(buf):
+            self.leftover = True
+
+    def _spent(self) -> None:
+        """A final response ended and more bytes followed in the same feed."""
+        self.leftover = True
         self._new_parser()
 
     def _error(self, message: str, status: int | None = None) -> ProtocolError:

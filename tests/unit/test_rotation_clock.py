@@ -40,6 +40,9 @@ class FakeCA:
         self.ttl = ttl
         self.down = False
         self.refuse_renewals = False  # answer renewals 401 (the CA no longer accepts the cert)
+        # the API's certificate chains to a root only the held trust bundle has (after a root
+        # rotation): a request that does not trust that bundle fails TLS verification
+        self.api_needs_held_bundle = False
         self.calls: list[tuple[float, str]] = []  # (virtual time, "token" | "renewal" | "failed")
         self.issued: list[float] = []
 
@@ -51,6 +54,9 @@ class FakeCA:
         if self.down:
             self.calls.append((now, "failed"))
             raise CAError("CA unreachable (test)", retryable=True)
+        if self.api_needs_held_bundle and trust_pem != self.ca.bundle_pem:
+            self.calls.append((now, "failed"))
+            raise CAError("CA unreachable: certificate verify failed (test)", retryable=True)
         if chain_file is not None and self.refuse_renewals:
             self.calls.append((now, "refused"))
             raise CAError("CA refused: 401 certificate not accepted (test)", retryable=False)
@@ -183,6 +189,25 @@ async def test_keeps_serving_until_expiry_and_is_not_valid_after(tmp_path: Path,
         assert rot.state == "valid" and metrics.identity_expired._value.get() == 0
         nursery.cancel_scope.cancel()
     assert metrics.renewals.labels("success")._value.get() == 1
+
+
+async def test_re_bootstrap_after_expiry_trusts_the_held_bundle(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None) -> None:
+    """After a root rotation the CA API chains to the new root, which only the held trust
+    bundle has (`ca_bundle` still names the old one): the re-bootstrap after an expiry must
+    verify the API with it too, as renewals do (the lifecycle chaos test found this)."""
+    rot, fake, store, _ = make(tmp_path, ttl=120)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rot.run)
+        fake.api_needs_held_bundle = True
+        fake.down = True
+        await trio.sleep(200)  # past expiry
+        assert rot.state == "expired"
+        fake.down = False
+        with trio.fail_after(120):
+            await rot.wait_renewed()
+        assert store.is_valid_now() and fake.calls[-1][1] == "token"
+        nursery.cancel_scope.cancel()
 
 
 async def test_refused_renewal_falls_back_to_the_bootstrap_credential(
