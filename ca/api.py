@@ -1,4 +1,4 @@
-"""The CA's HTTPS API on trio + h11: /v1/sign, /v1/bundle, /healthz (docs/CA-API.md).
+"""The CA's HTTPS API on trio + h11: /v1/sign, /v1/bundle, /healthz, /metrics (docs/CA-API.md).
 
 Theory of operation: `serve` binds with `trio.serve_tcp` (so `nursery.start(server.serve,
 ...)` returns only once the port is bound) and runs `handle_tcp` in its own task per
@@ -27,7 +27,9 @@ from typing import Any
 import h11
 import trio
 
+from . import metrics
 from .errors import CAError, MethodNotAllowed, NotFound, TooLarge
+from .issuer import utcnow
 from .sign import SignService, parse_sign_request
 from .throttle import AuthThrottle
 
@@ -74,7 +76,7 @@ def _error_response(exc: CAError) -> Response:
     return Response(resp.status, resp.body, resp.content_type, extra, resp.log)
 
 
-ROUTES: dict[str, str] = {"/healthz": "GET", "/v1/bundle": "GET", "/v1/sign": "POST"}
+ROUTES: dict[str, str] = {"/healthz": "GET", "/metrics": "GET", "/v1/bundle": "GET", "/v1/sign": "POST"}
 
 
 class _CloseConnection(Exception):
@@ -246,6 +248,10 @@ class CAServer:
             raise MethodNotAllowed(f"{path} accepts {allowed} only", allow=allowed)
         if path == "/healthz":
             return _json_response(200, {"status": "ok"})
+        if path == "/metrics":  # read-only, unauthenticated (ca/metrics.py)
+            body = await trio.to_thread.run_sync(
+                lambda: metrics.render(self.service.issuer, utcnow(), self.internal_errors))
+            return Response(200, body, "text/plain; version=0.0.4")
         if path == "/v1/bundle":
             bundle = self.service.issuer.bundle()
             return Response(

@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("--force", action="store_true",
                         help="switch issuing (stage 2) even if some workloads have not reported the new bundle")
 
+    renew = sub.add_parser("renew-intermediate",
+                           help="issue a new intermediate from the same root (no bundle change; docs/ROTATION.md)")
+    renew.add_argument("--dir", required=True, type=Path)
+
     status = sub.add_parser("status", help="print the CA's rotation state as JSON")
     status.add_argument("--dir", required=True, type=Path)
 
@@ -120,6 +124,8 @@ def main(argv: list[str]) -> int:
             return _rotate_root(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "renew-intermediate":
+            return _renew_intermediate(args)
         if args.command == "vault-setup":
             return _vault_setup(args)
         return _serve(args)
@@ -191,6 +197,16 @@ def _rotate_root(args: argparse.Namespace) -> int:
     from .rotation import advance
 
     json_log(advance(args.dir, utcnow(), force=args.force))
+    return 0
+
+
+def _renew_intermediate(args: argparse.Namespace) -> int:
+    from .intermediate import renew_intermediate
+
+    out = renew_intermediate(args.dir, utcnow())
+    json_log(out)
+    if "warning" in out:
+        print(f"meshcar ca renew-intermediate: WARNING: {out['warning']}", file=sys.stderr)
     return 0
 
 

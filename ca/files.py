@@ -87,6 +87,12 @@ class CAPaths:
         return self.dir / "next-intermediate.key"
 
     @property
+    def previous_intermediate_pem(self) -> Path:
+        """The intermediate replaced by `renew-intermediate`: renewals from its leaves are
+        still accepted until it expires (no key is kept)."""
+        return self.dir / "previous-intermediate.pem"
+
+    @property
     def db(self) -> Path:
         return self.dir / "ca.db"
 
@@ -199,7 +205,7 @@ def create_ca(
     write_file(paths.intermediate_pem, pki.cert_pem(inter), 0o644)
     write_file(paths.bundle_pem, pki.cert_pem(root), 0o644)
     write_file(paths.config, config.to_json(), 0o644)
-    for name in NEXT_FILES:  # a rotation of the replaced CA must not survive it
+    for name in (*NEXT_FILES, "previous-intermediate.pem"):  # nothing of the replaced CA survives
         (paths.dir / name).unlink(missing_ok=True)
     paths.db.unlink(missing_ok=True)
     Store.create(paths.db)

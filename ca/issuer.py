@@ -8,6 +8,8 @@ backend does network I/O): the API calls it from a worker thread.
 
 `BuiltinIssuer.load` follows a root rotation (docs/ROTATION.md): in stage 2 it signs with
 `next-intermediate.*`, and in stages 1-2 it accepts renewals from both intermediates.
+After `renew-intermediate` (ca/intermediate.py) it signs with the new intermediate and
+still accepts renewals from leaves of `previous-intermediate.pem` until that expires.
 `LiveIssuer` lets a running `ca serve` pick up such changes without a restart: it re-loads
 the directory whenever config.json (the commit point of every state change) is replaced.
 """
@@ -102,11 +104,19 @@ class BuiltinIssuer:
             if config.rotation.stage == 2:
                 current, following = following, current
             accepted = (following[0],)
+        previous = paths.previous_intermediate_pem
+        if previous.exists():  # replaced by renew-intermediate: its leaves may still renew
+            prev = files.load_cert(previous)
+            if prev.not_valid_after_utc > clock():
+                accepted = (*accepted, prev)
+        key = files.load_key(current[1])
+        if key.public_key() != current[0].public_key():  # a half-written change: keep the old issuer
+            raise ValueError(f"{current[1]} does not match its certificate")
         return cls(
             trust_domain=config.trust_domain,
             max_ttl_seconds=config.max_ttl_seconds,
             intermediate=current[0],
-            intermediate_key=files.load_key(current[1]),
+            intermediate_key=key,
             roots=tuple(files.load_certs(paths.bundle_pem)),
             bundle_version=config.bundle_version,
             clock=clock,

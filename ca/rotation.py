@@ -69,7 +69,8 @@ INTERMEDIATE_WARN_FRACTION = 0.25  # warn once less than this share of its lifet
 INTERMEDIATE_WARN_MIN = timedelta(days=30)
 
 
-def expiry_warnings(cert: x509.Certificate, now: datetime, what: str) -> list[str]:
+def expiry_warnings(cert: x509.Certificate, now: datetime, what: str,
+                    action: str = "rotate with `meshcar ca rotate-root`") -> list[str]:
     """Warnings for a CA certificate nearing its end (leaves get clamped to it, then fail)."""
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     left = cert.not_valid_after_utc - now
@@ -77,8 +78,7 @@ def expiry_warnings(cert: x509.Certificate, now: datetime, what: str) -> list[st
         return [f"{what} expired at {rfc3339(cert.not_valid_after_utc)}: no certificate can be issued"]
     if left < max(life * INTERMEDIATE_WARN_FRACTION, min(INTERMEDIATE_WARN_MIN, life / 2)):
         return [f"{what} expires at {rfc3339(cert.not_valid_after_utc)} (in {left.days} d "
-                f"{left.seconds // 3600} h); leaves are clamped to it: rotate with "
-                "`meshcar ca rotate-root` before then"]
+                f"{left.seconds // 3600} h); leaves are clamped to it: {action} before then"]
     return []
 
 
@@ -95,9 +95,13 @@ def status(directory: Path, now: datetime) -> dict[str, Any]:
         "state": STAGE_NAMES[stage],
         "bundle_version": config.bundle_version,
         "roots": [_cert_info(c) for c in roots],
-        "warnings": expiry_warnings(current, now, "the issuing intermediate")
+        "warnings": expiry_warnings(current, now, "the issuing intermediate",
+                                    "renew it with `meshcar ca renew-intermediate` (same root, same bundle)"
+                                    if rot is None else "finish the root rotation")
         + [w for c in roots for w in expiry_warnings(c, now, f"root {format(c.serial_number, 'x')}")],
     }
+    if paths.previous_intermediate_pem.exists():
+        out["previous_intermediate"] = _cert_info(files.load_cert(paths.previous_intermediate_pem))
     if rot is None:
         out["issuing_intermediate"] = _cert_info(current)
         out["next"] = {"action": "rotate-root: create a new root and add it to the bundle (stage 1)",
@@ -194,7 +198,7 @@ def _finish(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict
     files.write_file(paths.bundle_pem, pki.cert_pem(root), 0o644)
     version = config.bundle_version + 1
     files.write_file(paths.config, replace(config, bundle_version=version, rotation=None).to_json(), 0o644)
-    for name in files.NEXT_FILES:
+    for name in (*files.NEXT_FILES, paths.previous_intermediate_pem.name):  # chained to the old root
         (paths.dir / name).unlink(missing_ok=True)
     return {"event": "ca.rotate_root", "stage": 3, "state": STAGE_NAMES[0], "bundle_version": version,
             "root": _cert_info(root)}

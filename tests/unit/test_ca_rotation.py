@@ -198,6 +198,6 @@ def test_status_warns_ahead_of_intermediate_expiry(tmp_path: Path) -> None:
     end = inter.not_valid_after_utc
     assert rotation.status(d, T0)["warnings"] == []
     soon = rotation.status(d, end - timedelta(days=10))["warnings"]
-    assert len(soon) == 1 and "issuing intermediate expires" in soon[0] and "rotate-root" in soon[0]
+    assert len(soon) == 1 and "issuing intermediate expires" in soon[0] and "renew-intermediate" in soon[0]
     gone = rotation.status(d, end + timedelta(seconds=1))["warnings"]
     assert any("issuing intermediate expired" in w for w in gone)
