@@ -69,7 +69,7 @@ class Mesh:
         return f"http://127.0.0.1:{self.ports[f'{name}_admin']}"
 
     def start_ca(self) -> None:
-        self.ca_proc = self.procs.start(f"ca-{len(self.procs.procs)}", *self.ca_args)
+        self.ca_proc = self.procs.start(f"ca-{len(list(self.dir.glob('ca-*.log')))}", *self.ca_args)  # one log each
         self.wait_ca()
 
     def wait_ca(self) -> None:
