@@ -14,8 +14,12 @@ Special routes (each calls a peer only through the app's own sidecar, `HTTP_PROX
 
 `--tls-cert/--tls-key/--tls-client-ca` turn it into payments' public partner endpoint:
 TLS with a required client certificate (end-to-end mTLS).  With `--proxy-protocol` a PROXY
-v1/v2 header (from the edge in passthrough mode) may precede the TLS handshake; the address
-it carries is reported, not trusted for anything.
+v1/v2 header (from the edge in passthrough mode) precedes the TLS handshake; the address it
+carries is reported, not trusted for anything.  Who may send one is a
+`meshcar.proto.proxy_protocol.ProxyPolicy`: only peers in `--proxy-trusted` (loopback by
+default), which must send one unless `--proxy-optional`; a header from anyone else, a
+missing one, or a broken one closes the connection (logged, counted).  The header is
+peeked, however it is segmented, and only its own bytes are consumed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+
+from meshcar.proto import proxy_protocol as pp
 
 IDLE_TIMEOUT_SECONDS = 30.0
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
@@ -65,7 +71,7 @@ class AppConfig:
     port: int
     proxy: str | None
     tls: ssl.SSLContext | None
-    proxy_protocol: bool = False
+    proxy_protocol: pp.ProxyPolicy | None = None  # None: no PROXY header expected
 
 
 def parse_xfcc(value: str) -> list[dict[str, str]]:
@@ -159,18 +165,42 @@ class DemoServer(ThreadingHTTPServer):
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
+        self.proxy_refusals: dict[str, int] = {}  # reason -> connections closed for it
+        self._count_lock = threading.Lock()
         super().__init__((config.host, config.port), DemoHandler)
+
+    def refuse_proxy(self, client: str, reason: str, error: str = "") -> None:
+        with self._count_lock:
+            count = self.proxy_refusals[reason] = self.proxy_refusals.get(reason, 0) + 1
+        log({"event": "proxy_protocol.rejected", "client": client, "reason": reason,
+             "error": error or None, "count": count})
+
+    def accept_proxy(self, request: socket.socket, client: str) -> tuple[bool, pp.ProxyHeader | None]:
+        """(serve?, the header): the policy's verdict on the connection's first bytes."""
+        policy = self.config.proxy_protocol
+        assert policy is not None
+        try:
+            result = read_proxy_header(request)
+            verdict, reason = policy.verdict(client, result)
+            if verdict is pp.Verdict.ACCEPT:
+                assert isinstance(result, pp.ProxyHeader)
+                consume(request, result.consumed)
+                return True, result
+        except (ValueError, OSError) as exc:
+            self.refuse_proxy(client, "incomplete_header", f"{type(exc).__name__}: {exc}")
+            return False, None
+        if verdict is pp.Verdict.REFUSE:
+            detail = result.reason if isinstance(result, pp.Rejected) else ""
+            self.refuse_proxy(client, reason, detail)
+            return False, None
+        return True, None
 
     def finish_request(self, request: Any, client_address: Any) -> None:  # per-connection thread
         request.settimeout(IDLE_TIMEOUT_SECONDS)
         header = None
-        if self.config.proxy_protocol:
-            request.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
-            try:
-                header = read_proxy_header(request)
-            except (ValueError, OSError) as exc:
-                log({"event": "proxy_protocol.rejected", "client": client_address[0],
-                     "error": str(exc)})
+        if self.config.proxy_protocol is not None:
+            serve, header = self.accept_proxy(request, client_address[0])
+            if not serve:
                 return
         if self.config.tls is not None:
             request.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
@@ -194,33 +224,44 @@ class DemoServer(ThreadingHTTPServer):
              "error": f"{type(exc).__name__}: {exc}"})
 
 
-def read_proxy_header(sock: socket.socket) -> Any:
-    """Consume a PROXY v1/v2 header if the connection starts with one; None if it does not.
+def read_proxy_header(sock: socket.socket,
+                      timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS) -> pp.ProxyHeader | pp.Rejected:
+    """Peek at the connection's first bytes until they are a whole PROXY header or a
+    rejection (NOT_PROXY: no header), consuming nothing.
 
-    Bytes are only peeked until the parser has a whole header, then exactly the header's
-    bytes are read, so the TLS handshake that follows finds its ClientHello intact.
+    A header may arrive in any number of TCP segments: while it is incomplete,
+    `SO_RCVLOWAT` makes the socket readable only once the bytes the parser still needs are
+    in (no busy loop over a peek that returns the same bytes). The whole read is bounded by
+    `timeout`; a close inside a header is a ValueError, a timeout an OSError.
     """
-    from meshcar.proto import proxy_protocol as pp
-
+    deadline = time.monotonic() + timeout
     buf = b""
     result = pp.parse_proxy_header(buf)
-    while isinstance(result, pp.Incomplete):
-        want = len(buf) + result.at_least
-        buf = sock.recv(want, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(buf) < want:
-            raise ValueError("connection closed inside a PROXY header")
-        result = pp.parse_proxy_header(buf)
-    if isinstance(result, pp.Rejected):
-        if result.kind is pp.RejectKind.NOT_PROXY:
-            return None  # a direct client: no header
-        raise ValueError(f"bad PROXY header: {result.reason}")
-    remaining = result.consumed
-    while remaining:
-        chunk = sock.recv(remaining)
+    try:
+        while isinstance(result, pp.Incomplete):
+            want = len(buf) + result.at_least
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete PROXY header within {timeout:g} s")
+            sock.settimeout(remaining)
+            data = sock.recv(pp.MAX_V2_SIZE, socket.MSG_PEEK)
+            if len(data) <= len(buf):
+                raise ValueError("connection closed inside a PROXY header")
+            buf = data
+            result = pp.parse_proxy_header(buf)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    return result
+
+
+def consume(sock: socket.socket, n: int) -> None:
+    """Read exactly the `n` bytes already peeked (the header), leaving what follows."""
+    while n:
+        chunk = sock.recv(n)
         if not chunk:
             raise ValueError("connection closed inside a PROXY header")
-        remaining -= len(chunk)
-    return result
+        n -= len(chunk)
 
 
 class LengthRequired(ValueError):
@@ -349,13 +390,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tls-key", help="server key for TLS mode")
     p.add_argument("--tls-client-ca", help="CA that client certificates must chain to")
     p.add_argument("--proxy-protocol", action="store_true",
-                   help="accept a PROXY protocol v1/v2 header before TLS (optional per "
-                   "connection: a client without one is served as is; the header's source "
-                   "address is reported under proxy_protocol)")
+                   help="expect a PROXY protocol v1/v2 header before TLS from --proxy-trusted "
+                   "peers (the header's source address is reported under proxy_protocol)")
+    p.add_argument("--proxy-trusted", action="append", metavar="CIDR",
+                   help="a network whose peers may (and must) send a PROXY header; repeatable "
+                   "(default: 127.0.0.1/32 and ::1/128). A header from anyone else is refused; "
+                   "they are served as direct clients when they send none")
+    p.add_argument("--proxy-optional", action="store_true",
+                   help="serve a trusted peer that sends no PROXY header as a direct client "
+                   "(default: refuse it)")
     args = p.parse_args(argv)
     tls_args = (args.tls_cert, args.tls_key, args.tls_client_ca)
     if any(tls_args) and not all(tls_args):
         p.error("--tls-cert, --tls-key and --tls-client-ca go together")
+    if (args.proxy_trusted or args.proxy_optional) and not args.proxy_protocol:
+        p.error("--proxy-trusted and --proxy-optional need --proxy-protocol")
+    args.proxy_policy = None
+    if args.proxy_protocol:
+        try:
+            args.proxy_policy = (pp.ProxyPolicy.parse(args.proxy_trusted, not args.proxy_optional)
+                                 if args.proxy_trusted else pp.ProxyPolicy(required=not args.proxy_optional))
+        except ValueError as exc:
+            p.error(f"--proxy-trusted: {exc}")
     return args
 
 
@@ -367,7 +423,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     tls = build_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     config = AppConfig(args.name, args.host, args.port, os.environ.get("HTTP_PROXY") or None, tls,
-                       proxy_protocol=args.proxy_protocol)
+                       proxy_protocol=args.proxy_policy)
     try:
         server = DemoServer(config)
     except OSError as exc:

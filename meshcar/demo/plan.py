@@ -79,6 +79,9 @@ class ProcSpec:
 
 
 LOOPBACK = "127.0.0.1"
+# The edge's passthrough connections come from this address, the only one payments' partner
+# endpoint accepts a PROXY header from (a direct client on 127.0.0.1 cannot forge one).
+EDGE_PASSTHROUGH_SOURCE = "127.0.0.2"
 CA_URL = f"https://{LOOPBACK}:{sc.CA_PORT}"
 
 
@@ -177,7 +180,8 @@ def mesh_processes(
                 "demo-app", "--name", s.name, "--port", str(s.public_tls_port), "--host", LOOPBACK,
                 "--tls-cert", str(certs.payments_cert), "--tls-key", str(certs.payments_key),
                 "--tls-client-ca", str(certs.partner_ca),
-                "--proxy-protocol",  # the edge's passthrough route sends PROXY v2
+                "--proxy-protocol",  # the edge's passthrough route sends PROXY v2 ...
+                "--proxy-trusted", f"{EDGE_PASSTHROUGH_SOURCE}/32",  # ... from this address only
                 python=python,
             ),
             probe=Probe(
@@ -214,6 +218,7 @@ def edge_config(scenario: sc.Scenario, paths: DemoPaths) -> dict[str, Any]:
         },
         cert=str(paths.root / "pki" / "edge.pem"), key=str(paths.root / "pki" / "edge.key"),
         endpoint=lambda svc, kind: hostport(ports[kind](svc)),
+        passthrough_source=EDGE_PASSTHROUGH_SOURCE,
     )
 
 

@@ -7,6 +7,7 @@ bridge routes carry the L7 features.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class Route:
     remove_headers: tuple[str, ...] = ()
     deny: tuple[DenyRule, ...] = ()
     proxy_protocol: str | None = None  # passthrough: v1 | v2
+    source_address: str | None = None  # passthrough: the local address backend connections come from
 
     def path_matches(self, path: str) -> bool:
         if self.path_exact is not None:
@@ -175,7 +177,7 @@ def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
 
 
 ROUTE_KEYS = {"host", "mode", "backend", "tls", "path_prefix", "path_exact", "hsts", "rate_limit",
-              "max_body_bytes", "client_auth", "headers", "deny", "proxy_protocol"}
+              "max_body_bytes", "client_auth", "headers", "deny", "proxy_protocol", "source_address"}
 
 
 def _route(c: Checker, raw: Any, i: int) -> Route | None:
@@ -195,16 +197,24 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
     backend = _backend(c, raw.get("backend"), p + ".backend", mode)
     kw: dict[str, Any] = {}
     if mode == "passthrough":
-        for k in ROUTE_KEYS - {"host", "mode", "backend", "proxy_protocol"}:
+        for k in ROUTE_KEYS - {"host", "mode", "backend", "proxy_protocol", "source_address"}:
             if k in raw:
                 c.bad(f"{p}.{k}", "passthrough routes never decrypt: L7 settings do not apply")
         pp = raw.get("proxy_protocol")
         if pp not in (None, "v1", "v2"):
             c.bad(p + ".proxy_protocol", "must be v1 or v2")
         kw["proxy_protocol"] = pp
+        src = raw.get("source_address")
+        if src is not None:
+            try:
+                kw["source_address"] = str(ipaddress.ip_address(src))
+            except ValueError:
+                c.bad(p + ".source_address", f"must be an IP address of this host, got {src!r}")
     else:
         if "proxy_protocol" in raw:
             c.bad(p + ".proxy_protocol", "only passthrough routes send a PROXY header")
+        if "source_address" in raw:
+            c.bad(p + ".source_address", "only passthrough routes set their backend source address")
         tls = raw.get("tls")
         if not isinstance(tls, dict):
             c.bad(p + ".tls", "terminate and bridge routes need tls: {cert, key}")

@@ -203,7 +203,7 @@ class TLSListener:
                 raise UpstreamError(f"no healthy endpoint for {route.host}", 503)
             state.active += 1
             counted = True
-            up = await open_tcp(state.endpoint.host, state.endpoint.port)
+            up = await open_tcp(state.endpoint.host, state.endpoint.port, local_address=route.source_address)
             if route.proxy_protocol is not None:
                 src = tcp.socket.getpeername()[:2]
                 dst = tcp.socket.getsockname()[:2]

@@ -23,10 +23,12 @@ def edge_config_for(
     cert: str,
     key: str,
     endpoint: Callable[[sc.Service, str], str],
+    passthrough_source: str | None = None,
 ) -> dict[str, Any]:
     """`endpoint(service, kind)` names where a backend listens; kind is "app" (terminate:
     plain HTTP to the app), "mesh" (bridge: the service's sidecar inbound) or "public"
-    (passthrough: the service's own TLS endpoint)."""
+    (passthrough: the service's own TLS endpoint). `passthrough_source`: the local address
+    passthrough connections come from (the one address the backend trusts PROXY headers from)."""
     routes: list[dict[str, Any]] = []
     for r in scenario.edge_routes:
         svc = scenario.service(r.backend)
@@ -36,6 +38,8 @@ def edge_config_for(
                                 "health": {"interval": 2.0, "timeout": 1.0}}
             if r.proxy_protocol:
                 route["proxy_protocol"] = r.proxy_protocol
+            if passthrough_source:
+                route["source_address"] = passthrough_source
         else:
             route["tls"] = {"cert": cert, "key": key}
             backend: dict[str, Any] = {

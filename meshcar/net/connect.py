@@ -10,10 +10,11 @@ from meshcar.errors import UpstreamError
 from meshcar.net.tlsstream import TLSStream
 
 
-async def open_tcp(host: str, port: int, timeout: float = 5.0) -> trio.SocketStream:
+async def open_tcp(host: str, port: int, timeout: float = 5.0, *,
+                   local_address: str | None = None) -> trio.SocketStream:
     try:
         with trio.fail_after(timeout):
-            return await trio.open_tcp_stream(host, port)
+            return await trio.open_tcp_stream(host, port, local_address=local_address)
     except trio.TooSlowError:
         raise UpstreamError(f"connect to {host}:{port} timed out", 504) from None
     except OSError as exc:

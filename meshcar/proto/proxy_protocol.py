@@ -29,6 +29,10 @@ connection's endpoints) and PROXY; families UNSPEC/INET/INET6/UNIX with STREAM/D
 transports; the declared length must cover the address block; TLVs (type, 16-bit length,
 value) must tile the rest exactly; a PP2_TYPE_CRC32C TLV, when present, is verified. The
 total size is bounded by ``max_v2_size`` (4 KiB by default; the format allows 64 KiB).
+
+Trust: :class:`ProxyPolicy` says which peers may send a header (configured CIDRs, loopback
+by default) and whether those must; :meth:`ProxyPolicy.verdict` turns (peer, parse result)
+into accept / direct / refuse, so every listener that accepts PROXY decides the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ __all__ = [
     "encode_v1",
     "encode_v2",
     "parse_proxy_header",
+    "ProxyPolicy",
+    "Verdict",
 ]
 
 V1_PREFIX = b"PROXY "
@@ -377,3 +383,66 @@ def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
     return ProxyHeader(
         2, Command.PROXY, family, src_addr, src_port, dst_addr, dst_port, tuple(tlvs), total
     )
+
+
+# --- who may send a header ---------------------------------------------------------------
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"  # a header from a trusted source: use its addresses
+    DIRECT = "direct"  # no header, and none was expected: the socket's peer is the client
+    REFUSE = "refuse"  # close the connection
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    """Which peers may send a PROXY header, and whether they must.
+
+    A header is accepted only from a peer inside ``trusted_sources``; from anyone else it is
+    a spoofing attempt and the connection is refused. A trusted peer that sends none is
+    refused when ``required`` (the default: a proxy that forgets the header would make every
+    client look like the proxy) and served as a direct client otherwise. A peer outside
+    ``trusted_sources`` that sends no header is a direct client: its socket address is the
+    truth. The default trusts loopback only.
+    """
+
+    trusted_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    required: bool = True
+
+    @classmethod
+    def parse(cls, sources: Iterable[str], required: bool = True) -> ProxyPolicy:
+        """From CIDR strings (a bare address is a /32 or /128); ValueError names the bad one."""
+        nets = []
+        for s in sources:
+            try:
+                nets.append(ipaddress.ip_network(s, strict=True))
+            except ValueError as exc:
+                raise ValueError(f"{s!r} is not an IP network (CIDR): {exc}") from None
+        return cls(tuple(nets), required)
+
+    def trusts(self, peer_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.trusted_sources)
+
+    def verdict(self, peer_ip: str, result: ProxyHeader | Rejected) -> tuple[Verdict, str]:
+        """What to do with a connection from ``peer_ip`` whose first bytes parsed as
+        ``result`` (a whole header or a rejection, never Incomplete); the reason is for logs."""
+        trusted = self.trusts(peer_ip)
+        sent_none = isinstance(result, Rejected) and result.kind is RejectKind.NOT_PROXY
+        if not trusted:
+            if sent_none:
+                return Verdict.DIRECT, ""
+            return Verdict.REFUSE, "untrusted_source"  # a header (or a broken one) from a stranger
+        if isinstance(result, ProxyHeader):
+            return Verdict.ACCEPT, ""
+        if sent_none:
+            return (Verdict.REFUSE, "missing_header") if self.required else (Verdict.DIRECT, "")
+        return Verdict.REFUSE, result.kind.value  # malformed / too_large

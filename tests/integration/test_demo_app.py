@@ -15,7 +15,7 @@ import pytest
 
 from meshcar.demo.app import AppConfig, DemoServer, build_tls
 from meshcar.demo.pki import ensure_public_pki
-from meshcar.proto.proxy_protocol import encode_v2
+from meshcar.proto.proxy_protocol import ProxyPolicy, encode_v2
 
 
 @contextmanager
@@ -147,7 +147,8 @@ def test_tls_mode_requires_a_partner_certificate(pki) -> None:  # noqa: ANN001
 
 def test_tls_mode_accepts_a_proxy_v2_header_before_the_handshake(pki) -> None:  # noqa: ANN001
     tls = build_tls(str(pki.payments_cert), str(pki.payments_key), str(pki.partner_ca))
-    with serve(app("payments", tls=tls, proxy_protocol=True)) as port:
+    policy = ProxyPolicy.parse(["127.0.0.1/32"], required=False)  # direct clients below too
+    with serve(app("payments", tls=tls, proxy_protocol=policy)) as port:
         header = encode_v2(("203.0.113.7", 40000), ("127.0.0.1", 9443))
         data = _tls_get(port, _client_ctx(pki, True), prefix=header)
         doc = json.loads(data.split(b"\r\n\r\n", 1)[1])

@@ -103,6 +103,7 @@ def test_payments_public_endpoint_requires_partner_certificates() -> None:
     assert argv[argv.index("--port") + 1] == str(sc.PAYMENTS_PUBLIC_PORT)
     assert argv[argv.index("--tls-client-ca") + 1] == str(CERTS.partner_ca)
     assert "--proxy-protocol" in argv
+    assert argv[argv.index("--proxy-trusted") + 1] == "127.0.0.2/32"  # the edge's passthrough source
     assert public.probe.client_cert == CERTS.partner_cert
     assert public.probe.server_hostname == sc.PAYMENTS_PUBLIC_HOST
 
@@ -129,4 +130,5 @@ def test_edge_config_is_built_from_the_scenario_and_loads() -> None:
     assert by_host["api.demo.test"].backend.spiffe_id == sc.spiffe_id("api")
     assert by_host["api.demo.test"].path_prefix == "/v1/" and by_host["api.demo.test"].hsts
     assert by_host["payments.demo.test"].proxy_protocol == "v2"
+    assert by_host["payments.demo.test"].source_address == "127.0.0.2"
     assert cfg.https_listen.port == sc.EDGE_HTTPS_PORT and cfg.identity is not None

@@ -322,3 +322,36 @@ def test_mutated_headers_never_raise(
     for index, value in flips:
         header[index % len(header)] = value
     assert isinstance(parse_proxy_header(bytes(header)), RESULT_TYPES)
+
+
+# --- ProxyPolicy: who may send a header ---------------------------------------------------
+
+
+def test_policy_verdicts() -> None:
+    from meshcar.proto.proxy_protocol import ProxyPolicy, Verdict
+
+    header = parse_proxy_header(encode_v1(("203.0.113.7", 1), ("127.0.0.1", 2)))
+    none = parse_proxy_header(b"\x16\x03\x01")
+    broken = parse_proxy_header(b"PROXY TCP9 x\r\n")
+    assert isinstance(header, ProxyHeader) and isinstance(none, Rejected) and isinstance(broken, Rejected)
+    strict = ProxyPolicy.parse(["127.0.0.1/32", "10.0.0.0/8"])
+    loose = ProxyPolicy.parse(["127.0.0.1"], required=False)
+    cases = [
+        (strict, "127.0.0.1", header, Verdict.ACCEPT, ""),
+        (strict, "::ffff:10.9.8.7", header, Verdict.ACCEPT, ""),  # v4-mapped peer
+        (strict, "127.0.0.1", none, Verdict.REFUSE, "missing_header"),
+        (strict, "127.0.0.1", broken, Verdict.REFUSE, "malformed"),
+        (strict, "127.0.0.2", header, Verdict.REFUSE, "untrusted_source"),
+        (strict, "127.0.0.2", broken, Verdict.REFUSE, "untrusted_source"),
+        (strict, "127.0.0.2", none, Verdict.DIRECT, ""),
+        (strict, "not-an-ip", header, Verdict.REFUSE, "untrusted_source"),
+        (loose, "127.0.0.1", none, Verdict.DIRECT, ""),
+        (loose, "127.0.0.1", header, Verdict.ACCEPT, ""),
+    ]
+    for policy, peer, result, verdict, reason in cases:
+        assert policy.verdict(peer, result) == (verdict, reason), (peer, result)
+    default = ProxyPolicy()
+    assert default.required and default.trusts("127.0.0.1") and default.trusts("::1")
+    assert not default.trusts("127.0.0.2") and not default.trusts("192.0.2.1")
+    with pytest.raises(ValueError, match="10.0.0.1/8"):
+        ProxyPolicy.parse(["10.0.0.1/8"])  # host bits set: a typo, not a network
