@@ -50,6 +50,14 @@ class Metrics:
             "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
         )
 
+        self.listener_refusals = Counter(
+            "meshcar_listener_connections_refused",
+            "Downstream connections refused at the listener's connection limit", ["listener"], registry=r
+        )
+        self.upstream_refusals = Counter(
+            "meshcar_upstream_connections_refused",
+            "Requests answered 503 at an upstream's connection limit", ["upstream"], registry=r
+        )
         self.connection_errors = Counter(
             "meshcar_connection_errors", "Connections ended by an unexpected error in meshcar",
             ["listener"], registry=r

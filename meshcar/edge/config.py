@@ -17,6 +17,8 @@ import yaml
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.errors import ConfigError
+from meshcar.net.forward import Timeouts
+from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 from meshcar.sidecar.config import Checker, HostPort, IdentityConfig, parse_identity
 
 MODES = ("terminate", "bridge", "passthrough")
@@ -111,6 +113,8 @@ class EdgeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/paths.py)
     pool_idle_seconds: float = 30.0  # an idle pooled backend connection is closed after this
+    timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
+    limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
 
     def route_for(self, host: str | None) -> Route | None:
         if host is not None:
@@ -317,7 +321,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
-                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds"})
+                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds", "timeouts", "limits"})
     listen = c.section(data, "listen")
     c.unknown(listen, "listen.", {"https", "http"})
     https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
@@ -343,6 +347,8 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
             seen.add(route.host)
             routes.append(route)
     identity = parse_identity(c, data) if "identity" in data else None
+    net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
+    net_limits = parse_limits(data.get("limits"), c.bad)
     if any(r.mode == "bridge" for r in routes) and "identity" not in data:
         c.bad("identity", "bridge routes need the edge's mesh identity")
     hops = data.get("trusted_hops", 0)
@@ -373,7 +379,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
                       hello_timeout=timeouts["hello_timeout"],
                       handshake_timeout=timeouts["handshake_timeout"],
                       admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
-                      pool_idle_seconds=float(pool_idle))
+                      pool_idle_seconds=float(pool_idle), timeouts=net_timeouts, limits=net_limits)
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

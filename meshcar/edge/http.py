@@ -33,7 +33,8 @@ from meshcar.net.forward import (
     request_has_body,
 )
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.httpserver import refuse_http, send_error, serve_http
+from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
 from meshcar.net.tlsstream import TLSStream
@@ -95,7 +96,10 @@ class Backends:
             h = r.backend.health
             self.balancers[r.host] = Balancer(r.backend.endpoints, r.backend.balance,
                                               fall=h.fall if h else 2, rise=h.rise if h else 1)
-        self.pool = Pool(self._dial, idle_timeout=cfg.pool_idle_seconds)
+        self.pool = Pool(self._dial, idle_timeout=cfg.pool_idle_seconds,
+                         max_connections=cfg.limits.max_upstream_connections,
+                         group=lambda key: key.partition("|")[0],  # a route's backend cluster
+                         on_refused=lambda g: metrics.upstream_refusals.labels(g).inc())
         self._sessions = SessionCache()
 
     @staticmethod
@@ -133,11 +137,11 @@ class L7:
         self.metrics = metrics
         self.limiters = {r.host: RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
                          for r in cfg.routes if r.rate_limit is not None}
-        self.response_timeout = 60.0
+        self.response_timeout = cfg.timeouts.response_head
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
         conn = HttpConn(stream, "request")
-        await serve_http(conn, lambda req, c: self.handle(req, c, client))
+        await serve_http(conn, lambda req, c: self.handle(req, c, client), timeouts=self.cfg.timeouts)
 
     async def handle(self, req: RequestHead, down: HttpConn, client: ClientConn) -> bool:
         start = time.perf_counter()
@@ -169,7 +173,8 @@ class L7:
                     down, req, head, self.backends.pool, Backends.key(route, state),
                     lambda resp, hs: self._response_headers(route, resp, hs),
                     on_release=self.backends.remember_session,
-                    response_timeout=self.response_timeout, max_request_body=route.max_body_bytes)
+                    response_timeout=self.response_timeout, max_request_body=route.max_body_bytes,
+                    timeouts=self.cfg.timeouts)
             finally:
                 state.active -= 1
             status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
@@ -182,8 +187,8 @@ class L7:
             status = 413
             await send_error(down, 413, str(exc))
             return False
-        except (DownstreamGone, ResponseStarted):
-            status = status or 499
+        except (DownstreamGone, ResponseStarted) as exc:
+            status = status or getattr(exc, "status", 499)
             return False
         finally:
             dur = time.perf_counter() - start
@@ -252,10 +257,23 @@ class L7:
 class Redirector:
     """The plain-HTTP listener: every request gets 301 to the same URL over https."""
 
-    def __init__(self, cfg: EdgeConfig) -> None:
+    def __init__(self, cfg: EdgeConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self.conn_limit = ConnectionLimit(
+            "http", cfg.limits.max_connections,
+            (lambda n: metrics.listener_refusals.labels(n).inc()) if metrics is not None else None)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
+        if not self.conn_limit.try_enter():
+            await refuse_http(stream, f"http listener connection limit ({self.conn_limit.maximum}) reached",
+                              self.cfg.timeouts)
+            return
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.conn_limit.leave()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         await serve_http(HttpConn(stream, "request"), self.handle)
 
     def location(self, host_header: str, target: str) -> str:

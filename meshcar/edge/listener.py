@@ -36,6 +36,7 @@ from meshcar.errors import UpstreamError
 from meshcar.net.acceptor import serve_sockets
 from meshcar.net.connect import open_tcp
 from meshcar.net.errors import HANDSHAKE_ERRORS
+from meshcar.net.limits import ConnectionLimit
 from meshcar.net.relay import relay
 from meshcar.net.tlssocket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
@@ -87,6 +88,8 @@ class TLSListener:
         self.metrics = metrics
         self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode != "passthrough"}
         self._outcome = {result: metrics.handshakes.labels("edge", result) for result in HANDSHAKE_RESULTS}
+        self.conn_limit = ConnectionLimit("https", cfg.limits.max_connections,
+                                          lambda n: metrics.listener_refusals.labels(n).inc())
 
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,7 +144,17 @@ class TLSListener:
             pass
 
     async def handle_socket(self, sock: socket.socket, addr: tuple) -> None:
-        """One accepted connection. Whatever this leaves open of `sock`, the acceptor closes."""
+        """One accepted connection. Whatever this leaves open of `sock`, the acceptor closes.
+        Over the listener's connection limit it is closed at once, before the ClientHello
+        is read: no TLS work for a connection that cannot be served."""
+        if not self.conn_limit.try_enter():
+            return
+        try:
+            await self._handle_socket(sock, addr)
+        finally:
+            self.conn_limit.leave()
+
+    async def _handle_socket(self, sock: socket.socket, addr: tuple) -> None:
         start = time.perf_counter()
         client_ip = addr[0]
         hello: ClientHello | None = None

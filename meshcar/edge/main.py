@@ -59,7 +59,7 @@ class Edge:
         self.backends = Backends(cfg, self.store, self.metrics)
         self.l7 = L7(cfg, self.backends, self.metrics)
         self.tls = TLSListener(cfg, self.l7, self.backends.balancers, self.metrics)
-        self.redirector = Redirector(cfg)
+        self.redirector = Redirector(cfg, self.metrics)
         self.listening = False
 
     def ready(self) -> tuple[bool, str]:

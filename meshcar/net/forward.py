@@ -7,6 +7,14 @@ head is rewritten by the caller's callback and sent down, and the body is stream
 same way. Nothing is buffered beyond one read, so a body of any size passes in bounded
 memory. Failures before the response head reach the client become 502/503/504 (by the
 caller); after that the only honest signal left is closing the connection.
+
+Progress timeouts (`Timeouts`): one cancel scope per exchange whose deadline moves before
+every read or write that may block, so a stalled peer is noticed without a scope per
+operation. No request-body byte for `request_body` seconds: 408 (nothing was sent to the
+client yet) and close; the upstream not taking bytes for `write` seconds, or no response
+head within `response_head`: 504; after the response head, no upstream body byte for
+`response_body` seconds, or the client not taking bytes for `write` seconds: both
+connections are closed.
 """
 
 from __future__ import annotations
@@ -33,6 +41,18 @@ from meshcar.proto.http1 import Data, EndOfMessage, Headers, RequestHead, Respon
 class DownstreamGone(Exception):
     """The client went away or sent a broken body: close everything, answer nobody."""
 
+    status = 499  # what the access log records
+
+
+class RequestBodyStalled(DownstreamGone):
+    """No request-body byte within the body timeout: answer 408 and close."""
+
+    status = 408
+
+
+class ClientNotReading(DownstreamGone):
+    """The client stopped taking the response for the write timeout: close both sides."""
+
 
 class BodyTooLarge(Exception):
     """A streamed request body passed the route's limit: answer 413 and close."""
@@ -40,6 +60,48 @@ class BodyTooLarge(Exception):
 
 class ResponseStarted(Exception):
     """The upstream failed after the response head was sent: only closing is left."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Progress timeouts of a proxied connection and its exchanges, in seconds."""
+
+    request_head: float = 30.0  # the first request head on a new connection
+    idle: float = 60.0  # between requests on a keep-alive connection
+    request_body: float = 60.0  # no request-body byte from the client
+    response_head: float = 60.0  # the upstream's response head, once the request is sent
+    response_body: float = 60.0  # no response-body byte from the upstream
+    write: float = 60.0  # a write the peer does not take (either direction)
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+class _Clock:
+    """The deadline of one exchange, moved before each operation that may block."""
+
+    __slots__ = ("t", "scope", "phase")
+
+    def __init__(self, t: Timeouts) -> None:
+        self.t = t
+        self.scope = trio.CancelScope()
+        self.phase = ""
+
+    def arm(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        self.scope.deadline = trio.current_time() + seconds
+
+    def expired(self) -> Exception:
+        t = self.t
+        if self.phase == "request_body":
+            return RequestBodyStalled(f"no request body bytes for {t.request_body:g}s")
+        if self.phase == "write_up":
+            return UpstreamError(f"upstream did not take the request for {t.write:g}s", 504)
+        if self.phase == "response_body":
+            return ResponseStarted(f"upstream response body stalled for {t.response_body:g}s")
+        if self.phase == "write_down":
+            return ClientNotReading(f"client did not read the response for {t.write:g}s")
+        return UpstreamError(f"upstream did not answer within {t.response_head:g}s", 504)
 
 
 @dataclass
@@ -68,7 +130,7 @@ COALESCE_LIMIT = 64 * 1024
 
 
 async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, src_is_downstream: bool,
-                    prefix: bytes = b"", limit: int | None = None) -> int:
+                    prefix: bytes = b"", limit: int | None = None, clock: _Clock | None = None) -> int:
     """Stream one message body from src to dst; return the payload bytes moved.
 
     `prefix` (the message head) is sent together with whatever body the source has
@@ -78,10 +140,18 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
     moved = 0
     pending: list[bytes] = [prefix] if prefix else []
     size = len(prefix)
+    if clock is not None:
+        read_phase, read_s = (("request_body", clock.t.request_body) if src_is_downstream
+                              else ("response_body", clock.t.response_body))
+        write_phase = "write_up" if src_is_downstream else "write_down"
     while True:
         if pending and (size >= COALESCE_LIMIT or not src.has_buffered_events()):
+            if clock is not None:
+                clock.arm(write_phase, clock.t.write)
             await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
             pending, size = [], 0
+        if clock is not None and not src.has_buffered_events():
+            clock.arm(read_phase, read_s)
         try:
             ev = await src.next_event()
         except ProtocolError as exc:
@@ -107,6 +177,8 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
             if chunked_out:
                 pending.append(LAST_CHUNK)
             if pending:
+                if clock is not None:
+                    clock.arm(write_phase, clock.t.write)
                 await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
             return moved
         else:
@@ -132,38 +204,51 @@ async def forward(
     response_timeout: float = 60.0,
     exchange: Exchange | None = None,
     max_request_body: int | None = None,
+    timeouts: Timeouts | None = None,
 ) -> Exchange:
-    """Send `head` + the request body to `up`, relay the response to `down`."""
+    """Send `head` + the request body to `up`, relay the response to `down`.
+
+    `timeouts` (else the defaults with `response_timeout` for the response head) bound
+    every stall; see the module docstring for what each one ends in."""
     ex = exchange or Exchange()
+    clock = _Clock(timeouts or Timeouts(response_head=response_timeout))
+    with clock.scope:
+        return await _exchange(down, req, head, up, rewrite_response, ex, max_request_body, clock)
+    raise clock.expired()
+
+
+async def _exchange(down: HttpConn, req: RequestHead, head: bytes, up: HttpConn,
+                    rewrite_response: Callable[[ResponseHead, Headers], Headers], ex: Exchange,
+                    max_request_body: int | None, clock: _Clock) -> Exchange:
+    t = clock.t
     if request_has_body(req):
         ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True, prefix=head,
-                                      limit=max_request_body)
+                                      limit=max_request_body, clock=clock)
     else:
+        clock.arm("write_up", t.write)
         await _send(up.stream, head, dst_is_downstream=False)
     if req.method == b"HEAD":
         up.parser.expect_no_body()
-    try:
-        with trio.fail_after(response_timeout):
-            while True:
-                try:
-                    ev = await up.next_event()
-                except ProtocolError as exc:
-                    raise UpstreamError(str(exc), 502) from None
-                except CONNECTION_ERRORS as exc:
-                    raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
-                if ev is None:
-                    raise UpstreamError("upstream closed the connection without responding", 502)
-                if not isinstance(ev, ResponseHead):
-                    raise UpstreamError("upstream sent data before a response head", 502)
-                if 100 <= ev.status < 200:
-                    await up.next_event()  # its EndOfMessage
-                    if ev.status != 101:
-                        await _send_down(down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers)))
-                    continue
-                resp = ev
-                break
-    except trio.TooSlowError:
-        raise UpstreamError(f"upstream did not answer within {response_timeout:g}s", 504) from None
+    while True:
+        clock.arm("response_head", t.response_head)
+        try:
+            ev = await up.next_event()
+        except ProtocolError as exc:
+            raise UpstreamError(str(exc), 502) from None
+        except CONNECTION_ERRORS as exc:
+            raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
+        if ev is None:
+            raise UpstreamError("upstream closed the connection without responding", 502)
+        if not isinstance(ev, ResponseHead):
+            raise UpstreamError("upstream sent data before a response head", 502)
+        if 100 <= ev.status < 200:
+            await up.next_event()  # its EndOfMessage
+            if ev.status != 101:
+                clock.arm("write_down", t.write)
+                await _send_down(down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers)))
+            continue
+        resp = ev
+        break
 
     no_body = req.method == b"HEAD" or resp.status in (204, 304)
     headers = rewrite_response(resp, clean_headers(resp.headers))
@@ -183,12 +268,14 @@ async def forward(
         ex.response_started = True  # from here on, only closing is left on failure
         try:
             ex.bytes_down = await pipe_body(up, down.stream, chunked_out, src_is_downstream=False,
-                                            prefix=resp_head)
+                                            prefix=resp_head, clock=clock)
         except UpstreamError as exc:
             raise ResponseStarted(str(exc)) from None
     else:
+        clock.arm("write_down", t.write)
         await _send_down(down, resp_head)
         ex.response_started = True
+        clock.arm("response_body", t.response_body)
         ev = await up.next_event()
         if not isinstance(ev, EndOfMessage):
             raise ResponseStarted("upstream response framing broken")

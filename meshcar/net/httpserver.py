@@ -16,6 +16,7 @@ import trio
 from meshcar.errors import ProtocolError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
+from meshcar.net.forward import Timeouts
 from meshcar.net.httpconn import HttpConn
 from meshcar.proto.headers import simple_response
 from meshcar.proto.http1 import EndOfMessage, RequestHead
@@ -39,7 +40,11 @@ async def send_error(conn: HttpConn, status: int, message: str, close: bool = Tr
 
 
 async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 60.0,
-                     head_timeout: float = 30.0, drain: Drain | None = None) -> None:
+                     head_timeout: float = 30.0, drain: Drain | None = None,
+                     timeouts: Timeouts | None = None) -> None:
+    """`timeouts`, when given, sets the head and idle timeouts (its `request_head`, `idle`)."""
+    if timeouts is not None:
+        head_timeout, idle_timeout = timeouts.request_head, timeouts.idle
     first = True
     try:
         while True:
@@ -74,3 +79,14 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
         return
     finally:
         await conn.aclose()
+
+
+async def refuse_http(stream: trio.abc.Stream, message: str, timeouts: Timeouts | None = None) -> None:
+    """A connection over its listener's limit: its first request (read within the head
+    timeout) gets 503 with `Connection: close` and a JSON error, then the connection closes."""
+
+    async def refuse(req: RequestHead, conn: HttpConn) -> bool:
+        await send_error(conn, 503, message)
+        return False
+
+    await serve_http(HttpConn(stream, "request"), refuse, timeouts=timeouts)

@@ -10,6 +10,11 @@ unread waits on it (`HttpConn.clean_idle`: parser leftovers, buffered events, by
 TLS object or the socket), and it is checked again, without blocking, when handed out: a
 byte or EOF that arrived while it was idle closes it. Otherwise a backend that writes
 after its response would have those bytes read as the next client's response.
+
+Limits: at most `max_connections` open connections (idle and busy) per group of keys
+(`group(key)`: an upstream, a route's backend cluster). At the limit an idle connection of
+the group under another key is closed to make room; if there is none, `acquire` raises
+UpstreamError 503 "upstream connection limit" and calls `on_refused(group)`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshcar.errors import UpstreamError
 from meshcar.net.httpconn import HttpConn
 
 
@@ -30,6 +36,7 @@ class Pooled:
     peer: Any = None  # the verified peer identity, for TLS connections
     idle_since: float = 0.0
     requests: int = 0
+    group: str | None = None  # counted against this group's limit while open
 
 
 @dataclass
@@ -41,11 +48,17 @@ class Pool:
     """Generic keyed pool; `dial(key)` makes a new connection."""
 
     def __init__(self, dial: Callable[[str], Awaitable[Pooled]], *, max_idle: int = 64,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, max_connections: int = 1024,
+                 group: Callable[[str], str] = lambda key: key,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self._dial = dial
         self._stacks: dict[str, _Stack] = {}
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._group = group
+        self._on_refused = on_refused
+        self._open: dict[str, int] = {}  # open connections per group
         self.retired = False  # once set, connections are closed after use, never kept
 
     async def acquire(self, key: str) -> tuple[Pooled, bool]:
@@ -56,8 +69,42 @@ class Pool:
             # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
             if now - p.idle_since < self.idle_timeout and p.conn.clean_idle():
                 return p, True
-            await p.conn.aclose()
-        return await self._dial(key), False
+            await self.discard(p)
+        group = self._group(key)
+        if self._open.get(group, 0) >= self.max_connections and not await self._make_room(group):
+            if self._on_refused is not None:
+                self._on_refused(group)
+            raise UpstreamError(f"upstream connection limit ({self.max_connections}) reached", 503)
+        self._open[group] = self._open.get(group, 0) + 1
+        try:
+            p = await self._dial(key)
+        except BaseException:
+            self._open[group] -= 1
+            raise
+        p.group = group
+        return p, False
+
+    def open_count(self, group: str) -> int:
+        return self._open.get(group, 0)
+
+    async def _make_room(self, group: str) -> bool:
+        """Close the longest-idle connection of `group` (under any key), if there is one."""
+        oldest: _Stack | None = None
+        for key, stack in self._stacks.items():
+            if stack.idle and self._group(key) == group and (
+                    oldest is None or stack.idle[0].idle_since < oldest.idle[0].idle_since):
+                oldest = stack
+        if oldest is None:
+            return False
+        await self.discard(oldest.idle.pop(0))
+        return True
+
+    async def discard(self, p: Pooled) -> None:
+        """Close a connection taken from this pool (once; its slot is freed)."""
+        if p.group is not None:
+            self._open[p.group] -= 1
+            p.group = None
+        await p.conn.aclose()
 
     def idle_count(self, key: str | None = None) -> int:
         """Idle connections held, for one key or all."""
@@ -72,7 +119,7 @@ class Pool:
             p.requests += 1
             stack.idle.append(p)
         else:
-            await p.conn.aclose()
+            await self.discard(p)
 
     async def retire(self) -> None:
         """Close idle connections now and every busy one when its request is done."""
@@ -82,7 +129,7 @@ class Pool:
     async def close_all(self) -> None:
         for stack in self._stacks.values():
             while stack.idle:
-                await stack.idle.pop().conn.aclose()
+                await self.discard(stack.idle.pop())
         self._stacks.clear()
 
 

@@ -2,22 +2,28 @@
 
 A pooled keep-alive connection may have been closed by the peer while idle; that shows as
 an upstream error before any response byte. Such a request is retried once on a fresh
-connection, but only if it has no body (a streamed body cannot be replayed).
+connection, but only if it has no body (a streamed body cannot be replayed). A request
+body that stalls past its timeout is answered 408 here (nothing was sent to the client
+yet) before the error goes up as DownstreamGone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from meshcar.errors import UpstreamError
 from meshcar.net.forward import (
     DownstreamGone,
     Exchange,
+    RequestBodyStalled,
     ResponseStarted,
+    Timeouts,
     forward,
     request_has_body,
 )
 from meshcar.net.httpconn import HttpConn
+from meshcar.net.httpserver import send_error
 from meshcar.net.pool import Pool, Pooled
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 
@@ -25,23 +31,31 @@ from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 async def proxy_request(
     down: HttpConn, req: RequestHead, head: bytes, pool: Pool, key: str,
     rewrite_response: Callable[[ResponseHead, Headers], Headers], *,
-    on_release: Callable[[Pooled], None] | None = None, response_timeout: float = 60.0,
-    max_request_body: int | None = None,
+    on_release: Callable[[Pooled], None] | None = None, response_timeout: float | None = None,
+    max_request_body: int | None = None, timeouts: Timeouts | None = None,
 ) -> Exchange:
+    """`response_timeout`, when given, overrides `timeouts.response_head`."""
+    t = timeouts or Timeouts()
+    if response_timeout is not None and response_timeout != t.response_head:
+        t = replace(t, response_head=response_timeout)
     retryable = not request_has_body(req)
     while True:
         p, reused = await pool.acquire(key)
         ex = Exchange()
         try:
             ex = await forward(down, req, head, p.conn, rewrite_response, exchange=ex,
-                               response_timeout=response_timeout, max_request_body=max_request_body)
+                               max_request_body=max_request_body, timeouts=t)
         except UpstreamError:
-            await p.conn.aclose()
+            await pool.discard(p)
             if reused and retryable and not ex.response_started:
                 continue
             raise
+        except RequestBodyStalled as exc:
+            await pool.discard(p)
+            await send_error(down, 408, f"request body: {exc}")
+            raise
         except (DownstreamGone, ResponseStarted, BaseException):
-            await p.conn.aclose()
+            await pool.discard(p)
             raise
         if on_release is not None:
             on_release(p)

@@ -159,7 +159,11 @@ class TLSStream(trio.abc.Stream):
                 while got < limit:
                     chunk = self._obj.read(limit - got)
                     if not chunk:
-                        break
+                        # OpenSSL saw close_notify: CPython returns b"" for it, not
+                        # SSLZeroReturnError. Reading on would wait for EOF forever.
+                        if parts:
+                            break
+                        return b""
                     parts.append(chunk)
                     got += len(chunk)
             except ssl.SSLWantReadError:

@@ -16,6 +16,8 @@ import yaml
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.errors import ConfigError, IdentityError
 from meshcar.identity.spiffe import SpiffeId
+from meshcar.net.forward import Timeouts
+from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class SidecarConfig:
     drain_seconds: float = 10.0
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
+    timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
+    limits: Limits = Limits()  # connections per listener and per upstream (net/limits.py)
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
 
     @property
@@ -283,9 +287,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
-                         "drain_seconds"})
+                         "drain_seconds", "timeouts", "limits"})
 
     identity = parse_identity(c, data)
+    net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
+    net_limits = parse_limits(data.get("limits"), c.bad)
 
     app = c.section(data, "app")
     c.unknown(app, "app.", {"host", "port"})
@@ -369,6 +375,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         drain_seconds=float(drain),
         transparent_listen=transparent,
         pool_idle_seconds=float(pool_idle),
+        timeouts=net_timeouts,
+        limits=net_limits,
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
     )
 

@@ -28,6 +28,7 @@ from meshcar.net.forward import (
 )
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
 from meshcar.net.tlsstream import TLSStream
@@ -54,14 +55,28 @@ class Inbound:
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
         self.drain: Drain | None = None  # set by the process that owns the listeners
-        self.response_timeout = 60.0  # seconds to wait for the upstream's response head
-        self.pool = Pool(AppDialer(cfg.app).dial)
+        self.response_timeout = cfg.timeouts.response_head  # seconds to wait for the app's response head
+        self.pool = Pool(AppDialer(cfg.app).dial, max_connections=cfg.limits.max_upstream_connections,
+                         on_refused=lambda g: metrics.upstream_refusals.labels("app").inc())
+        self.conn_limit = ConnectionLimit("inbound", cfg.limits.max_connections,
+                                          lambda n: metrics.listener_refusals.labels(n).inc())
         self.handshake_timeout = 10.0
 
     async def aclose(self) -> None:
         await self.pool.close_all()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
+        """Over the listener's connection limit, close before the TLS handshake (a handshake
+        costs the CPU the limit protects); else serve the connection."""
+        if not self.conn_limit.try_enter():
+            await trio.aclose_forcefully(tcp)
+            return
+        try:
+            await self._serve_connection(tcp)
+        finally:
+            self.conn_limit.leave()
+
+    async def _serve_connection(self, tcp: trio.SocketStream) -> None:
         ssl_stream = TLSStream(tcp, self.store.server_context(), server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
@@ -82,7 +97,7 @@ class Inbound:
             peer, problem = None, str(exc)
         conn = HttpConn(ssl_stream, "request")
         await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem),
-                         drain=self.drain)
+                         drain=self.drain, timeouts=self.cfg.timeouts)
 
     async def handle_request(self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None,
                              problem: str) -> bool:
@@ -103,7 +118,8 @@ class Inbound:
             head = request_bytes(req, req.target, headers)
             try:
                 ex = await proxy_request(down, req, head, self.pool, "app", keep_response_headers,
-                                         response_timeout=self.response_timeout)
+                                         response_timeout=self.response_timeout,
+                                         timeouts=self.cfg.timeouts)
             except UpstreamError as exc:
                 status, keep = exc.status, not request_has_body(req)
                 await send_error(down, exc.status, f"app at {self.cfg.app}: {exc}", close=not keep)
@@ -111,7 +127,7 @@ class Inbound:
             status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
             return True
         except (DownstreamGone, ResponseStarted) as exc:
-            status = status or 499
+            status = status or getattr(exc, "status", 499)
             keep = False
             log.info(json.dumps({"event": "inbound.aborted", "error": str(exc)}))
             return False

@@ -28,7 +28,8 @@ from meshcar.net.forward import (
     request_has_body,
 )
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.httpserver import refuse_http, send_error, serve_http
+from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
@@ -68,15 +69,39 @@ class Outbound:
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.drain: Drain | None = None  # set by the process that owns the listeners
-        self.response_timeout = 60.0  # seconds to wait for the upstream's response head
-        self.pool = Pool(self.dialer.dial, idle_timeout=cfg.pool_idle_seconds)
+        self.response_timeout = cfg.timeouts.response_head  # seconds to wait for the upstream's response head
+        self.pool = Pool(self.dialer.dial, idle_timeout=cfg.pool_idle_seconds,
+                         max_connections=cfg.limits.max_upstream_connections,
+                         on_refused=lambda g: metrics.upstream_refusals.labels(g).inc())
+        self._limits: dict[str, ConnectionLimit] = {}  # per listener: the proxy port, each fixed port
 
     async def aclose(self) -> None:
         await self.pool.close_all()
 
+    def conn_limit(self, listener: str) -> ConnectionLimit:
+        if listener not in self._limits:
+            self._limits[listener] = ConnectionLimit(
+                listener, self.cfg.limits.max_connections,
+                lambda n: self.metrics.listener_refusals.labels(n).inc())
+        return self._limits[listener]
+
     async def handle_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
+        """Over the listener's connection limit: 503 with `Connection: close` to the first
+        request; else serve the connection."""
+        limit = self.conn_limit(f"outbound:{fixed}" if fixed else "outbound")
+        if not limit.try_enter():
+            await refuse_http(stream, f"{limit.name} listener connection limit ({limit.maximum}) reached",
+                              self.cfg.timeouts)
+            return
+        try:
+            await self.serve_connection(stream, fixed)
+        finally:
+            limit.leave()
+
+    async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
         conn = HttpConn(stream, "request")
-        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain)
+        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain,
+                         timeouts=self.cfg.timeouts)
 
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()
@@ -108,7 +133,8 @@ class Outbound:
             try:
                 ex = await proxy_request(down, req, head, self.pool, service, keep_response_headers,
                                          on_release=self.dialer.remember_session,
-                                         response_timeout=self.response_timeout)
+                                         response_timeout=self.response_timeout,
+                                         timeouts=self.cfg.timeouts)
             except UpstreamError as exc:
                 status = exc.status
                 await send_error(down, exc.status, f"upstream {service}: {exc}",
@@ -117,7 +143,7 @@ class Outbound:
             status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
             return True
         except (DownstreamGone, ResponseStarted) as exc:
-            status = status or 499
+            status = status or getattr(exc, "status", 499)
             log.info(json.dumps({"event": "outbound.aborted", "error": str(exc)}))
             return False
         finally:

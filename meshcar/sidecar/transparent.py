@@ -16,7 +16,8 @@ import logging
 import trio
 
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.httpserver import refuse_http, send_error, serve_http
+from meshcar.net.limits import ConnectionLimit
 from meshcar.net.origdst import original_dst
 from meshcar.proto.http1 import RequestHead
 from meshcar.sidecar.config import SidecarConfig
@@ -38,12 +39,24 @@ class Transparent:
     def __init__(self, cfg: SidecarConfig, outbound: Outbound) -> None:
         self.cfg = cfg
         self.outbound = outbound
+        self.conn_limit = ConnectionLimit("transparent", cfg.limits.max_connections,
+                                          lambda n: outbound.metrics.listener_refusals.labels(n).inc())
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
+        if not self.conn_limit.try_enter():
+            await refuse_http(stream, f"transparent listener connection limit ({self.conn_limit.maximum}) reached",
+                              self.cfg.timeouts)
+            return
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.conn_limit.leave()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         dst = original_dst(stream.socket)
         name = upstream_for(self.cfg, dst) if dst else None
         if name is not None:
-            await self.outbound.handle_connection(stream, fixed=name)
+            await self.outbound.serve_connection(stream, fixed=name)
             return
         where = f"{dst[0]}:{dst[1]}" if dst else "(not a redirected connection)"
         log.info(json.dumps({"event": "transparent.no_upstream", "original_dst": where}))

@@ -61,6 +61,7 @@ class RunningEdge:
     http: int
     metrics: Metrics
     backends: Backends
+    tls: TLSListener | None = None
 
     async def aclose(self) -> None:
         await self.backends.pool.retire()  # busy connections too, once their request ends
@@ -91,9 +92,10 @@ async def start_edge(nursery: trio.Nursery, tmp: Path, routes: list[dict[str, An
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
     l7 = L7(cfg, backends, metrics)
-    https = await serve_tls_listener(nursery, TLSListener(cfg, l7, backends.balancers, metrics))
-    http = await _serve(nursery, Redirector(cfg).handle_connection)
-    return RunningEdge(cfg, https, http, metrics, backends)
+    tls = TLSListener(cfg, l7, backends.balancers, metrics)
+    https = await serve_tls_listener(nursery, tls)
+    http = await _serve(nursery, Redirector(cfg, metrics).handle_connection)
+    return RunningEdge(cfg, https, http, metrics, backends, tls)
 
 
 @dataclass

@@ -11,6 +11,9 @@ Per request, by target:
   `trigger()` (it does after its client has the whole response);
 * `/idle`: a full response; the injected bytes (`unsolicited`) only once the test calls
   `trigger()` (it does once the proxy's pool holds the connection idle);
+* `/hold`: answers like anything else, but only once the test calls `release()`;
+* `/stall`: a head with `Content-Length: 100` and 10 body bytes, then nothing (the
+  connection stays open until the peer closes it);
 * anything else: `{"ok": true, "target": ..., "conn": N}`.
 
 `injected` is set after an injected write has left (loopback delivers it to the peer's
@@ -41,6 +44,11 @@ class BadBackend:
     requests: list[str] = field(default_factory=list)
     injected: trio.Event = field(default_factory=trio.Event)
     _go: trio.Event = field(default_factory=trio.Event)
+    _released: trio.Event = field(default_factory=trio.Event)
+    holding: int = 0  # /hold requests waiting for release()
+
+    def release(self) -> None:
+        self._released.set()
 
     def trigger(self) -> None:
         self._go.set()
@@ -81,6 +89,13 @@ class BadBackend:
                     elif t == "/cl-same":
                         await stream.send_all(_ok(t, n) + INJECTED)
                         self.injected.set()
+                    elif t == "/hold":
+                        self.holding += 1
+                        await self._released.wait()
+                        self.holding -= 1
+                        await stream.send_all(_ok(t, n))
+                    elif t == "/stall":
+                        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
                     elif t in ("/cl-later", "/idle"):
                         await stream.send_all(_ok(t, n))
                         nursery.start_soon(self._later, stream, INJECTED)

@@ -1,0 +1,345 @@
+"""Progress timeouts and connection limits, through the edge and through a sidecar pair,
+with real clients on raw sockets.
+
+Timeouts (1 s in these tests): a request body that stalls gets 408 and the connection
+closes; a client that stops reading a large response (small SO_RCVBUF) is closed, and so
+is the upstream leg; an upstream whose response body stalls ends both connections. Other
+clients are served meanwhile. Limits: over a listener's limit an HTTP listener answers 503
+(`Connection: close`, JSON) and a TLS listener closes before the handshake; over an
+upstream's limit the request is 503 `upstream connection limit`; both are counted in
+Prometheus and the listener serves again once the limit clears. Closing is asserted, never
+its timing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.sidecar.config import parse_config
+from meshcar.sidecar.inbound import Inbound
+from meshcar.sidecar.outbound import Outbound
+from meshcar.tls.store import CredentialStore
+from tests.integration.conftest import NODES, Node, sid
+from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route, wait_until
+from tests.support.bad_backend import BadBackend
+from tests.support.echo_app import serve_echo
+from tests.support.pki import ThrowawayCA
+
+FAST = {"request_body_seconds": 1, "write_seconds": 1, "response_body_seconds": 1}
+BIG = 64 * 1024 * 1024  # far more than any socket buffers on the way
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    for fam in metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+async def start_node(nursery: trio.Nursery, tmp: Path, ca: ThrowawayCA, name: str, app_port: int,
+                     allow: list[str], upstreams: dict, **top: Any) -> Node:
+    """conftest's node, with extra top-level config sections (timeouts, limits)."""
+    cfg = parse_config({
+        "identity": {"spiffe_id": sid(name), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
+                     "state_dir": str(tmp / name)},
+        "app": {"port": app_port},
+        "inbound": {"listen": "127.0.0.1:1", "allow": allow},
+        "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
+        "admin": {"listen": "127.0.0.1:1"}, **top,
+    }, "test.yaml", tmp)
+    store = CredentialStore(cfg.identity.state_dir)
+    store.install(ca.credential(sid(name)))
+    metrics = Metrics()
+    node = Node(name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics))
+    NODES.append(node)
+    for attr, handler in (("inbound_port", node.inbound.handle_connection),
+                          ("outbound_port", node.outbound.handle_connection)):
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        setattr(node, attr, listeners[0].socket.getsockname()[1])
+    return node
+
+
+async def pair(nursery: trio.Nursery, tmp: Path, app_port: int, client_top: dict | None = None,
+               server_top: dict | None = None) -> tuple[Node, Node]:
+    ca = ThrowawayCA.create()
+    server = await start_node(nursery, tmp, ca, "api", app_port, [sid("web")], {}, **(server_top or {}))
+    client = await start_node(nursery, tmp, ca, "web", app_port, [], {
+        "api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
+        **(client_top or {}))
+    return client, server
+
+
+@pytest.fixture(autouse=True)
+async def _close_nodes():
+    yield
+    for node in NODES:
+        await node.inbound.pool.retire()
+        await node.outbound.pool.retire()
+    NODES.clear()
+
+
+async def connect(port: int, *, rcvbuf: int | None = None) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def read_to_end(stream: trio.abc.Stream, limit: int = BIG) -> bytes:
+    """Everything until the peer closes (EOF or reset); fails the test if it never does."""
+    out = bytearray()
+    with trio.fail_after(30):
+        while len(out) < limit:
+            try:
+                data = await stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, ssl.SSLError):
+                break
+            if not data:
+                break
+            out += data
+    return bytes(out)
+
+
+async def request(stream: trio.abc.Stream, target: str, host: str, extra: str = "") -> tuple[int, bytes]:
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n".encode())
+    out = await read_to_end(stream)
+    head, _, body = out.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class EdgeClient:
+    def __init__(self, port: int, ca_file: Path, host: str = "www.test") -> None:
+        self.port, self.host = port, host
+        self.ctx = ssl.create_default_context(cafile=str(ca_file))
+
+    async def open(self, rcvbuf: int | None = None) -> trio.SSLStream:
+        stream = trio.SSLStream(await connect(self.port, rcvbuf=rcvbuf), self.ctx, server_hostname=self.host)
+        await stream.do_handshake()
+        return stream
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        stream = await self.open()
+        async with stream:
+            return await request(stream, target, self.host)
+
+
+class ProxyClient:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def open(self, rcvbuf: int | None = None) -> trio.SocketStream:
+        return await connect(self.port, rcvbuf=rcvbuf)
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        async with await self.open() as stream:
+            return await request(stream, f"http://api{target}", "api")
+
+
+async def _edge(nursery: trio.Nursery, tmp: Path, port: int, **top: Any):  # noqa: ANN202
+    pki = public_pki(tmp)
+    edge = await start_edge(nursery, tmp, [terminate_route("www.test", port)], **top)
+    return edge, EdgeClient(edge.https, pki.ca_file)
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["edge", "sidecar"])
+async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
+        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    if via == "edge":
+        edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
+        host, target = "www.test", "/upload"
+    else:
+        node, _ = await pair(nursery, tmp_path, echo, client_top={"timeouts": FAST})
+        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
+        host, target = "api", "http://api/upload"
+    stalled = await client.open()
+    await stalled.send_all(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n".encode()
+                           + b"x" * 10)  # ... and the other 990 bytes never come
+    # other clients are served meanwhile
+    status, body = await client.get("/other")
+    assert status == 200 and json.loads(body)["target"] == "/other"
+    out = await read_to_end(stalled)
+    await stalled.aclose()
+    assert out.startswith(b"HTTP/1.1 408 "), out[:200]
+    assert b"Connection: close" in out and b"request body" in out
+    status, _ = await client.get("/after")
+    assert status == 200
+    if via == "edge":
+        await edge.aclose()
+
+
+@pytest.mark.parametrize("via", ["edge", "sidecar"])
+async def test_a_client_that_stops_reading_a_large_response_is_closed(
+        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    if via == "edge":
+        edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
+        metrics, direction = edge.metrics, "edge-terminate"
+        host, target = "www.test", f"/bytes/{BIG}"
+    else:
+        node, _ = await pair(nursery, tmp_path, echo, client_top={"timeouts": FAST})
+        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
+        metrics, direction = node.metrics, "outbound"
+        host, target = "api", f"http://api/bytes/{BIG}"
+    slow = await client.open(rcvbuf=4096)
+    await slow.send_all(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    status, _ = await client.get("/other")  # served while the slow client holds its response
+    assert status == 200
+    # the proxy gives up on the client that does not read (logged as 499), closing both legs
+    await wait_until(lambda: metric(metrics, "meshcar_requests_total", direction=direction, status="499") == 1,
+                     timeout=30)
+    got = await read_to_end(slow)  # what was in flight, then the close: far from the whole body
+    await slow.aclose()
+    assert got.startswith(b"HTTP/1.1 200 ") and len(got) < BIG // 2
+    status, _ = await client.get("/after")
+    assert status == 200
+    if via == "edge":
+        await edge.aclose()
+
+
+@pytest.mark.parametrize("via", ["edge", "sidecar"])
+async def test_an_upstream_body_that_stalls_closes_both_connections(
+        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    backend = await BadBackend().start(nursery)
+    if via == "edge":
+        edge, client = await _edge(nursery, tmp_path, backend.port, timeouts=FAST)
+    else:
+        node, _ = await pair(nursery, tmp_path, backend.port, server_top={"timeouts": FAST})
+        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
+    with trio.fail_after(30):
+        stream = await client.open()
+        async with stream:
+            status, body = await request(stream, "/stall" if via == "edge" else "http://api/stall",
+                                         "www.test" if via == "edge" else "api")
+    assert status == 200 and body == b"0123456789"  # truncated: 10 of 100 bytes, then closed
+    status, body = await client.get("/ok")
+    assert status == 200 and json.loads(body)["target"] == "/ok"
+    if via == "edge":
+        await edge.aclose()
+
+
+# -- listener limits ---------------------------------------------------------------------------
+
+
+async def test_edge_https_listener_limit_closes_before_tls_and_recovers(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    edge, client = await _edge(nursery, tmp_path, echo, limits={"max_connections": 2})
+    assert edge.tls is not None
+    holders = [await connect(edge.https), await connect(edge.https)]  # silent: they hold slots
+    await wait_until(lambda: edge.tls.conn_limit.open == 2)
+    third = await connect(edge.https)
+    assert await read_to_end(third) == b""  # closed at once: no handshake, no bytes
+    await third.aclose()
+    assert metric(edge.metrics, "meshcar_listener_connections_refused_total", listener="https") == 1
+    for h in holders:
+        await h.aclose()
+    await wait_until(lambda: edge.tls.conn_limit.open == 0)
+    status, _ = await client.get("/again")
+    assert status == 200
+    await edge.aclose()
+
+
+async def test_edge_http_listener_limit_answers_503(tmp_path: Path, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    edge, _ = await _edge(nursery, tmp_path, echo, limits={"max_connections": 1})
+    holder = await connect(edge.http)
+    await holder.send_all(b"GET / HTTP/1.1\r\nHost: www.test\r\n")  # an unfinished head holds the slot
+    await trio.sleep(0)
+    # the redirect listener: the second connection gets 503 and a JSON reason
+    second = await connect(edge.http)
+    status, body = await request(second, "/x", "www.test")
+    await second.aclose()
+    assert status == 503 and "connection limit" in json.loads(body)["message"]
+    assert metric(edge.metrics, "meshcar_listener_connections_refused_total", listener="http") == 1
+    await holder.aclose()
+    with trio.fail_after(10):
+        while True:  # the slot frees once the edge has seen the close
+            async with await connect(edge.http) as s:
+                status, _ = await request(s, "/x", "www.test")
+            if status == 301:
+                break
+    await edge.aclose()
+
+
+async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) -> None:
+    echo = await serve_echo(nursery)
+    web, api = await pair(nursery, tmp_path, echo, client_top={"limits": {"max_connections": 1}},
+                          server_top={"limits": {"max_connections": 1}})
+    proxy = ProxyClient(web.outbound_port)
+    # outbound (plain HTTP): 503 with Connection: close over the limit
+    holder = await proxy.open()
+    await wait_until(lambda: web.outbound.conn_limit("outbound").open == 1)
+    second = await proxy.open()
+    await second.send_all(b"GET http://api/x HTTP/1.1\r\nHost: api\r\n\r\n")
+    out = await read_to_end(second)
+    await second.aclose()
+    assert out.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in out
+    assert b"outbound listener connection limit (1) reached" in out
+    assert metric(web.metrics, "meshcar_listener_connections_refused_total", listener="outbound") == 1
+    await holder.aclose()
+    await wait_until(lambda: web.outbound.conn_limit("outbound").open == 0)
+    status, _ = await proxy.get("/x")
+    assert status == 200
+    # inbound (mTLS): closed before the handshake over the limit; the caller sees a 502
+    await web.outbound.pool.close_all()
+    await wait_until(lambda: api.inbound.conn_limit.open == 0)
+    mesh_holder = await connect(api.inbound_port)
+    await wait_until(lambda: api.inbound.conn_limit.open == 1)
+    status, body = await proxy.get("/y")
+    assert status == 502
+    assert metric(api.metrics, "meshcar_listener_connections_refused_total", listener="inbound") >= 1
+    await mesh_holder.aclose()
+    await wait_until(lambda: api.inbound.conn_limit.open == 0)
+    status, _ = await proxy.get("/y")
+    assert status == 200
+
+
+# -- upstream limits ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["edge", "sidecar"])
+async def test_upstream_connection_limit_is_503_and_recovers(via: str, tmp_path: Path,
+                                                             nursery: trio.Nursery) -> None:
+    backend = await BadBackend().start(nursery)
+    limits = {"max_upstream_connections": 1}
+    if via == "edge":
+        edge, client = await _edge(nursery, tmp_path, backend.port, limits=limits)
+        pool, group, metrics = edge.backends.pool, "www.test", edge.metrics
+    else:
+        node, _ = await pair(nursery, tmp_path, backend.port, client_top={"limits": limits})
+        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
+        pool, group, metrics = node.outbound.pool, "api", node.metrics
+    results: list[tuple[int, bytes]] = []
+
+    async def held() -> None:
+        results.append(await client.get("/hold"))
+
+    nursery.start_soon(held)
+    await wait_until(lambda: backend.holding == 1)
+    assert pool.open_count(group) == 1
+    status, body = await client.get("/second")
+    assert status == 503 and "upstream connection limit (1) reached" in json.loads(body)["message"]
+    assert metric(metrics, "meshcar_upstream_connections_refused_total", upstream=group) == 1
+    backend.release()
+    await wait_until(lambda: len(results) == 1)
+    assert results[0][0] == 200
+    status, body = await client.get("/third")  # on the connection the first one gave back
+    assert status == 200 and json.loads(body)["target"] == "/third"
+    assert pool.open_count(group) == 1
+    if via == "edge":
+        await edge.aclose()
