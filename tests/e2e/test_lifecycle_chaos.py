@@ -17,7 +17,8 @@ Traffic (threads, real clients, every request recorded with wall-clock start and
 Scenario, each step advanced on observable events (serials, /certs, `ca status`):
 forced renewals (`meshcar cert renew`, web then api); a full root rotation (stage 1 is the
 bundle change: the new root joins the bundle; stages 2 and 3 as `ca status` allows); a CA
-outage of 5 s (shorter than the lifetime); a CA outage longer than the lifetime (every
+outage of 11 s (shorter than the lifetime; it starts when every process has just renewed, so
+their next renewals, 8-12 s later, fail in it); a CA outage longer than the lifetime (every
 certificate expires; the CA returns; every process re-bootstraps with its join token,
 which was minted with several uses as the re-bootstrap credential).
 
@@ -289,29 +290,40 @@ def forced_renewals(mesh: Mesh, traffic: Traffic) -> None:
 
 
 def short_outage(mesh: Mesh, seconds: float) -> dict:
-    failures = {n: mesh.renewals(n, "failure") for n in NAMES}
-    held = {n: mesh.certs(n)["serial"] for n in NAMES}
+    """Stop the CA for `seconds` (< the lifetime) starting just after every process got a
+    fresh certificate (the edge's own renewal, observed; web's and api's forced), so their
+    next renewals (8-12 s later) fall inside the outage and fail, and the retries after the
+    CA's return still come well before expiry (20 s), even if its start is slow."""
+    edge_serial = mesh.certs("edge")["serial"]
+    wait_until("the edge's next renewal", lambda: mesh.certs("edge")["serial"] != edge_serial, 2 * TTL, 0.1)
+    for n in ("web", "api"):
+        assert httpx.post(f"{mesh.admin(n)}/renew", timeout=30).json()["renewed"]
     mesh.stop_ca()
     down = time.time()
+    failures = {n: mesh.renewals(n, "failure") for n in NAMES}
+    held = {n: mesh.certs(n)["serial"] for n in NAMES}
+    not_after = min(_ts(mesh.certs(n)["not_after"]) for n in NAMES)
     time.sleep(seconds)  # the outage's length is the scenario, not a synchronisation
+    failed = {n: mesh.renewals(n, "failure") - failures[n] for n in NAMES}
+    assert sum(failed.values()) >= 1, f"renewals should have failed in the outage: {failed}"
     mesh.start_ca()
     up = time.time()
     # every process renews again through the returned CA, none ever lost its certificate
     wait_until("every process to renew after the short outage",
                lambda: all(mesh.certs(n)["serial"] != held[n] for n in NAMES), 2 * TTL)
+    assert time.time() < not_after, "renewed before the certificates held in the outage expired"
     assert all(httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 200 for n in NAMES)
-    return {"outage_s": round(up - down, 1),
-            "failed_renewals_during": {n: mesh.renewals(n, "failure") - failures[n] for n in NAMES}}
+    return {"outage_s": round(up - down, 1), "failed_renewals_during": failed}
 
 
 def long_outage(mesh: Mesh) -> dict:
     """Stop the CA for longer than the certificates' whole validity; measure each process's
     last notAfter and first re-issue after the CA returns."""
-    held = {n: mesh.certs(n) for n in NAMES}
-    not_after = {n: _ts(held[n]["not_after"]) for n in NAMES}
-    lifetime = max(_ts(held[n]["not_after"]) - _ts(held[n]["not_before"]) for n in ("web", "api"))
     mesh.stop_ca()
     down = time.time()
+    held = {n: mesh.certs(n) for n in NAMES}  # read once the CA is down: nothing replaces them now
+    not_after = {n: _ts(held[n]["not_after"]) for n in NAMES}
+    lifetime = max(_ts(held[n]["not_after"]) - _ts(held[n]["not_before"]) for n in ("web", "api"))
     # every process notices that it holds no valid certificate (observed on /ready)
     wait_until("every process to report no valid certificate",
                lambda: all(httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 503 for n in NAMES),
@@ -361,7 +373,7 @@ def test_lifecycle_chaos_with_real_processes(tmp_path: Path) -> None:
                 wait_until(f"{n} to hold the final bundle", lambda n=n: _roots(
                     mesh.dir / f"{n}-state" / "bundle.pem") == _roots(mesh.ca_dir / "bundle.pem"), 3 * TTL)
             mark("root_rotation")
-            short = short_outage(mesh, 5.0)
+            short = short_outage(mesh, 11.0)
             mark("short_outage")
             before_long = len(traffic.records)
             assert [r for r in traffic.records if not r.ok] == [], \
