@@ -3,7 +3,9 @@
 Reads multi-document YAML (and `kind: List`), injects every workload that has not opted out,
 writes the result to stdout and a one-line report per object to stderr. If any object cannot
 be injected, nothing is written to stdout and the exit status is 1, so that a pipe into
-`kubectl apply -f -` never applies half of a change.
+`kubectl apply -f -` never applies half of a change. A manifest whose fields have the wrong
+type (`env` as a mapping, a container as a string, ...) or that nests deeper than can be
+parsed exits with status 2 and one line per problem naming the field's path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from meshcar.inject.patch import (
     InjectError,
     InjectOptions,
+    ShapeError,
     inject_document,
     is_injectable_kind,
     object_name,
@@ -70,15 +73,23 @@ def inject_stream(text: str, options: InjectOptions, source: str = "<stdin>") ->
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise InjectError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ShapeError(f"{source}: the YAML nests too deeply to be a manifest") from None
     out: list[Any] = []
     report: list[str] = []
     errors: list[str] = []
+    wrong_shape = False
     for doc in docs:
         items = doc["items"] if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list) else [doc]
         try:
             new = inject_document(doc, options)
         except InjectError as exc:
             errors.append(f"{source}: {exc}")
+            wrong_shape = wrong_shape or isinstance(exc, ShapeError)
+            continue
+        except RecursionError:
+            errors.append(f"{source}: {object_name(doc)}: nests too deeply to be a manifest")
+            wrong_shape = True
             continue
         new_items = new["items"] if new is not doc and isinstance(new, dict) and new.get("kind") == "List" else None
         for i, item in enumerate(items):
@@ -86,7 +97,7 @@ def inject_stream(text: str, options: InjectOptions, source: str = "<stdin>") ->
             report.append(f"{object_name(item)} {_verdict(item, after)}")
         out.append(new)
     if errors:
-        raise InjectError("\n".join(errors))
+        raise (ShapeError if wrong_shape else InjectError)("\n".join(errors))
     return out, report
 
 
@@ -122,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             all_docs.extend(docs)
             all_report.extend(report)
     except InjectError as exc:
-        print(f"meshcar inject: {exc}", file=sys.stderr)
-        return 1
+        for line in str(exc).splitlines():
+            print(f"meshcar inject: {line}", file=sys.stderr)
+        return 2 if isinstance(exc, ShapeError) else 1
     dump_documents(all_docs, sys.stdout)
     for line in all_report:
         print(line, file=sys.stderr)

@@ -22,7 +22,10 @@ the way `linkerd inject` does it:
 Nothing else is touched. Objects of other kinds come back unchanged; so do workloads that
 opted out (annotation or label `meshcar.io/inject: disabled`); objects already
 injected (a container named `meshcar-proxy` exists) come back unchanged, so injecting twice
-equals injecting once. What cannot be injected raises `InjectError` naming the object.
+equals injecting once. What cannot be injected raises `InjectError` naming the object; a
+field of the wrong type (`env` as a mapping, `labels` as a list, a container as a string,
+`volumes: "none"`) raises its subclass `ShapeError`, naming the field's path, before
+anything is read from it.
 The annotation syntax is documented in docs/DEPLOY.md.
 """
 
@@ -91,6 +94,77 @@ class InjectError(MeshcarError):
     """An object cannot be injected; the message names the object and the reason."""
 
     status = 400
+
+
+class ShapeError(InjectError):
+    """A field the injector reads or writes has the wrong type; the message names the object
+    and the field's path (`spec.containers[0].env: expected a list, got a mapping`)."""
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                    (list, "a list"), (dict, "a mapping")):
+        if isinstance(value, t):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def _expect(value: Any, kind: type, path: str, where: str, *, required: bool = False) -> None:
+    """`value` (None allowed unless `required`) must be a `kind`: dict, list or str."""
+    if value is None and not required:
+        return
+    if not isinstance(value, kind) or (kind is str and isinstance(value, bool)):
+        want = "a mapping" if kind is dict else "a list" if kind is list else "a string"
+        raise ShapeError(f"{where}: {path}: expected {want}, got {type_name(value)}")
+
+
+def _check_meta(meta: Any, path: str, where: str) -> None:
+    _expect(meta, dict, path, where)
+    for key in ("labels", "annotations"):
+        values = (meta or {}).get(key)
+        _expect(values, dict, f"{path}.{key}", where)
+        for k, v in (values or {}).items():
+            if isinstance(v, dict | list):
+                raise ShapeError(f"{where}: {path}.{key}[{str(k)!r}]: expected a string, got {type_name(v)}")
+
+
+def check_shapes(obj: dict[str, Any], where: str) -> None:
+    """Every field `inject_object` reads or writes has its Kubernetes type, so that a wrong
+    type is one clear ShapeError naming the field instead of a traceback or a silently
+    wrong result (a string `volumes` is not a list of its characters). Missing fields are
+    left to the checks that follow (they have their own messages)."""
+    _check_meta(obj.get("metadata"), "metadata", where)
+    node: Any = obj
+    path = ""
+    for key in POD_TEMPLATE_PATHS[obj["kind"]]:
+        path = f"{path}.{key}" if path else key
+        node = node.get(key)
+        _expect(node, dict, path, where)
+        if node is None:
+            return
+    if path:
+        _check_meta(node.get("metadata"), path + ".metadata", where)
+    spec_path = f"{path}.spec" if path else "spec"
+    spec = node.get("spec")
+    _expect(spec, dict, spec_path, where)
+    if spec is None:
+        return
+    for key in ("initContainers", "containers", "volumes"):
+        items = spec.get(key)
+        _expect(items, list, f"{spec_path}.{key}", where)
+        for i, item in enumerate(items or []):
+            item_path = f"{spec_path}.{key}[{i}]"
+            _expect(item, dict, item_path, where, required=True)
+            _expect(item.get("name"), str, item_path + ".name", where, required=key != "volumes")
+            if key == "volumes":
+                continue
+            for sub in ("env", "ports"):
+                entries = item.get(sub)
+                _expect(entries, list, f"{item_path}.{sub}", where)
+                for j, entry in enumerate(entries or []):
+                    _expect(entry, dict, f"{item_path}.{sub}[{j}]", where, required=True)
 
 
 @dataclass(frozen=True)
@@ -420,9 +494,12 @@ def _check_pod_spec(spec: dict[str, Any], settings: PodSettings, where: str) -> 
 def inject_object(obj: Any, options: InjectOptions) -> Any:
     """Return the object with the sidecar injected, or unchanged (other kinds, opted out,
     already injected). Never mutates its argument."""
-    if not is_injectable_kind(obj) or is_injected(obj):
+    if not is_injectable_kind(obj):
         return obj
     where = object_name(obj)
+    check_shapes(obj, where)
+    if is_injected(obj):
+        return obj
     tmpl = _pod_template(obj, where)
     ann = _annotations(obj, tmpl)
     inject = ann.get(ANN_INJECT, "enabled").strip()

@@ -13,7 +13,10 @@ What the API server gets:
   pod cannot be injected (hostNetwork, no app port, a bad annotation) -- no patch and a
   `warnings` entry saying why: an injector must not block workloads, and kubectl shows the
   warning to the user;
-- a malformed review (not JSON, not an AdmissionReview v1, no `request.uid`): HTTP 400 with
+- a pod with wrong-typed fields (`ShapeError`, e.g. `env` as a mapping): `allowed: false`
+  with a 400 status naming the field (admitting it would create a pod without a sidecar);
+- a malformed review (not JSON, not an AdmissionReview v1, no `request.uid`, nesting over
+  MAX_JSON_DEPTH or more than MAX_JSON_VALUES values, checked before parsing): HTTP 400 with
   `{"error": "bad_review", "message": ...}`. Without a uid there is no valid AdmissionReview
   answer; the API server treats a non-200 as a failed call and applies `failurePolicy`.
 `GET /healthz` answers 200 for the Deployment's probes.
@@ -25,6 +28,7 @@ import argparse
 import base64
 import json
 import logging
+import re
 import ssl
 import sys
 from dataclasses import dataclass
@@ -35,12 +39,21 @@ import jsonpatch
 import trio
 
 from meshcar.inject.cli import add_option_arguments, options_from_args
-from meshcar.inject.patch import InjectError, InjectOptions, inject_object, object_name
+from meshcar.inject.patch import InjectError, InjectOptions, ShapeError, inject_object, object_name
 from meshcar.tls.profile import apply_profile
 
 log = logging.getLogger("meshcar.webhook")
 
-MAX_BODY = 4 * 1024 * 1024  # Kubernetes objects are at most ~1.5 MiB
+# Bounded memory for any body. A Pod CREATE review carries one object, and etcd's default
+# request limit makes objects at most 1.5 MiB, so 2 MiB refuses no real review (413 at once
+# when Content-Length says more; a chunked body is counted as it arrives). Parsed JSON costs
+# 20-70 times its text in Python objects when it is made of many small values (`[{},{},...]`),
+# and injection copies it, so before parsing the body's values and nesting are counted
+# (one regex pass, strings skipped): a pod has a few thousand values and a depth near 12.
+MAX_BODY = 2 * 1024 * 1024
+MAX_JSON_VALUES = 50_000
+MAX_JSON_DEPTH = 64
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{\]},]')
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
@@ -64,11 +77,46 @@ def _bad(message: str) -> Answer:
     return Answer(400, {"error": "bad_review", "message": message})
 
 
+def _review(response: dict[str, Any]) -> Answer:
+    return Answer(200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+
+
+def _deny(response: dict[str, Any], message: str) -> Answer:
+    """A review that parsed but whose object is malformed: denied, with the reason."""
+    log.warning("denied: %s", message)
+    return _review(dict(response, allowed=False,
+                        status={"code": 400, "reason": "BadRequest", "message": f"meshcar: {message}"}))
+
+
+def check_json_bounds(body: bytes) -> None:
+    """BadReview when the JSON text has more than MAX_JSON_VALUES values or nests deeper
+    than MAX_JSON_DEPTH (a conservative count on the text; `json.loads` still validates)."""
+    depth = values = 0
+    for match in _JSON_TOKEN.finditer(body):
+        c = match.group()[0]
+        if c == 0x22:  # a string: skipped whole
+            continue
+        if c in b"[{":
+            depth += 1
+            values += 1
+            if depth > MAX_JSON_DEPTH:
+                raise BadReview(f"body nests deeper than {MAX_JSON_DEPTH} levels")
+        elif c in b"]}":
+            depth -= 1
+        else:
+            values += 1
+        if values > MAX_JSON_VALUES:
+            raise BadReview(f"body has more than {MAX_JSON_VALUES} JSON values")
+
+
 def parse_review(body: bytes) -> dict[str, Any]:
+    check_json_bounds(body)
     try:
         review = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadReview(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadReview("body nests too deeply") from None
     if not isinstance(review, dict):
         raise BadReview("body is not a JSON object")
     if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
@@ -101,6 +149,10 @@ def review_response(body: bytes, options: InjectOptions) -> Answer:
             before = dict(obj, kind=request["kind"].get("kind"))
         try:
             after = inject_object(before, options)
+        except ShapeError as exc:
+            return _deny(response, str(exc))
+        except RecursionError:
+            return _deny(response, f"{object_name(before)}: nests too deeply")
         except InjectError as exc:
             response["warnings"] = [f"meshcar: not injected: {exc}"]
             log.warning("not injected: %s", exc)
@@ -111,7 +163,7 @@ def review_response(body: bytes, options: InjectOptions) -> Answer:
                 response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
                 ns = request.get("namespace")
                 log.info("injected %s%s", object_name(after), f" in {ns}" if ns else "")
-    return Answer(200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+    return _review(response)
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, event: Any) -> None:
