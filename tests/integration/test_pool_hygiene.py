@@ -3,7 +3,8 @@ connection sits idle in a pool, are nobody's response. They must never reach the
 client (a different client connection). Vectors (RFC 9112 6.3, 9.3.2): extra bytes after a
 204, a 304, a HEAD answer with Content-Length, a Content-Length body (in the same write and
 in a later one), and unsolicited bytes on an idle connection. Each through the edge
-(terminate and bridge) and through a sidecar pair, with a real raw-socket backend
+(terminate and bridge), through a sidecar pair, and from the outbound's mTLS pool
+straight to a misbehaving peer holding the upstream's SVID, with a real raw-socket backend
 (tests/support/bad_backend.py); the next clients get their own answer, and a clean
 connection is still reused (TLS 1.3 session tickets are not taken for unsolicited data)."""
 
@@ -107,6 +108,16 @@ async def _edge_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend, mode
     return Path_(fetch, pool, hs)
 
 
+async def _mesh_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend, ca: ThrowawayCA) -> Path_:
+    """The outbound's mTLS pool, straight to a misbehaving peer that holds api's SVID."""
+    client = await start_node(nursery, tmp, ca, "web", backend.port, [], {
+        "api": {"endpoints": [f"127.0.0.1:{backend.port}"], "spiffe_id": sid("api")}})
+
+    async def fetch(method: str, target: str) -> tuple[int, bytes, bytes]:
+        return await http_exchange(client.outbound_port, method, target, "api")
+    return Path_(fetch, client.outbound.pool, _handshakes(client.metrics, "outbound"))
+
+
 async def _sidecar_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend) -> Path_:
     ca = ThrowawayCA.create()
     server = await start_node(nursery, tmp, ca, "api", backend.port, [sid("web")], {})
@@ -128,14 +139,21 @@ VECTORS = [
 ]
 
 
-@pytest.mark.parametrize("via", ["edge-terminate", "edge-bridge", "sidecar-pair"])
+@pytest.mark.parametrize("via", ["edge-terminate", "edge-bridge", "sidecar-pair", "outbound-mesh-pool"])
 @pytest.mark.parametrize(("method", "target", "status"), VECTORS, ids=[v[1][1:] for v in VECTORS])
 async def test_bytes_after_a_response_never_reach_the_next_client(
         via: str, method: str, target: str, status: int, tmp_path: Path, nursery: trio.Nursery) -> None:
-    backend = await BadBackend().start(nursery)
-    if via == "sidecar-pair":
+    if via == "outbound-mesh-pool":
+        ca = ThrowawayCA.create()
+        peer = CredentialStore(tmp_path / "fake-api")
+        peer.install(ca.credential(sid("api")))
+        backend = await BadBackend(tls=peer.server_context()).start(nursery)
+        path = await _mesh_path(nursery, tmp_path, backend, ca)
+    elif via == "sidecar-pair":
+        backend = await BadBackend().start(nursery)
         path = await _sidecar_path(nursery, tmp_path, backend)
     else:
+        backend = await BadBackend().start(nursery)
         path = await _edge_path(nursery, tmp_path, backend, via.removeprefix("edge-"))
 
     got, _, body = await path.fetch(method, target)

@@ -16,6 +16,9 @@ Per request, by target:
   connection stays open until the peer closes it);
 * anything else: `{"ok": true, "target": ..., "conn": N}`.
 
+With `tls` (a server SSLContext) it speaks TLS (meshcar's TLSStream), e.g. as a fake
+peer sidecar's mesh listener, to test the outbound's mTLS pool the same way.
+
 `injected` is set after an injected write has left (loopback delivers it to the peer's
 socket within the send call), so a test can wait on it before its next client.
 """
@@ -23,10 +26,13 @@ socket within the send call), so a test can wait on it before its next client.
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass, field
 from functools import partial
 
 import trio
+
+from meshcar.net.tlsstream import TLSStream
 
 INJECTED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\nINJECTED"
 
@@ -46,6 +52,7 @@ class BadBackend:
     _go: trio.Event = field(default_factory=trio.Event)
     _released: trio.Event = field(default_factory=trio.Event)
     holding: int = 0  # /hold requests waiting for release()
+    tls: ssl.SSLContext | None = None
 
     def release(self) -> None:
         self._released.set()
@@ -53,7 +60,7 @@ class BadBackend:
     def trigger(self) -> None:
         self._go.set()
 
-    async def _later(self, stream: trio.SocketStream, data: bytes) -> None:
+    async def _later(self, stream: trio.abc.Stream, data: bytes) -> None:
         await self._go.wait()
         try:
             await stream.send_all(data)
@@ -61,7 +68,15 @@ class BadBackend:
             pass
         self.injected.set()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if self.tls is not None:
+            stream = TLSStream(tcp, self.tls, server_side=True)
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError):
+                await tcp.aclose()
+                return
         self.connections += 1
         n = self.connections
         buf = b""
