@@ -189,6 +189,15 @@ class Cluster:
             self.unseal(n)
         self.healthy()
 
+    def restart_all(self) -> None:
+        """Start the nodes that are down, unseal every node, wait for a leader."""
+        for n in self.nodes:
+            if not n.alive():
+                self.start(n)
+        for n in self.nodes:
+            self.unseal(n)
+        self.leader()
+
     def audited_signs(self, node: Node, role: str) -> int:
         """Certificates `node` issued for `role`, from its audit log. A standby audits the
         errors it answers itself (during an election, "cannot write to readonly storage");
@@ -349,3 +358,81 @@ def test_leader_killed_while_sidecars_renew_zero_failed_requests(cluster: Cluste
     finally:
         mesh.procs.stop_all()
 
+
+
+def _offsets(entries: list[str]) -> list[float]:
+    """The time offsets (seconds since the load started) of Load's failure records."""
+    return [float(m.group(1)) for e in entries if (m := re.match(r"([\d.]+)s ", e))]
+
+
+@pytest.mark.soak
+def test_whole_cluster_down_shorter_then_longer_than_the_lifetime(cluster: Cluster, tmp_path: Path) -> None:
+    """Every node down (a whole-cluster outage), twice. Certificates: 30 s TTL, 40 s
+    lifetime with the role's 10 s backdating, renewed at 0.3 of it (about every 2 s, so an
+    attempt meets the outage at once and 28 s of validity are left). Shorter than what is
+    left: no failed request at all. Longer than the lifetime: requests fail only while no
+    valid certificate exists (from the first expiry until both sidecars hold a new one), and
+    the sidecars recover by themselves with their AppRole once the cluster is back."""
+    cluster.ensure_all_up()
+    mesh = start_pair(tmp_path, cluster, [n.addr for n in cluster.nodes], ttl=30, fraction=0.3)
+    names = ("web", "api")
+    report: dict[str, object] = {}
+    try:
+        # 1. shorter than the lifetime
+        with Load(mesh) as load:
+            at = {n: mesh.renewals(n) for n in names}
+            wait_until("a renewal by each sidecar", lambda: all(mesh.renewals(n) > at[n] for n in names), 30)
+            down_at = time.monotonic()
+            for node in cluster.nodes:
+                cluster.kill(node)
+            failed = {n: mesh.renewals(n, "failure") for n in names}
+            wait_until("each sidecar's renewal to meet the outage",
+                       lambda: all(mesh.renewals(n, "failure") > failed[n] for n in names), 30)
+            cluster.restart_all()
+            up_at = time.monotonic()
+            at = {n: mesh.renewals(n) for n in names}
+            wait_until("a renewal by each sidecar after the outage",
+                       lambda: all(mesh.renewals(n) > at[n] for n in names), 30)
+        load.assert_clean()
+        report["short"] = {**load.summary(), "outage_s": round(up_at - down_at, 1)}
+
+        # 2. longer than the lifetime
+        with Load(mesh) as load:
+            for node in cluster.nodes:
+                cluster.kill(node)
+            # when the held certificates end, in the load's clock
+            offset = time.monotonic() - load.started
+            now = dt.datetime.now(dt.UTC)
+            first_expiry = offset + min(
+                (dt.datetime.fromisoformat(mesh.certs(n)["not_after"]) - now).total_seconds() for n in names)
+            wait_until("both sidecars to report an expired identity",
+                       lambda: all(mesh.metric(n, "meshcar_identity_expired") == 1 for n in names), 60)
+            assert all(mesh.certs(n)["state"] == "expired" for n in names)
+            assert all(httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 503 for n in names)
+            cluster.restart_all()
+            back = time.monotonic() - load.started
+            wait_until("both sidecars valid again", lambda: all(
+                mesh.certs(n)["state"] == "valid" and mesh.metric(n, "meshcar_identity_expired") == 0
+                for n in names), 90)
+            recovered = time.monotonic() - load.started
+            # traffic is served again on every kind of connection
+            ok_before = dict(load.ok)
+            wait_until("every stream to succeed again",
+                       lambda: all(load.ok[s] > ok_before.get(s, 0) + 5 for s in ("pooled", "fresh", "mtls")), 30)
+        for n in names:
+            log = mesh.procs.log(f"{n}-sidecar")
+            assert '"how": "re-bootstrapped after expiry"' in log, log[-3000:]
+        # failures only between the first expiry and the recovery (1 s for the second-granular
+        # not_after and a request in flight at the edges)
+        fail_at = _offsets(load.failures) + _offsets(load.not_ready)
+        outside = [t for t in fail_at if not first_expiry - 1 <= t <= recovered + 1]
+        assert not outside, (first_expiry, recovered, [f for f in load.failures if f][:5])
+        report["long"] = {**load.summary(), "first_expiry_s": round(first_expiry, 1),
+                          "cluster_back_s": round(back, 1), "recovered_s": round(recovered, 1),
+                          "recovery_after_cluster_back_s": round(recovered - back, 1),
+                          "failed_requests_in_window": len(load.failures)}
+        print(json.dumps({"vault_outage": report}))
+        for name, p in mesh.procs.procs:
+            assert p.poll() is None, f"{name} exited"
+    finally:
+        mesh.procs.stop_all()
