@@ -19,7 +19,14 @@ from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.errors import ConfigError
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
-from meshcar.sidecar.config import Checker, HostPort, IdentityConfig, parse_identity
+from meshcar.sidecar.config import (
+    Checker,
+    HostPort,
+    HttpPolicy,
+    IdentityConfig,
+    parse_http,
+    parse_identity,
+)
 
 MODES = ("terminate", "bridge", "passthrough")
 
@@ -115,6 +122,7 @@ class EdgeConfig:
     pool_idle_seconds: float = 30.0  # an idle pooled backend connection is closed after this
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
+    http: HttpPolicy = HttpPolicy()  # request-target normalisation and header policy
 
     def route_for(self, host: str | None) -> Route | None:
         if host is not None:
@@ -321,7 +329,9 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
-                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds", "timeouts", "limits"})
+                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds", "timeouts", "limits",
+                         "http"})
+    http_policy = parse_http(c, data.get("http"))
     listen = c.section(data, "listen")
     c.unknown(listen, "listen.", {"https", "http"})
     https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
@@ -379,7 +389,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
                       hello_timeout=timeouts["hello_timeout"],
                       handshake_timeout=timeouts["handshake_timeout"],
                       admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
-                      pool_idle_seconds=float(pool_idle), timeouts=net_timeouts, limits=net_limits)
+                      pool_idle_seconds=float(pool_idle), timeouts=net_timeouts, limits=net_limits, http=http_policy)
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

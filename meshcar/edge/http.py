@@ -1,11 +1,15 @@
 """The edge's L7 side: terminate and bridge routes, and the HTTP -> HTTPS redirect listener.
 
-Per request, in this order: the route by Host (421 when it differs from the SNI's route in
+Per request, in this order: the request target normalised once (`proto.path`: 400 when
+it cannot be; everything below matches, and the backend receives, the normalised target),
+the route by Host (421 when it differs from the SNI's route in
 client-certificate requirements, or when the Host names a passthrough host), the path
 (404), WAF deny rules (403, logged), the per-client-IP rate limit (429 + Retry-After), the
 body limit (413), then the headers: hop-by-hop and configured ones removed, client-sent
 X-Forwarded-* / Forwarded / X-Forwarded-Client-Cert always replaced by the edge's own
-(from the real connection, with `trusted_hops`), configured ones added. terminate sends
+(from the real connection, with `trusted_hops`), client-sent identity headers
+(`X-Forwarded-Client-Cert`, `X-Meshcar-Peer-Identity`) removed on every route kind,
+configured ones added. terminate sends
 plain HTTP to the backend; bridge re-encrypts with mTLS using the edge's mesh identity and
 checks the backend sidecar's SPIFFE ID. HSTS is added to responses of routes that ask.
 """
@@ -16,7 +20,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import trio
 
@@ -39,8 +42,9 @@ from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
 from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
-from meshcar.proto.headers import clean_headers, simple_response
+from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
+from meshcar.proto.path import PathError, Target, normalise_target
 from meshcar.sidecar.accesslog import log_entry
 from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
@@ -140,7 +144,7 @@ class L7:
         self.response_timeout = cfg.timeouts.response_head
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
-        conn = HttpConn(stream, "request")
+        conn = HttpConn(stream, "request", self.cfg.http.headers)
         await serve_http(conn, lambda req, c: self.handle(req, c, client), timeouts=self.cfg.timeouts)
 
     async def handle(self, req: RequestHead, down: HttpConn, client: ClientConn) -> bool:
@@ -151,14 +155,23 @@ class L7:
         status, backend, bytes_in, bytes_out, keep = 0, None, 0, 0, not request_has_body(req)
         mode = route.mode if route else None
         try:
-            problem = self._refuse(req, route, client, path)
+            target: Target | None = None
+            problem: tuple[int, str, Headers] | None
+            try:
+                target = normalise_target(req.target, req.method, self.cfg.http.path,
+                                          absolute_schemes=("http", "https"))
+            except PathError as exc:
+                problem = (400, str(exc), [])
+            else:
+                path = target.target.decode("ascii")  # logged: what was forwarded
+                problem = self._refuse(req, route, client, target)
             if problem is not None:
                 status, message, extra = problem
                 await down.send(simple_response(
                     status, json.dumps({"error": status, "message": message}).encode() + b"\n",
                     content_type=b"application/json", extra=extra, close=not keep))
                 return keep
-            assert route is not None
+            assert route is not None and target is not None
             balancer = self.backends.balancers[route.host]
             state = balancer.pick()
             if state is None:
@@ -166,7 +179,7 @@ class L7:
                 await send_error(down, 503, f"no healthy endpoint for {route.host}", close=not keep)
                 return keep
             backend = str(state.endpoint)
-            head = request_bytes(req, req.target, self._headers(req, route, client))
+            head = request_bytes(req, target.target, self._headers(req, route, client))
             state.active += 1
             try:
                 ex = await proxy_request(
@@ -201,8 +214,11 @@ class L7:
                       plaintext_backend=mode == "terminate")
 
     def _refuse(self, req: RequestHead, route: Route | None, client: ClientConn,
-                path: str) -> tuple[int, str, Headers] | None:
+                target: Target) -> tuple[int, str, Headers] | None:
         """The status, message and extra headers for a request the edge must refuse itself."""
+        if target.authority is not None and split_host_port(target.authority.lower())[0] != host_of(req):
+            # RFC 9112 3.2.2: the target's authority replaces Host; the edge routed on Host
+            return 400, "the absolute-form target's host differs from the Host header", []
         if route is None:
             return 404, f"no route for host {host_of(req)!r}", []
         if route.mode == "passthrough":
@@ -216,7 +232,7 @@ class L7:
                              f"differs from {sni_route.host}'s"), []
         if route.client_auth and route.client_auth.mode == "required" and client.cert_der is None:
             return 403, f"{route.host} requires a client certificate", []
-        only_path = urlsplit(path).path if path.startswith(("http://", "https://")) else path.split("?", 1)[0]
+        only_path = target.path
         if not route.path_matches(only_path):
             return 404, f"no route for {only_path} on {route.host}", []
         method = req.method.decode("latin-1")
@@ -236,7 +252,8 @@ class L7:
         return None
 
     def _headers(self, req: RequestHead, route: Route, client: ClientConn) -> Headers:
-        headers = clean_headers(req.headers, drop={h.encode("latin-1") for h in route.remove_headers})
+        drop = {h.encode("latin-1") for h in route.remove_headers} | IDENTITY_HEADERS
+        headers = clean_headers(req.headers, drop=drop)
         fwd = forwarded_for(headers, peer_ip=client.ip, scheme=client.scheme, host=host_of(req),
                             trusted_hops=self.cfg.trusted_hops)
         xfcc = None
@@ -274,7 +291,7 @@ class Redirector:
             self.conn_limit.leave()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        await serve_http(HttpConn(stream, "request"), self.handle)
+        await serve_http(HttpConn(stream, "request", self.cfg.http.headers), self.handle)
 
     def location(self, host_header: str, target: str) -> str:
         host, port = split_host_port(host_header)
@@ -288,7 +305,12 @@ class Redirector:
         if not host:
             await send_error(conn, 400, "a Host header is needed to redirect to https")
             return False
-        location = self.location(host.decode("latin-1").strip(), req.target.decode("latin-1"))
+        try:
+            target = normalise_target(req.target, req.method, self.cfg.http.path).target
+        except PathError as exc:
+            await send_error(conn, 400, str(exc), close=not req.keep_alive or request_has_body(req))
+            return not request_has_body(req)
+        location = self.location(host.decode("latin-1").strip(), target.decode("ascii"))
         body = f"moved to {location}\n".encode()
         await conn.send(simple_response(301, body, extra=[(b"Location", location.encode("latin-1"))],
                                         close=not req.keep_alive or request_has_body(req)))

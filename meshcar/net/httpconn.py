@@ -7,7 +7,7 @@ from collections import deque
 import trio
 
 from meshcar.net.tlsstream import TLSStream, socket_readable
-from meshcar.proto.http1 import Event, Http1Parser
+from meshcar.proto.http1 import DEFAULT_HEADER_POLICY, Event, HeaderPolicy, Http1Parser
 
 READ_SIZE = 64 * 1024
 
@@ -25,9 +25,10 @@ def stream_has_unread(stream: trio.abc.Stream) -> bool:
 
 
 class HttpConn:
-    def __init__(self, stream: trio.abc.Stream, kind: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, kind: str,
+                 policy: HeaderPolicy = DEFAULT_HEADER_POLICY) -> None:
         self.stream = stream
-        self.parser = Http1Parser(kind)
+        self.parser = Http1Parser(kind, policy)
         self._pending: deque[Event] = deque()
         self.eof = False
         self.bytes_received = 0

@@ -35,8 +35,36 @@ from meshcar.errors import ProtocolError
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
+MAX_HEADER_VALUE_BYTES = 16 * 1024  # nginx and Apache: 8 KiB a line; room for big JWTs and cookies
+UNDERSCORE_ACTIONS = ("reject", "drop")
 
 Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What a listener accepts in request headers (the same policy on every listener).
+
+    `underscores`: a header name containing `_` is refused with 400 (`reject`, Envoy's
+    REJECT_REQUEST) or removed before anything sees it (`drop`, Envoy's DROP_HEADER): many
+    frameworks fold `_` into `-` (CGI, nginx's underscores_in_headers), so
+    `X_Forwarded_Client_Cert` could pass for a header meshcar strips. `max_count` header
+    lines (dropped ones included; 431 beyond), `max_value_bytes` per value (431 beyond); the
+    whole head stays within MAX_HEAD_BYTES. Response heads keep the fixed defaults.
+    """
+
+    underscores: str = "reject"
+    max_count: int = MAX_HEADERS
+    max_value_bytes: int = MAX_HEADER_VALUE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.underscores not in UNDERSCORE_ACTIONS:
+            raise ValueError(f"underscores must be one of {UNDERSCORE_ACTIONS}")
+        if self.max_count < 1 or self.max_value_bytes < 1:
+            raise ValueError("header limits must be >= 1")
+
+
+DEFAULT_HEADER_POLICY = HeaderPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +129,12 @@ class _StopAtLeftover(Exception):
 class Http1Parser:
     """Parse one direction of an HTTP/1.1 connection into events (see module docstring)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, policy: HeaderPolicy = DEFAULT_HEADER_POLICY) -> None:
         if kind not in ("request", "response"):
             raise ValueError(kind)
         self._kind = kind
+        self._policy = policy if kind == "request" else DEFAULT_HEADER_POLICY
+        self._header_lines = 0
         self._events: list[Event] = []
         self._headers: Headers = []
         self._url = b""
@@ -205,17 +235,25 @@ class Http1Parser:
         self._url += reason  # the response's reason phrase shares the start-line buffer
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= MAX_HEADERS:
-            raise ProtocolError("too many headers", 431)
+        # httptools calls this once per complete header line (it joins llhttp's pieces).
+        policy = self._policy
+        self._header_lines += 1  # dropped headers count too
+        if self._header_lines > policy.max_count:
+            raise ProtocolError(f"more than {policy.max_count} headers", 431)
         self._count_head(len(name) + len(value) + 4)
+        if self._kind == "request" and len(value) > policy.max_value_bytes:
+            raise ProtocolError(f"header value larger than {policy.max_value_bytes} bytes", 431)
         if self._kind == "request" and b"_" in name:
             # Many frameworks fold `_` into `-` (CGI, nginx's underscores_in_headers), so
             # `X_Forwarded_Client_Cert` could pass for a header meshcar strips. Envoy's
-            # headers_with_underscores_action: REJECT_REQUEST.
-            raise ProtocolError(f"header name with an underscore: {name.decode('latin-1')[:64]}", 400)
+            # headers_with_underscores_action: REJECT_REQUEST, or DROP_HEADER (policy).
+            if policy.underscores == "reject":
+                raise ProtocolError(f"header name with an underscore: {name.decode('latin-1')[:64]}", 400)
+            return  # dropped: nothing downstream ever sees it
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._header_lines = 0
         self._in_head = False
         self._head_bytes = 0
         p: Any = self._parser  # HttpRequestParser or HttpResponseParser, per self._kind

@@ -18,6 +18,8 @@ from meshcar.errors import ConfigError, IdentityError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
+from meshcar.proto.http1 import MAX_HEAD_BYTES, UNDERSCORE_ACTIONS, HeaderPolicy
+from meshcar.proto.path import ESCAPED_SLASH_ACTIONS, PathOptions
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,15 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class HttpPolicy:
+    """The `http:` section (sidecar and edge alike): request-target normalisation and the
+    request header policy applied by every HTTP listener."""
+
+    path: PathOptions = PathOptions()
+    headers: HeaderPolicy = HeaderPolicy()
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     identity: IdentityConfig
     app: HostPort
@@ -83,6 +94,7 @@ class SidecarConfig:
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per upstream (net/limits.py)
+    http: HttpPolicy = HttpPolicy()
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
 
     @property
@@ -239,6 +251,41 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
                           float(refresh), ca_bundle_pem, k8s_token_file, vault)
 
 
+def parse_http(c: Checker, raw: Any) -> HttpPolicy:
+    """The `http:` section (shared by the sidecar and the edge); problems go to `c`."""
+    if raw is None:
+        return HttpPolicy()
+    if not isinstance(raw, dict):
+        c.bad("http", "must be a mapping {path: {...}, headers: {...}}")
+        return HttpPolicy()
+    c.unknown(raw, "http.", {"path", "headers"})
+    path = c.section(raw, "path", required=False)
+    c.unknown(path, "http.path.", {"merge_slashes", "escaped_slashes"})
+    merge = path.get("merge_slashes", True)
+    if not isinstance(merge, bool):
+        c.bad("http.path.merge_slashes", "must be true or false")
+        merge = True
+    slashes = path.get("escaped_slashes", "reject")
+    if slashes not in ESCAPED_SLASH_ACTIONS:
+        c.bad("http.path.escaped_slashes", f"must be one of {', '.join(ESCAPED_SLASH_ACTIONS)}")
+        slashes = "reject"
+    hdrs = c.section(raw, "headers", required=False)
+    c.unknown(hdrs, "http.headers.", {"underscores", "max_count", "max_value_bytes"})
+    under = hdrs.get("underscores", "reject")
+    if under not in UNDERSCORE_ACTIONS:
+        c.bad("http.headers.underscores", f"must be one of {', '.join(UNDERSCORE_ACTIONS)}")
+        under = "reject"
+    default = HeaderPolicy()
+    limits = {}
+    for key, top in (("max_count", 1000), ("max_value_bytes", MAX_HEAD_BYTES)):
+        val = hdrs.get(key, getattr(default, key))
+        if isinstance(val, bool) or not isinstance(val, int) or not (1 <= val <= top):
+            c.bad(f"http.headers.{key}", f"must be an integer between 1 and {top}")
+            val = getattr(default, key)
+        limits[key] = val
+    return HttpPolicy(PathOptions(merge, slashes), HeaderPolicy(under, **limits))
+
+
 def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
     p = "identity.vault"
     if not isinstance(raw, dict):
@@ -287,7 +334,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
-                         "drain_seconds", "timeouts", "limits"})
+                         "drain_seconds", "timeouts", "limits", "http"})
+    http = parse_http(c, data.get("http"))
 
     identity = parse_identity(c, data)
     net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
@@ -377,6 +425,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         pool_idle_seconds=float(pool_idle),
         timeouts=net_timeouts,
         limits=net_limits,
+        http=http,
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
     )
 

@@ -2,9 +2,10 @@
 
 Each connection: TLS 1.3 handshake requiring a client certificate that chains to the trust
 bundle (OpenSSL checks chain and dates), then the SPIFFE rules on the leaf (`tls.svid`),
-then per request: the caller's identity against the allow list (403 with a clear body
-otherwise), client-sent identity headers removed, our own XFCC added, and the request
-forwarded to the app on localhost over a keep-alive pool.
+then per request: the request target normalised (`proto.path`; 400 when it cannot be,
+and the app receives the normalised target), the caller's identity against the allow list
+(403 with a clear body otherwise), client-sent identity headers removed, our own XFCC
+added, and the request forwarded to the app on localhost over a keep-alive pool.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from meshcar.net.proxying import proxy_request
 from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
+from meshcar.proto.path import PathError, normalise_target
 from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import AppDialer
@@ -95,7 +97,7 @@ class Inbound:
             problem = ""
         except IdentityError as exc:
             peer, problem = None, str(exc)
-        conn = HttpConn(ssl_stream, "request")
+        conn = HttpConn(ssl_stream, "request", self.cfg.http.headers)
         await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem),
                          drain=self.drain, timeouts=self.cfg.timeouts)
 
@@ -105,7 +107,15 @@ class Inbound:
         peer_id = peer.spiffe_id if peer else None
         me = self.cfg.identity.spiffe_id
         status, bytes_in, bytes_out, keep = 0, 0, 0, True
+        path = req.target.decode("latin-1")
         try:
+            try:
+                target = normalise_target(req.target, req.method, self.cfg.http.path).target
+            except PathError as exc:
+                status, keep = 400, not request_has_body(req)
+                await send_error(down, 400, str(exc), close=not keep)
+                return keep
+            path = target.decode("ascii")
             if peer is None or peer.spiffe_id not in self.allow:
                 msg = (f"caller certificate rejected: {problem}" if peer is None
                        else f"{peer.spiffe_id} is not allowed to call {me}")
@@ -115,7 +125,7 @@ class Inbound:
                 return keep
             headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
             headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
-            head = request_bytes(req, req.target, headers)
+            head = request_bytes(req, target, headers)
             try:
                 ex = await proxy_request(down, req, head, self.pool, "app", keep_response_headers,
                                          response_timeout=self.response_timeout,
@@ -135,7 +145,7 @@ class Inbound:
             dur = time.perf_counter() - start
             self.metrics.observe_request("inbound", status, dur)
             log_request(direction="inbound", peer=peer_id, method=req.method.decode("latin-1"),
-                        path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
+                        path=path, status=status, bytes_in=bytes_in,
                         bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
 
 

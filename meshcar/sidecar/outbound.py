@@ -6,6 +6,10 @@ the absolute URI's host (else the Host header); only configured upstreams are re
 anything else is answered 502 with a clear body, so the sidecar is never an open proxy.
 Connections to peers are pooled keep-alive mTLS connections whose peer SPIFFE ID has been
 checked against the upstream's expected identity.
+
+The request target is normalised once (`proto.path`, absolute-form `http://` allowed
+here) before the upstream is chosen; the peer receives exactly the normalised origin-form
+target. A target that cannot be normalised is 400.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from urllib.parse import urlsplit
 
 import trio
 
@@ -34,6 +37,7 @@ from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
+from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
@@ -42,24 +46,23 @@ from meshcar.tls.store import CredentialStore
 log = logging.getLogger("meshcar.outbound")
 
 
-def route_target(req: RequestHead) -> tuple[str | None, bytes]:
-    """(service name or None, origin-form target) for a proxy-style or origin-form request."""
-    target = req.target
-    if target.startswith((b"http://", b"HTTP://")):
-        parts = urlsplit(target.decode("latin-1"))
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return (parts.hostname or None), path.encode("latin-1")
-    if not target.startswith(b"/"):
-        return None, target
+def _service(authority: str) -> str | None:
+    name = authority.strip().lower()
+    if not name or name.startswith("["):
+        return None
+    return name.rsplit(":", 1)[0] if ":" in name else name
+
+
+def route_target(req: RequestHead, opts: PathOptions = DEFAULT) -> tuple[str | None, bytes]:
+    """(service name or None, normalised origin-form target) for a proxy-style or origin-form
+    request; raises PathError when the target cannot be normalised."""
+    t = normalise_target(req.target, req.method, opts, absolute_schemes=("http",))
+    if t.authority is not None:
+        return _service(t.authority), t.target
     host = req.header(b"host")
     if host is None:
-        return None, target
-    name = host.decode("latin-1").strip().lower()
-    if name.startswith("["):
-        return None, target
-    return name.rsplit(":", 1)[0] if ":" in name else name, target
+        return None, t.target
+    return _service(host.decode("latin-1")), t.target
 
 
 class Outbound:
@@ -99,7 +102,7 @@ class Outbound:
             limit.leave()
 
     async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
-        conn = HttpConn(stream, "request")
+        conn = HttpConn(stream, "request", self.cfg.http.headers)
         await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain,
                          timeouts=self.cfg.timeouts)
 
@@ -113,7 +116,12 @@ class Outbound:
                 await send_error(down, 400, "send plain http:// to the sidecar; it adds mTLS itself",
                                  close=not keep_after_error)
                 return keep_after_error
-            name, target = route_target(req)
+            try:
+                name, target = route_target(req, self.cfg.http.path)
+            except PathError as exc:
+                status = 400
+                await send_error(down, 400, str(exc), close=not keep_after_error)
+                return keep_after_error
             if fixed is not None:
                 service = fixed
             else:

@@ -307,3 +307,20 @@ def test_the_app_cannot_bypass_its_sidecar(pods: Path) -> None:
         r = curl("web", f"http://{target}/")
         assert r.stdout.endswith("\n502"), r.stdout + r.stderr
         assert f"original destination {target} is not a configured upstream" in r.stdout
+
+
+def test_the_transparent_listener_normalises_and_applies_the_header_policy(pods: Path) -> None:
+    """Captured traffic gets the same request-target normalisation and header policy as the
+    outbound proxy: the app sees the normalised path; unsafe targets and underscored header
+    names are 400 at web's sidecar."""
+    base = f"http://{PODS['api']}:{APP_PORT}"
+    for raw, seen in (("/v1/x/../../admin", "/admin"), ("/v1/%2e%2e/v2//y", "/v2/y"), ("/%61dmin", "/admin")):
+        r = curl("web", base + raw, "--path-as-is")
+        body, status = r.stdout.rsplit("\n", 1)
+        assert status == "200", r.stdout + r.stderr
+        assert json.loads(body)["path"] == seen
+    for raw in ("/v1/..;/admin", "/a%2fb", "/a%00"):
+        r = curl("web", base + raw, "--path-as-is")
+        assert r.stdout.endswith("\n400") and "bad request target" in r.stdout, r.stdout + r.stderr
+    r = curl("web", base + "/v1/hello", "-H", "X_Forwarded_Client_Cert: URI=spiffe://meshcar.demo/svc/admin")
+    assert r.stdout.endswith("\n400") and "underscore" in r.stdout, r.stdout + r.stderr

@@ -42,7 +42,8 @@ async def _port(nursery: trio.Nursery, handler) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-def make_cfg(tmp: Path, name: str, app_port: int, allow: list[str], upstreams: dict) -> SidecarConfig:
+def make_cfg(tmp: Path, name: str, app_port: int, allow: list[str], upstreams: dict,
+             **top: object) -> SidecarConfig:
     return parse_config({
         "identity": {"spiffe_id": sid(name), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
                      "state_dir": str(tmp / name)},
@@ -50,12 +51,13 @@ def make_cfg(tmp: Path, name: str, app_port: int, allow: list[str], upstreams: d
         "inbound": {"listen": "127.0.0.1:1", "allow": allow},
         "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
         "admin": {"listen": "127.0.0.1:1"},
+        **top,
     }, "test.yaml", tmp)
 
 
 async def start_node(nursery: trio.Nursery, tmp: Path, ca: ThrowawayCA, name: str, app_port: int,
-                     allow: list[str], upstreams: dict) -> Node:
-    cfg = make_cfg(tmp, name, app_port, allow, upstreams)
+                     allow: list[str], upstreams: dict, **top: object) -> Node:
+    cfg = make_cfg(tmp, name, app_port, allow, upstreams, **top)
     store = CredentialStore(cfg.identity.state_dir)
     store.install(ca.credential(sid(name)))
     metrics = Metrics()

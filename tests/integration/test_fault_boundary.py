@@ -50,10 +50,10 @@ async def test_sidecar_outbound_survives_a_handler_bug(mesh: Mesh, nursery: trio
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     real = outbound_mod.route_target
 
-    def sometimes_buggy(req):  # noqa: ANN001, ANN202
+    def sometimes_buggy(req, *args):  # noqa: ANN001, ANN002, ANN202
         if b"boom" in req.target:
             raise RuntimeError("injected bug")
-        return real(req)
+        return real(req, *args)
 
     monkeypatch.setattr(outbound_mod, "route_target", sometimes_buggy)
     node = mesh.client
