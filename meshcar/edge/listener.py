@@ -214,6 +214,10 @@ class TLSListener:
         try:
             if state is None:
                 raise UpstreamError(f"no healthy endpoint for {route.host}", 503)
+            if sum(s.active for s in balancer.states) >= self.cfg.limits.max_upstream_connections:
+                self.metrics.upstream_refusals.labels(route.host).inc()
+                raise UpstreamError(f"upstream connection limit ({self.cfg.limits.max_upstream_connections}) "
+                                    "reached", 503)
             state.active += 1
             counted = True
             up = await open_tcp(state.endpoint.host, state.endpoint.port, local_address=route.source_address)

@@ -6,7 +6,8 @@ closes; a client that stops reading a large response (small SO_RCVBUF) is closed
 is the upstream leg; an upstream whose response body stalls ends both connections. Other
 clients are served meanwhile. Limits: over a listener's limit an HTTP listener answers 503
 (`Connection: close`, JSON) and a TLS listener closes before the handshake; over an
-upstream's limit the request is 503 `upstream connection limit`; both are counted in
+upstream's limit the request is 503 `upstream connection limit` (a passthrough connection
+is closed); both are counted in
 Prometheus and the listener serves again once the limit clears. Closing is asserted, never
 its timing.
 """
@@ -33,6 +34,7 @@ from tests.integration.edge_fixtures import public_pki, start_edge, terminate_ro
 from tests.support.bad_backend import BadBackend
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
+from tests.support.tls_backend import serve_tls_backend
 
 FAST = {"request_body_seconds": 1, "write_seconds": 1, "response_body_seconds": 1}
 BIG = 64 * 1024 * 1024  # far more than any socket buffers on the way
@@ -124,8 +126,13 @@ class EdgeClient:
         self.ctx = ssl.create_default_context(cafile=str(ca_file))
 
     async def open(self, rcvbuf: int | None = None) -> trio.SSLStream:
-        stream = trio.SSLStream(await connect(self.port, rcvbuf=rcvbuf), self.ctx, server_hostname=self.host)
-        await stream.do_handshake()
+        tcp = await connect(self.port, rcvbuf=rcvbuf)
+        stream = trio.SSLStream(tcp, self.ctx, server_hostname=self.host)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
         return stream
 
     async def get(self, target: str) -> tuple[int, bytes]:
@@ -343,3 +350,25 @@ async def test_upstream_connection_limit_is_503_and_recovers(via: str, tmp_path:
     assert pool.open_count(group) == 1
     if via == "edge":
         await edge.aclose()
+
+
+async def test_edge_passthrough_upstream_limit_closes_and_recovers(tmp_path: Path, nursery: trio.Nursery) -> None:
+    pki = public_pki(tmp_path)
+    pay = await serve_tls_backend(nursery, pki.backend_context("pay.test"), [])
+    edge = await start_edge(nursery, tmp_path, [
+        {"host": "pay.test", "mode": "passthrough", "backend": {"endpoints": [f"127.0.0.1:{pay}"]}}],
+        limits={"max_upstream_connections": 1})
+    client = EdgeClient(edge.https, pki.ca_file, host="pay.test")
+    state = edge.backends.balancers["pay.test"].states[0]
+    first = await client.open()  # relayed end to end; the backend waits for its request
+    await wait_until(lambda: state.active == 1)
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+        await client.open()  # the edge closes: no relay over the backend's limit
+    assert metric(edge.metrics, "meshcar_upstream_connections_refused_total", upstream="pay.test") == 1
+    status, _ = await request(first, "/", "pay.test")
+    await first.aclose()
+    assert status == 200
+    await wait_until(lambda: state.active == 0)
+    status, _ = await client.get("/")
+    assert status == 200
+    await edge.aclose()
