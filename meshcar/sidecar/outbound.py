@@ -53,16 +53,17 @@ def _service(authority: str) -> str | None:
     return name.rsplit(":", 1)[0] if ":" in name else name
 
 
-def route_target(req: RequestHead, opts: PathOptions = DEFAULT) -> tuple[str | None, bytes]:
-    """(service name or None, normalised origin-form target) for a proxy-style or origin-form
-    request; raises PathError when the target cannot be normalised."""
+def route_target(req: RequestHead, opts: PathOptions = DEFAULT) -> tuple[str | None, bytes, str | None]:
+    """(service name or None, normalised origin-form target, authority of an absolute-form
+    target or None) for a proxy-style or origin-form request; raises PathError when the
+    target cannot be normalised."""
     t = normalise_target(req.target, req.method, opts, absolute_schemes=("http",))
     if t.authority is not None:
-        return _service(t.authority), t.target
+        return _service(t.authority), t.target, t.authority
     host = req.header(b"host")
     if host is None:
-        return None, t.target
-    return _service(host.decode("latin-1")), t.target
+        return None, t.target, None
+    return _service(host.decode("latin-1")), t.target, None
 
 
 class Outbound:
@@ -117,7 +118,7 @@ class Outbound:
                                  close=not keep_after_error)
                 return keep_after_error
             try:
-                name, target = route_target(req, self.cfg.http.path)
+                name, target, authority = route_target(req, self.cfg.http.path)
             except PathError as exc:
                 status = 400
                 await send_error(down, 400, str(exc), close=not keep_after_error)
@@ -135,7 +136,12 @@ class Outbound:
                     f"upstreams ({known})", close=not keep_after_error)
                 return keep_after_error
             headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
-            if req.header(b"host") is None:
+            if authority is not None:
+                # RFC 9112 3.2.2: an absolute-form target's authority replaces Host, so the
+                # peer sees the host the request was routed on, not another the client wrote
+                headers = [h for h in headers if h[0].lower() != b"host"]
+                headers.append((b"Host", authority.encode("ascii")))
+            elif req.header(b"host") is None:
                 headers.append((b"Host", service.encode()))
             head = request_bytes(req, target, headers)
             try:

@@ -215,3 +215,25 @@ async def test_configured_policy_drop_keep_and_no_merge(tmp_path: Path, nursery:
     got = await raw_exchange(env.http, req(b"/a/../b%2e"))
     assert b"Location: https://www.test/b.\r\n" in got
     await env.aclose()
+
+
+@pytest.mark.parametrize(("hops", "xff", "seen"), [
+    (2, b"6.6.6.6", ["127.0.0.1"]),  # fewer entries than trusted hops: the socket peer
+    (2, b"", ["127.0.0.1"]),
+    (2, b"6.6.6.6, junk", ["127.0.0.1"]),
+    (2, b"6.6.6.6, 7.7.7.7", ["6.6.6.6, 7.7.7.7, 127.0.0.1"]),
+    (1, b"5.5.5.5, 6.6.6.6, 7.7.7.7", ["7.7.7.7, 127.0.0.1"]),
+])
+async def test_trusted_hops_through_a_real_edge(tmp_path: Path, nursery: trio.Nursery, hops: int,
+                                                xff: bytes, seen: list[str]) -> None:
+    pki = public_pki(tmp_path)
+    echo = await serve_echo(nursery)
+    env = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)], trusted_hops=hops)
+    extra = (b"X-Forwarded-For: " + xff + b"\r\n" if xff else b"") + b"X-Forwarded-Proto: http\r\n"
+    out = await tls_exchange(env.https, pki.ca_file, "www.test", req(b"/", extra=extra))
+    assert status_of(out) == 200, out[:300]
+    h = headers_of(out.partition(b"\r\n\r\n")[2].decode())
+    assert h["x-forwarded-for"] == seen
+    # the proxy's scheme is believed only with a complete chain
+    assert h["x-forwarded-proto"] == (["http"] if len(seen[0].split(",")) > 1 else ["https"])
+    await env.aclose()

@@ -161,3 +161,16 @@ async def test_configured_policy_on_both_sidecars(tmp_path: Path, nursery: trio.
     assert status_of(out) == 431
     out = await raw_exchange(client.outbound_port, req(b"http://api/", extra=b"X: " + b"v" * 512 + b"\r\n"))
     assert status_of(out) == 200
+
+
+@pytest.mark.parametrize(("target", "host", "seen"), [
+    (b"http://api/x", b"evil.test", "api"),
+    (b"http://API:8080/x", b"api", "API:8080"),
+    (b"/x", b"api", "api"),
+])
+async def test_absolute_form_authority_replaces_host(mesh: Mesh, target: bytes, host: bytes,
+                                                     seen: str) -> None:
+    """RFC 9112 3.2.2: the peer sees the host the outbound routed on, never another Host."""
+    out = await raw_exchange(mesh.client.outbound_port, req(target, host=host))
+    assert status_of(out) == 200, out[:300]
+    assert app_saw(out)["headers"]["host"] == [seen]
