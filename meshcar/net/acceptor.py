@@ -105,13 +105,16 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
 
 async def serve_sockets(handler: Handler, host: str, port: int, *,
                         on_error: Callable[[str], None] | None = None,
+                        handler_nursery: trio.Nursery | None = None,
                         task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; `task_status.started` gets the bound listening sockets."""
+    """Serve until cancelled; `task_status.started` gets the bound listening sockets.
+    Handlers run in `handler_nursery` if given (as `trio.serve_listeners`), so cancelling
+    the listener closes the listening sockets but not the connections already accepted."""
     listeners = bind_listeners(host, port)
     try:
         async with trio.open_nursery() as nursery:
             for lsock in listeners:
-                nursery.start_soon(_accept_loop, lsock, handler, nursery, on_error)
+                nursery.start_soon(_accept_loop, lsock, handler, handler_nursery or nursery, on_error)
             task_status.started(listeners)
     finally:
         for lsock in listeners:

@@ -3,7 +3,8 @@
 Start order: admin listener first (so /live and /ready answer at once, /ready false), then
 the identity (bootstrap; no mesh traffic is accepted before a certificate exists), then the
 inbound and outbound listeners, all started with `nursery.start` so ports are bound before
-anything reports ready. SIGTERM/SIGINT stop accepting and exit.
+anything reports ready. The process shell (net/shell.py) owns the root nursery, readiness
+while draining, SIGTERM/SIGINT -> drain -> exit and the exit codes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import datetime as dt
 import json
 import logging
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,8 +26,8 @@ from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.rotate import Rotator
 from meshcar.identity.vaultclient import VaultClient
-from meshcar.net.drain import Drain
 from meshcar.net.guard import guarded
+from meshcar.net.shell import Shell, run_process
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import (
@@ -74,11 +74,7 @@ class Sidecar:
         )
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
-        self.listening = False
-        self._cancel: trio.CancelScope | None = None
-        self._services: trio.Nursery | None = None
-        self._listen_scope: trio.CancelScope | None = None
-        self._drain = Drain()
+        self.shell = Shell("sidecar", cfg.drain_seconds)
 
     # -- admin hooks -----------------------------------------------------------------------
 
@@ -87,11 +83,8 @@ class Sidecar:
             return False, "no certificate yet"
         if not self.store.is_valid_now():
             return False, f"certificate expired and not yet renewed ({self.rotator.reason})"
-        if not self.listening:
-            return False, "listeners not started"
-        if self._drain.draining:
-            return False, "draining"
-        return True, "ok"
+        problem = self.shell.not_ready()
+        return (False, problem) if problem else (True, "ok")
 
     def certs(self) -> dict:
         cred = self.store.credential
@@ -118,31 +111,23 @@ class Sidecar:
         return {"renewed": True, "how": how, "previous_serial": before, **self.certs()}
 
     def shutdown(self) -> None:
-        if self._services is not None:
-            self._services.start_soon(self.drain, self.cfg.drain_seconds)
+        self.shell.stop_soon()
 
     # -- run ---------------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *,
                   handle_signals: bool = True) -> None:
         """Serve until cancelled, a signal (if `handle_signals`) or POST /shutdown drains us."""
-        with trio.CancelScope() as scope:
-            self._cancel = scope
-            try:
-                async with trio.open_nursery() as conns:  # connection handlers
-                    async with trio.open_nursery() as services:
-                        self._services = services
-                        await self._start(services, conns)
-                        task_status.started()
-                        if handle_signals:
-                            services.start_soon(self._drain_on_signals)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.inbound.aclose()
-                    await self.outbound.aclose()
+        await self.shell.run(self._start, cleanup=self._close, handle_signals=handle_signals,
+                             task_status=task_status)
 
-    async def _start(self, services: trio.Nursery, conns: trio.Nursery) -> None:
+    async def _close(self) -> None:
+        await self.inbound.aclose()
+        await self.outbound.aclose()
+
+    async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
+        services, conns = shell.services, shell.conns
         admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
                             cfg.admin_public_paths)
         await _listen(services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics)
@@ -150,52 +135,36 @@ class Sidecar:
         services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
         services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
-        await services.start(self._serve_mesh, conns)
-        self.listening = True
+        await shell.serve_traffic(partial(self._serve_mesh, conns))
         _event("sidecar.ready", spiffe_id=cfg.identity.spiffe_id, inbound=str(cfg.inbound_listen),
                outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None)
 
-    async def _serve_mesh(self, conns: trio.Nursery,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The traffic listeners, in their own cancel scope so draining can stop them alone."""
+    @property
+    def listening(self) -> bool:
+        return self.shell.listening
+
+    async def _serve_mesh(self, conns: trio.Nursery, ln: trio.Nursery) -> None:
+        """The traffic listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
-        self.inbound.drain = self.outbound.drain = self._drain
-        with trio.CancelScope() as self._listen_scope:
-            async with trio.open_nursery() as ln:
-                await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound",
+        self.inbound.drain = self.outbound.drain = self.shell.drain
+        await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound",
+                      self.metrics)
+        if cfg.outbound_listen is not None:
+            await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns,
+                          "outbound", self.metrics)
+        if cfg.transparent_listen is not None:
+            await _listen(ln, Transparent(cfg, self.outbound).handle_connection,
+                          cfg.transparent_listen, conns, "transparent", self.metrics)
+        for up in cfg.upstreams:
+            if up.local_port is not None:
+                await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),
+                              HostPort("127.0.0.1", up.local_port), conns, "outbound",
                               self.metrics)
-                if cfg.outbound_listen is not None:
-                    await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns,
-                                  "outbound", self.metrics)
-                if cfg.transparent_listen is not None:
-                    await _listen(ln, Transparent(cfg, self.outbound).handle_connection,
-                                  cfg.transparent_listen, conns, "transparent", self.metrics)
-                for up in cfg.upstreams:
-                    if up.local_port is not None:
-                        await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),
-                                      HostPort("127.0.0.1", up.local_port), conns, "outbound",
-                                      self.metrics)
-                task_status.started()
 
-    async def drain(self, grace: float = 10.0) -> None:
-        """Stop accepting, let requests in flight finish (up to `grace` s), then stop."""
-        if self._drain.draining:
-            return
-        self._drain.draining = True
-        _event("sidecar.draining", in_flight=self._drain.in_flight, grace_seconds=grace)
-        if self._listen_scope is not None:
-            self._listen_scope.cancel()
-        with trio.move_on_after(grace):
-            await self._drain.wait_idle()
-        if self._cancel is not None:
-            self._cancel.cancel()
-
-    async def _drain_on_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for sig in signals:
-                _event("sidecar.stopping", signal=signal.Signals(sig).name)
-                await self.drain(self.cfg.drain_seconds)
-                return
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish (up to `grace` s, default
+        drain_seconds), then stop."""
+        await self.shell.stop(grace)
 
 
 async def _listen(nursery: trio.Nursery, handler, where: HostPort, conns: trio.Nursery,
@@ -231,18 +200,4 @@ def main(argv: list[str]) -> int:
         print(f"meshcar sidecar: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    try:
-        trio.run(Sidecar(cfg).run)
-    except (OSError, BaseExceptionGroup) as exc:
-        err = first_leaf(exc)
-        if isinstance(err, KeyboardInterrupt):
-            pass
-        elif isinstance(err, OSError):
-            print(f"meshcar sidecar: {err}", file=sys.stderr)
-            return 1
-        else:
-            raise
-    except KeyboardInterrupt:
-        pass
-    _event("sidecar.stopped")
-    return 0
+    return run_process("sidecar", Sidecar(cfg).run)
