@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+import meshcar_spiffe
 from meshcar.errors import IdentityError
-from meshcar.identity.spiffe import SpiffeId
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,10 @@ def svid_from_cert(cert: x509.Certificate, der: bytes, *, trust_domain: str | No
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise IdentityError(f"an X509-SVID has exactly one URI SAN; this one has {len(uris)}")
-    sid = SpiffeId.parse(uris[0])
+    try:
+        sid = meshcar_spiffe.parse(uris[0])
+    except meshcar_spiffe.InvalidSpiffeId as exc:
+        raise IdentityError(f"peer certificate's URI SAN: {exc}") from None
     if trust_domain is not None and sid.trust_domain != trust_domain:
         raise IdentityError(f"peer {sid} is not in trust domain {trust_domain}")
     now = now or dt.datetime.now(dt.UTC)
