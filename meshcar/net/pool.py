@@ -19,10 +19,11 @@ UpstreamError 503 "upstream connection limit" and calls `on_refused(group)`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from meshcar.errors import UpstreamError
 from meshcar.net.httpconn import HttpConn
@@ -63,7 +64,7 @@ class Pool:
 
     async def acquire(self, key: str) -> tuple[Pooled, bool]:
         stack = self._stacks.setdefault(key, _Stack())
-        now = time.monotonic()
+        now = trio.current_time()  # trio's clock, like every other timeout (mock clock in tests)
         while stack.idle:
             p = stack.idle.pop()
             # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
@@ -115,7 +116,7 @@ class Pool:
         stack = self._stacks.setdefault(p.key, _Stack())
         if (reusable and not self.retired and len(stack.idle) < self.max_idle
                 and p.conn.clean_idle()):
-            p.idle_since = time.monotonic()
+            p.idle_since = trio.current_time()
             p.requests += 1
             stack.idle.append(p)
         else:
