@@ -19,8 +19,8 @@ from pathlib import Path
 
 import trio
 
+from meshcar.common.accesslog import setup_logging
 from meshcar.errors import ConfigError
-from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import SidecarConfig, load_config
 from meshcar.sidecar.main import Sidecar, first_leaf
 

@@ -10,7 +10,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from meshcar.sidecar.config import HostPort
+from meshcar.common.config import HostPort
 
 
 class RateLimiter:

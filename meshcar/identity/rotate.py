@@ -26,16 +26,34 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import trio
 from cryptography import x509
 
-from meshcar.admin.metrics import Metrics
 from meshcar.identity.caclient import CAClient, CAError
 from meshcar.identity.vaultclient import VaultClient
 from meshcar.tls.store import Credential, CredentialStore
 
 log = logging.getLogger("meshcar.identity")
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class RotationMetrics(Protocol):
+    """What the loop reports to (admin/metrics.py's `Metrics` is one): passed in, so identity/
+    does not import the admin layer above it."""
+
+    @property
+    def cert_not_after(self) -> _Gauge: ...
+    @property
+    def bundle_version(self) -> _Gauge: ...
+    @property
+    def identity_expired(self) -> _Gauge: ...
+    @property
+    def renewals(self) -> Any: ...  # a Counter by result: renewals.labels(result).inc()
 
 
 def renew_delay(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime,
@@ -76,7 +94,7 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
 
 class Rotator:
     def __init__(self, store: CredentialStore, client: CAClient | VaultClient, spiffe_id: str, *,
-                 token_file: Path | None, metrics: Metrics, ttl_seconds: int | None = None,
+                 token_file: Path | None, metrics: RotationMetrics, ttl_seconds: int | None = None,
                  fraction: float = 2 / 3, jitter: float = 0.1,
                  k8s_token_file: Path | None = None,
                  clock: Callable[[], dt.datetime] | None = None) -> None:

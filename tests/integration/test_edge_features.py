@@ -16,10 +16,10 @@ import httpx
 import pytest
 import trio
 
+from meshcar.common import accesslog
 from meshcar.edge.config import parse_edge_config
 from meshcar.edge.health import health_loop
 from meshcar.edge.main import Edge, Gauge
-from meshcar.sidecar import accesslog
 from meshcar.tls.store import CredentialStore
 from tests.integration.conftest import sid, start_node
 from tests.integration.edge_fixtures import (

@@ -1,0 +1,1 @@
+"""What the roles (sidecar, edge) share: sits above identity and admin, below the roles."""

@@ -1,0 +1,287 @@
+"""Configuration pieces the roles share: the checker that collects every problem with its
+file and key, HOST:PORT values, the `identity:` and `http:` sections (sidecar and edge alike).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshcar.errors import IdentityError
+from meshcar.identity.spiffe import SpiffeId
+from meshcar.proto.http1 import MAX_HEAD_BYTES, UNDERSCORE_ACTIONS, HeaderPolicy
+from meshcar.proto.path import ESCAPED_SLASH_ACTIONS, PathOptions
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+@dataclass(frozen=True)
+class VaultIdentity:
+    """Issue directly from Vault/OpenBao PKI (`identity.vault`), instead of the CA API."""
+
+    addrs: tuple[str, ...]  # one node, or the nodes of one HA cluster (tried in turn)
+    role: str
+    mount: str = "pki_int"
+    token_file: Path | None = None
+    approle_role_id_file: Path | None = None
+    approle_secret_id_file: Path | None = None
+    ca_cert: Path | None = None
+    connect_timeout_seconds: float = 2.0
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    spiffe_id: str
+    ca_url: str | None  # the CA API (None when identity.vault is used)
+    ca_bundle: Path | None  # file with the root(s) of the CA API's certificate ...
+    token_file: Path | None
+    state_dir: Path
+    ttl_seconds: int | None = None
+    renew_fraction: float = 2 / 3
+    bundle_refresh_seconds: float = 300.0
+    ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or the PEM inline
+    k8s_token_file: Path | None = None  # projected service-account token (Kubernetes)
+    vault: VaultIdentity | None = None
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """The `http:` section (sidecar and edge alike): request-target normalisation and the
+    request header policy applied by every HTTP listener."""
+
+    path: PathOptions = PathOptions()
+    headers: HeaderPolicy = HeaderPolicy()
+
+class Checker:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def bad(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {msg}")
+
+    def section(self, data: dict, key: str, required: bool = True) -> dict:
+        val = data.get(key)
+        if val is None:
+            if required:
+                self.bad(key, "missing section")
+            return {}
+        if not isinstance(val, dict):
+            self.bad(key, "must be a mapping")
+            return {}
+        return val
+
+    def unknown(self, data: dict, prefix: str, allowed: set[str]) -> None:
+        for k in data:
+            if k not in allowed:
+                self.bad(f"{prefix}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def string(self, data: dict, key: str, path: str, required: bool = True) -> str | None:
+        val = data.get(key)
+        if val is None:
+            if required:
+                self.bad(path, "missing")
+            return None
+        if not isinstance(val, str) or not val:
+            self.bad(path, "must be a non-empty string")
+            return None
+        return val
+
+    def path(self, data: dict, key: str, path: str, required: bool = True) -> Path | None:
+        s = self.string(data, key, path, required)
+        if s is None:
+            return None
+        p = Path(s)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def spiffe(self, val: Any, path: str) -> str | None:
+        if not isinstance(val, str):
+            self.bad(path, "must be a SPIFFE ID string")
+            return None
+        try:
+            return str(SpiffeId.parse(val))
+        except IdentityError as exc:
+            self.bad(path, str(exc))
+            return None
+
+    def port(self, val: Any, path: str) -> int | None:
+        if isinstance(val, bool) or not isinstance(val, int) or not (1 <= val <= 65535):
+            self.bad(path, f"must be a port number 1-65535, got {val!r}")
+            return None
+        return val
+
+    def hostports(self, val: Any, path: str, *, required: bool) -> list[HostPort]:
+        """A list of HOST:PORT (non-empty if `required`); each bad entry reported."""
+        if not isinstance(val, list) or (required and not val):
+            self.bad(path, f"must be a {'non-empty ' if required else ''}list of HOST:PORT")
+            return []
+        out = []
+        for i, e in enumerate(val):
+            hp = self.hostport(e, f"{path}[{i}]")
+            if hp:
+                out.append(hp)
+        return out
+
+    def hostport(self, val: Any, path: str, loopback_only: bool = False) -> HostPort | None:
+        if not isinstance(val, str) or ":" not in val:
+            self.bad(path, f"must be HOST:PORT, got {val!r}")
+            return None
+        host, _, port_s = val.rpartition(":")
+        host = host.strip("[]")
+        if not host:
+            self.bad(path, f"must be HOST:PORT, got {val!r}")
+            return None
+        try:
+            port = int(port_s)
+        except ValueError:
+            self.bad(path, f"port must be a number, got {port_s!r}")
+            return None
+        if self.port(port, path) is None:
+            return None
+        if loopback_only:
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    self.bad(path, f"must listen on loopback (the app's side), got {host}")
+                    return None
+            except ValueError:
+                if host != "localhost":
+                    self.bad(path, f"must be a loopback IP address, got {host!r}")
+                    return None
+        return HostPort(host, port)
+
+
+def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
+    """The `identity:` section (shared by the sidecar and the edge); problems go to `c`."""
+    ident = c.section(data, "identity")
+    c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
+                                   "ttl_seconds", "renew_fraction", "bundle_refresh_seconds",
+                                   "ca_bundle_pem", "k8s_token_file", "vault"})
+    sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
+    vault = _vault(c, ident.get("vault")) if ident.get("vault") is not None else None
+    if vault is not None:
+        for k in ("ca_url", "ca_bundle", "ca_bundle_pem", "token_file", "k8s_token_file"):
+            if ident.get(k) is not None:
+                c.bad(f"identity.{k}", "not used with identity.vault (Vault authenticates the workload)")
+    ca_url = (c.string(ident, "ca_url", "identity.ca_url")
+              if "identity" in data and "vault" not in ident else None)
+    if ca_url and not ca_url.startswith("https://"):
+        c.bad("identity.ca_url", "must be an https:// URL")
+    has_pem = ident.get("ca_bundle_pem") is not None
+    ca_bundle = (c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem)
+                 if "identity" in data and "vault" not in ident else None)
+    ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
+    if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
+        c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
+    if ca_bundle is not None and ca_bundle_pem is not None:
+        c.bad("identity.ca_bundle", "give either ca_bundle or ca_bundle_pem, not both")
+    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
+    k8s_token_file = c.path(ident, "k8s_token_file", "identity.k8s_token_file", required=False)
+    if token_file is not None and k8s_token_file is not None:
+        c.bad("identity.token_file", "give either token_file or k8s_token_file, not both")
+    state_dir = c.path(ident, "state_dir", "identity.state_dir") if "identity" in data else None
+    ttl = ident.get("ttl_seconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
+        c.bad("identity.ttl_seconds", "must be an integer >= 10")
+        ttl = None
+    frac = ident.get("renew_fraction", 2 / 3)
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.1 <= frac <= 0.9):
+        c.bad("identity.renew_fraction", "must be a number between 0.1 and 0.9")
+        frac = 2 / 3
+
+    refresh = ident.get("bundle_refresh_seconds", 300)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
+        c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
+        refresh = 300
+    if not (sid and state_dir):
+        return None
+    if vault is None and (not ca_url or (ca_bundle is None and ca_bundle_pem is None)):
+        return None
+    return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
+                          float(refresh), ca_bundle_pem, k8s_token_file, vault)
+
+
+def parse_http(c: Checker, raw: Any) -> HttpPolicy:
+    """The `http:` section (shared by the sidecar and the edge); problems go to `c`."""
+    if raw is None:
+        return HttpPolicy()
+    if not isinstance(raw, dict):
+        c.bad("http", "must be a mapping {path: {...}, headers: {...}}")
+        return HttpPolicy()
+    c.unknown(raw, "http.", {"path", "headers"})
+    path = c.section(raw, "path", required=False)
+    c.unknown(path, "http.path.", {"merge_slashes", "escaped_slashes"})
+    merge = path.get("merge_slashes", True)
+    if not isinstance(merge, bool):
+        c.bad("http.path.merge_slashes", "must be true or false")
+        merge = True
+    slashes = path.get("escaped_slashes", "reject")
+    if slashes not in ESCAPED_SLASH_ACTIONS:
+        c.bad("http.path.escaped_slashes", f"must be one of {', '.join(ESCAPED_SLASH_ACTIONS)}")
+        slashes = "reject"
+    hdrs = c.section(raw, "headers", required=False)
+    c.unknown(hdrs, "http.headers.", {"underscores", "max_count", "max_value_bytes"})
+    under = hdrs.get("underscores", "reject")
+    if under not in UNDERSCORE_ACTIONS:
+        c.bad("http.headers.underscores", f"must be one of {', '.join(UNDERSCORE_ACTIONS)}")
+        under = "reject"
+    default = HeaderPolicy()
+    limits = {}
+    for key, top in (("max_count", 1000), ("max_value_bytes", MAX_HEAD_BYTES)):
+        val = hdrs.get(key, getattr(default, key))
+        if isinstance(val, bool) or not isinstance(val, int) or not (1 <= val <= top):
+            c.bad(f"http.headers.{key}", f"must be an integer between 1 and {top}")
+            val = getattr(default, key)
+        limits[key] = val
+    return HttpPolicy(PathOptions(merge, slashes), HeaderPolicy(under, **limits))
+
+
+def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
+    p = "identity.vault"
+    if not isinstance(raw, dict):
+        c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
+        return None
+    c.unknown(raw, p + ".", {"addr", "role", "mount", "token_file", "approle_role_id_file",
+                             "approle_secret_id_file", "ca_cert", "connect_timeout_seconds",
+                             "timeout_seconds"})
+    raw_addr = raw.get("addr")
+    addrs: list[str] = []
+    if raw_addr is None:
+        c.bad(p + ".addr", "is required")
+    elif isinstance(raw_addr, str) or (isinstance(raw_addr, list) and raw_addr):
+        for a in [raw_addr] if isinstance(raw_addr, str) else raw_addr:
+            if not isinstance(a, str) or not a.startswith(("https://", "http://")):
+                c.bad(p + ".addr", f"must be an http(s):// URL or a list of them (got {a!r})")
+            elif a.rstrip("/") in addrs:
+                c.bad(p + ".addr", f"names {a} twice")
+            else:
+                addrs.append(a.rstrip("/"))
+    else:
+        c.bad(p + ".addr", "must be an http(s):// URL or a non-empty list of them (the nodes of one cluster)")
+    timeouts: dict[str, float] = {}
+    for key, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
+        val = raw.get(key, default)
+        if isinstance(val, bool) or not isinstance(val, int | float) or not (low <= val <= 300):
+            c.bad(f"{p}.{key}", f"must be a number of seconds between {low} and 300")
+            val = default
+        timeouts[key] = float(val)
+    role = c.string(raw, "role", p + ".role")
+    token = c.path(raw, "token_file", p + ".token_file", required=False)
+    rid = c.path(raw, "approle_role_id_file", p + ".approle_role_id_file", required=False)
+    sec = c.path(raw, "approle_secret_id_file", p + ".approle_secret_id_file", required=False)
+    if (token is None) == (rid is None or sec is None) or (token is not None and (rid or sec)):
+        c.bad(p, "give either token_file, or both approle_role_id_file and approle_secret_id_file")
+    if not (addrs and role):
+        return None
+    return VaultIdentity(tuple(addrs), role, str(raw.get("mount", "pki_int")), token, rid, sec,
+                         c.path(raw, "ca_cert", p + ".ca_cert", required=False),
+                         timeouts["connect_timeout_seconds"], timeouts["timeout_seconds"])
