@@ -1,4 +1,4 @@
-"""The one error hierarchy of meshcar, and the one place errors become HTTP statuses."""
+"""The one error hierarchy of meshcar; each error carries the HTTP status it hints (`status`)."""
 
 from __future__ import annotations
 
@@ -37,16 +37,3 @@ class IdentityError(MeshcarError):
     """A certificate or SPIFFE ID is missing, malformed or not the expected one."""
 
     status = 403
-
-
-class NotAuthorized(MeshcarError):
-    """The caller's identity is not allowed by policy."""
-
-    status = 403
-
-
-def status_for(exc: BaseException) -> int:
-    """Map any exception to the HTTP status to answer with (the one place this happens)."""
-    if isinstance(exc, MeshcarError):
-        return exc.status
-    return 500

@@ -5,9 +5,9 @@ validity window (renew at `fraction` of the lifetime, +/- `jitter` of it so that
 does not renew at once). `Rotator.run()` bootstraps (reusing a still-valid credential from
 the state dir after a restart, else the bootstrap credential: join token file, projected
 service-account token, or the Vault AppRole/token), marks the store ready, then sleeps
-until the renewal point or an explicit `renew_now()`, renews over mTLS with the current
-certificate, and retries with capped exponential backoff and jitter while the CA is
-unreachable. The old certificate keeps serving until it actually expires; the store is only
+until the renewal point or an operator's `renew_on_request()` (POST /renew), renews over
+mTLS with the current certificate, and retries with capped exponential backoff and jitter
+while the CA is unreachable. The old certificate keeps serving until it actually expires; the store is only
 ever replaced by a complete new credential.
 
 Recovery: once the current certificate has expired (the CA was down longer than its
@@ -116,10 +116,6 @@ class Rotator:
         self._wake = trio.Event()
         self._reschedule = False  # woken only to recompute the schedule (a renewal was done)
         self._renewed = trio.Event()
-
-    def renew_now(self) -> None:
-        """Ask the loop to renew at once (it then schedules from the new certificate)."""
-        self._wake.set()
 
     async def renew_on_request(self) -> str:
         """Renew now for an operator (POST /renew), then make the loop schedule its next

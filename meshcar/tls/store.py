@@ -78,7 +78,6 @@ class CredentialStore:
         ensure_private_dir(state_dir)
         self._live: _Live | None = None
         self.ready = trio.Event()
-        self.generation = 0  # bumped on every install; pools use it to notice swaps
 
     @property
     def key_file(self) -> Path:
@@ -111,7 +110,6 @@ class CredentialStore:
         server = mesh_server_context(self.chain_file, self.key_file, cred.bundle_pem)
         client = mesh_client_context(self.chain_file, self.key_file, cred.bundle_pem)
         self._live = _Live(cred, server, client)
-        self.generation += 1
         self.ready.set()
 
     @property
