@@ -7,7 +7,6 @@ plain demo app standing in for a sidecar that forwards everything untouched.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,19 +25,7 @@ from meshcar.demo.checks import (
 )
 from meshcar.demo.pki import ensure_public_pki
 from meshcar.demo.plan import DemoPaths, PublicCerts
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from tests.support.ports import free_ports
 
 
 def relocated(ports: list[int]) -> sc.Scenario:

@@ -12,12 +12,7 @@ import pytest
 
 from meshcar.demo.plan import Probe, ProcSpec, meshcar_argv
 from meshcar.demo.supervisor import DemoStartupError, Supervisor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port
 
 
 def port_is_free(port: int) -> bool:

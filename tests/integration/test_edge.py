@@ -22,6 +22,7 @@ from tests.integration.conftest import sid, start_node
 from tests.integration.edge_fixtures import serve_tls_listener
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
+from tests.support.ports import free_port
 from tests.support.rawclient import raw_exchange
 from tests.support.tls_backend import serve_tls_backend
 
@@ -43,14 +44,6 @@ class EdgeEnv:
 async def _port(nursery: trio.Nursery, handler) -> int:
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -75,7 +68,7 @@ async def edge(tmp_path: Path, nursery: trio.Nursery):
     echo_port = await serve_echo(nursery)
     mesh_ca = ThrowawayCA.create()
     api = await start_node(nursery, tmp_path, mesh_ca, "api", echo_port, [sid("edge")], {})
-    dead = _free_port()
+    dead = free_port()  # nothing listens there: our own block, unbound
     cfg = parse_edge_config({
         "listen": {"https": "127.0.0.1:1", "http": "127.0.0.1:1"},
         "admin": {"listen": "127.0.0.1:1"},

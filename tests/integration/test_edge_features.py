@@ -35,6 +35,7 @@ from tests.integration.edge_fixtures import (
 )
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
+from tests.support.ports import free_ports
 from tests.support.rawclient import raw_exchange
 from tests.support.tls_backend import serve_tls_backend
 
@@ -239,16 +240,10 @@ async def test_access_log_http_entries_and_tcp_only_for_passthrough(
     await edge.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_assembled_edge_warns_about_plaintext_and_becomes_ready(
         tmp_path: Path, pki: PublicPKI, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     echo = await serve_echo(nursery)
-    https, http, admin = _free_port(), _free_port(), _free_port()
+    https, http, admin = free_ports(3)
     cfg = parse_edge_config({
         "listen": {"https": f"127.0.0.1:{https}", "http": f"127.0.0.1:{http}"},
         "admin": {"listen": f"127.0.0.1:{admin}"},

@@ -80,11 +80,9 @@ async def test_certificate_from_another_ca_is_refused(tmp_path, nursery, mesh: M
 
 async def test_app_down_is_503_with_clear_body(tmp_path, nursery, mesh: Mesh) -> None:
     from tests.integration.conftest import start_node
+    from tests.support.ports import free_port
 
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    dead_port = closed.getsockname()[1]
-    closed.close()
+    dead_port = free_port()  # our own block: nothing else binds it
     lonely = await start_node(nursery, tmp_path, mesh.ca, "lonely", dead_port, [sid("web")], {})
     web = await start_node(
         nursery, tmp_path, mesh.ca, "web", mesh.app_port, [],

@@ -27,6 +27,7 @@ from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.vaultclient import VaultClient
 from meshcar.sidecar.config import load_config_text
+from tests.support.ports import free_port
 
 
 def _root_pem() -> str:
@@ -113,9 +114,7 @@ def nodes() -> Iterator[Callable[[str, Behaviour], Node]]:
 
 
 def closed_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # our own block (tests/support/ports.py): unbound
 
 
 @pytest.fixture
