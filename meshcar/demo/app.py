@@ -271,6 +271,11 @@ class LengthRequired(ValueError):
 class DemoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "meshcar-demo-app"
+    # TCP_NODELAY, and head + body leave in one send() (the handler flushes after each
+    # request): with Nagle on and two writes, every response on a keep-alive connection
+    # waited ~40 ms for the reader's delayed ACK of the head (docs/PERFORMANCE.md).
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
     server: DemoServer
 
     def __init__(self, *args: Any, proxy_header: Any = None, **kwargs: Any) -> None:

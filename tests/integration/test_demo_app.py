@@ -6,7 +6,9 @@ import http.client
 import json
 import socket
 import ssl
+import statistics
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,25 @@ def test_echo_is_honest_and_keeps_the_connection_alive() -> None:
             assert conn.sock is first_sock  # one connection for all three
         finally:
             conn.close()
+
+
+def test_keepalive_responses_do_not_wait_for_a_delayed_ack() -> None:
+    # Head and body in two writes with Nagle on made every response after the first on a
+    # keep-alive connection wait ~40 ms for the client's delayed ACK of the head. The median
+    # of 20 is checked against half of that: a stall detector, not a performance bound.
+    with serve(app("api")) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        ms = []
+        try:
+            for i in range(20):
+                start = time.perf_counter()
+                conn.request("GET", f"/n{i}")
+                r = conn.getresponse()
+                assert r.status == 200 and json.loads(r.read())["path"] == f"/n{i}"
+                ms.append((time.perf_counter() - start) * 1000)
+        finally:
+            conn.close()
+    assert statistics.median(ms) < 20, [round(x, 1) for x in ms]
 
 
 def test_chunked_body_gets_411_not_a_hand_parse() -> None:
