@@ -22,17 +22,16 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.common import accesslog
+from meshcar.common.accesslog import setup_logging
+from meshcar.common.issuer import issuer_client  # (edge/main.py still imports it from here)
 from meshcar.errors import ConfigError
-from meshcar.identity.caclient import CAClient, CAError
+from meshcar.identity.caclient import CAError
 from meshcar.identity.rotate import Rotator
-from meshcar.identity.vaultclient import VaultClient
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
-from meshcar.sidecar import accesslog
-from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import (
     HostPort,
-    IdentityConfig,
     SidecarConfig,
     load_config,
     load_config_text,
@@ -47,18 +46,6 @@ log = logging.getLogger("meshcar.sidecar")
 
 def _event(name: str, **fields: object) -> None:
     log.info(json.dumps({"event": name, **fields}, default=str))
-
-
-def issuer_client(ident: IdentityConfig) -> CAClient | VaultClient:
-    """The identity's issuing backend: the meshcar CA API, or Vault/OpenBao directly."""
-    if ident.vault is not None:
-        v = ident.vault
-        return VaultClient(v.addrs, v.role, v.mount, token_file=v.token_file,
-                           role_id_file=v.approle_role_id_file, secret_id_file=v.approle_secret_id_file,
-                           ca_cert=v.ca_cert, timeout=v.timeout_seconds,
-                           connect_timeout=v.connect_timeout_seconds)
-    assert ident.ca_url is not None
-    return CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem)
 
 
 class Sidecar:

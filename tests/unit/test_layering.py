@@ -120,7 +120,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("meshcar.edge.main", "meshcar.sidecar.config"):
         "HostPort: import meshcar.common.config once edge/main.py's shell work lands",
     ("meshcar.edge.main", "meshcar.sidecar.main"):
-        "issuer_client: move it to meshcar/common/ once sidecar/main.py's shell work lands",
+        "issuer_client: import meshcar.common.issuer once edge/main.py's shell work lands",
     ("meshcar.edge.http", "meshcar.sidecar.accesslog"):
         "edge/http.py has header/path work in flight; import meshcar.common.accesslog then",
     ("meshcar.edge.listener", "meshcar.sidecar.accesslog"):
