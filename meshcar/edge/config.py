@@ -120,6 +120,7 @@ class EdgeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/paths.py)
     pool_idle_seconds: float = 30.0  # an idle pooled backend connection is closed after this
+    drain_seconds: float = 10.0  # on SIGTERM: how long requests in flight may finish (net/shell.py)
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
     http: HttpPolicy = HttpPolicy()  # request-target normalisation and header policy
@@ -330,6 +331,7 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
         raise ConfigError([f"{source}: the top level must be a mapping"])
     c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
                          "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds", "timeouts", "limits",
+                         "drain_seconds",
                          "http"})
     http_policy = parse_http(c, data.get("http"))
     listen = c.section(data, "listen")
@@ -382,6 +384,10 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if isinstance(pool_idle, bool) or not isinstance(pool_idle, int | float) or not (0.1 <= pool_idle <= 3600):
         c.bad("pool_idle_seconds", "must be a number of seconds between 0.1 and 3600")
         pool_idle = 30.0
+    drain = data.get("drain_seconds", 10)
+    if isinstance(drain, bool) or not isinstance(drain, int | float) or not (0 <= drain <= 3600):
+        c.bad("drain_seconds", "must be a number of seconds between 0 and 3600")
+        drain = 10
     if c.problems:
         raise ConfigError(c.problems)
     assert https and admin_listen
@@ -389,7 +395,8 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
                       hello_timeout=timeouts["hello_timeout"],
                       handshake_timeout=timeouts["handshake_timeout"],
                       admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
-                      pool_idle_seconds=float(pool_idle), timeouts=net_timeouts, limits=net_limits, http=http_policy)
+                      pool_idle_seconds=float(pool_idle), timeouts=net_timeouts, limits=net_limits, http=http_policy,
+                      drain_seconds=float(drain))
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

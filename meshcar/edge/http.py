@@ -28,6 +28,7 @@ from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
 from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.connect import open_tcp, open_tls
+from meshcar.net.drain import Drain
 from meshcar.net.forward import (
     BodyTooLarge,
     DownstreamGone,
@@ -115,7 +116,7 @@ class Backends:
         route = self.routes[host]
         h, _, p = ep.rpartition(":")
         if route.mode == "terminate":
-            return Pooled(HttpConn(await open_tcp(h, int(p)), "response"), key, ep)
+            return Pooled(HttpConn(await open_tcp(h, int(p)), "response", quickack=True), key, ep)
         assert self.store is not None and route.backend.spiffe_id is not None
         ctx = self.store.client_context()
         stream = await open_tls(h, int(p), ctx, session=self._sessions.get(key, ctx))
@@ -142,10 +143,12 @@ class L7:
         self.limiters = {r.host: RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
                          for r in cfg.routes if r.rate_limit is not None}
         self.response_timeout = cfg.timeouts.response_head
+        self.drain: Drain | None = None  # requests in flight, set by the process shell (edge/main.py)
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
         conn = HttpConn(stream, "request", self.cfg.http.headers)
-        await serve_http(conn, lambda req, c: self.handle(req, c, client), timeouts=self.cfg.timeouts)
+        await serve_http(conn, lambda req, c: self.handle(req, c, client), timeouts=self.cfg.timeouts,
+                         drain=self.drain)
 
     async def handle(self, req: RequestHead, down: HttpConn, client: ClientConn) -> bool:
         start = time.perf_counter()

@@ -91,11 +91,12 @@ class TLSListener:
         self.conn_limit = ConnectionLimit("https", cfg.limits.max_connections,
                                           lambda n: metrics.listener_refusals.labels(n).inc())
 
-    async def serve(self, host: str, port: int, *,
+    async def serve(self, host: str, port: int, *, handler_nursery: trio.Nursery | None = None,
                     task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept on (host, port) until cancelled; started with the listening sockets."""
+        """Accept on (host, port) until cancelled; started with the listening sockets.
+        Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
         await serve_sockets(self.handle_socket, host, port, task_status=task_status,
-                            on_error=self.metrics.count_connection_error)
+                            on_error=self.metrics.count_connection_error, handler_nursery=handler_nursery)
 
     async def peek_hello(self, sock: socket.socket) -> tuple[ClientHello | None, str]:
         """(the hello or None, why not), leaving every byte in the socket."""

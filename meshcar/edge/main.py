@@ -3,7 +3,9 @@
 Start order: admin listener (/ready false), the mesh identity if any bridge route needs it
 (no bridged traffic before a certificate exists), health checks, then the HTTPS and HTTP
 listeners via `nursery.start`, so ports are bound before /ready says true. A WARNING is
-logged at start for every terminate route: that leg to the backend is plaintext.
+logged at start for every terminate route: that leg to the backend is plaintext. The process
+shell (net/shell.py) owns the root nursery and SIGTERM/SIGINT: the edge drains like the
+sidecar (listeners closed, /ready false, requests in flight finish within drain_seconds).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,10 +29,11 @@ from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
 from meshcar.identity.rotate import Rotator
 from meshcar.net.guard import guarded
+from meshcar.net.shell import Shell, run_process
 from meshcar.sidecar import accesslog
 from meshcar.sidecar.accesslog import setup_logging
 from meshcar.sidecar.config import HostPort
-from meshcar.sidecar.main import first_leaf, issuer_client
+from meshcar.sidecar.main import issuer_client
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")
@@ -60,15 +62,19 @@ class Edge:
         self.l7 = L7(cfg, self.backends, self.metrics)
         self.tls = TLSListener(cfg, self.l7, self.backends.balancers, self.metrics)
         self.redirector = Redirector(cfg, self.metrics)
-        self.listening = False
+        self.shell = Shell("edge", cfg.drain_seconds)
+        self.l7.drain = self.shell.drain
 
     def ready(self) -> tuple[bool, str]:
         if self.store is not None and not self.store.is_valid_now():
             reason = self.rotator.reason if self.rotator is not None else "no rotator"
             return False, f"no valid mesh certificate ({reason})"
-        if not self.listening:
-            return False, "listeners not started"
-        return True, "ok"
+        problem = self.shell.not_ready()
+        return (False, problem) if problem else (True, "ok")
+
+    @property
+    def listening(self) -> bool:
+        return self.shell.listening
 
     def status(self) -> dict:
         out: dict = {"routes": {}}
@@ -81,50 +87,46 @@ class Edge:
         return out
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or a signal drains us (net/shell.py)."""
+        await self.shell.run(self._start, cleanup=self.backends.pool.close_all, task_status=task_status)
+
+    async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
-        try:
-            async with trio.open_nursery() as nursery:
-                admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths)
-                await _listen(nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics)
-                nursery.start_soon(accesslog.flush_loop)
-                if self.rotator is not None:
-                    await nursery.start(self.rotator.run)
-                    assert cfg.identity is not None
-                    nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
-                for route in cfg.routes:
-                    if route.mode == "terminate":
-                        _event("edge.plaintext_backend", logging.WARNING, route=route.host,
-                               message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
-                    if route.backend.health is not None:
-                        nursery.start_soon(health_loop, route, self.backends, self.backend_up)
-                await nursery.start(partial(self.tls.serve, cfg.https_listen.host, cfg.https_listen.port))
-                if cfg.http_listen is not None:
-                    await _listen(nursery, self.redirector.handle_connection, cfg.http_listen, "http",
-                                  self.metrics)
-                self.listening = True
-                _event("edge.ready", https=str(cfg.https_listen),
-                       http=str(cfg.http_listen) if cfg.http_listen else None,
-                       routes={r.host: r.mode for r in cfg.routes})
-                task_status.started()
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.backends.pool.close_all()
+        nursery = shell.services
+        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths)
+        await _listen(nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics,
+                      shell.conns)
+        nursery.start_soon(accesslog.flush_loop)
+        if self.rotator is not None:
+            await nursery.start(self.rotator.run)
+            assert cfg.identity is not None
+            nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
+        for route in cfg.routes:
+            if route.mode == "terminate":
+                _event("edge.plaintext_backend", logging.WARNING, route=route.host,
+                       message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
+            if route.backend.health is not None:
+                nursery.start_soon(health_loop, route, self.backends, self.backend_up)
+        await shell.serve_traffic(self._serve_traffic)
+        _event("edge.ready", https=str(cfg.https_listen),
+               http=str(cfg.http_listen) if cfg.http_listen else None,
+               routes={r.host: r.mode for r in cfg.routes})
+
+    async def _serve_traffic(self, ln: trio.Nursery) -> None:
+        """The public listeners (the shell runs them in the scope a drain cancels)."""
+        cfg = self.cfg
+        await ln.start(partial(self.tls.serve, cfg.https_listen.host, cfg.https_listen.port,
+                               handler_nursery=self.shell.conns))
+        if cfg.http_listen is not None:
+            await _listen(ln, self.redirector.handle_connection, cfg.http_listen, "http", self.metrics,
+                          self.shell.conns)
 
 
 async def _listen(nursery: trio.Nursery, handler, where: HostPort, name: str,  # noqa: ANN001
-                  metrics: Metrics) -> None:
+                  metrics: Metrics, conns: trio.Nursery) -> None:
     """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
     safe = guarded(handler, name, metrics.count_connection_error)
-    await nursery.start(partial(trio.serve_tcp, safe, where.port, host=where.host))
-
-
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for sig in signals:
-            _event("edge.stopping", signal=signal.Signals(sig).name)
-            scope.cancel()
-            return
+    await nursery.start(partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns))
 
 
 def main(argv: list[str]) -> int:
@@ -141,16 +143,4 @@ def main(argv: list[str]) -> int:
         print(f"meshcar edge: {args.config}: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    try:
-        trio.run(edge.run)
-    except (OSError, BaseExceptionGroup) as exc:
-        err = first_leaf(exc)
-        if isinstance(err, KeyboardInterrupt):
-            return 0
-        if isinstance(err, OSError):
-            print(f"meshcar edge: {err}", file=sys.stderr)
-            return 1
-        raise
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_process("edge", edge.run)

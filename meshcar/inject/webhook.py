@@ -20,6 +20,10 @@ What the API server gets:
   `{"error": "bad_review", "message": ...}`. Without a uid there is no valid AdmissionReview
   answer; the API server treats a non-200 as a failed call and applies `failurePolicy`.
 `GET /healthz` answers 200 for the Deployment's probes.
+
+The process runs under the process shell (net/shell.py): on SIGTERM the listener closes,
+requests in flight are answered (up to `--drain-seconds`), keep-alive connections close after
+their current request, and the process exits 0; 1 on a fatal error, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import re
 import ssl
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import h11
@@ -40,6 +45,8 @@ import trio
 
 from meshcar.inject.cli import add_option_arguments, options_from_args
 from meshcar.inject.patch import InjectError, InjectOptions, ShapeError, inject_object, object_name
+from meshcar.net.drain import Drain
+from meshcar.net.shell import Shell, run_process
 from meshcar.tls.profile import apply_profile
 
 log = logging.getLogger("meshcar.webhook")
@@ -241,8 +248,9 @@ async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
-async def handle_connection(stream: trio.SSLStream, options: InjectOptions) -> None:
-    """One connection: TLS handshake, then keep-alive requests until close or a timeout."""
+async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drain: Drain | None = None) -> None:
+    """One connection: TLS handshake, then keep-alive requests until close, a timeout, or
+    (with `drain`) the end of the request in flight once the process is draining."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -252,7 +260,13 @@ async def handle_connection(stream: trio.SSLStream, options: InjectOptions) -> N
                 event = await _next_event(stream, conn)
             if not isinstance(event, h11.Request):
                 break
-            if not await _handle_request(stream, conn, event, options):
+            if drain is None:
+                keep = await _handle_request(stream, conn, event, options)
+            else:
+                with drain:
+                    keep = await _handle_request(stream, conn, event, options)
+                keep = keep and not drain.draining
+            if not keep:
                 break
             conn.start_next_cycle()
     except h11.RemoteProtocolError as exc:
@@ -283,17 +297,39 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, host: str, port: int,
-                        *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; `await nursery.start(serve_webhook, ...)` returns the bound listeners."""
+                        *, drain: Drain | None = None, handler_nursery: trio.Nursery | None = None,
+                        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; `await nursery.start(serve_webhook, ...)` returns the bound listeners.
+    Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
 
     async def handler(stream: trio.SSLStream) -> None:
-        await handle_connection(stream, options)
+        await handle_connection(stream, options, drain)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(handler, ssl_listeners, handler_nursery=nursery)
+        await trio.serve_listeners(handler, ssl_listeners, handler_nursery=handler_nursery or nursery)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: level, logger, message (escaped), the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _drain_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 3600")
+    return value
 
 
 def _split_listen(text: str) -> tuple[str, int]:
@@ -308,10 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=_split_listen, default=("127.0.0.1", 8443), help="HOST:PORT (default 127.0.0.1:8443)")
     parser.add_argument("--tls-cert", required=True, help="PEM certificate (chain) of the webhook")
     parser.add_argument("--tls-key", required=True, help="PEM private key of the webhook")
+    parser.add_argument("--drain-seconds", type=_drain_seconds, default=10.0,
+                        help="on SIGTERM, how long requests in flight may finish (default 10)")
     add_option_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='{"level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         options = options_from_args(args)
     except (InjectError, OSError) as exc:
@@ -325,15 +364,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     host, port = args.listen
+    shell = Shell("webhook", args.drain_seconds)
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve_webhook, options, ctx, host, port)
-            bound = listeners[0].socket.getsockname()
-            log.info("webhook listening on %s:%d", bound[0], bound[1])
+    async def listen(ln: trio.Nursery) -> None:
+        listeners = await ln.start(partial(serve_webhook, options, ctx, host, port, drain=shell.drain,
+                                           handler_nursery=shell.conns))
+        bound = listeners[0].socket.getsockname()
+        log.info("webhook listening on %s:%d", bound[0], bound[1])
 
-    try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    async def start(shell: Shell) -> None:
+        await shell.serve_traffic(listen)
+
+    return run_process("webhook", partial(shell.run, start))

@@ -1,0 +1,220 @@
+"""The process shell (meshcar/net/shell.py) in real processes: SIGTERM drains the edge as it
+drains the sidecar -- the request in flight completes, new connections are refused, /ready
+says draining, and the process exits 0 within drain_seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h11
+import httpx
+import pytest
+import trustme
+
+from tests.e2e.procs import Procs, free_port
+
+pytestmark = pytest.mark.e2e
+
+SUPPORT = Path(__file__).parent.parent / "support"
+DRAIN_SECONDS = 30  # generous: the slow request takes 1.5 s
+
+
+def _wait(cond, what: str, timeout: float = 20.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)  # polling interval, not synchronisation
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _slow_backend(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    port, state = free_port(), tmp_path / "slow.state"
+    app = subprocess.Popen([sys.executable, str(SUPPORT / "slow_app.py"), str(port),
+                            "http://127.0.0.1:1/", str(state)])
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait(up, "the slow backend")
+    return app, port, state
+
+
+def _slow_started(state: Path) -> bool:
+    return state.exists() and any(json.loads(line)["event"] == "slow_started"
+                                  for line in state.read_text().splitlines())
+
+
+def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    app, app_port, state = _slow_backend(tmp_path)
+    https, admin = free_port(), free_port()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
+        f"drain_seconds: {DRAIN_SECONDS}\n"
+        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
+        f" backend: {{endpoints: ['127.0.0.1:{app_port}']}}}}]\n")
+    procs = Procs(tmp_path)
+    try:
+        edge = procs.start("edge", "edge", "--config", str(cfg))
+        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+        curl = subprocess.Popen(
+            ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert", str(tmp_path / "ca.pem"),
+             "-w", "\n%{http_code}", f"https://www.test:{https}/slow"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: _slow_started(state), "the request to reach the backend")
+        edge.send_signal(signal.SIGTERM)
+        _wait(lambda: '"event": "edge.draining"' in procs.log("edge"), "edge.draining")
+        # the admin listener stays up while draining and says so; the public listener is closed
+        r = httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=5)
+        assert r.status_code == 503 and "draining" in r.text
+        _wait(lambda: _refused(https), "new connections to be refused")
+        out, err = curl.communicate(timeout=60)
+        assert curl.returncode == 0, err
+        body, code = out.rsplit("\n", 1)
+        assert code == "200" and json.loads(body) == {"path": "/slow"}
+        assert edge.wait(timeout=DRAIN_SECONDS) == 0, procs.log("edge")
+        log = procs.log("edge")
+        assert '"event": "edge.drained", "cut_off": 0' in log and '"event": "edge.stopped"' in log
+    finally:
+        procs.stop_all()
+        app.terminate()
+        app.wait(timeout=10)
+
+
+def test_edge_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """While draining, a second SIGTERM cuts the request in flight off and exits 0."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    # a backend that accepts and never answers: the request stays in flight
+    hold = socket.create_server(("127.0.0.1", 0))
+    https, admin = free_port(), free_port()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
+        "drain_seconds: 3600\ntimeouts: {response_head_seconds: 3600}\n"
+        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
+        f" backend: {{endpoints: ['127.0.0.1:{hold.getsockname()[1]}']}}}}]\n")
+    procs = Procs(tmp_path)
+    try:
+        edge = procs.start("edge", "edge", "--config", str(cfg))
+        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+        curl = subprocess.Popen(
+            ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert", str(tmp_path / "ca.pem"),
+             f"https://www.test:{https}/hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        hold.settimeout(20)
+        upstream, _ = hold.accept()  # the edge forwarded the request
+        with upstream:
+            os.kill(edge.pid, signal.SIGTERM)
+            _wait(lambda: '"event": "edge.draining", "in_flight": 1' in procs.log("edge"), "edge.draining")
+            os.kill(edge.pid, signal.SIGTERM)
+            assert edge.wait(timeout=30) == 0, procs.log("edge")
+        assert '"event": "edge.exiting"' in procs.log("edge")
+        curl.communicate(timeout=30)
+        assert curl.returncode != 0  # cut off: no complete response
+    finally:
+        procs.stop_all()
+        hold.close()
+
+
+def _all_read_by_server(port: int, client_port: int) -> bool:
+    """Every byte the client sent on its connection to `port` was delivered (acknowledged:
+    nothing left in the client's send queue) and read (the server's receive queue is empty)."""
+    queues = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, (tx, rx) = fields[1], fields[2], fields[3], fields[4].split(":")
+        if state == "01":  # ESTABLISHED
+            queues[(int(local.split(":")[1], 16), int(remote.split(":")[1], 16))] = (int(tx, 16), int(rx, 16))
+    client, server = queues.get((client_port, port)), queues.get((port, client_port))
+    return client is not None and server is not None and client[0] == 0 and server[1] == 0
+
+
+def _webhook_events(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        message = json.loads(line)["message"]  # every line is JSON (the webhook's formatter)
+        if message.startswith("{"):
+            out.append(json.loads(message))
+    return out
+
+
+def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.integration.test_webhook import pod, review
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    port, err = free_port(), tmp_path / "webhook.log"
+    with open(err, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", f"127.0.0.1:{port}",
+             "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"),
+             "--drain-seconds", str(DRAIN_SECONDS)], stderr=log)
+    try:
+        _wait(lambda: "webhook listening on" in err.read_text(), "the webhook to listen")
+        body = json.dumps(review(pod())).encode()
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as s:
+            s.sendall(b"POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            # the request is in flight (its body half sent) when SIGTERM arrives: the webhook
+            # has read every byte sent, and a whole exchange on another connection since then
+            # gave its task the turns to parse the head and count the request
+            client_port = s.getsockname()[1]
+            _wait(lambda: _all_read_by_server(port, client_port), "the webhook to read the request head")
+            assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=10).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            _wait(lambda: any(e.get("event") == "webhook.draining" for e in _webhook_events(err)),
+                  "webhook.draining")
+            assert {"event": "webhook.draining", "in_flight": 1, "grace_seconds": DRAIN_SECONDS} \
+                in _webhook_events(err)
+            _wait(lambda: _refused(port), "new connections to be refused")
+            s.sendall(body[10:])
+            s.settimeout(30)
+            client = h11.Connection(h11.CLIENT)
+            client.send(h11.Request(method="POST", target="/inject", headers=[("Host", "webhook")]))
+            events: list = []
+            while not any(isinstance(e, h11.EndOfMessage) for e in events):
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(s.recv(65536))
+                else:
+                    events.append(event)
+        assert events[0].status_code == 200
+        payload = b"".join(e.data for e in events if isinstance(e, h11.Data))
+        assert "patch" in json.loads(payload)["response"]
+        assert proc.wait(timeout=DRAIN_SECONDS) == 0, err.read_text()
+        drained = [e for e in _webhook_events(err) if e.get("event") == "webhook.drained"]
+        assert drained == [{"event": "webhook.drained", "cut_off": 0}]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
