@@ -1,10 +1,17 @@
 """SQLite records of the CA (ca.db): join tokens (sha256 only) and issued certificates.
 
-Every call opens its own connection and closes it, so calls may run in worker threads
-(`trio.to_thread.run_sync`). A process-wide lock makes this process a single writer, and
-`BEGIN IMMEDIATE` with a busy timeout serialises it against other processes (for example
-`meshcar ca token` while `meshcar ca serve` runs). Token consumption is one transaction:
-check expiry and remaining uses, then decrement.
+A `Store` keeps one connection, opened on first use and shared by the worker threads that
+call it (`trio.to_thread.run_sync`) under a process-wide lock, which makes this process a
+single writer; the database is in WAL mode with `synchronous = FULL` (each commit is
+fsynced before it returns); `BEGIN IMMEDIATE` with a busy timeout serialises it against other processes
+(for example `meshcar ca token` while `meshcar ca serve` runs). Token consumption is one
+transaction: check expiry and remaining uses, then decrement.
+
+Issued-certificate records are group-committed: `record_certificate` queues its record and
+returns only once a transaction holding it has committed, but the thread that gets the lock
+writes every record queued by then in one transaction. A commit costs several fsyncs
+(milliseconds); one per certificate capped the API at a few hundred signatures/s under
+concurrency, one per batch does not, and no answer leaves before its record is durable.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +78,9 @@ class Store:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._migrated = False
+        self._db: sqlite3.Connection | None = None
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Pending] = []  # records waiting for a group commit
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -85,22 +95,52 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+        store.close()
         return store
+
+    def close(self) -> None:
+        """Close the connection (a later call opens a new one)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        """The shared connection; call with `_lock` held."""
+        if self._db is None:
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            try:  # write-ahead log: a commit is one append + fsync, not a journal file made and unlinked
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = FULL")  # every commit durable before it returns
+            except sqlite3.OperationalError:
+                db.close()
+                raise
+            self._db = db
+        return self._db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            with self._locked_transaction() as db:
+                yield db
+
+    @contextmanager
+    def _locked_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on the shared connection; call with `_lock` held."""
         try:
-            with self._lock, closing(sqlite3.connect(self.path, timeout=10, isolation_level=None)) as db:
-                db.execute("BEGIN IMMEDIATE")
-                if not self._migrated:
-                    _migrate(db)
-                    self._migrated = True
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+            db = self._connection()
+            if db.in_transaction:  # a failed ROLLBACK/COMMIT left one open
+                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            if not self._migrated:
+                _migrate(db)
+                self._migrated = True
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, unreadable
             raise Unavailable(f"the CA database is unavailable ({exc})") from exc
 
@@ -142,13 +182,30 @@ class Store:
         return str(spiffe_id)
 
     def record_certificate(self, rec: CertificateRecord) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
-                " auth, client_bundle_version, issuer, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.serial, rec.spiffe_id, rec.not_before, rec.not_after, rec.issued_at,
-                 rec.auth, rec.client_bundle_version, rec.issuer, rec.renewed_from),
-            )
+        """Store `rec`; return once it is committed (in a group commit, see above)."""
+        mine = _Pending(rec)
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._lock:
+            if not mine.done:  # no other thread committed it while we waited: commit the queue
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    with self._locked_transaction() as db:
+                        db.executemany(
+                            "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
+                            " auth, client_bundle_version, issuer, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(r.serial, r.spiffe_id, r.not_before, r.not_after, r.issued_at,
+                              r.auth, r.client_bundle_version, r.issuer, r.renewed_from)
+                             for r in (p.record for p in batch)],
+                        )
+                except Exception as exc:
+                    for p in batch:
+                        p.error = exc
+                for p in batch:
+                    p.done = True
+        if mine.error is not None:
+            raise mine.error
 
     def certificates(self) -> list[CertificateRecord]:
         with self._transaction() as db:
@@ -174,6 +231,15 @@ class Store:
                 (now_rfc3339,),
             ).fetchall()
         return [CertificateRecord(*r) for r in rows]
+
+
+@dataclass
+class _Pending:
+    """A record waiting for its group commit; `done` once a transaction ended for it."""
+
+    record: CertificateRecord
+    done: bool = False
+    error: Exception | None = None
 
 
 _COLUMNS = (
