@@ -10,7 +10,9 @@ stalled socket, an oversized body, bad JSON/CSR/credentials) ends in a 4xx JSON 
 and/or a closed connection for that client only; `handle_tcp` never lets an exception
 escape into the listener's nursery. `CAError`s become HTTP answers in `_error_response`,
 the one place that mapping happens. One JSON log line per request; bodies, tokens and keys
-are never logged.
+are never logged. Draining (ca/cli.py on SIGTERM): `in_flight` counts requests from their
+head to their answer, `wait_idle` waits for none, and once `draining` is set a keep-alive
+connection closes after its current request.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import json
 import ssl
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -101,6 +104,26 @@ class CAServer:
         self.log = log
         self.internal_errors = 0  # connections ended by a bug (logged with traceback)
         self.auth_throttle = AuthThrottle()
+        self.in_flight = 0  # requests between their head and their answer
+        self.draining = False
+        self._idle: trio.Event | None = None
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def wait_idle(self) -> None:
+        while self.in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -115,10 +138,13 @@ class CAServer:
         await trio.serve_tcp(self.handle_tcp, port, host=host, task_status=task_status)
 
     async def serve_listeners(
-        self, listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self, listeners: list[trio.SocketListener], *, handler_nursery: trio.Nursery | None = None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve on already-bound listeners until cancelled."""
-        await trio.serve_listeners(self.handle_tcp, listeners, task_status=task_status)
+        """Serve on already-bound listeners until cancelled (connections in `handler_nursery`
+        if given, so cancelling this closes the listeners but not accepted connections)."""
+        await trio.serve_listeners(self.handle_tcp, listeners, handler_nursery=handler_nursery,
+                                   task_status=task_status)
 
     async def handle_tcp(self, tcp: trio.SocketStream) -> None:
         """One connection, start to end. Never raises (except cancellation)."""
@@ -171,7 +197,7 @@ class CAServer:
             start = trio.current_time()
             method = event.method.decode("ascii", "replace")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")[:200]
-            with trio.fail_after(self.limits.request_timeout):
+            with trio.fail_after(self.limits.request_timeout), self._counted():
                 try:
                     body = await self._read_body(stream, conn, event)
                     source = peer.rsplit(":", 1)[0]
@@ -217,7 +243,7 @@ class CAServer:
              "status": response.status, "duration_ms": round((trio.current_time() - start) * 1000, 1),
              **response.log}
         )
-        return keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        return keep and not self.draining and conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _read_body(
         self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, request: h11.Request

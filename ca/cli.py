@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the HTTPS API")
     serve.add_argument("--dir", required=True, type=Path)
     serve.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks a free port)")
+    serve.add_argument("--drain-seconds", type=float, default=10.0, metavar="S",
+                       help="on SIGTERM/SIGINT, how long requests in flight may finish (default 10)")
     serve.add_argument("--san", action="append", default=[], metavar="NAME",
                        help="extra DNS name or IP for the API certificate (repeatable)")
     k8s = serve.add_argument_group("Kubernetes projected service-account tokens (k8s_token)")
@@ -283,7 +285,9 @@ def _serve(args: argparse.Namespace) -> int:
     store = Store(paths.db)
     service = SignService(issuer, Authenticator(store, issuer, k8s_verifier), store)
     server = CAServer(service, tls.context)
-    trio.run(_run, server, host, port, refresh)
+    if not 0 <= args.drain_seconds <= 3600:
+        raise ConfigError("--drain-seconds must be between 0 and 3600")
+    trio.run(_run, server, host, port, refresh, args.drain_seconds)
     return 0
 
 
@@ -296,7 +300,18 @@ async def _refresh_loop(interval: float, refresh: object) -> None:
             json_log({"event": "ca.backend_refresh_failed", "error": exc.message})
 
 
-async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, object] | None = None) -> None:
+async def _drain(server: CAServer, grace: float, scope: trio.CancelScope) -> None:
+    with trio.move_on_after(grace):
+        await server.wait_idle()
+    json_log({"event": "ca.drained", "cut_off": server.in_flight})
+    scope.cancel()
+
+
+async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, object] | None = None,
+               drain_seconds: float = 10.0) -> None:
+    """Serve until a signal: the first closes the listener and lets requests in flight finish
+    (up to `drain_seconds`), a second stops at once (the same contract as meshcar/net/shell.py,
+    which this package cannot import)."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -305,13 +320,29 @@ async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, obj
         async with trio.open_nursery() as nursery:
             if refresh is not None:
                 nursery.start_soon(_refresh_loop, *refresh)
-            bound = await nursery.start(server.serve_listeners, listeners)
+            accepting = trio.CancelScope()
+            name = ""
+
+            async def serve(task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+                with accepting:
+                    await server.serve_listeners(listeners, handler_nursery=nursery, task_status=task_status)
+
+            bound = await nursery.start(serve)
             addr = bound[0].socket.getsockname()
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             json_log({"event": "ca.ready", "listen": f"{shown}:{addr[1]}"})
             async for signum in signals:
-                json_log({"event": "ca.stopped", "signal": signal.Signals(signum).name})
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if not server.draining:
+                    server.draining = True
+                    json_log({"event": "ca.draining", "signal": name, "in_flight": server.in_flight,
+                              "grace_seconds": drain_seconds})
+                    accepting.cancel()
+                    nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope)
+                else:
+                    json_log({"event": "ca.exiting", "signal": name, "in_flight": server.in_flight})
+                    nursery.cancel_scope.cancel()
+                    break
+    json_log({"event": "ca.stopped", "signal": name})
 
 

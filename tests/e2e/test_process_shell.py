@@ -162,6 +162,33 @@ def _webhook_events(path: Path) -> list[dict]:
     return out
 
 
+def _half_sent_request(port: int, ctx, body: bytes, target: bytes):  # noqa: ANN001, ANN201
+    """A TLS connection whose request head and part of its body are in flight: the server has
+    read every byte sent, and a whole exchange on another connection since then gave its
+    connection task the turns to parse the head and count the request."""
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % (target, len(body)) + body[:10])
+    client_port = s.getsockname()[1]
+    _wait(lambda: _all_read_by_server(port, client_port), "the server to read the request head")
+    assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=10).status_code == 200
+    return s
+
+
+def _read_response(s) -> tuple[int, bytes]:  # noqa: ANN001
+    s.settimeout(30)
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/", headers=[("Host", "x")]))
+    events: list = []
+    while not any(isinstance(e, h11.EndOfMessage) for e in events):
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(s.recv(65536))
+        else:
+            events.append(event)
+    return events[0].status_code, b"".join(e.data for e in events if isinstance(e, h11.Data))
+
+
 def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
     import ssl
 
@@ -182,15 +209,7 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
         body = json.dumps(review(pod())).encode()
         ctx = ssl.create_default_context()
         ca.configure_trust(ctx)
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as s:
-            s.sendall(b"POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
-            # the request is in flight (its body half sent) when SIGTERM arrives: the webhook
-            # has read every byte sent, and a whole exchange on another connection since then
-            # gave its task the turns to parse the head and count the request
-            client_port = s.getsockname()[1]
-            _wait(lambda: _all_read_by_server(port, client_port), "the webhook to read the request head")
-            assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=10).status_code == 200
+        with _half_sent_request(port, ctx, body, b"/inject") as s:
             proc.send_signal(signal.SIGTERM)
             _wait(lambda: any(e.get("event") == "webhook.draining" for e in _webhook_events(err)),
                   "webhook.draining")
@@ -198,22 +217,50 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
                 in _webhook_events(err)
             _wait(lambda: _refused(port), "new connections to be refused")
             s.sendall(body[10:])
-            s.settimeout(30)
-            client = h11.Connection(h11.CLIENT)
-            client.send(h11.Request(method="POST", target="/inject", headers=[("Host", "webhook")]))
-            events: list = []
-            while not any(isinstance(e, h11.EndOfMessage) for e in events):
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    client.receive_data(s.recv(65536))
-                else:
-                    events.append(event)
-        assert events[0].status_code == 200
-        payload = b"".join(e.data for e in events if isinstance(e, h11.Data))
+            status, payload = _read_response(s)
+        assert status == 200
         assert "patch" in json.loads(payload)["response"]
         assert proc.wait(timeout=DRAIN_SECONDS) == 0, err.read_text()
         drained = [e for e in _webhook_events(err) if e.get("event") == "webhook.drained"]
         assert drained == [{"event": "webhook.drained", "cut_off": 0}]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_ca_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
+    """The CA cannot import the shell (meshcar_ca never imports meshcar); ca/cli.py keeps the
+    same contract."""
+    import ssl
+
+    ca_dir = tmp_path / "ca"
+    subprocess.run([sys.executable, "-m", "meshcar.cli", "ca", "init", "--dir", str(ca_dir),
+                    "--trust-domain", "td.test"], check=True, capture_output=True)
+    out = tmp_path / "ca.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "meshcar.cli", "ca", "serve", "--dir", str(ca_dir),
+                                 "--listen", "127.0.0.1:0", "--drain-seconds", str(DRAIN_SECONDS)], stdout=log)
+
+    def events() -> list[dict]:
+        return [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+
+    try:
+        ready = _wait(lambda: [e for e in events() if e["event"] == "ca.ready"], "ca.ready")
+        port = int(ready[0]["listen"].rsplit(":", 1)[1])
+        ctx = ssl.create_default_context(cafile=str(ca_dir / "root.pem"))
+        body = json.dumps({"csr": "not a csr", "token": "not a token"}).encode()
+        with _half_sent_request(port, ctx, body, b"/v1/sign") as s:
+            proc.send_signal(signal.SIGTERM)
+            _wait(lambda: any(e["event"] == "ca.draining" for e in events()), "ca.draining")
+            assert [e["in_flight"] for e in events() if e["event"] == "ca.draining"] == [1]
+            _wait(lambda: _refused(port), "new connections to be refused")
+            s.sendall(body[10:])
+            status, payload = _read_response(s)
+        assert 400 <= status < 500 and json.loads(payload)["error"]  # a complete answer
+        assert proc.wait(timeout=DRAIN_SECONDS) == 0, out.read_text()
+        assert [e for e in events() if e["event"] == "ca.drained"] == [{"event": "ca.drained", "cut_off": 0}]
+        assert events()[-1] == {"event": "ca.stopped", "signal": "SIGTERM"}
     finally:
         if proc.poll() is None:
             proc.kill()
