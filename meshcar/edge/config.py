@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
-from meshcar.errors import ConfigError
-from meshcar.net.forward import Timeouts
-from meshcar.net.limits import Limits, parse_limits, parse_timeouts
-from meshcar.sidecar.config import (
+from meshcar.common.config import (
     Checker,
     HostPort,
     HttpPolicy,
@@ -27,6 +24,9 @@ from meshcar.sidecar.config import (
     parse_http,
     parse_identity,
 )
+from meshcar.errors import ConfigError
+from meshcar.net.forward import Timeouts
+from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 
 MODES = ("terminate", "bridge", "passthrough")
 
@@ -117,7 +117,6 @@ class EdgeConfig:
     log_level: str = "info"
     hello_timeout: float = 10.0
     handshake_timeout: float = 10.0
-    extra: dict[str, Any] = field(default_factory=dict)
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/paths.py)
     pool_idle_seconds: float = 30.0  # an idle pooled backend connection is closed after this
     drain_seconds: float = 10.0  # on SIGTERM: how long requests in flight may finish (net/shell.py)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from meshcar.admin.metrics import Metrics
+from meshcar.common.accesslog import log_entry
 from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
 from meshcar.errors import IdentityError, UpstreamError
@@ -46,7 +47,6 @@ from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for,
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 from meshcar.proto.path import PathError, Target, normalise_target
-from meshcar.sidecar.accesslog import log_entry
 from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import svid_from_der

@@ -29,6 +29,7 @@ import time
 import trio
 
 from meshcar.admin.metrics import Metrics
+from meshcar.common.accesslog import log_entry
 from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.http import L7, ClientConn
 from meshcar.edge.policy import Balancer
@@ -41,7 +42,6 @@ from meshcar.net.relay import relay
 from meshcar.net.tlssocket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
-from meshcar.sidecar.accesslog import log_entry
 from meshcar.tls.profile import apply_profile
 
 log = logging.getLogger("meshcar.edge")

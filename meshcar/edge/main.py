@@ -22,6 +22,10 @@ from prometheus_client import Gauge
 
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.common import accesslog
+from meshcar.common.accesslog import setup_logging
+from meshcar.common.config import HostPort
+from meshcar.common.issuer import issuer_client
 from meshcar.edge.config import EdgeConfig, load_edge_config
 from meshcar.edge.health import health_loop
 from meshcar.edge.http import L7, Backends, Redirector
@@ -30,10 +34,6 @@ from meshcar.errors import ConfigError
 from meshcar.identity.rotate import Rotator
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
-from meshcar.sidecar import accesslog
-from meshcar.sidecar.accesslog import setup_logging
-from meshcar.sidecar.config import HostPort
-from meshcar.sidecar.main import issuer_client
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")

@@ -115,18 +115,7 @@ INDEPENDENT: list[tuple[str, str]] = [
 
 # (importing module, imported name prefix): why it is allowed for now.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("meshcar.edge.main", "meshcar.sidecar.accesslog"):
-        "edge/main.py is being moved onto net/shell.py; import meshcar.common.accesslog then",
-    ("meshcar.edge.main", "meshcar.sidecar.config"):
-        "HostPort: import meshcar.common.config once edge/main.py's shell work lands",
-    ("meshcar.edge.main", "meshcar.sidecar.main"):
-        "issuer_client: import meshcar.common.issuer once edge/main.py's shell work lands",
-    ("meshcar.edge.http", "meshcar.sidecar.accesslog"):
-        "edge/http.py has header/path work in flight; import meshcar.common.accesslog then",
-    ("meshcar.edge.listener", "meshcar.sidecar.accesslog"):
-        "edge/listener.py has shell work in flight; import meshcar.common.accesslog then",
-    ("meshcar.edge.config", "meshcar.sidecar.config"):
-        "edge/config.py has drain_seconds work in flight; import meshcar.common.config then",
+    # none today; add ("importing.module", "imported.prefix"): "why, and when it goes" here
 }
 
 
