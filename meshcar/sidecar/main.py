@@ -24,7 +24,7 @@ from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
-from meshcar.common.issuer import issuer_client  # (edge/main.py still imports it from here)
+from meshcar.common.issuer import issuer_client
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.rotate import Rotator
