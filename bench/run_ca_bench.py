@@ -242,7 +242,9 @@ class Servers:
 
 
 def ca_cmd(*args: str) -> list[str]:
-    return [PY, "-m", "meshcar.cli", "ca", *args]
+    """`meshcar ca ARGS` from this checkout's ca/ (cwd ROOT), not the installed meshcar_ca, so a
+    copy of this script in a `git worktree` of an older commit measures that commit."""
+    return [PY, "-c", "import sys; from ca.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
 def start_ca(srv: Servers, clients: int, csrs: list[list[str]], total_uses: int) -> tuple[int, Target, Target]:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -140,13 +141,26 @@ class BuiltinIssuer:
             serial=cert.serial_number,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            certificate_pem=pki.cert_pem(cert),
-            chain_pem=pki.cert_pem(cert, self.intermediate),
-            issuer_id=key_id(self.intermediate),
+            certificate_pem=(leaf := pki.cert_pem(cert)),
+            chain_pem=leaf + self._intermediate_pem,
+            issuer_id=self._issuer_id,
         )
 
-    def bundle(self) -> Bundle:
+    # encoded once per loaded issuer (a change of the CA directory loads a new one)
+    @cached_property
+    def _intermediate_pem(self) -> str:
+        return pki.cert_pem(self.intermediate)
+
+    @cached_property
+    def _issuer_id(self) -> str:
+        return key_id(self.intermediate)
+
+    @cached_property
+    def _bundle(self) -> Bundle:
         return Bundle(pem=pki.cert_pem(*self.roots), version=self.bundle_version)
+
+    def bundle(self) -> Bundle:
+        return self._bundle
 
     def issuing_certificates(self) -> tuple[x509.Certificate, ...]:
         return (self.intermediate, *self.also_accepted)
