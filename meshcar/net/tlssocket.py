@@ -21,6 +21,7 @@ One reader and one writer task at a time, as an HTTP/1.1 proxy needs.
 
 from __future__ import annotations
 
+import operator
 import socket
 import ssl
 
@@ -87,7 +88,12 @@ class SocketTLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check_open()
-        n = max_bytes or READ_SIZE
+        if max_bytes is None:
+            n = READ_SIZE
+        else:
+            n = operator.index(max_bytes)
+            if n < 1:
+                raise ValueError("max_bytes must be >= 1")
         while True:
             try:
                 data = self._ssl.recv(n)
@@ -132,6 +138,7 @@ class SocketTLSStream(trio.abc.Stream):
         await self._maybe_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()  # a closed socket's fd is -1: ValueError from trio, not this
         await trio.lowlevel.wait_writable(self._ssl)
 
     def close_now(self) -> None:

@@ -15,11 +15,16 @@ OpenSSL wants to send collects in `_outgoing` and is flushed to the socket. Comp
 
 It supports one reader and one writer task at a time (what an HTTP/1.1 proxy needs);
 socket writes are serialised with a lock because a read may need to flush too (TLS 1.3
-post-handshake messages).
+post-handshake messages). The task holding the lock sends until nothing is queued, and a
+reader never waits for it (a reader parked on the lock while the writer waits for the peer
+to read would deadlock a full-duplex transfer). Concurrent `send_all` calls are serialised
+by that lock instead of raising `BusyResourceError` (deliberate; tests/unit/
+test_net_tls_conformance.py). Every call is a trio checkpoint, as trio's streams are.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import select
 import ssl
@@ -111,15 +116,19 @@ class TLSStream(trio.abc.Stream):
 
     # -- internals ------------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        if self._outgoing.pending:
-            async with self._send_lock:
+    async def _flush(self, *, wait: bool = True) -> bool:
+        """Send what OpenSSL queued; True if this call waited on anything. With `wait=False`
+        (a reader) nothing is done while another task holds the lock: it sends all queued."""
+        if not self._outgoing.pending or (not wait and self._send_lock.locked()):
+            return False
+        async with self._send_lock:
+            while self._outgoing.pending:
                 data = self._outgoing.read()
-                if data:
-                    try:
-                        await self.transport.send_all(data)
-                    except (OSError, trio.BrokenResourceError) as exc:
-                        raise trio.BrokenResourceError(repr(exc)) from None
+                try:
+                    await self.transport.send_all(data)
+                except (OSError, trio.BrokenResourceError) as exc:
+                    raise trio.BrokenResourceError(repr(exc)) from None
+        return True
 
     async def _fill(self) -> None:
         try:
@@ -151,7 +160,15 @@ class TLSStream(trio.abc.Stream):
         await self._flush()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        limit = max_bytes or READ_SIZE
+        if max_bytes is None:
+            limit = READ_SIZE
+        else:
+            limit = operator.index(max_bytes)
+            if limit < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream is closed")
+        waited = False
         while True:
             parts: list[bytes] = []
             got = 0
@@ -163,26 +180,32 @@ class TLSStream(trio.abc.Stream):
                         # SSLZeroReturnError. Reading on would wait for EOF forever.
                         if parts:
                             break
-                        return b""
+                        return await self._done(b"", waited)
                     parts.append(chunk)
                     got += len(chunk)
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:
-                if parts:
-                    return b"".join(parts)
-                return b""
+                return await self._done(b"".join(parts), waited)
             except ssl.SSLError as exc:
                 if parts:
-                    return b"".join(parts)
+                    return await self._done(b"".join(parts), waited)
+                await trio.lowlevel.checkpoint()
                 if isinstance(exc, ssl.SSLEOFError):
                     raise trio.BrokenResourceError("peer closed without close_notify") from None
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from None
-            if self._outgoing.pending:
-                await self._flush()  # post-handshake messages (tickets, key update)
+            # post-handshake messages (tickets, key update); never wait for the writer
+            waited = await self._flush(wait=False) or waited
             if parts:
-                return b"".join(parts)
+                return await self._done(b"".join(parts), waited)
             await self._fill()
+            waited = True
+
+    @staticmethod
+    async def _done(data: bytes, waited: bool) -> bytes:
+        if not waited:  # every call is a checkpoint, even when OpenSSL had the bytes already
+            await trio.lowlevel.checkpoint()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -192,13 +215,15 @@ class TLSStream(trio.abc.Stream):
                 self._obj.write(data)
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from None
-        await self._flush()
+        if not await self._flush():
+            await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         if self._closed:
+            await trio.lowlevel.checkpoint()
             return
         self._closed = True
         try:
