@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections import deque
+from typing import Any
 
 import trio
 
@@ -10,6 +12,15 @@ from meshcar.net.tlsstream import TLSStream, socket_readable
 from meshcar.proto.http1 import DEFAULT_HEADER_POLICY, Event, HeaderPolicy, Http1Parser
 
 READ_SIZE = 64 * 1024
+# Linux only; elsewhere `quickack=True` is a no-op.
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def tcp_socket(stream: trio.abc.Stream) -> Any | None:
+    """The TCP socket under a plain or `TLSStream` stream (None for other kinds)."""
+    if isinstance(stream, TLSStream):
+        stream = stream.transport
+    return getattr(stream, "socket", None)
 
 
 def stream_has_unread(stream: trio.abc.Stream) -> bool:
@@ -26,8 +37,13 @@ def stream_has_unread(stream: trio.abc.Stream) -> bool:
 
 class HttpConn:
     def __init__(self, stream: trio.abc.Stream, kind: str,
-                 policy: HeaderPolicy = DEFAULT_HEADER_POLICY) -> None:
+                 policy: HeaderPolicy = DEFAULT_HEADER_POLICY, *, quickack: bool = False) -> None:
+        """`quickack`: for sockets facing an app (which may keep Nagle on and write a head and
+        a body separately, its second write waiting for our ACK of the first): ACK what each
+        read took at once. Linux drops quick-ACK mode again as soon as we answer, so it is
+        re-armed after every read (one setsockopt, ~1 us; docs/PERFORMANCE.md)."""
         self.stream = stream
+        self._quickack = tcp_socket(stream) if quickack and TCP_QUICKACK is not None else None
         self.parser = Http1Parser(kind, policy)
         self._pending: deque[Event] = deque()
         self.eof = False
@@ -43,6 +59,11 @@ class HttpConn:
                 self.eof = True
                 self._pending.extend(self.parser.feed_eof())
             else:
+                if self._quickack is not None:
+                    try:
+                        self._quickack.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+                    except OSError:
+                        self._quickack = None
                 self.bytes_received += len(data)
                 self._pending.extend(self.parser.feed(data))
         return self._pending.popleft()

@@ -74,4 +74,4 @@ class AppDialer:
 
     async def dial(self, key: str) -> Pooled:
         stream = await open_tcp(self.app.host, self.app.port, self.connect_timeout)
-        return Pooled(HttpConn(stream, "response"), key, self.app)
+        return Pooled(HttpConn(stream, "response", quickack=True), key, self.app)  # app-facing

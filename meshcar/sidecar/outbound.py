@@ -103,7 +103,7 @@ class Outbound:
             limit.leave()
 
     async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
-        conn = HttpConn(stream, "request", self.cfg.http.headers)
+        conn = HttpConn(stream, "request", self.cfg.http.headers, quickack=True)  # app-facing
         await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain,
                          timeouts=self.cfg.timeouts)
 

@@ -66,4 +66,4 @@ class Transparent:
                                         "of this sidecar")
             return False
 
-        await serve_http(HttpConn(stream, "request", self.cfg.http.headers), refuse)
+        await serve_http(HttpConn(stream, "request", self.cfg.http.headers, quickack=True), refuse)
