@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "webhook": ("meshcar.inject.webhook", "main", "mutating admission webhook for injection"),
     "run": ("meshcar.supervise", "main", "run an app under a sidecar: start when ready, exit with it"),
     "cert": ("meshcar.admin.certcli", "main", "show or renew a sidecar's certificate"),
+    "config": ("meshcar.configcli", "main", "config JSON Schema (schema sidecar|edge), check FILE"),
     "demo-app": ("meshcar.demo.app", "main", "the small JSON demo app of the scenario"),
 }
 

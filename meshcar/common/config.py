@@ -9,8 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS
+from meshcar.common.schema import (
+    BOOL,
+    HOSTPORT,
+    SPIFFE_ID,
+    STRING,
+    ListOf,
+    Section,
+    key,
+    number,
+    one_of,
+)
 from meshcar.errors import IdentityError
 from meshcar.identity.spiffe import SpiffeId
+from meshcar.net.forward import Timeouts
+from meshcar.net.limits import TIMEOUT_KEYS, Limits
 from meshcar.proto.http1 import MAX_HEAD_BYTES, UNDERSCORE_ACTIONS, HeaderPolicy
 from meshcar.proto.path import ESCAPED_SLASH_ACTIONS, PathOptions
 
@@ -61,6 +75,74 @@ class HttpPolicy:
     path: PathOptions = PathOptions()
     headers: HeaderPolicy = HeaderPolicy()
 
+_URL = {"type": "string", "pattern": "^https?://"}
+_HEADERS = HeaderPolicy()
+
+# The shared sections' keys (meshcar/common/schema.py): the checkers below take their allowed
+# keys from these, and `meshcar config schema` renders them.
+VAULT = Section("Issue directly from Vault/OpenBao PKI instead of the CA API", {
+    "addr": key({"anyOf": [_URL, {"type": "array", "items": _URL, "minItems": 1}]},
+                "Vault URL, or the URLs of every node of one HA cluster", required=True),
+    "role": key(STRING, "PKI role that signs this identity", required=True),
+    "mount": key({"type": "string"}, "PKI mount", "pki_int"),
+    "token_file": key(STRING, "Vault token file (development; instead of the AppRole)"),
+    "approle_role_id_file": key(STRING, "AppRole role_id file"),
+    "approle_secret_id_file": key(STRING, "AppRole secret_id file"),
+    "ca_cert": key(STRING, "CA certificate(s) to verify Vault's TLS certificate"),
+    "connect_timeout_seconds": key(number(0.1, 300), "connect timeout per node", 2.0),
+    "timeout_seconds": key(number(1, 300), "answer timeout once connected", 10.0),
+})
+IDENTITY = Section("The workload's SPIFFE identity and where its certificate comes from", {
+    "spiffe_id": key(SPIFFE_ID, "the identity this process holds", required=True),
+    "ca_url": key({"type": "string", "pattern": "^https://"}, "the CA API (required unless vault)"),
+    "ca_bundle": key(STRING, "file with the root the CA API's certificate chains to"),
+    "ca_bundle_pem": key({"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
+                         "that root as inline PEM (instead of ca_bundle)"),
+    "token_file": key(STRING, "join token file, used once at bootstrap"),
+    "k8s_token_file": key(STRING, "projected service-account token (instead of token_file)"),
+    "state_dir": key(STRING, "directory for the key and certificate", required=True),
+    "ttl_seconds": key(number(10, integer=True), "requested certificate lifetime"),
+    "renew_fraction": key(number(0.1, 0.9), "renew at this fraction of the lifetime", 2 / 3),
+    "bundle_refresh_seconds": key(number(1), "how often the trust bundle is fetched again", 300),
+    "vault": key(VAULT, "issue from Vault/OpenBao PKI (then no ca_url/ca_bundle/token_file)"),
+})
+HTTP_PATH = Section("Request-target normalisation", {
+    "merge_slashes": key(BOOL, "merge duplicate slashes", True),
+    "escaped_slashes": key(one_of(*ESCAPED_SLASH_ACTIONS), "%2F and %5C in a path", "reject"),
+})
+HTTP_HEADERS = Section("Request header policy", {
+    "underscores": key(one_of(*UNDERSCORE_ACTIONS), "header names with _", "reject"),
+    "max_count": key(number(1, 1000, integer=True), "header lines per request (431 past)",
+                     _HEADERS.max_count),
+    "max_value_bytes": key(number(1, MAX_HEAD_BYTES, integer=True),
+                           "bytes per header value (431 past)", _HEADERS.max_value_bytes),
+})
+HTTP = Section("Request-target normalisation and request header policy of every HTTP listener", {
+    "path": key(HTTP_PATH, "request-target normalisation"),
+    "headers": key(HTTP_HEADERS, "request header policy"),
+})
+ADMIN = Section("The admin listener (/live /ready /metrics /certs ...)", {
+    "listen": key(HOSTPORT, "HOST:PORT of the admin listener", required=True),
+    "public_paths": key(ListOf(one_of(*sorted(p.decode() for p in MAY_BE_PUBLIC))),
+                        "paths served off loopback", sorted(p.decode() for p in PUBLIC_PATHS)),
+})
+_TIMEOUT_DEFAULTS = Timeouts()
+TIMEOUTS = Section("Progress timeouts in seconds (net/forward.py)", {
+    k: key(number(0.1, 86400), f"progress timeout ({field_name})", getattr(_TIMEOUT_DEFAULTS, field_name))
+    for k, field_name in TIMEOUT_KEYS.items()
+})
+LIMITS = Section("Connection limits (net/limits.py)", {
+    "max_connections": key(number(1, 1_000_000, integer=True), "open connections per listener",
+                           Limits().max_connections),
+    "max_upstream_connections": key(number(1, 1_000_000, integer=True),
+                                    "open connections per upstream", Limits().max_upstream_connections),
+})
+DRAIN_SECONDS = key(number(0, 3600), "on SIGTERM: how long requests in flight may finish", 10)
+LOG_LEVEL = key(one_of("debug", "info", "warning", "error"),
+                "debug and info also log one JSON line per request (access log); warning and "
+                "error turn the access log off", "info")
+
+
 class Checker:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
@@ -81,7 +163,11 @@ class Checker:
             return {}
         return val
 
-    def unknown(self, data: dict, prefix: str, allowed: set[str]) -> None:
+    def unknown(self, data: dict, prefix: str, allowed: Section | set[str]) -> None:
+        """Every key of `data` not in `allowed` (a section of the declarative description,
+        meshcar/common/schema.py) is a problem."""
+        if isinstance(allowed, Section):
+            allowed = allowed.names()
         for k in data:
             if k not in allowed:
                 self.bad(f"{prefix}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
@@ -163,9 +249,7 @@ class Checker:
 def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
     """The `identity:` section (shared by the sidecar and the edge); problems go to `c`."""
     ident = c.section(data, "identity")
-    c.unknown(ident, "identity.", {"spiffe_id", "ca_url", "ca_bundle", "token_file", "state_dir",
-                                   "ttl_seconds", "renew_fraction", "bundle_refresh_seconds",
-                                   "ca_bundle_pem", "k8s_token_file", "vault"})
+    c.unknown(ident, "identity.", IDENTITY)
     sid = c.spiffe(ident.get("spiffe_id"), "identity.spiffe_id") if "identity" in data else None
     vault = _vault(c, ident.get("vault")) if ident.get("vault") is not None else None
     if vault is not None:
@@ -217,9 +301,9 @@ def parse_http(c: Checker, raw: Any) -> HttpPolicy:
     if not isinstance(raw, dict):
         c.bad("http", "must be a mapping {path: {...}, headers: {...}}")
         return HttpPolicy()
-    c.unknown(raw, "http.", {"path", "headers"})
+    c.unknown(raw, "http.", HTTP)
     path = c.section(raw, "path", required=False)
-    c.unknown(path, "http.path.", {"merge_slashes", "escaped_slashes"})
+    c.unknown(path, "http.path.", HTTP_PATH)
     merge = path.get("merge_slashes", True)
     if not isinstance(merge, bool):
         c.bad("http.path.merge_slashes", "must be true or false")
@@ -229,19 +313,19 @@ def parse_http(c: Checker, raw: Any) -> HttpPolicy:
         c.bad("http.path.escaped_slashes", f"must be one of {', '.join(ESCAPED_SLASH_ACTIONS)}")
         slashes = "reject"
     hdrs = c.section(raw, "headers", required=False)
-    c.unknown(hdrs, "http.headers.", {"underscores", "max_count", "max_value_bytes"})
+    c.unknown(hdrs, "http.headers.", HTTP_HEADERS)
     under = hdrs.get("underscores", "reject")
     if under not in UNDERSCORE_ACTIONS:
         c.bad("http.headers.underscores", f"must be one of {', '.join(UNDERSCORE_ACTIONS)}")
         under = "reject"
     default = HeaderPolicy()
     limits = {}
-    for key, top in (("max_count", 1000), ("max_value_bytes", MAX_HEAD_BYTES)):
-        val = hdrs.get(key, getattr(default, key))
+    for opt, top in (("max_count", 1000), ("max_value_bytes", MAX_HEAD_BYTES)):
+        val = hdrs.get(opt, getattr(default, opt))
         if isinstance(val, bool) or not isinstance(val, int) or not (1 <= val <= top):
-            c.bad(f"http.headers.{key}", f"must be an integer between 1 and {top}")
-            val = getattr(default, key)
-        limits[key] = val
+            c.bad(f"http.headers.{opt}", f"must be an integer between 1 and {top}")
+            val = getattr(default, opt)
+        limits[opt] = val
     return HttpPolicy(PathOptions(merge, slashes), HeaderPolicy(under, **limits))
 
 
@@ -250,9 +334,7 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
     if not isinstance(raw, dict):
         c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
         return None
-    c.unknown(raw, p + ".", {"addr", "role", "mount", "token_file", "approle_role_id_file",
-                             "approle_secret_id_file", "ca_cert", "connect_timeout_seconds",
-                             "timeout_seconds"})
+    c.unknown(raw, p + ".", VAULT)
     raw_addr = raw.get("addr")
     addrs: list[str] = []
     if raw_addr is None:
@@ -268,12 +350,12 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
     else:
         c.bad(p + ".addr", "must be an http(s):// URL or a non-empty list of them (the nodes of one cluster)")
     timeouts: dict[str, float] = {}
-    for key, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
-        val = raw.get(key, default)
+    for opt, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
+        val = raw.get(opt, default)
         if isinstance(val, bool) or not isinstance(val, int | float) or not (low <= val <= 300):
-            c.bad(f"{p}.{key}", f"must be a number of seconds between {low} and 300")
+            c.bad(f"{p}.{opt}", f"must be a number of seconds between {low} and 300")
             val = default
-        timeouts[key] = float(val)
+        timeouts[opt] = float(val)
     role = c.string(raw, "role", p + ".role")
     token = c.path(raw, "token_file", p + ".token_file", required=False)
     rid = c.path(raw, "approle_role_id_file", p + ".approle_role_id_file", required=False)

@@ -17,6 +17,13 @@ import yaml
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.common.config import (
+    ADMIN,
+    DRAIN_SECONDS,
+    HTTP,
+    IDENTITY,
+    LIMITS,
+    LOG_LEVEL,
+    TIMEOUTS,
     Checker,
     HostPort,
     HttpPolicy,
@@ -24,11 +31,106 @@ from meshcar.common.config import (
     parse_http,
     parse_identity,
 )
+from meshcar.common.schema import (
+    BOOL,
+    HOSTPORT,
+    SPIFFE_ID,
+    STRING,
+    ListOf,
+    MapOf,
+    Section,
+    key,
+    number,
+    one_of,
+)
 from meshcar.errors import ConfigError
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 
 MODES = ("terminate", "bridge", "passthrough")
+_PATH = {"type": "string", "pattern": "^/"}
+
+# The keys of the edge config (meshcar/common/schema.py): the checks below take the allowed
+# keys of each section from here, and `meshcar config schema edge` renders them.
+HEALTH = Section("Active health checks of the backend's endpoints", {
+    "interval": key(number(0.05), "seconds between checks", 2.0),
+    "timeout": key(number(0.01), "seconds a check may take", 1.0),
+    "path": key({"type": "string"}, "HTTP path checked (L7 backends)", "/"),
+    "fall": key(number(1, integer=True), "failures in a row that eject an endpoint", 2),
+    "rise": key(number(1, integer=True), "successes in a row that readmit it", 1),
+})
+BACKEND = Section("Where a route's traffic goes", {
+    "endpoints": key(ListOf(HOSTPORT, min_items=1), "HOST:PORT of each endpoint", required=True),
+    "balance": key(one_of("round_robin", "least_connections"), "load balancing", "round_robin"),
+    "spiffe_id": key(SPIFFE_ID, "bridge: the backend sidecar's identity"),
+    "health": key(HEALTH, HEALTH.doc),
+})
+TLS = Section("The route's certificate (terminate and bridge)", {
+    "cert": key(STRING, "certificate chain file (PEM)", required=True),
+    "key": key(STRING, "private key file (PEM)", required=True),
+})
+RATE_LIMIT = Section("Per-client token bucket", {
+    "per_second": key(number(0.001), "requests per second", required=True),
+    "burst": key(number(1, integer=True), "bucket size", 1),
+})
+CLIENT_AUTH = Section("Client certificates on the public listener", {
+    "mode": key(one_of("optional", "required"), "ask for or require a client certificate",
+                required=True),
+    "ca": key(STRING, "CA file client certificates must chain to", required=True),
+})
+ROUTE_HEADERS = Section("Request headers added or removed before the backend", {
+    "add": key(MapOf({"type": "string", "pattern": "^[^\\r\\n]*$"}), "NAME: VALUE added", {}),
+    "remove": key(ListOf({"type": "string"}), "header names removed", []),
+})
+DENY_HEADER = Section("A header that must match", {
+    "name": key({"type": "string"}, "header name", required=True),
+    "pattern": key({"type": "string"}, "regular expression searched in its values", required=True),
+})
+DENY = Section("A WAF rule: requests matching every given part are refused with 403", {
+    "name": key({"type": "string"}, "rule name (logs, metrics)"),
+    "methods": key(ListOf({"type": "string"}), "methods (any if empty)", []),
+    "path": key({"type": "string"}, "regular expression searched in the path"),
+    "header": key(DENY_HEADER, DENY_HEADER.doc),
+})
+ROUTE = Section("One host's route", {
+    "host": key({"type": "string", "pattern": "^[a-z0-9*]([a-z0-9.-]*[a-z0-9])?$"},
+                "the SNI and Host this route serves", required=True),
+    "mode": key(one_of(*MODES), "terminate, bridge (mTLS to a sidecar) or passthrough (TCP)",
+                required=True),
+    "backend": key(BACKEND, BACKEND.doc, required=True),
+    "tls": key(TLS, "terminate and bridge: the route's certificate"),
+    "path_prefix": key(_PATH, "only paths with this prefix", "/"),
+    "path_exact": key(_PATH, "only this path"),
+    "hsts": key({"anyOf": [BOOL, {"type": "string", "pattern": "^max-age="}]},
+                "true or a Strict-Transport-Security value"),
+    "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
+    "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
+    "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
+    "headers": key(ROUTE_HEADERS, ROUTE_HEADERS.doc),
+    "deny": key(ListOf(DENY), "WAF rules", []),
+    "proxy_protocol": key(one_of("v1", "v2"), "passthrough: send a PROXY protocol header"),
+    "source_address": key({"type": "string"}, "passthrough: local IP backend connections come from"),
+})
+LISTEN = Section("The public listeners", {
+    "https": key(HOSTPORT, "HOST:PORT of the TLS listener", required=True),
+    "http": key(HOSTPORT, "HOST:PORT of the plain-HTTP listener (redirects to https)"),
+})
+EDGE = Section("meshcar edge configuration (docs/EDGE.md)", {
+    "listen": key(LISTEN, LISTEN.doc, required=True),
+    "admin": key(ADMIN, ADMIN.doc, required=True),
+    "routes": key(ListOf(ROUTE, min_items=1), "one route per host", required=True),
+    "identity": key(IDENTITY, "the edge's mesh identity (needed by bridge routes)"),
+    "trusted_hops": key(number(0, integer=True), "proxies in front whose X-Forwarded-For is kept", 0),
+    "default_route": key({"type": "string"}, "host of the route for a missing or unknown SNI"),
+    "log_level": LOG_LEVEL,
+    "hello_timeout": key(number(exclusive_minimum=0), "seconds for the ClientHello", 10.0),
+    "handshake_timeout": key(number(exclusive_minimum=0), "seconds for the TLS handshake", 10.0),
+    "pool_idle_seconds": key(number(0.1, 3600), "idle pooled backend connections closed after", 30.0),
+    "drain_seconds": DRAIN_SECONDS,
+    "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
+    "limits": key(LIMITS, LIMITS.doc),
+    "http": key(HTTP, HTTP.doc),
+})
 
 
 @dataclass(frozen=True)
@@ -159,7 +261,7 @@ def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
     if not isinstance(raw, dict):
         c.bad(p, "must be a mapping with endpoints")
         return None
-    c.unknown(raw, p + ".", {"endpoints", "balance", "spiffe_id", "health"})
+    c.unknown(raw, p + ".", BACKEND)
     eps = c.hostports(raw.get("endpoints"), p + ".endpoints", required=True)
     balance = raw.get("balance", "round_robin")
     if balance not in ("round_robin", "least_connections"):
@@ -175,7 +277,7 @@ def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
         if not isinstance(h, dict):
             c.bad(p + ".health", "must be a mapping")
         else:
-            c.unknown(h, p + ".health.", {"interval", "timeout", "path", "fall", "rise"})
+            c.unknown(h, p + ".health.", HEALTH)
             health = HealthCheck(
                 interval=_number(c, h.get("interval", 2.0), p + ".health.interval", minimum=0.05) or 2.0,
                 timeout=_number(c, h.get("timeout", 1.0), p + ".health.timeout", minimum=0.01) or 1.0,
@@ -188,8 +290,7 @@ def _backend(c: Checker, raw: Any, p: str, mode: str) -> Backend | None:
     return Backend(tuple(eps), balance, sid, health)
 
 
-ROUTE_KEYS = {"host", "mode", "backend", "tls", "path_prefix", "path_exact", "hsts", "rate_limit",
-              "max_body_bytes", "client_auth", "headers", "deny", "proxy_protocol", "source_address"}
+ROUTE_KEYS = ROUTE.names()
 
 
 def _route(c: Checker, raw: Any, i: int) -> Route | None:
@@ -231,7 +332,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
         if not isinstance(tls, dict):
             c.bad(p + ".tls", "terminate and bridge routes need tls: {cert, key}")
         else:
-            c.unknown(tls, p + ".tls.", {"cert", "key"})
+            c.unknown(tls, p + ".tls.", TLS)
             kw["cert_file"] = c.path(tls, "cert", p + ".tls.cert")
             kw["key_file"] = c.path(tls, "key", p + ".tls.key")
         if "path_prefix" in raw:
@@ -256,7 +357,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
             if not isinstance(rl, dict):
                 c.bad(p + ".rate_limit", "must be {per_second, burst}")
             else:
-                c.unknown(rl, p + ".rate_limit.", {"per_second", "burst"})
+                c.unknown(rl, p + ".rate_limit.", RATE_LIMIT)
                 ps = _number(c, rl.get("per_second"), p + ".rate_limit.per_second", minimum=0.001)
                 burst = _number(c, rl.get("burst", 1), p + ".rate_limit.burst", minimum=1, integer=True)
                 if ps and burst:
@@ -269,7 +370,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
             if not isinstance(ca, dict) or ca.get("mode") not in ("optional", "required"):
                 c.bad(p + ".client_auth", "must be {mode: optional|required, ca: FILE}")
             else:
-                c.unknown(ca, p + ".client_auth.", {"mode", "ca"})
+                c.unknown(ca, p + ".client_auth.", CLIENT_AUTH)
                 ca_file = c.path(ca, "ca", p + ".client_auth.ca")
                 if ca_file is not None:
                     kw["client_auth"] = ClientAuth(ca["mode"], ca_file)
@@ -278,7 +379,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
             if not isinstance(hdrs, dict):
                 c.bad(p + ".headers", "must be {add: {NAME: VALUE}, remove: [NAME]}")
             else:
-                c.unknown(hdrs, p + ".headers.", {"add", "remove"})
+                c.unknown(hdrs, p + ".headers.", ROUTE_HEADERS)
                 add = hdrs.get("add", {}) or {}
                 if not isinstance(add, dict) or not all(
                         isinstance(k, str) and isinstance(v, str) and "\n" not in v and "\r" not in v
@@ -301,7 +402,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
                 if not isinstance(d, dict) or not d:
                     c.bad(dp, "must be a mapping with methods, path and/or header")
                     continue
-                c.unknown(d, dp + ".", {"name", "methods", "path", "header"})
+                c.unknown(d, dp + ".", DENY)
                 methods = d.get("methods", [])
                 if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
                     c.bad(dp + ".methods", "must be a list of methods")
@@ -313,6 +414,7 @@ def _route(c: Checker, raw: Any, i: int) -> Route | None:
                     if not isinstance(hd, dict) or "name" not in hd or "pattern" not in hd:
                         c.bad(dp + ".header", "must be {name, pattern}")
                     else:
+                        c.unknown(hd, dp + ".header.", DENY_HEADER)
                         pat = _regex(c, hd["pattern"], dp + ".header.pattern")
                         if pat is not None:
                             header = (str(hd["name"]).lower(), pat)
@@ -328,18 +430,15 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     c = Checker(source, base_dir or Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", {"listen", "admin", "routes", "identity", "trusted_hops", "default_route",
-                         "log_level", "hello_timeout", "handshake_timeout", "pool_idle_seconds", "timeouts", "limits",
-                         "drain_seconds",
-                         "http"})
+    c.unknown(data, "", EDGE)
     http_policy = parse_http(c, data.get("http"))
     listen = c.section(data, "listen")
-    c.unknown(listen, "listen.", {"https", "http"})
+    c.unknown(listen, "listen.", LISTEN)
     https = c.hostport(listen.get("https"), "listen.https") if "listen" in data else None
     http = c.hostport(listen["http"], "listen.http") if listen.get("http") is not None else None
     admin = c.section(data, "admin")
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
-    c.unknown(admin, "admin.", {"listen", "public_paths"})
+    c.unknown(admin, "admin.", ADMIN)
     public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
     for w in why:
         c.bad("admin.public_paths", w)

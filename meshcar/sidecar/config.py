@@ -14,6 +14,13 @@ import yaml
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
+    ADMIN,
+    DRAIN_SECONDS,
+    HTTP,
+    IDENTITY,
+    LIMITS,
+    LOG_LEVEL,
+    TIMEOUTS,
     Checker,
     HostPort,
     HttpPolicy,
@@ -22,6 +29,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     parse_http,
     parse_identity,
 )
+from meshcar.common.schema import HOSTPORT, PORT, SPIFFE_ID, ListOf, MapOf, Section, key, number
 from meshcar.errors import ConfigError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
@@ -30,6 +38,43 @@ from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 __all__ = ["Checker", "HostPort", "HttpPolicy", "IdentityConfig", "SidecarConfig", "Upstream",
            "VaultIdentity", "load_config", "load_config_text", "parse_config", "parse_http",
            "parse_identity"]
+
+
+# The keys of the sidecar config (meshcar/common/schema.py): the checks below take the allowed
+# keys of each section from here, and `meshcar config schema sidecar` renders them.
+UPSTREAM = Section("A service this app calls through the mesh", {
+    "endpoints": key(ListOf(HOSTPORT, min_items=1), "the peers' mesh listeners (HOST:PORT)",
+                     required=True),
+    "spiffe_id": key(SPIFFE_ID, "the identity the peers must present", required=True),
+    "local_port": key(PORT, "fixed local plain-HTTP port for this upstream"),
+    "match": key(ListOf(HOSTPORT), "original destinations captured transparently", []),
+})
+APP = Section("The local app behind the inbound", {
+    "host": key({"type": "string"}, "the app's host", "127.0.0.1"),
+    "port": key(PORT, "the app's local HTTP port", required=True),
+})
+INBOUND = Section("The mTLS mesh listener", {
+    "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
+    "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
+})
+OUTBOUND = Section("The app's way out: HTTP proxy, fixed ports, transparent capture", {
+    "listen": key(HOSTPORT, "loopback HTTP proxy for the app (HTTP_PROXY)"),
+    "upstreams": key(MapOf(UPSTREAM, key_pattern="^[^ /:@]+$"), "upstreams by service name", {}),
+    "transparent_listen": key(HOSTPORT, "loopback listener for iptables-redirected connections"),
+    "pool_idle_seconds": key(number(0.1, 3600), "idle pooled mesh connections closed after", 30),
+})
+SIDECAR = Section("meshcar sidecar configuration (docs/CONFIG.md)", {
+    "identity": key(IDENTITY, IDENTITY.doc, required=True),
+    "app": key(APP, APP.doc, required=True),
+    "inbound": key(INBOUND, INBOUND.doc, required=True),
+    "outbound": key(OUTBOUND, OUTBOUND.doc),
+    "admin": key(ADMIN, ADMIN.doc, required=True),
+    "log_level": LOG_LEVEL,
+    "drain_seconds": DRAIN_SECONDS,
+    "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
+    "limits": key(LIMITS, LIMITS.doc),
+    "http": key(HTTP, HTTP.doc),
+})
 
 
 @dataclass(frozen=True)
@@ -68,8 +113,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     c = Checker(source, base_dir or Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", {"identity", "app", "inbound", "outbound", "admin", "log_level",
-                         "drain_seconds", "timeouts", "limits", "http"})
+    c.unknown(data, "", SIDECAR)
     http = parse_http(c, data.get("http"))
 
     identity = parse_identity(c, data)
@@ -77,12 +121,12 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     net_limits = parse_limits(data.get("limits"), c.bad)
 
     app = c.section(data, "app")
-    c.unknown(app, "app.", {"host", "port"})
+    c.unknown(app, "app.", APP)
     app_host = app.get("host", "127.0.0.1")
     app_port = c.port(app.get("port"), "app.port") if "app" in data else None
 
     inbound = c.section(data, "inbound")
-    c.unknown(inbound, "inbound.", {"listen", "allow"})
+    c.unknown(inbound, "inbound.", INBOUND)
     in_listen = c.hostport(inbound.get("listen"), "inbound.listen") if "inbound" in data else None
     allow_raw = inbound.get("allow", [])
     allow: list[str] = []
@@ -95,7 +139,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                 allow.append(v)
 
     outbound = c.section(data, "outbound", required=False)
-    c.unknown(outbound, "outbound.", {"listen", "upstreams", "transparent_listen", "pool_idle_seconds"})
+    c.unknown(outbound, "outbound.", OUTBOUND)
     pool_idle = outbound.get("pool_idle_seconds", 30)
     if isinstance(pool_idle, bool) or not isinstance(pool_idle, int | float) or not (0.1 <= pool_idle <= 3600):
         c.bad("outbound.pool_idle_seconds", "must be a number of seconds between 0.1 and 3600")
@@ -115,7 +159,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             if not isinstance(u, dict):
                 c.bad(p, "must be a mapping")
                 continue
-            c.unknown(u, p + ".", {"endpoints", "spiffe_id", "local_port", "match"})
+            c.unknown(u, p + ".", UPSTREAM)
             eps = c.hostports(u.get("endpoints"), p + ".endpoints", required=True)
             usid = c.spiffe(u.get("spiffe_id"), p + ".spiffe_id")
             lp = u.get("local_port")
@@ -129,7 +173,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
                               loopback_only=True)
                    if outbound.get("transparent_listen") is not None else None)
     admin = c.section(data, "admin")
-    c.unknown(admin, "admin.", {"listen", "public_paths"})
+    c.unknown(admin, "admin.", ADMIN)
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
     public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
     for w in why:

@@ -101,7 +101,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("meshcar.admin",),
     ("meshcar.common", "meshcar.scenario"),  # what the roles share; the demo scenario (data)
     ("meshcar.sidecar", "meshcar.edge", "meshcar.inject"),  # the roles
-    ("meshcar.demo", "meshcar.supervise", "meshcar.cli", "meshcar_ca"),  # commands; the CA
+    ("meshcar.demo", "meshcar.supervise", "meshcar.cli", "meshcar.configcli", "meshcar_ca"),  # commands; the CA
 ]
 
 # Pairs that must not import each other, in either direction (prefixes).
