@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_entry
+from meshcar.common.mtls import MeshPeer, MTLSDialer
 from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
-from meshcar.errors import IdentityError, UpstreamError
-from meshcar.net.connect import open_tcp, open_tls
+from meshcar.errors import UpstreamError
+from meshcar.net.connect import open_tcp
 from meshcar.net.drain import Drain
 from meshcar.net.forward import (
     BodyTooLarge,
@@ -42,14 +44,11 @@ from meshcar.net.httpserver import refuse_http, send_error, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
-from meshcar.net.tlsstream import TLSStream
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 from meshcar.proto.path import PathError, Target, normalise_target
-from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
-from meshcar.tls.svid import svid_from_der
 
 log = logging.getLogger("meshcar.edge")
 
@@ -89,6 +88,10 @@ def split_host_port(value: str) -> tuple[str, str]:
     return value, ""
 
 
+def _no_session(p: Pooled) -> None:
+    """No mTLS dialer (no mesh identity): nothing to remember."""
+
+
 class Backends:
     """A balancer per route, and pooled connections to the chosen endpoints."""
 
@@ -105,7 +108,12 @@ class Backends:
                          max_connections=cfg.limits.max_upstream_connections,
                          group=lambda key: key.partition("|")[0],  # a route's backend cluster
                          on_refused=lambda g: metrics.upstream_refusals.labels(g).inc())
-        self._sessions = SessionCache()
+        # bridge routes: the one mTLS dialer (common/mtls.py), handshakes counted as "bridge"
+        self.mtls = MTLSDialer(store, metrics, "bridge") if store is not None else None
+        self._peers: dict[str, MeshPeer] = {}
+        # the pool's on_release: keeps a new bridge connection's TLS session (bound once)
+        self.remember_session: Callable[[Pooled], None] = (
+            self.mtls.remember_session if self.mtls is not None else _no_session)
 
     @staticmethod
     def key(route: Route, state: EndpointState) -> str:
@@ -114,25 +122,17 @@ class Backends:
     async def _dial(self, key: str) -> Pooled:
         host, _, ep = key.partition("|")
         route = self.routes[host]
-        h, _, p = ep.rpartition(":")
         if route.mode == "terminate":
+            h, _, p = ep.rpartition(":")
             return Pooled(HttpConn(await open_tcp(h, int(p)), "response", quickack=True), key, ep)
-        assert self.store is not None and route.backend.spiffe_id is not None
-        ctx = self.store.client_context()
-        stream = await open_tls(h, int(p), ctx, session=self._sessions.get(key, ctx))
-        try:
-            peer = svid_from_der(stream.getpeercert(binary_form=True))
-            if peer.spiffe_id != route.backend.spiffe_id:
-                raise IdentityError(f"backend at {ep} is {peer.spiffe_id}, expected {route.backend.spiffe_id}")
-        except IdentityError as exc:
-            await trio.aclose_forcefully(stream)
-            raise UpstreamError(str(exc), 502) from None
-        return Pooled(HttpConn(stream, "response"), key, ep, peer)
+        peer = self._peers.get(key)
+        if peer is None:  # once per route endpoint
+            assert route.backend.spiffe_id is not None
+            h, _, p = ep.rpartition(":")
+            peer = self._peers[key] = MeshPeer(h, int(p), route.backend.spiffe_id, host, ep)
+        assert self.mtls is not None
+        return await self.mtls.dial(key, peer)
 
-    def remember_session(self, p: Pooled) -> None:
-        stream = p.conn.stream
-        if p.requests == 0 and isinstance(stream, TLSStream):
-            self._sessions.put(p.key, stream.context, stream.session)
 
 
 class L7:

@@ -331,3 +331,9 @@ async def test_bridge_new_connections_after_a_credential_swap(edge: EdgeEnv) -> 
         await edge.backends.pool.close_all()
         # one request each: the route's rate limit (burst 5) covers the whole test
         assert await get(f"/v1/after-{version}") == "200"
+    # the bridge dials through the one mTLS dialer (common/mtls.py), which counts them: a full
+    # handshake, one resumed with the same context, a full one after each swap (none counted before)
+    def hs(result: str) -> float:
+        return edge.metrics.handshakes.labels("bridge", result)._value.get()
+    assert (hs("full"), hs("resumed"), hs("failure")) == (3, 1, 0)
+    assert edge.metrics.pool_connections.labels("api.test")._value.get() == 4
