@@ -269,3 +269,27 @@ def test_cli_schema_and_check(tmp_path: Path) -> None:
     (tmp_path / "notyaml.yaml").write_text("a: [\n")
     out = _meshcar("config", "check", "notyaml.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "notyaml.yaml: not valid YAML" in out.stderr
+
+
+def _doc_blocks() -> list[tuple[str, str, Any]]:
+    out = []
+    for doc, kind in (("docs/CONFIG.md", "sidecar"), ("docs/EDGE.md", "edge")):
+        text = (ROOT / doc).read_text()
+        for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", text, re.S)):
+            block = block.replace("$(MESHCAR_POD_NAMESPACE)", "default").replace(
+                "$(MESHCAR_POD_SERVICE_ACCOUNT)", "api")
+            out.append((f"{doc}#{i}", kind, yaml.safe_load(block)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "kind", "data"), _doc_blocks(), ids=lambda v: v if isinstance(v, str) else "")
+def test_doc_examples_are_valid(name: str, kind: str, data: Any) -> None:
+    """The YAML examples of docs/CONFIG.md and docs/EDGE.md: against the schema (a fragment
+    need not carry the required sections), and through the checker when complete."""
+    doc = schema(kind)
+    required = doc.pop("required")
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(doc).iter_errors(data)]
+    assert not errors, errors
+    if all(k in data for k in required):
+        PARSE[kind](data, name, Path("/cfg"))
