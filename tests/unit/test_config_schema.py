@@ -293,3 +293,21 @@ def test_doc_examples_are_valid(name: str, kind: str, data: Any) -> None:
     assert not errors, errors
     if all(k in data for k in required):
         PARSE[kind](data, name, Path("/cfg"))
+
+
+def test_relative_paths_resolve_from_the_config_files_directory(tmp_path: Path) -> None:
+    """As docs/CONFIG.md says: from the file's directory, not the working directory."""
+    from meshcar.edge.config import load_edge_config
+    from meshcar.sidecar.config import load_config
+
+    (tmp_path / "etc").mkdir()
+    side = tmp_path / "etc" / "sidecar.yaml"
+    side.write_text(yaml.safe_dump(FULL_SIDECAR))
+    ident = load_config(side).identity
+    assert (ident.ca_bundle, ident.token_file, ident.state_dir) == (
+        tmp_path / "etc" / "ca.pem", tmp_path / "etc" / "a.token", tmp_path / "etc" / "state")
+    edge = tmp_path / "etc" / "edge.yaml"
+    edge.write_text(yaml.safe_dump(FULL_EDGE))
+    route = load_edge_config(edge).routes[0]
+    assert (route.cert_file, route.client_auth.ca_file if route.client_auth else None) == (
+        tmp_path / "etc" / "site.pem", tmp_path / "etc" / "clients.pem")
