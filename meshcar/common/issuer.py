@@ -1,10 +1,12 @@
 """The issuing backend an `identity:` section names (sidecar and edge alike): the meshcar CA
-API, or Vault/OpenBao PKI directly."""
+API (with a join token or a Kubernetes service-account token), or Vault/OpenBao PKI directly,
+as the `Issuer` the rotation loop takes (identity/issuer.py)."""
 
 from __future__ import annotations
 
 from meshcar.common.config import IdentityConfig
 from meshcar.identity.caclient import CAClient
+from meshcar.identity.issuer import Issuer, JoinTokenIssuer, K8sTokenIssuer, VaultIssuer
 from meshcar.identity.vaultclient import VaultClient
 
 
@@ -18,3 +20,14 @@ def issuer_client(ident: IdentityConfig) -> CAClient | VaultClient:
                            connect_timeout=v.connect_timeout_seconds)
     assert ident.ca_url is not None
     return CAClient(ident.ca_url, ident.ca_bundle, ca_bundle_pem=ident.ca_bundle_pem)
+
+
+def issuer_for(ident: IdentityConfig) -> Issuer:
+    """The identity's `Issuer`: Vault (its own auth), else the CA API with the k8s
+    service-account token or the join token (the config allows only one of them)."""
+    client = issuer_client(ident)
+    if isinstance(client, VaultClient):
+        return VaultIssuer(client)
+    if ident.k8s_token_file is not None:
+        return K8sTokenIssuer(client, ident.k8s_token_file)
+    return JoinTokenIssuer(client, ident.token_file)

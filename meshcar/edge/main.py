@@ -25,7 +25,7 @@ from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
-from meshcar.common.issuer import issuer_client
+from meshcar.common.issuer import issuer_for
 from meshcar.edge.config import EdgeConfig, load_edge_config
 from meshcar.edge.health import health_loop
 from meshcar.edge.http import L7, Backends, Redirector
@@ -55,8 +55,7 @@ class Edge:
             ident = cfg.identity
             self.store = CredentialStore(ident.state_dir)
             self.rotator = Rotator(
-                self.store, issuer_client(ident),
-                ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
+                self.store, issuer_for(ident), ident.spiffe_id,
                 metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction)
         self.backends = Backends(cfg, self.store, self.metrics)
         self.l7 = L7(cfg, self.backends, self.metrics)

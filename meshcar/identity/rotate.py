@@ -10,6 +10,10 @@ mTLS with the current certificate, and retries with capped exponential backoff a
 while the CA is unreachable. The old certificate keeps serving until it actually expires; the store is only
 ever replaced by a complete new credential.
 
+The loop only schedules: every call to a CA goes through the `Issuer` it is given
+(identity/issuer.py: the CA API with a join token or a Kubernetes service-account token, or
+Vault/OpenBao), which says whether it has a bootstrap credential at all.
+
 Recovery: once the current certificate has expired (the CA was down longer than its
 lifetime), or the CA refuses the renewal outright (a non-retryable 4xx such as 401), the
 loop stops presenting that certificate and goes back to the bootstrap credential. `state`
@@ -25,14 +29,12 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 from cryptography import x509
 
-from meshcar.identity.caclient import CAClient, CAError
-from meshcar.identity.vaultclient import VaultClient
+from meshcar.identity.issuer import CAError, Issuer
 from meshcar.tls.store import Credential, CredentialStore
 
 log = logging.getLogger("meshcar.identity")
@@ -93,19 +95,14 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
 
 
 class Rotator:
-    def __init__(self, store: CredentialStore, client: CAClient | VaultClient, spiffe_id: str, *,
-                 token_file: Path | None, metrics: RotationMetrics, ttl_seconds: int | None = None,
+    def __init__(self, store: CredentialStore, issuer: Issuer, spiffe_id: str, *,
+                 metrics: RotationMetrics, ttl_seconds: int | None = None,
                  fraction: float = 2 / 3, jitter: float = 0.1,
-                 k8s_token_file: Path | None = None,
                  clock: Callable[[], dt.datetime] | None = None) -> None:
-        self.k8s_token_file = k8s_token_file
-        # Vault authenticates the workload itself (AppRole/token): no meshcar join token
-        self.own_credential = isinstance(client, VaultClient)
         self.clock = clock or _utcnow  # wall clock; tests pass one driven by trio's MockClock
         self.store = store
-        self.client = client
+        self.issuer = issuer  # identity/issuer.py: CA API (join or k8s token) or Vault
         self.spiffe_id = spiffe_id
-        self.token_file = token_file
         self.metrics = metrics
         self.ttl_seconds = ttl_seconds
         self.fraction = fraction
@@ -157,7 +154,7 @@ class Rotator:
 
     @property
     def has_bootstrap_credential(self) -> bool:
-        return self.k8s_token_file is not None or self.token_file is not None or self.own_credential
+        return self.issuer.has_bootstrap_credential
 
     async def _sign_with_bootstrap_credential(self) -> Credential:
         # A re-bootstrap (after expiry or a refused renewal) verifies the CA API with the held
@@ -165,31 +162,11 @@ class Rotator:
         # that `ca_bundle` may not have.
         held = self.store.credential
         trust = held.bundle_pem if held is not None else None
-        if self.k8s_token_file is not None:
-            return await self.client.sign(self.spiffe_id, k8s_token=self._read_token(
-                self.k8s_token_file, "k8s_token_file"), ttl_seconds=self.ttl_seconds, trust_pem=trust)
-        if self.token_file is None and self.own_credential:
-            # the backend authenticates the workload itself (Vault AppRole/token)
-            return await self.client.sign(self.spiffe_id, ttl_seconds=self.ttl_seconds, trust_pem=trust)
-        return await self.client.sign(self.spiffe_id, token=self._read_token(
-            self.token_file, "token_file"), ttl_seconds=self.ttl_seconds, trust_pem=trust)
+        return await self.issuer.bootstrap(self.spiffe_id, ttl_seconds=self.ttl_seconds, trust_pem=trust)
 
     def _set_state(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
         self.metrics.identity_expired.set(1 if state == "expired" else 0)
-
-    @staticmethod
-    def _read_token(path: Path | None, key: str) -> str:
-        """Read a credential file afresh each time (a projected token is rotated by the kubelet)."""
-        if path is None:
-            raise CAError("no valid certificate in the state dir and no token_file configured", False)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise CAError(f"cannot read {key} {path}: {exc.strerror}", False) from None
-        if not token:
-            raise CAError(f"{key} {path} is empty", False)
-        return token
 
     async def renew_once(self) -> str:
         """Replace the credential once; returns how. Raises CAError (counted) on failure.
@@ -202,11 +179,8 @@ class Rotator:
         try:
             if cur.not_after > self.clock() or not self.has_bootstrap_credential:
                 try:
-                    cred = await self.client.sign(
-                        self.spiffe_id, chain_file=self.store.chain_file, key_file=self.store.key_file,
-                        ttl_seconds=self.ttl_seconds, bundle_version=cur.bundle_version,
-                        trust_pem=cur.bundle_pem,
-                    )
+                    cred = await self.issuer.renew(cur, chain_file=self.store.chain_file,
+                                                   key_file=self.store.key_file, ttl_seconds=self.ttl_seconds)
                     how = "renewed"
                 except CAError as exc:
                     if exc.retryable or not self.has_bootstrap_credential:
@@ -231,7 +205,7 @@ class Rotator:
     async def refresh_bundle(self) -> bool:
         """Fetch the CA's trust bundle; swap it in if it changed. True if it changed."""
         held = self.store.credential
-        pem, version = await self.client.bundle(trust_pem=held.bundle_pem if held else None)
+        pem, version = await self.issuer.bundle(held.bundle_pem if held else None)
         cur = self.store.credential
         if cur is None or (pem == cur.bundle_pem and version == cur.bundle_version):
             return False

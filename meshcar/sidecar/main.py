@@ -24,7 +24,7 @@ from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
-from meshcar.common.issuer import issuer_client
+from meshcar.common.issuer import issuer_for
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.rotate import Rotator
@@ -55,8 +55,7 @@ class Sidecar:
         self.store = CredentialStore(cfg.identity.state_dir)
         ident = cfg.identity
         self.rotator = Rotator(
-            self.store, issuer_client(ident),
-            ident.spiffe_id, token_file=ident.token_file, k8s_token_file=ident.k8s_token_file,
+            self.store, issuer_for(ident), ident.spiffe_id,
             metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction,
         )
         self.inbound = Inbound(cfg, self.store, self.metrics)

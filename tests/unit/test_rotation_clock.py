@@ -19,6 +19,7 @@ import trio.testing
 import meshcar.tls.store as store_mod
 from meshcar.admin.metrics import Metrics
 from meshcar.identity.caclient import CAError
+from meshcar.identity.issuer import JoinTokenIssuer
 from meshcar.identity.rotate import Rotator
 from meshcar.tls.store import Credential, CredentialStore
 from tests.support.pki import ThrowawayCA
@@ -79,7 +80,7 @@ def make(tmp_path: Path, ttl: int, jitter: float = 0.0) -> tuple[Rotator, FakeCA
     fake = FakeCA(ttl)
     store = CredentialStore(tmp_path / "state")
     metrics = Metrics()
-    rot = Rotator(store, fake, SID, token_file=tmp_path / "token", metrics=metrics,  # type: ignore[arg-type]
+    rot = Rotator(store, JoinTokenIssuer(fake, tmp_path / "token"), SID, metrics=metrics,  # type: ignore[arg-type]
                   ttl_seconds=ttl, fraction=2 / 3, jitter=jitter, clock=vnow)
     return rot, fake, store, metrics
 
@@ -229,7 +230,7 @@ async def test_expired_without_bootstrap_credential_keeps_retrying_with_backoff(
     rot, fake, store, metrics = make(tmp_path, ttl=120)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
-        rot.token_file = None  # the join token was single-use and is gone
+        rot.issuer = JoinTokenIssuer(fake, None)  # type: ignore[arg-type]  # the join token was single-use and is gone
         fake.down = True
         await trio.sleep(400)
         fake.down = False
