@@ -23,6 +23,7 @@ class ProtocolError(MeshcarError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+        self.partial: list[object] = []  # events parsed before the error in the same read
 
 
 class UpstreamError(MeshcarError):

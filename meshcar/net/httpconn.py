@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import trio
 
+from meshcar.errors import ProtocolError
 from meshcar.net.tlsstream import TLSStream, socket_readable
 from meshcar.proto.http1 import DEFAULT_HEADER_POLICY, Event, HeaderPolicy, Http1Parser
 
@@ -48,10 +49,13 @@ class HttpConn:
         self._pending: deque[Event] = deque()
         self.eof = False
         self.bytes_received = 0
+        self._error: ProtocolError | None = None  # raised once the events before it are read
 
     async def next_event(self) -> Event | None:
         """The next event; None when the peer closed cleanly between messages."""
         while not self._pending:
+            if self._error is not None:
+                raise self._error
             if self.eof:
                 return None
             data = await self.stream.receive_some(READ_SIZE)
@@ -65,7 +69,16 @@ class HttpConn:
                     except OSError:
                         self._quickack = None
                 self.bytes_received += len(data)
-                self._pending.extend(self.parser.feed(data))
+                try:
+                    self._pending.extend(self.parser.feed(data))
+                except ProtocolError as exc:
+                    if not exc.partial:
+                        raise
+                    # what came before the error in this read is delivered first; the
+                    # error is raised when the caller asks for more
+                    self._pending.extend(cast(list[Event], exc.partial))
+                    exc.partial = []
+                    self._error = exc
         return self._pending.popleft()
 
     def has_buffered_events(self) -> bool:
@@ -76,7 +89,8 @@ class HttpConn:
         complete and nothing unread waits on it: no buffered event, no parser leftover, no
         message half-parsed, and nothing (data or EOF) in the TLS object or the socket. Never
         blocks; a connection that fails this is to be closed, never reused."""
-        if self.eof or self._pending or self.parser.leftover or not self.parser.between_messages():
+        if (self.eof or self._pending or self._error is not None or self.parser.leftover
+                or not self.parser.between_messages()):
             return False
         return not stream_has_unread(self.stream)
 

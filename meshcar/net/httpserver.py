@@ -56,7 +56,10 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
                     await send_error(conn, exc.status, str(exc))
                     return
             if scope.cancelled_caught:
-                if not first or conn.bytes_received:
+                # 408 only to a client that began a head; an idle keep-alive connection (or a
+                # preconnect) is closed silently, as nginx and Go do: an unsolicited 408 on it
+                # could be read by a pooling client as the answer to its next request.
+                if not conn.parser.between_messages():
                     await send_error(conn, 408, "request head not received in time")
                 return
             first = False

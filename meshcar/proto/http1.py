@@ -155,6 +155,19 @@ class Http1Parser:
         self._expect_no_body = True
 
     def feed(self, data: bytes | bytearray) -> list[Event]:
+        """The events this slice of bytes completes. On a protocol error, the messages
+        completed before it in the same slice ride on the error as `partial` (a good request
+        followed by garbage in one read is still a good request: the caller serves it
+        first); the message the error is in is dropped, whatever of it was parsed."""
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            events, self._events = self._events, []
+            last_end = max((i for i, ev in enumerate(events) if ev is END), default=-1)
+            exc.partial = list(events[:last_end + 1])
+            raise
+
+    def _feed(self, data: bytes | bytearray) -> list[Event]:
         if self.leftover:
             raise self._error("bytes after a complete response")
         mid_head = self._in_head  # a head may have begun in an earlier read (even after a 1xx)
@@ -164,7 +177,10 @@ class Http1Parser:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # CONNECT or Upgrade: meshcar does not tunnel these (yet).
+            # CONNECT or Upgrade: meshcar does not tunnel these (yet). llhttp completed that
+            # message before it stopped: it is not one of the messages to deliver.
+            heads = [i for i, ev in enumerate(self._events) if isinstance(ev, (RequestHead, ResponseHead))]
+            del self._events[heads[-1] if heads else 0:]
             raise ProtocolError("CONNECT and protocol upgrades are not supported", 501) from exc
         except _StopAtLeftover:
             self._spent()

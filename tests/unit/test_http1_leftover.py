@@ -100,3 +100,30 @@ def test_any_split_of_a_clean_response_leaves_nothing(case: tuple[bool, bytes], 
     p, events = run(head, split(resp, cuts))
     assert not p.leftover and p.between_messages()
     assert isinstance(events[-1], EndOfMessage)
+
+
+# -- a protocol error keeps the messages completed before it in the same read ------------
+
+def _parse_error(data: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        Http1Parser("request").feed(data)
+    return info.value
+
+
+GOOD = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@pytest.mark.parametrize("bad", [
+    b"NOT HTTP\r\n\r\n",
+    b"POST /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # head parsed, body broken
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",  # llhttp completes it, then stops
+    b"GET /3 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+], ids=["garbage", "bad-chunk", "connect", "two-hosts"])
+def test_the_good_request_before_an_error_rides_on_it(bad: bytes) -> None:
+    exc = _parse_error(GOOD + bad)
+    assert [type(e).__name__ for e in exc.partial] == ["RequestHead", "EndOfMessage"]
+    assert exc.partial[0].target == b"/1"  # type: ignore[union-attr]
+
+
+def test_an_error_in_the_first_message_carries_nothing() -> None:
+    assert _parse_error(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").partial == []
