@@ -62,10 +62,11 @@ class Pool:
         self._open: dict[str, int] = {}  # open connections per group
         self.retired = False  # once set, connections are closed after use, never kept
 
-    async def acquire(self, key: str) -> tuple[Pooled, bool]:
+    async def acquire(self, key: str, *, fresh: bool = False) -> tuple[Pooled, bool]:
+        """An idle connection for `key` (True) or a new one (False); `fresh`: always new."""
         stack = self._stacks.setdefault(key, _Stack())
         now = trio.current_time()  # trio's clock, like every other timeout (mock clock in tests)
-        while stack.idle:
+        while stack.idle and not fresh:
             p = stack.idle.pop()
             # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
             if now - p.idle_since < self.idle_timeout and p.conn.clean_idle():

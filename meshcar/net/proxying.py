@@ -1,8 +1,10 @@
 """One request through a pool: acquire, forward, release, retry a stale keep-alive once.
 
 A pooled keep-alive connection may have been closed by the peer while idle; that shows as
-an upstream error before any response byte. Such a request is retried once on a fresh
-connection, but only if it has no body (a streamed body cannot be replayed). A request
+an upstream error before any response byte. Such a request is retried once, on a newly
+dialed connection (never on another idle one, which may be just as stale), and only if it
+has no body (a streamed body cannot be replayed) and its method is idempotent (RFC 9110
+9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE; a POST may have been acted on). A request
 body that stalls past its timeout is answered 408 here (nothing was sent to the client
 yet) before the error goes up as DownstreamGone.
 """
@@ -27,6 +29,8 @@ from meshcar.net.httpserver import send_error
 from meshcar.net.pool import Pool, Pooled
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
 
 async def proxy_request(
     down: HttpConn, req: RequestHead, head: bytes, pool: Pool, key: str,
@@ -38,9 +42,10 @@ async def proxy_request(
     t = timeouts or Timeouts()
     if response_timeout is not None and response_timeout != t.response_head:
         t = replace(t, response_head=response_timeout)
-    retryable = not request_has_body(req)
+    retryable = req.method in IDEMPOTENT and not request_has_body(req)
+    fresh = False
     while True:
-        p, reused = await pool.acquire(key)
+        p, reused = await pool.acquire(key, fresh=fresh)
         ex = Exchange()
         try:
             ex = await forward(down, req, head, p.conn, rewrite_response, exchange=ex,
@@ -48,6 +53,7 @@ async def proxy_request(
         except UpstreamError:
             await pool.discard(p)
             if reused and retryable and not ex.response_started:
+                retryable, fresh = False, True  # once, on a new connection
                 continue
             raise
         except RequestBodyStalled as exc:
