@@ -68,6 +68,13 @@ LINGER_SECONDS = 2.0  # after refusing a body, read and drop what is in flight (
 LINGER_BYTES = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 INJECT_PATH = "/inject"
+# Memory is bounded per request above; these bound it per process. Over MAX_CONNECTIONS a
+# connection is closed before its TLS handshake (counted, logged); at most
+# REVIEWS_IN_FLIGHT bodies are read and parsed at once (the others wait, their bytes in the
+# kernel's buffers): with 2 MiB bodies that is ~8 MiB of text plus its parse, well inside
+# the manifest's 128 Mi.
+MAX_CONNECTIONS = 512
+REVIEWS_IN_FLIGHT = 4
 
 
 class BadReview(Exception):
@@ -212,15 +219,23 @@ async def _refuse_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
 
 
 async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
-                          options: InjectOptions) -> bool:
+                          options: InjectOptions, reviews: trio.CapacityLimiter | None = None) -> bool:
     """Serve one request; returns False when the connection must close."""
-    target = request.target.split(b"?", 1)[0]
-    body = bytearray()
     declared = dict(request.headers).get(b"content-length", b"0")
-    too_large = declared.isdigit() and int(declared) > MAX_BODY
-    if too_large:  # answer before reading a body we will not accept
+    if declared.isdigit() and int(declared) > MAX_BODY:  # answer before reading a body we will not accept
         await _refuse_body(stream, conn)
         return False
+    if reviews is None:
+        return await _read_and_answer(stream, conn, request, options)
+    async with reviews:
+        return await _read_and_answer(stream, conn, request, options)
+
+
+async def _read_and_answer(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
+                           options: InjectOptions) -> bool:
+    target = request.target.split(b"?", 1)[0]
+    body = bytearray()
+    too_large = False
     with trio.fail_after(BODY_TIMEOUT):
         while True:
             event = await _next_event(stream, conn)
@@ -248,7 +263,8 @@ async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
-async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drain: Drain | None = None) -> None:
+async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drain: Drain | None = None,
+                            reviews: trio.CapacityLimiter | None = None) -> None:
     """One connection: TLS handshake, then keep-alive requests until close, a timeout, or
     (with `drain`) the end of the request in flight once the process is draining."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
@@ -261,10 +277,10 @@ async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drai
             if not isinstance(event, h11.Request):
                 break
             if drain is None:
-                keep = await _handle_request(stream, conn, event, options)
+                keep = await _handle_request(stream, conn, event, options, reviews)
             else:
                 with drain:
-                    keep = await _handle_request(stream, conn, event, options)
+                    keep = await _handle_request(stream, conn, event, options, reviews)
                 keep = keep and not drain.draining
             if not keep:
                 break
@@ -298,14 +314,31 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, host: str, port: int,
                         *, drain: Drain | None = None, handler_nursery: trio.Nursery | None = None,
+                        max_connections: int = MAX_CONNECTIONS, reviews_in_flight: int = REVIEWS_IN_FLIGHT,
                         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; `await nursery.start(serve_webhook, ...)` returns the bound listeners.
     Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
+    reviews = trio.CapacityLimiter(reviews_in_flight)
+    open_connections = 0
+    refused = 0
 
     async def handler(stream: trio.SSLStream) -> None:
-        await handle_connection(stream, options, drain)
+        nonlocal open_connections, refused
+        if open_connections >= max_connections:
+            refused += 1
+            log.warning(json.dumps({"event": "webhook.connection_refused", "open": open_connections,
+                                    "max_connections": max_connections, "refused_total": refused}))
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await stream.transport_stream.aclose()  # before the handshake: no TLS work spent
+            return
+        open_connections += 1
+        try:
+            await handle_connection(stream, options, drain, reviews)
+        finally:
+            open_connections -= 1
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
@@ -346,8 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key", required=True, help="PEM private key of the webhook")
     parser.add_argument("--drain-seconds", type=_drain_seconds, default=10.0,
                         help="on SIGTERM, how long requests in flight may finish (default 10)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help=f"open connections at most; more are closed before TLS (default {MAX_CONNECTIONS})")
     add_option_arguments(parser)
     args = parser.parse_args(argv)
+    if args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -368,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def listen(ln: trio.Nursery) -> None:
         listeners = await ln.start(partial(serve_webhook, options, ctx, host, port, drain=shell.drain,
-                                           handler_nursery=shell.conns))
+                                           handler_nursery=shell.conns, max_connections=args.max_connections))
         bound = listeners[0].socket.getsockname()
         log.info("webhook listening on %s:%d", bound[0], bound[1])
 

@@ -8,17 +8,20 @@ import json
 import ssl
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshcar.inject.patch import InjectError, InjectOptions, inject_object
-from meshcar.inject.webhook import MAX_BODY, MAX_JSON_DEPTH, review_response
+from meshcar.inject.webhook import MAX_BODY, MAX_JSON_DEPTH, review_response, serve_webhook
 from tests.integration.test_webhook import _raw, client, pod, review, webhook
 
 __all__ = ["webhook"]  # the fixture, re-used
@@ -269,3 +272,35 @@ async def send_big(port: int, ca: trustme.CA, size: int, chunked: bool) -> bytes
             n.cancel_scope.cancel()
     await trio.aclose_forcefully(stream)
     return reply
+
+
+# -- connections per process ---------------------------------------------------------------
+
+async def test_connections_over_the_limit_are_closed_and_the_webhook_recovers(nursery: trio.Nursery) -> None:
+    """Two idle TCP connections fill a limit of 2: a third is closed before any TLS byte;
+    once one of the two goes, HTTPS requests are served again."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    listeners = await nursery.start(partial(serve_webhook, InjectOptions(), ctx, "127.0.0.1", 0,
+                                            max_connections=2))
+    port = listeners[0].socket.getsockname()[1]
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+    await trio.testing.wait_all_tasks_blocked()  # both accepted and counted (waiting for a ClientHello)
+    third = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(10):
+        assert await third.receive_some(100) == b""  # closed by the webhook, nothing sent
+    await third.aclose()
+    await held[0].aclose()
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(20):
+        while True:  # the freed slot is counted out when its handler notices the close
+            try:
+                async with httpx.AsyncClient(verify=client_ctx, timeout=5) as c:
+                    r = await c.get(f"https://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                await trio.sleep(0.05)
+    assert r.status_code == 200
+    await held[1].aclose()
