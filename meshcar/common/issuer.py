@@ -4,15 +4,21 @@ as the `Issuer` the rotation loop takes (identity/issuer.py)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from meshcar.common.config import IdentityConfig
 from meshcar.identity.caclient import CAClient
 from meshcar.identity.issuer import Issuer, JoinTokenIssuer, K8sTokenIssuer, VaultIssuer
-from meshcar.identity.vaultclient import VaultClient
+
+if TYPE_CHECKING:  # hvac and requests load only when an identity names Vault (issue 12: memory)
+    from meshcar.identity.vaultclient import VaultClient
 
 
 def issuer_client(ident: IdentityConfig) -> CAClient | VaultClient:
     """The identity's issuing backend: the meshcar CA API, or Vault/OpenBao directly."""
     if ident.vault is not None:
+        from meshcar.identity.vaultclient import VaultClient
+
         v = ident.vault
         return VaultClient(v.addrs, v.role, v.mount, token_file=v.token_file,
                            role_id_file=v.approle_role_id_file, secret_id_file=v.approle_secret_id_file,
@@ -26,7 +32,7 @@ def issuer_for(ident: IdentityConfig) -> Issuer:
     """The identity's `Issuer`: Vault (its own auth), else the CA API with the k8s
     service-account token or the join token (the config allows only one of them)."""
     client = issuer_client(ident)
-    if isinstance(client, VaultClient):
+    if not isinstance(client, CAClient):
         return VaultIssuer(client)
     if ident.k8s_token_file is not None:
         return K8sTokenIssuer(client, ident.k8s_token_file)

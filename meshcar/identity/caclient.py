@@ -15,8 +15,6 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from meshcar.errors import MeshcarError
 from meshcar.identity.keys import csr_pem, key_pem, new_key
 from meshcar.tls.profile import restrict_groups
@@ -87,6 +85,8 @@ class CAClient:
         return Credential(got_id, chain, key_pem(key), bundle, version)
 
     async def bundle(self, trust_pem: str | None = None) -> tuple[str, int]:
+        import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
+
         async with httpx.AsyncClient(verify=self._ssl(None, None, trust_pem), timeout=self.timeout) as client:
             try:
                 resp = await client.get(self.url.rstrip("/") + "/v1/bundle")
@@ -98,6 +98,8 @@ class CAClient:
 
     async def _request(self, method: str, path: str, *, json: object,
                        chain_file: Path | None, key_file: Path | None, trust_pem: str | None = None) -> dict:
+        import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
+
         ctx = self._ssl(chain_file, key_file, trust_pem)
         async with httpx.AsyncClient(verify=ctx, timeout=self.timeout) as client:
             try:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from meshcar.identity.caclient import CAClient, CAError
-from meshcar.identity.vaultclient import VaultClient
 from meshcar.tls.store import Credential
+
+if TYPE_CHECKING:  # hvac and requests load only when an identity names Vault (issue 12: memory)
+    from meshcar.identity.vaultclient import VaultClient
 
 __all__ = ["CAError", "Issuer", "JoinTokenIssuer", "K8sTokenIssuer", "VaultIssuer"]
 

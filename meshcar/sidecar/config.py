@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
     ADMIN,
@@ -218,6 +216,8 @@ def load_config(path: Path) -> SidecarConfig:
 
 
 def load_config_text(text: str, source: str, base_dir: Path | None = None) -> SidecarConfig:
+    import yaml  # only while loading (issue 12: memory; it stays in sys.modules, ~1.7 MB)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
