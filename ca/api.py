@@ -55,6 +55,7 @@ class Limits:
     max_body: int = 64 * 1024
     max_header: int = 16 * 1024
     max_requests_per_connection: int = 1000
+    max_connections: int = 1024  # open at once; more are closed before the TLS handshake
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class CAServer:
         self.in_flight = 0  # requests between their head and their answer
         self.draining = False
         self._idle: trio.Event | None = None
+        self.open_connections = 0
+        self.refused_connections = 0  # closed unserved: max_connections were open
 
     @contextmanager
     def _counted(self) -> Iterator[None]:
@@ -149,6 +152,15 @@ class CAServer:
     async def handle_tcp(self, tcp: trio.SocketStream) -> None:
         """One connection, start to end. Never raises (except cancellation)."""
         peer = _peer(tcp)
+        if self.open_connections >= self.limits.max_connections:
+            # before any TLS work: a flood of connections costs the CA a file descriptor
+            # each, not a handshake, and the clients already connected are served
+            self.refused_connections += 1
+            self.log({"event": "ca.connection_refused", "peer": peer,
+                      "max_connections": self.limits.max_connections})
+            await trio.aclose_forcefully(tcp)
+            return
+        self.open_connections += 1
         try:
             await self._connection(tcp, peer)
         except Exception as exc:  # a bug must cost one connection, never the server
@@ -156,6 +168,7 @@ class CAServer:
                       "traceback": _frames(exc)})
             self.internal_errors += 1
         finally:
+            self.open_connections -= 1
             await trio.aclose_forcefully(tcp)
 
     async def _connection(self, tcp: trio.SocketStream, peer: str) -> None:
@@ -276,7 +289,8 @@ class CAServer:
             return _json_response(200, {"status": "ok"})
         if path == "/metrics":  # read-only, unauthenticated (ca/metrics.py)
             body = await trio.to_thread.run_sync(
-                lambda: metrics.render(self.service.issuer, utcnow(), self.internal_errors))
+                lambda: metrics.render(self.service.issuer, utcnow(), self.internal_errors,
+                                       self.refused_connections))
             return Response(200, body, "text/plain; version=0.0.4")
         if path == "/v1/bundle":
             bundle = self.service.issuer.bundle()

@@ -9,7 +9,8 @@ renewal at once:
   the bundle (`"root"`);
 - `meshcar_ca_cert_expiring{cert,serial}`: 1 once `ca status` warns about that certificate
   (less than a quarter of its life, or 30 days, left; or expired);
-- `meshcar_ca_bundle_version`, `meshcar_ca_internal_errors_total`.
+- `meshcar_ca_bundle_version`, `meshcar_ca_internal_errors_total`,
+  `meshcar_ca_connections_refused_total`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _cert_lines(cert: x509.Certificate, what: str, now: datetime) -> tuple[str, 
             f"meshcar_ca_cert_expiring{{{labels}}} {warn}")
 
 
-def render(issuer: Issuer, now: datetime, internal_errors: int) -> bytes:
+def render(issuer: Issuer, now: datetime, internal_errors: int, refused_connections: int = 0) -> bytes:
     issuing = issuer.issuing_certificates()
     bundle = issuer.bundle()
     certs = [(c, "intermediate" if i == 0 else "accepted_intermediate") for i, c in enumerate(issuing)]
@@ -49,5 +50,8 @@ def render(issuer: Issuer, now: datetime, internal_errors: int) -> bytes:
         "# HELP meshcar_ca_internal_errors_total Connections ended by an internal error.",
         "# TYPE meshcar_ca_internal_errors_total counter",
         f"meshcar_ca_internal_errors_total {internal_errors}",
+        "# HELP meshcar_ca_connections_refused_total Connections closed unserved: max_connections were open.",
+        "# TYPE meshcar_ca_connections_refused_total counter",
+        f"meshcar_ca_connections_refused_total {refused_connections}",
     ]
     return ("\n".join(lines) + "\n").encode()

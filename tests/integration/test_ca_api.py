@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -552,3 +553,31 @@ def test_throttle_refills_over_time() -> None:
 async def assert_healthz(ca: RunningCA) -> None:
     async with ca.client() as c:
         assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_connections_over_max_connections_are_closed_before_tls(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A flood of idle TCP connections costs the CA no handshake: over `max_connections`
+    one is closed at once (counted, logged), and once a slot frees, signing works again."""
+    paths = create_ca(tmp_path / "ca", TD, 86400, datetime.now(UTC))
+    issuer = BuiltinIssuer.load(paths.dir)
+    store = Store(paths.db)
+    logs: list[dict[str, Any]] = []
+    server = CAServer(SignService(issuer, Authenticator(store, issuer), store), server_context(paths),
+                      Limits(handshake_timeout=30, max_connections=2), log=logs.append)
+    listeners = await nursery.start(server.serve, "127.0.0.1", 0)
+    ca = RunningCA(paths, issuer, store, listeners[0].socket.getsockname()[1], logs, tmp_path)
+    held = [await trio.open_tcp_stream("127.0.0.1", ca.port) for _ in range(2)]
+    await trio.testing.wait_all_tasks_blocked()  # both accepted, waiting for a ClientHello
+    assert server.open_connections == 2
+    third = await trio.open_tcp_stream("127.0.0.1", ca.port)
+    with trio.fail_after(10):
+        assert await third.receive_some(100) == b""
+    await third.aclose()
+    assert server.refused_connections == 1
+    assert any(e.get("event") == "ca.connection_refused" for e in logs)
+    await held[0].aclose()
+    with trio.fail_after(10):
+        while server.open_connections > 1:  # the handler sees the close
+            await trio.sleep(0.01)
+    await assert_still_serving(ca)
+    await held[1].aclose()
