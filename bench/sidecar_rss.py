@@ -22,10 +22,12 @@ from tests.e2e.procs import Procs  # noqa: E402
 from tests.e2e.test_sidecar_e2e import _sidecar_cfg, init_pair_dir, sid  # noqa: E402
 
 
-def rss_kb(pid: int) -> int:
-    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-    assert m
-    return int(m.group(1))
+def rss(pid: int) -> str:
+    """VmRSS (anonymous + file-backed, i.e. shared libraries) and the thread count."""
+    st = Path(f"/proc/{pid}/status").read_text()
+    f = {k: re.search(rf"{k}:\s+(\d+)", st).group(1) for k in ("VmRSS", "RssAnon", "RssFile", "Threads")}  # type: ignore[union-attr]
+    return (f"{int(f['VmRSS']) / 1024:.1f} MB (anon {int(f['RssAnon']) / 1024:.1f}, "
+            f"file {int(f['RssFile']) / 1024:.1f}; {f['Threads']} threads)")
 
 
 def load(port: int, n: int) -> int:
@@ -62,7 +64,7 @@ def main() -> int:
             for n in side:
                 procs.wait_http(f"http://127.0.0.1:{ports[f'{n}_admin']}/ready", name=f"{n}-sidecar")
             for n, pr in side.items():
-                print(f"{n} sidecar idle (ready): {rss_kb(pr.pid) / 1024:.1f} MB")
+                print(f"{n} sidecar idle (ready): {rss(pr.pid)}")
             per = args.requests // args.clients
             oks: list[int] = []
             ts = [threading.Thread(target=lambda: oks.append(load(ports["web_out"], per)))
@@ -73,7 +75,7 @@ def main() -> int:
                 t.join()
             print(f"{sum(oks)} of {per * args.clients} requests answered 200")
             for n, pr in side.items():
-                print(f"{n} sidecar after load: {rss_kb(pr.pid) / 1024:.1f} MB")
+                print(f"{n} sidecar after load: {rss(pr.pid)}")
         finally:
             procs.stop_all()
     return 0
