@@ -25,7 +25,8 @@ from meshcar.admin.metrics import Metrics
 from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS
 from meshcar.net.forward import request_has_body
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.httpserver import refuse_http, send_error, serve_http
+from meshcar.net.limits import ConnectionLimit
 from meshcar.proto.headers import simple_response
 from meshcar.proto.http1 import EndOfMessage, RequestHead
 
@@ -57,19 +58,33 @@ def is_loopback_peer(stream: trio.abc.Stream) -> bool:
     return bool((mapped or addr).is_loopback)
 
 
+# Probes and scrapes need a handful of connections; a flood of them must not grow without
+# bound (each holds a task until its head timeout).
+ADMIN_MAX_CONNECTIONS = 256
+
+
 class AdminServer:
     def __init__(self, metrics: Metrics, hooks: AdminHooks,
-                 public_paths: frozenset[bytes] = PUBLIC_PATHS) -> None:
+                 public_paths: frozenset[bytes] = PUBLIC_PATHS,
+                 max_connections: int = ADMIN_MAX_CONNECTIONS) -> None:
         if not public_paths <= MAY_BE_PUBLIC:
             raise ValueError(f"admin paths {sorted(public_paths - MAY_BE_PUBLIC)} cannot be public")
         self.metrics = metrics
         self.hooks = hooks
         self.public_paths = public_paths
+        self.conn_limit = ConnectionLimit("admin", max_connections,
+                                          lambda n: metrics.listener_refusals.labels(n).inc())
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
-        local = is_loopback_peer(stream)
-        await serve_http(HttpConn(stream, "request"),
-                         lambda req, conn: self.handle_request(req, conn, local=local))
+        if not self.conn_limit.try_enter():
+            await refuse_http(stream, f"admin listener connection limit ({self.conn_limit.maximum}) reached")
+            return
+        try:
+            local = is_loopback_peer(stream)
+            await serve_http(HttpConn(stream, "request"),
+                             lambda req, conn: self.handle_request(req, conn, local=local))
+        finally:
+            self.conn_limit.leave()
 
     async def handle_request(self, req: RequestHead, conn: HttpConn, *, local: bool = False) -> bool:
         if request_has_body(req):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import trio
 
@@ -84,12 +85,19 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
         await conn.aclose()
 
 
+REFUSE_HEAD_SECONDS = 2.0
+
+
 async def refuse_http(stream: trio.abc.Stream, message: str, timeouts: Timeouts | None = None) -> None:
-    """A connection over its listener's limit: its first request (read within the head
-    timeout) gets 503 with `Connection: close` and a JSON error, then the connection closes."""
+    """A connection over its listener's limit: its first request, if it comes within
+    REFUSE_HEAD_SECONDS (or the head timeout, if shorter), gets 503 with `Connection: close`
+    and a JSON error; then the connection closes. The short wait keeps a flood of idle
+    connections from holding a task each for the full head timeout once the limit is hit."""
 
     async def refuse(req: RequestHead, conn: HttpConn) -> bool:
         await send_error(conn, 503, message)
         return False
 
-    await serve_http(HttpConn(stream, "request"), refuse, timeouts=timeouts)
+    t = timeouts or Timeouts()
+    t = replace(t, request_head=min(t.request_head, REFUSE_HEAD_SECONDS))
+    await serve_http(HttpConn(stream, "request"), refuse, timeouts=t)

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
@@ -148,3 +150,27 @@ async def test_loopback_only_rule_without_namespaces(nursery: trio.Nursery) -> N
         assert (await c.get("/certs")).status_code == 403
         assert (await c.post("/renew")).status_code == 403
     assert calls.renewed == 0
+
+
+async def test_admin_connections_over_the_limit_get_503_and_the_listener_recovers(nursery: trio.Nursery) -> None:
+    metrics = Metrics()
+    admin = AdminServer(metrics, AdminHooks(lambda: (True, "ok"), dict), max_connections=1)
+    listeners = await nursery.start(partial(trio.serve_tcp, admin.handle_connection, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    held = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.testing.wait_all_tasks_blocked()
+    over = await trio.open_tcp_stream("127.0.0.1", port)
+    await over.send_all(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n")
+    got = b""
+    with trio.fail_after(10):
+        while chunk := await over.receive_some(4096):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 503") and b"connection limit" in got
+    await over.aclose()
+    assert b'meshcar_listener_connections_refused_total{listener="admin"} 1.0' in metrics.render()
+    await held.aclose()
+    with trio.fail_after(10):
+        while admin.conn_limit.open:
+            await trio.sleep(0.01)
+    async with httpx.AsyncClient(timeout=5) as c:
+        assert (await c.get(f"http://127.0.0.1:{port}/live")).status_code == 200

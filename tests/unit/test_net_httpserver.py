@@ -14,9 +14,9 @@ import trio.testing
 from meshcar.net.drain import Drain
 from meshcar.net.forward import Timeouts
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import serve_http
+from meshcar.net.httpserver import REFUSE_HEAD_SECONDS, refuse_http, serve_http
 from meshcar.proto.headers import simple_response
-from meshcar.proto.http1 import Data, RequestHead
+from meshcar.proto.http1 import Data, RequestHead, ResponseHead
 from tests.support.memhttp import read_all, read_message
 
 GET = b"GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n"
@@ -212,3 +212,22 @@ async def test_drain_closes_after_the_request_in_flight(nursery: trio.Nursery) -
     assert (await read_message(s.resp))[1] == b"got /2 "
     await s.done.wait()
     assert s.closed and drain.in_flight == 0
+
+
+async def test_refused_idle_connection_is_closed_after_a_short_wait(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Over a listener's limit, a connection that sends nothing holds its task only
+    REFUSE_HEAD_SECONDS, not the full head timeout (30 s here)."""
+    client, server = trio.testing.memory_stream_pair()
+    t0 = trio.current_time()
+    await refuse_http(server, "full", Timeouts(request_head=30.0))
+    assert trio.current_time() - t0 == pytest.approx(REFUSE_HEAD_SECONDS)
+    assert await read_all(client) == b""
+
+
+async def test_refused_connection_that_asks_gets_503(nursery: trio.Nursery) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(refuse_http, server, "listener full")
+    await client.send_all(GET % 1)
+    head, body, _ = await read_message(HttpConn(client, "response"))
+    assert isinstance(head, ResponseHead) and head.status == 503 and b"listener full" in body
