@@ -30,7 +30,7 @@ from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.connect import open_tls
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pooled
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.tls.sessions import SessionCache
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import svid_from_der

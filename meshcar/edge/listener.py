@@ -9,7 +9,7 @@ Garbage and timeouts close the connection cleanly. The route is chosen by SNI (o
 default route). A passthrough route relays every byte, the peeked ones included (they are
 still in the socket), to the backend's own TLS server, optionally after a PROXY v1/v2 header
 with the real client address; only a TCP entry is logged. terminate/bridge routes get
-OpenSSL on the socket itself (`net/tlssocket.py`: it reads the hello it was shown) with the
+OpenSSL on the socket itself (`net/tls_bare_socket.py`: it reads the hello it was shown) with the
 route's own certificate (Mozilla "intermediate" profile) and optional client-certificate
 verification, then the L7 handler. Keeping Python off the handshake path is what makes the
 edge's new-connection rate close to nginx's (docs/PERFORMANCE.md).
@@ -39,7 +39,7 @@ from meshcar.net.connect import open_tcp
 from meshcar.net.errors import HANDSHAKE_ERRORS
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.relay import relay
-from meshcar.net.tlssocket import SocketTLSStream
+from meshcar.net.tls_bare_socket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
 from meshcar.tls.profile import apply_profile

@@ -4,7 +4,7 @@ Theory of operation: `trio.serve_tcp` wraps every connection in a `SocketStream`
 setsockopt calls), accepts one connection per scheduler pass and closes the stream after
 the handler with a cancel scope of its own. The edge's public listener wants the bare
 socket instead (it peeks the ClientHello with `MSG_PEEK` and lets OpenSSL own the socket,
-see net/tlssocket.py), so this loop accepts until the kernel says EAGAIN, starts a handler
+see net/tls_bare_socket.py), so this loop accepts until the kernel says EAGAIN, starts a handler
 task per connection with the peer address accept() already returned, and parks on
 `wait_readable` only when the queue is empty. The handler may hand the socket on (to an
 `SSLSocket`, a trio socket) or close it; whatever it leaves open is closed when it returns,

@@ -7,7 +7,7 @@ import ssl
 import trio
 
 from meshcar.errors import UpstreamError
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 
 
 async def open_tcp(host: str, port: int, timeout: float = 5.0, *,

@@ -9,7 +9,7 @@ from typing import Any, cast
 import trio
 
 from meshcar.errors import ProtocolError
-from meshcar.net.tlsstream import TLSStream, socket_readable
+from meshcar.net.tls_memory_bio import TLSStream, socket_readable
 from meshcar.proto.http1 import DEFAULT_HEADER_POLICY, Event, HeaderPolicy, Http1Parser
 
 READ_SIZE = 64 * 1024

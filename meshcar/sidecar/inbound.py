@@ -32,7 +32,7 @@ from meshcar.net.httpserver import send_error, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pool import Pool
 from meshcar.net.proxying import proxy_request
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import PathError, normalise_target

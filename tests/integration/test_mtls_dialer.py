@@ -14,7 +14,7 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.common.mtls import MeshPeer, MTLSDialer
 from meshcar.errors import UpstreamError
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.tls.store import CredentialStore
 from tests.support.pki import ThrowawayCA
 from tests.support.ports import free_port

@@ -32,7 +32,7 @@ from functools import partial
 
 import trio
 
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 
 INJECTED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\nINJECTED"
 

@@ -10,7 +10,7 @@ from functools import partial
 
 import trio
 
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto import proxy_protocol as pp
 from tests.support.prefixed import PrefixedStream
 

@@ -1,10 +1,10 @@
 """trio's generic stream conformance checks (`trio.testing.check_two_way_stream`) on
 meshcar's two TLS streams, with trustme certificates:
 
-* `TLSStream` (net/tlsstream.py): OpenSSL over memory BIOs on any transport stream, so it
+* `TLSStream` (net/tls_memory_bio.py): OpenSSL over memory BIOs on any transport stream, so it
   runs over trio's memory and lockstep streams (the clogged variant) and over a real socket
   pair;
-* `SocketTLSStream` (net/tlssocket.py): server side only, OpenSSL on the non-blocking socket
+* `SocketTLSStream` (net/tls_bare_socket.py): server side only, OpenSSL on the non-blocking socket
   itself, so it runs over a real socket pair against a `TLSStream` client.
 
 Neither implements `send_eof` (TLS has no half-close), so `check_half_closeable_stream`
@@ -22,9 +22,9 @@ import trio
 import trio.testing
 import trustme
 
-from meshcar.net import tlssocket
-from meshcar.net.tlssocket import SocketTLSStream
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net import tls_bare_socket
+from meshcar.net.tls_bare_socket import SocketTLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 
 Pair = tuple[trio.abc.Stream, trio.abc.Stream]
 
@@ -122,13 +122,13 @@ def sockettls_pair(contexts) -> Callable[[], Awaitable[Pair]]:  # noqa: ANN001
 
 async def test_sockettlsstream_server_against_tlsstream_client(contexts, monkeypatch) -> None:  # noqa: ANN001
     """With a checkpoint on every operation (see below for the default)."""
-    monkeypatch.setattr(tlssocket, "CHECKPOINT_EVERY", 1)
+    monkeypatch.setattr(tls_bare_socket, "CHECKPOINT_EVERY", 1)
     with trio.fail_after(20):  # a hang fails instead of blocking the run
         await trio.testing.check_two_way_stream(sockettls_pair(contexts), None)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "deliberate (net/tlssocket.py docstring): an operation that did not have to wait "
+    "deliberate (net/tls_bare_socket.py docstring): an operation that did not have to wait "
     "yields only every CHECKPOINT_EVERY calls, for the edge's per-connection cost"))
 async def test_sockettlsstream_default_checkpoints(contexts) -> None:  # noqa: ANN001
     with trio.fail_after(20):  # a hang fails instead of blocking the run

@@ -1,4 +1,4 @@
-"""net/tlssocket.py: OpenSSL on the socket, driven by trio, against a real TLS client."""
+"""net/tls_bare_socket.py: OpenSSL on the socket, driven by trio, against a real TLS client."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import trio
 import trustme
 
 from meshcar.net.acceptor import serve_sockets
-from meshcar.net.tlssocket import SocketTLSStream
+from meshcar.net.tls_bare_socket import SocketTLSStream
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""TLSStream (net/tlsstream.py) ends a read cleanly when the peer sends close_notify: CPython's
+"""TLSStream (net/tls_memory_bio.py) ends a read cleanly when the peer sends close_notify: CPython's
 SSLObject.read returns b"" for it (no SSLZeroReturnError), and the stream used to go on
 waiting for more records, spinning on the socket's EOF forever (an outbound whose peer
 sidecar closed mid-response hung at 100 % CPU)."""
@@ -11,7 +11,7 @@ from functools import partial
 import trio
 import trustme
 
-from meshcar.net.tlsstream import TLSStream
+from meshcar.net.tls_memory_bio import TLSStream
 
 
 async def test_close_notify_ends_a_read(nursery: trio.Nursery) -> None:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`TLSStream` (net/tlsstream.py) runs OpenSSL over memory BIOs and moves every byte between
+`TLSStream` (net/tls_memory_bio.py) runs OpenSSL over memory BIOs and moves every byte between
 the BIOs and the socket in Python. That is flexible (replayed bytes, batched records) but
 costs Python work per handshake flight. The edge accepts many short public connections,
 and a new connection's Python cost decides its handshake rate, so its public listener uses
