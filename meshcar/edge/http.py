@@ -135,7 +135,11 @@ class Backends:
 
 
 
-class L7:
+class TerminatingProxy:
+    """The reverse proxy behind terminate and bridge routes: serves the HTTP requests of a
+    client connection whose TLS the edge terminated (edge/listener.py), routes each by Host
+    and path, applies the route's policy and forwards it to a backend (module docstring)."""
+
     def __init__(self, cfg: EdgeConfig, backends: Backends, metrics: Metrics) -> None:
         self.cfg = cfg
         self.backends = backends

@@ -31,7 +31,7 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_entry
 from meshcar.edge.config import EdgeConfig, Route
-from meshcar.edge.http import L7, ClientConn
+from meshcar.edge.http import ClientConn, TerminatingProxy
 from meshcar.edge.policy import Balancer
 from meshcar.errors import UpstreamError
 from meshcar.net.acceptor import serve_sockets
@@ -81,9 +81,10 @@ def public_server_context(route: Route) -> ssl.SSLContext:
 
 
 class TLSListener:
-    def __init__(self, cfg: EdgeConfig, l7: L7, balancers: dict[str, Balancer], metrics: Metrics) -> None:
+    def __init__(self, cfg: EdgeConfig, proxy: TerminatingProxy, balancers: dict[str, Balancer],
+                 metrics: Metrics) -> None:
         self.cfg = cfg
-        self.l7 = l7
+        self.proxy = proxy
         self.balancers = balancers
         self.metrics = metrics
         self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode != "passthrough"}
@@ -185,7 +186,7 @@ class TLSListener:
                           result=result, reason=error)
                 return
             client = ClientConn(client_ip, hello.sni, route, tls.getpeercert(binary_form=True))
-            await self.l7.serve(tls, client)
+            await self.proxy.serve(tls, client)
         finally:
             tls.close_now()
 

@@ -28,7 +28,7 @@ from meshcar.common.config import HostPort
 from meshcar.common.issuer import issuer_for
 from meshcar.edge.config import EdgeConfig, load_edge_config
 from meshcar.edge.health import health_loop
-from meshcar.edge.http import L7, Backends, Redirector
+from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
 from meshcar.identity.rotate import Rotator
@@ -58,11 +58,11 @@ class Edge:
                 self.store, issuer_for(ident), ident.spiffe_id,
                 metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction)
         self.backends = Backends(cfg, self.store, self.metrics)
-        self.l7 = L7(cfg, self.backends, self.metrics)
-        self.tls = TLSListener(cfg, self.l7, self.backends.balancers, self.metrics)
+        self.proxy = TerminatingProxy(cfg, self.backends, self.metrics)
+        self.tls = TLSListener(cfg, self.proxy, self.backends.balancers, self.metrics)
         self.redirector = Redirector(cfg, self.metrics)
         self.shell = Shell("edge", cfg.drain_seconds)
-        self.l7.drain = self.shell.drain
+        self.proxy.drain = self.shell.drain
 
     def ready(self) -> tuple[bool, str]:
         if self.store is not None and not self.store.is_valid_now():

@@ -16,7 +16,7 @@ import trustme
 
 from meshcar.admin.metrics import Metrics
 from meshcar.edge.config import EdgeConfig, parse_edge_config
-from meshcar.edge.http import L7, Backends, Redirector
+from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
 from meshcar.tls.store import CredentialStore
 
@@ -91,8 +91,8 @@ async def start_edge(nursery: trio.Nursery, tmp: Path, routes: list[dict[str, An
     cfg = parse_edge_config(raw, "edge.yaml", tmp)
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
-    l7 = L7(cfg, backends, metrics)
-    tls = TLSListener(cfg, l7, backends.balancers, metrics)
+    proxy = TerminatingProxy(cfg, backends, metrics)
+    tls = TLSListener(cfg, proxy, backends.balancers, metrics)
     https = await serve_tls_listener(nursery, tls)
     http = await _serve(nursery, Redirector(cfg, metrics).handle_connection)
     return RunningEdge(cfg, https, http, metrics, backends, tls)

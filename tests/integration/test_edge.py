@@ -15,7 +15,7 @@ import trustme
 
 from meshcar.admin.metrics import Metrics
 from meshcar.edge.config import EdgeConfig, parse_edge_config
-from meshcar.edge.http import L7, Backends, Redirector
+from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
 from meshcar.tls.store import CredentialStore
 from tests.integration.conftest import sid, start_node
@@ -98,8 +98,8 @@ async def edge(tmp_path: Path, nursery: trio.Nursery):
     store.install(mesh_ca.credential(sid("edge")))
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
-    l7 = L7(cfg, backends, metrics)
-    https = await serve_tls_listener(nursery, TLSListener(cfg, l7, backends.balancers, metrics))
+    proxy = TerminatingProxy(cfg, backends, metrics)
+    https = await serve_tls_listener(nursery, TLSListener(cfg, proxy, backends.balancers, metrics))
     http = await _port(nursery, Redirector(cfg).handle_connection)
     yield EdgeEnv(tmp_path, https, http, tmp_path / "public-ca.pem", tmp_path / "partner.pem", seen,
                   metrics, cfg, backends, echo_port)
