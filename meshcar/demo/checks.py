@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.plan import LOOPBACK, DemoPaths, PublicCerts
 
 NOT_IMPLEMENTED = "not implemented yet (edge, issue 3)"

@@ -1,4 +1,4 @@
-"""What `meshcar demo` runs, derived from meshcar/scenario.py (pure: no processes, no I/O).
+"""What `meshcar demo` runs, derived from meshcar/demo/scenario.py (pure: no processes, no I/O).
 
 - `DemoPaths`: where every file of the demo lives under its directory;
 - `sidecar_config`: one sidecar's configuration (docs/CONFIG.md) for a scenario service;
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ EDGE_NAME = "edge"
 
 def edge_config(scenario: sc.Scenario, paths: DemoPaths) -> dict[str, Any]:
     """The edge's config (docs/EDGE.md), from `scenario.edge_routes`, on loopback."""
-    from meshcar.edge.scenario_config import edge_config_for
+    from meshcar.demo.edge_config import edge_config_for
 
     ports = {"app": lambda s: s.app_port, "mesh": lambda s: s.inbound_port,
              "public": lambda s: s.public_tls_port}

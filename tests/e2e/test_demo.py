@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.checks import all_checks
 from meshcar.demo.plan import (
     DemoPaths,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.app import AppConfig, DemoServer
 from meshcar.demo.checks import (
     CheckFailed,

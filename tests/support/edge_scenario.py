@@ -1,4 +1,4 @@
-"""Check an edge config (compose, Kubernetes, demo) against meshcar/scenario.py."""
+"""Check an edge config (compose, Kubernetes, demo) against meshcar/demo/scenario.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.edge.config import EdgeConfig, parse_edge_config
 
 

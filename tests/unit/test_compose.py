@@ -1,5 +1,5 @@
 """docker-compose.yml, deploy/compose/*.yaml and deploy/docker/Dockerfile: valid against the
-Compose Specification schema (vendored, offline) and the same scenario as meshcar/scenario.py."""
+Compose Specification schema (vendored, offline) and the same scenario as meshcar/demo/scenario.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.plan import DemoPaths, sidecar_config
 from meshcar.sidecar.config import load_config
 

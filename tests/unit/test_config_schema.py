@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
-from meshcar import scenario as sc
 from meshcar.configcli import guess_kind, schema
+from meshcar.demo import scenario as sc
 from meshcar.demo.plan import DemoPaths, edge_config, sidecar_config
 from meshcar.edge.config import parse_edge_config
 from meshcar.errors import ConfigError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.app import parse_xfcc, peer_from_xfcc
 from meshcar.demo.checks import (
     NOT_IMPLEMENTED,

@@ -1,4 +1,4 @@
-"""`meshcar demo`'s plan: sidecar configs and the process list come from meshcar/scenario.py."""
+"""`meshcar demo`'s plan: sidecar configs and the process list come from meshcar/demo/scenario.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.demo.plan import (
     CA_URL,
     DemoPaths,

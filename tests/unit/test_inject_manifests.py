@@ -1,5 +1,5 @@
 """deploy/k8s/: every manifest (and its injected form) validates offline against the
-Kubernetes 1.29 schemas, and the demo workloads are the scenario of meshcar/scenario.py."""
+Kubernetes 1.29 schemas, and the demo workloads are the scenario of meshcar/demo/scenario.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 from meshcar.inject import cli
 from meshcar.inject.patch import (
     SIDECAR_NAME,

@@ -1,4 +1,4 @@
-"""The demo scenario's edge configuration, built from meshcar/scenario.py.
+"""The demo scenario's edge configuration, built from meshcar/demo/scenario.py.
 
 `meshcar demo` (loopback), docker-compose and the Kubernetes manifests all describe the
 same edge: this function is the one place that turns `SCENARIO.edge_routes` into an edge
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from meshcar import scenario as sc
+from meshcar.demo import scenario as sc
 
 
 def edge_config_for(
