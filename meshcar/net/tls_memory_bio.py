@@ -11,7 +11,10 @@ OpenSSL wants to send collects in `_outgoing` and is flushed to the socket. Comp
   before one socket write: fewer trips through the event loop on bulk transfers;
 * flushes what OpenSSL queued even when a handshake fails, so the peer gets the real alert
   (e.g. "certificate required") instead of a reset;
-* accepts a TLS session to resume (`session=`) when dialing.
+* accepts a TLS session to resume (`session=`) when dialing;
+* over a socket stream, reads and writes the non-blocking socket itself (same checkpoints
+  as trio's stream, without its per-call wrapper layers), and takes its send lock without
+  a scheduler trip when nobody holds it.
 
 It supports one reader and one writer task at a time (what an HTTP/1.1 proxy needs);
 socket writes are serialised with a lock because a read may need to flush too (TLS 1.3
@@ -94,7 +97,9 @@ class TLSStream(trio.abc.Stream):
         fd = sock.fileno()
         if fd < 0:
             return True
-        while socket_readable(fd):
+        # The socket is non-blocking: a read answers at once with data, EOF, an error or
+        # EAGAIN (one syscall; a poll() first cost a poll object and a second syscall).
+        while True:
             try:
                 data = os.read(fd, READ_SIZE)
             except BlockingIOError:
@@ -121,18 +126,76 @@ class TLSStream(trio.abc.Stream):
         (a reader) nothing is done while another task holds the lock: it sends all queued."""
         if not self._outgoing.pending or (not wait and self._send_lock.locked()):
             return False
-        async with self._send_lock:
+        lock = self._send_lock
+        try:  # uncontended (the usual case): no trip through the scheduler for the lock
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             while self._outgoing.pending:
                 data = self._outgoing.read()
                 try:
-                    await self.transport.send_all(data)
+                    await self._send_raw(data)
                 except (OSError, trio.BrokenResourceError) as exc:
                     raise trio.BrokenResourceError(repr(exc)) from None
+        finally:
+            lock.release()
         return True
+
+    def _fd(self) -> int | None:
+        """The transport's socket descriptor, if it is a socket stream (asked per call: never
+        a cached number that a closed socket's successor could reuse)."""
+        sock = getattr(self.transport, "socket", None)
+        return None if sock is None else sock.fileno()
+
+    async def _send_raw(self, data: bytes) -> None:
+        """`transport.send_all(data)`, straight on the non-blocking socket when there is one:
+        the same checkpoints as trio's socket stream (cancellation checked first, one
+        schedule point), without its wrapper layers (an error-translating generator context
+        manager, a conflict detector and a try-sync manager per call)."""
+        fd = self._fd()
+        if fd is None:
+            await self.transport.send_all(data)
+            return
+        if fd < 0:
+            raise trio.BrokenResourceError("socket is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        waited = False
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                waited = True
+                continue
+            view = view[n:]
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _recv_raw(self) -> bytes:
+        """`transport.receive_some(READ_SIZE)`, straight on the socket as `_send_raw`."""
+        fd = self._fd()
+        if fd is None:
+            return bytes(await self.transport.receive_some(READ_SIZE))
+        if fd < 0:
+            raise trio.BrokenResourceError("socket is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def _fill(self) -> None:
         try:
-            data = await self.transport.receive_some(READ_SIZE)
+            data = await self._recv_raw()
         except (OSError, trio.BrokenResourceError) as exc:
             raise trio.BrokenResourceError(repr(exc)) from None
         if data:
