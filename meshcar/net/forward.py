@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from meshcar.errors import ProtocolError, UpstreamError
+from meshcar.net import sockio
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.httpconn import HttpConn
 from meshcar.proto.headers import (
@@ -187,7 +188,7 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
 
 async def _send(dst: trio.abc.Stream, data: bytes, *, dst_is_downstream: bool) -> None:
     try:
-        await dst.send_all(data)
+        await sockio.send_all(dst, data)
     except CONNECTION_ERRORS as exc:
         if dst_is_downstream:
             raise DownstreamGone(repr(exc)) from None

@@ -9,6 +9,7 @@ from typing import Any, cast
 import trio
 
 from meshcar.errors import ProtocolError
+from meshcar.net import sockio
 from meshcar.net.tls_memory_bio import TLSStream, socket_readable
 from meshcar.proto.http1 import DEFAULT_HEADER_POLICY, Event, HeaderPolicy, Http1Parser
 
@@ -58,7 +59,7 @@ class HttpConn:
                 raise self._error
             if self.eof:
                 return None
-            data = await self.stream.receive_some(READ_SIZE)
+            data = await sockio.receive_some(self.stream, READ_SIZE)
             if not data:
                 self.eof = True
                 self._pending.extend(self.parser.feed_eof())
@@ -95,7 +96,7 @@ class HttpConn:
         return not stream_has_unread(self.stream)
 
     async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        await sockio.send_all(self.stream, data)
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
