@@ -246,6 +246,47 @@ class Checker:
         return HostPort(host, port)
 
 
+def _identity_ca(c: Checker, data: dict, ident: dict) -> tuple[str | None, Path | None, str | None]:
+    """ca_url, ca_bundle and ca_bundle_pem (the built-in CA; unused with vault)."""
+    with_ca = "identity" in data and "vault" not in ident
+    ca_url = c.string(ident, "ca_url", "identity.ca_url") if with_ca else None
+    if ca_url and not ca_url.startswith("https://"):
+        c.bad("identity.ca_url", "must be an https:// URL")
+    has_pem = ident.get("ca_bundle_pem") is not None
+    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem) if with_ca else None
+    ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
+    if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
+        c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
+    if ca_bundle is not None and ca_bundle_pem is not None:
+        c.bad("identity.ca_bundle", "give either ca_bundle or ca_bundle_pem, not both")
+    return ca_url, ca_bundle, ca_bundle_pem
+
+
+def _identity_tokens(c: Checker, data: dict, ident: dict) -> tuple[Path | None, Path | None]:
+    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
+    k8s_token_file = c.path(ident, "k8s_token_file", "identity.k8s_token_file", required=False)
+    if token_file is not None and k8s_token_file is not None:
+        c.bad("identity.token_file", "give either token_file or k8s_token_file, not both")
+    return token_file, k8s_token_file
+
+
+def _identity_timing(c: Checker, ident: dict) -> tuple[int | None, float, float]:
+    """ttl_seconds, renew_fraction, bundle_refresh_seconds."""
+    ttl = ident.get("ttl_seconds")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
+        c.bad("identity.ttl_seconds", "must be an integer >= 10")
+        ttl = None
+    frac = ident.get("renew_fraction", 2 / 3)
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.1 <= frac <= 0.9):
+        c.bad("identity.renew_fraction", "must be a number between 0.1 and 0.9")
+        frac = 2 / 3
+    refresh = ident.get("bundle_refresh_seconds", 300)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
+        c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
+        refresh = 300
+    return ttl, float(frac), float(refresh)
+
+
 def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
     """The `identity:` section (shared by the sidecar and the edge); problems go to `c`."""
     ident = c.section(data, "identity")
@@ -256,42 +297,16 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
         for k in ("ca_url", "ca_bundle", "ca_bundle_pem", "token_file", "k8s_token_file"):
             if ident.get(k) is not None:
                 c.bad(f"identity.{k}", "not used with identity.vault (Vault authenticates the workload)")
-    ca_url = (c.string(ident, "ca_url", "identity.ca_url")
-              if "identity" in data and "vault" not in ident else None)
-    if ca_url and not ca_url.startswith("https://"):
-        c.bad("identity.ca_url", "must be an https:// URL")
-    has_pem = ident.get("ca_bundle_pem") is not None
-    ca_bundle = (c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem)
-                 if "identity" in data and "vault" not in ident else None)
-    ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
-    if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
-        c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
-    if ca_bundle is not None and ca_bundle_pem is not None:
-        c.bad("identity.ca_bundle", "give either ca_bundle or ca_bundle_pem, not both")
-    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
-    k8s_token_file = c.path(ident, "k8s_token_file", "identity.k8s_token_file", required=False)
-    if token_file is not None and k8s_token_file is not None:
-        c.bad("identity.token_file", "give either token_file or k8s_token_file, not both")
+    ca_url, ca_bundle, ca_bundle_pem = _identity_ca(c, data, ident)
+    token_file, k8s_token_file = _identity_tokens(c, data, ident)
     state_dir = c.path(ident, "state_dir", "identity.state_dir") if "identity" in data else None
-    ttl = ident.get("ttl_seconds")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 10):
-        c.bad("identity.ttl_seconds", "must be an integer >= 10")
-        ttl = None
-    frac = ident.get("renew_fraction", 2 / 3)
-    if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0.1 <= frac <= 0.9):
-        c.bad("identity.renew_fraction", "must be a number between 0.1 and 0.9")
-        frac = 2 / 3
-
-    refresh = ident.get("bundle_refresh_seconds", 300)
-    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or refresh < 1:
-        c.bad("identity.bundle_refresh_seconds", "must be a number of seconds >= 1")
-        refresh = 300
+    ttl, frac, refresh = _identity_timing(c, ident)
     if not (sid and state_dir):
         return None
     if vault is None and (not ca_url or (ca_bundle is None and ca_bundle_pem is None)):
         return None
-    return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, float(frac),
-                          float(refresh), ca_bundle_pem, k8s_token_file, vault)
+    return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, frac,
+                          refresh, ca_bundle_pem, k8s_token_file, vault)
 
 
 def parse_http(c: Checker, raw: Any) -> HttpPolicy:
@@ -329,26 +344,24 @@ def parse_http(c: Checker, raw: Any) -> HttpPolicy:
     return HttpPolicy(PathOptions(merge, slashes), HeaderPolicy(under, **limits))
 
 
-def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
-    p = "identity.vault"
-    if not isinstance(raw, dict):
-        c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
-        return None
-    c.unknown(raw, p + ".", VAULT)
-    raw_addr = raw.get("addr")
+def _vault_addrs(c: Checker, raw_addr: Any, p: str) -> list[str]:
     addrs: list[str] = []
     if raw_addr is None:
-        c.bad(p + ".addr", "is required")
+        c.bad(p, "is required")
     elif isinstance(raw_addr, str) or (isinstance(raw_addr, list) and raw_addr):
         for a in [raw_addr] if isinstance(raw_addr, str) else raw_addr:
             if not isinstance(a, str) or not a.startswith(("https://", "http://")):
-                c.bad(p + ".addr", f"must be an http(s):// URL or a list of them (got {a!r})")
+                c.bad(p, f"must be an http(s):// URL or a list of them (got {a!r})")
             elif a.rstrip("/") in addrs:
-                c.bad(p + ".addr", f"names {a} twice")
+                c.bad(p, f"names {a} twice")
             else:
                 addrs.append(a.rstrip("/"))
     else:
-        c.bad(p + ".addr", "must be an http(s):// URL or a non-empty list of them (the nodes of one cluster)")
+        c.bad(p, "must be an http(s):// URL or a non-empty list of them (the nodes of one cluster)")
+    return addrs
+
+
+def _vault_timeouts(c: Checker, raw: dict, p: str) -> dict[str, float]:
     timeouts: dict[str, float] = {}
     for opt, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
         val = raw.get(opt, default)
@@ -356,6 +369,17 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
             c.bad(f"{p}.{opt}", f"must be a number of seconds between {low} and 300")
             val = default
         timeouts[opt] = float(val)
+    return timeouts
+
+
+def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
+    p = "identity.vault"
+    if not isinstance(raw, dict):
+        c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
+        return None
+    c.unknown(raw, p + ".", VAULT)
+    addrs = _vault_addrs(c, raw.get("addr"), p + ".addr")
+    timeouts = _vault_timeouts(c, raw, p)
     role = c.string(raw, "role", p + ".role")
     token = c.path(raw, "token_file", p + ".token_file", required=False)
     rid = c.path(raw, "approle_role_id_file", p + ".approle_role_id_file", required=False)

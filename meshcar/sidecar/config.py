@@ -107,22 +107,13 @@ class SidecarConfig:
         return SpiffeId.parse(self.identity.spiffe_id).trust_domain
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
-    c = Checker(source, base_dir or Path.cwd())
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", SIDECAR)
-    http = parse_http(c, data.get("http"))
-
-    identity = parse_identity(c, data)
-    net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
-    net_limits = parse_limits(data.get("limits"), c.bad)
-
+def _app(c: Checker, data: dict) -> tuple[str, int | None]:
     app = c.section(data, "app")
     c.unknown(app, "app.", APP)
-    app_host = app.get("host", "127.0.0.1")
-    app_port = c.port(app.get("port"), "app.port") if "app" in data else None
+    return app.get("host", "127.0.0.1"), c.port(app.get("port"), "app.port") if "app" in data else None
 
+
+def _inbound(c: Checker, data: dict) -> tuple[HostPort | None, list[str]]:
     inbound = c.section(data, "inbound")
     c.unknown(inbound, "inbound.", INBOUND)
     in_listen = c.hostport(inbound.get("listen"), "inbound.listen") if "inbound" in data else None
@@ -130,12 +121,36 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     allow: list[str] = []
     if not isinstance(allow_raw, list):
         c.bad("inbound.allow", "must be a list of SPIFFE IDs")
-    else:
-        for i, a in enumerate(allow_raw):
-            v = c.spiffe(a, f"inbound.allow[{i}]")
-            if v:
-                allow.append(v)
+        return in_listen, allow
+    for i, a in enumerate(allow_raw):
+        v = c.spiffe(a, f"inbound.allow[{i}]")
+        if v:
+            allow.append(v)
+    return in_listen, allow
 
+
+def _upstream(c: Checker, name: Any, u: Any) -> Upstream | None:
+    p = f"outbound.upstreams.{name}"
+    if not isinstance(name, str) or not name or any(ch in name for ch in " /:@"):
+        c.bad(p, "service name must be a plain host name")
+        return None
+    if not isinstance(u, dict):
+        c.bad(p, "must be a mapping")
+        return None
+    c.unknown(u, p + ".", UPSTREAM)
+    eps = c.hostports(u.get("endpoints"), p + ".endpoints", required=True)
+    usid = c.spiffe(u.get("spiffe_id"), p + ".spiffe_id")
+    lp = u.get("local_port")
+    if lp is not None:
+        lp = c.port(lp, p + ".local_port")
+    match = c.hostports(u.get("match", []), p + ".match", required=False)
+    if eps and usid:
+        return Upstream(name.lower(), tuple(eps), usid, lp, tuple(match))
+    return None
+
+
+def _outbound(c: Checker, data: dict) -> dict[str, Any]:
+    """The `outbound:` section, as SidecarConfig keyword arguments."""
     outbound = c.section(data, "outbound", required=False)
     c.unknown(outbound, "outbound.", OUTBOUND)
     pool_idle = outbound.get("pool_idle_seconds", 30)
@@ -149,34 +164,26 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if not isinstance(ups_raw, dict):
         c.bad("outbound.upstreams", "must be a mapping of service name to upstream")
     else:
-        for name, u in ups_raw.items():
-            p = f"outbound.upstreams.{name}"
-            if not isinstance(name, str) or not name or any(ch in name for ch in " /:@"):
-                c.bad(p, "service name must be a plain host name")
-                continue
-            if not isinstance(u, dict):
-                c.bad(p, "must be a mapping")
-                continue
-            c.unknown(u, p + ".", UPSTREAM)
-            eps = c.hostports(u.get("endpoints"), p + ".endpoints", required=True)
-            usid = c.spiffe(u.get("spiffe_id"), p + ".spiffe_id")
-            lp = u.get("local_port")
-            if lp is not None:
-                lp = c.port(lp, p + ".local_port")
-            match = c.hostports(u.get("match", []), p + ".match", required=False)
-            if eps and usid:
-                upstreams.append(Upstream(name.lower(), tuple(eps), usid, lp, tuple(match)))
-
+        upstreams = [u for u in (_upstream(c, name, raw) for name, raw in ups_raw.items()) if u is not None]
     transparent = (c.hostport(outbound["transparent_listen"], "outbound.transparent_listen",
                               loopback_only=True)
                    if outbound.get("transparent_listen") is not None else None)
+    return {"outbound_listen": out_listen, "upstreams": tuple(upstreams), "transparent_listen": transparent,
+            "pool_idle_seconds": float(pool_idle)}
+
+
+def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:
     admin = c.section(data, "admin")
     c.unknown(admin, "admin.", ADMIN)
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
     public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
     for w in why:
         c.bad("admin.public_paths", w)
+    return admin_listen, public_paths
 
+
+def _scalars(c: Checker, data: dict) -> tuple[float, str]:
+    """drain_seconds and log_level."""
     drain = data.get("drain_seconds", 10)
     if isinstance(drain, bool) or not isinstance(drain, int | float) or not (0 <= drain <= 3600):
         c.bad("drain_seconds", "must be a number of seconds between 0 and 3600")
@@ -184,6 +191,24 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     level = data.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):
         c.bad("log_level", "must be one of debug, info, warning, error")
+    return float(drain), level
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
+    c = Checker(source, base_dir or Path.cwd())
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    c.unknown(data, "", SIDECAR)
+    http = parse_http(c, data.get("http"))
+
+    identity = parse_identity(c, data)
+    net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
+    net_limits = parse_limits(data.get("limits"), c.bad)
+    app_host, app_port = _app(c, data)
+    in_listen, allow = _inbound(c, data)
+    outbound = _outbound(c, data)
+    admin_listen, public_paths = _admin(c, data)
+    drain, level = _scalars(c, data)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -193,17 +218,14 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),
-        outbound_listen=out_listen,
-        upstreams=tuple(upstreams),
         admin_listen=admin_listen,
         log_level=level,
-        drain_seconds=float(drain),
-        transparent_listen=transparent,
-        pool_idle_seconds=float(pool_idle),
+        drain_seconds=drain,
         timeouts=net_timeouts,
         limits=net_limits,
         http=http,
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
+        **outbound,
     )
 
 
