@@ -9,7 +9,7 @@ import logging
 
 import trio
 
-from meshcar.edge.config import HealthCheck, Route
+from meshcar.edge.config import HealthCheck, Mode, Route
 from meshcar.edge.http import Backends
 from meshcar.edge.policy import EndpointState
 from meshcar.errors import MeshcarError
@@ -27,11 +27,11 @@ async def check_once(route: Route, state: EndpointState, hc: HealthCheck, backen
     try:
         with trio.fail_after(hc.timeout):
             stream: trio.abc.Stream
-            if route.mode == "passthrough":
+            if route.mode is Mode.PASSTHROUGH:
                 stream = await open_tcp(ep.host, ep.port, hc.timeout)
                 await stream.aclose()
                 return True
-            if route.mode == "bridge":
+            if route.mode is Mode.BRIDGE:
                 assert backends.store is not None
                 stream = await open_tls(ep.host, ep.port, backends.store.client_context(), timeout=hc.timeout)
             else:
@@ -52,7 +52,7 @@ async def health_loop(route: Route, backends: Backends, gauge) -> None:  # noqa:
     hc = route.backend.health
     assert hc is not None
     balancer = backends.balancers[route.host]
-    kind = "tcp" if route.mode == "passthrough" else "http"
+    kind = "tcp" if route.mode is Mode.PASSTHROUGH else "http"
     while True:
         for state in balancer.states:
             ok = await check_once(route, state, hc, backends)

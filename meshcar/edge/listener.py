@@ -30,7 +30,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_entry
-from meshcar.edge.config import EdgeConfig, Route
+from meshcar.edge.config import EdgeConfig, Mode, Route
 from meshcar.edge.http import ClientConn, TerminatingProxy
 from meshcar.edge.policy import Balancer
 from meshcar.errors import UpstreamError
@@ -87,7 +87,7 @@ class TLSListener:
         self.proxy = proxy
         self.balancers = balancers
         self.metrics = metrics
-        self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode != "passthrough"}
+        self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode is not Mode.PASSTHROUGH}
         self._outcome = {result: metrics.handshakes.labels("edge", result) for result in HANDSHAKE_RESULTS}
         self.conn_limit = ConnectionLimit("https", cfg.limits.max_connections,
                                           lambda n: metrics.listener_refusals.labels(n).inc())
@@ -172,7 +172,7 @@ class TLSListener:
             self._refuse(sock, "unknown_sni", client=client_ip, sni=hello.sni,
                          reason="no route for this SNI" if hello.sni else "no SNI and no default route")
             return
-        if route.mode == "passthrough":
+        if route.mode is Mode.PASSTHROUGH:
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             await self.passthrough(stream, route, client_ip, hello.sni, start)  # closes the stream
             return

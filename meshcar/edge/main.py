@@ -26,7 +26,7 @@ from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
 from meshcar.common.issuer import issuer_for
-from meshcar.edge.config import EdgeConfig, load_edge_config
+from meshcar.edge.config import EdgeConfig, Mode, load_edge_config
 from meshcar.edge.health import health_loop
 from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
@@ -101,7 +101,7 @@ class Edge:
             assert cfg.identity is not None
             nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         for route in cfg.routes:
-            if route.mode == "terminate":
+            if route.mode is Mode.TERMINATE:
                 _event("edge.plaintext_backend", logging.WARNING, route=route.host,
                        message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
             if route.backend.health is not None:

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshcar.edge.config import parse_edge_config
+from meshcar.edge.config import (
+    BridgeRoute,
+    Mode,
+    PassthroughRoute,
+    TerminateRoute,
+    parse_edge_config,
+)
 from meshcar.edge.policy import Balancer, RateLimiter
 from meshcar.errors import ConfigError
 from meshcar.sidecar.config import HostPort
@@ -40,6 +46,22 @@ def test_good_config_parses() -> None:
     assert cfg.route_for("pay.test").proxy_protocol == "v1"
     assert cfg.hello_timeout == cfg.handshake_timeout == 10.0
     assert parse_edge_config(dict(GOOD, handshake_timeout=2.5), "edge.yaml").handshake_timeout == 2.5
+
+
+def test_each_mode_parses_to_its_own_route_type() -> None:
+    raw = {**GOOD, "identity": {"spiffe_id": "spiffe://t.test/edge", "ca_url": "https://127.0.0.1:8600",
+                                "ca_bundle": "ca.pem", "state_dir": "state"},
+           "routes": [*GOOD["routes"],
+                      {"host": "api.test", "mode": "bridge", "tls": {"cert": "c.pem", "key": "k.pem"},
+                       "backend": {"endpoints": ["127.0.0.1:9003"], "spiffe_id": "spiffe://t.test/api"}}]}
+    cfg = parse_edge_config(raw, "edge.yaml", Path("/etc/meshcar"))
+    www, pay, api = cfg.route_for("www.test"), cfg.route_for("pay.test"), cfg.route_for("api.test")
+    assert isinstance(www, TerminateRoute) and www.mode is Mode.TERMINATE
+    assert isinstance(pay, PassthroughRoute) and pay.mode is Mode.PASSTHROUGH
+    assert isinstance(api, BridgeRoute) and api.mode is Mode.BRIDGE
+    # a str: logs, metrics labels and JSON carry the plain mode name
+    assert api.mode == "bridge" and f"{pay.mode}" == "passthrough" and str(www.mode) == "terminate"
+    assert pay.path_matches("/anything") and pay.deny == () and pay.client_auth is None
 
 
 def test_every_problem_at_once() -> None:
