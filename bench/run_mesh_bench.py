@@ -28,10 +28,11 @@ import re
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -59,6 +60,29 @@ class WrkResult:
     requests: int
     errors: str  # "" when wrk reported no socket errors and no non-2xx/3xx answers
     raw: str
+    cpu_us_per_req: float = 0.0  # the pair's user+system CPU over the measured run / requests
+
+
+def _proc_tree(pid: int) -> list[int]:
+    """pid and its children (nginx: master and workers)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid, *(int(k) for k in kids)]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their children, from /proc."""
+    ticks = 0
+    for top in pids:
+        for pid in _proc_tree(top):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def say(msg: str) -> None:
@@ -235,14 +259,18 @@ def parse_wrk(name: str, out: str) -> WrkResult:
                      int(total.group(1)), "; ".join(errors), out)
 
 
-def run_wrk(wrk: str, name: str, url: str, host: str | None, args: argparse.Namespace) -> WrkResult:
+def run_wrk(wrk: str, name: str, url: str, host: str | None, args: argparse.Namespace,
+            pids: list[int]) -> WrkResult:
     base = [wrk, f"-t{args.threads}", f"-c{args.connections}"]
     hdr = ["-H", f"Host: {host}"] if host else []
     subprocess.run(base + [f"-d{args.warmup}s", *hdr, url], capture_output=True, check=True)
     say(f"{name}: wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency")
+    cpu0 = cpu_seconds(pids)
     out = subprocess.run(base + [f"-d{args.duration}s", "--latency", *hdr, url],
                          capture_output=True, text=True, check=True).stdout
-    return parse_wrk(name, out)
+    cpu = cpu_seconds(pids) - cpu0
+    r = parse_wrk(name, out)
+    return replace(r, cpu_us_per_req=cpu * 1e6 / max(r.requests, 1))
 
 
 def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: int,
@@ -267,7 +295,7 @@ def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: i
     url = f"http://127.0.0.1:{out_port}/"
     sanity(url, None)
     refuses_without_client_cert(in_port, certs / "root.pem")
-    return run_wrk(wrk, "nginx", url, None, args)
+    return run_wrk(wrk, "nginx", url, None, args, [c.proc.pid for c in children])
 
 
 def measure_meshcar(sup: Supervisor, wrk: str, work: Path, app_port: int,
@@ -280,7 +308,7 @@ def measure_meshcar(sup: Supervisor, wrk: str, work: Path, app_port: int,
     url = f"http://127.0.0.1:{out_port}/"
     sanity(url, "b")
     refuses_without_client_cert(in_port, work / "meshcar" / "ca" / "root.pem")
-    result = run_wrk(wrk, "meshcar", url, "b", args)
+    result = run_wrk(wrk, "meshcar", url, "b", args, [c.proc.pid for c in children])
     say("meshcar: " + pooling_summary(ports["a_admin"], ports["b_admin"]))
     return result
 
@@ -305,30 +333,44 @@ def pooling_summary(a_admin: int, b_admin: int) -> str:
             f" inbound handshakes at b (including warm-up and checks)")
 
 
-def report(results: dict[str, WrkResult | str], args: argparse.Namespace) -> str:
+def report(results: dict[str, list[WrkResult | str]], args: argparse.Namespace) -> str:
     lines = [
         f"app -> sidecar -> mTLS (TLS 1.3) -> sidecar -> app; wrk -t{args.threads} "
         f"-c{args.connections} -d{args.duration}s; one worker per sidecar; "
-        f"access logs {'on' if args.access_logs else 'off'}; {os.cpu_count()} CPUs",
+        f"access logs {'on' if args.access_logs else 'off'}; {os.cpu_count()} CPUs; "
+        f"{args.rounds} round(s), alternating",
         "",
-        f"{'pair':<10}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}  errors",
+        f"{'pair':<10}{'round':>6}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'CPU us/req':>12}  errors",
     ]
+    medians: dict[str, tuple[float, float, float, float]] = {}
     for name in ("meshcar", "nginx"):
-        r = results.get(name)
-        if r is None:
-            lines.append(f"{name:<10}{'not run':>12}  (--only {args.only})")
-        elif isinstance(r, WrkResult):
-            lines.append(f"{name:<10}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}  "
-                         f"{r.errors or 'none'}")
-        else:
-            lines.append(f"{name:<10}{'FAILED':>12}  {r}")
-    m, n = results.get("meshcar"), results.get("nginx")
-    if isinstance(m, WrkResult) and isinstance(n, WrkResult):
-        lines.append("")
-        lines.append(f"ratio meshcar/nginx: requests/s {m.rps / n.rps:.2f}x, "
-                     f"p50 latency {m.p50_ms / n.p50_ms:.2f}x, p99 latency {m.p99_ms / n.p99_ms:.2f}x")
+        rs = results.get(name)
+        if not rs:
+            lines.append(f"{name:<10}{'':>6}{'not run':>12}  (--only {args.only})")
+            continue
+        for i, r in enumerate(rs):
+            if isinstance(r, WrkResult):
+                lines.append(f"{name:<10}{i:>6}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}"
+                             f"{r.cpu_us_per_req:>12.0f}  {r.errors or 'none'}")
+            else:
+                lines.append(f"{name:<10}{i:>6}{'FAILED':>12}  {r}")
+        good = [r for r in rs if isinstance(r, WrkResult)]
+        if good:
+            med = tuple(statistics.median(getattr(r, f) for r in good)
+                        for f in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req"))
+            medians[name] = med  # type: ignore[assignment]
+            lines.append(f"{name:<10}{'med':>6}{med[0]:>12.0f}{med[1]:>10.2f}{med[2]:>10.2f}{med[3]:>12.0f}")
+    lines.append("")
+    m, n = medians.get("meshcar"), medians.get("nginx")
+    if m and n:
+        per_round = [a.rps / b.rps for a, b in zip(results["meshcar"], results["nginx"], strict=False)
+                     if isinstance(a, WrkResult) and isinstance(b, WrkResult)]
+        lines.append(f"ratio meshcar/nginx (medians): requests/s {m[0] / n[0]:.2f}x, "
+                     f"CPU per request {m[3] / n[3]:.2f}x, p50 latency {m[1] / n[1]:.2f}x, "
+                     f"p99 latency {m[2] / n[2]:.2f}x")
+        lines.append("requests/s ratio per round: " + ", ".join(f"{x:.2f}x" for x in per_round))
     else:
-        lines.append("")
         why = "only one pair was run" if args.only != "both" else "a half failed"
         lines.append(f"ratio meshcar/nginx: n/a ({why})")
     return "\n".join(lines)
@@ -343,12 +385,15 @@ def main() -> int:
     p.add_argument("--only", choices=("both", "nginx", "meshcar"), default="both")
     p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each pair this many times, alternating which goes first; medians")
     args = p.parse_args()
 
     nginx, wrk = ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="meshcar-bench-"))
     (work / "logs").mkdir()
-    results: dict[str, WrkResult | str] = {}
+    results: dict[str, list[WrkResult | str]] = {}
+    load_start = os.getloadavg()
     try:
         with Supervisor() as sup:
             (app_port,) = free_ports(1)
@@ -356,19 +401,23 @@ def main() -> int:
             app = sup.start(nginx_spec(nginx, "app", app_conf, Probe(f"http://127.0.0.1:{app_port}/")),
                             work / "logs" / "app.log")
             sup.wait_ready([app], timeout=30)
-            for name in ("nginx", "meshcar"):
+            order = [("nginx", "meshcar"), ("meshcar", "nginx")]
+            for name in (n for rnd in range(args.rounds) for n in order[rnd % 2]):
                 if args.only not in ("both", name):
                     continue
                 started = len(sup.children)
                 try:
+                    rnd_dir = work / f"{name}-{len(results.get(name, []))}"
+                    (rnd_dir / "logs").mkdir(parents=True)
                     if name == "nginx":
-                        results[name] = measure_nginx(sup, nginx, wrk, work, app_port, args)
+                        r: WrkResult | str = measure_nginx(sup, nginx, wrk, rnd_dir, app_port, args)
                     else:
-                        results[name] = measure_meshcar(sup, wrk, work, app_port, args)
+                        r = measure_meshcar(sup, wrk, rnd_dir, app_port, args)
                 except (DemoStartupError, subprocess.CalledProcessError, ValueError,
                         httpx.HTTPError) as exc:
-                    results[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    r = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     print(f"bench: {name} failed:\n{exc}", file=sys.stderr)
+                results.setdefault(name, []).append(r)
                 # Stop this pair before measuring the next: they must not share the CPUs.
                 for child in sup.children[started:]:
                     child.proc.terminate()
@@ -380,13 +429,16 @@ def main() -> int:
                         child.proc.wait()
     finally:
         wanted = ("nginx", "meshcar") if args.only == "both" else (args.only,)
-        ok = all(isinstance(r := results.get(n), WrkResult) and not r.errors for n in wanted)
+        ok = all(results.get(n) and all(isinstance(r, WrkResult) and not r.errors for r in results[n])
+                 for n in wanted)
         if args.keep or not ok:
             say(f"work directory kept (logs, configs): {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(report(results, args))
+    print(f"load average (1/5/15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
+          f"end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0 if ok else 1
 
 
