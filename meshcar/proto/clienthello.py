@@ -181,6 +181,64 @@ def is_probably_tls(first_bytes: bytes) -> bool:
     return not (len(first_bytes) >= 3 and first_bytes[2] > 4)
 
 
+def _record_header(
+    buf: bytes, pos: int, n: int, records: int, max_records: int
+) -> Incomplete | Rejected | tuple[int, int]:
+    """The next record header at ``pos``: (version, length), or why parsing stops here."""
+    left = n - pos
+    if left < 1:
+        return Incomplete(RECORD_HEADER)
+    ctype = buf[pos]
+    if ctype != CONTENT_TYPE_HANDSHAKE:
+        return _not_handshake(ctype, records)
+    if left >= 2 and buf[pos + 1] != 3:
+        kind = RejectKind.NOT_TLS if records == 0 else RejectKind.MALFORMED
+        return Rejected(kind, f"record major version {buf[pos + 1]} is not 3")
+    if left >= 3 and buf[pos + 2] > 4:
+        kind = RejectKind.NOT_TLS if records == 0 else RejectKind.MALFORMED
+        return Rejected(kind, f"record minor version {buf[pos + 2]} is unknown")
+    if left < RECORD_HEADER:
+        return Incomplete(RECORD_HEADER - left)
+    version, length = _U16_PAIR(buf, pos + 1)
+    if length == 0:
+        return Rejected(RejectKind.MALFORMED, "empty handshake record")
+    if length > MAX_RECORD_PAYLOAD:
+        return Rejected(RejectKind.MALFORMED, f"record length {length} exceeds 2^14")
+    if records + 1 > max_records:
+        return Rejected(
+            RejectKind.TOO_LARGE, f"ClientHello spread over more than {max_records} records"
+        )
+    return version, length
+
+
+def _not_handshake(ctype: int, records: int) -> Rejected:
+    if records == 0:
+        if ctype & 0x80:
+            return Rejected(RejectKind.NOT_TLS, "SSLv2-format hello is not supported")
+        return Rejected(RejectKind.NOT_TLS, f"first byte 0x{ctype:02x} is not a TLS handshake")
+    return Rejected(
+        RejectKind.MALFORMED,
+        f"record of type {ctype} interleaved with the ClientHello",
+    )
+
+
+def _handshake_problem(
+    hs: bytes | bytearray, hs_start: int, hs_len: int, hello_len: int, max_size: int
+) -> Rejected | None:
+    """What is wrong with the handshake bytes so far (type, announced size, trailing data)."""
+    if hs_len >= 1 and hs[hs_start] != HANDSHAKE_CLIENT_HELLO:
+        return Rejected(
+            RejectKind.MALFORMED, f"handshake type {hs[hs_start]} is not client_hello"
+        )
+    if hello_len > max_size:
+        return Rejected(
+            RejectKind.TOO_LARGE, f"ClientHello of {hello_len} bytes exceeds {max_size}"
+        )
+    if hello_len >= 0 and hs_len > HANDSHAKE_HEADER + hello_len:
+        return Rejected(RejectKind.MALFORMED, "trailing handshake data after the ClientHello")
+    return None
+
+
 def parse_client_hello(
     data: bytes | bytearray | memoryview,
     *,
@@ -202,39 +260,11 @@ def parse_client_hello(
 
     while True:
         # --- record header -----------------------------------------------------------
-        left = n - pos
-        if left < 1:
-            return Incomplete(RECORD_HEADER)
-        ctype = buf[pos]
-        if ctype != CONTENT_TYPE_HANDSHAKE:
-            if records == 0:
-                if ctype & 0x80:
-                    return Rejected(RejectKind.NOT_TLS, "SSLv2-format hello is not supported")
-                return Rejected(
-                    RejectKind.NOT_TLS, f"first byte 0x{ctype:02x} is not a TLS handshake"
-                )
-            return Rejected(
-                RejectKind.MALFORMED,
-                f"record of type {ctype} interleaved with the ClientHello",
-            )
-        if left >= 2 and buf[pos + 1] != 3:
-            kind = RejectKind.NOT_TLS if records == 0 else RejectKind.MALFORMED
-            return Rejected(kind, f"record major version {buf[pos + 1]} is not 3")
-        if left >= 3 and buf[pos + 2] > 4:
-            kind = RejectKind.NOT_TLS if records == 0 else RejectKind.MALFORMED
-            return Rejected(kind, f"record minor version {buf[pos + 2]} is unknown")
-        if left < RECORD_HEADER:
-            return Incomplete(RECORD_HEADER - left)
-        version, length = _U16_PAIR(buf, pos + 1)
-        if length == 0:
-            return Rejected(RejectKind.MALFORMED, "empty handshake record")
-        if length > MAX_RECORD_PAYLOAD:
-            return Rejected(RejectKind.MALFORMED, f"record length {length} exceeds 2^14")
+        head = _record_header(buf, pos, n, records, max_records)
+        if type(head) is not tuple:
+            return head  # type: ignore[return-value]
+        version, length = head
         records += 1
-        if records > max_records:
-            return Rejected(
-                RejectKind.TOO_LARGE, f"ClientHello spread over more than {max_records} records"
-            )
         pos += RECORD_HEADER
 
         # --- record payload: validate the handshake header as soon as it arrives -------
@@ -249,18 +279,11 @@ def parse_client_hello(
                 hs_start = 0
             hs += buf[pos : pos + avail]
             hs_len += avail
-        if hs_len >= 1 and hs[hs_start] != HANDSHAKE_CLIENT_HELLO:
-            return Rejected(
-                RejectKind.MALFORMED, f"handshake type {hs[hs_start]} is not client_hello"
-            )
         if hello_len < 0 and hs_len >= HANDSHAKE_HEADER:
             hello_len = (hs[hs_start + 1] << 16) | (hs[hs_start + 2] << 8) | hs[hs_start + 3]
-            if hello_len > max_size:
-                return Rejected(
-                    RejectKind.TOO_LARGE, f"ClientHello of {hello_len} bytes exceeds {max_size}"
-                )
-        if hello_len >= 0 and hs_len > HANDSHAKE_HEADER + hello_len:
-            return Rejected(RejectKind.MALFORMED, "trailing handshake data after the ClientHello")
+        problem = _handshake_problem(hs, hs_start, hs_len, hello_len, max_size)
+        if problem is not None:
+            return problem
         if avail < length:
             return Incomplete(length - avail)
         pos += length
@@ -345,32 +368,7 @@ def _parse_body(
     supported_versions: tuple[int, ...] = ()
     ext_types: list[int] = []
     if p < end:  # extensions are optional before TLS 1.3
-        p, k = _vector(b, p, end, 2, "extensions", 0, 0xFFFF)
-        if end - p > k:
-            raise _trailing("ClientHello", end - p - k)
-        seen: set[int] = set()
-        while p < end:
-            if end - p < 4:
-                if end - p < 2:
-                    raise _short("extension type", 2, end - p)
-                ext_type = (b[p] << 8) | b[p + 1]
-                raise _short(f"extension {ext_type} length", 2, end - p - 2)
-            ext_type, k = _U16_PAIR(b, p)
-            p += 4
-            ext_end = p + k
-            if ext_end > end:
-                raise _short(f"extension {ext_type}", k, end - p)
-            if ext_type in seen:
-                raise _Malformed(f"duplicate extension {ext_type}")
-            seen.add(ext_type)
-            ext_types.append(ext_type)
-            if ext_type == EXT_SERVER_NAME:
-                sni = _parse_sni(b, p, ext_end)
-            elif ext_type == EXT_ALPN:
-                alpn = _parse_alpn(b, p, ext_end)
-            elif ext_type == EXT_SUPPORTED_VERSIONS:
-                supported_versions = _parse_supported_versions(b, p, ext_end)
-            p = ext_end
+        sni, alpn, supported_versions = _parse_extensions(b, p, end, ext_types)
     return ClientHello(
         sni=sni,
         alpn=alpn,
@@ -383,6 +381,48 @@ def _parse_body(
         consumed=consumed,
         records=records,
     )
+
+
+def _parse_extensions(
+    b: bytes, p: int, end: int, ext_types: list[int]
+) -> tuple[str | None, tuple[str, ...], tuple[int, ...]]:
+    """The extensions block: (sni, alpn, supported_versions); every type seen goes to ``ext_types``."""
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    supported_versions: tuple[int, ...] = ()
+    p, k = _vector(b, p, end, 2, "extensions", 0, 0xFFFF)
+    if end - p > k:
+        raise _trailing("ClientHello", end - p - k)
+    seen: set[int] = set()
+    while p < end:
+        ext_type, ext_end = _extension_header(b, p, end)
+        p += 4
+        if ext_type in seen:
+            raise _Malformed(f"duplicate extension {ext_type}")
+        seen.add(ext_type)
+        ext_types.append(ext_type)
+        if ext_type == EXT_SERVER_NAME:
+            sni = _parse_sni(b, p, ext_end)
+        elif ext_type == EXT_ALPN:
+            alpn = _parse_alpn(b, p, ext_end)
+        elif ext_type == EXT_SUPPORTED_VERSIONS:
+            supported_versions = _parse_supported_versions(b, p, ext_end)
+        p = ext_end
+    return sni, alpn, supported_versions
+
+
+def _extension_header(b: bytes, p: int, end: int) -> tuple[int, int]:
+    """An extension's type and where its data ends (its data starts at ``p + 4``)."""
+    if end - p < 4:
+        if end - p < 2:
+            raise _short("extension type", 2, end - p)
+        ext_type = (b[p] << 8) | b[p + 1]
+        raise _short(f"extension {ext_type} length", 2, end - p - 2)
+    ext_type, k = _U16_PAIR(b, p)
+    ext_end = p + 4 + k
+    if ext_end > end:
+        raise _short(f"extension {ext_type}", k, end - p - 4)
+    return ext_type, ext_end
 
 
 def _parse_sni(b: bytes, p: int, end: int) -> str | None:

@@ -31,8 +31,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/net/forward.py:pipe_body": 26,
     "meshcar/net/httpserver.py:serve_http": 15,
     "meshcar/net/tls_memory_bio.py:TLSStream.receive_some": 15,
-    "meshcar/proto/clienthello.py:_parse_body": 15,
-    "meshcar/proto/clienthello.py:parse_client_hello": 31,
     "meshcar/proto/forwarded.py:forwarded_for": 17,
     "meshcar/proto/forwarded.py:parse_xfcc": 18,
     "meshcar/proto/http1.py:Http1Parser._feed": 20,
