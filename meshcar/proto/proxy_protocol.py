@@ -250,7 +250,8 @@ def parse_proxy_header(
     return Rejected(RejectKind.NOT_PROXY, "no PROXY protocol signature")
 
 
-def _parse_v1(buf: bytes) -> ProxyResult:
+def _v1_line(buf: bytes) -> Incomplete | Rejected | tuple[str, int]:
+    """The v1 header's line (without CRLF) and the bytes it takes, or why it is not one yet."""
     head = buf[: len(V1_PREFIX)]
     if not V1_PREFIX.startswith(head):
         return Rejected(RejectKind.NOT_PROXY, "no PROXY protocol signature")
@@ -268,14 +269,10 @@ def _parse_v1(buf: bytes) -> ProxyResult:
         if len(buf) >= V1_MAX_LENGTH:
             return Rejected(RejectKind.TOO_LARGE, "v1 header longer than 107 bytes")
         return Incomplete(2 if not buf.endswith(b"\r") else 1)
-    consumed = end + 2
-    text = line.decode("ascii")
-    parts = text.split(" ")
-    if len(parts) >= 2 and parts[1] == "UNKNOWN":
-        return ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, None, None, (), consumed)
-    if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
-        return Rejected(RejectKind.MALFORMED, "v1 header is not PROXY TCP4|TCP6|UNKNOWN ...")
-    _, proto, src, dst, sport, dport = parts
+    return line.decode("ascii"), end + 2
+
+
+def _v1_addresses(proto: str, src: str, dst: str) -> Rejected | list[str]:
     want = 4 if proto == "TCP4" else 6
     addrs = []
     for a in (src, dst):
@@ -288,12 +285,36 @@ def _parse_v1(buf: bytes) -> ProxyResult:
         if ip.version != want:
             return Rejected(RejectKind.MALFORMED, f"{proto} with address {a!r}")
         addrs.append(str(ip))
+    return addrs
+
+
+def _v1_ports(sport: str, dport: str) -> Rejected | list[int]:
     ports = []
     for p in (sport, dport):
         if not p.isascii() or not p.isdigit() or (len(p) > 1 and p[0] == "0") or int(p) > 65535:
             return Rejected(RejectKind.MALFORMED, f"bad v1 port {p!r}")
         ports.append(int(p))
-    family = Family.TCP4 if want == 4 else Family.TCP6
+    return ports
+
+
+def _parse_v1(buf: bytes) -> ProxyResult:
+    got = _v1_line(buf)
+    if not isinstance(got, tuple):
+        return got
+    text, consumed = got
+    parts = text.split(" ")
+    if len(parts) >= 2 and parts[1] == "UNKNOWN":
+        return ProxyHeader(1, Command.PROXY, Family.UNKNOWN, None, None, None, None, (), consumed)
+    if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
+        return Rejected(RejectKind.MALFORMED, "v1 header is not PROXY TCP4|TCP6|UNKNOWN ...")
+    _, proto, src, dst, sport, dport = parts
+    addrs = _v1_addresses(proto, src, dst)
+    if isinstance(addrs, Rejected):
+        return addrs
+    ports = _v1_ports(sport, dport)
+    if isinstance(ports, Rejected):
+        return ports
+    family = Family.TCP4 if proto == "TCP4" else Family.TCP6
     return ProxyHeader(
         1, Command.PROXY, family, addrs[0], ports[0], addrs[1], ports[1], (), consumed
     )
@@ -315,7 +336,8 @@ _FAMILIES = {
 }
 
 
-def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
+def _v2_fixed(buf: bytes, max_size: int) -> Incomplete | Rejected | tuple[int, int]:
+    """The v2 fixed header checked: (total header bytes, address block length), or why not."""
     head = buf[: len(V2_SIGNATURE)]
     if not V2_SIGNATURE.startswith(head):
         return Rejected(RejectKind.NOT_PROXY, "no PROXY protocol signature")
@@ -331,8 +353,7 @@ def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
         return Rejected(RejectKind.MALFORMED, f"v2 family/transport 0x{buf[13]:02x} is unknown")
     if len(buf) < V2_HEADER:
         return Incomplete(V2_HEADER - len(buf))
-    local = buf[12] & 0x0F == 0
-    family, addr_len = _FAMILIES[buf[13]]
+    addr_len = _FAMILIES[buf[13]][1]
     length = int.from_bytes(buf[14:16], "big")
     total = V2_HEADER + length
     if total > max_size:
@@ -341,7 +362,13 @@ def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
         return Rejected(RejectKind.MALFORMED, f"v2 length {length} < address block {addr_len}")
     if len(buf) < total:
         return Incomplete(total - len(buf))
+    return total, addr_len
+
+
+def _v2_tlvs(buf: bytes, total: int, addr_len: int) -> Rejected | list[tuple[int, bytes]]:
+    """The TLVs after the address block; a CRC32C TLV is checked against the header."""
     block = buf[V2_HEADER:total]
+    length = total - V2_HEADER
     tlvs: list[tuple[int, bytes]] = []
     pos = addr_len
     crc_at = -1
@@ -363,23 +390,39 @@ def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
         zeroed = buf[:crc_at] + b"\x00" * 4 + buf[crc_at + 4 : total]
         if crc32c(zeroed) != int.from_bytes(buf[crc_at : crc_at + 4], "big"):
             return Rejected(RejectKind.MALFORMED, "v2 CRC32C mismatch")
-    if local:
+    return tlvs
+
+
+def _v2_addresses(family: Family, block: bytes) -> tuple[str | None, int | None, str | None, int | None]:
+    """(source address, source port, destination address, destination port) of the block."""
+    if family in (Family.TCP4, Family.UDP4):
+        src_port, dst_port = struct.unpack("!HH", block[8:12])
+        return (str(ipaddress.IPv4Address(block[0:4])), src_port,
+                str(ipaddress.IPv4Address(block[4:8])), dst_port)
+    if family in (Family.TCP6, Family.UDP6):
+        src_port, dst_port = struct.unpack("!HH", block[32:36])
+        return (str(ipaddress.IPv6Address(block[0:16])), src_port,
+                str(ipaddress.IPv6Address(block[16:32])), dst_port)
+    if family in (Family.UNIX_STREAM, Family.UNIX_DGRAM):
+        return (block[0:108].split(b"\x00", 1)[0].decode("latin-1"), None,
+                block[108:216].split(b"\x00", 1)[0].decode("latin-1"), None)
+    return None, None, None, None
+
+
+def _parse_v2(buf: bytes, max_size: int) -> ProxyResult:
+    fixed = _v2_fixed(buf, max_size)
+    if not isinstance(fixed, tuple):
+        return fixed
+    total, addr_len = fixed
+    tlvs = _v2_tlvs(buf, total, addr_len)
+    if isinstance(tlvs, Rejected):
+        return tlvs
+    if buf[12] & 0x0F == 0:  # LOCAL
         return ProxyHeader(
             2, Command.LOCAL, Family.UNKNOWN, None, None, None, None, tuple(tlvs), total
         )
-    src_addr = dst_addr = None
-    src_port = dst_port = None
-    if family in (Family.TCP4, Family.UDP4):
-        src_addr = str(ipaddress.IPv4Address(block[0:4]))
-        dst_addr = str(ipaddress.IPv4Address(block[4:8]))
-        src_port, dst_port = struct.unpack("!HH", block[8:12])
-    elif family in (Family.TCP6, Family.UDP6):
-        src_addr = str(ipaddress.IPv6Address(block[0:16]))
-        dst_addr = str(ipaddress.IPv6Address(block[16:32]))
-        src_port, dst_port = struct.unpack("!HH", block[32:36])
-    elif family in (Family.UNIX_STREAM, Family.UNIX_DGRAM):
-        src_addr = block[0:108].split(b"\x00", 1)[0].decode("latin-1")
-        dst_addr = block[108:216].split(b"\x00", 1)[0].decode("latin-1")
+    family = _FAMILIES[buf[13]][0]
+    src_addr, src_port, dst_addr, dst_port = _v2_addresses(family, buf[V2_HEADER:total])
     return ProxyHeader(
         2, Command.PROXY, family, src_addr, src_port, dst_addr, dst_port, tuple(tlvs), total
     )

@@ -37,8 +37,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/proto/http1.py:Http1Parser.on_headers_complete": 19,
     "meshcar/proto/path.py:_segment": 17,
     "meshcar/proto/path.py:normalise_path": 15,
-    "meshcar/proto/proxy_protocol.py:_parse_v1": 28,
-    "meshcar/proto/proxy_protocol.py:_parse_v2": 24,
 }
 
 
