@@ -99,26 +99,44 @@ class AdminServer:
             await send_error(conn, 403, f"admin endpoint {path.decode('latin-1')} is served on "
                              "loopback only", close=False)
             return True
-        if method in (b"GET", b"HEAD") and path == b"/live":
+        if method in (b"GET", b"HEAD"):
+            served = await self._read_endpoint(conn, path)
+        elif method == b"POST":
+            served = await self._action(conn, path)
+        else:
+            served = None
+        if served is None:
+            await send_error(conn, 404, f"no admin endpoint {method.decode()} {path.decode('latin-1')}",
+                             close=False)
+            return True
+        return served
+
+    async def _read_endpoint(self, conn: HttpConn, path: bytes) -> bool | None:
+        """GET/HEAD endpoints: True once answered, None if there is no such endpoint."""
+        if path == b"/live":
             await self._json(conn, 200, {"live": True})
-        elif method in (b"GET", b"HEAD") and path == b"/ready":
+        elif path == b"/ready":
             ok, why = self.hooks.ready()
             await self._json(conn, 200 if ok else 503, {"ready": ok, "reason": why})
-        elif method in (b"GET", b"HEAD") and path == b"/metrics":
+        elif path == b"/metrics":
             body = self.metrics.render()
             await conn.send(simple_response(200, body, content_type=b"text/plain; version=0.0.4"))
-        elif method in (b"GET", b"HEAD") and path == b"/certs":
+        elif path == b"/certs":
             await self._json(conn, 200, self.hooks.certs())
-        elif method == b"POST" and path == b"/renew" and self.hooks.renew:
+        else:
+            return None
+        return True
+
+    async def _action(self, conn: HttpConn, path: bytes) -> bool | None:
+        """POST endpoints: whether the connection stays open, None if there is no such endpoint."""
+        if path == b"/renew" and self.hooks.renew:
             await self._json(conn, 200, await self.hooks.renew())
-        elif method == b"POST" and path == b"/shutdown" and self.hooks.shutdown:
+            return True
+        if path == b"/shutdown" and self.hooks.shutdown:
             await self._json(conn, 202, {"shutting_down": True})
             self.hooks.shutdown()
             return False
-        else:
-            await send_error(conn, 404, f"no admin endpoint {method.decode()} {path.decode('latin-1')}",
-                             close=False)
-        return True
+        return None
 
     async def _json(self, conn: HttpConn, status: int, obj: object) -> None:
         body = json.dumps(obj, default=str).encode() + b"\n"
