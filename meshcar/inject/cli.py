@@ -80,7 +80,6 @@ def inject_stream(text: str, options: InjectOptions, source: str = "<stdin>") ->
     errors: list[str] = []
     wrong_shape = False
     for doc in docs:
-        items = doc["items"] if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list) else [doc]
         try:
             new = inject_document(doc, options)
         except InjectError as exc:
@@ -91,14 +90,23 @@ def inject_stream(text: str, options: InjectOptions, source: str = "<stdin>") ->
             errors.append(f"{source}: {object_name(doc)}: nests too deeply to be a manifest")
             wrong_shape = True
             continue
-        new_items = new["items"] if new is not doc and isinstance(new, dict) and new.get("kind") == "List" else None
-        for i, item in enumerate(items):
-            after = new_items[i] if new_items is not None else new
-            report.append(f"{object_name(item)} {_verdict(item, after)}")
+        report.extend(_report_lines(doc, new))
         out.append(new)
     if errors:
         raise (ShapeError if wrong_shape else InjectError)("\n".join(errors))
     return out, report
+
+
+def _is_list(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("kind") == "List"
+
+
+def _report_lines(doc: Any, new: Any) -> list[str]:
+    """One line per object of the document (a List's items one by one): injected or why not."""
+    items = doc["items"] if _is_list(doc) and isinstance(doc.get("items"), list) else [doc]
+    new_items = new["items"] if new is not doc and _is_list(new) else None
+    return [f"{object_name(item)} {_verdict(item, new_items[i] if new_items is not None else new)}"
+            for i, item in enumerate(items)]
 
 
 def _verdict(before: Any, after: Any) -> str:

@@ -502,15 +502,26 @@ def inject_object(obj: Any, options: InjectOptions) -> Any:
         return obj
     tmpl = _pod_template(obj, where)
     ann = _annotations(obj, tmpl)
+    if not _injection_enabled(ann, tmpl, where):
+        return obj
+    settings = pod_settings(ann, options, where)
+    _check_pod_spec(tmpl["spec"], settings, where)
+    return _patched(obj, settings, options, where)
+
+
+def _injection_enabled(ann: dict, tmpl: dict, where: str) -> bool:
+    """Whether the pod asks for the sidecar (the default) or opts out with `disabled`."""
     inject = ann.get(ANN_INJECT, "enabled").strip()
     labels = (tmpl.get("metadata") or {}).get("labels") or {}
     if inject == "disabled" or labels.get(ANN_INJECT) == "disabled":
-        return obj
+        return False
     if inject != "enabled":
         raise InjectError(f"{where}: annotation {ANN_INJECT}: {inject!r} is not enabled or disabled")
-    settings = pod_settings(ann, options, where)
-    _check_pod_spec(tmpl["spec"], settings, where)
+    return True
 
+
+def _patched(obj: Any, settings: PodSettings, options: InjectOptions, where: str) -> Any:
+    """A copy of the checked object with the sidecar, its volumes and the proxy env added."""
     out = copy.deepcopy(obj)
     tmpl = _pod_template(out, where)
     spec = tmpl["spec"]

@@ -24,8 +24,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/edge/http.py:TerminatingProxy._refuse": 21,
     "meshcar/edge/http.py:TerminatingProxy.handle": 16,
     "meshcar/edge/listener.py:TLSListener.passthrough": 17,
-    "meshcar/inject/cli.py:inject_stream": 19,
-    "meshcar/inject/patch.py:inject_object": 15,
     "meshcar/net/forward.py:_exchange": 20,
     "meshcar/net/forward.py:pipe_body": 26,
     "meshcar/net/httpserver.py:serve_http": 15,
