@@ -194,6 +194,43 @@ class CAServer:
             except trio.BrokenResourceError:
                 pass
 
+    def _throttled(self, path: str, peer: str, peer_der: bytes | None) -> Response | None:
+        """429 for /v1/sign from a source with too many failed authentications (token callers)."""
+        source = peer.rsplit(":", 1)[0]
+        wait = self.auth_throttle.retry_after(source) if peer_der is None else 0
+        if not (wait and path == "/v1/sign"):
+            return None
+        self.auth_throttle.refused += 1
+        response = _json_response(
+            429, {"error": "rate_limited", "message": "too many failed "
+                  f"authentications from {source}; retry in {wait} s"},
+            error="rate_limited")
+        return Response(429, response.body, JSON, (("Retry-After", str(wait)),), response.log)
+
+    async def _respond(
+        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, event: h11.Request,
+        method: str, path: str, peer: str, peer_der: bytes | None,
+    ) -> tuple[Response, bool]:
+        """The response to one request and whether the connection may stay open; protocol
+        errors and timeouts propagate to `_one_request`."""
+        try:
+            body = await self._read_body(stream, conn, event)
+            response = self._throttled(path, peer, peer_der)
+            if response is None:
+                response = await self._dispatch(method, path, body, peer_der)
+            return response, True
+        except CAError as exc:
+            if exc.status in (401, 403) and peer_der is None:
+                self.auth_throttle.failed(peer.rsplit(":", 1)[0])
+            return _error_response(exc), not isinstance(exc, TooLarge)
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            raise
+        except Exception as exc:  # a bug: answer 500 to this request, keep serving others
+            self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
+                      "traceback": _frames(exc)})
+            self.internal_errors += 1
+            return _json_response(500, {"error": "internal", "message": "internal error"}, error="internal"), False
+
     async def _one_request(
         self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, peer: str, peer_der: bytes | None
     ) -> bool:
@@ -211,34 +248,7 @@ class CAServer:
             method = event.method.decode("ascii", "replace")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")[:200]
             with trio.fail_after(self.limits.request_timeout), self._counted():
-                try:
-                    body = await self._read_body(stream, conn, event)
-                    source = peer.rsplit(":", 1)[0]
-                    wait = self.auth_throttle.retry_after(source) if peer_der is None else 0
-                    if wait and path == "/v1/sign":
-                        self.auth_throttle.refused += 1
-                        response = _json_response(
-                            429, {"error": "rate_limited", "message": "too many failed "
-                                  f"authentications from {source}; retry in {wait} s"},
-                            error="rate_limited")
-                        response = Response(429, response.body, JSON, (("Retry-After", str(wait)),),
-                                            response.log)
-                    else:
-                        response = await self._dispatch(method, path, body, peer_der)
-                except CAError as exc:
-                    if exc.status in (401, 403) and peer_der is None:
-                        self.auth_throttle.failed(peer.rsplit(":", 1)[0])
-                    response = _error_response(exc)
-                    if isinstance(exc, TooLarge):
-                        keep = False
-                except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                    raise
-                except Exception as exc:  # a bug: answer 500 to this request, keep serving others
-                    self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
-                              "traceback": _frames(exc)})
-                    self.internal_errors += 1
-                    response = _json_response(500, {"error": "internal", "message": "internal error"}, error="internal")
-                    keep = False
+                response, keep = await self._respond(stream, conn, event, method, path, peer, peer_der)
                 await self._send(stream, conn, response, close=not keep, head=method == "HEAD")
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
