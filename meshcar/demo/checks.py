@@ -420,14 +420,20 @@ def _edge_log(env: DemoEnv) -> list[dict[str, Any]]:
     return out
 
 
+def _edge_log_entries(env: DemoEnv) -> tuple[list[dict], list[dict]]:
+    """The edge's access log: (HTTP request entries for www and api, entries for payments)."""
+    entries = _edge_log(env)
+    http = [e for e in entries if e.get("type") == "request" and e.get("host") in (WWW_HOST, API_HOST)]
+    pay = [e for e in entries if e.get("sni") == sc.PAYMENTS_PUBLIC_HOST or e.get("host") == sc.PAYMENTS_PUBLIC_HOST]
+    return http, pay
+
+
 def check_edge_access_log(env: DemoEnv) -> str:
     import time
 
     deadline = time.monotonic() + 3  # access log lines are written in batches (<= 0.2 s)
     while True:
-        entries = _edge_log(env)
-        http = [e for e in entries if e.get("type") == "request" and e.get("host") in (WWW_HOST, API_HOST)]
-        pay = [e for e in entries if e.get("sni") == sc.PAYMENTS_PUBLIC_HOST or e.get("host") == sc.PAYMENTS_PUBLIC_HOST]
+        http, pay = _edge_log_entries(env)
         hosts = {e["host"] for e in http}
         if hosts == {WWW_HOST, API_HOST} and pay or time.monotonic() > deadline:
             break
