@@ -220,6 +220,41 @@ def encode_xfcc(elements: Iterable[XfccElement]) -> str:
     return ",".join(parts)
 
 
+def _xfcc_quoted(value: str, i: int) -> tuple[str, int]:
+    """A quoted XFCC value whose text starts at ``i``: (the text, where it ends)."""
+    n = len(value)
+    buf = []
+    while True:
+        if i >= n:
+            raise ValueError("unterminated quoted XFCC value")
+        ch = value[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise ValueError("dangling escape in XFCC value")
+            buf.append(value[i + 1])
+            i += 2
+        elif ch == '"':
+            i += 1
+            break
+        else:
+            buf.append(ch)
+            i += 1
+    if i < n and value[i] not in ",;":
+        raise ValueError("garbage after quoted XFCC value")
+    return "".join(buf), i
+
+
+def _xfcc_token(value: str, i: int) -> tuple[str, int]:
+    """An unquoted XFCC value starting at ``i``: (the text, where it ends)."""
+    n = len(value)
+    end = i
+    while end < n and value[end] not in ",;":
+        if value[end] in '="':
+            raise ValueError("unquoted XFCC value contains a reserved character")
+        end += 1
+    return value[i:end], end
+
+
 def parse_xfcc(value: str) -> tuple[XfccElement, ...]:
     """Parse an XFCC header value; raises ValueError when it is malformed."""
     elements: list[XfccElement] = []
@@ -234,34 +269,9 @@ def parse_xfcc(value: str) -> tuple[XfccElement, ...]:
             raise ValueError(f"unknown XFCC key {key!r}")
         i = eq + 1
         if i < n and value[i] == '"':
-            i += 1
-            buf = []
-            while True:
-                if i >= n:
-                    raise ValueError("unterminated quoted XFCC value")
-                ch = value[i]
-                if ch == "\\":
-                    if i + 1 >= n:
-                        raise ValueError("dangling escape in XFCC value")
-                    buf.append(value[i + 1])
-                    i += 2
-                elif ch == '"':
-                    i += 1
-                    break
-                else:
-                    buf.append(ch)
-                    i += 1
-            text = "".join(buf)
-            if i < n and value[i] not in ",;":
-                raise ValueError("garbage after quoted XFCC value")
+            text, i = _xfcc_quoted(value, i + 1)
         else:
-            end = i
-            while end < n and value[end] not in ",;":
-                if value[end] in '="':
-                    raise ValueError("unquoted XFCC value contains a reserved character")
-                end += 1
-            text = value[i:end]
-            i = end
+            text, i = _xfcc_token(value, i)
         pairs.append((key, text))
         if i >= n:
             elements.append(tuple(pairs))

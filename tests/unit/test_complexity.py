@@ -27,7 +27,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/net/httpserver.py:serve_http": 15,
     "meshcar/net/tls_memory_bio.py:TLSStream.receive_some": 15,
     "meshcar/proto/forwarded.py:forwarded_for": 17,
-    "meshcar/proto/forwarded.py:parse_xfcc": 18,
     "meshcar/proto/http1.py:Http1Parser._feed": 20,
     "meshcar/proto/http1.py:Http1Parser.on_headers_complete": 19,
     "meshcar/proto/path.py:_segment": 17,
