@@ -38,7 +38,7 @@ from meshcar.net.acceptor import serve_sockets
 from meshcar.net.connect import open_tcp
 from meshcar.net.errors import HANDSHAKE_ERRORS
 from meshcar.net.limits import ConnectionLimit
-from meshcar.net.relay import relay
+from meshcar.net.relay import RelayStats, relay
 from meshcar.net.tls_bare_socket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
@@ -216,18 +216,12 @@ class TLSListener:
         try:
             if state is None:
                 raise UpstreamError(f"no healthy endpoint for {route.host}", 503)
-            if sum(s.active for s in balancer.states) >= self.cfg.limits.max_upstream_connections:
-                self.metrics.upstream_refusals.labels(route.host).inc()
-                raise UpstreamError(f"upstream connection limit ({self.cfg.limits.max_upstream_connections}) "
-                                    "reached", 503)
+            self._check_upstream_limit(route, balancer)
             state.active += 1
             counted = True
             up = await open_tcp(state.endpoint.host, state.endpoint.port, local_address=route.source_address)
             if route.proxy_protocol is not None:
-                src = tcp.socket.getpeername()[:2]
-                dst = tcp.socket.getsockname()[:2]
-                await up.send_all(pp.encode_v2(src, dst) if route.proxy_protocol == "v2"
-                                  else pp.encode_v1(src, dst))
+                await up.send_all(_proxy_header(tcp, route.proxy_protocol))
             stats = await relay(tcp, up)
         except UpstreamError as exc:
             error = str(exc)
@@ -240,12 +234,30 @@ class TLSListener:
                 if up is not None:
                     await trio.aclose_forcefully(up)
                 await trio.aclose_forcefully(tcp)
-            dur = time.perf_counter() - start
-            up_bytes = stats.a_to_b if stats else 0
-            down_bytes = stats.b_to_a if stats else 0
-            self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
-            self.metrics.observe_edge(route.host, "passthrough", 0 if error is None else 502,
-                                      up_bytes, down_bytes)
-            log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
-                      bytes_up=up_bytes, bytes_down=down_bytes, duration_ms=round(dur * 1000, 3),
-                      spliced=stats.spliced if stats else False, error=error)
+            self._record_passthrough(route, client_ip, sni, backend_ep, stats, error, start)
+
+    def _check_upstream_limit(self, route: Route, balancer: Balancer) -> None:
+        if sum(s.active for s in balancer.states) >= self.cfg.limits.max_upstream_connections:
+            self.metrics.upstream_refusals.labels(route.host).inc()
+            raise UpstreamError(f"upstream connection limit ({self.cfg.limits.max_upstream_connections}) "
+                                "reached", 503)
+
+    def _record_passthrough(self, route: Route, client_ip: str, sni: str | None, backend_ep: str | None,
+                            stats: RelayStats | None, error: str | None, start: float) -> None:
+        """Metrics and the access log line of one passthrough connection."""
+        dur = time.perf_counter() - start
+        up_bytes = stats.a_to_b if stats else 0
+        down_bytes = stats.b_to_a if stats else 0
+        self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
+        self.metrics.observe_edge(route.host, "passthrough", 0 if error is None else 502,
+                                  up_bytes, down_bytes)
+        log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
+                  bytes_up=up_bytes, bytes_down=down_bytes, duration_ms=round(dur * 1000, 3),
+                  spliced=stats.spliced if stats else False, error=error)
+
+
+def _proxy_header(tcp: trio.SocketStream, version: str) -> bytes:
+    """The PROXY protocol header (v1 or v2) naming the client and the address it reached."""
+    src = tcp.socket.getpeername()[:2]
+    dst = tcp.socket.getsockname()[:2]
+    return pp.encode_v2(src, dst) if version == "v2" else pp.encode_v1(src, dst)

@@ -21,7 +21,6 @@ LIMIT = 15
 CEILINGS: dict[str, int] = {
     "meshcar/edge/http.py:TerminatingProxy._refuse": 21,
     "meshcar/edge/http.py:TerminatingProxy.handle": 16,
-    "meshcar/edge/listener.py:TLSListener.passthrough": 17,
     "meshcar/net/forward.py:_exchange": 20,
     "meshcar/net/forward.py:pipe_body": 26,
     "meshcar/net/httpserver.py:serve_http": 15,
