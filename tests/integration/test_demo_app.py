@@ -180,3 +180,43 @@ def test_tls_mode_accepts_a_proxy_v2_header_before_the_handshake(pki) -> None:  
         # A malformed header (v2 signature, bad version) closes the connection before TLS.
         with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
             _tls_get(port, _client_ctx(pki, True), prefix=header[:12] + b"\x99" + header[13:])
+
+
+def test_peer_calls_reuse_one_keepalive_connection_to_the_sidecar() -> None:
+    """The app keeps one client per sidecar proxy: a client made per call cost 50-250 ms
+    (an SSL context and a CA bundle load, even for plain HTTP) on every request."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ports: set[int] = set()
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            ports.add(self.client_address[1])
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with serve(app("api", f"http://127.0.0.1:{proxy.server_address[1]}")) as api_port:
+            for _ in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
+                try:
+                    conn.request("GET", "/v1/pay")
+                    doc = json.loads(conn.getresponse().read())
+                finally:
+                    conn.close()
+                assert doc["payments"]["status"] == 200
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert len(ports) == 1, ports  # one connection for three calls
