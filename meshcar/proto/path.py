@@ -116,6 +116,32 @@ def _check_chars(text: str) -> None:
     raise PathError(f"character {found!r} is not allowed in a request target")
 
 
+def _escape(hx: str, opts: PathOptions) -> str:
+    """One percent-escape's two characters: decoded if unreserved, else canonical (%XX)."""
+    if len(hx) != 2 or not all(h in _HEX for h in hx):
+        raise PathError("malformed percent-escape")
+    hx = hx.upper()
+    decoded = chr(int(hx, 16))
+    if decoded in UNRESERVED:
+        return decoded
+    if hx == "00":
+        raise PathError("encoded NUL (%00)")
+    if hx in _SLASHES and opts.escaped_slashes == "reject":
+        raise PathError(f"encoded {'/' if hx == '2F' else chr(92)} (%{hx}) in the path")
+    return "%" + hx
+
+
+def _char(ch: str) -> str:
+    """One literal path character, percent-encoded where the normal form wants it."""
+    if ch == "\\":
+        raise PathError("backslash in the path")
+    if ch in _ENCODE:
+        return f"%{ord(ch):02X}"
+    if ch in _PATH_OK:
+        return ch
+    raise PathError(f"character {ch!r} is not allowed in a path")  # _check_chars let only printable ASCII through
+
+
 def _segment(seg: str, opts: PathOptions) -> str:
     """One path segment with escapes decoded (unreserved only) or canonicalised."""
     if "%" not in seg and all(ch in _PATH_OK for ch in seg):
@@ -123,37 +149,23 @@ def _segment(seg: str, opts: PathOptions) -> str:
     out: list[str] = []
     i, n = 0, len(seg)
     while i < n:
-        ch = seg[i]
-        if ch == "%":
-            hx = seg[i + 1:i + 3]
-            if len(hx) != 2 or not all(h in _HEX for h in hx):
-                raise PathError("malformed percent-escape")
-            hx = hx.upper()
-            decoded = chr(int(hx, 16))
-            if decoded in UNRESERVED:
-                out.append(decoded)
-            else:
-                if hx == "00":
-                    raise PathError("encoded NUL (%00)")
-                if hx in _SLASHES and opts.escaped_slashes == "reject":
-                    raise PathError(f"encoded {'/' if hx == '2F' else chr(92)} (%{hx}) in the path")
-                out.append("%" + hx)
+        if seg[i] == "%":
+            out.append(_escape(seg[i + 1:i + 3], opts))
             i += 3
-            continue
-        if ch == "\\":
-            raise PathError("backslash in the path")
-        if ch in _ENCODE:
-            out.append(f"%{ord(ch):02X}")
-        elif ch in _PATH_OK:
-            out.append(ch)
-        else:  # _check_chars let only printable ASCII through
-            raise PathError(f"character {ch!r} is not allowed in a path")
-        i += 1
+        else:
+            out.append(_char(seg[i]))
+            i += 1
     return "".join(out)
 
 
+def _check_dot_params(seg: str) -> None:
+    if seg[:1] == "." and seg.replace("%3B", ";").split(";", 1)[0] in (".", "..") and seg not in (".", ".."):
+        raise PathError("dot segment with path parameters (..;) in the path")
+
+
 def normalise_path(path: str, opts: PathOptions = DEFAULT) -> str:
-    """The normalised form of an absolute path (no query); raises PathError."""
+    """The normalised form of an absolute path (no query); raises PathError. Called only for
+    paths that are not already normal (`_origin`'s fast path skips it)."""
     if not path.startswith("/"):
         raise PathError("the path must start with /")
     _check_chars(path)
@@ -161,17 +173,13 @@ def normalise_path(path: str, opts: PathOptions = DEFAULT) -> str:
     out: list[str] = []
     last = len(segments) - 1
     for i, seg in enumerate(segments):
-        if seg[:1] == "." and seg.replace("%3B", ";").split(";", 1)[0] in (".", "..") and seg not in (".", ".."):
-            raise PathError("dot segment with path parameters (..;) in the path")
+        _check_dot_params(seg)
         if seg == "":
             if opts.merge_slashes and i != last:
                 continue
             out.append(seg)
-        elif seg == ".":
-            if i == last:
-                out.append("")
-        elif seg == "..":
-            if out:
+        elif seg == "." or seg == "..":
+            if seg == ".." and out:
                 out.pop()
             if i == last:
                 out.append("")

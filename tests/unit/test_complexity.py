@@ -28,8 +28,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/proto/forwarded.py:forwarded_for": 17,
     "meshcar/proto/http1.py:Http1Parser._feed": 20,
     "meshcar/proto/http1.py:Http1Parser.on_headers_complete": 19,
-    "meshcar/proto/path.py:_segment": 17,
-    "meshcar/proto/path.py:normalise_path": 15,
 }
 
 
