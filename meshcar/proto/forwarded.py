@@ -127,14 +127,22 @@ def forwarded_for(
     peer = _ip_of(peer_ip)
     if peer is None:
         raise ValueError(f"peer address {peer_ip!r} is not an IP address")
-    chain = [peer]
     if trusted_hops:
-        claimed = [e for e in _values(headers, XFF) if e]
-        trusted = [_ip_of(e) for e in claimed[-trusted_hops:]]
-        if len(trusted) == trusted_hops and all(trusted):
-            chain = [ip for ip in trusted if ip] + chain
+        return _through_trusted_hops(headers, peer, scheme, host, trusted_hops)
+    return ForwardedFor(client_ip=peer, proto=scheme, host=host, chain=(peer,))
+
+
+def _through_trusted_hops(headers: Headers, peer: str, scheme: str, host: str | None,
+                          trusted_hops: int) -> ForwardedFor:
+    """forwarded_for behind `trusted_hops` proxies: their X-Forwarded-* count only when the
+    last `trusted_hops` X-Forwarded-For entries are all IP addresses."""
+    chain = [peer]
+    claimed = [e for e in _values(headers, XFF) if e]
+    trusted = [_ip_of(e) for e in claimed[-trusted_hops:]]
+    if len(trusted) == trusted_hops and all(trusted):
+        chain = [ip for ip in trusted if ip] + chain
     proto, fwd_host = scheme, host
-    if len(chain) > 1:  # trusted_hops > 0 and the chain is complete
+    if len(chain) > 1:  # the chain is complete
         protos = _values(headers, XFP)
         if len(protos) == 1 and protos[0].lower() in _SCHEMES:
             proto = protos[0].lower()

@@ -25,7 +25,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/net/forward.py:pipe_body": 26,
     "meshcar/net/httpserver.py:serve_http": 15,
     "meshcar/net/tls_memory_bio.py:TLSStream.receive_some": 15,
-    "meshcar/proto/forwarded.py:forwarded_for": 17,
     "meshcar/proto/http1.py:Http1Parser._feed": 20,
     "meshcar/proto/http1.py:Http1Parser.on_headers_complete": 19,
 }
