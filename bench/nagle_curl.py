@@ -36,36 +36,62 @@ def free_port() -> int:
 
 
 async def curl2(*args: str) -> list[float]:
-    r = await trio.run_process(["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null",
-                                "-w", "%{time_total} ", *args], capture_stdout=True)
+    r = await trio.run_process(
+        ["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{time_total} ", *args],
+        capture_stdout=True,
+    )
     return [float(x) * 1000 for x in r.stdout.split()]
 
 
 async def main() -> None:
     port = free_port()
-    code = ("from meshcar.demo import app; " + (OLD_WRITES if os.environ.get("NAGLE_APP") == "1" else "")
-            + f"app.main(['--name', 'api', '--port', '{port}'])")
+    code = (
+        "from meshcar.demo import app; "
+        + (OLD_WRITES if os.environ.get("NAGLE_APP") == "1" else "")
+        + f"app.main(['--name', 'api', '--port', '{port}'])"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     tmp = Path(tempfile.mkdtemp())
     try:
         async with trio.open_nursery() as n:
             for _ in range(200):  # until the app listens
-                r = await trio.run_process(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"],
-                                           check=False)
+                r = await trio.run_process(
+                    ["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"], check=False
+                )
                 if r.returncode == 0:
                     break
                 await trio.sleep(0.05)
             ca = ThrowawayCA.create()
             server = await start_node(n, tmp, ca, "api", port, [sid("web")], {})
-            client = await start_node(n, tmp, ca, "web", port, [], {
-                "api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}})
+            client = await start_node(
+                n,
+                tmp,
+                ca,
+                "web",
+                port,
+                [],
+                {
+                    "api": {
+                        "endpoints": [f"127.0.0.1:{server.inbound_port}"],
+                        "spiffe_id": sid("api"),
+                    }
+                },
+            )
             pki = public_pki(tmp)
             edge = await start_edge(n, tmp, [terminate_route("www.test", port)])
             paths = {
                 "direct": [f"http://127.0.0.1:{port}/a", f"http://127.0.0.1:{port}/b"],
-                "pair": ["-x", f"http://127.0.0.1:{client.outbound_port}", "http://api/a", "http://api/b"],
-                "edge": [*resolve(pki.ca_file, "www.test", edge.https),
-                         f"https://www.test:{edge.https}/a", f"https://www.test:{edge.https}/b"],
+                "pair": [
+                    "-x",
+                    f"http://127.0.0.1:{client.outbound_port}",
+                    "http://api/a",
+                    "http://api/b",
+                ],
+                "edge": [
+                    *resolve(pki.ca_file, "www.test", edge.https),
+                    f"https://www.test:{edge.https}/a",
+                    f"https://www.test:{edge.https}/b",
+                ],
             }
             for name, args in paths.items():
                 runs = [await curl2(*args) for _ in range(5)]

@@ -81,10 +81,14 @@ def cpu_seconds(pid: int) -> float:
 
 def new_csr(spiffe_id: str) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -114,8 +118,10 @@ class Target:
 
 
 def http_request(target: Target, body: bytes) -> bytes:
-    return (f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{target.headers}\r\n").encode() + body
+    return (
+        f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{target.headers}\r\n"
+    ).encode() + body
 
 
 def read_response(sock: ssl.SSLSocket) -> tuple[int, bytes, bool]:
@@ -152,9 +158,13 @@ def read_response(sock: ssl.SSLSocket) -> tuple[int, bytes, bool]:
     return status, body, close
 
 
-def client(target: Target, i: int, seconds: float, keepalive: bool, start_at: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def client(
+    target: Target, i: int, seconds: float, keepalive: bool, start_at: float, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
     ctx = ssl.create_default_context(cafile=target.cafile)
-    ctx.check_hostname = False  # OpenBao's dev certificate names localhost; the chain is still verified
+    ctx.check_hostname = (
+        False  # OpenBao's dev certificate names localhost; the chain is still verified
+    )
     cert = target.certs[i]
     if cert is not None:
         ctx.load_cert_chain(*cert)
@@ -194,12 +204,17 @@ def client(target: Target, i: int, seconds: float, keepalive: bool, start_at: fl
     out.put((ok, failed, first_error))
 
 
-def one_round(target: Target, pid: int, clients: int, seconds: float, keepalive: bool) -> tuple[float, float]:
+def one_round(
+    target: Target, pid: int, clients: int, seconds: float, keepalive: bool
+) -> tuple[float, float]:
     """Signatures/s and server CPU ms per signature for one round."""
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 0.5
-    procs = [ctx.Process(target=client, args=(target, i, seconds, keepalive, start_at, q)) for i in range(clients)]
+    procs = [
+        ctx.Process(target=client, args=(target, i, seconds, keepalive, start_at, q))
+        for i in range(clients)
+    ]
     for p in procs:
         p.start()
     while time.time() < start_at:
@@ -224,7 +239,9 @@ class Servers:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         f = open(self.work / log, "wb")  # noqa: SIM115
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.procs.append(p)
@@ -247,18 +264,29 @@ def ca_cmd(*args: str) -> list[str]:
     return [PY, "-c", "import sys; from ca.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
-def start_ca(srv: Servers, clients: int, csrs: list[list[str]], total_uses: int) -> tuple[int, Target, Target]:
+def start_ca(
+    srv: Servers, clients: int, csrs: list[list[str]], total_uses: int
+) -> tuple[int, Target, Target]:
     d = srv.work / "ca"
-    subprocess.run(ca_cmd("init", "--dir", str(d), "--trust-domain", TD), check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ca_cmd("init", "--dir", str(d), "--trust-domain", TD),
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     port = free_port()
     proc = srv.start(ca_cmd("serve", "--dir", str(d), "--listen", f"127.0.0.1:{port}"), "ca.log")
     wait_for(lambda: b"ca.ready" in (srv.work / "ca.log").read_bytes(), "the CA")
     cafile = str(d / "bundle.pem")
 
     def token(spiffe_id: str, uses: int) -> str:
-        return subprocess.run(ca_cmd("token", "--dir", str(d), "--spiffe-id", spiffe_id, "--uses", str(uses)),
-                              check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ca_cmd("token", "--dir", str(d), "--spiffe-id", spiffe_id, "--uses", str(uses)),
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     certs: list[tuple[str, str] | None] = []
     token_bodies: list[list[bytes]] = []
@@ -267,8 +295,13 @@ def start_ca(srv: Servers, clients: int, csrs: list[list[str]], total_uses: int)
     for i in range(clients):
         sid = f"spiffe://{TD}/svc/w{i}"
         key = ec.generate_private_key(ec.SECP256R1())
-        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
-               .public_bytes(serialization.Encoding.PEM).decode())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
         body = json.dumps({"csr": csr, "token": token(sid, 1)}).encode()
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port))) as s:
             s.sendall(http_request(Target("ca", port, cafile, "/v1/sign", "", [], []), body))
@@ -278,13 +311,25 @@ def start_ca(srv: Servers, clients: int, csrs: list[list[str]], total_uses: int)
         chain = d.parent / f"w{i}.chain.pem"
         keyf = d.parent / f"w{i}.key.pem"
         chain.write_text(json.loads(answer)["chain"])
-        keyf.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        keyf.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         certs.append((str(chain), str(keyf)))
         tok = token(sid, total_uses)
         token_bodies.append([json.dumps({"csr": c, "token": tok}).encode() for c in csrs[i]])
-    renewal = Target("builtin CA", port, cafile, "/v1/sign", "",
-                     [[json.dumps({"csr": c}).encode() for c in csrs[i]] for i in range(clients)], certs)
+    renewal = Target(
+        "builtin CA",
+        port,
+        cafile,
+        "/v1/sign",
+        "",
+        [[json.dumps({"csr": c}).encode() for c in csrs[i]] for i in range(clients)],
+        certs,
+    )
     bootstrap = Target("builtin CA", port, cafile, "/v1/sign", "", token_bodies, [None] * clients)
     return proc.pid, renewal, bootstrap
 
@@ -297,18 +342,40 @@ def start_bao(srv: Servers, clients: int, csrs: list[list[str]]) -> tuple[int, T
     root_token = "bench-root-token"
     certdir = srv.work / "bao-tls"
     certdir.mkdir()
-    proc = srv.start([bao, "server", "-dev", "-dev-tls", f"-dev-tls-cert-dir={certdir}",
-                      f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={root_token}"],
-                     "bao.log", env={**os.environ, "HOME": str(srv.work)})
+    proc = srv.start(
+        [
+            bao,
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={certdir}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+            f"-dev-root-token-id={root_token}",
+        ],
+        "bao.log",
+        env={**os.environ, "HOME": str(srv.work)},
+    )
     cafile = str(certdir / "vault-ca.pem")
     wait_for(lambda: Path(cafile).exists(), "OpenBao's dev TLS certificate")
     client = hvac.Client(url=f"https://127.0.0.1:{port}", token=root_token, verify=cafile)
     wait_for(lambda: client.sys.is_initialized() and not client.sys.is_sealed(), "OpenBao")
     setup(client, VaultLayout(trust_domain=TD), srv.work / "bao-out")
-    bodies = [[json.dumps({"csr": c, "uri_sans": f"spiffe://{TD}/svc/w{i}", "ttl": "1h"}).encode()
-               for c in csrs[i]] for i in range(clients)]
-    target = Target("OpenBao PKI", port, cafile, "/v1/pki_int/sign/meshcar-workloads",
-                    f"X-Vault-Token: {root_token}\r\n", bodies, [None] * clients)
+    bodies = [
+        [
+            json.dumps({"csr": c, "uri_sans": f"spiffe://{TD}/svc/w{i}", "ttl": "1h"}).encode()
+            for c in csrs[i]
+        ]
+        for i in range(clients)
+    ]
+    target = Target(
+        "OpenBao PKI",
+        port,
+        cafile,
+        "/v1/pki_int/sign/meshcar-workloads",
+        f"X-Vault-Token: {root_token}\r\n",
+        bodies,
+        [None] * clients,
+    )
     return proc.pid, target
 
 
@@ -316,23 +383,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per round (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="counted rounds per server and mode (default 3)")
-    ap.add_argument("--csrs", type=int, default=32, help="pre-generated CSRs per client (default 32)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="counted rounds per server and mode (default 3)"
+    )
+    ap.add_argument(
+        "--csrs", type=int, default=32, help="pre-generated CSRs per client (default 32)"
+    )
     ap.add_argument("--only", action="append", choices=("renewal", "token"), help="mode(s) to run")
-    ap.add_argument("--keepalive", action="store_true", help="one connection per client (default: one per request)")
+    ap.add_argument(
+        "--keepalive",
+        action="store_true",
+        help="one connection per client (default: one per request)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     modes = args.only or ["renewal", "token"]
     work = Path(tempfile.mkdtemp(prefix="ca-bench-"))
     srv = Servers(work)
     try:
-        csrs = [[new_csr(f"spiffe://{TD}/svc/w{i}") for _ in range(args.csrs)] for i in range(args.clients)]
+        csrs = [
+            [new_csr(f"spiffe://{TD}/svc/w{i}") for _ in range(args.csrs)]
+            for i in range(args.clients)
+        ]
         uses = 1_000_000
         ca_pid, ca_renewal, ca_token = start_ca(srv, args.clients, csrs, uses)
         bao_pid, bao = start_bao(srv, args.clients, csrs)
-        print(f"# built-in CA pid {ca_pid} port {ca_renewal.port}; OpenBao pid {bao_pid} port {bao.port}; "
-              f"{args.clients} clients, {args.duration:g} s rounds, "
-              f"{'keep-alive' if args.keepalive else 'new TLS connection per request'}", flush=True)
+        print(
+            f"# built-in CA pid {ca_pid} port {ca_renewal.port}; OpenBao pid {bao_pid} port {bao.port}; "
+            f"{args.clients} clients, {args.duration:g} s rounds, "
+            f"{'keep-alive' if args.keepalive else 'new TLS connection per request'}",
+            flush=True,
+        )
         table = []
         for mode in modes:
             ca = ca_renewal if mode == "renewal" else ca_token
@@ -346,16 +427,25 @@ def main() -> int:
                     rate, cpu = one_round(t, pid, args.clients, args.duration, args.keepalive)
                     key = "ca" if t is ca else "bao"
                     samples[key].append((rate, cpu))
-                    print(f"{mode:8} round {r} {t.name:12} {rate:8.1f} sig/s  {cpu:6.2f} ms CPU/sig", flush=True)
-            med = {k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
-                   for k, v in samples.items()}
+                    print(
+                        f"{mode:8} round {r} {t.name:12} {rate:8.1f} sig/s  {cpu:6.2f} ms CPU/sig",
+                        flush=True,
+                    )
+            med = {
+                k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+                for k, v in samples.items()
+            }
             table.append((mode, med))
         print()
-        print("| mode | built-in CA sig/s | OpenBao sig/s | ratio CA/OpenBao | CA CPU ms/sig | OpenBao CPU ms/sig |")
+        print(
+            "| mode | built-in CA sig/s | OpenBao sig/s | ratio CA/OpenBao | CA CPU ms/sig | OpenBao CPU ms/sig |"
+        )
         print("|---|---|---|---|---|---|")
         for mode, med in table:
-            print(f"| {mode} | {med['ca'][0]:,.0f} | {med['bao'][0]:,.0f} | **{med['ca'][0] / med['bao'][0]:.2f}x** "
-                  f"| {med['ca'][1]:.2f} | {med['bao'][1]:.2f} |")
+            print(
+                f"| {mode} | {med['ca'][0]:,.0f} | {med['bao'][0]:,.0f} | **{med['ca'][0] / med['bao'][0]:.2f}x** "
+                f"| {med['ca'][1]:.2f} | {med['bao'][1]:.2f} |"
+            )
         return 0
     finally:
         srv.stop()

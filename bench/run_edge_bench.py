@@ -118,8 +118,11 @@ def ensure_edge_tools() -> tuple[str, str, str]:
         say(f"installing libnginx-mod-stream curl openssl ({missing or 'stream module'})")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "libnginx-mod-stream", "curl", "openssl"],
-                       check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "libnginx-mod-stream", "curl", "openssl"],
+            check=True,
+            env=env,
+        )
     if static:
         return nginx, wrk, ""
     if not STREAM_MODULE.exists():
@@ -157,9 +160,14 @@ def make_certs(d: Path) -> None:
     (d / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
     cert, key = make_leaf(root, root_key, HOST_T, dns_names=(HOST_T, HOST_P), server=True, days=2)
     (d / "site.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_private(d / "site.key", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    write_private(
+        d / "site.key",
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
 
 def edge_spec(work: Path, ports: dict[str, int], access_logs: bool) -> ProcSpec:
@@ -170,22 +178,32 @@ def edge_spec(work: Path, ports: dict[str, int], access_logs: bool) -> ProcSpec:
         "default_route": HOST_T,
         "log_level": "info" if access_logs else "warning",
         "routes": [
-            {"host": HOST_T, "mode": "terminate",
-             "tls": {"cert": str(certs / "site.pem"), "key": str(certs / "site.key")},
-             "backend": {"endpoints": [f"127.0.0.1:{ports['app']}"]}},
-            {"host": HOST_P, "mode": "passthrough",
-             "backend": {"endpoints": [f"127.0.0.1:{ports['tls_backend']}"]}},
+            {
+                "host": HOST_T,
+                "mode": "terminate",
+                "tls": {"cert": str(certs / "site.pem"), "key": str(certs / "site.key")},
+                "backend": {"endpoints": [f"127.0.0.1:{ports['app']}"]},
+            },
+            {
+                "host": HOST_P,
+                "mode": "passthrough",
+                "backend": {"endpoints": [f"127.0.0.1:{ports['tls_backend']}"]},
+            },
         ],
     }
     d = work / "meshcar-edge"
     d.mkdir()
     (d / "edge.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return ProcSpec("meshcar-edge", meshcar_argv("edge", "--config", str(d / "edge.yaml")),
-                    Probe(f"http://127.0.0.1:{ports['edge_admin']}/ready"))
+    return ProcSpec(
+        "meshcar-edge",
+        meshcar_argv("edge", "--config", str(d / "edge.yaml")),
+        Probe(f"http://127.0.0.1:{ports['edge_admin']}/ready"),
+    )
 
 
-def start_all(sup: Supervisor, nginx: str, load_stream: str, work: Path, args: argparse.Namespace
-              ) -> tuple[dict[str, int], dict[str, Child]]:
+def start_all(
+    sup: Supervisor, nginx: str, load_stream: str, work: Path, args: argparse.Namespace
+) -> tuple[dict[str, int], dict[str, Child]]:
     """Backends, nginx front and meshcar edge; returns the ports and the children by role."""
     names = ("app", "tls_backend", "edge", "edge_admin", "ng_term", "ng_pass")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -198,26 +216,62 @@ def start_all(sup: Supervisor, nginx: str, load_stream: str, work: Path, args: a
     for p in (www / "index.html", www / "big"):
         p.chmod(0o644)
     logs = work / "logs"
-    values = {"APP_PORT": str(ports["app"]), "TLS_BACKEND_PORT": str(ports["tls_backend"]),
-              "TERM_PORT": str(ports["ng_term"]), "PASS_PORT": str(ports["ng_pass"]),
-              "PASS_HOST": HOST_P, "CERTS": str(certs), "WWW": str(www), "LOAD_STREAM": load_stream}
+    values = {
+        "APP_PORT": str(ports["app"]),
+        "TLS_BACKEND_PORT": str(ports["tls_backend"]),
+        "TERM_PORT": str(ports["ng_term"]),
+        "PASS_PORT": str(ports["ng_pass"]),
+        "PASS_HOST": HOST_P,
+        "CERTS": str(certs),
+        "WWW": str(www),
+        "LOAD_STREAM": load_stream,
+    }
     front_prefix = work / "nginx-front"
     if args.access_logs:
-        values["HTTP_ACCESS_LOG"] = f"access_log {front_prefix}/access.log edge buffer=64k flush=1s;"
-        values["STREAM_ACCESS_LOG"] = f"access_log {front_prefix}/stream.log conn buffer=64k flush=1s;"
+        values["HTTP_ACCESS_LOG"] = (
+            f"access_log {front_prefix}/access.log edge buffer=64k flush=1s;"
+        )
+        values["STREAM_ACCESS_LOG"] = (
+            f"access_log {front_prefix}/stream.log conn buffer=64k flush=1s;"
+        )
     else:
         values["HTTP_ACCESS_LOG"] = values["STREAM_ACCESS_LOG"] = "access_log off;"
-    app = sup.start(nginx_spec(nginx, "app", render_nginx("app.conf", work / "nginx-app", values),
-                               Probe(f"http://127.0.0.1:{ports['app']}/")), logs / "app.log")
-    backend = sup.start(nginx_spec(
-        nginx, "tls-backend", render_nginx("edge_tls_backend.conf", work / "nginx-tls-backend", values),
-        Probe(f"https://127.0.0.1:{ports['tls_backend']}/index.html", cafile=certs / "root.pem",
-              server_hostname=HOST_P)), logs / "tls-backend.log")
+    app = sup.start(
+        nginx_spec(
+            nginx,
+            "app",
+            render_nginx("app.conf", work / "nginx-app", values),
+            Probe(f"http://127.0.0.1:{ports['app']}/"),
+        ),
+        logs / "app.log",
+    )
+    backend = sup.start(
+        nginx_spec(
+            nginx,
+            "tls-backend",
+            render_nginx("edge_tls_backend.conf", work / "nginx-tls-backend", values),
+            Probe(
+                f"https://127.0.0.1:{ports['tls_backend']}/index.html",
+                cafile=certs / "root.pem",
+                server_hostname=HOST_P,
+            ),
+        ),
+        logs / "tls-backend.log",
+    )
     sup.wait_ready([app, backend], timeout=30)
-    front = sup.start(nginx_spec(
-        nginx, "nginx-front", render_nginx("edge_front.conf", front_prefix, values),
-        Probe(f"https://127.0.0.1:{ports['ng_term']}/", cafile=certs / "root.pem",
-              server_hostname=HOST_T)), logs / "nginx-front.log")
+    front = sup.start(
+        nginx_spec(
+            nginx,
+            "nginx-front",
+            render_nginx("edge_front.conf", front_prefix, values),
+            Probe(
+                f"https://127.0.0.1:{ports['ng_term']}/",
+                cafile=certs / "root.pem",
+                server_hostname=HOST_T,
+            ),
+        ),
+        logs / "nginx-front.log",
+    )
     edge = sup.start(edge_spec(work, ports, args.access_logs), logs / "meshcar-edge.log")
     sup.wait_ready([front, edge], timeout=60)
     return ports, {"meshcar": edge, "nginx": front, "app": app, "tls_backend": backend}
@@ -227,8 +281,11 @@ def sanity(ports: dict[str, int], certs: Path) -> None:
     """Each front answers a real terminate request with the app's body, presenting the cert."""
     for name, port in (("meshcar", ports["edge"]), ("nginx", ports["ng_term"])):
         with httpx.Client(verify=str(certs / "root.pem"), trust_env=False, timeout=10) as c:
-            r = c.get(f"https://127.0.0.1:{port}/", headers={"Host": HOST_T},
-                      extensions={"sni_hostname": HOST_T})
+            r = c.get(
+                f"https://127.0.0.1:{port}/",
+                headers={"Host": HOST_T},
+                extensions={"sni_hostname": HOST_T},
+            )
         if r.status_code != 200 or r.content != APP_BODY:
             raise DemoStartupError(f"{name} terminate: {r.status_code} {r.content[:200]!r}")
 
@@ -247,6 +304,7 @@ def hold(work: Path, ports: dict[str, int], children: dict[str, Child]) -> None:
     }
     print(json.dumps(info), flush=True)
     say("holding: everything runs until Ctrl-C or SIGTERM")
+
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -263,19 +321,45 @@ def hold(work: Path, ports: dict[str, int], children: dict[str, Child]) -> None:
 
 def download(port: int, cafile: Path, size: int) -> float:
     """One download of the big file through the front's passthrough route, in MB/s."""
-    r = run_logged(["curl", "-sS", "--cacert", str(cafile), "--resolve", f"{HOST_P}:{port}:127.0.0.1",
-                    "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}",
-                    f"https://{HOST_P}:{port}/big"], check=False, timeout=600)
+    r = run_logged(
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(cafile),
+            "--resolve",
+            f"{HOST_P}:{port}:127.0.0.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+            f"https://{HOST_P}:{port}/big",
+        ],
+        check=False,
+        timeout=600,
+    )
     parts = r.stdout.split()
     if r.returncode != 0 or len(parts) != 3 or parts[0] != "200" or int(parts[1]) != size:
-        raise DemoStartupError(f"curl through {port}: rc {r.returncode} {r.stdout!r} {r.stderr.strip()!r}"
-                               f" (expected 200 and {size} bytes)")
+        raise DemoStartupError(
+            f"curl through {port}: rc {r.returncode} {r.stdout!r} {r.stderr.strip()!r}"
+            f" (expected 200 and {size} bytes)"
+        )
     return int(parts[1]) / float(parts[2]) / 1e6
 
 
-def wrk_terminate(wrk: str, port: int, seconds: int, args: argparse.Namespace, name: str) -> WrkResult:
-    argv = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--latency",
-            "-H", f"Host: {HOST_T}", f"https://127.0.0.1:{port}/"]
+def wrk_terminate(
+    wrk: str, port: int, seconds: int, args: argparse.Namespace, name: str
+) -> WrkResult:
+    argv = [
+        wrk,
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-H",
+        f"Host: {HOST_T}",
+        f"https://127.0.0.1:{port}/",
+    ]
     r = run_logged(argv, check=True, timeout=seconds + 60)
     return parse_wrk(name, r.stdout)
 
@@ -284,12 +368,23 @@ def handshakes(port: int, seconds: int, clients: int, cafile: Path) -> tuple[int
     """New TLS connections: `clients` parallel `openssl s_time -new`, each a full handshake
     per connection, one at a time.  Returns (their connection count, the wall-clock seconds
     measured here); s_time itself prints whole seconds."""
-    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds),
-            "-CAfile", str(cafile)]
+    argv = [
+        "openssl",
+        "s_time",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-new",
+        "-time",
+        str(seconds),
+        "-CAfile",
+        str(cafile),
+    ]
     log_command(shlex.join(argv) + (f"   ({clients} in parallel)" if clients > 1 else ""))
     t0 = time.monotonic()
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(clients)]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(clients)
+    ]
     outs = [p.communicate(timeout=seconds + 60) for p in procs]
     wall = time.monotonic() - t0
     total = 0
@@ -304,10 +399,16 @@ def handshakes(port: int, seconds: int, clients: int, cafile: Path) -> tuple[int
 Sample = dict[str, float]
 
 
-def alternate(what: str, rounds: int, warmup: Callable[[str], object], one: Callable[[str], Sample],
-              per_cpu: Callable[[Sample, float], Sample], pids: dict[str, int],
-              samples: dict[str, dict[str, list[float]]],
-              before_rounds: Callable[[], None] | None = None) -> None:
+def alternate(
+    what: str,
+    rounds: int,
+    warmup: Callable[[str], object],
+    one: Callable[[str], Sample],
+    per_cpu: Callable[[Sample, float], Sample],
+    pids: dict[str, int],
+    samples: dict[str, dict[str, list[float]]],
+    before_rounds: Callable[[], None] | None = None,
+) -> None:
     """Warm up both fronts (not counted), then `rounds` rounds with the fronts in ABBA order;
     each sample also gets the front's own CPU for it, turned into figures by `per_cpu`."""
     say(f"{what}: warm-up, then {rounds} rounds, meshcar and nginx alternating (ABBA)")
@@ -338,7 +439,7 @@ def edge_handshakes(admin_port: int) -> dict[str, float]:
     for line in text.splitlines():
         if not line.startswith(HANDSHAKES_METRIC + "{"):
             continue
-        labels_text, _, value = line[len(HANDSHAKES_METRIC) + 1:].rpartition("} ")
+        labels_text, _, value = line[len(HANDSHAKES_METRIC) + 1 :].rpartition("} ")
         labels = dict(_LABEL.findall(labels_text))
         if labels.get("direction") == "edge":
             result = labels.get("result", "?")
@@ -349,8 +450,10 @@ def edge_handshakes(admin_port: int) -> dict[str, float]:
 def handshake_note(before: dict[str, float], after: dict[str, float], connections: float) -> str:
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(set(before) | set(after))}
     shown = ", ".join(f"{k} +{v:.0f}" for k, v in deltas.items() if v) or "no change"
-    return (f'meshcar {HANDSHAKES_METRIC}{{direction="edge"}} during the counted handshake rounds '
-            f"({connections:.0f} s_time connections to meshcar): {shown}")
+    return (
+        f'meshcar {HANDSHAKES_METRIC}{{direction="edge"}} during the counted handshake rounds '
+        f"({connections:.0f} s_time connections to meshcar): {shown}"
+    )
 
 
 def passthrough_note(work: Path) -> str:
@@ -372,7 +475,13 @@ def passthrough_note(work: Path) -> str:
 
 # label, key, format, lower wins, target (text, met when the ratio meshcar/nginx satisfies it)
 ROWS: list[tuple[str, str, str, bool, tuple[str, Callable[[float], bool]] | None]] = [
-    ("passthrough download MB/s", "pass_mbps", "{:.0f}", False, ("ahead of nginx", lambda r: r > 1.0)),
+    (
+        "passthrough download MB/s",
+        "pass_mbps",
+        "{:.0f}",
+        False,
+        ("ahead of nginx", lambda r: r > 1.0),
+    ),
     ("passthrough front CPU s per GiB", "pass_cpu_per_gib", "{:.2f}", True, None),
     ("terminate requests/s", "term_rps", "{:.0f}", False, None),
     ("terminate p50 ms", "term_p50", "{:.2f}", True, None),
@@ -383,11 +492,15 @@ ROWS: list[tuple[str, str, str, bool, tuple[str, Callable[[float], bool]] | None
 ]
 
 
-def report(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace, notes: list[str]) -> str:
+def report(
+    samples: dict[str, dict[str, list[float]]], args: argparse.Namespace, notes: list[str]
+) -> str:
     med = {n: {k: statistics.median(v) for k, v in per.items()} for n, per in samples.items()}
-    runs = {"pass_mbps": f"{args.transfers} downloads of {args.size_mb} MiB",
-            "term_rps": f"{args.rounds} x wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
-            "hs": f"{args.rounds} x {args.hs_clients} s_time -new -time {args.duration}"}
+    runs = {
+        "pass_mbps": f"{args.transfers} downloads of {args.size_mb} MiB",
+        "term_rps": f"{args.rounds} x wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
+        "hs": f"{args.rounds} x {args.hs_clients} s_time -new -time {args.duration}",
+    }
     lines = [
         f"edge benchmarks: meshcar edge (one process) vs nginx (one worker), 127.0.0.1, "
         f"{os.cpu_count()} CPUs; access logs {'on' if args.access_logs else 'off'}; medians after "
@@ -404,13 +517,26 @@ def report(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace,
         goal = ""
         if target is not None and ratio is not None:
             goal = f"{target[0]}: {'met' if target[1](ratio) else 'NOT met'}"
-        lines.append(f"{label + (' (lower wins)' if lower_wins else ''):<50}"
-                     f"{fmt.format(m[key]):>10}{fmt.format(n[key]):>10}"
-                     f"{(f'{ratio:.2f}x' if ratio is not None else 'n/a'):>15}  {goal}".rstrip())
-    lines += ["", "samples (in order): " + json.dumps(
-        {name: {k: [round(x, 2) for x in v] for k, v in per.items()} for name, per in samples.items()})]
+        lines.append(
+            f"{label + (' (lower wins)' if lower_wins else ''):<50}"
+            f"{fmt.format(m[key]):>10}{fmt.format(n[key]):>10}"
+            f"{(f'{ratio:.2f}x' if ratio is not None else 'n/a'):>15}  {goal}".rstrip()
+        )
+    lines += [
+        "",
+        "samples (in order): "
+        + json.dumps(
+            {
+                name: {k: [round(x, 2) for x in v] for k, v in per.items()}
+                for name, per in samples.items()
+            }
+        ),
+    ]
     lines += notes
-    lines += ["", "client commands (PORT: meshcar's edge listener, or nginx's terminate/stream port):"]
+    lines += [
+        "",
+        "client commands (PORT: meshcar's edge listener, or nginx's terminate/stream port):",
+    ]
     lines += [f"  {c}" for c in COMMANDS]
     return "\n".join(lines)
 
@@ -418,19 +544,40 @@ def report(samples: dict[str, dict[str, list[float]]], args: argparse.Namespace,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk and s_time run")
-    p.add_argument("--warmup", type=int, default=2, help="seconds of the wrk/s_time warm-up per front")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="counted rounds per measure; the fronts alternate ABBA and the median counts")
-    p.add_argument("--transfers", type=int, default=None,
-                   help="counted downloads per front for passthrough (default: --rounds)")
-    p.add_argument("--size-mb", type=int, default=1024, help="size of the passthrough download, MiB")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="seconds of the wrk/s_time warm-up per front"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="counted rounds per measure; the fronts alternate ABBA and the median counts",
+    )
+    p.add_argument(
+        "--transfers",
+        type=int,
+        default=None,
+        help="counted downloads per front for passthrough (default: --rounds)",
+    )
+    p.add_argument(
+        "--size-mb", type=int, default=1024, help="size of the passthrough download, MiB"
+    )
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--connections", type=int, default=32, help="wrk connections")
-    p.add_argument("--hs-clients", type=int, default=1, help="parallel `openssl s_time -new` clients")
-    p.add_argument("--only", choices=MEASURES, action="append",
-                   help="run only this measure: pass, term or hs (repeatable; default: all three)")
-    p.add_argument("--hold", action="store_true",
-                   help="start everything, print ports and pids as JSON and wait (to profile by hand)")
+    p.add_argument(
+        "--hs-clients", type=int, default=1, help="parallel `openssl s_time -new` clients"
+    )
+    p.add_argument(
+        "--only",
+        choices=MEASURES,
+        action="append",
+        help="run only this measure: pass, term or hs (repeatable; default: all three)",
+    )
+    p.add_argument(
+        "--hold",
+        action="store_true",
+        help="start everything, print ports and pids as JSON and wait (to profile by hand)",
+    )
     p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args()
@@ -448,8 +595,10 @@ def main() -> int:
         with Supervisor() as sup:
             ports, children = start_all(sup, nginx, load_stream, work, args)
             pids = {name: children[name].proc.pid for name in FRONTS}
-            say(f"ready: meshcar edge 127.0.0.1:{ports['edge']} (admin {ports['edge_admin']}), nginx "
-                f"terminate {ports['ng_term']} / stream {ports['ng_pass']}; work dir {work}")
+            say(
+                f"ready: meshcar edge 127.0.0.1:{ports['edge']} (admin {ports['edge_admin']}), nginx "
+                f"terminate {ports['ng_term']} / stream {ports['ng_pass']}; work dir {work}"
+            )
             sanity(ports, work / "certs")
             if args.hold:
                 hold(work, ports, children)
@@ -460,22 +609,37 @@ def main() -> int:
             pass_port = {"meshcar": ports["edge"], "nginx": ports["ng_pass"]}
             size = args.size_mb * 1024 * 1024
             if "pass" in only:
-                alternate(f"passthrough: curl downloads of {args.size_mb} MiB", args.transfers,
-                          lambda f: download(pass_port[f], cafile, size),
-                          lambda f: {"pass_mbps": download(pass_port[f], cafile, size)},
-                          lambda v, cpu: {"pass_cpu_per_gib": cpu / (size / GIB)},
-                          pids, samples)
+                alternate(
+                    f"passthrough: curl downloads of {args.size_mb} MiB",
+                    args.transfers,
+                    lambda f: download(pass_port[f], cafile, size),
+                    lambda f: {"pass_mbps": download(pass_port[f], cafile, size)},
+                    lambda v, cpu: {"pass_cpu_per_gib": cpu / (size / GIB)},
+                    pids,
+                    samples,
+                )
             if "term" in only:
+
                 def term(f: str) -> Sample:
                     r = wrk_terminate(wrk, term_port[f], args.duration, args, f)
                     if r.errors:
                         raise DemoStartupError(f"wrk against {f}: {r.errors}\n{r.raw}")
-                    return {"term_rps": r.rps, "term_p50": r.p50_ms, "term_p99": r.p99_ms,
-                            "term_requests": r.requests}
-                alternate(f"terminate: wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
-                          args.rounds, lambda f: wrk_terminate(wrk, term_port[f], args.warmup, args, f),
-                          term, lambda v, cpu: {"term_cpu_us": cpu * 1e6 / max(v["term_requests"], 1)},
-                          pids, samples)
+                    return {
+                        "term_rps": r.rps,
+                        "term_p50": r.p50_ms,
+                        "term_p99": r.p99_ms,
+                        "term_requests": r.requests,
+                    }
+
+                alternate(
+                    f"terminate: wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
+                    args.rounds,
+                    lambda f: wrk_terminate(wrk, term_port[f], args.warmup, args, f),
+                    term,
+                    lambda v, cpu: {"term_cpu_us": cpu * 1e6 / max(v["term_requests"], 1)},
+                    pids,
+                    samples,
+                )
             if "hs" in only:
                 before: dict[str, float] = {}
 
@@ -486,13 +650,25 @@ def main() -> int:
                 def hs(f: str) -> Sample:
                     conns, wall = handshakes(term_port[f], args.duration, args.hs_clients, cafile)
                     return {"hs": conns / wall, "hs_conns": conns, "hs_wall": wall}
-                alternate(f"handshakes: {args.hs_clients} x openssl s_time -new -time {args.duration}",
-                          args.rounds, lambda f: handshakes(term_port[f], args.warmup, args.hs_clients, cafile),
-                          hs, lambda v, cpu: {"hs_cpu_ms": cpu * 1000 / max(v["hs_conns"], 1)},
-                          pids, samples, before_rounds=snapshot)
+
+                alternate(
+                    f"handshakes: {args.hs_clients} x openssl s_time -new -time {args.duration}",
+                    args.rounds,
+                    lambda f: handshakes(term_port[f], args.warmup, args.hs_clients, cafile),
+                    hs,
+                    lambda v, cpu: {"hs_cpu_ms": cpu * 1000 / max(v["hs_conns"], 1)},
+                    pids,
+                    samples,
+                    before_rounds=snapshot,
+                )
                 time.sleep(1)  # let the last connections end and be counted
-                notes.append(handshake_note(before, edge_handshakes(ports["edge_admin"]),
-                                            sum(samples["meshcar"]["hs_conns"])))
+                notes.append(
+                    handshake_note(
+                        before,
+                        edge_handshakes(ports["edge_admin"]),
+                        sum(samples["meshcar"]["hs_conns"]),
+                    )
+                )
             if "pass" in only and args.access_logs:
                 time.sleep(1.5)  # meshcar flushes its access log every second
                 notes.append(passthrough_note(work))
@@ -500,8 +676,13 @@ def main() -> int:
             if dead:
                 raise DemoStartupError(f"exited during the run: {', '.join(dead)}")
             ok = True
-    except (DemoStartupError, subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError,
-            httpx.HTTPError) as exc:
+    except (
+        DemoStartupError,
+        subprocess.CalledProcessError,
+        subprocess.TimeoutExpired,
+        ValueError,
+        httpx.HTTPError,
+    ) as exc:
         print(f"bench: failed: {exc}", file=sys.stderr)
     finally:
         if args.keep or not ok:

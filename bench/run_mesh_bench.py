@@ -93,7 +93,9 @@ def say(msg: str) -> None:
 
 
 def ensure_tools() -> tuple[str, str]:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
     wrk = shutil.which("wrk")
     if nginx and wrk:
         return nginx, wrk
@@ -134,13 +136,25 @@ def nginx_pki(d: Path) -> None:
     root, root_key = make_ca("bench mesh root")
     (d / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
     for name in ("a", "b"):
-        cert, key = make_leaf(root, root_key, f"{name}.mesh", dns_names=(f"{name}.mesh",),
-                              uris=(f"spiffe://{TRUST_DOMAIN}/svc/{name}",),
-                              server=True, client=True, days=2)
+        cert, key = make_leaf(
+            root,
+            root_key,
+            f"{name}.mesh",
+            dns_names=(f"{name}.mesh",),
+            uris=(f"spiffe://{TRUST_DOMAIN}/svc/{name}",),
+            server=True,
+            client=True,
+            days=2,
+        )
         (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_private(d / f"{name}.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        write_private(
+            d / f"{name}.key",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
 
 
 def render_nginx(template: str, prefix: Path, values: dict[str, str]) -> Path:
@@ -171,30 +185,53 @@ def run_meshcar_cmd(*args: str) -> str:
     return r.stdout
 
 
-def meshcar_specs(work: Path, app_port: int, access_logs: bool
-                  ) -> tuple[ProcSpec, list[ProcSpec], dict[str, int]]:
+def meshcar_specs(
+    work: Path, app_port: int, access_logs: bool
+) -> tuple[ProcSpec, list[ProcSpec], dict[str, int]]:
     ca_port, a_in, a_out, a_admin, b_in, b_admin = free_ports(6)
     ca_dir = work / "ca"
     run_meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
-    ca = ProcSpec("meshcar-ca", meshcar_argv("ca", "serve", "--dir", str(ca_dir),
-                                             "--listen", f"127.0.0.1:{ca_port}"),
-                  Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"))
+    ca = ProcSpec(
+        "meshcar-ca",
+        meshcar_argv("ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ca_port}"),
+        Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"),
+    )
     ids = {n: f"spiffe://{TRUST_DOMAIN}/svc/{n}" for n in ("a", "b")}
     sidecars = []
     for name, inbound, admin, allow, upstreams, out in (
-        ("a", a_in, a_admin, [], {"b": {"endpoints": [f"127.0.0.1:{b_in}"], "spiffe_id": ids["b"]}},
-         a_out),
+        (
+            "a",
+            a_in,
+            a_admin,
+            [],
+            {"b": {"endpoints": [f"127.0.0.1:{b_in}"], "spiffe_id": ids["b"]}},
+            a_out,
+        ),
         ("b", b_in, b_admin, [ids["a"]], {}, None),
     ):
         d = work / f"sidecar-{name}"
         d.mkdir(mode=0o700)
-        token = run_meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", ids[name],
-                                "--ttl", "1h", "--uses", "1").strip()
+        token = run_meshcar_cmd(
+            "ca",
+            "token",
+            "--dir",
+            str(ca_dir),
+            "--spiffe-id",
+            ids[name],
+            "--ttl",
+            "1h",
+            "--uses",
+            "1",
+        ).strip()
         write_private(d / "join.token", token.encode() + b"\n")
         cfg: dict[str, object] = {
-            "identity": {"spiffe_id": ids[name], "ca_url": f"https://127.0.0.1:{ca_port}",
-                         "ca_bundle": str(ca_dir / "root.pem"),
-                         "token_file": str(d / "join.token"), "state_dir": str(d / "state")},
+            "identity": {
+                "spiffe_id": ids[name],
+                "ca_url": f"https://127.0.0.1:{ca_port}",
+                "ca_bundle": str(ca_dir / "root.pem"),
+                "token_file": str(d / "join.token"),
+                "state_dir": str(d / "state"),
+            },
             "app": {"host": "127.0.0.1", "port": app_port},
             "inbound": {"listen": f"127.0.0.1:{inbound}", "allow": allow},
             "admin": {"listen": f"127.0.0.1:{admin}"},
@@ -203,9 +240,13 @@ def meshcar_specs(work: Path, app_port: int, access_logs: bool
         if out is not None:
             cfg["outbound"] = {"listen": f"127.0.0.1:{out}", "upstreams": upstreams}
         (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        sidecars.append(ProcSpec(f"meshcar-sidecar-{name}",
-                                 meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
-                                 Probe(f"http://127.0.0.1:{admin}/ready")))
+        sidecars.append(
+            ProcSpec(
+                f"meshcar-sidecar-{name}",
+                meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
+                Probe(f"http://127.0.0.1:{admin}/ready"),
+            )
+        )
     return ca, sidecars, {"out": a_out, "in": b_in, "a_admin": a_admin, "b_admin": b_admin}
 
 
@@ -229,8 +270,9 @@ def refuses_without_client_cert(port: int, cafile: Path) -> None:
             status = c.get(f"https://127.0.0.1:{port}/").status_code
     except httpx.HTTPError as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            raise DemoStartupError(f"inbound 127.0.0.1:{port}: its certificate does not verify "
-                                   f"against {cafile}: {exc}") from exc
+            raise DemoStartupError(
+                f"inbound 127.0.0.1:{port}: its certificate does not verify against {cafile}: {exc}"
+            ) from exc
         return  # refused during or right after the handshake, as it should be
     if status == 200:
         raise DemoStartupError(f"inbound 127.0.0.1:{port} served a client without a certificate")
@@ -255,32 +297,49 @@ def parse_wrk(name: str, out: str) -> WrkResult:
         errors.append(m.group(0).strip())
     if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
         errors.append(f"{m.group(1)} non-2xx/3xx responses")
-    return WrkResult(name, float(rps.group(1)), latency("50"), latency("99"),
-                     int(total.group(1)), "; ".join(errors), out)
+    return WrkResult(
+        name,
+        float(rps.group(1)),
+        latency("50"),
+        latency("99"),
+        int(total.group(1)),
+        "; ".join(errors),
+        out,
+    )
 
 
-def run_wrk(wrk: str, name: str, url: str, host: str | None, args: argparse.Namespace,
-            pids: list[int]) -> WrkResult:
+def run_wrk(
+    wrk: str, name: str, url: str, host: str | None, args: argparse.Namespace, pids: list[int]
+) -> WrkResult:
     base = [wrk, f"-t{args.threads}", f"-c{args.connections}"]
     hdr = ["-H", f"Host: {host}"] if host else []
     subprocess.run(base + [f"-d{args.warmup}s", *hdr, url], capture_output=True, check=True)
     say(f"{name}: wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency")
     cpu0 = cpu_seconds(pids)
-    out = subprocess.run(base + [f"-d{args.duration}s", "--latency", *hdr, url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        base + [f"-d{args.duration}s", "--latency", *hdr, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cpu = cpu_seconds(pids) - cpu0
     r = parse_wrk(name, out)
     return replace(r, cpu_us_per_req=cpu * 1e6 / max(r.requests, 1))
 
 
-def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: int,
-                  args: argparse.Namespace) -> WrkResult:
+def measure_nginx(
+    sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: int, args: argparse.Namespace
+) -> WrkResult:
     certs = work / "nginx-certs"
     nginx_pki(certs)
     out_port, in_port = free_ports(2)
     log_line = "access_log @@PREFIX@@/access.log mesh;" if args.access_logs else "access_log off;"
-    values = {"APP_PORT": str(app_port), "IN_PORT": str(in_port), "OUT_PORT": str(out_port),
-              "CERTS": str(certs)}
+    values = {
+        "APP_PORT": str(app_port),
+        "IN_PORT": str(in_port),
+        "OUT_PORT": str(out_port),
+        "CERTS": str(certs),
+    }
     specs = []
     for role in ("inbound", "outbound"):
         prefix = work / f"nginx-{role}"
@@ -288,8 +347,9 @@ def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: i
         conf = render_nginx(f"{role}.conf", prefix, text_values)
         # The outbound probe goes through the inbound nginx to the app: it covers both.
         probe_port = out_port if role == "outbound" else app_port
-        specs.append(nginx_spec(nginx, f"nginx-{role}", conf,
-                                Probe(f"http://127.0.0.1:{probe_port}/")))
+        specs.append(
+            nginx_spec(nginx, f"nginx-{role}", conf, Probe(f"http://127.0.0.1:{probe_port}/"))
+        )
     children = [sup.start(s, work / "logs" / f"{s.name}.log") for s in specs]
     sup.wait_ready(children, timeout=30)
     url = f"http://127.0.0.1:{out_port}/"
@@ -298,8 +358,9 @@ def measure_nginx(sup: Supervisor, nginx: str, wrk: str, work: Path, app_port: i
     return run_wrk(wrk, "nginx", url, None, args, [c.proc.pid for c in children])
 
 
-def measure_meshcar(sup: Supervisor, wrk: str, work: Path, app_port: int,
-                    args: argparse.Namespace) -> WrkResult:
+def measure_meshcar(
+    sup: Supervisor, wrk: str, work: Path, app_port: int, args: argparse.Namespace
+) -> WrkResult:
     ca, sidecars, ports = meshcar_specs(work / "meshcar", app_port, args.access_logs)
     out_port, in_port = ports["out"], ports["in"]
     sup.wait_ready([sup.start(ca, work / "logs" / f"{ca.name}.log")], timeout=30)
@@ -327,10 +388,12 @@ def pooling_summary(a_admin: int, b_admin: int) -> str:
     with httpx.Client(trust_env=False, timeout=10) as c:
         a = c.get(f"http://127.0.0.1:{a_admin}/metrics").text
         b = c.get(f"http://127.0.0.1:{b_admin}/metrics").text
-    return (f"{metric_sum(a, 'meshcar_requests_total', direction='outbound'):.0f} outbound "
-            f"requests over {metric_sum(a, 'meshcar_upstream_connections_total'):.0f} mesh "
-            f"connections; {metric_sum(b, 'meshcar_tls_handshakes_total', direction='inbound'):.0f}"
-            f" inbound handshakes at b (including warm-up and checks)")
+    return (
+        f"{metric_sum(a, 'meshcar_requests_total', direction='outbound'):.0f} outbound "
+        f"requests over {metric_sum(a, 'meshcar_upstream_connections_total'):.0f} mesh "
+        f"connections; {metric_sum(b, 'meshcar_tls_handshakes_total', direction='inbound'):.0f}"
+        f" inbound handshakes at b (including warm-up and checks)"
+    )
 
 
 def report(results: dict[str, list[WrkResult | str]], args: argparse.Namespace) -> str:
@@ -351,24 +414,35 @@ def report(results: dict[str, list[WrkResult | str]], args: argparse.Namespace) 
             continue
         for i, r in enumerate(rs):
             if isinstance(r, WrkResult):
-                lines.append(f"{name:<10}{i:>6}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}"
-                             f"{r.cpu_us_per_req:>12.0f}  {r.errors or 'none'}")
+                lines.append(
+                    f"{name:<10}{i:>6}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}"
+                    f"{r.cpu_us_per_req:>12.0f}  {r.errors or 'none'}"
+                )
             else:
                 lines.append(f"{name:<10}{i:>6}{'FAILED':>12}  {r}")
         good = [r for r in rs if isinstance(r, WrkResult)]
         if good:
-            med = tuple(statistics.median(getattr(r, f) for r in good)
-                        for f in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req"))
+            med = tuple(
+                statistics.median(getattr(r, f) for r in good)
+                for f in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")
+            )
             medians[name] = med  # type: ignore[assignment]
-            lines.append(f"{name:<10}{'med':>6}{med[0]:>12.0f}{med[1]:>10.2f}{med[2]:>10.2f}{med[3]:>12.0f}")
+            lines.append(
+                f"{name:<10}{'med':>6}{med[0]:>12.0f}{med[1]:>10.2f}{med[2]:>10.2f}{med[3]:>12.0f}"
+            )
     lines.append("")
     m, n = medians.get("meshcar"), medians.get("nginx")
     if m and n:
-        per_round = [a.rps / b.rps for a, b in zip(results["meshcar"], results["nginx"], strict=False)
-                     if isinstance(a, WrkResult) and isinstance(b, WrkResult)]
-        lines.append(f"ratio meshcar/nginx (medians): requests/s {m[0] / n[0]:.2f}x, "
-                     f"CPU per request {m[3] / n[3]:.2f}x, p50 latency {m[1] / n[1]:.2f}x, "
-                     f"p99 latency {m[2] / n[2]:.2f}x")
+        per_round = [
+            a.rps / b.rps
+            for a, b in zip(results["meshcar"], results["nginx"], strict=False)
+            if isinstance(a, WrkResult) and isinstance(b, WrkResult)
+        ]
+        lines.append(
+            f"ratio meshcar/nginx (medians): requests/s {m[0] / n[0]:.2f}x, "
+            f"CPU per request {m[3] / n[3]:.2f}x, p50 latency {m[1] / n[1]:.2f}x, "
+            f"p99 latency {m[2] / n[2]:.2f}x"
+        )
         lines.append("requests/s ratio per round: " + ", ".join(f"{x:.2f}x" for x in per_round))
     else:
         why = "only one pair was run" if args.only != "both" else "a half failed"
@@ -385,8 +459,12 @@ def main() -> int:
     p.add_argument("--only", choices=("both", "nginx", "meshcar"), default="both")
     p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="measure each pair this many times, alternating which goes first; medians")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each pair this many times, alternating which goes first; medians",
+    )
     args = p.parse_args()
 
     nginx, wrk = ensure_tools()
@@ -398,8 +476,10 @@ def main() -> int:
         with Supervisor() as sup:
             (app_port,) = free_ports(1)
             app_conf = render_nginx("app.conf", work / "nginx-app", {"APP_PORT": str(app_port)})
-            app = sup.start(nginx_spec(nginx, "app", app_conf, Probe(f"http://127.0.0.1:{app_port}/")),
-                            work / "logs" / "app.log")
+            app = sup.start(
+                nginx_spec(nginx, "app", app_conf, Probe(f"http://127.0.0.1:{app_port}/")),
+                work / "logs" / "app.log",
+            )
             sup.wait_ready([app], timeout=30)
             order = [("nginx", "meshcar"), ("meshcar", "nginx")]
             for name in (n for rnd in range(args.rounds) for n in order[rnd % 2]):
@@ -413,8 +493,12 @@ def main() -> int:
                         r: WrkResult | str = measure_nginx(sup, nginx, wrk, rnd_dir, app_port, args)
                     else:
                         r = measure_meshcar(sup, wrk, rnd_dir, app_port, args)
-                except (DemoStartupError, subprocess.CalledProcessError, ValueError,
-                        httpx.HTTPError) as exc:
+                except (
+                    DemoStartupError,
+                    subprocess.CalledProcessError,
+                    ValueError,
+                    httpx.HTTPError,
+                ) as exc:
                     r = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     print(f"bench: {name} failed:\n{exc}", file=sys.stderr)
                 results.setdefault(name, []).append(r)
@@ -429,16 +513,20 @@ def main() -> int:
                         child.proc.wait()
     finally:
         wanted = ("nginx", "meshcar") if args.only == "both" else (args.only,)
-        ok = all(results.get(n) and all(isinstance(r, WrkResult) and not r.errors for r in results[n])
-                 for n in wanted)
+        ok = all(
+            results.get(n) and all(isinstance(r, WrkResult) and not r.errors for r in results[n])
+            for n in wanted
+        )
         if args.keep or not ok:
             say(f"work directory kept (logs, configs): {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(report(results, args))
-    print(f"load average (1/5/15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
-          f"end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"load average (1/5/15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
+        f"end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     return 0 if ok else 1
 
 

@@ -25,9 +25,14 @@ from tests.e2e.test_sidecar_e2e import _sidecar_cfg, init_pair_dir, sid  # noqa:
 def rss(pid: int) -> str:
     """VmRSS (anonymous + file-backed, i.e. shared libraries) and the thread count."""
     st = Path(f"/proc/{pid}/status").read_text()
-    f = {k: re.search(rf"{k}:\s+(\d+)", st).group(1) for k in ("VmRSS", "RssAnon", "RssFile", "Threads")}  # type: ignore[union-attr]
-    return (f"{int(f['VmRSS']) / 1024:.1f} MB (anon {int(f['RssAnon']) / 1024:.1f}, "
-            f"file {int(f['RssFile']) / 1024:.1f}; {f['Threads']} threads)")
+    f = {
+        k: re.search(rf"{k}:\s+(\d+)", st).group(1)
+        for k in ("VmRSS", "RssAnon", "RssFile", "Threads")
+    }  # type: ignore[union-attr]
+    return (
+        f"{int(f['VmRSS']) / 1024:.1f} MB (anon {int(f['RssAnon']) / 1024:.1f}, "
+        f"file {int(f['RssFile']) / 1024:.1f}; {f['Threads']} threads)"
+    )
 
 
 def load(port: int, n: int) -> int:
@@ -52,23 +57,39 @@ def main() -> int:
         ports = init_pair_dir(d)
         procs = Procs(d)
         try:
-            procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-            procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"),
-                            name="ca")
+            procs.start(
+                "ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
+            )
+            procs.wait_http(
+                f"https://127.0.0.1:{ports['ca']}/healthz",
+                verify=str(d / "ca" / "root.pem"),
+                name="ca",
+            )
             api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-            web_cfg = _sidecar_cfg(d, "web", ports, [], {
-                "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})
+            web_cfg = _sidecar_cfg(
+                d,
+                "web",
+                ports,
+                [],
+                {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+            )
             procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
-            side = {"api": procs.start("api-sidecar", "sidecar", "--config", str(api_cfg)),
-                    "web": procs.start("web-sidecar", "sidecar", "--config", str(web_cfg))}
+            side = {
+                "api": procs.start("api-sidecar", "sidecar", "--config", str(api_cfg)),
+                "web": procs.start("web-sidecar", "sidecar", "--config", str(web_cfg)),
+            }
             for n in side:
-                procs.wait_http(f"http://127.0.0.1:{ports[f'{n}_admin']}/ready", name=f"{n}-sidecar")
+                procs.wait_http(
+                    f"http://127.0.0.1:{ports[f'{n}_admin']}/ready", name=f"{n}-sidecar"
+                )
             for n, pr in side.items():
                 print(f"{n} sidecar idle (ready): {rss(pr.pid)}")
             per = args.requests // args.clients
             oks: list[int] = []
-            ts = [threading.Thread(target=lambda: oks.append(load(ports["web_out"], per)))
-                  for _ in range(args.clients)]
+            ts = [
+                threading.Thread(target=lambda: oks.append(load(ports["web_out"], per)))
+                for _ in range(args.clients)
+            ]
             for t in ts:
                 t.start()
             for t in ts:

@@ -80,7 +80,12 @@ def _error_response(exc: CAError) -> Response:
     return Response(resp.status, resp.body, resp.content_type, extra, resp.log)
 
 
-ROUTES: dict[str, str] = {"/healthz": "GET", "/metrics": "GET", "/v1/bundle": "GET", "/v1/sign": "POST"}
+ROUTES: dict[str, str] = {
+    "/healthz": "GET",
+    "/metrics": "GET",
+    "/v1/bundle": "GET",
+    "/v1/sign": "POST",
+}
 
 
 class _CloseConnection(Exception):
@@ -135,19 +140,27 @@ class CAServer:
         return ctx if isinstance(ctx, ssl.SSLContext) else ctx()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on host:port until cancelled; `nursery.start` returns the bound listeners."""
         await trio.serve_tcp(self.handle_tcp, port, host=host, task_status=task_status)
 
     async def serve_listeners(
-        self, listeners: list[trio.SocketListener], *, handler_nursery: trio.Nursery | None = None,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        handler_nursery: trio.Nursery | None = None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve on already-bound listeners until cancelled (connections in `handler_nursery`
         if given, so cancelling this closes the listeners but not accepted connections)."""
-        await trio.serve_listeners(self.handle_tcp, listeners, handler_nursery=handler_nursery,
-                                   task_status=task_status)
+        await trio.serve_listeners(
+            self.handle_tcp, listeners, handler_nursery=handler_nursery, task_status=task_status
+        )
 
     async def handle_tcp(self, tcp: trio.SocketStream) -> None:
         """One connection, start to end. Never raises (except cancellation)."""
@@ -156,16 +169,27 @@ class CAServer:
             # before any TLS work: a flood of connections costs the CA a file descriptor
             # each, not a handshake, and the clients already connected are served
             self.refused_connections += 1
-            self.log({"event": "ca.connection_refused", "peer": peer,
-                      "max_connections": self.limits.max_connections})
+            self.log(
+                {
+                    "event": "ca.connection_refused",
+                    "peer": peer,
+                    "max_connections": self.limits.max_connections,
+                }
+            )
             await trio.aclose_forcefully(tcp)
             return
         self.open_connections += 1
         try:
             await self._connection(tcp, peer)
         except Exception as exc:  # a bug must cost one connection, never the server
-            self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
-                      "traceback": _frames(exc)})
+            self.log(
+                {
+                    "event": "ca.internal_error",
+                    "peer": peer,
+                    "error": type(exc).__name__,
+                    "traceback": _frames(exc),
+                }
+            )
             self.internal_errors += 1
         finally:
             self.open_connections -= 1
@@ -202,14 +226,24 @@ class CAServer:
             return None
         self.auth_throttle.refused += 1
         response = _json_response(
-            429, {"error": "rate_limited", "message": "too many failed "
-                  f"authentications from {source}; retry in {wait} s"},
-            error="rate_limited")
+            429,
+            {
+                "error": "rate_limited",
+                "message": f"too many failed authentications from {source}; retry in {wait} s",
+            },
+            error="rate_limited",
+        )
         return Response(429, response.body, JSON, (("Retry-After", str(wait)),), response.log)
 
     async def _respond(
-        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, event: h11.Request,
-        method: str, path: str, peer: str, peer_der: bytes | None,
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        event: h11.Request,
+        method: str,
+        path: str,
+        peer: str,
+        peer_der: bytes | None,
     ) -> tuple[Response, bool]:
         """The response to one request and whether the connection may stay open; protocol
         errors and timeouts propagate to `_one_request`."""
@@ -223,16 +257,33 @@ class CAServer:
             if exc.status in (401, 403) and peer_der is None:
                 self.auth_throttle.failed(peer.rsplit(":", 1)[0])
             return _error_response(exc), not isinstance(exc, TooLarge)
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except (
+            h11.RemoteProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             raise
         except Exception as exc:  # a bug: answer 500 to this request, keep serving others
-            self.log({"event": "ca.internal_error", "peer": peer, "error": type(exc).__name__,
-                      "traceback": _frames(exc)})
+            self.log(
+                {
+                    "event": "ca.internal_error",
+                    "peer": peer,
+                    "error": type(exc).__name__,
+                    "traceback": _frames(exc),
+                }
+            )
             self.internal_errors += 1
-            return _json_response(500, {"error": "internal", "message": "internal error"}, error="internal"), False
+            return _json_response(
+                500, {"error": "internal", "message": "internal error"}, error="internal"
+            ), False
 
     async def _one_request(
-        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, peer: str, peer_der: bytes | None
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        peer: str,
+        peer_der: bytes | None,
     ) -> bool:
         """Serve one request; return True to keep the connection for another."""
         keep = True
@@ -248,12 +299,16 @@ class CAServer:
             method = event.method.decode("ascii", "replace")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")[:200]
             with trio.fail_after(self.limits.request_timeout), self._counted():
-                response, keep = await self._respond(stream, conn, event, method, path, peer, peer_der)
+                response, keep = await self._respond(
+                    stream, conn, event, method, path, peer, peer_der
+                )
                 await self._send(stream, conn, response, close=not keep, head=method == "HEAD")
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             code = "too_large" if status in (413, 431) else "bad_request"
-            response = _json_response(status, {"error": code, "message": f"malformed HTTP request: {exc}"}, error=code)
+            response = _json_response(
+                status, {"error": code, "message": f"malformed HTTP request: {exc}"}, error=code
+            )
             keep = False
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 with trio.move_on_after(self.limits.request_timeout):
@@ -262,11 +317,22 @@ class CAServer:
             response = Response(408, b"", log={"error": "timeout"})
             keep = False
         self.log(
-            {"event": "ca.request", "peer": peer, "method": method, "path": path,
-             "status": response.status, "duration_ms": round((trio.current_time() - start) * 1000, 1),
-             **response.log}
+            {
+                "event": "ca.request",
+                "peer": peer,
+                "method": method,
+                "path": path,
+                "status": response.status,
+                "duration_ms": round((trio.current_time() - start) * 1000, 1),
+                **response.log,
+            }
         )
-        return keep and not self.draining and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        return (
+            keep
+            and not self.draining
+            and conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+        )
 
     async def _read_body(
         self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, request: h11.Request
@@ -289,7 +355,9 @@ class CAServer:
             else:  # ConnectionClosed mid-body
                 raise trio.BrokenResourceError("client went away mid-body")
 
-    async def _dispatch(self, method: str, path: str, body: bytes, peer_der: bytes | None) -> Response:
+    async def _dispatch(
+        self, method: str, path: str, body: bytes, peer_der: bytes | None
+    ) -> Response:
         allowed = ROUTES.get(path)
         if allowed is None:
             raise NotFound(f"no such endpoint: {path}")
@@ -299,21 +367,29 @@ class CAServer:
             return _json_response(200, {"status": "ok"})
         if path == "/metrics":  # read-only, unauthenticated (ca/metrics.py)
             body = await trio.to_thread.run_sync(
-                lambda: metrics.render(self.service.issuer, utcnow(), self.internal_errors,
-                                       self.refused_connections))
+                lambda: metrics.render(
+                    self.service.issuer, utcnow(), self.internal_errors, self.refused_connections
+                )
+            )
             return Response(200, body, "text/plain; version=0.0.4")
         if path == "/v1/bundle":
             bundle = self.service.issuer.bundle()
             return Response(
-                200, bundle.pem.encode(), "application/x-pem-file",
+                200,
+                bundle.pem.encode(),
+                "application/x-pem-file",
                 (("X-Meshcar-Bundle-Version", str(bundle.version)),),
                 {"bundle_version": bundle.version},
             )
         req = parse_sign_request(body)
         result = await trio.to_thread.run_sync(self.service.sign, req, peer_der)
         return _json_response(
-            200, result.response, spiffe_id=result.identity.spiffe_id, auth=result.identity.method,
-            serial=result.issued.serial_hex, not_after=result.response["not_after"],
+            200,
+            result.response,
+            spiffe_id=result.identity.spiffe_id,
+            auth=result.identity.method,
+            serial=result.issued.serial_hex,
+            not_after=result.response["not_after"],
         )
 
     async def _send(
@@ -332,7 +408,9 @@ class CAServer:
         ]
         if close:
             headers.append(("Connection", "close"))
-        reason = HTTPStatus(response.status).phrase.encode() if response.status in _STATUSES else b""
+        reason = (
+            HTTPStatus(response.status).phrase.encode() if response.status in _STATUSES else b""
+        )
         data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
         if response.body and not head:
             data += conn.send(h11.Data(data=response.body))

@@ -150,8 +150,10 @@ class Authenticator:
             return Identity(self._k8s(creds.k8s_token), "k8s_token")
         if creds.peer_cert_der is not None:
             spiffe_id = check_renewal_certificate(
-                creds.peer_cert_der, self.issuer.issuing_certificates(),
-                self.issuer.trust_domain, now,
+                creds.peer_cert_der,
+                self.issuer.issuing_certificates(),
+                self.issuer.trust_domain,
+                now,
             )
             serial = format(x509.load_der_x509_certificate(creds.peer_cert_der).serial_number, "x")
             return Identity(spiffe_id, "renewal", serial)
@@ -162,7 +164,9 @@ class Authenticator:
 
     def _k8s(self, token: str) -> str:
         if self.k8s_verifier is None:
-            raise Unauthenticated("Kubernetes token authentication is not configured", code="bad_k8s_token")
+            raise Unauthenticated(
+                "Kubernetes token authentication is not configured", code="bad_k8s_token"
+            )
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid Kubernetes token", code="bad_k8s_token")
         try:

@@ -42,76 +42,157 @@ def _parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create a root, an intermediate and the API certificate")
     init.add_argument("--dir", required=True, type=Path, help="CA directory (created 0700)")
-    init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. meshcar.demo")
+    init.add_argument(
+        "--trust-domain", required=True, help="SPIFFE trust domain, e.g. meshcar.demo"
+    )
     init.add_argument("--max-ttl", default="24h", help="maximum SVID lifetime (default 24h)")
     init.add_argument("--force", action="store_true", help="replace an existing CA in --dir")
 
     serve = sub.add_parser("serve", help="serve the HTTPS API")
     serve.add_argument("--dir", required=True, type=Path)
     serve.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks a free port)")
-    serve.add_argument("--drain-seconds", type=float, default=10.0, metavar="S",
-                       help="on SIGTERM/SIGINT, how long requests in flight may finish (default 10)")
-    serve.add_argument("--san", action="append", default=[], metavar="NAME",
-                       help="extra DNS name or IP for the API certificate (repeatable)")
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, how long requests in flight may finish (default 10)",
+    )
+    serve.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra DNS name or IP for the API certificate (repeatable)",
+    )
     k8s = serve.add_argument_group("Kubernetes projected service-account tokens (k8s_token)")
-    k8s.add_argument("--k8s-issuer", metavar="URL", help="the cluster's service-account issuer (enables k8s_token)")
-    k8s.add_argument("--k8s-audience", default="meshcar-ca", help="required audience (default meshcar-ca)")
-    k8s.add_argument("--k8s-jwks", type=Path, metavar="FILE", help="JWKS file (kubectl get --raw /openid/v1/jwks)")
-    k8s.add_argument("--k8s-discovery-url", "--k8s-discovery", dest="k8s_discovery", metavar="URL",
-                     help="fetch the JWKS at start by OIDC discovery from URL (https://kubernetes.default.svc)")
-    k8s.add_argument("--k8s-discovery-ca", metavar="FILE",
-                     help=f"CA file for discovery (default: {IN_CLUSTER_CA} if it exists)")
-    k8s.add_argument("--k8s-discovery-token-file", type=Path, metavar="FILE",
-                     help=f"bearer token file for discovery (default: {IN_CLUSTER_TOKEN} if it exists)")
+    k8s.add_argument(
+        "--k8s-issuer",
+        metavar="URL",
+        help="the cluster's service-account issuer (enables k8s_token)",
+    )
+    k8s.add_argument(
+        "--k8s-audience", default="meshcar-ca", help="required audience (default meshcar-ca)"
+    )
+    k8s.add_argument(
+        "--k8s-jwks",
+        type=Path,
+        metavar="FILE",
+        help="JWKS file (kubectl get --raw /openid/v1/jwks)",
+    )
+    k8s.add_argument(
+        "--k8s-discovery-url",
+        "--k8s-discovery",
+        dest="k8s_discovery",
+        metavar="URL",
+        help="fetch the JWKS at start by OIDC discovery from URL (https://kubernetes.default.svc)",
+    )
+    k8s.add_argument(
+        "--k8s-discovery-ca",
+        metavar="FILE",
+        help=f"CA file for discovery (default: {IN_CLUSTER_CA} if it exists)",
+    )
+    k8s.add_argument(
+        "--k8s-discovery-token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"bearer token file for discovery (default: {IN_CLUSTER_TOKEN} if it exists)",
+    )
 
     backend = serve.add_argument_group("issuing backend")
-    backend.add_argument("--backend", choices=("builtin", "vault"), default="builtin",
-                         help="builtin: sign with the intermediate in --dir (default); vault: Vault/OpenBao PKI")
-    backend.add_argument("--vault-addr", metavar="URL", help="Vault/OpenBao address, e.g. https://vault:8200")
-    backend.add_argument("--vault-mount", default="pki_int", help="PKI mount that signs (default pki_int)")
-    backend.add_argument("--vault-role", metavar="ROLE",
-                         help="PKI role to sign with; {path} becomes the SPIFFE ID path with - for /")
-    backend.add_argument("--vault-token-file", type=Path, metavar="FILE", help="Vault token (development)")
+    backend.add_argument(
+        "--backend",
+        choices=("builtin", "vault"),
+        default="builtin",
+        help="builtin: sign with the intermediate in --dir (default); vault: Vault/OpenBao PKI",
+    )
+    backend.add_argument(
+        "--vault-addr", metavar="URL", help="Vault/OpenBao address, e.g. https://vault:8200"
+    )
+    backend.add_argument(
+        "--vault-mount", default="pki_int", help="PKI mount that signs (default pki_int)"
+    )
+    backend.add_argument(
+        "--vault-role",
+        metavar="ROLE",
+        help="PKI role to sign with; {path} becomes the SPIFFE ID path with - for /",
+    )
+    backend.add_argument(
+        "--vault-token-file", type=Path, metavar="FILE", help="Vault token (development)"
+    )
     backend.add_argument("--vault-approle-role-id-file", type=Path, metavar="FILE")
     backend.add_argument("--vault-approle-secret-id-file", type=Path, metavar="FILE")
     backend.add_argument("--vault-approle-mount", default="approle")
-    backend.add_argument("--vault-ca-cert", type=Path, metavar="FILE", help="CA file for Vault's own TLS certificate")
-    backend.add_argument("--vault-refresh", default="60s", help="how often to re-read Vault's CA chain (default 60s)")
+    backend.add_argument(
+        "--vault-ca-cert", type=Path, metavar="FILE", help="CA file for Vault's own TLS certificate"
+    )
+    backend.add_argument(
+        "--vault-refresh", default="60s", help="how often to re-read Vault's CA chain (default 60s)"
+    )
 
-    rotate = sub.add_parser("rotate-root", help="advance a trust-root rotation by one stage (docs/ROTATION.md)")
+    rotate = sub.add_parser(
+        "rotate-root", help="advance a trust-root rotation by one stage (docs/ROTATION.md)"
+    )
     rotate.add_argument("--dir", required=True, type=Path)
-    rotate.add_argument("--force", action="store_true",
-                        help="switch issuing (stage 2) even if some workloads have not reported the new bundle")
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="switch issuing (stage 2) even if some workloads have not reported the new bundle",
+    )
 
-    renew = sub.add_parser("renew-intermediate",
-                           help="issue a new intermediate from the same root (no bundle change; docs/ROTATION.md)")
+    renew = sub.add_parser(
+        "renew-intermediate",
+        help="issue a new intermediate from the same root (no bundle change; docs/ROTATION.md)",
+    )
     renew.add_argument("--dir", required=True, type=Path)
 
     status = sub.add_parser("status", help="print the CA's rotation state as JSON")
     status.add_argument("--dir", required=True, type=Path)
 
-    vs = sub.add_parser("vault-setup", help="configure PKI mounts, roles and AppRoles on a fresh Vault/OpenBao")
+    vs = sub.add_parser(
+        "vault-setup", help="configure PKI mounts, roles and AppRoles on a fresh Vault/OpenBao"
+    )
     vs.add_argument("--addr", required=True, metavar="URL")
-    vs.add_argument("--token-file", type=Path, metavar="FILE",
-                    help="admin token file (default: $VAULT_TOKEN or $BAO_TOKEN, or --token)")
+    vs.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="admin token file (default: $VAULT_TOKEN or $BAO_TOKEN, or --token)",
+    )
     vs.add_argument("--token", help=argparse.SUPPRESS)  # development only: visible in ps
     vs.add_argument("--trust-domain", required=True)
-    vs.add_argument("--out", required=True, type=Path, help="directory for vault-root.pem and AppRole files")
+    vs.add_argument(
+        "--out", required=True, type=Path, help="directory for vault-root.pem and AppRole files"
+    )
     vs.add_argument("--root-mount", default="pki")
     vs.add_argument("--int-mount", default="pki_int")
     vs.add_argument("--role", default="meshcar-workloads")
-    vs.add_argument("--allowed-uri", action="append", default=[], metavar="PATTERN",
-                    help="URI SAN pattern the role allows (default spiffe://TD/svc/*; repeatable)")
-    vs.add_argument("--workload", action="append", default=[], metavar="PATH",
-                    help="also a role, policy and AppRole allowing only spiffe://TD/PATH (repeatable)")
+    vs.add_argument(
+        "--allowed-uri",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="URI SAN pattern the role allows (default spiffe://TD/svc/*; repeatable)",
+    )
+    vs.add_argument(
+        "--workload",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also a role, policy and AppRole allowing only spiffe://TD/PATH (repeatable)",
+    )
     vs.add_argument("--max-ttl", default="24h")
-    vs.add_argument("--ca-cert", type=Path, metavar="FILE", help="CA file for Vault's TLS certificate")
+    vs.add_argument(
+        "--ca-cert", type=Path, metavar="FILE", help="CA file for Vault's TLS certificate"
+    )
 
     token = sub.add_parser("token", help="mint a join token bound to one SPIFFE ID")
     token.add_argument("--dir", required=True, type=Path)
     token.add_argument("--spiffe-id", required=True)
     token.add_argument("--ttl", default="24h", help="token lifetime (default 24h)")
-    token.add_argument("--uses", default=1, type=int, help="how many certificates it may obtain (default 1)")
+    token.add_argument(
+        "--uses", default=1, type=int, help="how many certificates it may obtain (default 1)"
+    )
     return p
 
 
@@ -135,17 +216,26 @@ def main(argv: list[str]) -> int:
         print(f"meshcar ca {args.command}: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"meshcar ca {args.command}: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"meshcar ca {args.command}: {exc.filename or ''}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _init(args: argparse.Namespace) -> int:
     max_ttl = parse_duration(args.max_ttl)
     paths = files.create_ca(args.dir, args.trust_domain, max_ttl, utcnow(), force=args.force)
-    json_log({
-        "event": "ca.init", "dir": str(paths.dir), "trust_domain": args.trust_domain,
-        "max_ttl_seconds": max_ttl, "root": str(paths.root_pem), "bundle": str(paths.bundle_pem),
-    })
+    json_log(
+        {
+            "event": "ca.init",
+            "dir": str(paths.dir),
+            "trust_domain": args.trust_domain,
+            "max_ttl_seconds": max_ttl,
+            "root": str(paths.root_pem),
+            "bundle": str(paths.bundle_pem),
+        }
+    )
     return 0
 
 
@@ -154,7 +244,9 @@ def _token(args: argparse.Namespace) -> int:
     if args.uses < 1:
         raise ConfigError("--uses must be at least 1")
     paths, config = files.open_ca(args.dir)
-    token = mint_token(Store(paths.db), config.trust_domain, args.spiffe_id, ttl, args.uses, int(time.time()))
+    token = mint_token(
+        Store(paths.db), config.trust_domain, args.spiffe_id, ttl, args.uses, int(time.time())
+    )
     print(token)
     return 0
 
@@ -175,20 +267,27 @@ def load_k8s_verifier(args: argparse.Namespace, trust_domain: str) -> K8sVerifie
             raise ConfigError("--k8s-jwks/--k8s-discovery-url need --k8s-issuer")
         return None
     if bool(args.k8s_jwks) == bool(args.k8s_discovery):
-        raise ConfigError("--k8s-issuer needs exactly one of --k8s-jwks FILE or --k8s-discovery-url URL")
+        raise ConfigError(
+            "--k8s-issuer needs exactly one of --k8s-jwks FILE or --k8s-discovery-url URL"
+        )
     from .k8s_token import K8sTokenError, fetch_jwks, load_jwks_file
 
     try:
         if args.k8s_jwks:
             jwks = load_jwks_file(str(args.k8s_jwks))
         else:
-            ca_file = args.k8s_discovery_ca or (IN_CLUSTER_CA if Path(IN_CLUSTER_CA).is_file() else None)
+            ca_file = args.k8s_discovery_ca or (
+                IN_CLUSTER_CA if Path(IN_CLUSTER_CA).is_file() else None
+            )
             token_file = args.k8s_discovery_token_file or (
                 Path(IN_CLUSTER_TOKEN) if Path(IN_CLUSTER_TOKEN).is_file() else None
             )
             bearer = token_file.read_text().strip() if token_file else None
             jwks = fetch_jwks(
-                args.k8s_discovery, expected_issuer=args.k8s_issuer, ca_file=ca_file, bearer_token=bearer,
+                args.k8s_discovery,
+                expected_issuer=args.k8s_issuer,
+                ca_file=ca_file,
+                bearer_token=bearer,
             )
     except K8sTokenError as exc:
         raise ConfigError(exc.reason) from None
@@ -236,17 +335,25 @@ def _vault_setup(args: argparse.Namespace) -> int:
     if not token:
         raise ConfigError("no admin token: use --token-file FILE or set VAULT_TOKEN")
     parse_duration(args.max_ttl)
-    client = hvac.Client(url=args.addr, token=token, verify=str(args.ca_cert) if args.ca_cert else True)
+    client = hvac.Client(
+        url=args.addr, token=token, verify=str(args.ca_cert) if args.ca_cert else True
+    )
     layout = VaultLayout(
-        trust_domain=args.trust_domain, root_mount=args.root_mount, int_mount=args.int_mount,
-        role=args.role, allowed_uris=tuple(args.allowed_uri), workloads=tuple(args.workload),
+        trust_domain=args.trust_domain,
+        root_mount=args.root_mount,
+        int_mount=args.int_mount,
+        role=args.role,
+        allowed_uris=tuple(args.allowed_uri),
+        workloads=tuple(args.workload),
         max_ttl=args.max_ttl,
     )
     try:
         json_log(setup(client, layout, args.out))
     except (hvac.exceptions.VaultError, requests.RequestException) as exc:
         errors = getattr(exc, "errors", None)
-        raise ConfigError(f"Vault at {args.addr}: {'; '.join(map(str, errors)) if errors else type(exc).__name__}") from None
+        raise ConfigError(
+            f"Vault at {args.addr}: {'; '.join(map(str, errors)) if errors else type(exc).__name__}"
+        ) from None
     return 0
 
 
@@ -256,12 +363,18 @@ def _vault_issuer(args: argparse.Namespace, config: files.CAConfig) -> Issuer:
     if not args.vault_addr:
         raise ConfigError("--backend vault needs --vault-addr")
     settings = VaultSettings(
-        addr=args.vault_addr, role=args.vault_role or "", mount=args.vault_mount,
-        token_file=args.vault_token_file, approle_role_id_file=args.vault_approle_role_id_file,
-        approle_secret_id_file=args.vault_approle_secret_id_file, approle_mount=args.vault_approle_mount,
+        addr=args.vault_addr,
+        role=args.vault_role or "",
+        mount=args.vault_mount,
+        token_file=args.vault_token_file,
+        approle_role_id_file=args.vault_approle_role_id_file,
+        approle_secret_id_file=args.vault_approle_secret_id_file,
+        approle_mount=args.vault_approle_mount,
         ca_cert=args.vault_ca_cert,
     )
-    vault = VaultIssuer(settings, config.trust_domain, config.max_ttl_seconds, config.bundle_version)
+    vault = VaultIssuer(
+        settings, config.trust_domain, config.max_ttl_seconds, config.bundle_version
+    )
     vault.login()
     vault.refresh()
     return vault
@@ -307,8 +420,13 @@ async def _drain(server: CAServer, grace: float, scope: trio.CancelScope) -> Non
     scope.cancel()
 
 
-async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, object] | None = None,
-               drain_seconds: float = 10.0) -> None:
+async def _run(
+    server: CAServer,
+    host: str,
+    port: int,
+    refresh: tuple[float, object] | None = None,
+    drain_seconds: float = 10.0,
+) -> None:
     """Serve until a signal: the first closes the listener and lets requests in flight finish
     (up to `drain_seconds`), a second stops at once (the same contract as meshcar/net/shell.py,
     which this package cannot import)."""
@@ -323,9 +441,13 @@ async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, obj
             accepting = trio.CancelScope()
             name = ""
 
-            async def serve(task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serve(
+                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
                 with accepting:
-                    await server.serve_listeners(listeners, handler_nursery=nursery, task_status=task_status)
+                    await server.serve_listeners(
+                        listeners, handler_nursery=nursery, task_status=task_status
+                    )
 
             bound = await nursery.start(serve)
             addr = bound[0].socket.getsockname()
@@ -335,8 +457,14 @@ async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, obj
                 name = signal.Signals(signum).name
                 if not server.draining:
                     server.draining = True
-                    json_log({"event": "ca.draining", "signal": name, "in_flight": server.in_flight,
-                              "grace_seconds": drain_seconds})
+                    json_log(
+                        {
+                            "event": "ca.draining",
+                            "signal": name,
+                            "in_flight": server.in_flight,
+                            "grace_seconds": drain_seconds,
+                        }
+                    )
                     accepting.cancel()
                     nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope)
                 else:
@@ -344,5 +472,3 @@ async def _run(server: CAServer, host: str, port: int, refresh: tuple[float, obj
                     nursery.cancel_scope.cancel()
                     break
     json_log({"event": "ca.stopped", "signal": name})
-
-

@@ -26,8 +26,15 @@ from .store import Store
 
 DEFAULT_MAX_TTL_SECONDS = 24 * 3600
 CA_FILES = (
-    "root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem",
-    "server.pem", "server.key", "ca.db", "config.json",
+    "root.pem",
+    "root.key",
+    "intermediate.pem",
+    "intermediate.key",
+    "bundle.pem",
+    "server.pem",
+    "server.key",
+    "ca.db",
+    "config.json",
 )
 # present only while a root rotation is under way (docs/ROTATION.md)
 NEXT_FILES = ("next-root.pem", "next-root.key", "next-intermediate.pem", "next-intermediate.key")
@@ -115,9 +122,11 @@ class Rotation:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "stage": self.stage, "started_at": self.started_at,
+            "stage": self.stage,
+            "started_at": self.started_at,
             "target_bundle_version": self.target_bundle_version,
-            "switched_at": self.switched_at, "forced": self.forced,
+            "switched_at": self.switched_at,
+            "forced": self.forced,
         }
 
     @classmethod
@@ -245,13 +254,19 @@ def open_ca(directory: Path) -> tuple[CAPaths, CAConfig]:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{paths.config}: invalid ({exc})") from exc
-    missing = [n for n in CA_FILES if n not in ("server.pem", "server.key") and not (paths.dir / n).exists()]
+    missing = [
+        n
+        for n in CA_FILES
+        if n not in ("server.pem", "server.key") and not (paths.dir / n).exists()
+    ]
     if missing:
         raise ConfigError(f"{paths.dir}: missing {', '.join(missing)}")
     if config.rotation is not None:
         absent = [n for n in NEXT_FILES if not (paths.dir / n).exists()]
         if absent:
-            raise ConfigError(f"{paths.dir}: a root rotation is under way but {', '.join(absent)} is missing")
+            raise ConfigError(
+                f"{paths.dir}: a root rotation is under way but {', '.join(absent)} is missing"
+            )
     return paths, config
 
 

@@ -111,7 +111,9 @@ class BuiltinIssuer:
             if prev.not_valid_after_utc > clock():
                 accepted = (*accepted, prev)
         key = files.load_key(current[1])
-        if key.public_key() != current[0].public_key():  # a half-written change: keep the old issuer
+        if (
+            key.public_key() != current[0].public_key()
+        ):  # a half-written change: keep the old issuer
             raise ValueError(f"{current[1]} does not match its certificate")
         return cls(
             trust_domain=config.trust_domain,
@@ -135,7 +137,9 @@ class BuiltinIssuer:
         validity = pki.svid_validity(
             self.clock(), ttl_seconds, self.max_ttl_seconds, self.intermediate.not_valid_after_utc
         )
-        cert = pki.build_svid(public_key, spiffe_id, validity, self.intermediate, self.intermediate_key)
+        cert = pki.build_svid(
+            public_key, spiffe_id, validity, self.intermediate, self.intermediate_key
+        )
         return IssuedCert(
             spiffe_id=spiffe_id,
             serial=cert.serial_number,

@@ -116,8 +116,15 @@ def _identity(claims: dict[str, Any]) -> tuple[str, str]:
     return ns, name
 
 
-def verify_projected_token(token: str, *, jwks: dict[str, Any], issuer: str, audience: str,
-                           trust_domain: str, now: float | None = None) -> str:
+def verify_projected_token(
+    token: str,
+    *,
+    jwks: dict[str, Any],
+    issuer: str,
+    audience: str,
+    trust_domain: str,
+    now: float | None = None,
+) -> str:
     """Verify a projected service-account JWT; return `spiffe://TD/ns/NS/sa/SA`."""
     if not _TD_RE.match(trust_domain):
         raise ValueError(f"invalid trust domain {trust_domain!r}")
@@ -128,9 +135,17 @@ def verify_projected_token(token: str, *, jwks: dict[str, Any], issuer: str, aud
     key, alg = _key_for(token, jwks)
     try:
         claims = jwt.decode(
-            token, key=key, algorithms=[alg], audience=audience, issuer=issuer,
-            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
-                     "require": ["iss", "aud", "exp", "sub"]},
+            token,
+            key=key,
+            algorithms=[alg],
+            audience=audience,
+            issuer=issuer,
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "require": ["iss", "aud", "exp", "sub"],
+            },
         )
     except jwt.InvalidSignatureError:
         raise K8sTokenError("bad signature") from None
@@ -165,8 +180,14 @@ def load_jwks_file(path: str) -> dict[str, Any]:
     return _check_jwks(doc, path)
 
 
-def fetch_jwks(discovery_base: str, *, expected_issuer: str, ca_file: str | None = None,
-               bearer_token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+def fetch_jwks(
+    discovery_base: str,
+    *,
+    expected_issuer: str,
+    ca_file: str | None = None,
+    bearer_token: str | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
     """Fetch the JWKS through OIDC discovery: `{discovery_base}/.well-known/openid-configuration`
     -> `jwks_uri`. In-cluster, `discovery_base` is `https://kubernetes.default.svc`, `ca_file`
     the service-account `ca.crt` (None: the system trust store) and `bearer_token` the CA pod's own token (the
@@ -175,14 +196,18 @@ def fetch_jwks(discovery_base: str, *, expected_issuer: str, ca_file: str | None
     headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
     url = discovery_base.rstrip("/") + "/.well-known/openid-configuration"
     try:
-        with httpx.Client(verify=verify, timeout=timeout, headers=headers, follow_redirects=False) as client:
+        with httpx.Client(
+            verify=verify, timeout=timeout, headers=headers, follow_redirects=False
+        ) as client:
             resp = client.get(url)
             resp.raise_for_status()
             discovery = resp.json()
             if not isinstance(discovery, dict):
                 raise K8sTokenError(f"{url}: not a discovery document")
             if discovery.get("issuer") != expected_issuer:
-                raise K8sTokenError(f"{url}: issuer {discovery.get('issuer')!r} is not {expected_issuer!r}")
+                raise K8sTokenError(
+                    f"{url}: issuer {discovery.get('issuer')!r} is not {expected_issuer!r}"
+                )
             jwks_uri = discovery.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
                 raise K8sTokenError(f"{url}: jwks_uri missing or not https")

@@ -27,14 +27,20 @@ def _cert_lines(cert: x509.Certificate, what: str, now: datetime) -> tuple[str, 
     labels = f'cert="{what}",serial="{format(cert.serial_number, "x")}"'
     left = (cert.not_valid_after_utc - now).total_seconds()
     warn = 1 if expiry_warnings(cert, now, what) else 0
-    return (f"meshcar_ca_cert_expiry_seconds{{{labels}}} {left:.0f}",
-            f"meshcar_ca_cert_expiring{{{labels}}} {warn}")
+    return (
+        f"meshcar_ca_cert_expiry_seconds{{{labels}}} {left:.0f}",
+        f"meshcar_ca_cert_expiring{{{labels}}} {warn}",
+    )
 
 
-def render(issuer: Issuer, now: datetime, internal_errors: int, refused_connections: int = 0) -> bytes:
+def render(
+    issuer: Issuer, now: datetime, internal_errors: int, refused_connections: int = 0
+) -> bytes:
     issuing = issuer.issuing_certificates()
     bundle = issuer.bundle()
-    certs = [(c, "intermediate" if i == 0 else "accepted_intermediate") for i, c in enumerate(issuing)]
+    certs = [
+        (c, "intermediate" if i == 0 else "accepted_intermediate") for i, c in enumerate(issuing)
+    ]
     certs += [(c, "root") for c in x509.load_pem_x509_certificates(bundle.pem.encode())]
     pairs = [_cert_lines(c, what, now) for c, what in certs]
     lines = [

@@ -59,9 +59,15 @@ def _ca_builder(
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -80,7 +86,8 @@ def build_root(
     """Self-signed root CA: 10 years, CA:true pathlen 1, keyCertSign + cRLSign. `label`
     (e.g. " v2" for a rotated root) keeps successive roots' names distinct."""
     name = _name(
-        (NameOID.ORGANIZATION_NAME, "meshcar"), (NameOID.COMMON_NAME, f"meshcar root CA {trust_domain}{label}")
+        (NameOID.ORGANIZATION_NAME, "meshcar"),
+        (NameOID.COMMON_NAME, f"meshcar root CA {trust_domain}{label}"),
     )
     builder = _ca_builder(name, name, key.public_key(), now - BACKDATE, now + ROOT_LIFETIME, 1)
     return builder.sign(key, hashes.SHA256())
@@ -106,10 +113,9 @@ def build_intermediate(
         (NameOID.COMMON_NAME, f"meshcar intermediate CA {trust_domain}{label}"),
     )
     not_after = min(now + lifetime, root_cert.not_valid_after_utc)
-    builder = (
-        _ca_builder(name, root_cert.subject, public_key, now - BACKDATE, not_after, 0)
-        .add_extension(_aki(root_cert), critical=False)
-    )
+    builder = _ca_builder(
+        name, root_cert.subject, public_key, now - BACKDATE, not_after, 0
+    ).add_extension(_aki(root_cert), critical=False)
     return builder.sign(root_key, hashes.SHA256())
 
 
@@ -134,9 +140,15 @@ def _leaf_builder(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -162,8 +174,12 @@ def build_server_cert(
             sans.append(x509.DNSName(n))
     not_after = min(now + SERVER_LIFETIME, issuer_cert.not_valid_after_utc)
     builder = (
-        _leaf_builder(public_key, x509.random_serial_number(), now - BACKDATE, not_after, issuer_cert, True)
-        .subject_name(_name((NameOID.ORGANIZATION_NAME, "meshcar"), (NameOID.COMMON_NAME, "meshcar CA API")))
+        _leaf_builder(
+            public_key, x509.random_serial_number(), now - BACKDATE, not_after, issuer_cert, True
+        )
+        .subject_name(
+            _name((NameOID.ORGANIZATION_NAME, "meshcar"), (NameOID.COMMON_NAME, "meshcar CA API"))
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
     )
     return builder.sign(issuer_key, hashes.SHA256())
@@ -199,8 +215,12 @@ def build_svid(
     """An X509-SVID for `spiffe_id` (which the caller has already authorised)."""
     builder = (
         _leaf_builder(
-            public_key, serial or x509.random_serial_number(), validity.not_before,
-            validity.not_after, issuer_cert, False,
+            public_key,
+            serial or x509.random_serial_number(),
+            validity.not_before,
+            validity.not_after,
+            issuer_cert,
+            False,
         )
         .subject_name(_name((NameOID.ORGANIZATION_NAME, "meshcar")))
         .add_extension(

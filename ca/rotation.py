@@ -51,13 +51,20 @@ def _cert_info(cert: x509.Certificate) -> dict[str, Any]:
 
 
 def _record_info(rec: CertificateRecord) -> dict[str, Any]:
-    return {"spiffe_id": rec.spiffe_id, "serial": rec.serial, "not_after": rec.not_after,
-            "reported_bundle_version": rec.client_bundle_version}
+    return {
+        "spiffe_id": rec.spiffe_id,
+        "serial": rec.serial,
+        "not_after": rec.not_after,
+        "reported_bundle_version": rec.client_bundle_version,
+    }
 
 
 def _not_reported(store: Store, target: int, now: datetime) -> list[CertificateRecord]:
-    return [r for r in store.active(rfc3339(now))
-            if r.client_bundle_version is None or r.client_bundle_version < target]
+    return [
+        r
+        for r in store.active(rfc3339(now))
+        if r.client_bundle_version is None or r.client_bundle_version < target
+    ]
 
 
 def _old_certificates(store: Store, new_issuer_id: str, now: datetime) -> list[CertificateRecord]:
@@ -69,16 +76,24 @@ INTERMEDIATE_WARN_FRACTION = 0.25  # warn once less than this share of its lifet
 INTERMEDIATE_WARN_MIN = timedelta(days=30)
 
 
-def expiry_warnings(cert: x509.Certificate, now: datetime, what: str,
-                    action: str = "rotate with `meshcar ca rotate-root`") -> list[str]:
+def expiry_warnings(
+    cert: x509.Certificate,
+    now: datetime,
+    what: str,
+    action: str = "rotate with `meshcar ca rotate-root`",
+) -> list[str]:
     """Warnings for a CA certificate nearing its end (leaves get clamped to it, then fail)."""
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     left = cert.not_valid_after_utc - now
     if left <= timedelta(0):
-        return [f"{what} expired at {rfc3339(cert.not_valid_after_utc)}: no certificate can be issued"]
+        return [
+            f"{what} expired at {rfc3339(cert.not_valid_after_utc)}: no certificate can be issued"
+        ]
     if left < max(life * INTERMEDIATE_WARN_FRACTION, min(INTERMEDIATE_WARN_MIN, life / 2)):
-        return [f"{what} expires at {rfc3339(cert.not_valid_after_utc)} (in {left.days} d "
-                f"{left.seconds // 3600} h); leaves are clamped to it: {action} before then"]
+        return [
+            f"{what} expires at {rfc3339(cert.not_valid_after_utc)} (in {left.days} d "
+            f"{left.seconds // 3600} h); leaves are clamped to it: {action} before then"
+        ]
     return []
 
 
@@ -95,17 +110,29 @@ def status(directory: Path, now: datetime) -> dict[str, Any]:
         "state": STAGE_NAMES[stage],
         "bundle_version": config.bundle_version,
         "roots": [_cert_info(c) for c in roots],
-        "warnings": expiry_warnings(current, now, "the issuing intermediate",
-                                    "renew it with `meshcar ca renew-intermediate` (same root, same bundle)"
-                                    if rot is None else "finish the root rotation")
-        + [w for c in roots for w in expiry_warnings(c, now, f"root {format(c.serial_number, 'x')}")],
+        "warnings": expiry_warnings(
+            current,
+            now,
+            "the issuing intermediate",
+            "renew it with `meshcar ca renew-intermediate` (same root, same bundle)"
+            if rot is None
+            else "finish the root rotation",
+        )
+        + [
+            w
+            for c in roots
+            for w in expiry_warnings(c, now, f"root {format(c.serial_number, 'x')}")
+        ],
     }
     if paths.previous_intermediate_pem.exists():
         out["previous_intermediate"] = _cert_info(files.load_cert(paths.previous_intermediate_pem))
     if rot is None:
         out["issuing_intermediate"] = _cert_info(current)
-        out["next"] = {"action": "rotate-root: create a new root and add it to the bundle (stage 1)",
-                       "ready": True, "blocking": []}
+        out["next"] = {
+            "action": "rotate-root: create a new root and add it to the bundle (stage 1)",
+            "ready": True,
+            "blocking": [],
+        }
         return out
     following = files.load_cert(paths.next_intermediate_pem)
     out["rotation"] = rot.to_dict()
@@ -117,9 +144,12 @@ def status(directory: Path, now: datetime) -> dict[str, Any]:
             "action": "rotate-root: issue from the new intermediate (stage 2)",
             "ready": not waiting,
             "blocking": [_record_info(r) for r in waiting],
-            "reason": (f"{len(waiting)} active certificate(s) issued to workloads that have not reported"
-                       f" bundle version {rot.target_bundle_version}" if waiting else
-                       "every active workload holds the new root"),
+            "reason": (
+                f"{len(waiting)} active certificate(s) issued to workloads that have not reported"
+                f" bundle version {rot.target_bundle_version}"
+                if waiting
+                else "every active workload holds the new root"
+            ),
         }
     else:
         out["issuing_intermediate"] = _cert_info(following)
@@ -130,8 +160,11 @@ def status(directory: Path, now: datetime) -> dict[str, Any]:
             "ready": not old,
             "blocking": [_record_info(r) for r in old],
             "old_root_certificates_valid_until": last,
-            "reason": (f"{len(old)} certificate(s) chained to the old root still valid until {last}"
-                       if old else "every certificate chained to the old root has expired"),
+            "reason": (
+                f"{len(old)} certificate(s) chained to the old root still valid until {last}"
+                if old
+                else "every certificate chained to the old root has expired"
+            ),
         }
     return out
 
@@ -156,8 +189,13 @@ def advance(directory: Path, now: datetime, force: bool = False) -> dict[str, An
             )
         new = replace(rot, stage=2, switched_at=int(now.timestamp()), forced=bool(waiting))
         files.write_file(paths.config, replace(config, rotation=new).to_json(), 0o644)
-        return {"event": "ca.rotate_root", "stage": 2, "state": STAGE_NAMES[2],
-                "forced": bool(waiting), "not_reported": len(waiting)}
+        return {
+            "event": "ca.rotate_root",
+            "stage": 2,
+            "state": STAGE_NAMES[2],
+            "forced": bool(waiting),
+            "not_reported": len(waiting),
+        }
     following = files.load_cert(paths.next_intermediate_pem)
     old = _old_certificates(store, key_id(following), now)
     if old:
@@ -175,7 +213,9 @@ def _start(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict[
     root_key = pki.new_key()
     root = pki.build_root(root_key, config.trust_domain, now, label=label)
     inter_key = pki.new_key()
-    inter = pki.build_intermediate(inter_key.public_key(), config.trust_domain, root, root_key, now, label=label)
+    inter = pki.build_intermediate(
+        inter_key.public_key(), config.trust_domain, root, root_key, now, label=label
+    )
     old_roots = files.load_certs(paths.bundle_pem)
     files.write_file(paths.next_root_key, pki.key_pem(root_key), 0o600)
     files.write_file(paths.next_root_pem, pki.cert_pem(root), 0o644)
@@ -183,9 +223,16 @@ def _start(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict[
     files.write_file(paths.next_intermediate_pem, pki.cert_pem(inter), 0o644)
     files.write_file(paths.bundle_pem, pki.cert_pem(*old_roots, root), 0o644)
     rot = files.Rotation(stage=1, started_at=int(now.timestamp()), target_bundle_version=version)
-    files.write_file(paths.config, replace(config, bundle_version=version, rotation=rot).to_json(), 0o644)
-    return {"event": "ca.rotate_root", "stage": 1, "state": STAGE_NAMES[1], "bundle_version": version,
-            "new_root": _cert_info(root)}
+    files.write_file(
+        paths.config, replace(config, bundle_version=version, rotation=rot).to_json(), 0o644
+    )
+    return {
+        "event": "ca.rotate_root",
+        "stage": 1,
+        "state": STAGE_NAMES[1],
+        "bundle_version": version,
+        "new_root": _cert_info(root),
+    }
 
 
 def _finish(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict[str, Any]:
@@ -197,8 +244,18 @@ def _finish(paths: files.CAPaths, config: files.CAConfig, now: datetime) -> dict
     files.write_file(paths.intermediate_pem, paths.next_intermediate_pem.read_bytes(), 0o644)
     files.write_file(paths.bundle_pem, pki.cert_pem(root), 0o644)
     version = config.bundle_version + 1
-    files.write_file(paths.config, replace(config, bundle_version=version, rotation=None).to_json(), 0o644)
-    for name in (*files.NEXT_FILES, paths.previous_intermediate_pem.name):  # chained to the old root
+    files.write_file(
+        paths.config, replace(config, bundle_version=version, rotation=None).to_json(), 0o644
+    )
+    for name in (
+        *files.NEXT_FILES,
+        paths.previous_intermediate_pem.name,
+    ):  # chained to the old root
         (paths.dir / name).unlink(missing_ok=True)
-    return {"event": "ca.rotate_root", "stage": 3, "state": STAGE_NAMES[0], "bundle_version": version,
-            "root": _cert_info(root)}
+    return {
+        "event": "ca.rotate_root",
+        "stage": 3,
+        "state": STAGE_NAMES[0],
+        "bundle_version": version,
+        "root": _cert_info(root),
+    }

@@ -108,7 +108,9 @@ class Store:
     def _connection(self) -> sqlite3.Connection:
         """The shared connection; call with `_lock` held."""
         if self._db is None:
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
             try:  # write-ahead log: a commit is one append + fsync, not a journal file made and unlinked
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = FULL")  # every commit durable before it returns
@@ -144,7 +146,9 @@ class Store:
         except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, unreadable
             raise Unavailable(f"the CA database is unavailable ({exc})") from exc
 
-    def add_token(self, token_sha256: str, spiffe_id: str, created_at: int, expires_at: int, uses: int) -> None:
+    def add_token(
+        self, token_sha256: str, spiffe_id: str, created_at: int, expires_at: int, uses: int
+    ) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO tokens (token_sha256, spiffe_id, created_at, expires_at, uses_left)"
@@ -195,9 +199,20 @@ class Store:
                         db.executemany(
                             "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, issued_at,"
                             " auth, client_bundle_version, issuer, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [(r.serial, r.spiffe_id, r.not_before, r.not_after, r.issued_at,
-                              r.auth, r.client_bundle_version, r.issuer, r.renewed_from)
-                             for r in (p.record for p in batch)],
+                            [
+                                (
+                                    r.serial,
+                                    r.spiffe_id,
+                                    r.not_before,
+                                    r.not_after,
+                                    r.issued_at,
+                                    r.auth,
+                                    r.client_bundle_version,
+                                    r.issuer,
+                                    r.renewed_from,
+                                )
+                                for r in (p.record for p in batch)
+                            ],
                         )
                 except Exception as exc:
                     for p in batch:
@@ -217,7 +232,8 @@ class Store:
         compare like the times they name)."""
         with self._transaction() as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM certificates WHERE not_after > ? ORDER BY rowid", (now_rfc3339,)
+                f"SELECT {_COLUMNS} FROM certificates WHERE not_after > ? ORDER BY rowid",
+                (now_rfc3339,),
             ).fetchall()
         return [CertificateRecord(*r) for r in rows]
 
@@ -242,9 +258,7 @@ class _Pending:
     error: Exception | None = None
 
 
-_COLUMNS = (
-    "serial, spiffe_id, not_before, not_after, issued_at, auth, client_bundle_version, issuer, renewed_from"
-)
+_COLUMNS = "serial, spiffe_id, not_before, not_after, issued_at, auth, client_bundle_version, issuer, renewed_from"
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -255,4 +269,6 @@ def _migrate(db: sqlite3.Connection) -> None:
     for name, kind in _ADDED_COLUMNS:
         if name not in have:
             db.execute(f"ALTER TABLE certificates ADD COLUMN {name} {kind}")
-    db.execute("CREATE INDEX IF NOT EXISTS certificates_renewed_from ON certificates (renewed_from)")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS certificates_renewed_from ON certificates (renewed_from)"
+    )

@@ -18,8 +18,14 @@ from collections.abc import Callable
 
 
 class AuthThrottle:
-    def __init__(self, burst: float = 10.0, per_second: float = 1.0, *, max_sources: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        burst: float = 10.0,
+        per_second: float = 1.0,
+        *,
+        max_sources: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.burst = burst
         self.per_second = per_second
         self.max_sources = max_sources
@@ -49,5 +55,10 @@ class AuthThrottle:
 
     def _evict(self, now: float) -> None:
         full = [s for s in self._buckets if self._tokens(s, now) >= self.burst]
-        for s in full or sorted(self._buckets, key=lambda s: -self._tokens(s, now))[: len(self._buckets) // 10 + 1]:
+        for s in (
+            full
+            or sorted(self._buckets, key=lambda s: -self._tokens(s, now))[
+                : len(self._buckets) // 10 + 1
+            ]
+        ):
             del self._buckets[s]

@@ -49,8 +49,13 @@ def server_context(paths: CAPaths, extra_roots_pem: str | None = None) -> ssl.SS
 class ServerTLS:
     """The API's server context, rebuilt when the CA directory changes (see above)."""
 
-    def __init__(self, paths: CAPaths, sans: list[str], extra_roots: Callable[[], str] | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        paths: CAPaths,
+        sans: list[str],
+        extra_roots: Callable[[], str] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.paths = paths
         self.sans = list(sans)
         self.extra_roots = extra_roots

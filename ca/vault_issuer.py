@@ -55,8 +55,10 @@ class VaultSettings:
     def check(self) -> None:
         approle = (self.approle_role_id_file, self.approle_secret_id_file)
         if self.token_file is None and None in approle:
-            raise ConfigError("the vault backend needs --vault-token-file, or both"
-                              " --vault-approle-role-id-file and --vault-approle-secret-id-file")
+            raise ConfigError(
+                "the vault backend needs --vault-token-file, or both"
+                " --vault-approle-role-id-file and --vault-approle-secret-id-file"
+            )
         if self.token_file is not None and any(approle):
             raise ConfigError("give either --vault-token-file or the AppRole files, not both")
         if not self.role:
@@ -89,14 +91,21 @@ def _vault_message(exc: Exception) -> str:
 class VaultIssuer:
     """Issues X509-SVIDs through Vault/OpenBao PKI `sign/<role>` (see the module docstring)."""
 
-    def __init__(self, settings: VaultSettings, trust_domain: str, max_ttl_seconds: int,
-                 bundle_version: int = 1, client: hvac.Client | None = None) -> None:
+    def __init__(
+        self,
+        settings: VaultSettings,
+        trust_domain: str,
+        max_ttl_seconds: int,
+        bundle_version: int = 1,
+        client: hvac.Client | None = None,
+    ) -> None:
         settings.check()
         self.settings = settings
         self._trust_domain = trust_domain
         self.max_ttl_seconds = max_ttl_seconds
         self._client = client or hvac.Client(
-            url=settings.addr, timeout=settings.timeout,
+            url=settings.addr,
+            timeout=settings.timeout,
             verify=str(settings.ca_cert) if settings.ca_cert else True,
         )
         self._lock = threading.Lock()
@@ -130,7 +139,9 @@ class VaultIssuer:
                 mount_point=s.approle_mount,
             )
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
-            raise ConfigError(f"Vault AppRole login at {s.addr} failed: {_vault_message(exc)}") from None
+            raise ConfigError(
+                f"Vault AppRole login at {s.addr} failed: {_vault_message(exc)}"
+            ) from None
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
             raise Unavailable(f"Vault at {s.addr} is unreachable ({type(exc).__name__})") from None
 
@@ -141,7 +152,9 @@ class VaultIssuer:
             with self._lock:
                 text = self._client.secrets.pki.read_ca_certificate_chain(mount_point=s.mount)
         except (hvac.exceptions.VaultError, requests.RequestException) as exc:
-            raise Unavailable(f"cannot read {s.mount}/ca_chain from Vault ({type(exc).__name__})") from None
+            raise Unavailable(
+                f"cannot read {s.mount}/ca_chain from Vault ({type(exc).__name__})"
+            ) from None
         try:
             certs = x509.load_pem_x509_certificates(str(text).encode()) if text else []
         except ValueError:
@@ -155,7 +168,9 @@ class VaultIssuer:
             )
         pem = pki.cert_pem(*roots)
         with self._lock:
-            version = self._bundle.version + (1 if self._bundle.pem and self._bundle.pem != pem else 0)
+            version = self._bundle.version + (
+                1 if self._bundle.pem and self._bundle.pem != pem else 0
+            )
             self._bundle = Bundle(pem=pem, version=version)
             self._issuing = tuple(issuing)
             return self._bundle
@@ -175,16 +190,25 @@ class VaultIssuer:
         ttl = max(1, min(ttl, self.max_ttl_seconds))
         role = role_for(self.settings.role, spiffe_id)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
-        params = {"uri_sans": spiffe_id, "ttl": f"{ttl}s", "format": "pem", "exclude_cn_from_sans": True}
+        params = {
+            "uri_sans": spiffe_id,
+            "ttl": f"{ttl}s",
+            "format": "pem",
+            "exclude_cn_from_sans": True,
+        }
         data = self._sign(role, csr_pem, params, spiffe_id)
         try:
             leaf = x509.load_pem_x509_certificate(str(data["certificate"]).encode())
-            chain_certs = [x509.load_pem_x509_certificate(str(p).encode()) for p in data.get("ca_chain") or []]
+            chain_certs = [
+                x509.load_pem_x509_certificate(str(p).encode()) for p in data.get("ca_chain") or []
+            ]
         except (KeyError, TypeError, ValueError) as exc:
             raise Unavailable(f"Vault answered sign/{role} without a usable certificate") from exc
         # Vault is trusted, but check what it gave us before a workload depends on it
         if pki.uri_sans(leaf) != [spiffe_id]:
-            raise Unavailable(f"Vault issued a certificate for {pki.uri_sans(leaf)}, not [{spiffe_id!r}]")
+            raise Unavailable(
+                f"Vault issued a certificate for {pki.uri_sans(leaf)}, not [{spiffe_id!r}]"
+            )
         if leaf.public_key() != csr.public_key():
             raise UnsupportedKey("Vault issued a certificate for another key than the CSR's")
         intermediates = [c for c in chain_certs if c.issuer != c.subject]
@@ -199,13 +223,19 @@ class VaultIssuer:
             issuer_id=key_id(signer) if signer is not None else None,
         )
 
-    def _sign(self, role: str, csr_pem: str, params: dict[str, Any], spiffe_id: str) -> dict[str, Any]:
+    def _sign(
+        self, role: str, csr_pem: str, params: dict[str, Any], spiffe_id: str
+    ) -> dict[str, Any]:
         s = self.settings
         for attempt in (0, 1):
             try:
                 with self._lock:
                     resp = self._client.secrets.pki.sign_certificate(
-                        name=role, csr=csr_pem, common_name="", extra_params=dict(params), mount_point=s.mount,
+                        name=role,
+                        csr=csr_pem,
+                        common_name="",
+                        extra_params=dict(params),
+                        mount_point=s.mount,
                     )
                 data = resp["data"] if isinstance(resp, dict) else resp.json()["data"]
                 return dict(data)

@@ -81,17 +81,32 @@ def role_params(allowed_uris: list[str], max_ttl: str) -> dict[str, object]:
 
 
 def _policy(int_mount: str, roles: list[str]) -> str:
-    return "".join(f'path "{int_mount}/sign/{r}" {{\n  capabilities = ["create", "update"]\n}}\n' for r in roles)
+    return "".join(
+        f'path "{int_mount}/sign/{r}" {{\n  capabilities = ["create", "update"]\n}}\n'
+        for r in roles
+    )
 
 
-def _approle(client: hvac.Client, layout: VaultLayout, name: str, policy: str, out: Path) -> dict[str, str]:
+def _approle(
+    client: hvac.Client, layout: VaultLayout, name: str, policy: str, out: Path
+) -> dict[str, str]:
     client.auth.approle.create_or_update_approle(
-        role_name=name, token_policies=[policy], token_ttl="1h", token_max_ttl="4h",
+        role_name=name,
+        token_policies=[policy],
+        token_ttl="1h",
+        token_max_ttl="4h",
         mount_point=layout.approle_mount,
     )
-    role_id = client.auth.approle.read_role_id(role_name=name, mount_point=layout.approle_mount)["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id(role_name=name, mount_point=layout.approle_mount)["data"]["secret_id"]
-    files = {"role_id_file": str(out / f"{name}.role-id"), "secret_id_file": str(out / f"{name}.secret-id")}
+    role_id = client.auth.approle.read_role_id(role_name=name, mount_point=layout.approle_mount)[
+        "data"
+    ]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(
+        role_name=name, mount_point=layout.approle_mount
+    )["data"]["secret_id"]
+    files = {
+        "role_id_file": str(out / f"{name}.role-id"),
+        "secret_id_file": str(out / f"{name}.secret-id"),
+    }
     write_file(Path(files["role_id_file"]), role_id + "\n", 0o600)
     write_file(Path(files["secret_id_file"]), secret_id + "\n", 0o600)
     return files
@@ -109,49 +124,79 @@ def setup(client: hvac.Client, layout: VaultLayout, out: Path) -> dict[str, obje
     mounted = set(mounts.get("data", mounts))
     for m in (layout.root_mount, layout.int_mount):
         if f"{m}/" in mounted:
-            raise ConfigError(f"Vault already has a secrets engine at {m}/: vault-setup configures a fresh Vault")
+            raise ConfigError(
+                f"Vault already has a secrets engine at {m}/: vault-setup configures a fresh Vault"
+            )
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)
 
     pki = client.secrets.pki
-    client.sys.enable_secrets_engine("pki", path=layout.root_mount, config={"max_lease_ttl": "87600h"})
+    client.sys.enable_secrets_engine(
+        "pki", path=layout.root_mount, config={"max_lease_ttl": "87600h"}
+    )
     root = pki.generate_root(
-        "internal", f"meshcar vault root CA {td}", mount_point=layout.root_mount,
-        extra_params={"key_type": "ec", "key_bits": 256, "ttl": "87600h", "organization": "meshcar"},
+        "internal",
+        f"meshcar vault root CA {td}",
+        mount_point=layout.root_mount,
+        extra_params={
+            "key_type": "ec",
+            "key_bits": 256,
+            "ttl": "87600h",
+            "organization": "meshcar",
+        },
     )["data"]["certificate"]
-    client.sys.enable_secrets_engine("pki", path=layout.int_mount, config={"max_lease_ttl": "8760h"})
+    client.sys.enable_secrets_engine(
+        "pki", path=layout.int_mount, config={"max_lease_ttl": "8760h"}
+    )
     csr = pki.generate_intermediate(
-        "internal", f"meshcar vault intermediate CA {td}", mount_point=layout.int_mount,
+        "internal",
+        f"meshcar vault intermediate CA {td}",
+        mount_point=layout.int_mount,
         extra_params={"key_type": "ec", "key_bits": 256, "organization": "meshcar"},
     )["data"]["csr"]
     inter = pki.sign_intermediate(
-        csr, f"meshcar vault intermediate CA {td}", mount_point=layout.root_mount,
+        csr,
+        f"meshcar vault intermediate CA {td}",
+        mount_point=layout.root_mount,
         extra_params={"ttl": "8760h", "format": "pem", "max_path_length": 0},
     )["data"]["certificate"]
-    pki.set_signed_intermediate(inter.strip() + "\n" + root.strip() + "\n", mount_point=layout.int_mount)
+    pki.set_signed_intermediate(
+        inter.strip() + "\n" + root.strip() + "\n", mount_point=layout.int_mount
+    )
 
     roles = [layout.role]
-    pki.create_or_update_role(layout.role, extra_params=role_params(allowed, layout.max_ttl),
-                              mount_point=layout.int_mount)
+    pki.create_or_update_role(
+        layout.role, extra_params=role_params(allowed, layout.max_ttl), mount_point=layout.int_mount
+    )
     auths = client.sys.list_auth_methods()
     if f"{layout.approle_mount}/" not in set(auths.get("data", auths)):
         client.sys.enable_auth_method("approle", path=layout.approle_mount)
     approles: dict[str, dict[str, str]] = {}
     for path in layout.workloads:
         name = workload_role(path)
-        pki.create_or_update_role(name, extra_params=role_params([f"spiffe://{td}/{path.strip('/')}"], layout.max_ttl),
-                                  mount_point=layout.int_mount)
+        pki.create_or_update_role(
+            name,
+            extra_params=role_params([f"spiffe://{td}/{path.strip('/')}"], layout.max_ttl),
+            mount_point=layout.int_mount,
+        )
         client.sys.create_or_update_policy(name, _policy(layout.int_mount, [name]))
         approles[name] = _approle(client, layout, name, name, out)
         roles.append(name)
     client.sys.create_or_update_policy(layout.ca_approle, _policy(layout.int_mount, roles))
-    approles[layout.ca_approle] = _approle(client, layout, layout.ca_approle, layout.ca_approle, out)
+    approles[layout.ca_approle] = _approle(
+        client, layout, layout.ca_approle, layout.ca_approle, out
+    )
     root_file = out / "vault-root.pem"
     write_file(root_file, root.strip() + "\n", 0o644)
     return {
-        "event": "ca.vault_setup", "root_mount": layout.root_mount, "int_mount": layout.int_mount,
-        "roles": roles, "allowed_uri_sans": allowed, "policies": roles[1:] + [layout.ca_approle],
-        "approles": approles, "root": str(root_file),
+        "event": "ca.vault_setup",
+        "root_mount": layout.root_mount,
+        "int_mount": layout.int_mount,
+        "roles": roles,
+        "allowed_uri_sans": allowed,
+        "policies": roles[1:] + [layout.ca_approle],
+        "approles": approles,
+        "root": str(root_file),
     }
 
 

@@ -1,2 +1,3 @@
 """meshcar: a small, readable service mesh in Python."""
+
 __version__ = "0.1.0"

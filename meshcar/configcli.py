@@ -23,13 +23,14 @@ KINDS: dict[str, Section] = {"sidecar": SIDECAR, "edge": EDGE}
 
 def schema(kind: str) -> dict:
     """The JSON Schema (draft 2020-12) of the `kind` config."""
-    return document(KINDS[kind], f"meshcar {kind} configuration",
-                    f"urn:meshcar:config:{kind}")
+    return document(KINDS[kind], f"meshcar {kind} configuration", f"urn:meshcar:config:{kind}")
 
 
 def guess_kind(data: object) -> str:
     """An edge config has `routes` or `listen`; anything else is checked as a sidecar config."""
-    return "edge" if isinstance(data, dict) and ("routes" in data or "listen" in data) else "sidecar"
+    return (
+        "edge" if isinstance(data, dict) and ("routes" in data or "listen" in data) else "sidecar"
+    )
 
 
 def check(path: Path, kind: str | None = None) -> tuple[str, list[str]]:
@@ -56,8 +57,11 @@ def main(argv: list[str]) -> int:
     sp.add_argument("kind", choices=sorted(KINDS))
     cp = sub.add_parser("check", help="check config files; print every problem (exit 2 if any)")
     cp.add_argument("files", type=Path, nargs="+", metavar="FILE")
-    cp.add_argument("--kind", choices=sorted(KINDS),
-                    help="sidecar or edge (default: edge if the file has routes or listen)")
+    cp.add_argument(
+        "--kind",
+        choices=sorted(KINDS),
+        help="sidecar or edge (default: edge if the file has routes or listen)",
+    )
     args = parser.parse_args(argv)
     if args.cmd == "schema":
         print(json.dumps(schema(args.kind), indent=2))

@@ -55,7 +55,9 @@ async def supervise(cfg: SidecarConfig, cmd: list[str]) -> int:
 async def _forward_signals(proc: trio.Process, sidecar: Sidecar) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
-            log.info(json.dumps({"event": "run.forwarding_signal", "signal": signal.Signals(sig).name}))
+            log.info(
+                json.dumps({"event": "run.forwarding_signal", "signal": signal.Signals(sig).name})
+            )
             if proc.returncode is None:
                 proc.send_signal(sig)
             if sig != signal.SIGHUP:
@@ -66,8 +68,10 @@ async def _forward_signals(proc: trio.Process, sidecar: Sidecar) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="meshcar run", description="Run an app under a sidecar: start it when ready, exit with it.",
-        usage="meshcar run --config FILE -- CMD [ARGS...]")
+        prog="meshcar run",
+        description="Run an app under a sidecar: start it when ready, exit with it.",
+        usage="meshcar run --config FILE -- CMD [ARGS...]",
+    )
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -38,8 +38,9 @@ def parse_trust_domain(td: str) -> str:
     if not isinstance(td, str) or not td:
         raise InvalidSpiffeId("the trust domain is empty")
     if len(td) > MAX_TRUST_DOMAIN_LENGTH or not _TRUST_DOMAIN.fullmatch(td):
-        raise InvalidSpiffeId(f"invalid trust domain {td[:300]!r}: use 1-255 lowercase letters, "
-                              "digits, '.', '-', '_'")
+        raise InvalidSpiffeId(
+            f"invalid trust domain {td[:300]!r}: use 1-255 lowercase letters, digits, '.', '-', '_'"
+        )
     return td
 
 
@@ -69,13 +70,15 @@ def _split(text: str) -> tuple[str, str]:
         raise InvalidSpiffeId(f"SPIFFE ID is too long ({len(text)} > {MAX_ID_LENGTH} characters)")
     if not text.startswith(PREFIX):
         raise InvalidSpiffeId(f"SPIFFE ID {text!r} must start with spiffe://")
-    td, slash, path = text[len(PREFIX):].partition("/")
+    td, slash, path = text[len(PREFIX) :].partition("/")
     try:
         parse_trust_domain(td)
     except InvalidSpiffeId:
-        raise InvalidSpiffeId(f"SPIFFE ID {text!r} has an invalid trust domain (lowercase "
-                              "letters, digits, '.', '-', '_'; no port, user info, query or "
-                              "fragment)") from None
+        raise InvalidSpiffeId(
+            f"SPIFFE ID {text!r} has an invalid trust domain (lowercase "
+            "letters, digits, '.', '-', '_'; no port, user info, query or "
+            "fragment)"
+        ) from None
     if not slash or not path:
         raise InvalidSpiffeId(f"SPIFFE ID {text!r} needs a path (spiffe://{td}/svc/NAME)")
     for segment in path.split("/"):

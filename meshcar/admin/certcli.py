@@ -10,10 +10,15 @@ import httpx
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="meshcar cert", description="Show or renew a sidecar's SVID.")
+    parser = argparse.ArgumentParser(
+        prog="meshcar cert", description="Show or renew a sidecar's SVID."
+    )
     parser.add_argument("action", choices=["show", "renew"])
-    parser.add_argument("--admin", default="127.0.0.1:7201",
-                        help="the sidecar's admin listener HOST:PORT (default %(default)s)")
+    parser.add_argument(
+        "--admin",
+        default="127.0.0.1:7201",
+        help="the sidecar's admin listener HOST:PORT (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     url = f"http://{args.admin}/certs" if args.action == "show" else f"http://{args.admin}/renew"
     try:
@@ -24,7 +29,10 @@ def main(argv: list[str]) -> int:
     try:
         data = resp.json()
     except ValueError:
-        print(f"meshcar cert: unexpected answer {resp.status_code}: {resp.text[:200]}", file=sys.stderr)
+        print(
+            f"meshcar cert: unexpected answer {resp.status_code}: {resp.text[:200]}",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(data, indent=2))
     if args.action == "renew" and not data.get("renewed"):

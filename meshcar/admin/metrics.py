@@ -15,8 +15,10 @@ class Metrics:
             "meshcar_requests", "HTTP requests proxied", ["direction", "status"], registry=r
         )
         self.latency = Histogram(
-            "meshcar_request_duration_seconds", "Time from request head to end of response",
-            ["direction"], registry=r,
+            "meshcar_request_duration_seconds",
+            "Time from request head to end of response",
+            ["direction"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.handshakes = Counter(
@@ -26,41 +28,57 @@ class Metrics:
             "meshcar_authz_denials", "Requests refused by the allow list", ["peer"], registry=r
         )
         self.cert_not_after = Gauge(
-            "meshcar_certificate_not_after_seconds", "Unix time the current SVID expires", registry=r
+            "meshcar_certificate_not_after_seconds",
+            "Unix time the current SVID expires",
+            registry=r,
         )
         self.renewals = Counter(
             "meshcar_certificate_renewals", "Certificate renewals", ["result"], registry=r
         )
         self.identity_expired = Gauge(
-            "meshcar_identity_expired", "1 while no valid certificate is held (renewal failing past expiry)",
-            registry=r
+            "meshcar_identity_expired",
+            "1 while no valid certificate is held (renewal failing past expiry)",
+            registry=r,
         )
         self.bundle_version = Gauge(
             "meshcar_trust_bundle_version", "Version of the trust bundle held", registry=r
         )
         self.edge_requests = Counter(
-            "meshcar_edge_requests", "Edge requests (terminate/bridge) or connections (passthrough)",
-            ["route", "mode", "status"], registry=r
+            "meshcar_edge_requests",
+            "Edge requests (terminate/bridge) or connections (passthrough)",
+            ["route", "mode", "status"],
+            registry=r,
         )
         self.edge_bytes = Counter(
-            "meshcar_edge_bytes", "Payload bytes through the edge", ["route", "mode", "direction"],
-            registry=r
+            "meshcar_edge_bytes",
+            "Payload bytes through the edge",
+            ["route", "mode", "direction"],
+            registry=r,
         )
         self.pool_connections = Counter(
-            "meshcar_upstream_connections", "Upstream mesh connections opened", ["upstream"], registry=r
+            "meshcar_upstream_connections",
+            "Upstream mesh connections opened",
+            ["upstream"],
+            registry=r,
         )
 
         self.listener_refusals = Counter(
             "meshcar_listener_connections_refused",
-            "Downstream connections refused at the listener's connection limit", ["listener"], registry=r
+            "Downstream connections refused at the listener's connection limit",
+            ["listener"],
+            registry=r,
         )
         self.upstream_refusals = Counter(
             "meshcar_upstream_connections_refused",
-            "Requests answered 503 at an upstream's connection limit", ["upstream"], registry=r
+            "Requests answered 503 at an upstream's connection limit",
+            ["upstream"],
+            registry=r,
         )
         self.connection_errors = Counter(
-            "meshcar_connection_errors", "Connections ended by an unexpected error in meshcar",
-            ["listener"], registry=r
+            "meshcar_connection_errors",
+            "Connections ended by an unexpected error in meshcar",
+            ["listener"],
+            registry=r,
         )
 
     def count_connection_error(self, listener: str) -> None:
@@ -78,7 +96,9 @@ class Metrics:
             hist = self._latency_children[direction] = self.latency.labels(direction)
         hist.observe(seconds)
 
-    def observe_edge(self, route: str, mode: str, status: int, bytes_in: int, bytes_out: int) -> None:
+    def observe_edge(
+        self, route: str, mode: str, status: int, bytes_in: int, bytes_out: int
+    ) -> None:
         self.edge_requests.labels(route, mode, str(status)).inc()
         if bytes_in:
             self.edge_bytes.labels(route, mode, "in").inc(bytes_in)

@@ -18,9 +18,11 @@ def parse_public_paths(val: object) -> tuple[frozenset[bytes] | None, list[str]]
     problems = []
     for p in val:
         if p.encode("latin-1", "replace") not in MAY_BE_PUBLIC:
-            problems.append(f"{p!r} cannot be served off loopback (only the read-only "
-                            f"{', '.join(sorted(x.decode() for x in MAY_BE_PUBLIC))} may be; "
-                            "/renew and /shutdown are loopback only, always)")
+            problems.append(
+                f"{p!r} cannot be served off loopback (only the read-only "
+                f"{', '.join(sorted(x.decode() for x in MAY_BE_PUBLIC))} may be; "
+                "/renew and /shutdown are loopback only, always)"
+            )
     if problems:
         return None, problems
     return frozenset(p.encode() for p in val), []

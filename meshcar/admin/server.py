@@ -39,8 +39,6 @@ class AdminHooks:
     shutdown: Callable[[], None] | None = None
 
 
-
-
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
     """True when the stream's TCP peer is a loopback address (False if it cannot be told)."""
     sock = getattr(stream, "socket", None)
@@ -64,29 +62,40 @@ ADMIN_MAX_CONNECTIONS = 256
 
 
 class AdminServer:
-    def __init__(self, metrics: Metrics, hooks: AdminHooks,
-                 public_paths: frozenset[bytes] = PUBLIC_PATHS,
-                 max_connections: int = ADMIN_MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        hooks: AdminHooks,
+        public_paths: frozenset[bytes] = PUBLIC_PATHS,
+        max_connections: int = ADMIN_MAX_CONNECTIONS,
+    ) -> None:
         if not public_paths <= MAY_BE_PUBLIC:
             raise ValueError(f"admin paths {sorted(public_paths - MAY_BE_PUBLIC)} cannot be public")
         self.metrics = metrics
         self.hooks = hooks
         self.public_paths = public_paths
-        self.conn_limit = ConnectionLimit("admin", max_connections,
-                                          lambda n: metrics.listener_refusals.labels(n).inc())
+        self.conn_limit = ConnectionLimit(
+            "admin", max_connections, lambda n: metrics.listener_refusals.labels(n).inc()
+        )
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         if not self.conn_limit.try_enter():
-            await refuse_http(stream, f"admin listener connection limit ({self.conn_limit.maximum}) reached")
+            await refuse_http(
+                stream, f"admin listener connection limit ({self.conn_limit.maximum}) reached"
+            )
             return
         try:
             local = is_loopback_peer(stream)
-            await serve_http(HttpConn(stream, "request"),
-                             lambda req, conn: self.handle_request(req, conn, local=local))
+            await serve_http(
+                HttpConn(stream, "request"),
+                lambda req, conn: self.handle_request(req, conn, local=local),
+            )
         finally:
             self.conn_limit.leave()
 
-    async def handle_request(self, req: RequestHead, conn: HttpConn, *, local: bool = False) -> bool:
+    async def handle_request(
+        self, req: RequestHead, conn: HttpConn, *, local: bool = False
+    ) -> bool:
         if request_has_body(req):
             await send_error(conn, 413, "admin endpoints take no request body")
             return False
@@ -96,8 +105,12 @@ class AdminServer:
         path = req.target.split(b"?", 1)[0]
         method = req.method
         if not local and path not in self.public_paths:
-            await send_error(conn, 403, f"admin endpoint {path.decode('latin-1')} is served on "
-                             "loopback only", close=False)
+            await send_error(
+                conn,
+                403,
+                f"admin endpoint {path.decode('latin-1')} is served on loopback only",
+                close=False,
+            )
             return True
         if method in (b"GET", b"HEAD"):
             served = await self._read_endpoint(conn, path)
@@ -106,8 +119,12 @@ class AdminServer:
         else:
             served = None
         if served is None:
-            await send_error(conn, 404, f"no admin endpoint {method.decode()} {path.decode('latin-1')}",
-                             close=False)
+            await send_error(
+                conn,
+                404,
+                f"no admin endpoint {method.decode()} {path.decode('latin-1')}",
+                close=False,
+            )
             return True
         return served
 

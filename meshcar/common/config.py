@@ -37,6 +37,7 @@ class HostPort:
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
+
 @dataclass(frozen=True)
 class VaultIdentity:
     """Issue directly from Vault/OpenBao PKI (`identity.vault`), instead of the CA API."""
@@ -75,72 +76,126 @@ class HttpPolicy:
     path: PathOptions = PathOptions()
     headers: HeaderPolicy = HeaderPolicy()
 
+
 _URL = {"type": "string", "pattern": "^https?://"}
 _HEADERS = HeaderPolicy()
 
 # The shared sections' keys (meshcar/common/schema.py): the checkers below take their allowed
 # keys from these, and `meshcar config schema` renders them.
-VAULT = Section("Issue directly from Vault/OpenBao PKI instead of the CA API", {
-    "addr": key({"anyOf": [_URL, {"type": "array", "items": _URL, "minItems": 1}]},
-                "Vault URL, or the URLs of every node of one HA cluster", required=True),
-    "role": key(STRING, "PKI role that signs this identity", required=True),
-    "mount": key({"type": "string"}, "PKI mount", "pki_int"),
-    "token_file": key(STRING, "Vault token file (development; instead of the AppRole)"),
-    "approle_role_id_file": key(STRING, "AppRole role_id file"),
-    "approle_secret_id_file": key(STRING, "AppRole secret_id file"),
-    "ca_cert": key(STRING, "CA certificate(s) to verify Vault's TLS certificate"),
-    "connect_timeout_seconds": key(number(0.1, 300), "connect timeout per node", 2.0),
-    "timeout_seconds": key(number(1, 300), "answer timeout once connected", 10.0),
-})
-IDENTITY = Section("The workload's SPIFFE identity and where its certificate comes from", {
-    "spiffe_id": key(SPIFFE_ID, "the identity this process holds", required=True),
-    "ca_url": key({"type": "string", "pattern": "^https://"}, "the CA API (required unless vault)"),
-    "ca_bundle": key(STRING, "file with the root the CA API's certificate chains to"),
-    "ca_bundle_pem": key({"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
-                         "that root as inline PEM (instead of ca_bundle)"),
-    "token_file": key(STRING, "join token file, used once at bootstrap"),
-    "k8s_token_file": key(STRING, "projected service-account token (instead of token_file)"),
-    "state_dir": key(STRING, "directory for the key and certificate", required=True),
-    "ttl_seconds": key(number(10, integer=True), "requested certificate lifetime"),
-    "renew_fraction": key(number(0.1, 0.9), "renew at this fraction of the lifetime", 2 / 3),
-    "bundle_refresh_seconds": key(number(1), "how often the trust bundle is fetched again", 300),
-    "vault": key(VAULT, "issue from Vault/OpenBao PKI (then no ca_url/ca_bundle/token_file)"),
-})
-HTTP_PATH = Section("Request-target normalisation", {
-    "merge_slashes": key(BOOL, "merge duplicate slashes", True),
-    "escaped_slashes": key(one_of(*ESCAPED_SLASH_ACTIONS), "%2F and %5C in a path", "reject"),
-})
-HTTP_HEADERS = Section("Request header policy", {
-    "underscores": key(one_of(*UNDERSCORE_ACTIONS), "header names with _", "reject"),
-    "max_count": key(number(1, 1000, integer=True), "header lines per request (431 past)",
-                     _HEADERS.max_count),
-    "max_value_bytes": key(number(1, MAX_HEAD_BYTES, integer=True),
-                           "bytes per header value (431 past)", _HEADERS.max_value_bytes),
-})
-HTTP = Section("Request-target normalisation and request header policy of every HTTP listener", {
-    "path": key(HTTP_PATH, "request-target normalisation"),
-    "headers": key(HTTP_HEADERS, "request header policy"),
-})
-ADMIN = Section("The admin listener (/live /ready /metrics /certs ...)", {
-    "listen": key(HOSTPORT, "HOST:PORT of the admin listener", required=True),
-    "public_paths": key(ListOf(one_of(*sorted(p.decode() for p in MAY_BE_PUBLIC))),
-                        "paths served off loopback", sorted(p.decode() for p in PUBLIC_PATHS)),
-})
+VAULT = Section(
+    "Issue directly from Vault/OpenBao PKI instead of the CA API",
+    {
+        "addr": key(
+            {"anyOf": [_URL, {"type": "array", "items": _URL, "minItems": 1}]},
+            "Vault URL, or the URLs of every node of one HA cluster",
+            required=True,
+        ),
+        "role": key(STRING, "PKI role that signs this identity", required=True),
+        "mount": key({"type": "string"}, "PKI mount", "pki_int"),
+        "token_file": key(STRING, "Vault token file (development; instead of the AppRole)"),
+        "approle_role_id_file": key(STRING, "AppRole role_id file"),
+        "approle_secret_id_file": key(STRING, "AppRole secret_id file"),
+        "ca_cert": key(STRING, "CA certificate(s) to verify Vault's TLS certificate"),
+        "connect_timeout_seconds": key(number(0.1, 300), "connect timeout per node", 2.0),
+        "timeout_seconds": key(number(1, 300), "answer timeout once connected", 10.0),
+    },
+)
+IDENTITY = Section(
+    "The workload's SPIFFE identity and where its certificate comes from",
+    {
+        "spiffe_id": key(SPIFFE_ID, "the identity this process holds", required=True),
+        "ca_url": key(
+            {"type": "string", "pattern": "^https://"}, "the CA API (required unless vault)"
+        ),
+        "ca_bundle": key(STRING, "file with the root the CA API's certificate chains to"),
+        "ca_bundle_pem": key(
+            {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
+            "that root as inline PEM (instead of ca_bundle)",
+        ),
+        "token_file": key(STRING, "join token file, used once at bootstrap"),
+        "k8s_token_file": key(STRING, "projected service-account token (instead of token_file)"),
+        "state_dir": key(STRING, "directory for the key and certificate", required=True),
+        "ttl_seconds": key(number(10, integer=True), "requested certificate lifetime"),
+        "renew_fraction": key(number(0.1, 0.9), "renew at this fraction of the lifetime", 2 / 3),
+        "bundle_refresh_seconds": key(
+            number(1), "how often the trust bundle is fetched again", 300
+        ),
+        "vault": key(VAULT, "issue from Vault/OpenBao PKI (then no ca_url/ca_bundle/token_file)"),
+    },
+)
+HTTP_PATH = Section(
+    "Request-target normalisation",
+    {
+        "merge_slashes": key(BOOL, "merge duplicate slashes", True),
+        "escaped_slashes": key(one_of(*ESCAPED_SLASH_ACTIONS), "%2F and %5C in a path", "reject"),
+    },
+)
+HTTP_HEADERS = Section(
+    "Request header policy",
+    {
+        "underscores": key(one_of(*UNDERSCORE_ACTIONS), "header names with _", "reject"),
+        "max_count": key(
+            number(1, 1000, integer=True), "header lines per request (431 past)", _HEADERS.max_count
+        ),
+        "max_value_bytes": key(
+            number(1, MAX_HEAD_BYTES, integer=True),
+            "bytes per header value (431 past)",
+            _HEADERS.max_value_bytes,
+        ),
+    },
+)
+HTTP = Section(
+    "Request-target normalisation and request header policy of every HTTP listener",
+    {
+        "path": key(HTTP_PATH, "request-target normalisation"),
+        "headers": key(HTTP_HEADERS, "request header policy"),
+    },
+)
+ADMIN = Section(
+    "The admin listener (/live /ready /metrics /certs ...)",
+    {
+        "listen": key(HOSTPORT, "HOST:PORT of the admin listener", required=True),
+        "public_paths": key(
+            ListOf(one_of(*sorted(p.decode() for p in MAY_BE_PUBLIC))),
+            "paths served off loopback",
+            sorted(p.decode() for p in PUBLIC_PATHS),
+        ),
+    },
+)
 _TIMEOUT_DEFAULTS = Timeouts()
-TIMEOUTS = Section("Progress timeouts in seconds (net/forward.py)", {
-    k: key(number(0.1, 86400), f"progress timeout ({field_name})", getattr(_TIMEOUT_DEFAULTS, field_name))
-    for k, field_name in TIMEOUT_KEYS.items()
-})
-LIMITS = Section("Connection limits (net/limits.py)", {
-    "max_connections": key(number(1, 1_000_000, integer=True), "open connections per listener",
-                           Limits().max_connections),
-    "max_upstream_connections": key(number(1, 1_000_000, integer=True),
-                                    "open connections per upstream", Limits().max_upstream_connections),
-})
+TIMEOUTS = Section(
+    "Progress timeouts in seconds (net/forward.py)",
+    {
+        k: key(
+            number(0.1, 86400),
+            f"progress timeout ({field_name})",
+            getattr(_TIMEOUT_DEFAULTS, field_name),
+        )
+        for k, field_name in TIMEOUT_KEYS.items()
+    },
+)
+LIMITS = Section(
+    "Connection limits (net/limits.py)",
+    {
+        "max_connections": key(
+            number(1, 1_000_000, integer=True),
+            "open connections per listener",
+            Limits().max_connections,
+        ),
+        "max_upstream_connections": key(
+            number(1, 1_000_000, integer=True),
+            "open connections per upstream",
+            Limits().max_upstream_connections,
+        ),
+    },
+)
 DRAIN_SECONDS = key(number(0, 3600), "on SIGTERM: how long requests in flight may finish", 10)
-LOG_LEVEL = key(one_of("debug", "info", "warning", "error"),
-                "debug and info also log one JSON line per request (access log); warning and "
-                "error turn the access log off", "info")
+LOG_LEVEL = key(
+    one_of("debug", "info", "warning", "error"),
+    "debug and info also log one JSON line per request (access log); warning and "
+    "error turn the access log off",
+    "info",
+)
 
 
 class Checker:
@@ -170,7 +225,9 @@ class Checker:
             allowed = allowed.names()
         for k in data:
             if k not in allowed:
-                self.bad(f"{prefix}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+                self.bad(
+                    f"{prefix}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+                )
 
     def string(self, data: dict, key: str, path: str, required: bool = True) -> str | None:
         val = data.get(key)
@@ -253,7 +310,9 @@ def _identity_ca(c: Checker, data: dict, ident: dict) -> tuple[str | None, Path 
     if ca_url and not ca_url.startswith("https://"):
         c.bad("identity.ca_url", "must be an https:// URL")
     has_pem = ident.get("ca_bundle_pem") is not None
-    ca_bundle = c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem) if with_ca else None
+    ca_bundle = (
+        c.path(ident, "ca_bundle", "identity.ca_bundle", required=not has_pem) if with_ca else None
+    )
     ca_bundle_pem = c.string(ident, "ca_bundle_pem", "identity.ca_bundle_pem", required=False)
     if ca_bundle_pem is not None and "-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
         c.bad("identity.ca_bundle_pem", "must contain a PEM certificate")
@@ -263,7 +322,11 @@ def _identity_ca(c: Checker, data: dict, ident: dict) -> tuple[str | None, Path 
 
 
 def _identity_tokens(c: Checker, data: dict, ident: dict) -> tuple[Path | None, Path | None]:
-    token_file = c.path(ident, "token_file", "identity.token_file", required=False) if "identity" in data else None
+    token_file = (
+        c.path(ident, "token_file", "identity.token_file", required=False)
+        if "identity" in data
+        else None
+    )
     k8s_token_file = c.path(ident, "k8s_token_file", "identity.k8s_token_file", required=False)
     if token_file is not None and k8s_token_file is not None:
         c.bad("identity.token_file", "give either token_file or k8s_token_file, not both")
@@ -296,7 +359,10 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
     if vault is not None:
         for k in ("ca_url", "ca_bundle", "ca_bundle_pem", "token_file", "k8s_token_file"):
             if ident.get(k) is not None:
-                c.bad(f"identity.{k}", "not used with identity.vault (Vault authenticates the workload)")
+                c.bad(
+                    f"identity.{k}",
+                    "not used with identity.vault (Vault authenticates the workload)",
+                )
     ca_url, ca_bundle, ca_bundle_pem = _identity_ca(c, data, ident)
     token_file, k8s_token_file = _identity_tokens(c, data, ident)
     state_dir = c.path(ident, "state_dir", "identity.state_dir") if "identity" in data else None
@@ -305,8 +371,19 @@ def parse_identity(c: Checker, data: dict) -> IdentityConfig | None:
         return None
     if vault is None and (not ca_url or (ca_bundle is None and ca_bundle_pem is None)):
         return None
-    return IdentityConfig(sid, ca_url, ca_bundle, token_file, state_dir, ttl, frac,
-                          refresh, ca_bundle_pem, k8s_token_file, vault)
+    return IdentityConfig(
+        sid,
+        ca_url,
+        ca_bundle,
+        token_file,
+        state_dir,
+        ttl,
+        frac,
+        refresh,
+        ca_bundle_pem,
+        k8s_token_file,
+        vault,
+    )
 
 
 def parse_http(c: Checker, raw: Any) -> HttpPolicy:
@@ -363,7 +440,10 @@ def _vault_addrs(c: Checker, raw_addr: Any, p: str) -> list[str]:
 
 def _vault_timeouts(c: Checker, raw: dict, p: str) -> dict[str, float]:
     timeouts: dict[str, float] = {}
-    for opt, default, low in (("connect_timeout_seconds", 2.0, 0.1), ("timeout_seconds", 10.0, 1.0)):
+    for opt, default, low in (
+        ("connect_timeout_seconds", 2.0, 0.1),
+        ("timeout_seconds", 10.0, 1.0),
+    ):
         val = raw.get(opt, default)
         if isinstance(val, bool) or not isinstance(val, int | float) or not (low <= val <= 300):
             c.bad(f"{p}.{opt}", f"must be a number of seconds between {low} and 300")
@@ -375,7 +455,10 @@ def _vault_timeouts(c: Checker, raw: dict, p: str) -> dict[str, float]:
 def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
     p = "identity.vault"
     if not isinstance(raw, dict):
-        c.bad(p, "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}")
+        c.bad(
+            p,
+            "must be a mapping {addr, role, approle_role_id_file + approle_secret_id_file | token_file}",
+        )
         return None
     c.unknown(raw, p + ".", VAULT)
     addrs = _vault_addrs(c, raw.get("addr"), p + ".addr")
@@ -388,6 +471,14 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
         c.bad(p, "give either token_file, or both approle_role_id_file and approle_secret_id_file")
     if not (addrs and role):
         return None
-    return VaultIdentity(tuple(addrs), role, str(raw.get("mount", "pki_int")), token, rid, sec,
-                         c.path(raw, "ca_cert", p + ".ca_cert", required=False),
-                         timeouts["connect_timeout_seconds"], timeouts["timeout_seconds"])
+    return VaultIdentity(
+        tuple(addrs),
+        role,
+        str(raw.get("mount", "pki_int")),
+        token,
+        rid,
+        sec,
+        c.path(raw, "ca_cert", p + ".ca_cert", required=False),
+        timeouts["connect_timeout_seconds"],
+        timeouts["timeout_seconds"],
+    )

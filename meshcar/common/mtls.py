@@ -50,8 +50,9 @@ class MeshPeer:
 class MTLSDialer:
     """Dial mTLS peers (TLS 1.3, SPIFFE ID checked) for a pool."""
 
-    def __init__(self, store: CredentialStore, metrics: Metrics, direction: str,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, store: CredentialStore, metrics: Metrics, direction: str, connect_timeout: float = 5.0
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.connect_timeout = connect_timeout
@@ -67,8 +68,13 @@ class MTLSDialer:
         (502 refused/failed/wrong identity, 504 timed out)."""
         try:
             ctx = self.store.client_context()
-            stream = await open_tls(peer.host, peer.port, ctx, timeout=self.connect_timeout,
-                                    session=self._sessions.get(peer.endpoint, ctx))
+            stream = await open_tls(
+                peer.host,
+                peer.port,
+                ctx,
+                timeout=self.connect_timeout,
+                session=self._sessions.get(peer.endpoint, ctx),
+            )
         except UpstreamError:
             self._failure.inc()
             raise
@@ -76,13 +82,17 @@ class MTLSDialer:
         try:
             svid = svid_from_der(stream.getpeercert(binary_form=True))
             if svid.spiffe_id != peer.spiffe_id:
-                raise IdentityError(f"peer at {peer.endpoint} is {svid.spiffe_id}, expected {peer.spiffe_id}")
+                raise IdentityError(
+                    f"peer at {peer.endpoint} is {svid.spiffe_id}, expected {peer.spiffe_id}"
+                )
         except IdentityError as exc:
             await trio.aclose_forcefully(stream)
             raise UpstreamError(f"upstream {peer.upstream}: {exc}", 502) from None
         opened = self._opened.get(peer.upstream)
         if opened is None:
-            opened = self._opened[peer.upstream] = self.metrics.pool_connections.labels(peer.upstream)
+            opened = self._opened[peer.upstream] = self.metrics.pool_connections.labels(
+                peer.upstream
+            )
         opened.inc()
         return Pooled(HttpConn(stream, "response"), key, peer.endpoint, svid)
 

@@ -75,8 +75,13 @@ PORT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 65535}
 LOG_LEVEL: dict[str, Any] = {"enum": ["debug", "info", "warning", "error"]}
 
 
-def number(minimum: float | None = None, maximum: float | None = None, *,
-           integer: bool = False, exclusive_minimum: float | None = None) -> dict[str, Any]:
+def number(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    integer: bool = False,
+    exclusive_minimum: float | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "integer" if integer else "number"}
     if minimum is not None:
         out["minimum"] = minimum
@@ -100,8 +105,12 @@ def to_json_schema(value: Value) -> dict[str, Any]:
             if k.default is not _UNSET:
                 prop["default"] = k.default
             props[name] = prop
-        out: dict[str, Any] = {"type": "object", "description": value.doc, "properties": props,
-                               "additionalProperties": False}
+        out: dict[str, Any] = {
+            "type": "object",
+            "description": value.doc,
+            "properties": props,
+            "additionalProperties": False,
+        }
         if value.required():
             out["required"] = value.required()
         return out

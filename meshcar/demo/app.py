@@ -144,7 +144,9 @@ def _client(proxy: str) -> httpx.Client:
     with _clients_lock:
         c = _clients.get(proxy)
         if c is None:
-            c = _clients[proxy] = httpx.Client(proxy=proxy, trust_env=False, timeout=PEER_CALL_TIMEOUT_SECONDS)
+            c = _clients[proxy] = httpx.Client(
+                proxy=proxy, trust_env=False, timeout=PEER_CALL_TIMEOUT_SECONDS
+            )
         return c
 
 
@@ -186,10 +188,19 @@ class DemoServer(ThreadingHTTPServer):
     def refuse_proxy(self, client: str, reason: str, error: str = "") -> None:
         with self._count_lock:
             count = self.proxy_refusals[reason] = self.proxy_refusals.get(reason, 0) + 1
-        log({"event": "proxy_protocol.rejected", "client": client, "reason": reason,
-             "error": error or None, "count": count})
+        log(
+            {
+                "event": "proxy_protocol.rejected",
+                "client": client,
+                "reason": reason,
+                "error": error or None,
+                "count": count,
+            }
+        )
 
-    def accept_proxy(self, request: socket.socket, client: str) -> tuple[bool, pp.ProxyHeader | None]:
+    def accept_proxy(
+        self, request: socket.socket, client: str
+    ) -> tuple[bool, pp.ProxyHeader | None]:
         """(serve?, the header): the policy's verdict on the connection's first bytes."""
         policy = self.config.proxy_protocol
         assert policy is not None
@@ -221,8 +232,13 @@ class DemoServer(ThreadingHTTPServer):
             try:
                 request = self.config.tls.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
-                log({"event": "tls.handshake_failed", "client": client_address[0],
-                     "error": f"{type(exc).__name__}: {exc}"})
+                log(
+                    {
+                        "event": "tls.handshake_failed",
+                        "client": client_address[0],
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
                 return
             request.settimeout(IDLE_TIMEOUT_SECONDS)
             try:
@@ -234,12 +250,18 @@ class DemoServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        log({"event": "connection.error", "client": client_address[0],
-             "error": f"{type(exc).__name__}: {exc}"})
+        log(
+            {
+                "event": "connection.error",
+                "client": client_address[0],
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+        )
 
 
-def read_proxy_header(sock: socket.socket,
-                      timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS) -> pp.ProxyHeader | pp.Rejected:
+def read_proxy_header(
+    sock: socket.socket, timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS
+) -> pp.ProxyHeader | pp.Rejected:
     """Peek at the connection's first bytes until they are a whole PROXY header or a
     rejection (NOT_PROXY: no header), consuming nothing.
 
@@ -303,7 +325,9 @@ class DemoHandler(BaseHTTPRequestHandler):
         # http.server does not decode chunked bodies, and meshcar never hand-parses HTTP:
         # the demo app asks for a Content-Length instead (411), as plain servers may.
         if self.headers.get("Transfer-Encoding") is not None:
-            raise LengthRequired("send a Content-Length; this demo app does not take chunked bodies")
+            raise LengthRequired(
+                "send a Content-Length; this demo app does not take chunked bodies"
+            )
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0 or length > MAX_BODY_BYTES:
             raise ValueError("bad Content-Length")
@@ -342,7 +366,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         if self.proxy_header is not None:
             h = self.proxy_header
             doc["proxy_protocol"] = {
-                "version": h.version, "command": str(h.command),
+                "version": h.version,
+                "command": str(h.command),
                 "source": f"{h.src_addr}:{h.src_port}" if h.src_addr else None,
                 "destination": f"{h.dst_addr}:{h.dst_port}" if h.dst_addr else None,
             }
@@ -366,9 +391,17 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        log({"event": "request", "service": doc.get("service"), "method": self.command,
-             "path": self.path, "status": status, "peer": doc.get("peer"),
-             "client": self.client_address[0]})
+        log(
+            {
+                "event": "request",
+                "service": doc.get("service"),
+                "method": self.command,
+                "path": self.path,
+                "status": status,
+                "peer": doc.get("peer"),
+                "client": self.client_address[0],
+            }
+        )
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _handle
 
@@ -376,8 +409,11 @@ class DemoHandler(BaseHTTPRequestHandler):
 def _tls_info(conn: ssl.SSLSocket) -> dict[str, Any]:
     peer = conn.getpeercert() or {}
     subject = ", ".join("=".join(x) for rdn in peer.get("subject", ()) for x in rdn)
-    return {"version": conn.version(), "cipher": (conn.cipher() or ("",))[0],
-            "client_cert_subject": subject or None}
+    return {
+        "version": conn.version(),
+        "cipher": (conn.cipher() or ("",))[0],
+        "client_cert_subject": subject or None,
+    }
 
 
 _log_lock = threading.Lock()
@@ -408,16 +444,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tls-cert", help="server certificate (PEM, chain) for TLS mode")
     p.add_argument("--tls-key", help="server key for TLS mode")
     p.add_argument("--tls-client-ca", help="CA that client certificates must chain to")
-    p.add_argument("--proxy-protocol", action="store_true",
-                   help="expect a PROXY protocol v1/v2 header before TLS from --proxy-trusted "
-                   "peers (the header's source address is reported under proxy_protocol)")
-    p.add_argument("--proxy-trusted", action="append", metavar="CIDR",
-                   help="a network whose peers may (and must) send a PROXY header; repeatable "
-                   "(default: 127.0.0.1/32 and ::1/128). A header from anyone else is refused; "
-                   "they are served as direct clients when they send none")
-    p.add_argument("--proxy-optional", action="store_true",
-                   help="serve a trusted peer that sends no PROXY header as a direct client "
-                   "(default: refuse it)")
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="expect a PROXY protocol v1/v2 header before TLS from --proxy-trusted "
+        "peers (the header's source address is reported under proxy_protocol)",
+    )
+    p.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="CIDR",
+        help="a network whose peers may (and must) send a PROXY header; repeatable "
+        "(default: 127.0.0.1/32 and ::1/128). A header from anyone else is refused; "
+        "they are served as direct clients when they send none",
+    )
+    p.add_argument(
+        "--proxy-optional",
+        action="store_true",
+        help="serve a trusted peer that sends no PROXY header as a direct client "
+        "(default: refuse it)",
+    )
     args = p.parse_args(argv)
     tls_args = (args.tls_cert, args.tls_key, args.tls_client_ca)
     if any(tls_args) and not all(tls_args):
@@ -427,8 +473,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.proxy_policy = None
     if args.proxy_protocol:
         try:
-            args.proxy_policy = (pp.ProxyPolicy.parse(args.proxy_trusted, not args.proxy_optional)
-                                 if args.proxy_trusted else pp.ProxyPolicy(required=not args.proxy_optional))
+            args.proxy_policy = (
+                pp.ProxyPolicy.parse(args.proxy_trusted, not args.proxy_optional)
+                if args.proxy_trusted
+                else pp.ProxyPolicy(required=not args.proxy_optional)
+            )
         except ValueError as exc:
             p.error(f"--proxy-trusted: {exc}")
     return args
@@ -441,16 +490,28 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     tls = build_tls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    config = AppConfig(args.name, args.host, args.port, os.environ.get("HTTP_PROXY") or None, tls,
-                       proxy_protocol=args.proxy_policy)
+    config = AppConfig(
+        args.name,
+        args.host,
+        args.port,
+        os.environ.get("HTTP_PROXY") or None,
+        tls,
+        proxy_protocol=args.proxy_policy,
+    )
     try:
         server = DemoServer(config)
     except OSError as exc:
         print(f"meshcar demo-app: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _stop)
-    log({"event": "app.ready", "service": args.name, "listen": f"{args.host}:{args.port}",
-         "tls": tls is not None})
+    log(
+        {
+            "event": "app.ready",
+            "service": args.name,
+            "listen": f"{args.host}:{args.port}",
+            "tls": tls is not None,
+        }
+    )
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:

@@ -99,8 +99,9 @@ def exit_code(results: list[CheckResult]) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def get_json(url: str, *, proxy: str | None = None, headers: dict[str, str] | None = None
-             ) -> tuple[int, dict[str, Any]]:
+def get_json(
+    url: str, *, proxy: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     with httpx.Client(proxy=proxy, trust_env=False, timeout=HTTP_TIMEOUT_SECONDS) as client:
         r = client.get(url, headers=headers or {})
     try:
@@ -132,15 +133,30 @@ def app_url(env: DemoEnv, service: str, path: str) -> str:
 
 
 def openssl_request(
-    port: int, cafile: str, *, servername: str | None = None, verify_hostname: bool = True,
-    cert: str | None = None, key: str | None = None, request: bytes = b"", quiet: bool = False,
+    port: int,
+    cafile: str,
+    *,
+    servername: str | None = None,
+    verify_hostname: bool = True,
+    cert: str | None = None,
+    key: str | None = None,
+    request: bytes = b"",
+    quiet: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`openssl s_client` to 127.0.0.1:port sending `request`, until the server closes.
 
     `-verify_return_error`: an unverifiable server certificate fails the handshake.  `quiet`
     leaves only the server's bytes on stdout (no session dumps interleaved)."""
-    argv = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-CAfile", cafile,
-            "-verify_return_error", "-ign_eof"]
+    argv = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{LOOPBACK}:{port}",
+        "-CAfile",
+        cafile,
+        "-verify_return_error",
+        "-ign_eof",
+    ]
     if servername:
         argv += ["-servername", servername]
         if verify_hostname:
@@ -149,8 +165,14 @@ def openssl_request(
         argv += ["-cert", cert, "-key", key]
     if quiet:
         argv.append("-quiet")
-    return subprocess.run(argv, input=request.decode(), capture_output=True, text=True,
-                          timeout=OPENSSL_TIMEOUT_SECONDS, check=False)
+    return subprocess.run(
+        argv,
+        input=request.decode(),
+        capture_output=True,
+        text=True,
+        timeout=OPENSSL_TIMEOUT_SECONDS,
+        check=False,
+    )
 
 
 def _http_request(host: str, path: str = "/healthz") -> bytes:
@@ -174,8 +196,10 @@ def check_sidecars_ready(env: DemoEnv) -> str:
 def check_web_api_payments(env: DemoEnv) -> str:
     status, doc = get_json(app_url(env, "web", "/pay"))
     api = doc.get("api", {})
-    expect(status == 200 and api.get("status") == 200,
-           f"web /pay: {status}, api answered {api.get('status')} {api.get('error', '')}")
+    expect(
+        status == 200 and api.get("status") == 200,
+        f"web /pay: {status}, api answered {api.get('status')} {api.get('error', '')}",
+    )
     api_doc = api.get("body", {})
     expect(api_doc.get("peer") == sc.spiffe_id("web"), f"api saw caller {api_doc.get('peer')!r}")
     pay = api_doc.get("payments", {})
@@ -188,8 +212,10 @@ def check_web_api_payments(env: DemoEnv) -> str:
 def check_api_pay(env: DemoEnv) -> str:
     status, doc = get_json(app_url(env, "api", "/v1/pay"))
     pay = doc.get("payments", {})
-    expect(status == 200 and pay.get("status") == 200,
-           f"api /v1/pay: {status}, payments answered {pay.get('status')} {pay.get('error', '')}")
+    expect(
+        status == 200 and pay.get("status") == 200,
+        f"api /v1/pay: {status}, payments answered {pay.get('status')} {pay.get('error', '')}",
+    )
     peer = pay.get("body", {}).get("peer")
     expect(peer == sc.spiffe_id("api"), f"payments saw caller {peer!r}")
     return f"payments saw {peer}"
@@ -212,8 +238,10 @@ def check_xfcc_replaced(env: DemoEnv) -> str:
     )
     expect(status == 200, f"web sidecar -> api answered {status}")
     values = header_values(doc, "X-Forwarded-Client-Cert")
-    expect(all("forged-by-check" not in v for v in values),
-           f"the client-sent XFCC reached api: {values}")
+    expect(
+        all("forged-by-check" not in v for v in values),
+        f"the client-sent XFCC reached api: {values}",
+    )
     expect(len(values) == 1, f"api received {len(values)} XFCC headers: {values}")
     expect(doc.get("peer") == sc.spiffe_id("web"), f"api saw caller {doc.get('peer')!r}")
     return f"api got one XFCC, URI={doc['peer']}"
@@ -221,13 +249,18 @@ def check_xfcc_replaced(env: DemoEnv) -> str:
 
 def check_mesh_requires_client_cert(env: DemoEnv) -> str:
     payments = env.scenario.service("payments")
-    r = openssl_request(payments.inbound_port, str(env.paths.mesh_bundle),
-                        request=_http_request("payments"))
-    expect("Verify return code: 0 (ok)" in r.stdout,
-           f"the mesh listener's certificate does not chain to mesh-bundle.pem "
-           f"(openssl exit {r.returncode}: {r.stderr.strip()[-200:]!r})")
-    expect("HTTP/1." not in r.stdout,
-           f"mesh listener answered HTTP without a client certificate: {r.stdout[-200:]!r}")
+    r = openssl_request(
+        payments.inbound_port, str(env.paths.mesh_bundle), request=_http_request("payments")
+    )
+    expect(
+        "Verify return code: 0 (ok)" in r.stdout,
+        f"the mesh listener's certificate does not chain to mesh-bundle.pem "
+        f"(openssl exit {r.returncode}: {r.stderr.strip()[-200:]!r})",
+    )
+    expect(
+        "HTTP/1." not in r.stdout,
+        f"mesh listener answered HTTP without a client certificate: {r.stdout[-200:]!r}",
+    )
     expect(r.returncode != 0, "openssl reported success without a client certificate")
     return "mesh certificate verified; no client certificate: connection refused"
 
@@ -238,41 +271,75 @@ def check_payments_public(env: DemoEnv) -> str:
     assert port is not None
     host = sc.PAYMENTS_PUBLIC_HOST
     c = env.certs
-    with_cert = openssl_request(port, str(c.edge_ca), servername=host, cert=str(c.partner_cert),
-                                key=str(c.partner_key), request=_http_request(host), quiet=True)
-    expect(with_cert.stdout.startswith("HTTP/1.1 200"),
-           f"with the partner certificate, verifying {host} against edge-ca.pem: no 200 "
-           f"(openssl exit {with_cert.returncode}: {with_cert.stderr.strip()[-300:]!r})")
+    with_cert = openssl_request(
+        port,
+        str(c.edge_ca),
+        servername=host,
+        cert=str(c.partner_cert),
+        key=str(c.partner_key),
+        request=_http_request(host),
+        quiet=True,
+    )
+    expect(
+        with_cert.stdout.startswith("HTTP/1.1 200"),
+        f"with the partner certificate, verifying {host} against edge-ca.pem: no 200 "
+        f"(openssl exit {with_cert.returncode}: {with_cert.stderr.strip()[-300:]!r})",
+    )
     try:
         doc = json.loads(with_cert.stdout.split("\n\n", 1)[1])  # text mode: CRLF -> LF
         subject = doc["tls"]["client_cert_subject"]
     except (IndexError, ValueError, KeyError, TypeError) as exc:
-        raise CheckFailed(f"payments' answer is not the demo JSON: {with_cert.stdout[:200]!r}") from exc
-    without = openssl_request(port, str(c.edge_ca), servername=host,
-                              request=_http_request(host), quiet=True)
+        raise CheckFailed(
+            f"payments' answer is not the demo JSON: {with_cert.stdout[:200]!r}"
+        ) from exc
+    without = openssl_request(
+        port, str(c.edge_ca), servername=host, request=_http_request(host), quiet=True
+    )
     expect("HTTP/1." not in without.stdout, "answered HTTP without a client certificate")
-    expect("certificate required" in without.stderr,
-           f"no 'certificate required' alert without a client certificate: "
-           f"{without.stderr.strip()[-300:]!r}")
-    return (f"{host} verified against edge-ca.pem; partner cert: 200 (payments saw {subject}); "
-            "no client cert: alert certificate required")
+    expect(
+        "certificate required" in without.stderr,
+        f"no 'certificate required' alert without a client certificate: "
+        f"{without.stderr.strip()[-300:]!r}",
+    )
+    return (
+        f"{host} verified against edge-ca.pem; partner cert: 200 (payments saw {subject}); "
+        "no client cert: alert certificate required"
+    )
 
 
 def mesh_checks() -> list[Check]:
     return [
         Check("8 mesh", "every sidecar /ready is 200", check_sidecars_ready),
-        Check("-", "web -> api -> payments over mTLS (identities checked at each hop)",
-              check_web_api_payments),
-        Check("4 mesh", "api /v1/pay: payments saw caller spiffe://meshcar.demo/svc/api",
-              check_api_pay),
-        Check("5 mesh", "web -> payments over the mesh is refused with 403 (/try-payments)",
-              check_web_payments_refused),
-        Check("9 mesh", "client-sent X-Forwarded-Client-Cert replaced by the sidecar",
-              check_xfcc_replaced),
-        Check("-", "mesh listener refuses a client without a certificate",
-              check_mesh_requires_client_cert),
-        Check("3 direct", "payments' public endpoint: own cert, demands a partner client cert",
-              check_payments_public),
+        Check(
+            "-",
+            "web -> api -> payments over mTLS (identities checked at each hop)",
+            check_web_api_payments,
+        ),
+        Check(
+            "4 mesh",
+            "api /v1/pay: payments saw caller spiffe://meshcar.demo/svc/api",
+            check_api_pay,
+        ),
+        Check(
+            "5 mesh",
+            "web -> payments over the mesh is refused with 403 (/try-payments)",
+            check_web_payments_refused,
+        ),
+        Check(
+            "9 mesh",
+            "client-sent X-Forwarded-Client-Cert replaced by the sidecar",
+            check_xfcc_replaced,
+        ),
+        Check(
+            "-",
+            "mesh listener refuses a client without a certificate",
+            check_mesh_requires_client_cert,
+        ),
+        Check(
+            "3 direct",
+            "payments' public endpoint: own cert, demands a partner client cert",
+            check_payments_public,
+        ),
     ]
 
 
@@ -289,10 +356,22 @@ class CurlAnswer:
 def curl_edge(env: DemoEnv, host: str, path: str, *extra: str) -> CurlAnswer:
     """`curl --cacert edge-ca.pem --resolve HOST:8443:127.0.0.1 https://HOST:8443/PATH`."""
     port = sc.EDGE_HTTPS_PORT
-    argv = ["curl", "-sS", "-i", "--max-time", str(int(HTTP_TIMEOUT_SECONDS)),
-            "--cacert", str(env.certs.edge_ca), "--resolve", f"{host}:{port}:{LOOPBACK}",
-            *extra, f"https://{host}:{port}{path}"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_SECONDS, check=False)
+    argv = [
+        "curl",
+        "-sS",
+        "-i",
+        "--max-time",
+        str(int(HTTP_TIMEOUT_SECONDS)),
+        "--cacert",
+        str(env.certs.edge_ca),
+        "--resolve",
+        f"{host}:{port}:{LOOPBACK}",
+        *extra,
+        f"https://{host}:{port}{path}",
+    ]
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_SECONDS, check=False
+    )
     if r.returncode != 0:
         raise CheckFailed(f"curl https://{host}:{port}{path} failed: {r.stderr.strip()[-300:]}")
     return _parse_curl(r.stdout)
@@ -326,11 +405,15 @@ def check_edge_api_hello(env: DemoEnv) -> str:
     expect(ans.status == 200, f"api.demo.test/v1/hello: {ans.status}")
     doc = _doc(ans)
     expect(doc.get("service") == "api", f"answered by {doc.get('service')!r}, not api")
-    xfp, xff, xfcc = (header_values(doc, n) for n in
-                      ("X-Forwarded-Proto", "X-Forwarded-For", "X-Forwarded-Client-Cert"))
+    xfp, xff, xfcc = (
+        header_values(doc, n)
+        for n in ("X-Forwarded-Proto", "X-Forwarded-For", "X-Forwarded-Client-Cert")
+    )
     expect(xfp == ["https"], f"api saw X-Forwarded-Proto {xfp}")
     expect(xff == [LOOPBACK], f"api saw X-Forwarded-For {xff}")
-    expect(len(xfcc) == 1 and xfcc[0].endswith(f"URI={sc.spiffe_id('edge')}"), f"api saw XFCC {xfcc}")
+    expect(
+        len(xfcc) == 1 and xfcc[0].endswith(f"URI={sc.spiffe_id('edge')}"), f"api saw XFCC {xfcc}"
+    )
     expect("strict-transport-security" in ans.headers, "no HSTS header on api.demo.test")
     return f"200 from api; XFP https, XFF {xff[0]}, XFCC URI={sc.spiffe_id('edge')}; HSTS set"
 
@@ -340,15 +423,24 @@ def _first_cert_sans(output: str) -> str:
     end = output.find("-----END CERTIFICATE-----")
     if start < 0 or end < 0:
         raise CheckFailed("openssl s_client showed no certificate")
-    pem = output[start:end + len("-----END CERTIFICATE-----")]
-    r = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=pem,
-                       capture_output=True, text=True, check=False)
+    pem = output[start : end + len("-----END CERTIFICATE-----")]
+    r = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName"],
+        input=pem,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return r.stdout.replace("\n", " ").strip()
 
 
 def check_edge_certificate(env: DemoEnv) -> str:
-    r = openssl_request(sc.EDGE_HTTPS_PORT, str(env.certs.edge_ca), servername=API_HOST,
-                        request=_http_request(API_HOST, "/v1/hello"))
+    r = openssl_request(
+        sc.EDGE_HTTPS_PORT,
+        str(env.certs.edge_ca),
+        servername=API_HOST,
+        request=_http_request(API_HOST, "/v1/hello"),
+    )
     sans = _first_cert_sans(r.stdout)
     expect("DNS:api.demo.test" in sans, f"certificate for api.demo.test has SANs {sans}")
     expect("Verify return code: 0 (ok)" in r.stdout, "the edge certificate did not verify")
@@ -358,26 +450,46 @@ def check_edge_certificate(env: DemoEnv) -> str:
 def check_edge_passthrough(env: DemoEnv) -> str:
     c = env.certs
     host = sc.PAYMENTS_PUBLIC_HOST
-    with_cert = openssl_request(sc.EDGE_HTTPS_PORT, str(c.edge_ca), servername=host,
-                                cert=str(c.partner_cert), key=str(c.partner_key),
-                                request=_http_request(host, "/v1/charge"))
+    with_cert = openssl_request(
+        sc.EDGE_HTTPS_PORT,
+        str(c.edge_ca),
+        servername=host,
+        cert=str(c.partner_cert),
+        key=str(c.partner_key),
+        request=_http_request(host, "/v1/charge"),
+    )
     sans = _first_cert_sans(with_cert.stdout)
-    expect("DNS:payments.demo.test" in sans and "api.demo.test" not in sans,
-           f"the certificate behind SNI payments.demo.test has SANs {sans}, not payments' own")
-    expect("HTTP/1.1 200" in with_cert.stdout, f"no 200 with the partner certificate: {with_cert.stderr[-300:]!r}")
+    expect(
+        "DNS:payments.demo.test" in sans and "api.demo.test" not in sans,
+        f"the certificate behind SNI payments.demo.test has SANs {sans}, not payments' own",
+    )
+    expect(
+        "HTTP/1.1 200" in with_cert.stdout,
+        f"no 200 with the partner certificate: {with_cert.stderr[-300:]!r}",
+    )
     body = with_cert.stdout.replace("\r\n", "\n")
-    body = body[body.rfind("\n\n") + 2:]
+    body = body[body.rfind("\n\n") + 2 :]
     proxied = ""
     try:
-        proxied = json.loads(body[body.find("{"):]).get("proxy_protocol", {}).get("source", "")
+        proxied = json.loads(body[body.find("{") :]).get("proxy_protocol", {}).get("source", "")
     except ValueError:
         pass
-    without = openssl_request(sc.EDGE_HTTPS_PORT, str(c.edge_ca), servername=host,
-                              request=_http_request(host, "/v1/charge"))
+    without = openssl_request(
+        sc.EDGE_HTTPS_PORT,
+        str(c.edge_ca),
+        servername=host,
+        request=_http_request(host, "/v1/charge"),
+    )
     expect("HTTP/1.1 200" not in without.stdout, "payments answered without a client certificate")
-    expect("certificate required" in without.stderr, f"no 'certificate required': {without.stderr[-300:]!r}")
-    return (f"payments' own certificate ({sans}); partner cert: 200"
-            + (f", PROXY v2 source {proxied}" if proxied else "") + "; without: certificate required")
+    expect(
+        "certificate required" in without.stderr,
+        f"no 'certificate required': {without.stderr[-300:]!r}",
+    )
+    return (
+        f"payments' own certificate ({sans}); partner cert: 200"
+        + (f", PROXY v2 source {proxied}" if proxied else "")
+        + "; without: certificate required"
+    )
 
 
 def check_edge_api_pay(env: DemoEnv) -> str:
@@ -399,10 +511,26 @@ def check_edge_web_try_payments(env: DemoEnv) -> str:
 
 
 def check_edge_redirect(env: DemoEnv) -> str:
-    r = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", "-H", f"Host: {WWW_HOST}",
-                        f"http://{LOOPBACK}:{sc.EDGE_HTTP_PORT}/x"], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "-H",
+            f"Host: {WWW_HOST}",
+            f"http://{LOOPBACK}:{sc.EDGE_HTTP_PORT}/x",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     ans = _parse_curl(r.stdout) if r.returncode == 0 else None
-    expect(ans is not None and ans.status == 301, f"HTTP listener answered {r.stdout[:100]!r} {r.stderr[-200:]!r}")
+    expect(
+        ans is not None and ans.status == 301,
+        f"HTTP listener answered {r.stdout[:100]!r} {r.stderr[-200:]!r}",
+    )
     assert ans is not None
     loc = ans.headers.get("location")
     expect(loc == f"https://{WWW_HOST}/x", f"Location {loc!r}")
@@ -423,8 +551,14 @@ def _edge_log(env: DemoEnv) -> list[dict[str, Any]]:
 def _edge_log_entries(env: DemoEnv) -> tuple[list[dict], list[dict]]:
     """The edge's access log: (HTTP request entries for www and api, entries for payments)."""
     entries = _edge_log(env)
-    http = [e for e in entries if e.get("type") == "request" and e.get("host") in (WWW_HOST, API_HOST)]
-    pay = [e for e in entries if e.get("sni") == sc.PAYMENTS_PUBLIC_HOST or e.get("host") == sc.PAYMENTS_PUBLIC_HOST]
+    http = [
+        e for e in entries if e.get("type") == "request" and e.get("host") in (WWW_HOST, API_HOST)
+    ]
+    pay = [
+        e
+        for e in entries
+        if e.get("sni") == sc.PAYMENTS_PUBLIC_HOST or e.get("host") == sc.PAYMENTS_PUBLIC_HOST
+    ]
     return http, pay
 
 
@@ -439,9 +573,13 @@ def check_edge_access_log(env: DemoEnv) -> str:
             break
         time.sleep(0.05)
     expect(hosts == {WWW_HOST, API_HOST}, f"HTTP entries for {sorted(hosts)}")
-    expect(bool(pay) and all(e.get("type") == "connection" for e in pay),
-           f"payments entries: {[e.get('type') for e in pay]}")
-    expect(all("path" not in e and "method" not in e for e in pay), "a payments entry has HTTP fields")
+    expect(
+        bool(pay) and all(e.get("type") == "connection" for e in pay),
+        f"payments entries: {[e.get('type') for e in pay]}",
+    )
+    expect(
+        all("path" not in e and "method" not in e for e in pay), "a payments entry has HTTP fields"
+    )
     return f"{len(http)} HTTP entries (www, api); {len(pay)} TCP-only entries for payments"
 
 
@@ -457,7 +595,9 @@ def check_edge_health(env: DemoEnv) -> str:
         seen = set()
         for line in text.splitlines():
             if line.startswith("meshcar_edge_backend_up{") and line.rstrip().endswith(" 1.0"):
-                labels = dict(p.split("=", 1) for p in line[line.index("{") + 1:line.index("}")].split(","))
+                labels = dict(
+                    p.split("=", 1) for p in line[line.index("{") + 1 : line.index("}")].split(",")
+                )
                 seen.add((labels["route"].strip('"'), labels["check"].strip('"')))
         if want <= seen or time.monotonic() > deadline:
             break
@@ -478,9 +618,27 @@ def check_edge_xfcc_stripped(env: DemoEnv) -> str:
 def check_edge_rate_limit(env: DemoEnv) -> str:
     port = sc.EDGE_HTTPS_PORT
     url = f"https://{API_HOST}:{port}/v1/hello"
-    argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(env.certs.edge_ca),
-            "--resolve", f"{API_HOST}:{port}:{LOOPBACK}", "-o", "/dev/null", "-w", "%{http_code}\n"]
-    argv = argv[:-4] + ["-w", "%{http_code} %header{retry-after}\n", "--parallel", "--parallel-max", "16"]
+    argv = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "--cacert",
+        str(env.certs.edge_ca),
+        "--resolve",
+        f"{API_HOST}:{port}:{LOOPBACK}",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+    ]
+    argv = argv[:-4] + [
+        "-w",
+        "%{http_code} %header{retry-after}\n",
+        "--parallel",
+        "--parallel-max",
+        "16",
+    ]
     for _ in range(150):
         argv += ["-o", "/dev/null", url]  # one -o per URL
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -488,25 +646,54 @@ def check_edge_rate_limit(env: DemoEnv) -> str:
     codes = [a[0] for a in answers]
     limited = [a for a in answers if a[0] == "429"]
     expect(bool(limited), f"no 429 in a burst of {len(codes)}: {sorted(set(codes))}")
-    expect(all(len(a) == 2 and a[1].isdigit() for a in limited),
-           f"429 answers without a numeric Retry-After: {limited[:3]}")
-    return (f"burst of {len(codes)}: {codes.count('200')} x 200, {len(limited)} x 429 "
-            f"with Retry-After: {limited[0][1]}")
+    expect(
+        all(len(a) == 2 and a[1].isdigit() for a in limited),
+        f"429 answers without a numeric Retry-After: {limited[:3]}",
+    )
+    return (
+        f"burst of {len(codes)}: {codes.count('200')} x 200, {len(limited)} x 429 "
+        f"with Retry-After: {limited[0][1]}"
+    )
 
 
 def edge_checks() -> list[Check]:
     """SCENARIO.md items 1-10 through the edge."""
     return [
-        Check("1", "api.demo.test /v1/hello via edge: XFP https, XFF, XFCC names edge", check_edge_api_hello),
-        Check("2", "s_client api.demo.test: the edge's certificate (SAN api.demo.test)", check_edge_certificate),
-        Check("3", "s_client payments.demo.test via edge: payments' own cert; partner mTLS",
-              check_edge_passthrough),
-        Check("4", "https://api.demo.test:8443/v1/pay: payments saw caller api", check_edge_api_pay),
-        Check("5", "https://www.demo.test:8443/try-payments reports 403", check_edge_web_try_payments),
-        Check("6", "http://127.0.0.1:8080 with Host www.demo.test: 301 to https", check_edge_redirect),
-        Check("7", "edge access log: HTTP entries for www/api, TCP-only for payments", check_edge_access_log),
+        Check(
+            "1",
+            "api.demo.test /v1/hello via edge: XFP https, XFF, XFCC names edge",
+            check_edge_api_hello,
+        ),
+        Check(
+            "2",
+            "s_client api.demo.test: the edge's certificate (SAN api.demo.test)",
+            check_edge_certificate,
+        ),
+        Check(
+            "3",
+            "s_client payments.demo.test via edge: payments' own cert; partner mTLS",
+            check_edge_passthrough,
+        ),
+        Check(
+            "4", "https://api.demo.test:8443/v1/pay: payments saw caller api", check_edge_api_pay
+        ),
+        Check(
+            "5", "https://www.demo.test:8443/try-payments reports 403", check_edge_web_try_payments
+        ),
+        Check(
+            "6", "http://127.0.0.1:8080 with Host www.demo.test: 301 to https", check_edge_redirect
+        ),
+        Check(
+            "7",
+            "edge access log: HTTP entries for www/api, TCP-only for payments",
+            check_edge_access_log,
+        ),
         Check("8", "edge health-checks payments over TCP and api/web over HTTP", check_edge_health),
-        Check("9", "client-sent X-Forwarded-Client-Cert never reaches api via the edge", check_edge_xfcc_stripped),
+        Check(
+            "9",
+            "client-sent X-Forwarded-Client-Cert never reaches api via the edge",
+            check_edge_xfcc_stripped,
+        ),
         Check("10", "burst past api's rate limit: 429 with Retry-After", check_edge_rate_limit),
     ]
 

@@ -34,8 +34,10 @@ def edge_config_for(
         svc = scenario.service(r.backend)
         route: dict[str, Any] = {"host": r.host, "mode": r.mode}
         if r.mode == "passthrough":
-            route["backend"] = {"endpoints": [endpoint(svc, "public")],
-                                "health": {"interval": 2.0, "timeout": 1.0}}
+            route["backend"] = {
+                "endpoints": [endpoint(svc, "public")],
+                "health": {"interval": 2.0, "timeout": 1.0},
+            }
             if r.proxy_protocol:
                 route["proxy_protocol"] = r.proxy_protocol
             if passthrough_source:
@@ -54,8 +56,10 @@ def edge_config_for(
             if r.hsts:
                 route["hsts"] = True
             if r.rate_limit_per_second is not None:
-                route["rate_limit"] = {"per_second": r.rate_limit_per_second,
-                                       "burst": r.rate_limit_burst or 1}
+                route["rate_limit"] = {
+                    "per_second": r.rate_limit_per_second,
+                    "burst": r.rate_limit_burst or 1,
+                }
         routes.append(route)
     return {
         "identity": identity,

@@ -98,7 +98,9 @@ def _load(cert_path: Path, key_path: Path) -> Issued | None:
     return Issued(cert, key, cert_path, key_path)
 
 
-def make_ca(common_name: str, *, days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(
+    common_name: str, *, days: int = 3650
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed ECDSA P-256 CA certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -114,9 +116,15 @@ def make_ca(common_name: str, *, days: int = 3650) -> tuple[x509.Certificate, ec
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -160,9 +168,15 @@ def make_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -187,7 +201,9 @@ def _ensure_ca(cert_path: Path, key_path: Path, common_name: str) -> Issued:
     return Issued(cert, key, cert_path, key_path)
 
 
-def _ensure_leaf(ca: Issued, cert_path: Path, key_path: Path, common_name: str, **kw: object) -> None:
+def _ensure_leaf(
+    ca: Issued, cert_path: Path, key_path: Path, common_name: str, **kw: object
+) -> None:
     found = _load(cert_path, key_path)
     if found is not None and found.cert.issuer == ca.cert.subject:
         try:
@@ -200,7 +216,9 @@ def _ensure_leaf(ca: Issued, cert_path: Path, key_path: Path, common_name: str, 
     cert_path.write_bytes(_cert_pem(cert))
 
 
-def ensure_public_pki(directory: Path, *, payments_host: str, edge_hosts: tuple[str, ...]) -> PublicPki:
+def ensure_public_pki(
+    directory: Path, *, payments_host: str, edge_hosts: tuple[str, ...]
+) -> PublicPki:
     """Create (or reuse) every public certificate of the demo under `directory`."""
     pki_dir = directory / "pki"
     pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -216,10 +234,22 @@ def ensure_public_pki(directory: Path, *, payments_host: str, edge_hosts: tuple[
     )
     edge_ca = _ensure_ca(paths.edge_ca, pki_dir / "edge-ca.key", "meshcar demo edge CA")
     partner_ca = _ensure_ca(paths.partner_ca, pki_dir / "partner-ca.key", "meshcar demo partner CA")
-    _ensure_leaf(edge_ca, paths.payments_cert, paths.payments_key, payments_host,
-                 dns_names=(payments_host,))
-    _ensure_leaf(edge_ca, paths.edge_cert, paths.edge_key, edge_hosts[0] if edge_hosts else "edge",
-                 dns_names=edge_hosts)
-    _ensure_leaf(partner_ca, paths.partner_cert, paths.partner_key, "partner.example",
-                 server=False, client=True)
+    _ensure_leaf(
+        edge_ca, paths.payments_cert, paths.payments_key, payments_host, dns_names=(payments_host,)
+    )
+    _ensure_leaf(
+        edge_ca,
+        paths.edge_cert,
+        paths.edge_key,
+        edge_hosts[0] if edge_hosts else "edge",
+        dns_names=edge_hosts,
+    )
+    _ensure_leaf(
+        partner_ca,
+        paths.partner_cert,
+        paths.partner_key,
+        "partner.example",
+        server=False,
+        client=True,
+    )
     return paths

@@ -138,8 +138,15 @@ class PublicCerts:
 def ca_process(paths: DemoPaths, python: str | None = None) -> ProcSpec:
     return ProcSpec(
         name="ca",
-        argv=meshcar_argv("ca", "serve", "--dir", str(paths.ca_dir),
-                          "--listen", hostport(sc.CA_PORT), python=python),
+        argv=meshcar_argv(
+            "ca",
+            "serve",
+            "--dir",
+            str(paths.ca_dir),
+            "--listen",
+            hostport(sc.CA_PORT),
+            python=python,
+        ),
         probe=Probe(f"{CA_URL}/healthz", cafile=paths.ca_root),
         ports=((sc.CA_PORT, "CA API"),),
     )
@@ -151,47 +158,75 @@ def mesh_processes(
     """Every sidecar, every app, and payments' public TLS endpoint."""
     procs: list[ProcSpec] = []
     for s in scenario.services:
-        procs.append(ProcSpec(
-            name=f"sidecar-{s.name}",
-            argv=meshcar_argv("sidecar", "--config", str(paths.sidecar_config(s.name)),
-                              python=python),
-            probe=Probe(f"http://{hostport(s.admin_port)}/ready"),
-            ports=(
-                (s.inbound_port, f"{s.name} sidecar inbound (mesh)"),
-                (s.outbound_port, f"{s.name} sidecar outbound"),
-                (s.admin_port, f"{s.name} sidecar admin"),
-            ),
-        ))
+        procs.append(
+            ProcSpec(
+                name=f"sidecar-{s.name}",
+                argv=meshcar_argv(
+                    "sidecar", "--config", str(paths.sidecar_config(s.name)), python=python
+                ),
+                probe=Probe(f"http://{hostport(s.admin_port)}/ready"),
+                ports=(
+                    (s.inbound_port, f"{s.name} sidecar inbound (mesh)"),
+                    (s.outbound_port, f"{s.name} sidecar outbound"),
+                    (s.admin_port, f"{s.name} sidecar admin"),
+                ),
+            )
+        )
     for s in scenario.services:
-        procs.append(ProcSpec(
-            name=f"app-{s.name}",
-            argv=meshcar_argv("demo-app", "--name", s.name, "--port", str(s.app_port),
-                              "--host", LOOPBACK, python=python),
-            probe=Probe(f"http://{hostport(s.app_port)}/healthz"),
-            ports=((s.app_port, f"{s.name} app"),),
-            env=(("HTTP_PROXY", f"http://{hostport(s.outbound_port)}"),),
-        ))
+        procs.append(
+            ProcSpec(
+                name=f"app-{s.name}",
+                argv=meshcar_argv(
+                    "demo-app",
+                    "--name",
+                    s.name,
+                    "--port",
+                    str(s.app_port),
+                    "--host",
+                    LOOPBACK,
+                    python=python,
+                ),
+                probe=Probe(f"http://{hostport(s.app_port)}/healthz"),
+                ports=((s.app_port, f"{s.name} app"),),
+                env=(("HTTP_PROXY", f"http://{hostport(s.outbound_port)}"),),
+            )
+        )
     for s in scenario.services:
         if s.public_tls_port is None:
             continue
-        procs.append(ProcSpec(
-            name=f"{s.name}-public",
-            argv=meshcar_argv(
-                "demo-app", "--name", s.name, "--port", str(s.public_tls_port), "--host", LOOPBACK,
-                "--tls-cert", str(certs.payments_cert), "--tls-key", str(certs.payments_key),
-                "--tls-client-ca", str(certs.partner_ca),
-                "--proxy-protocol",  # the edge's passthrough route sends PROXY v2 ...
-                "--proxy-trusted", f"{EDGE_PASSTHROUGH_SOURCE}/32",  # ... from this address only
-                python=python,
-            ),
-            probe=Probe(
-                f"https://{hostport(s.public_tls_port)}/healthz",
-                cafile=certs.edge_ca, client_cert=certs.partner_cert,
-                client_key=certs.partner_key, server_hostname=sc.PAYMENTS_PUBLIC_HOST,
-            ),
-            ports=((s.public_tls_port, f"{s.name} public TLS endpoint"),),
-            env=(("HTTP_PROXY", f"http://{hostport(s.outbound_port)}"),),
-        ))
+        procs.append(
+            ProcSpec(
+                name=f"{s.name}-public",
+                argv=meshcar_argv(
+                    "demo-app",
+                    "--name",
+                    s.name,
+                    "--port",
+                    str(s.public_tls_port),
+                    "--host",
+                    LOOPBACK,
+                    "--tls-cert",
+                    str(certs.payments_cert),
+                    "--tls-key",
+                    str(certs.payments_key),
+                    "--tls-client-ca",
+                    str(certs.partner_ca),
+                    "--proxy-protocol",  # the edge's passthrough route sends PROXY v2 ...
+                    "--proxy-trusted",
+                    f"{EDGE_PASSTHROUGH_SOURCE}/32",  # ... from this address only
+                    python=python,
+                ),
+                probe=Probe(
+                    f"https://{hostport(s.public_tls_port)}/healthz",
+                    cafile=certs.edge_ca,
+                    client_cert=certs.partner_cert,
+                    client_key=certs.partner_key,
+                    server_hostname=sc.PAYMENTS_PUBLIC_HOST,
+                ),
+                ports=((s.public_tls_port, f"{s.name} public TLS endpoint"),),
+                env=(("HTTP_PROXY", f"http://{hostport(s.outbound_port)}"),),
+            )
+        )
     return procs
 
 
@@ -202,11 +237,15 @@ def edge_config(scenario: sc.Scenario, paths: DemoPaths) -> dict[str, Any]:
     """The edge's config (docs/EDGE.md), from `scenario.edge_routes`, on loopback."""
     from meshcar.demo.edge_config import edge_config_for
 
-    ports = {"app": lambda s: s.app_port, "mesh": lambda s: s.inbound_port,
-             "public": lambda s: s.public_tls_port}
+    ports = {
+        "app": lambda s: s.app_port,
+        "mesh": lambda s: s.inbound_port,
+        "public": lambda s: s.public_tls_port,
+    }
     return edge_config_for(
         scenario,
-        https=hostport(sc.EDGE_HTTPS_PORT), http=hostport(sc.EDGE_HTTP_PORT),
+        https=hostport(sc.EDGE_HTTPS_PORT),
+        http=hostport(sc.EDGE_HTTP_PORT),
         admin=hostport(sc.EDGE_ADMIN_PORT),
         identity={
             "spiffe_id": sc.spiffe_id(EDGE_NAME),
@@ -216,7 +255,8 @@ def edge_config(scenario: sc.Scenario, paths: DemoPaths) -> dict[str, Any]:
             "state_dir": str(paths.state_dir(EDGE_NAME)),
             "ttl_seconds": sc.CERT_TTL_SECONDS,
         },
-        cert=str(paths.root / "pki" / "edge.pem"), key=str(paths.root / "pki" / "edge.key"),
+        cert=str(paths.root / "pki" / "edge.pem"),
+        key=str(paths.root / "pki" / "edge.key"),
         endpoint=lambda svc, kind: hostport(ports[kind](svc)),
         passthrough_source=EDGE_PASSTHROUGH_SOURCE,
     )
@@ -226,16 +266,18 @@ def edge_processes(scenario: sc.Scenario, paths: DemoPaths) -> list[ProcSpec]:
     """The edge: one process, its config from `scenario.edge_routes`."""
     if not scenario.edge_routes:
         return []
-    return [ProcSpec(
-        name=EDGE_NAME,
-        argv=meshcar_argv("edge", "--config", str(paths.sidecar_dir(EDGE_NAME) / "edge.yaml")),
-        probe=Probe(f"http://{hostport(sc.EDGE_ADMIN_PORT)}/ready"),
-        ports=(
-            (sc.EDGE_HTTPS_PORT, "edge HTTPS"),
-            (sc.EDGE_HTTP_PORT, "edge HTTP"),
-            (sc.EDGE_ADMIN_PORT, "edge admin"),
-        ),
-    )]
+    return [
+        ProcSpec(
+            name=EDGE_NAME,
+            argv=meshcar_argv("edge", "--config", str(paths.sidecar_dir(EDGE_NAME) / "edge.yaml")),
+            probe=Probe(f"http://{hostport(sc.EDGE_ADMIN_PORT)}/ready"),
+            ports=(
+                (sc.EDGE_HTTPS_PORT, "edge HTTPS"),
+                (sc.EDGE_HTTP_PORT, "edge HTTP"),
+                (sc.EDGE_ADMIN_PORT, "edge admin"),
+            ),
+        )
+    ]
 
 
 def all_ports(procs: list[ProcSpec]) -> list[tuple[int, str]]:
@@ -245,5 +287,8 @@ def all_ports(procs: list[ProcSpec]) -> list[tuple[int, str]]:
 def scenario_ports(scenario: sc.Scenario, paths: DemoPaths) -> list[tuple[int, str]]:
     """Every port the demo will bind, known before any file exists (for a fast check)."""
     placeholder = PublicCerts(*(paths.root / "-",) * 6)
-    return all_ports([ca_process(paths)] + mesh_processes(scenario, paths, placeholder)
-                     + edge_processes(scenario, paths))
+    return all_ports(
+        [ca_process(paths)]
+        + mesh_processes(scenario, paths, placeholder)
+        + edge_processes(scenario, paths)
+    )

@@ -68,18 +68,33 @@ class Scenario:
 
 SCENARIO = Scenario(
     services=(
-        Service("web", 9001, 7001, 7101, 7201, allowed_callers=("edge",), upstreams=("api", "payments")),
-        Service("api", 9002, 7002, 7102, 7202, allowed_callers=("edge", "web"), upstreams=("payments",)),
         Service(
-            "payments", 9003, 7003, 7103, 7203, allowed_callers=("api",), upstreams=(),
+            "web", 9001, 7001, 7101, 7201, allowed_callers=("edge",), upstreams=("api", "payments")
+        ),
+        Service(
+            "api", 9002, 7002, 7102, 7202, allowed_callers=("edge", "web"), upstreams=("payments",)
+        ),
+        Service(
+            "payments",
+            9003,
+            7003,
+            7103,
+            7203,
+            allowed_callers=("api",),
+            upstreams=(),
             public_tls_port=PAYMENTS_PUBLIC_PORT,
         ),
     ),
     edge_routes=(
         EdgeRoute("www.demo.test", "terminate", "web"),
         EdgeRoute(
-            "api.demo.test", "bridge", "api", path_prefix="/v1/", hsts=True,
-            rate_limit_per_second=20.0, rate_limit_burst=40,
+            "api.demo.test",
+            "bridge",
+            "api",
+            path_prefix="/v1/",
+            hsts=True,
+            rate_limit_per_second=20.0,
+            rate_limit_burst=40,
         ),
         EdgeRoute("payments.demo.test", "passthrough", "payments", proxy_protocol="v2"),
     ),

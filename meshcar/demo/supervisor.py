@@ -47,7 +47,7 @@ class Child:
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        data = path.read_bytes()[-64 * 1024:]
+        data = path.read_bytes()[-64 * 1024 :]
     except OSError as exc:
         return f"(no log: {exc})"
     text = data.decode("utf-8", "replace").splitlines()[-lines:]
@@ -105,8 +105,13 @@ class Supervisor:
             log.write(f"---- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {spec.name}\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, preexec_fn=_set_parent_death_signal,
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_set_parent_death_signal,
             )
         child = Child(spec, proc, log_path)
         self.children.append(child)

@@ -53,26 +53,38 @@ from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 # The keys of the edge config (meshcar/common/schema.py): the checks take the allowed keys of
 # each section from here, and `meshcar config schema edge` renders them. A route's keys are in
 # routes/base.py.
-LISTEN = Section("The public listeners", {
-    "https": key(HOSTPORT, "HOST:PORT of the TLS listener", required=True),
-    "http": key(HOSTPORT, "HOST:PORT of the plain-HTTP listener (redirects to https)"),
-})
-EDGE = Section("meshcar edge configuration (docs/EDGE.md)", {
-    "listen": key(LISTEN, LISTEN.doc, required=True),
-    "admin": key(ADMIN, ADMIN.doc, required=True),
-    "routes": key(ListOf(ROUTE, min_items=1), "one route per host", required=True),
-    "identity": key(IDENTITY, "the edge's mesh identity (needed by bridge routes)"),
-    "trusted_hops": key(number(0, integer=True), "proxies in front whose X-Forwarded-For is kept", 0),
-    "default_route": key({"type": "string"}, "host of the route for a missing or unknown SNI"),
-    "log_level": LOG_LEVEL,
-    "hello_timeout": key(number(exclusive_minimum=0), "seconds for the ClientHello", 10.0),
-    "handshake_timeout": key(number(exclusive_minimum=0), "seconds for the TLS handshake", 10.0),
-    "pool_idle_seconds": key(number(0.1, 3600), "idle pooled backend connections closed after", 30.0),
-    "drain_seconds": DRAIN_SECONDS,
-    "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
-    "limits": key(LIMITS, LIMITS.doc),
-    "http": key(HTTP, HTTP.doc),
-})
+LISTEN = Section(
+    "The public listeners",
+    {
+        "https": key(HOSTPORT, "HOST:PORT of the TLS listener", required=True),
+        "http": key(HOSTPORT, "HOST:PORT of the plain-HTTP listener (redirects to https)"),
+    },
+)
+EDGE = Section(
+    "meshcar edge configuration (docs/EDGE.md)",
+    {
+        "listen": key(LISTEN, LISTEN.doc, required=True),
+        "admin": key(ADMIN, ADMIN.doc, required=True),
+        "routes": key(ListOf(ROUTE, min_items=1), "one route per host", required=True),
+        "identity": key(IDENTITY, "the edge's mesh identity (needed by bridge routes)"),
+        "trusted_hops": key(
+            number(0, integer=True), "proxies in front whose X-Forwarded-For is kept", 0
+        ),
+        "default_route": key({"type": "string"}, "host of the route for a missing or unknown SNI"),
+        "log_level": LOG_LEVEL,
+        "hello_timeout": key(number(exclusive_minimum=0), "seconds for the ClientHello", 10.0),
+        "handshake_timeout": key(
+            number(exclusive_minimum=0), "seconds for the TLS handshake", 10.0
+        ),
+        "pool_idle_seconds": key(
+            number(0.1, 3600), "idle pooled backend connections closed after", 30.0
+        ),
+        "drain_seconds": DRAIN_SECONDS,
+        "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
+        "limits": key(LIMITS, LIMITS.doc),
+        "http": key(HTTP, HTTP.doc),
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,9 @@ def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | 
     admin = c.section(data, "admin")
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
     c.unknown(admin, "admin.", ADMIN)
-    public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
+    public_paths, why = parse_public_paths(
+        admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS))
+    )
     for w in why:
         c.bad("admin.public_paths", w)
     return admin_listen, public_paths
@@ -142,7 +156,9 @@ def _routes(c: Checker, data: dict) -> list[Route]:
     return routes
 
 
-def _seconds(c: Checker, data: dict, name: str, default: float, ok: Callable[[float], bool], msg: str) -> float:
+def _seconds(
+    c: Checker, data: dict, name: str, default: float, ok: Callable[[float], bool], msg: str
+) -> float:
     value = data.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
         c.bad(name, msg)
@@ -164,15 +180,31 @@ def _scalars(c: Checker, data: dict, routes: list[Route]) -> dict[str, Any]:
         c.bad("log_level", "must be one of debug, info, warning, error")
     out: dict[str, Any] = {"trusted_hops": hops, "default_route": default, "log_level": level}
     for name in ("hello_timeout", "handshake_timeout"):
-        out[name] = _seconds(c, data, name, 10.0, lambda v: v > 0, "must be a number of seconds > 0")
-    out["pool_idle_seconds"] = _seconds(c, data, "pool_idle_seconds", 30.0, lambda v: 0.1 <= v <= 3600,
-                                        "must be a number of seconds between 0.1 and 3600")
-    out["drain_seconds"] = _seconds(c, data, "drain_seconds", 10, lambda v: 0 <= v <= 3600,
-                                    "must be a number of seconds between 0 and 3600")
+        out[name] = _seconds(
+            c, data, name, 10.0, lambda v: v > 0, "must be a number of seconds > 0"
+        )
+    out["pool_idle_seconds"] = _seconds(
+        c,
+        data,
+        "pool_idle_seconds",
+        30.0,
+        lambda v: 0.1 <= v <= 3600,
+        "must be a number of seconds between 0.1 and 3600",
+    )
+    out["drain_seconds"] = _seconds(
+        c,
+        data,
+        "drain_seconds",
+        10,
+        lambda v: 0 <= v <= 3600,
+        "must be a number of seconds between 0 and 3600",
+    )
     return out
 
 
-def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> EdgeConfig:
+def parse_edge_config(
+    data: Any, source: str = "<config>", base_dir: Path | None = None
+) -> EdgeConfig:
     c = Checker(source, base_dir or Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])
@@ -190,9 +222,18 @@ def parse_edge_config(data: Any, source: str = "<config>", base_dir: Path | None
     if c.problems:
         raise ConfigError(c.problems)
     assert https and admin_listen
-    return EdgeConfig(https, http, admin_listen, tuple(routes), identity, **scalars,
-                      admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
-                      timeouts=net_timeouts, limits=net_limits, http=http_policy)
+    return EdgeConfig(
+        https,
+        http,
+        admin_listen,
+        tuple(routes),
+        identity,
+        **scalars,
+        admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
+        timeouts=net_timeouts,
+        limits=net_limits,
+        http=http_policy,
+    )
 
 
 def load_edge_config(path: Path) -> EdgeConfig:

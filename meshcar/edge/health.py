@@ -22,7 +22,9 @@ log = logging.getLogger("meshcar.edge.health")
 HEALTH_ERRORS: tuple[type[BaseException], ...] = (MeshcarError, *HANDSHAKE_ERRORS)
 
 
-async def check_once(route: Route, state: EndpointState, hc: HealthCheck, backends: Backends) -> bool:
+async def check_once(
+    route: Route, state: EndpointState, hc: HealthCheck, backends: Backends
+) -> bool:
     ep = state.endpoint
     try:
         with trio.fail_after(hc.timeout):
@@ -33,13 +35,17 @@ async def check_once(route: Route, state: EndpointState, hc: HealthCheck, backen
                 return True
             if route.mode is Mode.BRIDGE:
                 assert backends.store is not None
-                stream = await open_tls(ep.host, ep.port, backends.store.client_context(), timeout=hc.timeout)
+                stream = await open_tls(
+                    ep.host, ep.port, backends.store.client_context(), timeout=hc.timeout
+                )
             else:
                 stream = await open_tcp(ep.host, ep.port, hc.timeout)
             conn = HttpConn(stream, "response")
             try:
-                await conn.send(f"GET {hc.path} HTTP/1.1\r\nHost: {route.host}\r\n"
-                                "User-Agent: meshcar-edge-health\r\nConnection: close\r\n\r\n".encode())
+                await conn.send(
+                    f"GET {hc.path} HTTP/1.1\r\nHost: {route.host}\r\n"
+                    "User-Agent: meshcar-edge-health\r\nConnection: close\r\n\r\n".encode()
+                )
                 ev = await conn.next_event()
                 return isinstance(ev, ResponseHead) and 200 <= ev.status < 400
             finally:
@@ -59,6 +65,14 @@ async def health_loop(route: Route, backends: Backends, gauge) -> None:  # noqa:
             change = balancer.report(state, ok)
             gauge.labels(route.host, str(state.endpoint), kind).set(1 if state.healthy else 0)
             if change:
-                log.warning(json.dumps({"event": f"edge.backend_{change}", "route": route.host,
-                                        "endpoint": str(state.endpoint), "check": kind}))
+                log.warning(
+                    json.dumps(
+                        {
+                            "event": f"edge.backend_{change}",
+                            "route": route.host,
+                            "endpoint": str(state.endpoint),
+                            "check": kind,
+                        }
+                    )
+                )
         await trio.sleep(hc.interval)

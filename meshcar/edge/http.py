@@ -80,8 +80,8 @@ def split_host_port(value: str) -> tuple[str, str]:
         end = value.find("]")
         if end < 0:
             return value, ""
-        rest = value[end + 1:]
-        return value[:end + 1], rest[1:] if rest.startswith(":") else ""
+        rest = value[end + 1 :]
+        return value[: end + 1], rest[1:] if rest.startswith(":") else ""
     if value.count(":") == 1 and not value.startswith(":"):
         host, _, port = value.partition(":")
         return host, port
@@ -102,18 +102,26 @@ class Backends:
         self.routes = {r.host: r for r in cfg.routes}
         for r in cfg.routes:
             h = r.backend.health
-            self.balancers[r.host] = Balancer(r.backend.endpoints, r.backend.balance,
-                                              fall=h.fall if h else 2, rise=h.rise if h else 1)
-        self.pool = Pool(self._dial, idle_timeout=cfg.pool_idle_seconds,
-                         max_connections=cfg.limits.max_upstream_connections,
-                         group=lambda key: key.partition("|")[0],  # a route's backend cluster
-                         on_refused=lambda g: metrics.upstream_refusals.labels(g).inc())
+            self.balancers[r.host] = Balancer(
+                r.backend.endpoints,
+                r.backend.balance,
+                fall=h.fall if h else 2,
+                rise=h.rise if h else 1,
+            )
+        self.pool = Pool(
+            self._dial,
+            idle_timeout=cfg.pool_idle_seconds,
+            max_connections=cfg.limits.max_upstream_connections,
+            group=lambda key: key.partition("|")[0],  # a route's backend cluster
+            on_refused=lambda g: metrics.upstream_refusals.labels(g).inc(),
+        )
         # bridge routes: the one mTLS dialer (common/mtls.py), handshakes counted as "bridge"
         self.mtls = MTLSDialer(store, metrics, "bridge") if store is not None else None
         self._peers: dict[str, MeshPeer] = {}
         # the pool's on_release: keeps a new bridge connection's TLS session (bound once)
         self.remember_session: Callable[[Pooled], None] = (
-            self.mtls.remember_session if self.mtls is not None else _no_session)
+            self.mtls.remember_session if self.mtls is not None else _no_session
+        )
 
     @staticmethod
     def key(route: Route, state: EndpointState) -> str:
@@ -134,7 +142,6 @@ class Backends:
         return await self.mtls.dial(key, peer)
 
 
-
 class TerminatingProxy:
     """The reverse proxy behind terminate and bridge routes: serves the HTTP requests of a
     client connection whose TLS the edge terminated (edge/listener.py), routes each by Host
@@ -144,15 +151,24 @@ class TerminatingProxy:
         self.cfg = cfg
         self.backends = backends
         self.metrics = metrics
-        self.limiters = {r.host: RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
-                         for r in cfg.routes if r.rate_limit is not None}
+        self.limiters = {
+            r.host: RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
+            for r in cfg.routes
+            if r.rate_limit is not None
+        }
         self.response_timeout = cfg.timeouts.response_head
-        self.drain: Drain | None = None  # requests in flight, set by the process shell (edge/main.py)
+        self.drain: Drain | None = (
+            None  # requests in flight, set by the process shell (edge/main.py)
+        )
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
         conn = HttpConn(stream, "request", self.cfg.http.headers)
-        await serve_http(conn, lambda req, c: self.handle(req, c, client), timeouts=self.cfg.timeouts,
-                         drain=self.drain)
+        await serve_http(
+            conn,
+            lambda req, c: self.handle(req, c, client),
+            timeouts=self.cfg.timeouts,
+            drain=self.drain,
+        )
 
     async def handle(self, req: RequestHead, down: HttpConn, client: ClientConn) -> bool:
         start = time.perf_counter()
@@ -165,8 +181,9 @@ class TerminatingProxy:
             target: Target | None = None
             problem: tuple[int, str, Headers] | None
             try:
-                target = normalise_target(req.target, req.method, self.cfg.http.path,
-                                          absolute_schemes=("http", "https"))
+                target = normalise_target(
+                    req.target, req.method, self.cfg.http.path, absolute_schemes=("http", "https")
+                )
             except PathError as exc:
                 problem = (400, str(exc), [])
             else:
@@ -174,9 +191,15 @@ class TerminatingProxy:
                 problem = self._refuse(req, route, client, target)
             if problem is not None:
                 status, message, extra = problem
-                await down.send(simple_response(
-                    status, json.dumps({"error": status, "message": message}).encode() + b"\n",
-                    content_type=b"application/json", extra=extra, close=not keep))
+                await down.send(
+                    simple_response(
+                        status,
+                        json.dumps({"error": status, "message": message}).encode() + b"\n",
+                        content_type=b"application/json",
+                        extra=extra,
+                        close=not keep,
+                    )
+                )
                 return keep
             assert route is not None and target is not None
             balancer = self.backends.balancers[route.host]
@@ -190,18 +213,26 @@ class TerminatingProxy:
             state.active += 1
             try:
                 ex = await proxy_request(
-                    down, req, head, self.backends.pool, Backends.key(route, state),
+                    down,
+                    req,
+                    head,
+                    self.backends.pool,
+                    Backends.key(route, state),
                     lambda resp, hs: self._response_headers(route, resp, hs),
                     on_release=self.backends.remember_session,
-                    response_timeout=self.response_timeout, max_request_body=route.max_body_bytes,
-                    timeouts=self.cfg.timeouts)
+                    response_timeout=self.response_timeout,
+                    max_request_body=route.max_body_bytes,
+                    timeouts=self.cfg.timeouts,
+                )
             finally:
                 state.active -= 1
             status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
             return True
         except UpstreamError as exc:
             status = exc.status
-            await send_error(down, exc.status, f"{route.host if route else host}: {exc}", close=not keep)
+            await send_error(
+                down, exc.status, f"{route.host if route else host}: {exc}", close=not keep
+            )
             return keep
         except BodyTooLarge as exc:
             status = 413
@@ -213,30 +244,55 @@ class TerminatingProxy:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request(f"edge-{mode or 'none'}", status, dur)
-            self.metrics.observe_edge(route.host if route else "(none)", mode or "none", status,
-                                      bytes_in, bytes_out)
-            log_entry("request", client=client.ip, sni=client.sni, host=host, method=req.method.decode("latin-1"),
-                      path=path, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                      duration_ms=round(dur * 1000, 3), mode=mode, backend=backend,
-                      plaintext_backend=mode == "terminate")
+            self.metrics.observe_edge(
+                route.host if route else "(none)", mode or "none", status, bytes_in, bytes_out
+            )
+            log_entry(
+                "request",
+                client=client.ip,
+                sni=client.sni,
+                host=host,
+                method=req.method.decode("latin-1"),
+                path=path,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round(dur * 1000, 3),
+                mode=mode,
+                backend=backend,
+                plaintext_backend=mode == "terminate",
+            )
 
-    def _refuse(self, req: RequestHead, route: Route | None, client: ClientConn,
-                target: Target) -> tuple[int, str, Headers] | None:
+    def _refuse(
+        self, req: RequestHead, route: Route | None, client: ClientConn, target: Target
+    ) -> tuple[int, str, Headers] | None:
         """The status, message and extra headers for a request the edge must refuse itself."""
-        if target.authority is not None and split_host_port(target.authority.lower())[0] != host_of(req):
+        if target.authority is not None and split_host_port(target.authority.lower())[0] != host_of(
+            req
+        ):
             # RFC 9112 3.2.2: the target's authority replaces Host; the edge routed on Host
             return 400, "the absolute-form target's host differs from the Host header", []
         if route is None:
             return 404, f"no route for host {host_of(req)!r}", []
         if route.mode == "passthrough":
-            return 421, f"{route.host} is served end to end by its backend; connect with SNI {route.host}", []
+            return (
+                421,
+                f"{route.host} is served end to end by its backend; connect with SNI {route.host}",
+                [],
+            )
         sni_route = client.sni_route
         if sni_route is not None and sni_route is not route:
             need_sni = sni_route.client_auth.mode if sni_route.client_auth else None
             need_host = route.client_auth.mode if route.client_auth else None
             if need_sni != need_host:
-                return 421, (f"connect with SNI {route.host}: its client-certificate requirement "
-                             f"differs from {sni_route.host}'s"), []
+                return (
+                    421,
+                    (
+                        f"connect with SNI {route.host}: its client-certificate requirement "
+                        f"differs from {sni_route.host}'s"
+                    ),
+                    [],
+                )
         if route.client_auth and route.client_auth.mode == "required" and client.cert_der is None:
             return 403, f"{route.host} requires a client certificate", []
         only_path = target.path
@@ -245,15 +301,26 @@ class TerminatingProxy:
         method = req.method.decode("latin-1")
         for rule in route.deny:
             if rule.matches(method, only_path, req.headers):
-                log_entry("waf", client=client.ip, host=route.host, method=method, path=only_path,
-                          rule=rule.name, decision="deny")
+                log_entry(
+                    "waf",
+                    client=client.ip,
+                    host=route.host,
+                    method=method,
+                    path=only_path,
+                    rule=rule.name,
+                    decision="deny",
+                )
                 self.metrics.authz_denials.labels(f"waf:{route.host}").inc()
                 return 403, f"request denied by rule {rule.name}", []
         limiter = self.limiters.get(route.host)
         if limiter is not None:
             ok, retry = limiter.allow(client.ip, time.monotonic())
             if not ok:
-                return 429, f"rate limit for {route.host} exceeded", [(b"Retry-After", str(retry).encode())]
+                return (
+                    429,
+                    f"rate limit for {route.host} exceeded",
+                    [(b"Retry-After", str(retry).encode())],
+                )
         if route.max_body_bytes is not None and (req.content_length or 0) > route.max_body_bytes:
             return 413, f"request body larger than {route.max_body_bytes} bytes", []
         return None
@@ -261,8 +328,13 @@ class TerminatingProxy:
     def _headers(self, req: RequestHead, route: Route, client: ClientConn) -> Headers:
         drop = {h.encode("latin-1") for h in route.remove_headers} | IDENTITY_HEADERS
         headers = clean_headers(req.headers, drop=drop)
-        fwd = forwarded_for(headers, peer_ip=client.ip, scheme=client.scheme, host=host_of(req),
-                            trusted_hops=self.cfg.trusted_hops)
+        fwd = forwarded_for(
+            headers,
+            peer_ip=client.ip,
+            scheme=client.scheme,
+            host=host_of(req),
+            trusted_hops=self.cfg.trusted_hops,
+        )
         xfcc = None
         if client.cert_der is not None and route.client_auth is not None:
             xfcc = encode_xfcc([xfcc_element(by=None, cert_der=client.cert_der)])
@@ -284,13 +356,18 @@ class Redirector:
     def __init__(self, cfg: EdgeConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.conn_limit = ConnectionLimit(
-            "http", cfg.limits.max_connections,
-            (lambda n: metrics.listener_refusals.labels(n).inc()) if metrics is not None else None)
+            "http",
+            cfg.limits.max_connections,
+            (lambda n: metrics.listener_refusals.labels(n).inc()) if metrics is not None else None,
+        )
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         if not self.conn_limit.try_enter():
-            await refuse_http(stream, f"http listener connection limit ({self.conn_limit.maximum}) reached",
-                              self.cfg.timeouts)
+            await refuse_http(
+                stream,
+                f"http listener connection limit ({self.conn_limit.maximum}) reached",
+                self.cfg.timeouts,
+            )
             return
         try:
             await self._serve_connection(stream)
@@ -319,8 +396,21 @@ class Redirector:
             return not request_has_body(req)
         location = self.location(host.decode("latin-1").strip(), target.decode("ascii"))
         body = f"moved to {location}\n".encode()
-        await conn.send(simple_response(301, body, extra=[(b"Location", location.encode("latin-1"))],
-                                        close=not req.keep_alive or request_has_body(req)))
-        log_entry("request", client=None, host=host.decode("latin-1"), method=req.method.decode("latin-1"),
-                  path=req.target.decode("latin-1"), status=301, mode="redirect")
+        await conn.send(
+            simple_response(
+                301,
+                body,
+                extra=[(b"Location", location.encode("latin-1"))],
+                close=not req.keep_alive or request_has_body(req),
+            )
+        )
+        log_entry(
+            "request",
+            client=None,
+            host=host.decode("latin-1"),
+            method=req.method.decode("latin-1"),
+            path=req.target.decode("latin-1"),
+            status=301,
+            mode="redirect",
+        )
         return not request_has_body(req)

@@ -47,17 +47,32 @@ from meshcar.tls.profile import apply_profile
 log = logging.getLogger("meshcar.edge")
 
 MAX_PEEK = 16 * 1024 + 5 * 16  # the parser's bound plus record headers
-HANDSHAKE_RESULTS = ("full", "resumed", "failure", "aborted", "timeout", "no_client_hello", "unknown_sni")
+HANDSHAKE_RESULTS = (
+    "full",
+    "resumed",
+    "failure",
+    "aborted",
+    "timeout",
+    "no_client_hello",
+    "unknown_sni",
+)
 
 # Mozilla "intermediate" (TLS 1.2 ciphers; TLS 1.3 suites are all allowed by OpenSSL). The
 # DHE suites are in Mozilla's list but need DH parameters, which the edge does not load:
 # in practice TLS 1.2 key exchange is ECDHE only.
-INTERMEDIATE_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
-])
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 def public_server_context(route: Route) -> ssl.SSLContext:
@@ -76,28 +91,52 @@ def public_server_context(route: Route) -> ssl.SSLContext:
     ctx.set_alpn_protocols(["http/1.1"])
     if route.client_auth is not None:
         ctx.load_verify_locations(cafile=str(route.client_auth.ca_file))
-        ctx.verify_mode = ssl.CERT_REQUIRED if route.client_auth.mode == "required" else ssl.CERT_OPTIONAL
+        ctx.verify_mode = (
+            ssl.CERT_REQUIRED if route.client_auth.mode == "required" else ssl.CERT_OPTIONAL
+        )
     return ctx
 
 
 class TLSListener:
-    def __init__(self, cfg: EdgeConfig, proxy: TerminatingProxy, balancers: dict[str, Balancer],
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: EdgeConfig,
+        proxy: TerminatingProxy,
+        balancers: dict[str, Balancer],
+        metrics: Metrics,
+    ) -> None:
         self.cfg = cfg
         self.proxy = proxy
         self.balancers = balancers
         self.metrics = metrics
-        self.contexts = {r.host: public_server_context(r) for r in cfg.routes if r.mode is not Mode.PASSTHROUGH}
-        self._outcome = {result: metrics.handshakes.labels("edge", result) for result in HANDSHAKE_RESULTS}
-        self.conn_limit = ConnectionLimit("https", cfg.limits.max_connections,
-                                          lambda n: metrics.listener_refusals.labels(n).inc())
+        self.contexts = {
+            r.host: public_server_context(r) for r in cfg.routes if r.mode is not Mode.PASSTHROUGH
+        }
+        self._outcome = {
+            result: metrics.handshakes.labels("edge", result) for result in HANDSHAKE_RESULTS
+        }
+        self.conn_limit = ConnectionLimit(
+            "https", cfg.limits.max_connections, lambda n: metrics.listener_refusals.labels(n).inc()
+        )
 
-    async def serve(self, host: str, port: int, *, handler_nursery: trio.Nursery | None = None,
-                    task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        handler_nursery: trio.Nursery | None = None,
+        task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept on (host, port) until cancelled; started with the listening sockets.
         Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
-        await serve_sockets(self.handle_socket, host, port, task_status=task_status,
-                            on_error=self.metrics.count_connection_error, handler_nursery=handler_nursery)
+        await serve_sockets(
+            self.handle_socket,
+            host,
+            port,
+            task_status=task_status,
+            on_error=self.metrics.count_connection_error,
+            handler_nursery=handler_nursery,
+        )
 
     async def peek_hello(self, sock: socket.socket) -> tuple[ClientHello | None, str]:
         """(the hello or None, why not), leaving every byte in the socket."""
@@ -124,8 +163,9 @@ class TLSListener:
                     return None, "ClientHello too large"
                 # readable again only once the bytes the parser still needs are in
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
-                                    min(seen + result.at_least, MAX_PEEK))
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(seen + result.at_least, MAX_PEEK)
+                    )
                     lowat = True
                 except OSError:
                     return None, "connection broke before a ClientHello"
@@ -164,26 +204,44 @@ class TLSListener:
         with trio.move_on_after(self.cfg.hello_timeout):
             hello, why = await self.peek_hello(sock)
         if hello is None:
-            self._refuse(sock, "no_client_hello", client=client_ip, sni=None,
-                         reason=why or "no complete ClientHello in time")
+            self._refuse(
+                sock,
+                "no_client_hello",
+                client=client_ip,
+                sni=None,
+                reason=why or "no complete ClientHello in time",
+            )
             return
         route = self.cfg.route_for(hello.sni)
         if route is None:
-            self._refuse(sock, "unknown_sni", client=client_ip, sni=hello.sni,
-                         reason="no route for this SNI" if hello.sni else "no SNI and no default route")
+            self._refuse(
+                sock,
+                "unknown_sni",
+                client=client_ip,
+                sni=hello.sni,
+                reason="no route for this SNI" if hello.sni else "no SNI and no default route",
+            )
             return
         if route.mode is Mode.PASSTHROUGH:
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             await self.passthrough(stream, route, client_ip, hello.sni, start)  # closes the stream
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's streams: no Nagle delay
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )  # as trio's streams: no Nagle delay
         tls = SocketTLSStream(sock, self.contexts[route.host])  # takes the descriptor over
         try:
             result, error = await self._handshake(tls)
             self._outcome[result].inc()
             if error is not None:
-                log_entry("connection", client=client_ip, sni=hello.sni, event="tls_failed",
-                          result=result, reason=error)
+                log_entry(
+                    "connection",
+                    client=client_ip,
+                    sni=hello.sni,
+                    event="tls_failed",
+                    result=result,
+                    reason=error,
+                )
                 return
             client = ClientConn(client_ip, hello.sni, route, tls.getpeercert(binary_form=True))
             await self.proxy.serve(tls, client)
@@ -197,14 +255,16 @@ class TLSListener:
                 await tls.do_handshake()
             except OSError as exc:  # ssl.SSLError included
                 tls_error = isinstance(exc, ssl.SSLError) and not isinstance(
-                    exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+                    exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+                )
                 # a TLS error is a failure; a reset, broken pipe or EOF: the client went away
                 return ("failure" if tls_error else "aborted"), f"{type(exc).__name__}: {exc}"[:200]
             return ("resumed" if tls.session_reused else "full"), None
         return "timeout", f"no TLS handshake within {self.cfg.handshake_timeout:g} s"
 
-    async def passthrough(self, tcp: trio.SocketStream, route: Route, client_ip: str,
-                          sni: str | None, start: float) -> None:
+    async def passthrough(
+        self, tcp: trio.SocketStream, route: Route, client_ip: str, sni: str | None, start: float
+    ) -> None:
         """Relay the connection, the peeked ClientHello included (still unread), to the backend."""
         balancer = self.balancers[route.host]
         state = balancer.pick()
@@ -219,7 +279,9 @@ class TLSListener:
             self._check_upstream_limit(route, balancer)
             state.active += 1
             counted = True
-            up = await open_tcp(state.endpoint.host, state.endpoint.port, local_address=route.source_address)
+            up = await open_tcp(
+                state.endpoint.host, state.endpoint.port, local_address=route.source_address
+            )
             if route.proxy_protocol is not None:
                 await up.send_all(_proxy_header(tcp, route.proxy_protocol))
             stats = await relay(tcp, up)
@@ -239,21 +301,41 @@ class TLSListener:
     def _check_upstream_limit(self, route: Route, balancer: Balancer) -> None:
         if sum(s.active for s in balancer.states) >= self.cfg.limits.max_upstream_connections:
             self.metrics.upstream_refusals.labels(route.host).inc()
-            raise UpstreamError(f"upstream connection limit ({self.cfg.limits.max_upstream_connections}) "
-                                "reached", 503)
+            raise UpstreamError(
+                f"upstream connection limit ({self.cfg.limits.max_upstream_connections}) reached",
+                503,
+            )
 
-    def _record_passthrough(self, route: Route, client_ip: str, sni: str | None, backend_ep: str | None,
-                            stats: RelayStats | None, error: str | None, start: float) -> None:
+    def _record_passthrough(
+        self,
+        route: Route,
+        client_ip: str,
+        sni: str | None,
+        backend_ep: str | None,
+        stats: RelayStats | None,
+        error: str | None,
+        start: float,
+    ) -> None:
         """Metrics and the access log line of one passthrough connection."""
         dur = time.perf_counter() - start
         up_bytes = stats.a_to_b if stats else 0
         down_bytes = stats.b_to_a if stats else 0
         self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
-        self.metrics.observe_edge(route.host, "passthrough", 0 if error is None else 502,
-                                  up_bytes, down_bytes)
-        log_entry("connection", client=client_ip, sni=sni, mode="passthrough", backend=backend_ep,
-                  bytes_up=up_bytes, bytes_down=down_bytes, duration_ms=round(dur * 1000, 3),
-                  spliced=stats.spliced if stats else False, error=error)
+        self.metrics.observe_edge(
+            route.host, "passthrough", 0 if error is None else 502, up_bytes, down_bytes
+        )
+        log_entry(
+            "connection",
+            client=client_ip,
+            sni=sni,
+            mode="passthrough",
+            backend=backend_ep,
+            bytes_up=up_bytes,
+            bytes_down=down_bytes,
+            duration_ms=round(dur * 1000, 3),
+            spliced=stats.spliced if stats else False,
+            error=error,
+        )
 
 
 def _proxy_header(tcp: trio.SocketStream, version: str) -> bytes:

@@ -47,16 +47,25 @@ class Edge:
     def __init__(self, cfg: EdgeConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.backend_up = Gauge("meshcar_edge_backend_up", "1 if the endpoint passes its health check",
-                                ["route", "endpoint", "check"], registry=self.metrics.registry)
+        self.backend_up = Gauge(
+            "meshcar_edge_backend_up",
+            "1 if the endpoint passes its health check",
+            ["route", "endpoint", "check"],
+            registry=self.metrics.registry,
+        )
         self.store: CredentialStore | None = None
         self.rotator: Rotator | None = None
         if cfg.identity is not None:
             ident = cfg.identity
             self.store = CredentialStore(ident.state_dir)
             self.rotator = Rotator(
-                self.store, issuer_for(ident), ident.spiffe_id,
-                metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction)
+                self.store,
+                issuer_for(ident),
+                ident.spiffe_id,
+                metrics=self.metrics,
+                ttl_seconds=ident.ttl_seconds,
+                fraction=ident.renew_fraction,
+            )
         self.backends = Backends(cfg, self.store, self.metrics)
         self.proxy = TerminatingProxy(cfg, self.backends, self.metrics)
         self.tls = TLSListener(cfg, self.proxy, self.backends.balancers, self.metrics)
@@ -78,23 +87,34 @@ class Edge:
     def status(self) -> dict:
         out: dict = {"routes": {}}
         for host, bal in self.backends.balancers.items():
-            out["routes"][host] = [{"endpoint": str(s.endpoint), "healthy": s.healthy, "active": s.active}
-                                   for s in bal.states]
+            out["routes"][host] = [
+                {"endpoint": str(s.endpoint), "healthy": s.healthy, "active": s.active}
+                for s in bal.states
+            ]
         if self.store is not None and self.store.credential is not None:
             cred = self.store.credential
-            out.update(spiffe_id=cred.spiffe_id, serial=cred.serial_hex, not_after=cred.not_after.isoformat())
+            out.update(
+                spiffe_id=cred.spiffe_id,
+                serial=cred.serial_hex,
+                not_after=cred.not_after.isoformat(),
+            )
         return out
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or a signal drains us (net/shell.py)."""
-        await self.shell.run(self._start, cleanup=self.backends.pool.close_all, task_status=task_status)
+        await self.shell.run(
+            self._start, cleanup=self.backends.pool.close_all, task_status=task_status
+        )
 
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         nursery = shell.services
-        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths)
-        await _listen(nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics,
-                      shell.conns)
+        admin = AdminServer(
+            self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths
+        )
+        await _listen(
+            nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics, shell.conns
+        )
         nursery.start_soon(accesslog.flush_loop)
         if self.rotator is not None:
             await nursery.start(self.rotator.run)
@@ -102,30 +122,57 @@ class Edge:
             nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         for route in cfg.routes:
             if route.mode is Mode.TERMINATE:
-                _event("edge.plaintext_backend", logging.WARNING, route=route.host,
-                       message="TLS ends at the edge; the leg to the backend is unencrypted HTTP")
+                _event(
+                    "edge.plaintext_backend",
+                    logging.WARNING,
+                    route=route.host,
+                    message="TLS ends at the edge; the leg to the backend is unencrypted HTTP",
+                )
             if route.backend.health is not None:
                 nursery.start_soon(health_loop, route, self.backends, self.backend_up)
         await shell.serve_traffic(self._serve_traffic)
-        _event("edge.ready", https=str(cfg.https_listen),
-               http=str(cfg.http_listen) if cfg.http_listen else None,
-               routes={r.host: r.mode for r in cfg.routes})
+        _event(
+            "edge.ready",
+            https=str(cfg.https_listen),
+            http=str(cfg.http_listen) if cfg.http_listen else None,
+            routes={r.host: r.mode for r in cfg.routes},
+        )
 
     async def _serve_traffic(self, ln: trio.Nursery) -> None:
         """The public listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
-        await ln.start(partial(self.tls.serve, cfg.https_listen.host, cfg.https_listen.port,
-                               handler_nursery=self.shell.conns))
+        await ln.start(
+            partial(
+                self.tls.serve,
+                cfg.https_listen.host,
+                cfg.https_listen.port,
+                handler_nursery=self.shell.conns,
+            )
+        )
         if cfg.http_listen is not None:
-            await _listen(ln, self.redirector.handle_connection, cfg.http_listen, "http", self.metrics,
-                          self.shell.conns)
+            await _listen(
+                ln,
+                self.redirector.handle_connection,
+                cfg.http_listen,
+                "http",
+                self.metrics,
+                self.shell.conns,
+            )
 
 
-async def _listen(nursery: trio.Nursery, handler, where: HostPort, name: str,  # noqa: ANN001
-                  metrics: Metrics, conns: trio.Nursery) -> None:
+async def _listen(
+    nursery: trio.Nursery,
+    handler,
+    where: HostPort,
+    name: str,  # noqa: ANN001
+    metrics: Metrics,
+    conns: trio.Nursery,
+) -> None:
     """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
     safe = guarded(handler, name, metrics.count_connection_error)
-    await nursery.start(partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns))
+    await nursery.start(
+        partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns)
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -49,8 +49,13 @@ class EndpointState:
 class Balancer:
     """Picks a healthy endpoint: round-robin, or least-connections; tracks health."""
 
-    def __init__(self, endpoints: tuple[HostPort, ...], policy: str = "round_robin",
-                 fall: int = 2, rise: int = 1) -> None:
+    def __init__(
+        self,
+        endpoints: tuple[HostPort, ...],
+        policy: str = "round_robin",
+        fall: int = 2,
+        rise: int = 1,
+    ) -> None:
         self.states = [EndpointState(e) for e in endpoints]
         self.policy = policy
         self.fall = fall

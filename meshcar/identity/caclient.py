@@ -36,16 +36,18 @@ class CAClient:
     timeout: float = 10.0
     ca_bundle_pem: str | None = field(default=None, repr=False)  # ... or inline PEM
 
-    def _ssl(self, chain_file: Path | None, key_file: Path | None,
-             trust_pem: str | None = None) -> ssl.SSLContext:
+    def _ssl(
+        self, chain_file: Path | None, key_file: Path | None, trust_pem: str | None = None
+    ) -> ssl.SSLContext:
         try:
             if self.ca_bundle_pem is not None:
                 ctx = ssl.create_default_context(cadata=self.ca_bundle_pem)
             else:
                 ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
         except (OSError, ssl.SSLError) as exc:
-            raise CAError(f"cannot load the CA bundle {self.ca_bundle or '(inline)'}: {exc}",
-                          retryable=True) from None
+            raise CAError(
+                f"cannot load the CA bundle {self.ca_bundle or '(inline)'}: {exc}", retryable=True
+            ) from None
         if trust_pem:
             try:
                 ctx.load_verify_locations(cadata=trust_pem)
@@ -56,9 +58,15 @@ class CAClient:
         return restrict_groups(ctx)  # X25519/P-256/P-384 only
 
     async def sign(
-        self, spiffe_id: str, *, token: str | None = None, k8s_token: str | None = None,
+        self,
+        spiffe_id: str,
+        *,
+        token: str | None = None,
+        k8s_token: str | None = None,
         chain_file: Path | None = None,
-        key_file: Path | None = None, ttl_seconds: int | None = None, bundle_version: int = 0,
+        key_file: Path | None = None,
+        ttl_seconds: int | None = None,
+        bundle_version: int = 0,
         trust_pem: str | None = None,
     ) -> Credential:
         """Get a new SVID: with a join token (bootstrap) or our current cert (renewal)."""
@@ -70,8 +78,14 @@ class CAClient:
             body["k8s_token"] = k8s_token
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
-        data = await self._request("POST", "/v1/sign", json=body, chain_file=chain_file, key_file=key_file,
-                                   trust_pem=trust_pem)
+        data = await self._request(
+            "POST",
+            "/v1/sign",
+            json=body,
+            chain_file=chain_file,
+            key_file=key_file,
+            trust_pem=trust_pem,
+        )
         try:
             chain = data["chain"]
             bundle = data["bundle"]
@@ -80,14 +94,18 @@ class CAClient:
         except (KeyError, TypeError, ValueError) as exc:
             raise CAError(f"CA answered without {exc}", retryable=True) from None
         if got_id != spiffe_id:
-            raise CAError(f"CA issued {got_id!r}, but this sidecar is configured as {spiffe_id!r}",
-                          retryable=False)
+            raise CAError(
+                f"CA issued {got_id!r}, but this sidecar is configured as {spiffe_id!r}",
+                retryable=False,
+            )
         return Credential(got_id, chain, key_pem(key), bundle, version)
 
     async def bundle(self, trust_pem: str | None = None) -> tuple[str, int]:
         import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
 
-        async with httpx.AsyncClient(verify=self._ssl(None, None, trust_pem), timeout=self.timeout) as client:
+        async with httpx.AsyncClient(
+            verify=self._ssl(None, None, trust_pem), timeout=self.timeout
+        ) as client:
             try:
                 resp = await client.get(self.url.rstrip("/") + "/v1/bundle")
             except httpx.HTTPError as exc:
@@ -96,8 +114,16 @@ class CAClient:
             raise CAError(f"CA bundle request failed: {resp.status_code}", retryable=True)
         return resp.text, int(resp.headers.get("x-meshcar-bundle-version", "0"))
 
-    async def _request(self, method: str, path: str, *, json: object,
-                       chain_file: Path | None, key_file: Path | None, trust_pem: str | None = None) -> dict:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object,
+        chain_file: Path | None,
+        key_file: Path | None,
+        trust_pem: str | None = None,
+    ) -> dict:
         import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
 
         ctx = self._ssl(chain_file, key_file, trust_pem)

@@ -32,14 +32,16 @@ class Issuer(Protocol):
     @property
     def has_bootstrap_credential(self) -> bool: ...
 
-    async def bootstrap(self, spiffe_id: str, *, ttl_seconds: int | None,
-                        trust_pem: str | None) -> Credential:
+    async def bootstrap(
+        self, spiffe_id: str, *, ttl_seconds: int | None, trust_pem: str | None
+    ) -> Credential:
         """A first credential (or one after expiry/refusal). `trust_pem`: the held bundle,
         trusted for the issuer's API too (after a root rotation)."""
         ...
 
-    async def renew(self, cred: Credential, *, chain_file: Path, key_file: Path,
-                    ttl_seconds: int | None) -> Credential:
+    async def renew(
+        self, cred: Credential, *, chain_file: Path, key_file: Path, ttl_seconds: int | None
+    ) -> Credential:
         """A new credential for the one held (`chain_file`/`key_file` are its files)."""
         ...
 
@@ -67,11 +69,17 @@ class _CAApi:
 
     client: CAClient
 
-    async def renew(self, cred: Credential, *, chain_file: Path, key_file: Path,
-                    ttl_seconds: int | None) -> Credential:
-        return await self.client.sign(cred.spiffe_id, chain_file=chain_file, key_file=key_file,
-                                      ttl_seconds=ttl_seconds, bundle_version=cred.bundle_version,
-                                      trust_pem=cred.bundle_pem)
+    async def renew(
+        self, cred: Credential, *, chain_file: Path, key_file: Path, ttl_seconds: int | None
+    ) -> Credential:
+        return await self.client.sign(
+            cred.spiffe_id,
+            chain_file=chain_file,
+            key_file=key_file,
+            ttl_seconds=ttl_seconds,
+            bundle_version=cred.bundle_version,
+            trust_pem=cred.bundle_pem,
+        )
 
     async def bundle(self, trust_pem: str | None) -> tuple[str, int]:
         return await self.client.bundle(trust_pem=trust_pem)
@@ -85,10 +93,15 @@ class JoinTokenIssuer(_CAApi):
     def has_bootstrap_credential(self) -> bool:
         return self.token_file is not None
 
-    async def bootstrap(self, spiffe_id: str, *, ttl_seconds: int | None,
-                        trust_pem: str | None) -> Credential:
-        return await self.client.sign(spiffe_id, token=read_token(self.token_file, "token_file"),
-                                      ttl_seconds=ttl_seconds, trust_pem=trust_pem)
+    async def bootstrap(
+        self, spiffe_id: str, *, ttl_seconds: int | None, trust_pem: str | None
+    ) -> Credential:
+        return await self.client.sign(
+            spiffe_id,
+            token=read_token(self.token_file, "token_file"),
+            ttl_seconds=ttl_seconds,
+            trust_pem=trust_pem,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,10 +110,15 @@ class K8sTokenIssuer(_CAApi):
 
     has_bootstrap_credential = True
 
-    async def bootstrap(self, spiffe_id: str, *, ttl_seconds: int | None,
-                        trust_pem: str | None) -> Credential:
-        return await self.client.sign(spiffe_id, k8s_token=read_token(self.token_file, "k8s_token_file"),
-                                      ttl_seconds=ttl_seconds, trust_pem=trust_pem)
+    async def bootstrap(
+        self, spiffe_id: str, *, ttl_seconds: int | None, trust_pem: str | None
+    ) -> Credential:
+        return await self.client.sign(
+            spiffe_id,
+            k8s_token=read_token(self.token_file, "k8s_token_file"),
+            ttl_seconds=ttl_seconds,
+            trust_pem=trust_pem,
+        )
 
 
 @dataclass(frozen=True)
@@ -109,12 +127,14 @@ class VaultIssuer:
 
     has_bootstrap_credential = True  # AppRole or token: Vault authenticates the workload
 
-    async def bootstrap(self, spiffe_id: str, *, ttl_seconds: int | None,
-                        trust_pem: str | None) -> Credential:
+    async def bootstrap(
+        self, spiffe_id: str, *, ttl_seconds: int | None, trust_pem: str | None
+    ) -> Credential:
         return await self.client.sign(spiffe_id, ttl_seconds=ttl_seconds)
 
-    async def renew(self, cred: Credential, *, chain_file: Path, key_file: Path,
-                    ttl_seconds: int | None) -> Credential:
+    async def renew(
+        self, cred: Credential, *, chain_file: Path, key_file: Path, ttl_seconds: int | None
+    ) -> Credential:
         return await self.client.sign(cred.spiffe_id, ttl_seconds=ttl_seconds)
 
     async def bundle(self, trust_pem: str | None) -> tuple[str, int]:

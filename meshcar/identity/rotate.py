@@ -58,9 +58,14 @@ class RotationMetrics(Protocol):
     def renewals(self) -> Any: ...  # a Counter by result: renewals.labels(result).inc()
 
 
-def renew_delay(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime,
-                fraction: float = 2 / 3, jitter: float = 0.1,
-                rand: Callable[[], float] = random.random) -> float:
+def renew_delay(
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    now: dt.datetime,
+    fraction: float = 2 / 3,
+    jitter: float = 0.1,
+    rand: Callable[[], float] = random.random,
+) -> float:
     """Seconds from `now` until renewal: at fraction*(1 +/- jitter) of the lifetime."""
     lifetime = (not_after - not_before).total_seconds()
     f = fraction * (1 + jitter * (2 * rand() - 1))
@@ -69,10 +74,11 @@ def renew_delay(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetim
     return max(0.0, (at - now).total_seconds())
 
 
-def retry_delay(attempt: int, base: float = 0.5, cap: float = 30.0,
-                rand: Callable[[], float] = random.random) -> float:
+def retry_delay(
+    attempt: int, base: float = 0.5, cap: float = 30.0, rand: Callable[[], float] = random.random
+) -> float:
     """Capped exponential backoff with full jitter in [d/2, d]."""
-    d = min(cap, base * (2 ** attempt))
+    d = min(cap, base * (2**attempt))
     return d / 2 + rand() * d / 2
 
 
@@ -86,8 +92,9 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
     except (OSError, ValueError):
         return None
     cred = Credential(spiffe_id, chain, key, bundle, store.saved_bundle_version())
-    uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.UniformResourceIdentifier)
+    uris = leaf.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.UniformResourceIdentifier)
     now = dt.datetime.now(dt.UTC)
     if uris != [spiffe_id] or not (leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc):
         return None
@@ -95,10 +102,18 @@ def load_saved(store: CredentialStore, spiffe_id: str) -> Credential | None:
 
 
 class Rotator:
-    def __init__(self, store: CredentialStore, issuer: Issuer, spiffe_id: str, *,
-                 metrics: RotationMetrics, ttl_seconds: int | None = None,
-                 fraction: float = 2 / 3, jitter: float = 0.1,
-                 clock: Callable[[], dt.datetime] | None = None) -> None:
+    def __init__(
+        self,
+        store: CredentialStore,
+        issuer: Issuer,
+        spiffe_id: str,
+        *,
+        metrics: RotationMetrics,
+        ttl_seconds: int | None = None,
+        fraction: float = 2 / 3,
+        jitter: float = 0.1,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
         self.clock = clock or _utcnow  # wall clock; tests pass one driven by trio's MockClock
         self.store = store
         self.issuer = issuer  # identity/issuer.py: CA API (join or k8s token) or Vault
@@ -129,8 +144,13 @@ class Rotator:
         self.store.install(cred)
         self.metrics.cert_not_after.set(cred.not_after.timestamp())
         self.metrics.bundle_version.set(cred.bundle_version)
-        _event("identity.installed", how=how, spiffe_id=cred.spiffe_id, serial=cred.serial_hex,
-               not_after=cred.not_after.isoformat())
+        _event(
+            "identity.installed",
+            how=how,
+            spiffe_id=cred.spiffe_id,
+            serial=cred.serial_hex,
+            not_after=cred.not_after.isoformat(),
+        )
 
     async def bootstrap(self) -> None:
         saved = load_saved(self.store, self.spiffe_id)
@@ -144,7 +164,12 @@ class Rotator:
             except CAError as exc:
                 self.metrics.renewals.labels("bootstrap_failure").inc()
                 self._set_state("expired", f"bootstrap failed: {exc}")
-                _event("identity.bootstrap_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
+                _event(
+                    "identity.bootstrap_failed",
+                    error=str(exc),
+                    attempt=attempt,
+                    level=logging.WARNING,
+                )
                 await trio.sleep(retry_delay(attempt, cap=30.0 if exc.retryable else 60.0))
                 attempt += 1
                 continue
@@ -162,7 +187,9 @@ class Rotator:
         # that `ca_bundle` may not have.
         held = self.store.credential
         trust = held.bundle_pem if held is not None else None
-        return await self.issuer.bootstrap(self.spiffe_id, ttl_seconds=self.ttl_seconds, trust_pem=trust)
+        return await self.issuer.bootstrap(
+            self.spiffe_id, ttl_seconds=self.ttl_seconds, trust_pem=trust
+        )
 
     def _set_state(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
@@ -179,14 +206,22 @@ class Rotator:
         try:
             if cur.not_after > self.clock() or not self.has_bootstrap_credential:
                 try:
-                    cred = await self.issuer.renew(cur, chain_file=self.store.chain_file,
-                                                   key_file=self.store.key_file, ttl_seconds=self.ttl_seconds)
+                    cred = await self.issuer.renew(
+                        cur,
+                        chain_file=self.store.chain_file,
+                        key_file=self.store.key_file,
+                        ttl_seconds=self.ttl_seconds,
+                    )
                     how = "renewed"
                 except CAError as exc:
                     if exc.retryable or not self.has_bootstrap_credential:
                         raise
-                    _event("identity.renewal_refused", error=str(exc), level=logging.WARNING,
-                           action="falling back to the bootstrap credential")
+                    _event(
+                        "identity.renewal_refused",
+                        error=str(exc),
+                        level=logging.WARNING,
+                        action="falling back to the bootstrap credential",
+                    )
                     cred = await self._sign_with_bootstrap_credential()
                     how = "re-bootstrapped after a refused renewal"
             else:
@@ -209,8 +244,10 @@ class Rotator:
         cur = self.store.credential
         if cur is None or (pem == cur.bundle_pem and version == cur.bundle_version):
             return False
-        self._install(dataclasses.replace(cur, bundle_pem=pem, bundle_version=version),
-                      "trust bundle refreshed")
+        self._install(
+            dataclasses.replace(cur, bundle_pem=pem, bundle_version=version),
+            "trust bundle refreshed",
+        )
         return True
 
     async def bundle_loop(self, interval: float) -> None:
@@ -232,7 +269,9 @@ class Rotator:
             assert cred is not None
             now = self.clock()
             if attempt == 0:
-                delay = renew_delay(cred.not_before, cred.not_after, now, self.fraction, self.jitter)
+                delay = renew_delay(
+                    cred.not_before, cred.not_after, now, self.fraction, self.jitter
+                )
             else:
                 # capped exponential backoff with jitter; while still valid, never wait past
                 # a quarter of what is left (so a short outage cannot outlast the certificate)
@@ -252,7 +291,9 @@ class Rotator:
                 await self.renew_once()
             except CAError as exc:
                 attempt += 1
-                _event("identity.renew_failed", error=str(exc), attempt=attempt, level=logging.WARNING)
+                _event(
+                    "identity.renew_failed", error=str(exc), attempt=attempt, level=logging.WARNING
+                )
                 continue
             attempt = 0
             self._renewed.set()

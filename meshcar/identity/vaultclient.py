@@ -46,10 +46,15 @@ log = logging.getLogger("meshcar.identity")
 
 # answers after which another node of the cluster may do better
 _NODE_FAILURES: tuple[type[Exception], ...] = (
-    hvac.exceptions.InternalServerError, hvac.exceptions.VaultNotInitialized,
-    hvac.exceptions.VaultDown, hvac.exceptions.BadGateway, hvac.exceptions.UnexpectedError,
-    hvac.exceptions.RateLimitExceeded, hvac.exceptions.PreconditionFailed,
-    requests.RequestException, OSError,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.VaultNotInitialized,
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.UnexpectedError,
+    hvac.exceptions.RateLimitExceeded,
+    hvac.exceptions.PreconditionFailed,
+    requests.RequestException,
+    OSError,
 )
 
 
@@ -71,7 +76,9 @@ def _refuse_redirects(resp: requests.Response, *_: object, **__: object) -> None
     if resp.is_redirect:
         location = resp.headers.get("Location", "")
         resp.close()
-        raise _TryAnotherNode(f"redirected ({resp.status_code}) to {_origin(location) or '?'}", location)
+        raise _TryAnotherNode(
+            f"redirected ({resp.status_code}) to {_origin(location) or '?'}", location
+        )
 
 
 def _pem_blocks(text: str) -> list[str]:
@@ -113,8 +120,13 @@ class VaultClient:
             session = requests.Session()
             session.verify = verify  # hvac takes verify from a session it is given
             session.hooks["response"].append(_refuse_redirects)
-            self._client = hvac.Client(url=addr, timeout=(self.connect_timeout, self.timeout),
-                                       verify=verify, session=session, allow_redirects=False)
+            self._client = hvac.Client(
+                url=addr,
+                timeout=(self.connect_timeout, self.timeout),
+                verify=verify,
+                session=session,
+                allow_redirects=False,
+            )
         self._client.url = addr
         self._client.token = self._token
         return self._client
@@ -124,9 +136,11 @@ class VaultClient:
             self._token = _read_secret(self.token_file, "token_file")
         else:
             assert self.role_id_file and self.secret_id_file
-            client.auth.approle.login(role_id=_read_secret(self.role_id_file, "approle_role_id_file"),
-                                      secret_id=_read_secret(self.secret_id_file, "approle_secret_id_file"),
-                                      mount_point=self.approle_mount)
+            client.auth.approle.login(
+                role_id=_read_secret(self.role_id_file, "approle_role_id_file"),
+                secret_id=_read_secret(self.secret_id_file, "approle_secret_id_file"),
+                mount_point=self.approle_mount,
+            )
             self._token = client.token
         client.token = self._token
 
@@ -173,8 +187,12 @@ class VaultClient:
                     continue
                 index = self.addrs.index(addr)
                 if index != self._current or failed:
-                    _event("identity.vault_node", addr=addr, previous=self.addrs[self._current],
-                           failed=failed)
+                    _event(
+                        "identity.vault_node",
+                        addr=addr,
+                        previous=self.addrs[self._current],
+                        failed=failed,
+                    )
                 self._current = index
                 return result
             raise CAError("no Vault node could answer: " + "; ".join(failed), retryable=True)
@@ -183,19 +201,33 @@ class VaultClient:
         extra: dict[str, Any] = {"uri_sans": spiffe_id, "format": "pem"}
         if ttl_seconds:
             extra["ttl"] = f"{ttl_seconds}s"
-        return self._call(lambda c: c.secrets.pki.sign_certificate(
-            name=self.role, csr=csr, common_name="", extra_params=extra, mount_point=self.mount)["data"])
+        return self._call(
+            lambda c: c.secrets.pki.sign_certificate(
+                name=self.role, csr=csr, common_name="", extra_params=extra, mount_point=self.mount
+            )["data"]
+        )
 
-    async def sign(self, spiffe_id: str, *, ttl_seconds: int | None = None, **_: object) -> Credential:
+    async def sign(
+        self, spiffe_id: str, *, ttl_seconds: int | None = None, **_: object
+    ) -> Credential:
         """A new SVID for `spiffe_id` (Vault's own auth; meshcar join tokens do not apply)."""
         key = new_key()
-        data = await trio.to_thread.run_sync(self._sign_blocking, csr_pem(key, spiffe_id), spiffe_id, ttl_seconds)
-        chain_certs = [b for c in data.get("ca_chain") or [data.get("issuing_ca", "")] if c
-                       for b in _pem_blocks(c)]
+        data = await trio.to_thread.run_sync(
+            self._sign_blocking, csr_pem(key, spiffe_id), spiffe_id, ttl_seconds
+        )
+        chain_certs = [
+            b
+            for c in data.get("ca_chain") or [data.get("issuing_ca", "")]
+            if c
+            for b in _pem_blocks(c)
+        ]
         roots = [c for c in chain_certs if _self_signed(c)]
         if not roots:
-            raise CAError("Vault's CA chain has no root: configure the intermediate with its root "
-                          "(deploy/vault/setup.sh does)", retryable=False)
+            raise CAError(
+                "Vault's CA chain has no root: configure the intermediate with its root "
+                "(deploy/vault/setup.sh does)",
+                retryable=False,
+            )
         intermediates = [c for c in chain_certs if not _self_signed(c)]
         chain = "".join(_pem_blocks(data["certificate"]) + intermediates)
         return Credential(spiffe_id, chain, key_pem(key), "".join(roots), 0)
@@ -203,6 +235,7 @@ class VaultClient:
     async def bundle(self, **_: object) -> tuple[str, int]:
         def fetch(c: Any) -> str:
             return c.secrets.pki.read_ca_certificate_chain(mount_point=self.mount)
+
         text = await trio.to_thread.run_sync(self._call, fetch)
         roots = [b for b in _pem_blocks(text) if _self_signed(b)]
         if not roots:
@@ -215,7 +248,9 @@ def _read_secret(path: Path, key: str) -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:  # before any request: not a node failure
-        raise CAError(f"cannot read identity.vault.{key} {path}: {exc.strerror}", retryable=True) from None
+        raise CAError(
+            f"cannot read identity.vault.{key} {path}: {exc.strerror}", retryable=True
+        ) from None
 
 
 def _event(name: str, **fields: object) -> None:

@@ -28,9 +28,16 @@ from meshcar.inject.patch import (
 
 
 def build_parser(prog: str = "meshcar inject") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Add the meshcar sidecar to Kubernetes manifests.")
-    parser.add_argument("-f", "--filename", action="append", required=True,
-                        help="manifest file, or - for stdin (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Add the meshcar sidecar to Kubernetes manifests."
+    )
+    parser.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="manifest file, or - for stdin (repeatable)",
+    )
     add_option_arguments(parser)
     return parser
 
@@ -38,16 +45,26 @@ def build_parser(prog: str = "meshcar inject") -> argparse.ArgumentParser:
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """The injection settings shared by `meshcar inject` and `meshcar webhook`."""
     d = InjectOptions()
-    parser.add_argument("--sidecar-mode", choices=("native", "classic"), default=d.sidecar_mode,
-                        help="native sidecar (initContainer, k8s >= 1.29; default) or classic container")
+    parser.add_argument(
+        "--sidecar-mode",
+        choices=("native", "classic"),
+        default=d.sidecar_mode,
+        help="native sidecar (initContainer, k8s >= 1.29; default) or classic container",
+    )
     parser.add_argument("--image", default=d.image, help=f"sidecar image (default {d.image})")
     parser.add_argument("--ca-url", default=d.ca_url, help=f"CA API URL (default {d.ca_url})")
     parser.add_argument("--trust-domain", default=d.trust_domain, help=f"default {d.trust_domain}")
-    parser.add_argument("--ca-bundle", metavar="FILE",
-                        help="PEM root of the CA API, embedded in the config "
-                             "(default: mount ConfigMap meshcar-ca-bundle)")
-    parser.add_argument("--token-audience", default=d.token_audience,
-                        help=f"audience of the projected token (default {d.token_audience})")
+    parser.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="PEM root of the CA API, embedded in the config "
+        "(default: mount ConfigMap meshcar-ca-bundle)",
+    )
+    parser.add_argument(
+        "--token-audience",
+        default=d.token_audience,
+        help=f"audience of the projected token (default {d.token_audience})",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> InjectOptions:
@@ -62,12 +79,18 @@ def options_from_args(args: argparse.Namespace) -> InjectOptions:
         if "-----BEGIN CERTIFICATE-----" not in bundle:
             raise InjectError(f"{args.ca_bundle}: not a PEM certificate")
     return InjectOptions(
-        image=args.image, ca_url=args.ca_url, trust_domain=args.trust_domain,
-        sidecar_mode=args.sidecar_mode, ca_bundle_pem=bundle, token_audience=args.token_audience,
+        image=args.image,
+        ca_url=args.ca_url,
+        trust_domain=args.trust_domain,
+        sidecar_mode=args.sidecar_mode,
+        ca_bundle_pem=bundle,
+        token_audience=args.token_audience,
     )
 
 
-def inject_stream(text: str, options: InjectOptions, source: str = "<stdin>") -> tuple[list[Any], list[str]]:
+def inject_stream(
+    text: str, options: InjectOptions, source: str = "<stdin>"
+) -> tuple[list[Any], list[str]]:
     """Inject every document of a YAML stream; returns (documents, report lines)."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
@@ -105,8 +128,10 @@ def _report_lines(doc: Any, new: Any) -> list[str]:
     """One line per object of the document (a List's items one by one): injected or why not."""
     items = doc["items"] if _is_list(doc) and isinstance(doc.get("items"), list) else [doc]
     new_items = new["items"] if new is not doc and _is_list(new) else None
-    return [f"{object_name(item)} {_verdict(item, new_items[i] if new_items is not None else new)}"
-            for i, item in enumerate(items)]
+    return [
+        f"{object_name(item)} {_verdict(item, new_items[i] if new_items is not None else new)}"
+        for i, item in enumerate(items)
+    ]
 
 
 def _verdict(before: Any, after: Any) -> str:
@@ -118,7 +143,9 @@ def _verdict(before: Any, after: Any) -> str:
 
 
 def dump_documents(docs: Iterable[Any], out: TextIO) -> None:
-    yaml.safe_dump_all(list(docs), out, sort_keys=False, default_flow_style=False, explicit_start=True)
+    yaml.safe_dump_all(
+        list(docs), out, sort_keys=False, default_flow_style=False, explicit_start=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,8 +104,14 @@ class ShapeError(InjectError):
 def type_name(value: Any) -> str:
     if value is None:
         return "null"
-    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                    (list, "a list"), (dict, "a mapping")):
+    for t, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a mapping"),
+    ):
         if isinstance(value, t):
             return name
     return f"a {type(value).__name__}"
@@ -127,7 +133,9 @@ def _check_meta(meta: Any, path: str, where: str) -> None:
         _expect(values, dict, f"{path}.{key}", where)
         for k, v in (values or {}).items():
             if isinstance(v, dict | list):
-                raise ShapeError(f"{where}: {path}.{key}[{str(k)!r}]: expected a string, got {type_name(v)}")
+                raise ShapeError(
+                    f"{where}: {path}.{key}[{str(k)!r}]: expected a string, got {type_name(v)}"
+                )
 
 
 def check_shapes(obj: dict[str, Any], where: str) -> None:
@@ -347,8 +355,12 @@ def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> Pod
     if level is not None and level not in ("debug", "info", "warning", "error"):
         raise InjectError(f"{where}: annotation {ANN_LOG_LEVEL}: {level!r} is not a log level")
     return PodSettings(
-        mode=mode, app_port=app_port, inbound_port=inbound, outbound_port=outbound,
-        admin_port=admin, allowed_callers=tuple(callers),
+        mode=mode,
+        app_port=app_port,
+        inbound_port=inbound,
+        outbound_port=outbound,
+        admin_port=admin,
+        allowed_callers=tuple(callers),
         upstreams=tuple((n, tuple(u["endpoints"]), u["spiffe_id"]) for n, u in ups.items()),
         log_level=level,
     )
@@ -369,11 +381,15 @@ def render_config(settings: PodSettings, options: InjectOptions) -> str:
     config: dict[str, Any] = {
         "identity": identity,
         "app": {"host": "127.0.0.1", "port": settings.app_port},
-        "inbound": {"listen": f"0.0.0.0:{settings.inbound_port}", "allow": list(settings.allowed_callers)},
+        "inbound": {
+            "listen": f"0.0.0.0:{settings.inbound_port}",
+            "allow": list(settings.allowed_callers),
+        },
         "outbound": {
             "listen": f"127.0.0.1:{settings.outbound_port}",
             "upstreams": {
-                name: {"endpoints": list(eps), "spiffe_id": sid} for name, eps, sid in settings.upstreams
+                name: {"endpoints": list(eps), "spiffe_id": sid}
+                for name, eps, sid in settings.upstreams
             },
         },
         "admin": {"listen": f"0.0.0.0:{settings.admin_port}"},
@@ -429,7 +445,9 @@ def sidecar_container(settings: PodSettings, options: InjectOptions) -> dict[str
         ],
     }
     if options.ca_bundle_pem is None:
-        container["volumeMounts"].append({"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True})
+        container["volumeMounts"].append(
+            {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True}
+        )
     if settings.mode == "native":
         container["restartPolicy"] = "Always"
     return container
@@ -441,21 +459,28 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
         {
             "name": TOKEN_VOLUME,
             "projected": {
-                "sources": [{
-                    "serviceAccountToken": {
-                        "audience": options.token_audience,
-                        "expirationSeconds": options.token_expiration_seconds,
-                        "path": "token",
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": options.token_audience,
+                            "expirationSeconds": options.token_expiration_seconds,
+                            "path": "token",
+                        }
                     }
-                }]
+                ]
             },
         },
     ]
     if options.ca_bundle_pem is None:
-        volumes.append({
-            "name": TRUST_VOLUME,
-            "configMap": {"name": TRUST_CONFIGMAP, "items": [{"key": TRUST_KEY, "path": TRUST_KEY}]},
-        })
+        volumes.append(
+            {
+                "name": TRUST_VOLUME,
+                "configMap": {
+                    "name": TRUST_CONFIGMAP,
+                    "items": [{"key": TRUST_KEY, "path": TRUST_KEY}],
+                },
+            }
+        )
     return volumes
 
 
@@ -516,7 +541,9 @@ def _injection_enabled(ann: dict, tmpl: dict, where: str) -> bool:
     if inject == "disabled" or labels.get(ANN_INJECT) == "disabled":
         return False
     if inject != "enabled":
-        raise InjectError(f"{where}: annotation {ANN_INJECT}: {inject!r} is not enabled or disabled")
+        raise InjectError(
+            f"{where}: annotation {ANN_INJECT}: {inject!r} is not enabled or disabled"
+        )
     return True
 
 
@@ -538,7 +565,9 @@ def _patched(obj: Any, settings: PodSettings, options: InjectOptions, where: str
     if settings.mode == "native":
         spec["initContainers"] = [sidecar] + list(spec.get("initContainers") or [])
     else:
-        annotations.setdefault("kubectl.kubernetes.io/default-container", spec["containers"][0]["name"])
+        annotations.setdefault(
+            "kubectl.kubernetes.io/default-container", spec["containers"][0]["name"]
+        )
         spec["containers"] = [sidecar] + list(spec["containers"])
     spec["volumes"] = list(spec.get("volumes") or []) + sidecar_volumes(options)
     return out

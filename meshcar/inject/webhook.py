@@ -92,14 +92,21 @@ def _bad(message: str) -> Answer:
 
 
 def _review(response: dict[str, Any]) -> Answer:
-    return Answer(200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+    return Answer(
+        200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+    )
 
 
 def _deny(response: dict[str, Any], message: str) -> Answer:
     """A review that parsed but whose object is malformed: denied, with the reason."""
     log.warning("denied: %s", message)
-    return _review(dict(response, allowed=False,
-                        status={"code": 400, "reason": "BadRequest", "message": f"meshcar: {message}"}))
+    return _review(
+        dict(
+            response,
+            allowed=False,
+            status={"code": 400, "reason": "BadRequest", "message": f"meshcar: {message}"},
+        )
+    )
 
 
 def check_json_bounds(body: bytes) -> None:
@@ -208,7 +215,9 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
 async def _refuse_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
     """413, then a lingering close: drain what the client is still sending for a moment, so
     that closing does not reset the connection before the client has read the answer."""
-    await _answer(stream, conn, Answer(413, {"error": "too_large", "message": f"body over {MAX_BODY} bytes"}))
+    await _answer(
+        stream, conn, Answer(413, {"error": "too_large", "message": f"body over {MAX_BODY} bytes"})
+    )
     drained = 0
     with trio.move_on_after(LINGER_SECONDS):
         while drained < LINGER_BYTES:
@@ -218,11 +227,18 @@ async def _refuse_body(stream: trio.abc.Stream, conn: h11.Connection) -> None:
             drained += len(data)
 
 
-async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
-                          options: InjectOptions, reviews: trio.CapacityLimiter | None = None) -> bool:
+async def _handle_request(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    request: h11.Request,
+    options: InjectOptions,
+    reviews: trio.CapacityLimiter | None = None,
+) -> bool:
     """Serve one request; returns False when the connection must close."""
     declared = dict(request.headers).get(b"content-length", b"0")
-    if declared.isdigit() and int(declared) > MAX_BODY:  # answer before reading a body we will not accept
+    if (
+        declared.isdigit() and int(declared) > MAX_BODY
+    ):  # answer before reading a body we will not accept
         await _refuse_body(stream, conn)
         return False
     if reviews is None:
@@ -231,8 +247,9 @@ async def _handle_request(stream: trio.abc.Stream, conn: h11.Connection, request
         return await _read_and_answer(stream, conn, request, options)
 
 
-async def _read_and_answer(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
-                           options: InjectOptions) -> bool:
+async def _read_and_answer(
+    stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, options: InjectOptions
+) -> bool:
     target = request.target.split(b"?", 1)[0]
     body = bytearray()
     too_large = False
@@ -254,7 +271,9 @@ async def _read_and_answer(stream: trio.abc.Stream, conn: h11.Connection, reques
     if request.method == b"GET" and target == b"/healthz":
         answer = Answer(200, {"status": "ok"})
     elif target != INJECT_PATH.encode():
-        answer = Answer(404, {"error": "not_found", "message": f"POST AdmissionReview to {INJECT_PATH}"})
+        answer = Answer(
+            404, {"error": "not_found", "message": f"POST AdmissionReview to {INJECT_PATH}"}
+        )
     elif request.method != b"POST":
         answer = Answer(405, {"error": "method_not_allowed", "message": "use POST"})
     else:
@@ -263,8 +282,12 @@ async def _read_and_answer(stream: trio.abc.Stream, conn: h11.Connection, reques
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
-async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drain: Drain | None = None,
-                            reviews: trio.CapacityLimiter | None = None) -> None:
+async def handle_connection(
+    stream: trio.SSLStream,
+    options: InjectOptions,
+    drain: Drain | None = None,
+    reviews: trio.CapacityLimiter | None = None,
+) -> None:
     """One connection: TLS handshake, then keep-alive requests until close, a timeout, or
     (with `drain`) the end of the request in flight once the process is draining."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
@@ -288,11 +311,20 @@ async def handle_connection(stream: trio.SSLStream, options: InjectOptions, drai
     except h11.RemoteProtocolError as exc:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             try:
-                await _answer(stream, conn, Answer(exc.error_status_hint,
-                                                   {"error": "bad_http", "message": str(exc)}))
+                await _answer(
+                    stream,
+                    conn,
+                    Answer(exc.error_status_hint, {"error": "bad_http", "message": str(exc)}),
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
-    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+    except (
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        trio.ClosedResourceError,
+        ssl.SSLError,
+        OSError,
+    ):
         pass
     except Exception:  # one bad connection must never take the server down
         log.exception("webhook connection failed")
@@ -312,10 +344,18 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 
 
-async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, host: str, port: int,
-                        *, drain: Drain | None = None, handler_nursery: trio.Nursery | None = None,
-                        max_connections: int = MAX_CONNECTIONS, reviews_in_flight: int = REVIEWS_IN_FLIGHT,
-                        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_webhook(
+    options: InjectOptions,
+    ssl_context: ssl.SSLContext,
+    host: str,
+    port: int,
+    *,
+    drain: Drain | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    reviews_in_flight: int = REVIEWS_IN_FLIGHT,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; `await nursery.start(serve_webhook, ...)` returns the bound listeners.
     Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -328,8 +368,16 @@ async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, hos
         nonlocal open_connections, refused
         if open_connections >= max_connections:
             refused += 1
-            log.warning(json.dumps({"event": "webhook.connection_refused", "open": open_connections,
-                                    "max_connections": max_connections, "refused_total": refused}))
+            log.warning(
+                json.dumps(
+                    {
+                        "event": "webhook.connection_refused",
+                        "open": open_connections,
+                        "max_connections": max_connections,
+                        "refused_total": refused,
+                    }
+                )
+            )
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await stream.transport_stream.aclose()  # before the handshake: no TLS work spent
@@ -342,7 +390,9 @@ async def serve_webhook(options: InjectOptions, ssl_context: ssl.SSLContext, hos
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(handler, ssl_listeners, handler_nursery=handler_nursery or nursery)
+        await trio.serve_listeners(
+            handler, ssl_listeners, handler_nursery=handler_nursery or nursery
+        )
 
 
 class _JsonFormatter(logging.Formatter):
@@ -373,14 +423,29 @@ def _split_listen(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshcar webhook", description="Mutating admission webhook for meshcar injection.")
-    parser.add_argument("--listen", type=_split_listen, default=("127.0.0.1", 8443), help="HOST:PORT (default 127.0.0.1:8443)")
+    parser = argparse.ArgumentParser(
+        prog="meshcar webhook", description="Mutating admission webhook for meshcar injection."
+    )
+    parser.add_argument(
+        "--listen",
+        type=_split_listen,
+        default=("127.0.0.1", 8443),
+        help="HOST:PORT (default 127.0.0.1:8443)",
+    )
     parser.add_argument("--tls-cert", required=True, help="PEM certificate (chain) of the webhook")
     parser.add_argument("--tls-key", required=True, help="PEM private key of the webhook")
-    parser.add_argument("--drain-seconds", type=_drain_seconds, default=10.0,
-                        help="on SIGTERM, how long requests in flight may finish (default 10)")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                        help=f"open connections at most; more are closed before TLS (default {MAX_CONNECTIONS})")
+    parser.add_argument(
+        "--drain-seconds",
+        type=_drain_seconds,
+        default=10.0,
+        help="on SIGTERM, how long requests in flight may finish (default 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help=f"open connections at most; more are closed before TLS (default {MAX_CONNECTIONS})",
+    )
     add_option_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_connections < 1:
@@ -397,15 +462,27 @@ def main(argv: list[str] | None = None) -> int:
         ctx = server_ssl_context(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"meshcar webhook: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {reason}",
-              file=sys.stderr)
+        print(
+            f"meshcar webhook: cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {reason}",
+            file=sys.stderr,
+        )
         return 2
     host, port = args.listen
     shell = Shell("webhook", args.drain_seconds)
 
     async def listen(ln: trio.Nursery) -> None:
-        listeners = await ln.start(partial(serve_webhook, options, ctx, host, port, drain=shell.drain,
-                                           handler_nursery=shell.conns, max_connections=args.max_connections))
+        listeners = await ln.start(
+            partial(
+                serve_webhook,
+                options,
+                ctx,
+                host,
+                port,
+                drain=shell.drain,
+                handler_nursery=shell.conns,
+                max_connections=args.max_connections,
+            )
+        )
         bound = listeners[0].socket.getsockname()
         log.info("webhook listening on %s:%d", bound[0], bound[1])
 

@@ -30,15 +30,26 @@ Handler = Callable[[socket.socket, tuple], Awaitable[None]]
 # Out of resources: wait and retry (as trio.serve_listeners does).
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # One connection went bad between SYN and accept(): skip it.
-SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
-               errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH}
+SKIP_ERRNOS = {
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.EPERM,
+    errno.ENETDOWN,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETUNREACH,
+}
 ACCEPT_BATCH = 64  # yield to the scheduler after this many accepts in a row
 
 
 def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.socket]:
     """Listening, non-blocking sockets on every address `host` resolves to."""
-    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                               socket.AI_PASSIVE)
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
     sockets: list[socket.socket] = []
     try:
         seen = set()
@@ -61,8 +72,9 @@ def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.s
     return sockets
 
 
-async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple,
-                       on_error: Callable[[str], None] | None) -> None:
+async def _run_handler(
+    handler: Handler, conn: socket.socket, addr: tuple, on_error: Callable[[str], None] | None
+) -> None:
     """A bug met by one connection is logged and ends that connection, not the listener."""
     try:
         await handler(conn, addr)
@@ -76,8 +88,12 @@ async def _run_handler(handler: Handler, conn: socket.socket, addr: tuple,
             conn.close()
 
 
-async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nursery,
-                       on_error: Callable[[str], None] | None) -> None:
+async def _accept_loop(
+    lsock: socket.socket,
+    handler: Handler,
+    nursery: trio.Nursery,
+    on_error: Callable[[str], None] | None,
+) -> None:
     in_a_row = 0
     while True:
         try:
@@ -88,8 +104,15 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
             continue
         except OSError as exc:
             if exc.errno in CAPACITY_ERRNOS:
-                log.error(json.dumps({"event": "accept.out_of_resources", "error": str(exc),
-                                      "listen": str(lsock.getsockname())}))
+                log.error(
+                    json.dumps(
+                        {
+                            "event": "accept.out_of_resources",
+                            "error": str(exc),
+                            "listen": str(lsock.getsockname()),
+                        }
+                    )
+                )
                 await trio.sleep(0.1)
                 continue
             if exc.errno in SKIP_ERRNOS:
@@ -103,10 +126,15 @@ async def _accept_loop(lsock: socket.socket, handler: Handler, nursery: trio.Nur
             await trio.lowlevel.checkpoint()
 
 
-async def serve_sockets(handler: Handler, host: str, port: int, *,
-                        on_error: Callable[[str], None] | None = None,
-                        handler_nursery: trio.Nursery | None = None,
-                        task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_sockets(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    on_error: Callable[[str], None] | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; `task_status.started` gets the bound listening sockets.
     Handlers run in `handler_nursery` if given (as `trio.serve_listeners`), so cancelling
     the listener closes the listening sockets but not the connections already accepted."""
@@ -114,7 +142,9 @@ async def serve_sockets(handler: Handler, host: str, port: int, *,
     try:
         async with trio.open_nursery() as nursery:
             for lsock in listeners:
-                nursery.start_soon(_accept_loop, lsock, handler, handler_nursery or nursery, on_error)
+                nursery.start_soon(
+                    _accept_loop, lsock, handler, handler_nursery or nursery, on_error
+                )
             task_status.started(listeners)
     finally:
         for lsock in listeners:

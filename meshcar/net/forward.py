@@ -124,14 +124,24 @@ def request_has_body(req: RequestHead) -> bool:
 
 
 def request_bytes(req: RequestHead, target: bytes, headers: Headers) -> bytes:
-    return serialize_request(req.method, target, headers + framing_headers(req.chunked, req.content_length))
+    return serialize_request(
+        req.method, target, headers + framing_headers(req.chunked, req.content_length)
+    )
 
 
 COALESCE_LIMIT = 64 * 1024
 
 
-async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, src_is_downstream: bool,
-                    prefix: bytes = b"", limit: int | None = None, clock: _Clock | None = None) -> int:
+async def pipe_body(
+    src: HttpConn,
+    dst: trio.abc.Stream,
+    chunked_out: bool,
+    *,
+    src_is_downstream: bool,
+    prefix: bytes = b"",
+    limit: int | None = None,
+    clock: _Clock | None = None,
+) -> int:
     """Stream one message body from src to dst; return the payload bytes moved.
 
     `prefix` (the message head) is sent together with whatever body the source has
@@ -142,8 +152,11 @@ async def pipe_body(src: HttpConn, dst: trio.abc.Stream, chunked_out: bool, *, s
     pending: list[bytes] = [prefix] if prefix else []
     size = len(prefix)
     if clock is not None:
-        read_phase, read_s = (("request_body", clock.t.request_body) if src_is_downstream
-                              else ("response_body", clock.t.response_body))
+        read_phase, read_s = (
+            ("request_body", clock.t.request_body)
+            if src_is_downstream
+            else ("response_body", clock.t.response_body)
+        )
         write_phase = "write_up" if src_is_downstream else "write_down"
     while True:
         if pending and (size >= COALESCE_LIMIT or not src.has_buffered_events()):
@@ -218,13 +231,27 @@ async def forward(
     raise clock.expired()
 
 
-async def _exchange(down: HttpConn, req: RequestHead, head: bytes, up: HttpConn,
-                    rewrite_response: Callable[[ResponseHead, Headers], Headers], ex: Exchange,
-                    max_request_body: int | None, clock: _Clock) -> Exchange:
+async def _exchange(
+    down: HttpConn,
+    req: RequestHead,
+    head: bytes,
+    up: HttpConn,
+    rewrite_response: Callable[[ResponseHead, Headers], Headers],
+    ex: Exchange,
+    max_request_body: int | None,
+    clock: _Clock,
+) -> Exchange:
     t = clock.t
     if request_has_body(req):
-        ex.bytes_up = await pipe_body(down, up.stream, req.chunked, src_is_downstream=True, prefix=head,
-                                      limit=max_request_body, clock=clock)
+        ex.bytes_up = await pipe_body(
+            down,
+            up.stream,
+            req.chunked,
+            src_is_downstream=True,
+            prefix=head,
+            limit=max_request_body,
+            clock=clock,
+        )
     else:
         clock.arm("write_up", t.write)
         await _send(up.stream, head, dst_is_downstream=False)
@@ -246,7 +273,9 @@ async def _exchange(down: HttpConn, req: RequestHead, head: bytes, up: HttpConn,
             await up.next_event()  # its EndOfMessage
             if ev.status != 101:
                 clock.arm("write_down", t.write)
-                await _send_down(down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers)))
+                await _send_down(
+                    down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers))
+                )
             continue
         resp = ev
         break
@@ -268,8 +297,9 @@ async def _exchange(down: HttpConn, req: RequestHead, head: bytes, up: HttpConn,
     if not no_body:
         ex.response_started = True  # from here on, only closing is left on failure
         try:
-            ex.bytes_down = await pipe_body(up, down.stream, chunked_out, src_is_downstream=False,
-                                            prefix=resp_head, clock=clock)
+            ex.bytes_down = await pipe_body(
+                up, down.stream, chunked_out, src_is_downstream=False, prefix=resp_head, clock=clock
+            )
         except UpstreamError as exc:
             raise ResponseStarted(str(exc)) from None
     else:

@@ -21,14 +21,22 @@ log = logging.getLogger("meshcar.connection")
 Handler = Callable[..., Awaitable[None]]
 
 
-def guarded(handler: Handler, listener: str,
-            on_error: Callable[[str], None] | None = None) -> Handler:
+def guarded(
+    handler: Handler, listener: str, on_error: Callable[[str], None] | None = None
+) -> Handler:
     async def run(stream: trio.abc.AsyncResource, *args: Any, **kwargs: Any) -> None:
         try:
             await handler(stream, *args, **kwargs)
         except Exception as exc:
-            log.exception(json.dumps({"event": "connection.handler_error", "listener": listener,
-                                      "error": type(exc).__name__}))
+            log.exception(
+                json.dumps(
+                    {
+                        "event": "connection.handler_error",
+                        "listener": listener,
+                        "error": type(exc).__name__,
+                    }
+                )
+            )
             if on_error is not None:
                 on_error(listener)
         finally:

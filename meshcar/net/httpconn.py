@@ -38,8 +38,14 @@ def stream_has_unread(stream: trio.abc.Stream) -> bool:
 
 
 class HttpConn:
-    def __init__(self, stream: trio.abc.Stream, kind: str,
-                 policy: HeaderPolicy = DEFAULT_HEADER_POLICY, *, quickack: bool = False) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        kind: str,
+        policy: HeaderPolicy = DEFAULT_HEADER_POLICY,
+        *,
+        quickack: bool = False,
+    ) -> None:
         """`quickack`: for sockets facing an app (which may keep Nagle on and write a head and
         a body separately, its second write waiting for our ACK of the first): ACK what each
         read took at once. Linux drops quick-ACK mode again as soon as we answer, so it is
@@ -90,8 +96,13 @@ class HttpConn:
         complete and nothing unread waits on it: no buffered event, no parser leftover, no
         message half-parsed, and nothing (data or EOF) in the TLS object or the socket. Never
         blocks; a connection that fails this is to be closed, never reused."""
-        if (self.eof or self._pending or self._error is not None or self.parser.leftover
-                or not self.parser.between_messages()):
+        if (
+            self.eof
+            or self._pending
+            or self._error is not None
+            or self.parser.leftover
+            or not self.parser.between_messages()
+        ):
             return False
         return not stream_has_unread(self.stream)
 

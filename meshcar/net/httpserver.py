@@ -35,14 +35,22 @@ def error_body(status: int, message: str) -> bytes:
 async def send_error(conn: HttpConn, status: int, message: str, close: bool = True) -> None:
     body = error_body(status, message)
     try:
-        await conn.send(simple_response(status, body, content_type=b"application/json", close=close))
+        await conn.send(
+            simple_response(status, body, content_type=b"application/json", close=close)
+        )
     except CONNECTION_ERRORS:
         pass
 
 
-async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 60.0,
-                     head_timeout: float = 30.0, drain: Drain | None = None,
-                     timeouts: Timeouts | None = None) -> None:
+async def serve_http(
+    conn: HttpConn,
+    handler: Handler,
+    *,
+    idle_timeout: float = 60.0,
+    head_timeout: float = 30.0,
+    drain: Drain | None = None,
+    timeouts: Timeouts | None = None,
+) -> None:
     """`timeouts`, when given, sets the head and idle timeouts (its `request_head`, `idle`)."""
     if timeouts is not None:
         head_timeout, idle_timeout = timeouts.request_head, timeouts.idle
@@ -88,7 +96,9 @@ async def serve_http(conn: HttpConn, handler: Handler, *, idle_timeout: float = 
 REFUSE_HEAD_SECONDS = 2.0
 
 
-async def refuse_http(stream: trio.abc.Stream, message: str, timeouts: Timeouts | None = None) -> None:
+async def refuse_http(
+    stream: trio.abc.Stream, message: str, timeouts: Timeouts | None = None
+) -> None:
     """A connection over its listener's limit: its first request, if it comes within
     REFUSE_HEAD_SECONDS (or the head timeout, if shorter), gets 503 with `Connection: close`
     and a JSON error; then the connection closes. The short wait keeps a flood of idle

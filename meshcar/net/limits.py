@@ -35,7 +35,9 @@ class Limits:
 class ConnectionLimit:
     """Open connections of one listener, up to `maximum`."""
 
-    def __init__(self, name: str, maximum: int, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, name: str, maximum: int, on_refused: Callable[[str], None] | None = None
+    ) -> None:
         self.name = name
         self.maximum = maximum
         self.open = 0

@@ -48,10 +48,16 @@ class _Stack:
 class Pool:
     """Generic keyed pool; `dial(key)` makes a new connection."""
 
-    def __init__(self, dial: Callable[[str], Awaitable[Pooled]], *, max_idle: int = 64,
-                 idle_timeout: float = 30.0, max_connections: int = 1024,
-                 group: Callable[[str], str] = lambda key: key,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        dial: Callable[[str], Awaitable[Pooled]],
+        *,
+        max_idle: int = 64,
+        idle_timeout: float = 30.0,
+        max_connections: int = 1024,
+        group: Callable[[str], str] = lambda key: key,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._dial = dial
         self._stacks: dict[str, _Stack] = {}
         self.max_idle = max_idle
@@ -93,8 +99,11 @@ class Pool:
         """Close the longest-idle connection of `group` (under any key), if there is one."""
         oldest: _Stack | None = None
         for key, stack in self._stacks.items():
-            if stack.idle and self._group(key) == group and (
-                    oldest is None or stack.idle[0].idle_since < oldest.idle[0].idle_since):
+            if (
+                stack.idle
+                and self._group(key) == group
+                and (oldest is None or stack.idle[0].idle_since < oldest.idle[0].idle_since)
+            ):
                 oldest = stack
         if oldest is None:
             return False
@@ -110,13 +119,19 @@ class Pool:
 
     def idle_count(self, key: str | None = None) -> int:
         """Idle connections held, for one key or all."""
-        stacks = [self._stacks.get(key, _Stack())] if key is not None else list(self._stacks.values())
+        stacks = (
+            [self._stacks.get(key, _Stack())] if key is not None else list(self._stacks.values())
+        )
         return sum(len(s.idle) for s in stacks)
 
     async def release(self, p: Pooled, reusable: bool) -> None:
         stack = self._stacks.setdefault(p.key, _Stack())
-        if (reusable and not self.retired and len(stack.idle) < self.max_idle
-                and p.conn.clean_idle()):
+        if (
+            reusable
+            and not self.retired
+            and len(stack.idle) < self.max_idle
+            and p.conn.clean_idle()
+        ):
             p.idle_since = trio.current_time()
             p.requests += 1
             stack.idle.append(p)
@@ -133,5 +148,3 @@ class Pool:
             while stack.idle:
                 await self.discard(stack.idle.pop())
         self._stacks.clear()
-
-

@@ -33,10 +33,17 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 
 async def proxy_request(
-    down: HttpConn, req: RequestHead, head: bytes, pool: Pool, key: str,
-    rewrite_response: Callable[[ResponseHead, Headers], Headers], *,
-    on_release: Callable[[Pooled], None] | None = None, response_timeout: float | None = None,
-    max_request_body: int | None = None, timeouts: Timeouts | None = None,
+    down: HttpConn,
+    req: RequestHead,
+    head: bytes,
+    pool: Pool,
+    key: str,
+    rewrite_response: Callable[[ResponseHead, Headers], Headers],
+    *,
+    on_release: Callable[[Pooled], None] | None = None,
+    response_timeout: float | None = None,
+    max_request_body: int | None = None,
+    timeouts: Timeouts | None = None,
 ) -> Exchange:
     """`response_timeout`, when given, overrides `timeouts.response_head`."""
     t = timeouts or Timeouts()
@@ -48,8 +55,16 @@ async def proxy_request(
         p, reused = await pool.acquire(key, fresh=fresh)
         ex = Exchange()
         try:
-            ex = await forward(down, req, head, p.conn, rewrite_response, exchange=ex,
-                               max_request_body=max_request_body, timeouts=t)
+            ex = await forward(
+                down,
+                req,
+                head,
+                p.conn,
+                rewrite_response,
+                exchange=ex,
+                max_request_body=max_request_body,
+                timeouts=t,
+            )
         except UpstreamError:
             await pool.discard(p)
             if reused and retryable and not ex.response_started:

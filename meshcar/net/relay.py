@@ -51,7 +51,9 @@ class _Count:
         self.n = 0
 
 
-async def _splice_one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType, count: _Count) -> None:
+async def _splice_one_way(
+    src: trio.socket.SocketType, dst: trio.socket.SocketType, count: _Count
+) -> None:
     rounds = 0
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:

@@ -73,9 +73,14 @@ class Shell:
 
     # -- run ---------------------------------------------------------------------------------
 
-    async def run(self, start: Start, *, cleanup: Callable[[], Awaitable[None]] | None = None,
-                  handle_signals: bool = True,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        start: Start,
+        *,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve until stopped or cancelled; started once `start` returned. `cleanup` runs
         last, shielded (close pools)."""
         with trio.CancelScope() as self._root:
@@ -92,14 +97,19 @@ class Shell:
                     with trio.CancelScope(shield=True):
                         await cleanup()
 
-    async def serve_traffic(self, open_listeners: Callable[[trio.Nursery], Awaitable[object]]) -> None:
+    async def serve_traffic(
+        self, open_listeners: Callable[[trio.Nursery], Awaitable[object]]
+    ) -> None:
         """`await open_listeners(nursery)` binds the traffic listeners (each started in
         `nursery`, handlers in `conns`); `stop` cancels them alone."""
         await self.services.start(self._serve_traffic, open_listeners)
         self.listening = True
 
-    async def _serve_traffic(self, open_listeners: Callable[[trio.Nursery], Awaitable[object]],
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_traffic(
+        self,
+        open_listeners: Callable[[trio.Nursery], Awaitable[object]],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with trio.CancelScope() as self._traffic:
             if self.drain.draining:  # stopped while starting
                 self._traffic.cancel()
@@ -133,7 +143,9 @@ class Shell:
         if self._root is not None:
             self._root.cancel()
 
-    async def _on_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _on_signals(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for sig in signals:
@@ -142,8 +154,12 @@ class Shell:
                     self.event("stopping", signal=name)
                     self.services.start_soon(self.stop)
                 else:
-                    self.event("exiting", signal=name, in_flight=self.drain.in_flight,
-                               reason="second signal while draining")
+                    self.event(
+                        "exiting",
+                        signal=name,
+                        in_flight=self.drain.in_flight,
+                        reason="second signal while draining",
+                    )
                     self.exit_now()
                     return
 
@@ -168,10 +184,19 @@ def run_process(name: str, main: Callable[[], Awaitable[None]]) -> int:
             print(f"meshcar {name}: {err}", file=sys.stderr)
             return 1
         else:
-            log.critical(json.dumps({"event": f"{name}.fatal", "error": f"{type(err).__name__}: {err}",
-                                     "traceback": "".join(traceback.format_exception(err))}))
-            print(f"meshcar {name}: fatal error: {type(err).__name__}: {err} (traceback in the log)",
-                  file=sys.stderr)
+            log.critical(
+                json.dumps(
+                    {
+                        "event": f"{name}.fatal",
+                        "error": f"{type(err).__name__}: {err}",
+                        "traceback": "".join(traceback.format_exception(err)),
+                    }
+                )
+            )
+            print(
+                f"meshcar {name}: fatal error: {type(err).__name__}: {err} (traceback in the log)",
+                file=sys.stderr,
+            )
             return 1
     log.info(json.dumps({"event": f"{name}.stopped"}))
     return 0

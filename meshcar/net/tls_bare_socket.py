@@ -37,8 +37,9 @@ class SocketTLSStream(trio.abc.Stream):
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
         # wrap_socket detaches `sock`: from here on the SSLSocket owns the descriptor.
-        self._ssl = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
-                                    suppress_ragged_eofs=False)
+        self._ssl = ctx.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
         self._ops = 0
         self._closed = False
         self._broken = False  # the connection failed: no close_notify to send on close

@@ -45,13 +45,25 @@ def socket_readable(fd: int) -> bool:
 
 
 class TLSStream(trio.abc.Stream):
-    def __init__(self, transport: trio.abc.Stream, ctx: ssl.SSLContext, *, server_side: bool,
-                 server_hostname: str | None = None, session: ssl.SSLSession | None = None) -> None:
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        ctx: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._obj = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                 server_hostname=server_hostname, session=session)
+        self._obj = ctx.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
         self._send_lock = trio.Lock()
         self._closed = False
 

@@ -227,9 +227,7 @@ def _handshake_problem(
 ) -> Rejected | None:
     """What is wrong with the handshake bytes so far (type, announced size, trailing data)."""
     if hs_len >= 1 and hs[hs_start] != HANDSHAKE_CLIENT_HELLO:
-        return Rejected(
-            RejectKind.MALFORMED, f"handshake type {hs[hs_start]} is not client_hello"
-        )
+        return Rejected(RejectKind.MALFORMED, f"handshake type {hs[hs_start]} is not client_hello")
     if hello_len > max_size:
         return Rejected(
             RejectKind.TOO_LARGE, f"ClientHello of {hello_len} bytes exceeds {max_size}"

@@ -132,8 +132,9 @@ def forwarded_for(
     return ForwardedFor(client_ip=peer, proto=scheme, host=host, chain=(peer,))
 
 
-def _through_trusted_hops(headers: Headers, peer: str, scheme: str, host: str | None,
-                          trusted_hops: int) -> ForwardedFor:
+def _through_trusted_hops(
+    headers: Headers, peer: str, scheme: str, host: str | None, trusted_hops: int
+) -> ForwardedFor:
     """forwarded_for behind `trusted_hops` proxies: their X-Forwarded-* count only when the
     last `trusted_hops` X-Forwarded-For entries are all IP addresses."""
     chain = [peer]

@@ -164,7 +164,7 @@ class Http1Parser:
         except ProtocolError as exc:
             events, self._events = self._events, []
             last_end = max((i for i, ev in enumerate(events) if ev is END), default=-1)
-            exc.partial = list(events[:last_end + 1])
+            exc.partial = list(events[: last_end + 1])
             raise
 
     def _feed(self, data: bytes | bytearray) -> list[Event]:
@@ -179,8 +179,12 @@ class Http1Parser:
         except httptools.HttpParserUpgrade as exc:
             # CONNECT or Upgrade: meshcar does not tunnel these (yet). llhttp completed that
             # message before it stopped: it is not one of the messages to deliver.
-            heads = [i for i, ev in enumerate(self._events) if isinstance(ev, (RequestHead, ResponseHead))]
-            del self._events[heads[-1] if heads else 0:]
+            heads = [
+                i
+                for i, ev in enumerate(self._events)
+                if isinstance(ev, (RequestHead, ResponseHead))
+            ]
+            del self._events[heads[-1] if heads else 0 :]
             raise ProtocolError("CONNECT and protocol upgrades are not supported", 501) from exc
         except _StopAtLeftover:
             self._spent()
@@ -209,7 +213,9 @@ class Http1Parser:
 
     def between_messages(self) -> bool:
         """No message is half-parsed (the last one ended, or none began)."""
-        return self._in_head and self._head_bytes == 0 and not self._until_close and not self.leftover
+        return (
+            self._in_head and self._head_bytes == 0 and not self._until_close and not self.leftover
+        )
 
     def feed_eof(self) -> list[Event]:
         """The peer closed. Ends a close-delimited body; anything else mid-message is an error."""
@@ -238,9 +244,10 @@ class Http1Parser:
         # by a single feed() call, so the per-feed count alone would not see it.
         self._parsed_head += n
         if self._parsed_head > MAX_HEAD_BYTES:
-            raise ProtocolError("request head too large" if self._kind == "request"
-                                else "response head too large",
-                                431 if self._kind == "request" else 502)
+            raise ProtocolError(
+                "request head too large" if self._kind == "request" else "response head too large",
+                431 if self._kind == "request" else 502,
+            )
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -264,7 +271,9 @@ class Http1Parser:
             # `X_Forwarded_Client_Cert` could pass for a header meshcar strips. Envoy's
             # headers_with_underscores_action: REJECT_REQUEST, or DROP_HEADER (policy).
             if policy.underscores == "reject":
-                raise ProtocolError(f"header name with an underscore: {name.decode('latin-1')[:64]}", 400)
+                raise ProtocolError(
+                    f"header name with an underscore: {name.decode('latin-1')[:64]}", 400
+                )
             return  # dropped: nothing downstream ever sees it
         self._headers.append((name, value))
 
@@ -283,7 +292,10 @@ class Http1Parser:
             if te is not None and (version != "1.1" or te.strip().lower() != b"chunked"):
                 # RFC 9112 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing; and meshcar
                 # forwards only `chunked` alone (it does not track other codings).
-                raise ProtocolError("Transfer-Encoding must be exactly `chunked`, and only in a version 1.1 request", 400)
+                raise ProtocolError(
+                    "Transfer-Encoding must be exactly `chunked`, and only in a version 1.1 request",
+                    400,
+                )
             hosts = sum(1 for n, _ in headers if n.lower() == b"host")
             if version == "1.1" and hosts == 0:
                 raise ProtocolError("HTTP/1.1 request without a Host header", 400)
@@ -333,7 +345,9 @@ class Http1Parser:
     # -- internals ----------------------------------------------------------------------
 
     def _new_parser(self) -> None:
-        cls = httptools.HttpRequestParser if self._kind == "request" else httptools.HttpResponseParser
+        cls = (
+            httptools.HttpRequestParser if self._kind == "request" else httptools.HttpResponseParser
+        )
         self._parser = cls(self)
         self._in_head = True
         self._head_bytes = 0

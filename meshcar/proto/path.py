@@ -139,7 +139,9 @@ def _char(ch: str) -> str:
         return f"%{ord(ch):02X}"
     if ch in _PATH_OK:
         return ch
-    raise PathError(f"character {ch!r} is not allowed in a path")  # _check_chars let only printable ASCII through
+    raise PathError(
+        f"character {ch!r} is not allowed in a path"
+    )  # _check_chars let only printable ASCII through
 
 
 def _segment(seg: str, opts: PathOptions) -> str:
@@ -150,7 +152,7 @@ def _segment(seg: str, opts: PathOptions) -> str:
     i, n = 0, len(seg)
     while i < n:
         if seg[i] == "%":
-            out.append(_escape(seg[i + 1:i + 3], opts))
+            out.append(_escape(seg[i + 1 : i + 3], opts))
             i += 3
         else:
             out.append(_char(seg[i]))
@@ -159,7 +161,11 @@ def _segment(seg: str, opts: PathOptions) -> str:
 
 
 def _check_dot_params(seg: str) -> None:
-    if seg[:1] == "." and seg.replace("%3B", ";").split(";", 1)[0] in (".", "..") and seg not in (".", ".."):
+    if (
+        seg[:1] == "."
+        and seg.replace("%3B", ";").split(";", 1)[0] in (".", "..")
+        and seg not in (".", "..")
+    ):
         raise PathError("dot segment with path parameters (..;) in the path")
 
 
@@ -196,8 +202,13 @@ def _origin(target: str, opts: PathOptions) -> tuple[str, str]:
     return norm, norm + sep + query
 
 
-def normalise_target(target: bytes, method: bytes, opts: PathOptions = DEFAULT, *,
-                     absolute_schemes: tuple[str, ...] = ()) -> Target:
+def normalise_target(
+    target: bytes,
+    method: bytes,
+    opts: PathOptions = DEFAULT,
+    *,
+    absolute_schemes: tuple[str, ...] = (),
+) -> Target:
     """Normalise a request target once, before any decision (see the module docstring)."""
     try:
         text = target.decode("ascii")

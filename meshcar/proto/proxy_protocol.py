@@ -393,19 +393,33 @@ def _v2_tlvs(buf: bytes, total: int, addr_len: int) -> Rejected | list[tuple[int
     return tlvs
 
 
-def _v2_addresses(family: Family, block: bytes) -> tuple[str | None, int | None, str | None, int | None]:
+def _v2_addresses(
+    family: Family, block: bytes
+) -> tuple[str | None, int | None, str | None, int | None]:
     """(source address, source port, destination address, destination port) of the block."""
     if family in (Family.TCP4, Family.UDP4):
         src_port, dst_port = struct.unpack("!HH", block[8:12])
-        return (str(ipaddress.IPv4Address(block[0:4])), src_port,
-                str(ipaddress.IPv4Address(block[4:8])), dst_port)
+        return (
+            str(ipaddress.IPv4Address(block[0:4])),
+            src_port,
+            str(ipaddress.IPv4Address(block[4:8])),
+            dst_port,
+        )
     if family in (Family.TCP6, Family.UDP6):
         src_port, dst_port = struct.unpack("!HH", block[32:36])
-        return (str(ipaddress.IPv6Address(block[0:16])), src_port,
-                str(ipaddress.IPv6Address(block[16:32])), dst_port)
+        return (
+            str(ipaddress.IPv6Address(block[0:16])),
+            src_port,
+            str(ipaddress.IPv6Address(block[16:32])),
+            dst_port,
+        )
     if family in (Family.UNIX_STREAM, Family.UNIX_DGRAM):
-        return (block[0:108].split(b"\x00", 1)[0].decode("latin-1"), None,
-                block[108:216].split(b"\x00", 1)[0].decode("latin-1"), None)
+        return (
+            block[0:108].split(b"\x00", 1)[0].decode("latin-1"),
+            None,
+            block[108:216].split(b"\x00", 1)[0].decode("latin-1"),
+            None,
+        )
     return None, None, None, None
 
 

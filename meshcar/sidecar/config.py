@@ -33,46 +33,79 @@ from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
 
-__all__ = ["Checker", "HostPort", "HttpPolicy", "IdentityConfig", "SidecarConfig", "Upstream",
-           "VaultIdentity", "load_config", "load_config_text", "parse_config", "parse_http",
-           "parse_identity"]
+__all__ = [
+    "Checker",
+    "HostPort",
+    "HttpPolicy",
+    "IdentityConfig",
+    "SidecarConfig",
+    "Upstream",
+    "VaultIdentity",
+    "load_config",
+    "load_config_text",
+    "parse_config",
+    "parse_http",
+    "parse_identity",
+]
 
 
 # The keys of the sidecar config (meshcar/common/schema.py): the checks below take the allowed
 # keys of each section from here, and `meshcar config schema sidecar` renders them.
-UPSTREAM = Section("A service this app calls through the mesh", {
-    "endpoints": key(ListOf(HOSTPORT, min_items=1), "the peers' mesh listeners (HOST:PORT)",
-                     required=True),
-    "spiffe_id": key(SPIFFE_ID, "the identity the peers must present", required=True),
-    "local_port": key(PORT, "fixed local plain-HTTP port for this upstream"),
-    "match": key(ListOf(HOSTPORT), "original destinations captured transparently", []),
-})
-APP = Section("The local app behind the inbound", {
-    "host": key({"type": "string"}, "the app's host", "127.0.0.1"),
-    "port": key(PORT, "the app's local HTTP port", required=True),
-})
-INBOUND = Section("The mTLS mesh listener", {
-    "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
-    "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
-})
-OUTBOUND = Section("The app's way out: HTTP proxy, fixed ports, transparent capture", {
-    "listen": key(HOSTPORT, "loopback HTTP proxy for the app (HTTP_PROXY)"),
-    "upstreams": key(MapOf(UPSTREAM, key_pattern="^[^ /:@]+$"), "upstreams by service name", {}),
-    "transparent_listen": key(HOSTPORT, "loopback listener for iptables-redirected connections"),
-    "pool_idle_seconds": key(number(0.1, 3600), "idle pooled mesh connections closed after", 30),
-})
-SIDECAR = Section("meshcar sidecar configuration (docs/CONFIG.md)", {
-    "identity": key(IDENTITY, IDENTITY.doc, required=True),
-    "app": key(APP, APP.doc, required=True),
-    "inbound": key(INBOUND, INBOUND.doc, required=True),
-    "outbound": key(OUTBOUND, OUTBOUND.doc),
-    "admin": key(ADMIN, ADMIN.doc, required=True),
-    "log_level": LOG_LEVEL,
-    "drain_seconds": DRAIN_SECONDS,
-    "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
-    "limits": key(LIMITS, LIMITS.doc),
-    "http": key(HTTP, HTTP.doc),
-})
+UPSTREAM = Section(
+    "A service this app calls through the mesh",
+    {
+        "endpoints": key(
+            ListOf(HOSTPORT, min_items=1), "the peers' mesh listeners (HOST:PORT)", required=True
+        ),
+        "spiffe_id": key(SPIFFE_ID, "the identity the peers must present", required=True),
+        "local_port": key(PORT, "fixed local plain-HTTP port for this upstream"),
+        "match": key(ListOf(HOSTPORT), "original destinations captured transparently", []),
+    },
+)
+APP = Section(
+    "The local app behind the inbound",
+    {
+        "host": key({"type": "string"}, "the app's host", "127.0.0.1"),
+        "port": key(PORT, "the app's local HTTP port", required=True),
+    },
+)
+INBOUND = Section(
+    "The mTLS mesh listener",
+    {
+        "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
+        "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
+    },
+)
+OUTBOUND = Section(
+    "The app's way out: HTTP proxy, fixed ports, transparent capture",
+    {
+        "listen": key(HOSTPORT, "loopback HTTP proxy for the app (HTTP_PROXY)"),
+        "upstreams": key(
+            MapOf(UPSTREAM, key_pattern="^[^ /:@]+$"), "upstreams by service name", {}
+        ),
+        "transparent_listen": key(
+            HOSTPORT, "loopback listener for iptables-redirected connections"
+        ),
+        "pool_idle_seconds": key(
+            number(0.1, 3600), "idle pooled mesh connections closed after", 30
+        ),
+    },
+)
+SIDECAR = Section(
+    "meshcar sidecar configuration (docs/CONFIG.md)",
+    {
+        "identity": key(IDENTITY, IDENTITY.doc, required=True),
+        "app": key(APP, APP.doc, required=True),
+        "inbound": key(INBOUND, INBOUND.doc, required=True),
+        "outbound": key(OUTBOUND, OUTBOUND.doc),
+        "admin": key(ADMIN, ADMIN.doc, required=True),
+        "log_level": LOG_LEVEL,
+        "drain_seconds": DRAIN_SECONDS,
+        "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
+        "limits": key(LIMITS, LIMITS.doc),
+        "http": key(HTTP, HTTP.doc),
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +143,9 @@ class SidecarConfig:
 def _app(c: Checker, data: dict) -> tuple[str, int | None]:
     app = c.section(data, "app")
     c.unknown(app, "app.", APP)
-    return app.get("host", "127.0.0.1"), c.port(app.get("port"), "app.port") if "app" in data else None
+    return app.get("host", "127.0.0.1"), c.port(
+        app.get("port"), "app.port"
+    ) if "app" in data else None
 
 
 def _inbound(c: Checker, data: dict) -> tuple[HostPort | None, list[str]]:
@@ -154,29 +189,48 @@ def _outbound(c: Checker, data: dict) -> dict[str, Any]:
     outbound = c.section(data, "outbound", required=False)
     c.unknown(outbound, "outbound.", OUTBOUND)
     pool_idle = outbound.get("pool_idle_seconds", 30)
-    if isinstance(pool_idle, bool) or not isinstance(pool_idle, int | float) or not (0.1 <= pool_idle <= 3600):
+    if (
+        isinstance(pool_idle, bool)
+        or not isinstance(pool_idle, int | float)
+        or not (0.1 <= pool_idle <= 3600)
+    ):
         c.bad("outbound.pool_idle_seconds", "must be a number of seconds between 0.1 and 3600")
         pool_idle = 30
-    out_listen = (c.hostport(outbound.get("listen"), "outbound.listen", loopback_only=True)
-                  if outbound.get("listen") is not None else None)
+    out_listen = (
+        c.hostport(outbound.get("listen"), "outbound.listen", loopback_only=True)
+        if outbound.get("listen") is not None
+        else None
+    )
     ups_raw = outbound.get("upstreams", {}) or {}
     upstreams: list[Upstream] = []
     if not isinstance(ups_raw, dict):
         c.bad("outbound.upstreams", "must be a mapping of service name to upstream")
     else:
-        upstreams = [u for u in (_upstream(c, name, raw) for name, raw in ups_raw.items()) if u is not None]
-    transparent = (c.hostport(outbound["transparent_listen"], "outbound.transparent_listen",
-                              loopback_only=True)
-                   if outbound.get("transparent_listen") is not None else None)
-    return {"outbound_listen": out_listen, "upstreams": tuple(upstreams), "transparent_listen": transparent,
-            "pool_idle_seconds": float(pool_idle)}
+        upstreams = [
+            u for u in (_upstream(c, name, raw) for name, raw in ups_raw.items()) if u is not None
+        ]
+    transparent = (
+        c.hostport(
+            outbound["transparent_listen"], "outbound.transparent_listen", loopback_only=True
+        )
+        if outbound.get("transparent_listen") is not None
+        else None
+    )
+    return {
+        "outbound_listen": out_listen,
+        "upstreams": tuple(upstreams),
+        "transparent_listen": transparent,
+        "pool_idle_seconds": float(pool_idle),
+    }
 
 
 def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:
     admin = c.section(data, "admin")
     c.unknown(admin, "admin.", ADMIN)
     admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
-    public_paths, why = parse_public_paths(admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS)))
+    public_paths, why = parse_public_paths(
+        admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS))
+    )
     for w in why:
         c.bad("admin.public_paths", w)
     return admin_listen, public_paths
@@ -194,7 +248,9 @@ def _scalars(c: Checker, data: dict) -> tuple[float, str]:
     return float(drain), level
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> SidecarConfig:
+def parse_config(
+    data: Any, source: str = "<config>", base_dir: Path | None = None
+) -> SidecarConfig:
     c = Checker(source, base_dir or Path.cwd())
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping"])

@@ -22,13 +22,21 @@ from meshcar.tls.store import CredentialStore
 class MeshDialer:
     """Dial an upstream's endpoints in turn over mTLS (direction "outbound")."""
 
-    def __init__(self, store: CredentialStore, upstreams: dict[str, Upstream], metrics: Metrics,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: CredentialStore,
+        upstreams: dict[str, Upstream],
+        metrics: Metrics,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.mtls = MTLSDialer(store, metrics, "outbound", connect_timeout)
         self.remember_session = self.mtls.remember_session
-        self._rr = {name: itertools.cycle([MeshPeer(ep.host, ep.port, u.spiffe_id, name, ep)
-                                           for ep in u.endpoints])
-                    for name, u in upstreams.items()}
+        self._rr = {
+            name: itertools.cycle(
+                [MeshPeer(ep.host, ep.port, u.spiffe_id, name, ep) for ep in u.endpoints]
+            )
+            for name, u in upstreams.items()
+        }
 
     def dial(self, name: str) -> Awaitable[Pooled]:
         # returns the shared dialer's coroutine itself: no extra frame per dial

@@ -57,11 +57,19 @@ class Inbound:
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
         self.drain: Drain | None = None  # set by the process that owns the listeners
-        self.response_timeout = cfg.timeouts.response_head  # seconds to wait for the app's response head
-        self.pool = Pool(AppDialer(cfg.app).dial, max_connections=cfg.limits.max_upstream_connections,
-                         on_refused=lambda g: metrics.upstream_refusals.labels("app").inc())
-        self.conn_limit = ConnectionLimit("inbound", cfg.limits.max_connections,
-                                          lambda n: metrics.listener_refusals.labels(n).inc())
+        self.response_timeout = (
+            cfg.timeouts.response_head
+        )  # seconds to wait for the app's response head
+        self.pool = Pool(
+            AppDialer(cfg.app).dial,
+            max_connections=cfg.limits.max_upstream_connections,
+            on_refused=lambda g: metrics.upstream_refusals.labels("app").inc(),
+        )
+        self.conn_limit = ConnectionLimit(
+            "inbound",
+            cfg.limits.max_connections,
+            lambda n: metrics.listener_refusals.labels(n).inc(),
+        )
         self.handshake_timeout = 10.0
 
     async def aclose(self) -> None:
@@ -85,24 +93,39 @@ class Inbound:
                 await ssl_stream.do_handshake()
         except HANDSHAKE_ERRORS as exc:
             self.metrics.handshakes.labels("inbound", "failure").inc()
-            log.info(json.dumps({"type": "connection", "direction": "inbound", "event": "tls_failed",
-                                 "error": _short(exc)}))
+            log.info(
+                json.dumps(
+                    {
+                        "type": "connection",
+                        "direction": "inbound",
+                        "event": "tls_failed",
+                        "error": _short(exc),
+                    }
+                )
+            )
             await trio.aclose_forcefully(tcp)
             return
         self.metrics.handshakes.labels(
-            "inbound", "resumed" if ssl_stream.session_reused else "full").inc()
+            "inbound", "resumed" if ssl_stream.session_reused else "full"
+        ).inc()
         try:
             peer: PeerIdentity | None = svid_from_der(
-                ssl_stream.getpeercert(binary_form=True), trust_domain=self.cfg.trust_domain)
+                ssl_stream.getpeercert(binary_form=True), trust_domain=self.cfg.trust_domain
+            )
             problem = ""
         except IdentityError as exc:
             peer, problem = None, str(exc)
         conn = HttpConn(ssl_stream, "request", self.cfg.http.headers)
-        await serve_http(conn, lambda req, c: self.handle_request(req, c, peer, problem),
-                         drain=self.drain, timeouts=self.cfg.timeouts)
+        await serve_http(
+            conn,
+            lambda req, c: self.handle_request(req, c, peer, problem),
+            drain=self.drain,
+            timeouts=self.cfg.timeouts,
+        )
 
-    async def handle_request(self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None,
-                             problem: str) -> bool:
+    async def handle_request(
+        self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None, problem: str
+    ) -> bool:
         start = time.perf_counter()
         peer_id = peer.spiffe_id if peer else None
         me = self.cfg.identity.spiffe_id
@@ -117,8 +140,11 @@ class Inbound:
                 return keep
             path = target.decode("ascii")
             if peer is None or peer.spiffe_id not in self.allow:
-                msg = (f"caller certificate rejected: {problem}" if peer is None
-                       else f"{peer.spiffe_id} is not allowed to call {me}")
+                msg = (
+                    f"caller certificate rejected: {problem}"
+                    if peer is None
+                    else f"{peer.spiffe_id} is not allowed to call {me}"
+                )
                 self.metrics.authz_denials.labels(peer_id or "invalid").inc()
                 status, keep = 403, not request_has_body(req)
                 await send_error(down, 403, msg, close=not keep)
@@ -127,9 +153,16 @@ class Inbound:
             headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
             head = request_bytes(req, target, headers)
             try:
-                ex = await proxy_request(down, req, head, self.pool, "app", keep_response_headers,
-                                         response_timeout=self.response_timeout,
-                                         timeouts=self.cfg.timeouts)
+                ex = await proxy_request(
+                    down,
+                    req,
+                    head,
+                    self.pool,
+                    "app",
+                    keep_response_headers,
+                    response_timeout=self.response_timeout,
+                    timeouts=self.cfg.timeouts,
+                )
             except UpstreamError as exc:
                 status, keep = exc.status, not request_has_body(req)
                 await send_error(down, exc.status, f"app at {self.cfg.app}: {exc}", close=not keep)
@@ -144,9 +177,16 @@ class Inbound:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request("inbound", status, dur)
-            log_request(direction="inbound", peer=peer_id, method=req.method.decode("latin-1"),
-                        path=path, status=status, bytes_in=bytes_in,
-                        bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
+            log_request(
+                direction="inbound",
+                peer=peer_id,
+                method=req.method.decode("latin-1"),
+                path=path,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round(dur * 1000, 3),
+            )
 
 
 def _short(exc: BaseException) -> str:

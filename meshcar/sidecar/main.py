@@ -55,8 +55,12 @@ class Sidecar:
         self.store = CredentialStore(cfg.identity.state_dir)
         ident = cfg.identity
         self.rotator = Rotator(
-            self.store, issuer_for(ident), ident.spiffe_id,
-            metrics=self.metrics, ttl_seconds=ident.ttl_seconds, fraction=ident.renew_fraction,
+            self.store,
+            issuer_for(ident),
+            ident.spiffe_id,
+            metrics=self.metrics,
+            ttl_seconds=ident.ttl_seconds,
+            fraction=ident.renew_fraction,
         )
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
@@ -81,7 +85,9 @@ class Sidecar:
             "serial": cred.serial_hex,
             "not_before": cred.not_before.isoformat(),
             "not_after": cred.not_after.isoformat(),
-            "next_renewal": self.rotator.next_renewal.isoformat() if self.rotator.next_renewal else None,
+            "next_renewal": self.rotator.next_renewal.isoformat()
+            if self.rotator.next_renewal
+            else None,
             "bundle_version": cred.bundle_version,
             "state": self.rotator.state,
             "reason": self.rotator.reason,
@@ -101,11 +107,16 @@ class Sidecar:
 
     # -- run ---------------------------------------------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *,
-                  handle_signals: bool = True) -> None:
+    async def run(
+        self,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        *,
+        handle_signals: bool = True,
+    ) -> None:
         """Serve until cancelled, a signal (if `handle_signals`) or POST /shutdown drains us."""
-        await self.shell.run(self._start, cleanup=self._close, handle_signals=handle_signals,
-                             task_status=task_status)
+        await self.shell.run(
+            self._start, cleanup=self._close, handle_signals=handle_signals, task_status=task_status
+        )
 
     async def _close(self) -> None:
         await self.inbound.aclose()
@@ -114,16 +125,25 @@ class Sidecar:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         services, conns = shell.services, shell.conns
-        admin = AdminServer(self.metrics, AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
-                            cfg.admin_public_paths)
-        await _listen(services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics)
+        admin = AdminServer(
+            self.metrics,
+            AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
+            cfg.admin_public_paths,
+        )
+        await _listen(
+            services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics
+        )
         _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
         services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
         services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         await shell.serve_traffic(partial(self._serve_mesh, conns))
-        _event("sidecar.ready", spiffe_id=cfg.identity.spiffe_id, inbound=str(cfg.inbound_listen),
-               outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None)
+        _event(
+            "sidecar.ready",
+            spiffe_id=cfg.identity.spiffe_id,
+            inbound=str(cfg.inbound_listen),
+            outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None,
+        )
 
     @property
     def listening(self) -> bool:
@@ -133,19 +153,37 @@ class Sidecar:
         """The traffic listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
         self.inbound.drain = self.outbound.drain = self.shell.drain
-        await _listen(ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound",
-                      self.metrics)
+        await _listen(
+            ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound", self.metrics
+        )
         if cfg.outbound_listen is not None:
-            await _listen(ln, self.outbound.handle_connection, cfg.outbound_listen, conns,
-                          "outbound", self.metrics)
+            await _listen(
+                ln,
+                self.outbound.handle_connection,
+                cfg.outbound_listen,
+                conns,
+                "outbound",
+                self.metrics,
+            )
         if cfg.transparent_listen is not None:
-            await _listen(ln, Transparent(cfg, self.outbound).handle_connection,
-                          cfg.transparent_listen, conns, "transparent", self.metrics)
+            await _listen(
+                ln,
+                Transparent(cfg, self.outbound).handle_connection,
+                cfg.transparent_listen,
+                conns,
+                "transparent",
+                self.metrics,
+            )
         for up in cfg.upstreams:
             if up.local_port is not None:
-                await _listen(ln, partial(self.outbound.handle_connection, fixed=up.name),
-                              HostPort("127.0.0.1", up.local_port), conns, "outbound",
-                              self.metrics)
+                await _listen(
+                    ln,
+                    partial(self.outbound.handle_connection, fixed=up.name),
+                    HostPort("127.0.0.1", up.local_port),
+                    conns,
+                    "outbound",
+                    self.metrics,
+                )
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish (up to `grace` s, default
@@ -153,12 +191,20 @@ class Sidecar:
         await self.shell.stop(grace)
 
 
-async def _listen(nursery: trio.Nursery, handler, where: HostPort, conns: trio.Nursery,
-                  name: str, metrics: Metrics) -> list[trio.SocketListener]:
+async def _listen(
+    nursery: trio.Nursery,
+    handler,
+    where: HostPort,
+    conns: trio.Nursery,
+    name: str,
+    metrics: Metrics,
+) -> list[trio.SocketListener]:
     """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
     listeners = await trio.open_tcp_listeners(where.port, host=where.host)
     safe = guarded(handler, name, metrics.count_connection_error)
-    return await nursery.start(partial(trio.serve_listeners, safe, listeners, handler_nursery=conns))
+    return await nursery.start(
+        partial(trio.serve_listeners, safe, listeners, handler_nursery=conns)
+    )
 
 
 def first_leaf(exc: BaseException) -> BaseException:
@@ -172,7 +218,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshcar sidecar", description="Run a meshcar sidecar.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="YAML config file (docs/CONFIG.md)")
-    src.add_argument("--config-env", metavar="VAR", help="read the YAML config from this env variable")
+    src.add_argument(
+        "--config-env", metavar="VAR", help="read the YAML config from this env variable"
+    )
     args = parser.parse_args(argv)
     try:
         if args.config is not None:

@@ -53,7 +53,9 @@ def _service(authority: str) -> str | None:
     return name.rsplit(":", 1)[0] if ":" in name else name
 
 
-def route_target(req: RequestHead, opts: PathOptions = DEFAULT) -> tuple[str | None, bytes, str | None]:
+def route_target(
+    req: RequestHead, opts: PathOptions = DEFAULT
+) -> tuple[str | None, bytes, str | None]:
     """(service name or None, normalised origin-form target, authority of an absolute-form
     target or None) for a proxy-style or origin-form request; raises PathError when the
     target cannot be normalised."""
@@ -73,11 +75,18 @@ class Outbound:
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.drain: Drain | None = None  # set by the process that owns the listeners
-        self.response_timeout = cfg.timeouts.response_head  # seconds to wait for the upstream's response head
-        self.pool = Pool(self.dialer.dial, idle_timeout=cfg.pool_idle_seconds,
-                         max_connections=cfg.limits.max_upstream_connections,
-                         on_refused=lambda g: metrics.upstream_refusals.labels(g).inc())
-        self._limits: dict[str, ConnectionLimit] = {}  # per listener: the proxy port, each fixed port
+        self.response_timeout = (
+            cfg.timeouts.response_head
+        )  # seconds to wait for the upstream's response head
+        self.pool = Pool(
+            self.dialer.dial,
+            idle_timeout=cfg.pool_idle_seconds,
+            max_connections=cfg.limits.max_upstream_connections,
+            on_refused=lambda g: metrics.upstream_refusals.labels(g).inc(),
+        )
+        self._limits: dict[
+            str, ConnectionLimit
+        ] = {}  # per listener: the proxy port, each fixed port
 
     async def aclose(self) -> None:
         await self.pool.close_all()
@@ -85,8 +94,10 @@ class Outbound:
     def conn_limit(self, listener: str) -> ConnectionLimit:
         if listener not in self._limits:
             self._limits[listener] = ConnectionLimit(
-                listener, self.cfg.limits.max_connections,
-                lambda n: self.metrics.listener_refusals.labels(n).inc())
+                listener,
+                self.cfg.limits.max_connections,
+                lambda n: self.metrics.listener_refusals.labels(n).inc(),
+            )
         return self._limits[listener]
 
     async def handle_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
@@ -94,8 +105,11 @@ class Outbound:
         request; else serve the connection."""
         limit = self.conn_limit(f"outbound:{fixed}" if fixed else "outbound")
         if not limit.try_enter():
-            await refuse_http(stream, f"{limit.name} listener connection limit ({limit.maximum}) reached",
-                              self.cfg.timeouts)
+            await refuse_http(
+                stream,
+                f"{limit.name} listener connection limit ({limit.maximum}) reached",
+                self.cfg.timeouts,
+            )
             return
         try:
             await self.serve_connection(stream, fixed)
@@ -104,8 +118,12 @@ class Outbound:
 
     async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
         conn = HttpConn(stream, "request", self.cfg.http.headers, quickack=True)  # app-facing
-        await serve_http(conn, lambda req, c: self.handle_request(req, c, fixed), drain=self.drain,
-                         timeouts=self.cfg.timeouts)
+        await serve_http(
+            conn,
+            lambda req, c: self.handle_request(req, c, fixed),
+            drain=self.drain,
+            timeouts=self.cfg.timeouts,
+        )
 
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()
@@ -114,8 +132,12 @@ class Outbound:
         try:
             if req.target.startswith((b"https://", b"HTTPS://")):
                 status = 400
-                await send_error(down, 400, "send plain http:// to the sidecar; it adds mTLS itself",
-                                 close=not keep_after_error)
+                await send_error(
+                    down,
+                    400,
+                    "send plain http:// to the sidecar; it adds mTLS itself",
+                    close=not keep_after_error,
+                )
                 return keep_after_error
             try:
                 name, target, authority = route_target(req, self.cfg.http.path)
@@ -131,9 +153,12 @@ class Outbound:
                 status = 502
                 known = ", ".join(sorted(self.upstreams)) or "none"
                 await send_error(
-                    down, 502,
+                    down,
+                    502,
                     f"unknown service {service!r}: this sidecar only routes to its configured "
-                    f"upstreams ({known})", close=not keep_after_error)
+                    f"upstreams ({known})",
+                    close=not keep_after_error,
+                )
                 return keep_after_error
             headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
             if authority is not None:
@@ -145,14 +170,22 @@ class Outbound:
                 headers.append((b"Host", service.encode()))
             head = request_bytes(req, target, headers)
             try:
-                ex = await proxy_request(down, req, head, self.pool, service, keep_response_headers,
-                                         on_release=self.dialer.remember_session,
-                                         response_timeout=self.response_timeout,
-                                         timeouts=self.cfg.timeouts)
+                ex = await proxy_request(
+                    down,
+                    req,
+                    head,
+                    self.pool,
+                    service,
+                    keep_response_headers,
+                    on_release=self.dialer.remember_session,
+                    response_timeout=self.response_timeout,
+                    timeouts=self.cfg.timeouts,
+                )
             except UpstreamError as exc:
                 status = exc.status
-                await send_error(down, exc.status, f"upstream {service}: {exc}",
-                                 close=not keep_after_error)
+                await send_error(
+                    down, exc.status, f"upstream {service}: {exc}", close=not keep_after_error
+                )
                 return keep_after_error
             status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
             return True
@@ -163,6 +196,13 @@ class Outbound:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request("outbound", status, dur)
-            log_request(direction="outbound", upstream=service, method=req.method.decode("latin-1"),
-                        path=req.target.decode("latin-1"), status=status, bytes_in=bytes_in,
-                        bytes_out=bytes_out, duration_ms=round(dur * 1000, 3))
+            log_request(
+                direction="outbound",
+                upstream=service,
+                method=req.method.decode("latin-1"),
+                path=req.target.decode("latin-1"),
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round(dur * 1000, 3),
+            )

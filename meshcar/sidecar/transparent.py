@@ -39,13 +39,19 @@ class Transparent:
     def __init__(self, cfg: SidecarConfig, outbound: Outbound) -> None:
         self.cfg = cfg
         self.outbound = outbound
-        self.conn_limit = ConnectionLimit("transparent", cfg.limits.max_connections,
-                                          lambda n: outbound.metrics.listener_refusals.labels(n).inc())
+        self.conn_limit = ConnectionLimit(
+            "transparent",
+            cfg.limits.max_connections,
+            lambda n: outbound.metrics.listener_refusals.labels(n).inc(),
+        )
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         if not self.conn_limit.try_enter():
-            await refuse_http(stream, f"transparent listener connection limit ({self.conn_limit.maximum}) reached",
-                              self.cfg.timeouts)
+            await refuse_http(
+                stream,
+                f"transparent listener connection limit ({self.conn_limit.maximum}) reached",
+                self.cfg.timeouts,
+            )
             return
         try:
             await self._serve_connection(stream)
@@ -62,8 +68,11 @@ class Transparent:
         log.info(json.dumps({"event": "transparent.no_upstream", "original_dst": where}))
 
         async def refuse(req: RequestHead, conn: HttpConn) -> bool:
-            await send_error(conn, 502, f"original destination {where} is not a configured upstream "
-                                        "of this sidecar")
+            await send_error(
+                conn,
+                502,
+                f"original destination {where} is not a configured upstream of this sidecar",
+            )
             return False
 
         await serve_http(HttpConn(stream, "request", self.cfg.http.headers, quickack=True), refuse)

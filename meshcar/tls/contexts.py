@@ -15,7 +15,9 @@ from pathlib import Path
 from meshcar.tls.profile import apply_profile
 
 
-def _common(ctx: ssl.SSLContext, chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
+def _common(
+    ctx: ssl.SSLContext, chain_file: Path, key_file: Path, bundle_pem: str
+) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(str(chain_file), str(key_file))
     ctx.load_verify_locations(cadata=bundle_pem)

@@ -77,7 +77,9 @@ def set_groups_list(ctx: ssl.SSLContext, groups: str) -> bool:
     ptr = _ssl_ctx_pointer(lib, ctx)
     if ptr is None:
         return False
-    return lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode())) == 1
+    return (
+        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode())) == 1
+    )
 
 
 def restrict_groups(ctx: ssl.SSLContext) -> ssl.SSLContext:
@@ -87,8 +89,10 @@ def restrict_groups(ctx: ssl.SSLContext) -> ssl.SSLContext:
         ctx.set_ecdh_curve(FALLBACK_CURVE)
         if not _warned:
             _warned = True
-            log.warning("cannot set the TLS group list (%s); key exchange is P-256 only",
-                        _lib_error or "SSL_CTX layout check or OpenSSL refused the list")
+            log.warning(
+                "cannot set the TLS group list (%s); key exchange is P-256 only",
+                _lib_error or "SSL_CTX layout check or OpenSSL refused the list",
+            )
     return ctx
 
 

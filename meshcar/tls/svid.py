@@ -25,8 +25,9 @@ class PeerIdentity:
     not_after: dt.datetime
 
 
-def svid_from_der(der: bytes | None, *, trust_domain: str | None = None,
-                  now: dt.datetime | None = None) -> PeerIdentity:
+def svid_from_der(
+    der: bytes | None, *, trust_domain: str | None = None, now: dt.datetime | None = None
+) -> PeerIdentity:
     """Validate a leaf certificate as an X509-SVID and return the identity it proves."""
     if not der:
         raise IdentityError("peer presented no certificate")
@@ -37,8 +38,13 @@ def svid_from_der(der: bytes | None, *, trust_domain: str | None = None,
     return svid_from_cert(cert, der, trust_domain=trust_domain, now=now)
 
 
-def svid_from_cert(cert: x509.Certificate, der: bytes, *, trust_domain: str | None = None,
-                   now: dt.datetime | None = None) -> PeerIdentity:
+def svid_from_cert(
+    cert: x509.Certificate,
+    der: bytes,
+    *,
+    trust_domain: str | None = None,
+    now: dt.datetime | None = None,
+) -> PeerIdentity:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
@@ -48,8 +54,10 @@ def svid_from_cert(cert: x509.Certificate, der: bytes, *, trust_domain: str | No
     try:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         if ku.key_cert_sign or ku.crl_sign:
-            raise IdentityError("peer certificate has keyCertSign or cRLSign key usage, which an "
-                                "X509-SVID leaf must not have")
+            raise IdentityError(
+                "peer certificate has keyCertSign or cRLSign key usage, which an "
+                "X509-SVID leaf must not have"
+            )
     except x509.ExtensionNotFound:
         pass
     try:

@@ -28,8 +28,13 @@ class Procs:
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")
-        p = subprocess.Popen(meshcar_cmd(*args), stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+        p = subprocess.Popen(
+            meshcar_cmd(*args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         log.close()
         self.procs.append((name, p))
         return p
@@ -37,16 +42,27 @@ class Procs:
     def log(self, name: str) -> str:
         return (self.logdir / f"{name}.log").read_text(errors="replace")
 
-    def wait_http(self, url: str, *, verify: str | bool = False, timeout: float = 20.0,
-                  status: int = 200, name: str | None = None) -> None:
+    def wait_http(
+        self,
+        url: str,
+        *,
+        verify: str | bool = False,
+        timeout: float = 20.0,
+        status: int = 200,
+        name: str | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             for pname, p in self.procs:
                 if p.poll() is not None:
-                    raise AssertionError(f"{pname} exited with {p.returncode}:\n{self.log(pname)[-3000:]}")
+                    raise AssertionError(
+                        f"{pname} exited with {p.returncode}:\n{self.log(pname)[-3000:]}"
+                    )
             try:
-                ctx = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+                ctx = (
+                    ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+                )
                 r = httpx.get(url, verify=ctx, timeout=2)
                 if r.status_code == status:
                     return

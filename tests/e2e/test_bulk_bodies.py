@@ -25,21 +25,59 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def test_one_gigabyte_each_way(tmp_path: Path) -> None:
-    ports = {n: free_port() for n in ["ca"] + [f"{s}_{k}" for s in ("web", "api")
-                                                for k in ("app", "in", "out", "admin")]}
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
-                   check=True, capture_output=True)
+    ports = {
+        n: free_port()
+        for n in ["ca"]
+        + [f"{s}_{k}" for s in ("web", "api") for k in ("app", "in", "out", "admin")]
+    }
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
+        check=True,
+        capture_output=True,
+    )
     for n in ("api", "web"):
         (tmp_path / f"{n}.token").write_text(_token(tmp_path / "ca", n))
     procs = Procs(tmp_path)
     sink: subprocess.Popen | None = None
     try:
-        procs.start("ca", "ca", "serve", "--dir", str(tmp_path / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-        procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem"))
+        procs.start(
+            "ca",
+            "ca",
+            "serve",
+            "--dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            f"127.0.0.1:{ports['ca']}",
+        )
+        procs.wait_http(
+            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem")
+        )
         sink = subprocess.Popen([sys.executable, SINK, str(ports["api_app"])])
-        api = procs.start("api", "sidecar", "--config", str(_sidecar_cfg(tmp_path, "api", ports, [sid("web")], {})))
-        web = procs.start("web", "sidecar", "--config", str(_sidecar_cfg(tmp_path, "web", ports, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})))
+        api = procs.start(
+            "api",
+            "sidecar",
+            "--config",
+            str(_sidecar_cfg(tmp_path, "api", ports, [sid("web")], {})),
+        )
+        web = procs.start(
+            "web",
+            "sidecar",
+            "--config",
+            str(
+                _sidecar_cfg(
+                    tmp_path,
+                    "web",
+                    ports,
+                    [],
+                    {
+                        "api": {
+                            "endpoints": [f"127.0.0.1:{ports['api_in']}"],
+                            "spiffe_id": sid("api"),
+                        }
+                    },
+                )
+            ),
+        )
         for n in ("api", "web"):
             procs.wait_http(f"http://127.0.0.1:{ports[f'{n}_admin']}/ready")
         block = b"\xa5" * (1 << 20)

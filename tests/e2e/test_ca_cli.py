@@ -58,7 +58,9 @@ class Served:
 def start_serve(ca_dir: Path, *extra: str) -> Served:
     proc = subprocess.Popen(
         [MESHCAR, "ca", "serve", "--dir", str(ca_dir), "--listen", "127.0.0.1:0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
 
@@ -97,10 +99,19 @@ def served(ca_dir: Path) -> Iterator[Served]:
         stop(s)
 
 
-def curl(served: Served, ca_dir: Path, path: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def curl(
+    served: Served, ca_dir: Path, path: str, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return run(
-        "curl", "-sS", "--max-time", "10", "--cacert", str(ca_dir / "root.pem"),
-        *args, f"https://127.0.0.1:{served.port}{path}", check=check,
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--cacert",
+        str(ca_dir / "root.pem"),
+        *args,
+        f"https://127.0.0.1:{served.port}{path}",
+        check=check,
     )
 
 
@@ -108,11 +119,20 @@ def test_init_files_and_modes(ca_dir: Path) -> None:
     assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ca_dir.iterdir()}
     assert modes == {
-        "root.pem": 0o644, "root.key": 0o600, "intermediate.pem": 0o644, "intermediate.key": 0o600,
-        "bundle.pem": 0o644, "server.pem": 0o644, "server.key": 0o600, "ca.db": 0o600, "config.json": 0o644,
+        "root.pem": 0o644,
+        "root.key": 0o600,
+        "intermediate.pem": 0o644,
+        "intermediate.key": 0o600,
+        "bundle.pem": 0o644,
+        "server.pem": 0o644,
+        "server.key": 0o600,
+        "ca.db": 0o600,
+        "config.json": 0o644,
     }
     assert json.loads((ca_dir / "config.json").read_text()) == {
-        "trust_domain": TD, "max_ttl_seconds": 86400, "bundle_version": 1,
+        "trust_domain": TD,
+        "max_ttl_seconds": 86400,
+        "bundle_version": 1,
     }
     run("openssl", "verify", "-CAfile", str(ca_dir / "root.pem"), str(ca_dir / "intermediate.pem"))
 
@@ -134,7 +154,11 @@ def test_init_refuses_to_overwrite_without_force(ca_dir: Path) -> None:
 )
 def test_init_config_errors_are_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     out = ca("init", "--dir", str(tmp_path / "x"), *args, check=False)
-    assert out.returncode == 1 and out.stderr.startswith("meshcar ca init: ") and out.stderr.count("\n") == 1
+    assert (
+        out.returncode == 1
+        and out.stderr.startswith("meshcar ca init: ")
+        and out.stderr.count("\n") == 1
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -143,8 +167,11 @@ def test_token_cli(ca_dir: Path) -> None:
     token = out.stdout.strip()
     assert out.stdout == token + "\n" and len(token) >= 43
     assert token.encode() not in (ca_dir / "ca.db").read_bytes()
-    for args in (("--spiffe-id", "spiffe://other.test/svc/api"), ("--spiffe-id", API, "--ttl", "x"),
-                 ("--spiffe-id", API, "--uses", "0")):
+    for args in (
+        ("--spiffe-id", "spiffe://other.test/svc/api"),
+        ("--spiffe-id", API, "--ttl", "x"),
+        ("--spiffe-id", API, "--uses", "0"),
+    ):
         bad = ca("token", "--dir", str(ca_dir), *args, check=False)
         assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.count("\n") == 1
     missing = ca("token", "--dir", str(ca_dir.parent / "nope"), "--spiffe-id", API, check=False)
@@ -164,15 +191,24 @@ def test_serve_config_errors(ca_dir: Path, tmp_path: Path) -> None:
     assert out.returncode == 1 and "cannot listen" in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_serve_sign_renew_with_curl_and_openssl(served: Served, ca_dir: Path, tmp_path: Path) -> None:
+def test_serve_sign_renew_with_curl_and_openssl(
+    served: Served, ca_dir: Path, tmp_path: Path
+) -> None:
     assert json.loads(curl(served, ca_dir, "/healthz").stdout) == {"status": "ok"}
     bundle = curl(served, ca_dir, "/v1/bundle", "-i").stdout
     assert "x-meshcar-bundle-version: 1" in bundle.lower()
 
     # the API certificate: chain of two, verified against the root, with the --san name
     s_client = run(
-        "openssl", "s_client", "-connect", f"127.0.0.1:{served.port}", "-CAfile", str(ca_dir / "root.pem"),
-        "-showcerts", "-verify_return_error", input="",
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{served.port}",
+        "-CAfile",
+        str(ca_dir / "root.pem"),
+        "-showcerts",
+        "-verify_return_error",
+        input="",
     )
     assert s_client.stdout.count("-----BEGIN CERTIFICATE-----") == 2
     assert "Verify return code: 0 (ok)" in s_client.stdout
@@ -182,32 +218,89 @@ def test_serve_sign_renew_with_curl_and_openssl(served: Served, ca_dir: Path, tm
 
     # a workload: key + CSR that asks for another identity; the token decides
     key, csr = tmp_path / "w.key", tmp_path / "w.csr"
-    run("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
-    run("openssl", "req", "-new", "-key", str(key), "-subj", "/CN=svc-admin",
-        "-addext", f"subjectAltName=URI:spiffe://{TD}/svc/admin", "-out", str(csr))
+    run(
+        "openssl",
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        str(key),
+    )
+    run(
+        "openssl",
+        "req",
+        "-new",
+        "-key",
+        str(key),
+        "-subj",
+        "/CN=svc-admin",
+        "-addext",
+        f"subjectAltName=URI:spiffe://{TD}/svc/admin",
+        "-out",
+        str(csr),
+    )
     token = ca("token", "--dir", str(ca_dir), "--spiffe-id", API).stdout.strip()
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"csr": csr.read_text(), "token": token}))
-    out = curl(served, ca_dir, "/v1/sign", "--fail-with-body", "-H", "content-type: application/json",
-               "--data-binary", f"@{body}")
+    out = curl(
+        served,
+        ca_dir,
+        "/v1/sign",
+        "--fail-with-body",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        f"@{body}",
+    )
     issued = json.loads(out.stdout)
     assert issued["spiffe_id"] == API
     chain = tmp_path / "chain.pem"
     chain.write_text(issued["chain"])
     (tmp_path / "leaf.pem").write_text(issued["certificate"])
-    run("openssl", "verify", "-CAfile", str(ca_dir / "root.pem"), "-untrusted", str(chain), str(tmp_path / "leaf.pem"))
+    run(
+        "openssl",
+        "verify",
+        "-CAfile",
+        str(ca_dir / "root.pem"),
+        "-untrusted",
+        str(chain),
+        str(tmp_path / "leaf.pem"),
+    )
     text = run("openssl", "x509", "-in", str(tmp_path / "leaf.pem"), "-noout", "-text").stdout
     assert f"URI:{API}" in text and "svc/admin" not in text and "CA:FALSE" in text
 
     # the same token again: used up
-    again = curl(served, ca_dir, "/v1/sign", "-H", "content-type: application/json", "--data-binary", f"@{body}",
-                 "-w", "\n%{http_code}")
+    again = curl(
+        served,
+        ca_dir,
+        "/v1/sign",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        f"@{body}",
+        "-w",
+        "\n%{http_code}",
+    )
     assert again.stdout.endswith("\n401") and '"token_used_up"' in again.stdout
 
     # renewal over mTLS with the issued certificate, no token
     body.write_text(json.dumps({"csr": csr.read_text()}))
-    out = curl(served, ca_dir, "/v1/sign", "--fail-with-body", "--cert", str(chain), "--key", str(key),
-               "-H", "content-type: application/json", "--data-binary", f"@{body}")
+    out = curl(
+        served,
+        ca_dir,
+        "/v1/sign",
+        "--fail-with-body",
+        "--cert",
+        str(chain),
+        "--key",
+        str(key),
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        f"@{body}",
+    )
     renewed = json.loads(out.stdout)
     assert renewed["spiffe_id"] == API and renewed["serial"] != issued["serial"]
 
@@ -229,7 +322,11 @@ def test_serve_sign_renew_with_curl_and_openssl(served: Served, ca_dir: Path, tm
     assert records[-1]["event"] == "ca.stopped"
     requests = [r for r in records if r["event"] == "ca.request"]
     assert [r["status"] for r in requests if r["path"] == "/v1/sign"] == [200, 401, 200]
-    assert [r.get("auth") for r in requests if r["path"] == "/v1/sign"] == ["token", None, "renewal"]
+    assert [r.get("auth") for r in requests if r["path"] == "/v1/sign"] == [
+        "token",
+        None,
+        "renewal",
+    ]
     assert token not in json.dumps(records)
     assert os.path.exists(ca_dir / "ca.db")
 
@@ -246,20 +343,48 @@ def test_serve_with_k8s_jwks(ca_dir: Path, tmp_path: Path) -> None:
     jwks_file.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
     issuer = "https://kubernetes.default.svc"
 
-    bad = ca("serve", "--dir", str(ca_dir), "--listen", "127.0.0.1:0", "--k8s-issuer", issuer, check=False)
+    bad = ca(
+        "serve",
+        "--dir",
+        str(ca_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--k8s-issuer",
+        issuer,
+        check=False,
+    )
     assert bad.returncode == 1 and "--k8s-jwks" in bad.stderr and bad.stderr.count("\n") == 1
 
     served = start_serve(ca_dir, "--k8s-issuer", issuer, "--k8s-jwks", str(jwks_file))
     try:
         now = int(time.time())
         token = jwt.encode(
-            {"iss": issuer, "aud": ["meshcar-ca"], "exp": now + 600, "iat": now,
-             "sub": "system:serviceaccount:shop:api",
-             "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "api", "uid": "u"}}},
-            signing_key, algorithm="ES256", headers={"kid": "k1"},
+            {
+                "iss": issuer,
+                "aud": ["meshcar-ca"],
+                "exp": now + 600,
+                "iat": now,
+                "sub": "system:serviceaccount:shop:api",
+                "kubernetes.io": {
+                    "namespace": "shop",
+                    "serviceaccount": {"name": "api", "uid": "u"},
+                },
+            },
+            signing_key,
+            algorithm="ES256",
+            headers={"kid": "k1"},
         )
         key, csr = tmp_path / "w.key", tmp_path / "w.csr"
-        run("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        run(
+            "openssl",
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            str(key),
+        )
         run("openssl", "req", "-new", "-key", str(key), "-subj", "/CN=x", "-out", str(csr))
         body = tmp_path / "body.json"
         body.write_text(json.dumps({"csr": csr.read_text(), "k8s_token": token}))

@@ -32,8 +32,21 @@ def _openssl_verify(bundle: Path, chain: Path, tmp: Path) -> None:
 
     (tmp / "v-leaf.pem").write_bytes(leaf.public_bytes(Encoding.PEM))
     (tmp / "v-inter.pem").write_bytes(inter.public_bytes(Encoding.PEM))
-    r = subprocess.run(["openssl", "verify", "-CAfile", str(bundle), "-untrusted", str(tmp / "v-inter.pem"),
-                        "-purpose", "any", str(tmp / "v-leaf.pem")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(bundle),
+            "-untrusted",
+            str(tmp / "v-inter.pem"),
+            "-purpose",
+            "any",
+            str(tmp / "v-leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -43,13 +56,20 @@ def test_renew_intermediate_under_a_running_ca_and_pair(tmp_path: Path) -> None:
     ca_dir = d / "ca"
     procs = Procs(d)
     try:
-        procs.start("ca", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ports['ca']}")
+        procs.start(
+            "ca", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ports['ca']}"
+        )
         ca_url = f"https://127.0.0.1:{ports['ca']}"
         root_ctx = ssl.create_default_context(cafile=str(ca_dir / "root.pem"))
         procs.wait_http(f"{ca_url}/healthz", verify=str(ca_dir / "root.pem"))
         api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-        web_cfg = _sidecar_cfg(d, "web", ports, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})
+        web_cfg = _sidecar_cfg(
+            d,
+            "web",
+            ports,
+            [],
+            {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+        )
         procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
         procs.start("api-sidecar", "sidecar", "--config", str(api_cfg))
         procs.start("web-sidecar", "sidecar", "--config", str(web_cfg))
@@ -58,11 +78,17 @@ def test_renew_intermediate_under_a_running_ca_and_pair(tmp_path: Path) -> None:
         proxy = f"http://127.0.0.1:{ports['web_out']}"
 
         def get(path: str) -> str:
-            return curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}", f"http://api{path}").stdout
+            return curl(
+                "-x", proxy, "-o", "/dev/null", "-w", "%{http_code}", f"http://api{path}"
+            ).stdout
 
         def renew(who: str) -> None:
-            r = subprocess.run(meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{ports[f'{who}_admin']}"),
-                               capture_output=True, text=True, timeout=30)
+            r = subprocess.run(
+                meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{ports[f'{who}_admin']}"),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert r.returncode == 0 and json.loads(r.stdout)["renewed"], r.stdout + r.stderr
 
         assert get("/before") == "200"
@@ -70,11 +96,18 @@ def test_renew_intermediate_under_a_running_ca_and_pair(tmp_path: Path) -> None:
         old_kid = _issuer_kid(d / "web-state" / "chain.pem")
         metrics = httpx.get(f"{ca_url}/metrics", verify=root_ctx, timeout=5)
         assert metrics.status_code == 200
-        assert re.search(r'^meshcar_ca_cert_expiry_seconds\{cert="intermediate",serial="[0-9a-f]+"\} \d+$',
-                         metrics.text, re.M), metrics.text
+        assert re.search(
+            r'^meshcar_ca_cert_expiry_seconds\{cert="intermediate",serial="[0-9a-f]+"\} \d+$',
+            metrics.text,
+            re.M,
+        ), metrics.text
 
-        r = subprocess.run(meshcar_cmd("ca", "renew-intermediate", "--dir", str(ca_dir)),
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            meshcar_cmd("ca", "renew-intermediate", "--dir", str(ca_dir)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0, r.stderr
         new = json.loads(r.stdout)["intermediate"]
         assert new["key_id"] != old_kid
@@ -95,8 +128,14 @@ def test_renew_intermediate_under_a_running_ca_and_pair(tmp_path: Path) -> None:
         assert 'cert="accepted_intermediate"' in text
         api_chain = x509.load_pem_x509_certificates((ca_dir / "server.pem").read_bytes())
         assert api_chain[1].serial_number == int(new["serial"], 16)
-        st = json.loads(subprocess.run(meshcar_cmd("ca", "status", "--dir", str(ca_dir)), capture_output=True,
-                                       text=True, check=True).stdout)
+        st = json.loads(
+            subprocess.run(
+                meshcar_cmd("ca", "status", "--dir", str(ca_dir)),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         assert st["issuing_intermediate"]["key_id"] == new["key_id"] and st["bundle_version"] == 1
         assert all(p.poll() is None for _, p in procs.procs)
         for name in ("web-sidecar", "api-sidecar", "ca"):

@@ -79,8 +79,11 @@ def alive(pid: int) -> bool:
 def planned_processes(d: Path) -> list[ProcSpec]:
     paths = DemoPaths(d)
     certs = PublicCerts(*(d / "-",) * 6)
-    return ([ca_process(paths)] + mesh_processes(sc.SCENARIO, paths, certs)
-            + edge_processes(sc.SCENARIO, paths))
+    return (
+        [ca_process(paths)]
+        + mesh_processes(sc.SCENARIO, paths, certs)
+        + edge_processes(sc.SCENARIO, paths)
+    )
 
 
 def demo_argv(*args: str) -> list[str]:
@@ -89,13 +92,18 @@ def demo_argv(*args: str) -> list[str]:
 
 def test_demo_check_passes_and_prints_the_table(tmp_path: Path) -> None:
     assert busy_ports() == [], "scenario ports busy before the test"
-    r = subprocess.run(demo_argv("--check", "--dir", str(tmp_path / "demo")),
-                       capture_output=True, text=True, timeout=START_TIMEOUT + 60, check=False)
+    r = subprocess.run(
+        demo_argv("--check", "--dir", str(tmp_path / "demo")),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT + 60,
+        check=False,
+    )
     out = r.stdout
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{out}\nstderr:\n{r.stderr}"
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("RESULT"))
-    rows = lines[header + 2: header + 2 + len(all_checks())]
+    rows = lines[header + 2 : header + 2 + len(all_checks())]
     for check, row in zip(all_checks(), rows, strict=True):
         assert check.title in row
         expected = "PASS" if check.fn is not None else "SKIP (not implemented)"
@@ -127,12 +135,17 @@ def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str
 
 def test_sigterm_stops_every_child_and_frees_the_ports(tmp_path: Path) -> None:
     assert busy_ports() == [], "scenario ports busy before the test"
-    proc = subprocess.Popen(demo_argv("--dir", str(tmp_path / "demo")),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        demo_argv("--dir", str(tmp_path / "demo")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out = _read_until(proc, "meshcar demo: ready:", START_TIMEOUT)
         assert "meshcar demo: ready:" in out, (
-            f"not ready: exit {proc.poll()}\n{out}\n{proc.stderr.read() if proc.poll() is not None else ''}")
+            f"not ready: exit {proc.poll()}\n{out}\n{proc.stderr.read() if proc.poll() is not None else ''}"
+        )
         children = children_of(proc.pid)
         # CA, 3 sidecars, 3 apps, payments' public endpoint (+ the edge once it plugs in)
         assert len(children) == len(planned_processes(tmp_path / "demo"))
@@ -156,8 +169,13 @@ def test_a_busy_port_is_named_and_nothing_is_left_running(tmp_path: Path) -> Non
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", api.inbound_port))
         squatter.listen()
-        r = subprocess.run(demo_argv("--check", "--dir", str(tmp_path / "demo")),
-                           capture_output=True, text=True, timeout=60, check=False)
+        r = subprocess.run(
+            demo_argv("--check", "--dir", str(tmp_path / "demo")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert r.returncode == 1
     assert f"{api.inbound_port} (api sidecar inbound (mesh))" in r.stderr
     assert busy_ports() == []

@@ -100,7 +100,13 @@ class Traffic:
 
     def __enter__(self) -> Traffic:
         self._go.set()
-        for f in (self._mesh_keepalive, self._edge_keepalive, self._mesh_fresh, self._edge_fresh, self._rhythm):
+        for f in (
+            self._mesh_keepalive,
+            self._edge_keepalive,
+            self._mesh_fresh,
+            self._edge_fresh,
+            self._rhythm,
+        ):
             t = threading.Thread(target=self._guard, args=(f,), daemon=True)
             t.start()
             self._threads.append(t)
@@ -116,7 +122,9 @@ class Traffic:
         try:
             f()
         except BaseException as exc:  # a crashed stream must fail the test
-            self.records.append(Rec(time.time(), time.time(), "mesh", f.__name__, False, f"crashed: {exc!r}"))
+            self.records.append(
+                Rec(time.time(), time.time(), "mesh", f.__name__, False, f"crashed: {exc!r}")
+            )
 
     # -- one request of each kind ------------------------------------------------------------
 
@@ -132,19 +140,31 @@ class Traffic:
 
     def mesh_fresh_once(self, stream: str, n: int) -> None:
         def go() -> tuple[int, bytes]:
-            with socket.create_connection(("127.0.0.1", self.mesh.ports["web_out"]), timeout=10) as s:
-                s.sendall(f"GET http://api/{stream}/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode())
+            with socket.create_connection(
+                ("127.0.0.1", self.mesh.ports["web_out"]), timeout=10
+            ) as s:
+                s.sendall(
+                    f"GET http://api/{stream}/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode()
+                )
                 data = _read_all(s)
             return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0), data
+
         self._record("mesh", stream, go)
 
     def edge_fresh_once(self, stream: str, n: int) -> None:
         def go() -> tuple[int, bytes]:
-            with socket.create_connection(("127.0.0.1", self.mesh.ports["edge_https"]), timeout=10) as raw, \
-                    self.edge_ctx.wrap_socket(raw, server_hostname="api.test") as s:
-                s.sendall(f"GET /{stream}/{n} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n".encode())
+            with (
+                socket.create_connection(
+                    ("127.0.0.1", self.mesh.ports["edge_https"]), timeout=10
+                ) as raw,
+                self.edge_ctx.wrap_socket(raw, server_hostname="api.test") as s,
+            ):
+                s.sendall(
+                    f"GET /{stream}/{n} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n".encode()
+                )
                 data = _read_all(s)
             return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0), data
+
         self._record("edge", stream, go)
 
     # -- the streams -------------------------------------------------------------------------
@@ -164,9 +184,16 @@ class Traffic:
 
     def _mesh_keepalive(self) -> None:
         with httpx.Client(proxy=f"http://127.0.0.1:{self.mesh.ports['web_out']}", timeout=10) as c:
+
             def once(n: int) -> None:
-                self._record("mesh", "keepalive", lambda: (lambda r: (r.status_code, r.content))(
-                    c.get(f"http://api/keepalive/{n}")))
+                self._record(
+                    "mesh",
+                    "keepalive",
+                    lambda: (lambda r: (r.status_code, r.content))(
+                        c.get(f"http://api/keepalive/{n}")
+                    ),
+                )
+
             self._loop("mesh_keepalive", once)
 
     def _edge_keepalive(self) -> None:
@@ -174,8 +201,18 @@ class Traffic:
             url = f"https://127.0.0.1:{self.mesh.ports['edge_https']}/keepalive/"
 
             def once(n: int) -> None:
-                self._record("edge", "keepalive", lambda: (lambda r: (r.status_code, r.content))(
-                    c.get(f"{url}{n}", headers={"Host": "api.test"}, extensions={"sni_hostname": "api.test"})))
+                self._record(
+                    "edge",
+                    "keepalive",
+                    lambda: (lambda r: (r.status_code, r.content))(
+                        c.get(
+                            f"{url}{n}",
+                            headers={"Host": "api.test"},
+                            extensions={"sni_hostname": "api.test"},
+                        )
+                    ),
+                )
+
             self._loop("edge_keepalive", once)
 
     def _mesh_fresh(self) -> None:
@@ -199,8 +236,10 @@ class Traffic:
     def _idle_gap(self) -> None:
         self._go.clear()
         deadline = time.monotonic() + 30
-        while any(self._busy.get(k, True) for k in ("mesh_keepalive", "edge_keepalive", "mesh_fresh",
-                                                     "edge_fresh")):
+        while any(
+            self._busy.get(k, True)
+            for k in ("mesh_keepalive", "edge_keepalive", "mesh_fresh", "edge_fresh")
+        ):
             if time.monotonic() > deadline or self._stop.is_set():
                 break
             time.sleep(0.01)  # polling the streams' parked flags
@@ -220,18 +259,28 @@ class Traffic:
 
 
 def _token(ca_dir: Path, name: str, uses: int) -> str:
-    out = subprocess.run(meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name),
-                                     "--uses", str(uses)), check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        meshcar_cmd(
+            "ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name), "--uses", str(uses)
+        ),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
 def start_lifecycle_mesh(d: Path) -> tuple[Mesh, ssl.SSLContext]:
-    names = ["ca", "edge_https", "edge_admin"] + [f"{n}_{k}" for n in ("web", "api")
-                                                   for k in ("app", "in", "out", "admin")]
+    names = ["ca", "edge_https", "edge_admin"] + [
+        f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")
+    ]
     ports = {n: free_port() for n in names}
     ca_dir = d / "ca"
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD, "--max-ttl", "1h"),
-                   check=True, capture_output=True)
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD, "--max-ttl", "1h"),
+        check=True,
+        capture_output=True,
+    )
     for n in NAMES:  # the re-bootstrap credential after an expiry: a token with a few uses
         (d / f"{n}.token").write_text(_token(ca_dir, n, 10))
     bootstrap = d / "bootstrap-root.pem"
@@ -244,33 +293,69 @@ def start_lifecycle_mesh(d: Path) -> tuple[Mesh, ssl.SSLContext]:
     edge_ctx = ssl.create_default_context(cafile=str(d / "public-ca.pem"))
 
     procs = Procs(d)
-    mesh = Mesh(d, procs, ports, ["ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ports['ca']}"])
+    mesh = Mesh(
+        d,
+        procs,
+        ports,
+        ["ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ports['ca']}"],
+    )
     try:
         mesh.start_ca()
         api = sidecar_config(d, "api", ports, TTL, 2.0, [sid("web"), sid("edge")], {}, bootstrap)
-        web = sidecar_config(d, "web", ports, TTL, 2.0, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}}, bootstrap)
+        web = sidecar_config(
+            d,
+            "web",
+            ports,
+            TTL,
+            2.0,
+            [],
+            {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+            bootstrap,
+        )
         cfg = json.loads(web.read_text())
         cfg["outbound"]["pool_idle_seconds"] = IDLE
         web.write_text(json.dumps(cfg))
         edge = d / "edge.yaml"
-        edge.write_text(json.dumps({
-            "listen": {"https": f"127.0.0.1:{ports['edge_https']}"},
-            "admin": {"listen": f"127.0.0.1:{ports['edge_admin']}"},
-            "identity": {"spiffe_id": sid("edge"), "ca_url": f"https://127.0.0.1:{ports['ca']}",
-                         "ca_bundle": str(bootstrap), "token_file": str(d / "edge.token"),
-                         "state_dir": str(d / "edge-state"), "ttl_seconds": TTL, "bundle_refresh_seconds": 2.0},
-            "pool_idle_seconds": IDLE,
-            "routes": [{"host": "api.test", "mode": "bridge",
-                        "tls": {"cert": str(d / "edge-site.pem"), "key": str(d / "edge-site.key")},
-                        "backend": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}}],
-        }))
+        edge.write_text(
+            json.dumps(
+                {
+                    "listen": {"https": f"127.0.0.1:{ports['edge_https']}"},
+                    "admin": {"listen": f"127.0.0.1:{ports['edge_admin']}"},
+                    "identity": {
+                        "spiffe_id": sid("edge"),
+                        "ca_url": f"https://127.0.0.1:{ports['ca']}",
+                        "ca_bundle": str(bootstrap),
+                        "token_file": str(d / "edge.token"),
+                        "state_dir": str(d / "edge-state"),
+                        "ttl_seconds": TTL,
+                        "bundle_refresh_seconds": 2.0,
+                    },
+                    "pool_idle_seconds": IDLE,
+                    "routes": [
+                        {
+                            "host": "api.test",
+                            "mode": "bridge",
+                            "tls": {
+                                "cert": str(d / "edge-site.pem"),
+                                "key": str(d / "edge-site.key"),
+                            },
+                            "backend": {
+                                "endpoints": [f"127.0.0.1:{ports['api_in']}"],
+                                "spiffe_id": sid("api"),
+                            },
+                        }
+                    ],
+                }
+            )
+        )
         procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
         procs.start("api-sidecar", "sidecar", "--config", str(api))
         procs.start("web-sidecar", "sidecar", "--config", str(web))
         procs.start("edge", "edge", "--config", str(edge))
         for n in NAMES:
-            procs.wait_http(f"{mesh.admin(n)}/ready", name=n if n == "edge" else f"{n}-sidecar", timeout=30)
+            procs.wait_http(
+                f"{mesh.admin(n)}/ready", name=n if n == "edge" else f"{n}-sidecar", timeout=30
+            )
     except BaseException:
         procs.stop_all()
         raise
@@ -282,8 +367,12 @@ def start_lifecycle_mesh(d: Path) -> tuple[Mesh, ssl.SSLContext]:
 
 def forced_renewals(mesh: Mesh, traffic: Traffic) -> None:
     for who in ("web", "api"):
-        r = subprocess.run(meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{mesh.ports[f'{who}_admin']}"),
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{mesh.ports[f'{who}_admin']}"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0 and json.loads(r.stdout)["renewed"], r.stdout + r.stderr
         traffic.idle_gap()
         traffic.burst()
@@ -295,7 +384,9 @@ def short_outage(mesh: Mesh, seconds: float) -> dict:
     next renewals (8-12 s later) fall inside the outage and fail, and the retries after the
     CA's return still come well before expiry (20 s), even if its start is slow."""
     edge_serial = mesh.certs("edge")["serial"]
-    wait_until("the edge's next renewal", lambda: mesh.certs("edge")["serial"] != edge_serial, 2 * TTL, 0.1)
+    wait_until(
+        "the edge's next renewal", lambda: mesh.certs("edge")["serial"] != edge_serial, 2 * TTL, 0.1
+    )
     for n in ("web", "api"):
         assert httpx.post(f"{mesh.admin(n)}/renew", timeout=30).json()["renewed"]
     mesh.stop_ca()
@@ -309,8 +400,11 @@ def short_outage(mesh: Mesh, seconds: float) -> dict:
     mesh.start_ca()
     up = time.time()
     # every process renews again through the returned CA, none ever lost its certificate
-    wait_until("every process to renew after the short outage",
-               lambda: all(mesh.certs(n)["serial"] != held[n] for n in NAMES), 2 * TTL)
+    wait_until(
+        "every process to renew after the short outage",
+        lambda: all(mesh.certs(n)["serial"] != held[n] for n in NAMES),
+        2 * TTL,
+    )
     assert time.time() < not_after, "renewed before the certificates held in the outage expired"
     assert all(httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 200 for n in NAMES)
     return {"outage_s": round(up - down, 1), "failed_renewals_during": failed}
@@ -325,10 +419,17 @@ def long_outage(mesh: Mesh) -> dict:
     not_after = {n: _ts(held[n]["not_after"]) for n in NAMES}
     lifetime = max(_ts(held[n]["not_after"]) - _ts(held[n]["not_before"]) for n in ("web", "api"))
     # every process notices that it holds no valid certificate (observed on /ready)
-    wait_until("every process to report no valid certificate",
-               lambda: all(httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 503 for n in NAMES),
-               lifetime + 15, interval=0.1)
-    assert all(mesh.certs(n)["serial"] == held[n]["serial"] for n in NAMES)  # nothing issued meanwhile
+    wait_until(
+        "every process to report no valid certificate",
+        lambda: all(
+            httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 503 for n in NAMES
+        ),
+        lifetime + 15,
+        interval=0.1,
+    )
+    assert all(
+        mesh.certs(n)["serial"] == held[n]["serial"] for n in NAMES
+    )  # nothing issued meanwhile
     remaining = down + lifetime + 1.0 - time.time()
     time.sleep(max(0.0, remaining))  # the outage outlasts a whole lifetime: the scenario
     mesh.start_ca()
@@ -339,19 +440,32 @@ def long_outage(mesh: Mesh) -> dict:
         for n in NAMES:
             if n not in reissued and mesh.certs(n)["serial"] != held[n]["serial"]:
                 reissued[n] = time.time()
-        assert time.monotonic() < deadline, f"not re-issued within 120 s of the CA's return: {reissued}"
+        assert time.monotonic() < deadline, (
+            f"not re-issued within 120 s of the CA's return: {reissued}"
+        )
         time.sleep(0.1)  # polling /certs; the window's end is measured to this resolution
     for n in NAMES:
-        wait_until(f"{n} to be ready again",
-                   lambda n=n: httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 200, 10)
-    return {"down": down, "up": up, "not_after": not_after, "reissued": reissued,
-            "outage_s": round(up - down, 1), "lifetime_s": lifetime}
+        wait_until(
+            f"{n} to be ready again",
+            lambda n=n: httpx.get(f"{mesh.admin(n)}/ready", timeout=5).status_code == 200,
+            10,
+        )
+    return {
+        "down": down,
+        "up": up,
+        "not_after": not_after,
+        "reissued": reissued,
+        "outage_s": round(up - down, 1),
+        "lifetime_s": lifetime,
+    }
 
 
 def windows(lo: dict) -> dict[str, tuple[float, float]]:
     """Per path, the span in which no valid certificate could exist for one of its ends."""
-    return {p: (min(lo["not_after"][n] for n in ends) - 1.0, max(lo["reissued"][n] for n in ends) + 1.0)
-            for p, ends in PATHS.items()}
+    return {
+        p: (min(lo["not_after"][n] for n in ends) - 1.0, max(lo["reissued"][n] for n in ends) + 1.0)
+        for p, ends in PATHS.items()
+    }
 
 
 def test_lifecycle_chaos_with_real_processes(tmp_path: Path) -> None:
@@ -370,14 +484,21 @@ def test_lifecycle_chaos_with_real_processes(tmp_path: Path) -> None:
             mark("forced_renewals")
             rotation = run_root_rotation(mesh, TTL)
             for n in NAMES:  # the edge follows the rotation too
-                wait_until(f"{n} to hold the final bundle", lambda n=n: _roots(
-                    mesh.dir / f"{n}-state" / "bundle.pem") == _roots(mesh.ca_dir / "bundle.pem"), 3 * TTL)
+                wait_until(
+                    f"{n} to hold the final bundle",
+                    lambda n=n: (
+                        _roots(mesh.dir / f"{n}-state" / "bundle.pem")
+                        == _roots(mesh.ca_dir / "bundle.pem")
+                    ),
+                    3 * TTL,
+                )
             mark("root_rotation")
             short = short_outage(mesh, 11.0)
             mark("short_outage")
             before_long = len(traffic.records)
-            assert [r for r in traffic.records if not r.ok] == [], \
+            assert [r for r in traffic.records if not r.ok] == [], (
                 f"failures before the long outage: {[r for r in traffic.records if not r.ok][:5]}"
+            )
             lo = long_outage(mesh)
             mark("long_outage")
             c = traffic.cycles
@@ -388,33 +509,68 @@ def test_lifecycle_chaos_with_real_processes(tmp_path: Path) -> None:
 
         win = windows(lo)
         records = traffic.records
-        outside = [r for r in records if not r.ok and not (r.t0 <= win[r.path][1] and r.t1 >= win[r.path][0])]
+        outside = [
+            r
+            for r in records
+            if not r.ok and not (r.t0 <= win[r.path][1] and r.t1 >= win[r.path][0])
+        ]
         inside_failed = [r for r in records if not r.ok and r not in outside]
         after = [r for r in records if r.t0 > max(w[1] for w in win.values())]
-        assert not outside, f"{len(outside)} failures outside the no-valid-certificate window {win}: " \
+        assert not outside, (
+            f"{len(outside)} failures outside the no-valid-certificate window {win}: "
             f"{[(round(r.t0 - t_start, 1), r.path, r.stream, r.detail) for r in outside[:8]]}"
+        )
         assert after and all(r.ok for r in after)
         for p in PATHS:
             assert {r.stream for r in after if r.path == p} >= {"keepalive", "fresh", "burst"}, p
         for name in ("web-sidecar", "api-sidecar", "edge"):
             assert "Traceback" not in mesh.procs.log(name), mesh.procs.log(name)[-3000:]
-        hs = {k: int(mesh.metric("web", f'meshcar_tls_handshakes_total{{direction="outbound",result="{k}"}}'))
-              for k in ("full", "resumed", "failure")}
-        assert hs["full"] + hs["resumed"] >= traffic.cycles, hs  # the idle gaps did retire pooled connections
+        hs = {
+            k: int(
+                mesh.metric(
+                    "web", f'meshcar_tls_handshakes_total{{direction="outbound",result="{k}"}}'
+                )
+            )
+            for k in ("full", "resumed", "failure")
+        }
+        assert hs["full"] + hs["resumed"] >= traffic.cycles, (
+            hs
+        )  # the idle gaps did retire pooled connections
         result = {
-            "ttl_s": TTL, "pool_idle_s": IDLE, "timeline_s": timeline, "rotation": rotation, "short_outage": short,
+            "ttl_s": TTL,
+            "pool_idle_s": IDLE,
+            "timeline_s": timeline,
+            "rotation": rotation,
+            "short_outage": short,
             "long_outage": {
-                "outage_s": lo["outage_s"], "lifetime_s": lo["lifetime_s"],
-                "ca_back_after_expiry_s": {n: round(lo["up"] - lo["not_after"][n], 1) for n in NAMES},
-                "reissued_after_ca_back_s": {n: round(lo["reissued"][n] - lo["up"], 1) for n in NAMES},
+                "outage_s": lo["outage_s"],
+                "lifetime_s": lo["lifetime_s"],
+                "ca_back_after_expiry_s": {
+                    n: round(lo["up"] - lo["not_after"][n], 1) for n in NAMES
+                },
+                "reissued_after_ca_back_s": {
+                    n: round(lo["reissued"][n] - lo["up"], 1) for n in NAMES
+                },
                 "window_s": {p: round(w[1] - w[0], 1) for p, w in win.items()},
-                "failed_in_window": {p: sum(1 for r in inside_failed if r.path == p) for p in PATHS},
-                "ok_in_window": {p: sum(1 for r in records if r.ok and r.path == p and win[p][0] <= r.t0 <= win[p][1])
-                                 for p in PATHS},
+                "failed_in_window": {
+                    p: sum(1 for r in inside_failed if r.path == p) for p in PATHS
+                },
+                "ok_in_window": {
+                    p: sum(
+                        1
+                        for r in records
+                        if r.ok and r.path == p and win[p][0] <= r.t0 <= win[p][1]
+                    )
+                    for p in PATHS
+                },
             },
-            "requests": len(records), "before_long_outage": before_long,
-            "failed": len(inside_failed) + len(outside), "failed_outside_window": len(outside),
-            "cycles": traffic.cycles, "web_outbound_handshakes": hs, "renewals": {n: mesh.renewals(n) for n in NAMES},
+            "requests": len(records),
+            "before_long_outage": before_long,
+            "failed": len(inside_failed) + len(outside),
+            "failed_outside_window": len(outside),
+            "cycles": traffic.cycles,
+            "web_outbound_handshakes": hs,
+            "renewals": {n: mesh.renewals(n) for n in NAMES},
             "seconds": round(time.time() - t_start, 1),
         }
         _report(mesh, "lifecycle", result)

@@ -37,8 +37,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 TD = "meshcar.demo"
 NS_PREFIX = "mcpods"
 PREFIX = f"{NS_PREFIX}{os.getpid()}"
-PODS = {"ca": "10.77.0.10", "web": "10.77.0.2", "api": "10.77.0.3", "rogue": "10.77.0.4",
-        "outside": "10.77.0.9"}
+PODS = {
+    "ca": "10.77.0.10",
+    "web": "10.77.0.2",
+    "api": "10.77.0.3",
+    "rogue": "10.77.0.4",
+    "outside": "10.77.0.9",
+}
 POD_NET = "10.77.0.0/24"
 MESHED = ("web", "api", "rogue")
 MESH_PORT, APP_PORT, CA_PORT, TRANSPARENT_PORT, ADMIN_PORT = 7002, 9002, 8600, 15001, 7200
@@ -60,17 +65,61 @@ def in_ns(pod: str, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 def curl(pod: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     """The pod's "app": a plain curl, proxy settings explicitly ignored."""
-    return in_ns(pod, "curl", "-sS", "--max-time", "10", "--noproxy", "*", "-w", "\n%{http_code}",
-                 *extra, url, check=False)
+    return in_ns(
+        pod,
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--noproxy",
+        "*",
+        "-w",
+        "\n%{http_code}",
+        *extra,
+        url,
+        check=False,
+    )
 
 
 def init_rules(pod: str) -> None:
     """What a meshcar init container would run in the pod's namespace (docs/PODS.md)."""
-    in_ns(pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", POD_NET,
-          "-m", "owner", "!", "--uid-owner", str(SIDECAR_UID),
-          "-j", "REDIRECT", "--to-ports", str(TRANSPARENT_PORT))
-    in_ns(pod, "iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(APP_PORT),
-          "-j", "REDIRECT", "--to-ports", str(MESH_PORT))
+    in_ns(
+        pod,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        POD_NET,
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        str(SIDECAR_UID),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(TRANSPARENT_PORT),
+    )
+    in_ns(
+        pod,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        str(APP_PORT),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(MESH_PORT),
+    )
 
 
 def _skip_reason() -> str | None:
@@ -79,8 +128,14 @@ def _skip_reason() -> str | None:
     for tool in ("ip", "iptables", "curl", "setpriv"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
-    r = sh("setpriv", f"--reuid={SIDECAR_UID}", f"--regid={SIDECAR_UID}", "--clear-groups",
-           *meshcar_cmd("--help"), check=False)
+    r = sh(
+        "setpriv",
+        f"--reuid={SIDECAR_UID}",
+        f"--regid={SIDECAR_UID}",
+        "--clear-groups",
+        *meshcar_cmd("--help"),
+        check=False,
+    )
     if r.returncode != 0:
         return f"uid {SIDECAR_UID} (the sidecars') cannot run {sys.executable} -m meshcar.cli: {r.stderr.strip()}"
     probe = f"{PREFIX}-probe"
@@ -88,9 +143,29 @@ def _skip_reason() -> str | None:
         r = sh("ip", "netns", "add", probe, check=False)
         if r.returncode != 0:
             return f"needs ip netns: {r.stderr.strip()}"
-        r = sh("ip", "netns", "exec", probe, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
-               "-m", "owner", "!", "--uid-owner", str(SIDECAR_UID), "-j", "REDIRECT", "--to-ports", "1",
-               check=False)
+        r = sh(
+            "ip",
+            "netns",
+            "exec",
+            probe,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            str(SIDECAR_UID),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "1",
+            check=False,
+        )
         if r.returncode != 0:
             return f"needs iptables nat REDIRECT and the owner match in a namespace: {r.stderr.strip()}"
     finally:
@@ -100,7 +175,7 @@ def _skip_reason() -> str | None:
 
 def _dead_run(name: str) -> bool:
     """`name` is `mcpods<pid>-...` and that pid no longer exists."""
-    pid = name[len(NS_PREFIX):].split("-", 1)[0]
+    pid = name[len(NS_PREFIX) :].split("-", 1)[0]
     if not (name.startswith(NS_PREFIX) and "-" in name and pid.isdigit()):
         return False
     try:
@@ -147,8 +222,11 @@ def pods() -> Iterator[Path]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def logs(*names: str) -> str:
-        return "\n".join(f"--- {n}\n" + (d / f"{n}.log").read_text(errors="replace")[-2000:]
-                         for n in names if (d / f"{n}.log").exists())
+        return "\n".join(
+            f"--- {n}\n" + (d / f"{n}.log").read_text(errors="replace")[-2000:]
+            for n in names
+            if (d / f"{n}.log").exists()
+        )
 
     try:
         sh("ip", "netns", "add", ns("br"))
@@ -158,8 +236,23 @@ def pods() -> Iterator[Path]:
             sh("ip", "netns", "add", ns(pod))
             in_ns(pod, "ip", "link", "set", "lo", "up")
             # the veth pair is made inside the bridge namespace, one end moved into the pod
-            sh("ip", "netns", "exec", ns("br"), "ip", "link", "add", f"v{i}", "type", "veth",
-               "peer", "name", "eth0", "netns", ns(pod))
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                ns("br"),
+                "ip",
+                "link",
+                "add",
+                f"v{i}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns(pod),
+            )
             sh("ip", "netns", "exec", ns("br"), "ip", "link", "set", f"v{i}", "master", "br0", "up")
             in_ns(pod, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             in_ns(pod, "ip", "link", "set", "eth0", "up")
@@ -167,60 +260,157 @@ def pods() -> Iterator[Path]:
             init_rules(pod)
 
         ca_dir = d / "ca"
-        subprocess.run(meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD), check=True,
-                       capture_output=True)
+        subprocess.run(
+            meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD),
+            check=True,
+            capture_output=True,
+        )
         for pod in MESHED:
             pd = d / pod  # the sidecar's own files: token, CA root, state dir
             pd.mkdir(mode=0o700)
-            tok = subprocess.run(meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id",
-                                             f"spiffe://{TD}/svc/{pod}"), check=True, capture_output=True,
-                                 text=True).stdout.strip()
+            tok = subprocess.run(
+                meshcar_cmd(
+                    "ca", "token", "--dir", str(ca_dir), "--spiffe-id", f"spiffe://{TD}/svc/{pod}"
+                ),
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             (pd / "token").write_text(tok)
             shutil.copy(ca_dir / "root.pem", pd / "root.pem")
             for f in (pd, pd / "token", pd / "root.pem"):
                 os.chown(f, SIDECAR_UID, SIDECAR_UID)
 
         def start(pod: str, name: str, *args: str, uid: int | None = None) -> None:
-            as_uid = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            as_uid = (
+                []
+                if uid is None
+                else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            )
             with open(d / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(["ip", "netns", "exec", ns(pod), *as_uid, *meshcar_cmd(*args)],
-                                              stdout=log, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", ns(pod), *as_uid, *meshcar_cmd(*args)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
-        start("ca", "ca", "ca", "serve", "--dir", str(ca_dir), "--listen", f"{PODS['ca']}:{CA_PORT}",
-              "--san", PODS["ca"])
-        start("api", "api-app", "demo-app", "--name", "api", "--port", str(APP_PORT), "--host", "127.0.0.1")
+        start(
+            "ca",
+            "ca",
+            "ca",
+            "serve",
+            "--dir",
+            str(ca_dir),
+            "--listen",
+            f"{PODS['ca']}:{CA_PORT}",
+            "--san",
+            PODS["ca"],
+        )
+        start(
+            "api",
+            "api-app",
+            "demo-app",
+            "--name",
+            "api",
+            "--port",
+            str(APP_PORT),
+            "--host",
+            "127.0.0.1",
+        )
 
         def sidecar_cfg(pod: str, allow: list[str]) -> Path:
             pd = d / pod
             cfg = {
-                "identity": {"spiffe_id": f"spiffe://{TD}/svc/{pod}", "ca_url": f"https://{PODS['ca']}:{CA_PORT}",
-                             "ca_bundle": str(pd / "root.pem"), "token_file": str(pd / "token"),
-                             "state_dir": str(pd / "state")},
+                "identity": {
+                    "spiffe_id": f"spiffe://{TD}/svc/{pod}",
+                    "ca_url": f"https://{PODS['ca']}:{CA_PORT}",
+                    "ca_bundle": str(pd / "root.pem"),
+                    "token_file": str(pd / "token"),
+                    "state_dir": str(pd / "state"),
+                },
                 "app": {"port": APP_PORT},
                 "inbound": {"listen": f"0.0.0.0:{MESH_PORT}", "allow": allow},
-                "outbound": {"transparent_listen": f"127.0.0.1:{TRANSPARENT_PORT}", "upstreams": {
-                    # dialed at the original destination: api's inbound rule leads it to the mesh port
-                    "api": {"endpoints": [f"{PODS['api']}:{APP_PORT}"], "spiffe_id": f"spiffe://{TD}/svc/api",
-                            "match": [f"{PODS['api']}:{APP_PORT}"]}}},
+                "outbound": {
+                    "transparent_listen": f"127.0.0.1:{TRANSPARENT_PORT}",
+                    "upstreams": {
+                        # dialed at the original destination: api's inbound rule leads it to the mesh port
+                        "api": {
+                            "endpoints": [f"{PODS['api']}:{APP_PORT}"],
+                            "spiffe_id": f"spiffe://{TD}/svc/api",
+                            "match": [f"{PODS['api']}:{APP_PORT}"],
+                        }
+                    },
+                },
                 "admin": {"listen": f"127.0.0.1:{ADMIN_PORT}"},
             }
             path = d / f"{pod}.yaml"
             path.write_text(json.dumps(cfg))
             return path
 
-        start("api", "api-sidecar", "sidecar", "--config", str(sidecar_cfg("api", [f"spiffe://{TD}/svc/web"])),
-              uid=SIDECAR_UID)
-        start("web", "web-sidecar", "sidecar", "--config", str(sidecar_cfg("web", [])), uid=SIDECAR_UID)
-        start("rogue", "rogue-sidecar", "sidecar", "--config", str(sidecar_cfg("rogue", [])), uid=SIDECAR_UID)
+        start(
+            "api",
+            "api-sidecar",
+            "sidecar",
+            "--config",
+            str(sidecar_cfg("api", [f"spiffe://{TD}/svc/web"])),
+            uid=SIDECAR_UID,
+        )
+        start(
+            "web",
+            "web-sidecar",
+            "sidecar",
+            "--config",
+            str(sidecar_cfg("web", [])),
+            uid=SIDECAR_UID,
+        )
+        start(
+            "rogue",
+            "rogue-sidecar",
+            "sidecar",
+            "--config",
+            str(sidecar_cfg("rogue", [])),
+            uid=SIDECAR_UID,
+        )
         deadline = time.monotonic() + 30
         for pod in MESHED:
-            _wait(f"{pod} sidecar", lambda pod=pod: in_ns(
-                pod, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                f"http://127.0.0.1:{ADMIN_PORT}/ready", check=False).stdout == "200",
-                deadline, lambda pod=pod: logs("ca", f"{pod}-sidecar"))
-        _wait("api app", lambda: in_ns("api", "curl", "-s", "-o", "/dev/null",
-                                       f"http://127.0.0.1:{APP_PORT}/healthz", check=False).returncode == 0,
-              deadline, lambda: logs("api-app"))
+            _wait(
+                f"{pod} sidecar",
+                lambda pod=pod: (
+                    in_ns(
+                        pod,
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        f"http://127.0.0.1:{ADMIN_PORT}/ready",
+                        check=False,
+                    ).stdout
+                    == "200"
+                ),
+                deadline,
+                lambda pod=pod: logs("ca", f"{pod}-sidecar"),
+            )
+        _wait(
+            "api app",
+            lambda: (
+                in_ns(
+                    "api",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    f"http://127.0.0.1:{APP_PORT}/healthz",
+                    check=False,
+                ).returncode
+                == 0
+            ),
+            deadline,
+            lambda: logs("api-app"),
+        )
         yield d
     finally:
         for p in procs:
@@ -255,8 +445,12 @@ def test_sidecars_run_as_their_own_uid(pods: Path) -> None:
 def test_plain_http_from_an_unmodified_client_leaves_the_pod_as_mtls(pods: Path) -> None:
     out = pods / "capture.json"
     stop = pods / "capture.stop"
-    web_port = f"v{list(PODS).index('web')}"  # web's veth, on the bridge side: its link to the world
-    cap = subprocess.Popen(["ip", "netns", "exec", ns("br"), sys.executable, CAPTURE, web_port, str(out), str(stop)])
+    web_port = (
+        f"v{list(PODS).index('web')}"  # web's veth, on the bridge side: its link to the world
+    )
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", ns("br"), sys.executable, CAPTURE, web_port, str(out), str(stop)]
+    )
     try:
         deadline = time.monotonic() + 10
         while not Path(str(out) + ".ready").exists():
@@ -314,7 +508,11 @@ def test_the_transparent_listener_normalises_and_applies_the_header_policy(pods:
     outbound proxy: the app sees the normalised path; unsafe targets and underscored header
     names are 400 at web's sidecar."""
     base = f"http://{PODS['api']}:{APP_PORT}"
-    for raw, seen in (("/v1/x/../../admin", "/admin"), ("/v1/%2e%2e/v2//y", "/v2/y"), ("/%61dmin", "/admin")):
+    for raw, seen in (
+        ("/v1/x/../../admin", "/admin"),
+        ("/v1/%2e%2e/v2//y", "/v2/y"),
+        ("/%61dmin", "/admin"),
+    ):
         r = curl("web", base + raw, "--path-as-is")
         body, status = r.stdout.rsplit("\n", 1)
         assert status == "200", r.stdout + r.stderr
@@ -322,5 +520,10 @@ def test_the_transparent_listener_normalises_and_applies_the_header_policy(pods:
     for raw in ("/v1/..;/admin", "/a%2fb", "/a%00"):
         r = curl("web", base + raw, "--path-as-is")
         assert r.stdout.endswith("\n400") and "bad request target" in r.stdout, r.stdout + r.stderr
-    r = curl("web", base + "/v1/hello", "-H", "X_Forwarded_Client_Cert: URI=spiffe://meshcar.demo/svc/admin")
+    r = curl(
+        "web",
+        base + "/v1/hello",
+        "-H",
+        "X_Forwarded_Client_Cert: URI=spiffe://meshcar.demo/svc/admin",
+    )
     assert r.stdout.endswith("\n400") and "underscore" in r.stdout, r.stdout + r.stderr

@@ -46,8 +46,9 @@ def _refused(port: int) -> bool:
 
 def _slow_backend(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
     port, state = free_port(), tmp_path / "slow.state"
-    app = subprocess.Popen([sys.executable, str(SUPPORT / "slow_app.py"), str(port),
-                            "http://127.0.0.1:1/", str(state)])
+    app = subprocess.Popen(
+        [sys.executable, str(SUPPORT / "slow_app.py"), str(port), "http://127.0.0.1:1/", str(state)]
+    )
 
     def up() -> bool:
         try:
@@ -60,14 +61,17 @@ def _slow_backend(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
 
 
 def _slow_started(state: Path) -> bool:
-    return state.exists() and any(json.loads(line)["event"] == "slow_started"
-                                  for line in state.read_text().splitlines())
+    return state.exists() and any(
+        json.loads(line)["event"] == "slow_started" for line in state.read_text().splitlines()
+    )
 
 
 def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
     app, app_port, state = _slow_backend(tmp_path)
     https, admin = free_port(), free_port()
     cfg = tmp_path / "edge.yaml"
@@ -75,15 +79,28 @@ def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
         f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
         f"drain_seconds: {DRAIN_SECONDS}\n"
         "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
-        f" backend: {{endpoints: ['127.0.0.1:{app_port}']}}}}]\n")
+        f" backend: {{endpoints: ['127.0.0.1:{app_port}']}}}}]\n"
+    )
     procs = Procs(tmp_path)
     try:
         edge = procs.start("edge", "edge", "--config", str(cfg))
         procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
         curl = subprocess.Popen(
-            ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert", str(tmp_path / "ca.pem"),
-             "-w", "\n%{http_code}", f"https://www.test:{https}/slow"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                "curl",
+                "-sS",
+                "--resolve",
+                f"www.test:{https}:127.0.0.1",
+                "--cacert",
+                str(tmp_path / "ca.pem"),
+                "-w",
+                "\n%{http_code}",
+                f"https://www.test:{https}/slow",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait(lambda: _slow_started(state), "the request to reach the backend")
         edge.send_signal(signal.SIGTERM)
         _wait(lambda: '"event": "edge.draining"' in procs.log("edge"), "edge.draining")
@@ -108,7 +125,9 @@ def test_edge_second_signal_exits_at_once(tmp_path: Path) -> None:
     """While draining, a second SIGTERM cuts the request in flight off and exits 0."""
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
     # a backend that accepts and never answers: the request stays in flight
     hold = socket.create_server(("127.0.0.1", 0))
     https, admin = free_port(), free_port()
@@ -117,19 +136,34 @@ def test_edge_second_signal_exits_at_once(tmp_path: Path) -> None:
         f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
         "drain_seconds: 3600\ntimeouts: {response_head_seconds: 3600}\n"
         "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
-        f" backend: {{endpoints: ['127.0.0.1:{hold.getsockname()[1]}']}}}}]\n")
+        f" backend: {{endpoints: ['127.0.0.1:{hold.getsockname()[1]}']}}}}]\n"
+    )
     procs = Procs(tmp_path)
     try:
         edge = procs.start("edge", "edge", "--config", str(cfg))
         procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
         curl = subprocess.Popen(
-            ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert", str(tmp_path / "ca.pem"),
-             f"https://www.test:{https}/hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                "curl",
+                "-sS",
+                "--resolve",
+                f"www.test:{https}:127.0.0.1",
+                "--cacert",
+                str(tmp_path / "ca.pem"),
+                f"https://www.test:{https}/hang",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         hold.settimeout(20)
         upstream, _ = hold.accept()  # the edge forwarded the request
         with upstream:
             os.kill(edge.pid, signal.SIGTERM)
-            _wait(lambda: '"event": "edge.draining", "in_flight": 1' in procs.log("edge"), "edge.draining")
+            _wait(
+                lambda: '"event": "edge.draining", "in_flight": 1' in procs.log("edge"),
+                "edge.draining",
+            )
             os.kill(edge.pid, signal.SIGTERM)
             assert edge.wait(timeout=30) == 0, procs.log("edge")
         assert '"event": "edge.exiting"' in procs.log("edge")
@@ -148,7 +182,10 @@ def _all_read_by_server(port: int, client_port: int) -> bool:
         fields = line.split()
         local, remote, state, (tx, rx) = fields[1], fields[2], fields[3], fields[4].split(":")
         if state == "01":  # ESTABLISHED
-            queues[(int(local.split(":")[1], 16), int(remote.split(":")[1], 16))] = (int(tx, 16), int(rx, 16))
+            queues[(int(local.split(":")[1], 16), int(remote.split(":")[1], 16))] = (
+                int(tx, 16),
+                int(rx, 16),
+            )
     client, server = queues.get((client_port, port)), queues.get((port, client_port))
     return client is not None and server is not None and client[0] == 0 and server[1] == 0
 
@@ -167,8 +204,10 @@ def _half_sent_request(port: int, ctx, body: bytes, target: bytes):  # noqa: ANN
     read every byte sent, and a whole exchange on another connection since then gave its
     connection task the turns to parse the head and count the request."""
     s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
-    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % (target, len(body)) + body[:10])
+    s.sendall(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (target, len(body)) + body[:10]
+    )
     client_port = s.getsockname()[1]
     _wait(lambda: _all_read_by_server(port, client_port), "the server to read the request head")
     assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=10).status_code == 200
@@ -201,9 +240,22 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
     port, err = free_port(), tmp_path / "webhook.log"
     with open(err, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", f"127.0.0.1:{port}",
-             "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"),
-             "--drain-seconds", str(DRAIN_SECONDS)], stderr=log)
+            [
+                sys.executable,
+                "-m",
+                "meshcar.cli",
+                "webhook",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--tls-cert",
+                str(tmp_path / "tls.crt"),
+                "--tls-key",
+                str(tmp_path / "tls.key"),
+                "--drain-seconds",
+                str(DRAIN_SECONDS),
+            ],
+            stderr=log,
+        )
     try:
         _wait(lambda: "webhook listening on" in err.read_text(), "the webhook to listen")
         body = json.dumps(review(pod())).encode()
@@ -211,10 +263,15 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
         ca.configure_trust(ctx)
         with _half_sent_request(port, ctx, body, b"/inject") as s:
             proc.send_signal(signal.SIGTERM)
-            _wait(lambda: any(e.get("event") == "webhook.draining" for e in _webhook_events(err)),
-                  "webhook.draining")
-            assert {"event": "webhook.draining", "in_flight": 1, "grace_seconds": DRAIN_SECONDS} \
-                in _webhook_events(err)
+            _wait(
+                lambda: any(e.get("event") == "webhook.draining" for e in _webhook_events(err)),
+                "webhook.draining",
+            )
+            assert {
+                "event": "webhook.draining",
+                "in_flight": 1,
+                "grace_seconds": DRAIN_SECONDS,
+            } in _webhook_events(err)
             _wait(lambda: _refused(port), "new connections to be refused")
             s.sendall(body[10:])
             status, payload = _read_response(s)
@@ -235,12 +292,39 @@ def test_ca_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
     import ssl
 
     ca_dir = tmp_path / "ca"
-    subprocess.run([sys.executable, "-m", "meshcar.cli", "ca", "init", "--dir", str(ca_dir),
-                    "--trust-domain", "td.test"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshcar.cli",
+            "ca",
+            "init",
+            "--dir",
+            str(ca_dir),
+            "--trust-domain",
+            "td.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
     out = tmp_path / "ca.log"
     with open(out, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshcar.cli", "ca", "serve", "--dir", str(ca_dir),
-                                 "--listen", "127.0.0.1:0", "--drain-seconds", str(DRAIN_SECONDS)], stdout=log)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshcar.cli",
+                "ca",
+                "serve",
+                "--dir",
+                str(ca_dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--drain-seconds",
+                str(DRAIN_SECONDS),
+            ],
+            stdout=log,
+        )
 
     def events() -> list[dict]:
         return [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
@@ -259,7 +343,9 @@ def test_ca_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
             status, payload = _read_response(s)
         assert 400 <= status < 500 and json.loads(payload)["error"]  # a complete answer
         assert proc.wait(timeout=DRAIN_SECONDS) == 0, out.read_text()
-        assert [e for e in events() if e["event"] == "ca.drained"] == [{"event": "ca.drained", "cut_off": 0}]
+        assert [e for e in events() if e["event"] == "ca.drained"] == [
+            {"event": "ca.drained", "cut_off": 0}
+        ]
         assert events()[-1] == {"event": "ca.stopped", "signal": "SIGTERM"}
     finally:
         if proc.poll() is None:

@@ -36,11 +36,20 @@ def test_renewals_then_new_connections_and_bursts(tmp_path) -> None:
     ports = init_pair_dir(d)
     procs = Procs(d)
     try:
-        procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-        procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"))
+        procs.start(
+            "ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
+        )
+        procs.wait_http(
+            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem")
+        )
         api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-        web_cfg = _sidecar_cfg(d, "web", ports, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})
+        web_cfg = _sidecar_cfg(
+            d,
+            "web",
+            ports,
+            [],
+            {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+        )
         cfg = json.loads(web_cfg.read_text())
         cfg["outbound"]["pool_idle_seconds"] = IDLE
         web_cfg.write_text(json.dumps(cfg))
@@ -53,7 +62,9 @@ def test_renewals_then_new_connections_and_bursts(tmp_path) -> None:
         web_admin = f"127.0.0.1:{ports['web_admin']}"
 
         def get(path: str) -> str:
-            return curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}", f"http://api{path}").stdout
+            return curl(
+                "-x", proxy, "-o", "/dev/null", "-w", "%{http_code}", f"http://api{path}"
+            ).stdout
 
         def burst(n: int) -> list[str]:
             with ThreadPoolExecutor(n) as ex:
@@ -62,17 +73,30 @@ def test_renewals_then_new_connections_and_bursts(tmp_path) -> None:
         assert get("/first") == "200"
         time.sleep(IDLE * 2)
         assert get("/resumed") == "200"  # a new connection resuming the cached session
-        assert _metric(web_admin, "meshcar_tls_handshakes_total", 'direction="outbound",result="resumed"') >= 1
+        assert (
+            _metric(
+                web_admin, "meshcar_tls_handshakes_total", 'direction="outbound",result="resumed"'
+            )
+            >= 1
+        )
 
         for who in ("web", "api"):  # the client's credential, then the server's
-            r = subprocess.run(meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{ports[f'{who}_admin']}"),
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                meshcar_cmd("cert", "renew", "--admin", f"127.0.0.1:{ports[f'{who}_admin']}"),
+                capture_output=True,
+                text=True,
+            )
             assert r.returncode == 0 and json.loads(r.stdout)["renewed"], r.stdout + r.stderr
             time.sleep(IDLE * 2)  # the lull: every pooled connection is now past its idle timeout
             assert get(f"/after-{who}-renewal") == "200", procs.log("web-sidecar")[-3000:]
             assert burst(8) == ["200"] * 8
             assert web.poll() is None and api.poll() is None
-        assert _metric(web_admin, "meshcar_tls_handshakes_total", 'direction="outbound",result="failure"') == 0
+        assert (
+            _metric(
+                web_admin, "meshcar_tls_handshakes_total", 'direction="outbound",result="failure"'
+            )
+            == 0
+        )
         assert "different SSLContext" not in procs.log("web-sidecar")
         assert "Traceback" not in procs.log("web-sidecar") + procs.log("api-sidecar")
     finally:

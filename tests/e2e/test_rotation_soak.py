@@ -69,11 +69,15 @@ class Mesh:
         return f"http://127.0.0.1:{self.ports[f'{name}_admin']}"
 
     def start_ca(self) -> None:
-        self.ca_proc = self.procs.start(f"ca-{len(list(self.dir.glob('ca-*.log')))}", *self.ca_args)  # one log each
+        self.ca_proc = self.procs.start(
+            f"ca-{len(list(self.dir.glob('ca-*.log')))}", *self.ca_args
+        )  # one log each
         self.wait_ca()
 
     def wait_ca(self) -> None:
-        self.procs.wait_http(f"https://127.0.0.1:{self.ports['ca']}/healthz", verify=False, timeout=20)
+        self.procs.wait_http(
+            f"https://127.0.0.1:{self.ports['ca']}/healthz", verify=False, timeout=20
+        )
 
     def stop_ca(self) -> None:
         assert self.ca_proc is not None
@@ -95,8 +99,12 @@ class Mesh:
         return int(self.metric(name, f'meshcar_certificate_renewals_total{{result="{result}"}}'))
 
     def ca(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(meshcar_cmd("ca", *args, "--dir", str(self.ca_dir)), capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            meshcar_cmd("ca", *args, "--dir", str(self.ca_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def status(self) -> dict:
         r = self.ca("status")
@@ -104,22 +112,41 @@ class Mesh:
         return json.loads(r.stdout)
 
     def chain(self, name: str) -> list[x509.Certificate]:
-        return x509.load_pem_x509_certificates((self.dir / f"{name}-state" / "chain.pem").read_bytes())
+        return x509.load_pem_x509_certificates(
+            (self.dir / f"{name}-state" / "chain.pem").read_bytes()
+        )
 
 
 def _token(ca_dir: Path, name: str) -> str:
-    out = subprocess.run(meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
-def sidecar_config(d: Path, name: str, ports: dict[str, int], ttl: int, refresh: float,
-                   allow: list[str], upstreams: dict, ca_bundle: Path) -> Path:
+def sidecar_config(
+    d: Path,
+    name: str,
+    ports: dict[str, int],
+    ttl: int,
+    refresh: float,
+    allow: list[str],
+    upstreams: dict,
+    ca_bundle: Path,
+) -> Path:
     cfg = {
-        "identity": {"spiffe_id": sid(name), "ca_url": f"https://127.0.0.1:{ports['ca']}",
-                     "ca_bundle": str(ca_bundle), "token_file": str(d / f"{name}.token"),
-                     "state_dir": str(d / f"{name}-state"), "ttl_seconds": ttl,
-                     "bundle_refresh_seconds": refresh},
+        "identity": {
+            "spiffe_id": sid(name),
+            "ca_url": f"https://127.0.0.1:{ports['ca']}",
+            "ca_bundle": str(ca_bundle),
+            "token_file": str(d / f"{name}.token"),
+            "state_dir": str(d / f"{name}-state"),
+            "ttl_seconds": ttl,
+            "bundle_refresh_seconds": refresh,
+        },
         "app": {"port": ports[f"{name}_app"]},
         "inbound": {"listen": f"127.0.0.1:{ports[f'{name}_in']}", "allow": allow},
         "outbound": {"listen": f"127.0.0.1:{ports[f'{name}_out']}", "upstreams": upstreams},
@@ -130,28 +157,52 @@ def sidecar_config(d: Path, name: str, ports: dict[str, int], ttl: int, refresh:
     return path
 
 
-def start_mesh(d: Path, *, ttl: int, refresh: float = 2.0, ca_extra: tuple[str, ...] = (),
-               tokens: dict[str, str] | None = None, ca_bundle: Path | None = None) -> Mesh:
+def start_mesh(
+    d: Path,
+    *,
+    ttl: int,
+    refresh: float = 2.0,
+    ca_extra: tuple[str, ...] = (),
+    tokens: dict[str, str] | None = None,
+    ca_bundle: Path | None = None,
+) -> Mesh:
     """A CA in d/ca (created unless it exists), web and api sidecars, api's demo app."""
     names = ["ca"] + [f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")]
     ports = {n: free_port() for n in names}
     ca_dir = d / "ca"
     if not ca_dir.exists():
-        subprocess.run(meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD, "--max-ttl", "1h"),
-                       check=True, capture_output=True)
+        subprocess.run(
+            meshcar_cmd(
+                "ca", "init", "--dir", str(ca_dir), "--trust-domain", TD, "--max-ttl", "1h"
+            ),
+            check=True,
+            capture_output=True,
+        )
     for n in ("web", "api"):
         (d / f"{n}.token").write_text((tokens or {}).get(n) or _token(ca_dir, n))
     bootstrap = ca_bundle or d / "bootstrap-root.pem"
     if ca_bundle is None:
         shutil.copy(ca_dir / "root.pem", bootstrap)  # handed out of band: never updated
     procs = Procs(d)
-    mesh = Mesh(d, procs, ports, ["ca", "serve", "--dir", str(ca_dir), "--listen",
-                                  f"127.0.0.1:{ports['ca']}", *ca_extra])
+    mesh = Mesh(
+        d,
+        procs,
+        ports,
+        ["ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ports['ca']}", *ca_extra],
+    )
     try:
         mesh.start_ca()
         api = sidecar_config(d, "api", ports, ttl, refresh, [sid("web")], {}, bootstrap)
-        web = sidecar_config(d, "web", ports, ttl, refresh, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}}, bootstrap)
+        web = sidecar_config(
+            d,
+            "web",
+            ports,
+            ttl,
+            refresh,
+            [],
+            {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+            bootstrap,
+        )
         procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
         procs.start("api-sidecar", "sidecar", "--config", str(api))
         procs.start("web-sidecar", "sidecar", "--config", str(web))
@@ -203,7 +254,9 @@ class Load:
         self.failures.append(f"{time.monotonic() - self.started:.1f}s {stream}: {what}")
 
     def _check(self, stream: str, status: int, body: bytes | str) -> None:
-        if status == 200 and (b'"service": "api"' in body if isinstance(body, bytes) else '"service": "api"' in body):
+        if status == 200 and (
+            b'"service": "api"' in body if isinstance(body, bytes) else '"service": "api"' in body
+        ):
             self.ok[stream] += 1
         else:
             self._fail(stream, f"{status} {body[:200]!r}")
@@ -228,7 +281,9 @@ class Load:
             n += 1
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.sendall(f"GET http://api/fresh/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode())
+                    s.sendall(
+                        f"GET http://api/fresh/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode()
+                    )
                     data = _read_all(s)
                 status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
                 self._check("fresh", status, data)
@@ -244,13 +299,19 @@ class Load:
             n += 1
             ctx = _web_context(state)
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                        ctx.wrap_socket(raw) as s:
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                    ctx.wrap_socket(raw) as s,
+                ):
                     peer = x509.load_der_x509_certificate(s.getpeercert(binary_form=True) or b"")
-                    uris = peer.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    uris = peer.extensions.get_extension_for_class(
+                        x509.SubjectAlternativeName
+                    ).value
                     if uris.get_values_for_type(x509.UniformResourceIdentifier) != [sid("api")]:
                         self._fail("mtls", f"api presented {uris}")
-                    s.sendall(f"GET /mtls/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode())
+                    s.sendall(
+                        f"GET /mtls/{n} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n".encode()
+                    )
                     data = _read_all(s)
                 status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
                 self._check("mtls", status, data)
@@ -264,17 +325,25 @@ class Load:
                 try:
                     r = httpx.get(f"{self.mesh.admin(name)}/ready", timeout=5)
                     if r.status_code != 200:
-                        self.not_ready.append(f"{time.monotonic() - self.started:.1f}s {name}: {r.text[:200]}")
+                        self.not_ready.append(
+                            f"{time.monotonic() - self.started:.1f}s {name}: {r.text[:200]}"
+                        )
                 except httpx.HTTPError as exc:
                     self.not_ready.append(f"{name}: {exc!r}")
             self._stop.wait(0.5)
 
     def summary(self) -> dict:
-        return {"seconds": round(self.stopped - self.started, 1), "ok": dict(self.ok),
-                "requests": sum(self.ok.values()) + len(self.failures), "failures": len(self.failures)}
+        return {
+            "seconds": round(self.stopped - self.started, 1),
+            "ok": dict(self.ok),
+            "requests": sum(self.ok.values()) + len(self.failures),
+            "failures": len(self.failures),
+        }
 
     def assert_clean(self) -> None:
-        assert not self.failures, f"{len(self.failures)} failed requests, first: {self.failures[:10]}"
+        assert not self.failures, (
+            f"{len(self.failures)} failed requests, first: {self.failures[:10]}"
+        )
         assert not self.not_ready, f"/ready went false: {self.not_ready[:10]}"
         assert all(self.ok[s] > 0 for s in ("pooled", "fresh", "mtls")), self.ok
 
@@ -357,8 +426,11 @@ def run_root_rotation(mesh: Mesh, ttl: int) -> dict:
     if early.returncode != 0:
         assert early.returncode == 1 and "have not reported" in early.stderr, early.stderr
         # every workload learns the bundle (refresh, renewal answer) and then reports it
-        wait_until("both sidecars to hold the new bundle",
-                   lambda: all(mesh.certs(n)["bundle_version"] == v0 + 1 for n in ("web", "api")), 3 * ttl)
+        wait_until(
+            "both sidecars to hold the new bundle",
+            lambda: all(mesh.certs(n)["bundle_version"] == v0 + 1 for n in ("web", "api")),
+            3 * ttl,
+        )
         wait_until("stage 2 to be safe", lambda: mesh.status()["next"]["ready"], 4 * ttl)
         timeline["stage1_ready_s"] = round(time.monotonic() - t0, 1)
         r = mesh.ca("rotate-root")
@@ -374,15 +446,26 @@ def run_root_rotation(mesh: Mesh, ttl: int) -> dict:
 
     def renewed_from_new(n: str) -> bool:
         chain = mesh.chain(n)
-        return len(chain) > 1 and chain[1].subject.rfc4514_string() == new_inter_subject and \
-            chain[1].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex() == new_inter_kid
+        return (
+            len(chain) > 1
+            and chain[1].subject.rfc4514_string() == new_inter_subject
+            and chain[1]
+            .extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            .value.digest.hex()
+            == new_inter_kid
+        )
 
-    wait_until("both sidecars to hold certificates from the new intermediate",
-               lambda: all(renewed_from_new(n) for n in ("web", "api")), 2 * ttl)
+    wait_until(
+        "both sidecars to hold certificates from the new intermediate",
+        lambda: all(renewed_from_new(n) for n in ("web", "api")),
+        2 * ttl,
+    )
     early = mesh.ca("rotate-root")
     if early.returncode != 0:
         assert "still valid" in early.stderr or "valid until" in early.stderr, early.stderr
-        wait_until("the old root's certificates to expire", lambda: mesh.status()["next"]["ready"], 3 * ttl)
+        wait_until(
+            "the old root's certificates to expire", lambda: mesh.status()["next"]["ready"], 3 * ttl
+        )
         timeline["stage2_ready_s"] = round(time.monotonic() - t0, 1)
         r = mesh.ca("rotate-root")
         assert r.returncode == 0, r.stderr
@@ -391,21 +474,37 @@ def run_root_rotation(mesh: Mesh, ttl: int) -> dict:
     assert [root["serial"] for root in st["roots"]] == [new_root_serial]
     timeline["retired_s"] = round(time.monotonic() - t0, 1)
     # the sidecars drop the old root and keep renewing, through an API now chained to the new root
-    wait_until("both sidecars to hold the final bundle",
-               lambda: all(mesh.certs(n)["bundle_version"] == v0 + 2 for n in ("web", "api")), 3 * ttl)
+    wait_until(
+        "both sidecars to hold the final bundle",
+        lambda: all(mesh.certs(n)["bundle_version"] == v0 + 2 for n in ("web", "api")),
+        3 * ttl,
+    )
     after = {n: mesh.renewals(n) for n in ("web", "api")}
-    wait_until("a renewal after the old root was retired",
-               lambda: all(mesh.renewals(n) > after[n] for n in ("web", "api")), 2 * ttl)
+    wait_until(
+        "a renewal after the old root was retired",
+        lambda: all(mesh.renewals(n) > after[n] for n in ("web", "api")),
+        2 * ttl,
+    )
     for n in ("web", "api"):
-        bundle = x509.load_pem_x509_certificates((mesh.dir / f"{n}-state" / "bundle.pem").read_bytes())
+        bundle = x509.load_pem_x509_certificates(
+            (mesh.dir / f"{n}-state" / "bundle.pem").read_bytes()
+        )
         assert [c.serial_number for c in bundle] == [int(new_root_serial, 16)]
         assert old_root.serial_number not in {c.serial_number for c in bundle}
     # the API certificate now chains to the new root only
     new_only = ssl.create_default_context(cafile=str(mesh.ca_dir / "bundle.pem"))
-    assert httpx.get(f"https://127.0.0.1:{mesh.ports['ca']}/healthz", verify=new_only, timeout=5).status_code == 200
+    assert (
+        httpx.get(
+            f"https://127.0.0.1:{mesh.ports['ca']}/healthz", verify=new_only, timeout=5
+        ).status_code
+        == 200
+    )
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"https://127.0.0.1:{mesh.ports['ca']}/healthz",
-                  verify=ssl.create_default_context(cafile=str(mesh.dir / "bootstrap-root.pem")), timeout=5)
+        httpx.get(
+            f"https://127.0.0.1:{mesh.ports['ca']}/healthz",
+            verify=ssl.create_default_context(cafile=str(mesh.dir / "bootstrap-root.pem")),
+            timeout=5,
+        )
     timeline["total_s"] = round(time.monotonic() - t0, 1)
     return timeline
 
@@ -442,21 +541,34 @@ def test_ca_outage_shorter_than_the_lifetime_drops_nothing(tmp_path: Path) -> No
             time.sleep(max(0.0, due - 1.0))  # timing the outage, not synchronisation
             mesh.stop_ca()
             down_at = time.time()
-            wait_until("renewal attempts to fail while the CA is down for 5 s or more",
-                       lambda: mesh.renewals("web", "failure") >= 3 and time.time() - down_at >= 5, ttl)
+            wait_until(
+                "renewal attempts to fail while the CA is down for 5 s or more",
+                lambda: mesh.renewals("web", "failure") >= 3 and time.time() - down_at >= 5,
+                ttl,
+            )
             assert time.time() < not_after - 2, "the outage must end before the certificate expires"
             serial_during = mesh.certs("web")["serial"]
             assert serial_during == nxt["serial"]  # still serving with the current certificate
             mesh.start_ca()
             outage = time.time() - down_at
-            wait_until("web to renew once the CA is back",
-                       lambda: mesh.certs("web")["serial"] != nxt["serial"], ttl)
+            wait_until(
+                "web to renew once the CA is back",
+                lambda: mesh.certs("web")["serial"] != nxt["serial"],
+                ttl,
+            )
             assert time.time() < not_after, "renewed before expiry"
             # a couple more seconds of traffic on the new certificate
             time.sleep(2)  # keeping traffic running, not synchronisation
         load.assert_clean()
-        _report(mesh, "outage", {"outage_s": round(outage, 1), "failed_attempts": mesh.renewals("web", "failure"),
-                                 **load.summary()})
+        _report(
+            mesh,
+            "outage",
+            {
+                "outage_s": round(outage, 1),
+                "failed_attempts": mesh.renewals("web", "failure"),
+                **load.summary(),
+            },
+        )
     finally:
         mesh.procs.stop_all()
 
@@ -474,7 +586,16 @@ def test_soak_60s_certificates_renewals_and_root_rotation(tmp_path: Path) -> Non
             rotation = run_root_rotation(mesh, ttl)
         load.assert_clean()
         totals = {n: mesh.renewals(n) for n in ("web", "api")}
-        _report(mesh, "soak", {"ttl_s": ttl, "renewal_phase": renewals, "rotation": rotation,
-                               "renewals_total": totals, **load.summary()})
+        _report(
+            mesh,
+            "soak",
+            {
+                "ttl_s": ttl,
+                "renewal_phase": renewals,
+                "rotation": rotation,
+                "renewals_total": totals,
+                **load.summary(),
+            },
+        )
     finally:
         mesh.procs.stop_all()

@@ -23,13 +23,23 @@ SLOW_APP = str(Path(__file__).parent.parent / "support" / "slow_app.py")
 
 @pytest.fixture
 def env(tmp_path: Path):
-    ports = {n: free_port() for n in ["ca"] + [f"{s}_{k}" for s in ("web", "api")
-                                                for k in ("app", "in", "out", "admin")]}
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
-                   check=True, capture_output=True)
+    ports = {
+        n: free_port()
+        for n in ["ca"]
+        + [f"{s}_{k}" for s in ("web", "api") for k in ("app", "in", "out", "admin")]
+    }
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
+        check=True,
+        capture_output=True,
+    )
     procs = Procs(tmp_path)
-    procs.start("ca", "ca", "serve", "--dir", str(tmp_path / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-    procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem"))
+    procs.start(
+        "ca", "ca", "serve", "--dir", str(tmp_path / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
+    )
+    procs.wait_http(
+        f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem")
+    )
     yield tmp_path, ports, procs
     procs.stop_all()
 
@@ -44,9 +54,23 @@ def test_app_starts_after_ready_and_exit_code_is_passed_on(env) -> None:
     cfg = _sidecar_cfg(d, "api", ports, [], {})
     state = d / "state.jsonl"
     ready_url = f"http://127.0.0.1:{ports['api_admin']}/ready"
-    r = subprocess.run(meshcar_cmd("run", "--config", str(cfg), "--", sys.executable, SLOW_APP,
-                                   str(ports["api_app"]), ready_url, str(state), "7"),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        meshcar_cmd(
+            "run",
+            "--config",
+            str(cfg),
+            "--",
+            sys.executable,
+            SLOW_APP,
+            str(ports["api_app"]),
+            ready_url,
+            str(state),
+            "7",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 7, r.stdout + r.stderr
     assert _events(state) == [{"event": "started", "sidecar_ready": 200}]
     assert '"event": "run.app_exited", "exit_code": 7' in r.stdout
@@ -56,8 +80,12 @@ def test_missing_app_command_exits_127(env) -> None:
     d, ports, _ = env
     (d / "api.token").write_text(_token(d / "ca", "api"))
     cfg = _sidecar_cfg(d, "api", ports, [], {})
-    r = subprocess.run(meshcar_cmd("run", "--config", str(cfg), "--", "/nonexistent/app"),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        meshcar_cmd("run", "--config", str(cfg), "--", "/nonexistent/app"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 127
 
 
@@ -66,12 +94,27 @@ def test_sigterm_drains_in_flight_requests(env) -> None:
     for n in ("api", "web"):
         (d / f"{n}.token").write_text(_token(d / "ca", n))
     api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-    web_cfg = _sidecar_cfg(d, "web", ports, [], {
-        "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})
+    web_cfg = _sidecar_cfg(
+        d,
+        "web",
+        ports,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+    )
     state = d / "state.jsonl"
     ready_url = f"http://127.0.0.1:{ports['api_admin']}/ready"
-    run = procs.start("run", "run", "--config", str(api_cfg), "--", sys.executable, SLOW_APP,
-                      str(ports["api_app"]), ready_url, str(state))
+    run = procs.start(
+        "run",
+        "run",
+        "--config",
+        str(api_cfg),
+        "--",
+        sys.executable,
+        SLOW_APP,
+        str(ports["api_app"]),
+        ready_url,
+        str(state),
+    )
     procs.start("web-sidecar", "sidecar", "--config", str(web_cfg))
     procs.wait_http(f"http://127.0.0.1:{ports['web_admin']}/ready")
     proxy = f"http://127.0.0.1:{ports['web_out']}"

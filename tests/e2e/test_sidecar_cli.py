@@ -15,8 +15,13 @@ pytestmark = pytest.mark.e2e
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run(meshcar_cmd(*args), capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        meshcar_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_bad_config_lists_every_problem(tmp_path: Path) -> None:
@@ -24,8 +29,14 @@ def test_bad_config_lists_every_problem(tmp_path: Path) -> None:
     f.write_text("identity: {spiffe_id: nope}\napp: {port: 0}\ninbound: {listen: x}\n")
     r = run("sidecar", "--config", str(f))
     assert r.returncode == 2
-    for key in ("identity.spiffe_id", "identity.ca_url", "identity.state_dir", "app.port",
-                "inbound.listen", "admin: missing section"):
+    for key in (
+        "identity.spiffe_id",
+        "identity.ca_url",
+        "identity.state_dir",
+        "app.port",
+        "inbound.listen",
+        "admin: missing section",
+    ):
         assert f"{f}: {key}" in r.stderr, r.stderr
     assert r.stdout == ""
 
@@ -34,7 +45,10 @@ def test_missing_file_and_env(tmp_path: Path) -> None:
     r = run("sidecar", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
     r = run("sidecar", "--config-env", "MESHCAR_NOT_SET_ANYWHERE")
-    assert r.returncode == 2 and "$MESHCAR_NOT_SET_ANYWHERE: environment variable is not set" in r.stderr
+    assert (
+        r.returncode == 2
+        and "$MESHCAR_NOT_SET_ANYWHERE: environment variable is not set" in r.stderr
+    )
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
@@ -49,7 +63,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             "identity: {spiffe_id: 'spiffe://td/x', ca_url: 'https://127.0.0.1:1', ca_bundle: ca.pem,"
             " state_dir: st}\n"
             f"app: {{port: 1}}\ninbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
-            f"admin: {{listen: '127.0.0.1:{port}'}}\n")
+            f"admin: {{listen: '127.0.0.1:{port}'}}\n"
+        )
         r = run("sidecar", "--config", str(cfg))
     assert r.returncode == 1 and "Address already in use" in r.stderr, r.stderr
 
@@ -71,6 +86,7 @@ def test_edge_bad_config_and_unreadable_certificate(tmp_path: Path) -> None:
     f.write_text(
         "listen: {https: '127.0.0.1:1'}\nadmin: {listen: '127.0.0.1:2'}\n"
         "routes: [{host: a.test, mode: terminate, tls: {cert: missing.pem, key: missing.pem},"
-        " backend: {endpoints: ['127.0.0.1:3']}}]\n")
+        " backend: {endpoints: ['127.0.0.1:3']}}]\n"
+    )
     r = run("edge", "--config", str(f))
     assert r.returncode == 2 and "No such file" in r.stderr, r.stderr

@@ -27,16 +27,26 @@ class Pair:
 
 
 def _token(ca_dir: Path, name: str) -> str:
-    out = subprocess.run(meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
-def _sidecar_cfg(d: Path, name: str, ports: dict[str, int], allow: list[str], upstreams: dict) -> Path:
+def _sidecar_cfg(
+    d: Path, name: str, ports: dict[str, int], allow: list[str], upstreams: dict
+) -> Path:
     cfg = {
-        "identity": {"spiffe_id": sid(name), "ca_url": f"https://127.0.0.1:{ports['ca']}",
-                     "ca_bundle": str(d / "ca" / "root.pem"), "token_file": str(d / f"{name}.token"),
-                     "state_dir": str(d / f"{name}-state")},
+        "identity": {
+            "spiffe_id": sid(name),
+            "ca_url": f"https://127.0.0.1:{ports['ca']}",
+            "ca_bundle": str(d / "ca" / "root.pem"),
+            "token_file": str(d / f"{name}.token"),
+            "state_dir": str(d / f"{name}-state"),
+        },
         "app": {"port": ports[f"{name}_app"]},
         "inbound": {"listen": f"127.0.0.1:{ports[f'{name}_in']}", "allow": allow},
         "outbound": {"listen": f"127.0.0.1:{ports[f'{name}_out']}", "upstreams": upstreams},
@@ -51,8 +61,11 @@ def init_pair_dir(d: Path) -> dict[str, int]:
     """A CA initialised in d/ca and a join token file per sidecar; returns the ports to use."""
     names = ["ca"] + [f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")]
     ports = {n: free_port() for n in names}
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD), check=True,
-                   capture_output=True)
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD),
+        check=True,
+        capture_output=True,
+    )
     for n in ("web", "api"):
         (d / f"{n}.token").write_text(_token(d / "ca", n))
     return ports
@@ -64,11 +77,20 @@ def pair(tmp_path_factory) -> Pair:
     ports = init_pair_dir(d)
     procs = Procs(d)
     try:
-        procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-        procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"), name="ca")
+        procs.start(
+            "ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
+        )
+        procs.wait_http(
+            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"), name="ca"
+        )
         api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-        web_cfg = _sidecar_cfg(d, "web", ports, [], {
-            "api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}})
+        web_cfg = _sidecar_cfg(
+            d,
+            "web",
+            ports,
+            [],
+            {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}},
+        )
         procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
         procs.start("api-sidecar", "sidecar", "--config", str(api_cfg))
         procs.start("web-sidecar", "sidecar", "--config", str(web_cfg))
@@ -80,12 +102,19 @@ def pair(tmp_path_factory) -> Pair:
 
 
 def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True
+    )
 
 
 def test_curl_through_the_outbound_proxy(pair: Pair) -> None:
-    r = curl("-x", f"http://127.0.0.1:{pair.ports['web_out']}", "-H", "X-Forwarded-Client-Cert: URI=spiffe://meshcar.demo/svc/root",
-             "http://api/v1/hello")
+    r = curl(
+        "-x",
+        f"http://127.0.0.1:{pair.ports['web_out']}",
+        "-H",
+        "X-Forwarded-Client-Cert: URI=spiffe://meshcar.demo/svc/root",
+        "http://api/v1/hello",
+    )
     assert r.returncode == 0, r.stderr
     body = json.loads(r.stdout)
     assert body["service"] == "api" and body["path"] == "/v1/hello"
@@ -95,7 +124,13 @@ def test_curl_through_the_outbound_proxy(pair: Pair) -> None:
 
 
 def test_unknown_service_is_refused(pair: Pair) -> None:
-    r = curl("-x", f"http://127.0.0.1:{pair.ports['web_out']}", "-w", "%{http_code}", "http://example.org/")
+    r = curl(
+        "-x",
+        f"http://127.0.0.1:{pair.ports['web_out']}",
+        "-w",
+        "%{http_code}",
+        "http://example.org/",
+    )
     assert r.stdout.endswith("502") and "unknown service" in r.stdout
 
 
@@ -103,26 +138,61 @@ def test_openssl_shows_the_mesh_certificate_and_needs_a_client_cert(pair: Pair) 
     port = pair.ports["api_in"]
     bundle = pair.dir / "ca" / "bundle.pem"
     # without a client certificate: TLS 1.3 finishes the client side, then the server refuses
-    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(bundle),
-                        "-showcerts", "-ign_eof"], input="GET / HTTP/1.1\r\nHost: api\r\n\r\n",
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(bundle),
+            "-showcerts",
+            "-ign_eof",
+        ],
+        input="GET / HTTP/1.1\r\nHost: api\r\n\r\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     text = r.stdout + r.stderr
     assert "Protocol  : TLSv1.3" in text or "TLSv1.3" in text
     # the server aborts the connection (alert or reset) and never answers the request
     assert "certificate required" in text, text
     assert "HTTP/1.1" not in r.stdout
     # the certificate shown is the mesh SVID
-    pem = text[text.index("-----BEGIN CERTIFICATE-----"):text.index("-----END CERTIFICATE-----") + 25]
-    shown = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=pem,
-                           capture_output=True, text=True)
+    pem = text[
+        text.index("-----BEGIN CERTIFICATE-----") : text.index("-----END CERTIFICATE-----") + 25
+    ]
+    shown = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName"],
+        input=pem,
+        capture_output=True,
+        text=True,
+    )
     assert f"URI:{sid('api')}" in shown.stdout
     # with web's certificate it works
     state = pair.dir / "web-state"
-    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(bundle),
-                        "-cert", str(state / "chain.pem"), "-cert_chain", str(state / "chain.pem"),
-                        "-key", str(state / "key.pem"), "-quiet"],
-                       input="GET /x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(bundle),
+            "-cert",
+            str(state / "chain.pem"),
+            "-cert_chain",
+            str(state / "chain.pem"),
+            "-key",
+            str(state / "key.pem"),
+            "-quiet",
+        ],
+        input="GET /x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert "HTTP/1.1 200" in r.stdout, r.stdout + r.stderr
 
 
@@ -150,7 +220,9 @@ def test_access_log_is_json_lines(pair: Pair) -> None:
     deadline = time.monotonic() + 5  # the line is written just after the response is sent
     reqs: list[dict] = []
     while not reqs and time.monotonic() < deadline:
-        lines = [json.loads(x) for x in pair.procs.log("api-sidecar").splitlines() if x.startswith("{")]
+        lines = [
+            json.loads(x) for x in pair.procs.log("api-sidecar").splitlines() if x.startswith("{")
+        ]
         reqs = [x for x in lines if x.get("type") == "request" and x.get("path") == "/logged"]
     assert reqs and reqs[-1]["direction"] == "inbound" and reqs[-1]["peer"] == sid("web")
     assert reqs[-1]["status"] == 200 and "duration_ms" in reqs[-1]
@@ -160,11 +232,15 @@ def test_cert_show_and_renew_without_dropping_pooled_connections(pair: Pair) -> 
     admin = f"127.0.0.1:{pair.ports['web_admin']}"
     proxy = f"http://127.0.0.1:{pair.ports['web_out']}"
     assert curl("-x", proxy, "http://api/before").returncode == 0
-    shown = subprocess.run(meshcar_cmd("cert", "show", "--admin", admin), capture_output=True, text=True)
+    shown = subprocess.run(
+        meshcar_cmd("cert", "show", "--admin", admin), capture_output=True, text=True
+    )
     assert shown.returncode == 0, shown.stderr
     before = json.loads(shown.stdout)
     assert before["spiffe_id"] == sid("web") and before["next_renewal"]
-    renewed = subprocess.run(meshcar_cmd("cert", "renew", "--admin", admin), capture_output=True, text=True)
+    renewed = subprocess.run(
+        meshcar_cmd("cert", "renew", "--admin", admin), capture_output=True, text=True
+    )
     assert renewed.returncode == 0, renewed.stdout + renewed.stderr
     after = json.loads(renewed.stdout)
     assert after["renewed"] and after["serial"] != before["serial"]
@@ -177,7 +253,9 @@ def test_cert_show_and_renew_without_dropping_pooled_connections(pair: Pair) -> 
 
 
 def test_cert_cli_reports_unreachable_admin() -> None:
-    r = subprocess.run(meshcar_cmd("cert", "show", "--admin", "127.0.0.1:1"), capture_output=True, text=True)
+    r = subprocess.run(
+        meshcar_cmd("cert", "show", "--admin", "127.0.0.1:1"), capture_output=True, text=True
+    )
     assert r.returncode == 1 and "cannot reach the admin API" in r.stderr
 
 
@@ -186,14 +264,29 @@ def test_post_shutdown_drains_and_exits(tmp_path: Path) -> None:
     import httpx
 
     ports = {n: free_port() for n in ["ca", "api_app", "api_in", "api_out", "api_admin"]}
-    subprocess.run(meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
-                   check=True, capture_output=True)
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(tmp_path / "ca"), "--trust-domain", TD),
+        check=True,
+        capture_output=True,
+    )
     (tmp_path / "api.token").write_text(_token(tmp_path / "ca", "api"))
     procs = Procs(tmp_path)
     try:
-        procs.start("ca", "ca", "serve", "--dir", str(tmp_path / "ca"), "--listen", f"127.0.0.1:{ports['ca']}")
-        procs.wait_http(f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem"))
-        side = procs.start("api", "sidecar", "--config", str(_sidecar_cfg(tmp_path, "api", ports, [], {})))
+        procs.start(
+            "ca",
+            "ca",
+            "serve",
+            "--dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            f"127.0.0.1:{ports['ca']}",
+        )
+        procs.wait_http(
+            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(tmp_path / "ca" / "root.pem")
+        )
+        side = procs.start(
+            "api", "sidecar", "--config", str(_sidecar_cfg(tmp_path, "api", ports, [], {}))
+        )
         admin = f"http://127.0.0.1:{ports['api_admin']}"
         procs.wait_http(f"{admin}/ready")
         r = httpx.post(f"{admin}/shutdown")

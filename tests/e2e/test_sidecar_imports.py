@@ -16,9 +16,22 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-NOT_LOADED = ("hvac", "requests", "urllib3", "httpx", "httpcore", "kubernetes", "yaml",
-              "meshcar.demo", "meshcar.inject", "meshcar.edge", "meshcar.identity.vaultclient",
-              "meshcar.admin.certcli", "meshcar.configcli", "meshcar_ca")
+NOT_LOADED = (
+    "hvac",
+    "requests",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "kubernetes",
+    "yaml",
+    "meshcar.demo",
+    "meshcar.inject",
+    "meshcar.edge",
+    "meshcar.identity.vaultclient",
+    "meshcar.admin.certcli",
+    "meshcar.configcli",
+    "meshcar_ca",
+)
 
 # What `meshcar sidecar --config F` runs before serving: the CLI dispatch, the command's module,
 # then the config-dependent part (the issuer the identity names). The config loader imports
@@ -42,16 +55,26 @@ def _loaded(mods: list[str], name: str) -> bool:
 
 
 def _cfg(tmp_path: Path, identity: dict) -> Path:
-    cfg = {"identity": {"spiffe_id": "spiffe://td/svc/a", "state_dir": str(tmp_path / "st"), **identity},
-           "app": {"port": 1}, "inbound": {"listen": "127.0.0.1:1"},
-           "outbound": {"listen": "127.0.0.1:2", "upstreams": {}}, "admin": {"listen": "127.0.0.1:3"}}
+    cfg = {
+        "identity": {
+            "spiffe_id": "spiffe://td/svc/a",
+            "state_dir": str(tmp_path / "st"),
+            **identity,
+        },
+        "app": {"port": 1},
+        "inbound": {"listen": "127.0.0.1:1"},
+        "outbound": {"listen": "127.0.0.1:2", "upstreams": {}},
+        "admin": {"listen": "127.0.0.1:3"},
+    }
     path = tmp_path / "s.yaml"
     path.write_text(json.dumps(cfg))
     return path
 
 
 def _modules(cfg: Path) -> dict[str, list[str]]:
-    r = subprocess.run([sys.executable, "-c", PROG, str(cfg)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", PROG, str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -59,20 +82,45 @@ def _modules(cfg: Path) -> dict[str, list[str]]:
 def test_join_token_sidecar_imports_no_vault_httpx_yaml_or_other_commands(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("")
     (tmp_path / "t").write_text("tok")
-    mods = _modules(_cfg(tmp_path, {"ca_url": "https://127.0.0.1:1", "ca_bundle": str(tmp_path / "ca.pem"),
-                                    "token_file": str(tmp_path / "t")}))
+    mods = _modules(
+        _cfg(
+            tmp_path,
+            {
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": str(tmp_path / "ca.pem"),
+                "token_file": str(tmp_path / "t"),
+            },
+        )
+    )
     present = [n for n in NOT_LOADED if _loaded(mods["import"], n)]
     assert not present, f"importing the sidecar command loads {present}"
     configured = [n for n in NOT_LOADED if n != "yaml" and _loaded(mods["configured"], n)]
     assert not configured, f"a join-token identity loads {configured}"
-    for needed in ("trio", "prometheus_client", "meshcar.sidecar.inbound", "meshcar.identity.caclient"):
+    for needed in (
+        "trio",
+        "prometheus_client",
+        "meshcar.sidecar.inbound",
+        "meshcar.identity.caclient",
+    ):
         assert _loaded(mods["configured"], needed), needed
 
 
 def test_vault_identity_still_loads_hvac(tmp_path: Path) -> None:
     """The lazy import is taken when Vault is configured (and only then)."""
     (tmp_path / "tok").write_text("x")
-    mods = _modules(_cfg(tmp_path, {"vault": {"addr": "https://127.0.0.1:1", "role": "r",
-                                              "token_file": str(tmp_path / "tok")}}))
+    mods = _modules(
+        _cfg(
+            tmp_path,
+            {
+                "vault": {
+                    "addr": "https://127.0.0.1:1",
+                    "role": "r",
+                    "token_file": str(tmp_path / "tok"),
+                }
+            },
+        )
+    )
     assert not _loaded(mods["import"], "hvac")
-    assert _loaded(mods["configured"], "hvac") and _loaded(mods["configured"], "meshcar.identity.vaultclient")
+    assert _loaded(mods["configured"], "hvac") and _loaded(
+        mods["configured"], "meshcar.identity.vaultclient"
+    )

@@ -42,26 +42,45 @@ async def _port(nursery: trio.Nursery, handler) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-def make_cfg(tmp: Path, name: str, app_port: int, allow: list[str], upstreams: dict,
-             **top: object) -> SidecarConfig:
-    return parse_config({
-        "identity": {"spiffe_id": sid(name), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
-                     "state_dir": str(tmp / name)},
-        "app": {"port": app_port},
-        "inbound": {"listen": "127.0.0.1:1", "allow": allow},
-        "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
-        "admin": {"listen": "127.0.0.1:1"},
-        **top,
-    }, "test.yaml", tmp)
+def make_cfg(
+    tmp: Path, name: str, app_port: int, allow: list[str], upstreams: dict, **top: object
+) -> SidecarConfig:
+    return parse_config(
+        {
+            "identity": {
+                "spiffe_id": sid(name),
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": "x",
+                "state_dir": str(tmp / name),
+            },
+            "app": {"port": app_port},
+            "inbound": {"listen": "127.0.0.1:1", "allow": allow},
+            "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
+            "admin": {"listen": "127.0.0.1:1"},
+            **top,
+        },
+        "test.yaml",
+        tmp,
+    )
 
 
-async def start_node(nursery: trio.Nursery, tmp: Path, ca: ThrowawayCA, name: str, app_port: int,
-                     allow: list[str], upstreams: dict, **top: object) -> Node:
+async def start_node(
+    nursery: trio.Nursery,
+    tmp: Path,
+    ca: ThrowawayCA,
+    name: str,
+    app_port: int,
+    allow: list[str],
+    upstreams: dict,
+    **top: object,
+) -> Node:
     cfg = make_cfg(tmp, name, app_port, allow, upstreams, **top)
     store = CredentialStore(cfg.identity.state_dir)
     store.install(ca.credential(sid(name)))
     metrics = Metrics()
-    node = Node(name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics))
+    node = Node(
+        name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics)
+    )
     NODES.append(node)
     node.inbound_port = await _port(nursery, node.inbound.handle_connection)
     node.outbound_port = await _port(nursery, node.outbound.handle_connection)
@@ -82,7 +101,12 @@ async def mesh(tmp_path: Path, nursery: trio.Nursery):
     app_port = await serve_echo(nursery)
     server = await start_node(nursery, tmp_path, ca, "api", app_port, [sid("web")], {})
     client = await start_node(
-        nursery, tmp_path, ca, "web", app_port, [],
+        nursery,
+        tmp_path,
+        ca,
+        "web",
+        app_port,
+        [],
         {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
     )
     yield Mesh(ca, app_port, client, server)

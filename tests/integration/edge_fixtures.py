@@ -42,16 +42,25 @@ class PublicPKI:
 def public_pki(tmp: Path) -> PublicPKI:
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp / "public-ca.pem"))
-    ca.issue_cert("www.test", "api.test", "secure.test", "opt.test").private_key_and_cert_chain_pem.write_to_path(
-        str(tmp / "site.pem"))
+    ca.issue_cert(
+        "www.test", "api.test", "secure.test", "opt.test"
+    ).private_key_and_cert_chain_pem.write_to_path(str(tmp / "site.pem"))
     partner_ca = trustme.CA()
     partner_ca.cert_pem.write_to_path(str(tmp / "partner-ca.pem"))
-    partner_ca.issue_cert("partner@example.com", common_name="partner").private_key_and_cert_chain_pem.write_to_path(
-        str(tmp / "partner.pem"))
-    trustme.CA().issue_cert("stranger@example.com", common_name="stranger").private_key_and_cert_chain_pem \
-        .write_to_path(str(tmp / "stranger.pem"))
-    return PublicPKI(ca, tmp / "public-ca.pem", tmp / "site.pem", tmp / "partner-ca.pem", tmp / "partner.pem",
-                     tmp / "stranger.pem")
+    partner_ca.issue_cert(
+        "partner@example.com", common_name="partner"
+    ).private_key_and_cert_chain_pem.write_to_path(str(tmp / "partner.pem"))
+    trustme.CA().issue_cert(
+        "stranger@example.com", common_name="stranger"
+    ).private_key_and_cert_chain_pem.write_to_path(str(tmp / "stranger.pem"))
+    return PublicPKI(
+        ca,
+        tmp / "public-ca.pem",
+        tmp / "site.pem",
+        tmp / "partner-ca.pem",
+        tmp / "partner.pem",
+        tmp / "stranger.pem",
+    )
 
 
 @dataclass
@@ -79,15 +88,29 @@ async def serve_tls_listener(nursery: trio.Nursery, listener: TLSListener) -> in
 
 
 def terminate_route(host: str, port: int, **extra: Any) -> dict[str, Any]:
-    return {"host": host, "mode": "terminate", "tls": {"cert": "site.pem", "key": "site.pem"},
-            "backend": {"endpoints": [f"127.0.0.1:{port}"]}, **extra}
+    return {
+        "host": host,
+        "mode": "terminate",
+        "tls": {"cert": "site.pem", "key": "site.pem"},
+        "backend": {"endpoints": [f"127.0.0.1:{port}"]},
+        **extra,
+    }
 
 
-async def start_edge(nursery: trio.Nursery, tmp: Path, routes: list[dict[str, Any]],
-                     store: CredentialStore | None = None, **top: Any) -> RunningEdge:
+async def start_edge(
+    nursery: trio.Nursery,
+    tmp: Path,
+    routes: list[dict[str, Any]],
+    store: CredentialStore | None = None,
+    **top: Any,
+) -> RunningEdge:
     """The edge's TLS and redirect listeners on port 0, as `meshcar edge` assembles them."""
-    raw: dict[str, Any] = {"listen": {"https": "127.0.0.1:1", "http": "127.0.0.1:1"},
-                           "admin": {"listen": "127.0.0.1:1"}, "routes": routes, **top}
+    raw: dict[str, Any] = {
+        "listen": {"https": "127.0.0.1:1", "http": "127.0.0.1:1"},
+        "admin": {"listen": "127.0.0.1:1"},
+        "routes": routes,
+        **top,
+    }
     cfg = parse_edge_config(raw, "edge.yaml", tmp)
     metrics = Metrics()
     backends = Backends(cfg, store, metrics)
@@ -126,8 +149,10 @@ class NamedBackend:
                         status = 200
                         self.requests.append(target)
                     body = json.dumps({"backend": self.name, "target": target}).encode()
-                    await stream.send_all(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                                          b"Content-Length: %d\r\n\r\n%b" % (status, len(body), body))
+                    await stream.send_all(
+                        b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%b" % (status, len(body), body)
+                    )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
@@ -137,8 +162,12 @@ class NamedBackend:
 
 
 async def curl(*args: str) -> tuple[int, str, str]:
-    r = await trio.run_process(["curl", "-sS", "--max-time", "10", *args], capture_stdout=True,
-                               capture_stderr=True, check=False)
+    r = await trio.run_process(
+        ["curl", "-sS", "--max-time", "10", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     return r.returncode, r.stdout.decode(), r.stderr.decode()
 
 

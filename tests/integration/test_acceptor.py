@@ -36,8 +36,9 @@ async def test_every_connection_gets_a_task_with_its_peer_address(nursery: trio.
     assert len({a[1] for a in seen}) == 100  # each task got its own client's address
 
 
-async def test_a_failing_handler_costs_only_its_connection(nursery: trio.Nursery,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failing_handler_costs_only_its_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     async def handler(sock: socket.socket, addr: tuple) -> None:
         data = b""
         while not data:
@@ -70,7 +71,9 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="needs IPv6 loopback (::1), absent on this machine")
+@pytest.mark.skipif(
+    not _has_ipv6_loopback(), reason="needs IPv6 loopback (::1), absent on this machine"
+)
 async def test_ipv6_loopback(nursery: trio.Nursery) -> None:
     seen: list[tuple] = []
     listeners = await nursery.start(partial(serve_sockets, partial(_greet, seen), "::1", 0))
@@ -125,8 +128,12 @@ trio.run(main)
 
 
 def test_out_of_descriptors_waits_and_keeps_serving() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", OUT_OF_FDS], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_FDS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())

@@ -67,24 +67,48 @@ def other_pod() -> Iterator[str]:
         for step in steps:
             r = _sh(*step)
             if r.returncode != 0:
-                pytest.skip(f"cannot set up a network namespace here: {' '.join(step)}: {r.stderr.strip()}")
+                pytest.skip(
+                    f"cannot set up a network namespace here: {' '.join(step)}: {r.stderr.strip()}"
+                )
         yield NS
     finally:
         _sh("ip", "link", "del", f"{NS}h")
         _sh("ip", "netns", "del", NS)
 
 
-async def _serve(nursery: trio.Nursery, calls: Calls, public: frozenset[bytes] | None = None) -> int:
+async def _serve(
+    nursery: trio.Nursery, calls: Calls, public: frozenset[bytes] | None = None
+) -> int:
     hooks = AdminHooks(lambda: (True, "ok"), lambda: {"serial": "ab"}, calls.renew, calls.shutdown)
-    admin = AdminServer(Metrics(), hooks) if public is None else AdminServer(Metrics(), hooks, public)
+    admin = (
+        AdminServer(Metrics(), hooks) if public is None else AdminServer(Metrics(), hooks, public)
+    )
     listeners = await nursery.start(trio.serve_tcp, admin.handle_connection, 0)
     return listeners[0].socket.getsockname()[1]
 
 
 async def _curl_from(ns: str, method: str, url: str) -> int:
-    r = await trio.run_process(["ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w",
-                                "%{http_code}", "-X", method, "--max-time", "10", url],
-                               capture_stdout=True, check=False)
+    r = await trio.run_process(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "--max-time",
+            "10",
+            url,
+        ],
+        capture_stdout=True,
+        check=False,
+    )
     return int(r.stdout.decode() or 0)
 
 
@@ -108,13 +132,20 @@ async def test_other_namespace_gets_probes_only(other_pod: str, nursery: trio.Nu
     assert (calls.renewed, calls.shut) == (1, 1)
 
 
-async def test_configured_public_paths_from_another_namespace(other_pod: str, nursery: trio.Nursery) -> None:
+async def test_configured_public_paths_from_another_namespace(
+    other_pod: str, nursery: trio.Nursery
+) -> None:
     """`admin.public_paths: [/ready, /certs]`: exactly those off loopback, never /renew or /shutdown."""
     from meshcar.sidecar.config import load_config_text
     from tests.unit.test_sidecar_config import GOOD
 
-    cfg = load_config_text(GOOD.replace("admin: {listen: 127.0.0.1:7202}",
-                                        "admin: {listen: 127.0.0.1:7202, public_paths: [/ready, /certs]}"), "s.yaml")
+    cfg = load_config_text(
+        GOOD.replace(
+            "admin: {listen: 127.0.0.1:7202}",
+            "admin: {listen: 127.0.0.1:7202, public_paths: [/ready, /certs]}",
+        ),
+        "s.yaml",
+    )
     calls = Calls()
     port = await _serve(nursery, calls, cfg.admin_public_paths)
     base = f"http://{HOST_IP}:{port}"
@@ -152,10 +183,14 @@ async def test_loopback_only_rule_without_namespaces(nursery: trio.Nursery) -> N
     assert calls.renewed == 0
 
 
-async def test_admin_connections_over_the_limit_get_503_and_the_listener_recovers(nursery: trio.Nursery) -> None:
+async def test_admin_connections_over_the_limit_get_503_and_the_listener_recovers(
+    nursery: trio.Nursery,
+) -> None:
     metrics = Metrics()
     admin = AdminServer(metrics, AdminHooks(lambda: (True, "ok"), dict), max_connections=1)
-    listeners = await nursery.start(partial(trio.serve_tcp, admin.handle_connection, 0, host="127.0.0.1"))
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, admin.handle_connection, 0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
     held = await trio.open_tcp_stream("127.0.0.1", port)
     await trio.testing.wait_all_tasks_blocked()

@@ -46,11 +46,15 @@ class RunningCA:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def token(self, spiffe_id: str = API, ttl: int = 3600, uses: int = 1, now: int | None = None) -> str:
+    def token(
+        self, spiffe_id: str = API, ttl: int = 3600, uses: int = 1, now: int | None = None
+    ) -> str:
         t = int(datetime.now(UTC).timestamp()) if now is None else now
         return mint_token(self.store, TD, spiffe_id, ttl, uses, t)
 
-    def client_ctx(self, chain_pem: str | None = None, key: ec.EllipticCurvePrivateKey | None = None) -> ssl.SSLContext:
+    def client_ctx(
+        self, chain_pem: str | None = None, key: ec.EllipticCurvePrivateKey | None = None
+    ) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.paths.root_pem))
         if chain_pem is not None and key is not None:
             n = len(list(self.tmp.glob("client*.pem")))
@@ -87,13 +91,19 @@ async def ca(tmp_path: Path, nursery: trio.Nursery) -> RunningCA:
 
 def make_csr(key: Any = None, cn: str = "x", san: str | None = None) -> tuple[Any, str]:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+    b = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    )
     if san:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=False
+        )
     return key, b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
-async def sign(ca: RunningCA, body: dict[str, Any], ctx: ssl.SSLContext | None = None) -> httpx.Response:
+async def sign(
+    ca: RunningCA, body: dict[str, Any], ctx: ssl.SSLContext | None = None
+) -> httpx.Response:
     async with ca.client(ctx) as c:
         return await c.post("/v1/sign", json=body)
 
@@ -114,7 +124,9 @@ async def assert_still_serving(ca: RunningCA) -> None:
 def verify_chain(ca: RunningCA, chain_pem: str) -> x509.Certificate:
     certs = x509.load_pem_x509_certificates(chain_pem.encode())
     root = x509.load_pem_x509_certificate(ca.paths.root_pem.read_bytes())
-    verifier = verification.PolicyBuilder().store(verification.Store([root])).build_client_verifier()
+    verifier = (
+        verification.PolicyBuilder().store(verification.Store([root])).build_client_verifier()
+    )
     verifier.verify(certs[0], certs[1:])
     return certs[0]
 
@@ -150,7 +162,12 @@ async def test_sign_with_token(ca: RunningCA) -> None:
     assert timedelta(minutes=59) < lifetime <= timedelta(hours=1)
     assert body["not_after"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     (record,) = ca.store.certificates()
-    assert (record.serial, record.spiffe_id, record.auth, record.client_bundle_version) == (body["serial"], API, "token", 1)
+    assert (record.serial, record.spiffe_id, record.auth, record.client_bundle_version) == (
+        body["serial"],
+        API,
+        "token",
+        1,
+    )
     assert record.not_after == body["not_after"]
     line = [r for r in ca.logs if r.get("path") == "/v1/sign"][-1]
     assert line["status"] == 200 and line["spiffe_id"] == API and line["auth"] == "token"
@@ -182,7 +199,9 @@ async def test_renewal_over_mtls(ca: RunningCA) -> None:
     key, csr = make_csr()
     first = (await sign(ca, {"csr": csr, "token": ca.token()})).json()
     new_key, new_csr = make_csr(san=ADMIN)
-    resp = await sign(ca, {"csr": new_csr, "bundle_version": 1}, ctx=ca.client_ctx(first["chain"], key))
+    resp = await sign(
+        ca, {"csr": new_csr, "bundle_version": 1}, ctx=ca.client_ctx(first["chain"], key)
+    )
     assert resp.status_code == 200, resp.text
     second = resp.json()
     assert second["spiffe_id"] == API and second["serial"] != first["serial"]
@@ -198,7 +217,9 @@ async def test_token_wins_over_client_certificate(ca: RunningCA) -> None:
     key, csr = make_csr()
     first = (await sign(ca, {"csr": csr, "token": ca.token(API)})).json()
     web = f"spiffe://{TD}/svc/web"
-    resp = await sign(ca, {"csr": make_csr()[1], "token": ca.token(web)}, ctx=ca.client_ctx(first["chain"], key))
+    resp = await sign(
+        ca, {"csr": make_csr()[1], "token": ca.token(web)}, ctx=ca.client_ctx(first["chain"], key)
+    )
     assert resp.json()["spiffe_id"] == web
 
 
@@ -239,7 +260,9 @@ async def test_expired_client_certificate_gets_401(ca: RunningCA) -> None:
     key = pki.new_key()
     past = datetime.now(UTC) - timedelta(hours=3)
     validity = pki.svid_validity(past, 3600, 86400, ca.issuer.intermediate.not_valid_after_utc)
-    cert = pki.build_svid(key.public_key(), API, validity, ca.issuer.intermediate, ca.issuer.intermediate_key)
+    cert = pki.build_svid(
+        key.public_key(), API, validity, ca.issuer.intermediate, ca.issuer.intermediate_key
+    )
     chain = pki.cert_pem(cert, ca.issuer.intermediate)
     resp = await sign(ca, {"csr": make_csr()[1]}, ctx=ca.client_ctx(chain, key))
     assert_error(resp, 401, "bad_client_certificate")
@@ -249,8 +272,12 @@ async def test_expired_client_certificate_gets_401(ca: RunningCA) -> None:
 async def test_foreign_client_certificate_is_refused(ca: RunningCA, tmp_path: Path) -> None:
     other = BuiltinIssuer.load(create_ca(tmp_path / "other", TD, 86400, datetime.now(UTC)).dir)
     key = pki.new_key()
-    validity = pki.svid_validity(datetime.now(UTC), 3600, 86400, other.intermediate.not_valid_after_utc)
-    cert = pki.build_svid(key.public_key(), API, validity, other.intermediate, other.intermediate_key)
+    validity = pki.svid_validity(
+        datetime.now(UTC), 3600, 86400, other.intermediate.not_valid_after_utc
+    )
+    cert = pki.build_svid(
+        key.public_key(), API, validity, other.intermediate, other.intermediate_key
+    )
     tcp = await trio.open_tcp_stream("127.0.0.1", ca.port)
     ctx = ca.client_ctx(pki.cert_pem(cert, other.intermediate), key)
     stream = trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1")
@@ -278,16 +305,27 @@ def _rsa_csr() -> str:
 def _tampered_csr() -> str:
     import base64
 
-    der = x509.load_pem_x509_csr(make_csr(cn="aaaaaaaa")[1].encode()).public_bytes(serialization.Encoding.DER)
+    der = x509.load_pem_x509_csr(make_csr(cn="aaaaaaaa")[1].encode()).public_bytes(
+        serialization.Encoding.DER
+    )
     bad = der.replace(b"aaaaaaaa", b"bbbbbbbb")
-    return "-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bad).decode() + "-----END CERTIFICATE REQUEST-----\n"
+    return (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bad).decode()
+        + "-----END CERTIFICATE REQUEST-----\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("csr", "code"),
     [
         (lambda: "garbage", "bad_csr"),
-        (lambda: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "bad_csr"),
+        (
+            lambda: (
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            ),
+            "bad_csr",
+        ),
         (_tampered_csr, "bad_csr"),
         (_rsa_csr, "unsupported_key"),
         (lambda: make_csr(ec.generate_private_key(ec.SECP384R1()))[1], "unsupported_key"),
@@ -303,9 +341,19 @@ async def test_bad_csrs_do_not_consume_the_token(ca: RunningCA, csr: Any, code: 
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[1, 2]", b"{}", b'{"csr": 5}', b'{"csr": ""}', b"\xff\xfe",
-     b'{"csr": "x", "token": 7}', b'{"csr": "x", "ttl_seconds": "1h"}', b'{"csr": "x", "ttl_seconds": 0}',
-     b'{"csr": "x", "ttl_seconds": true}', b'{"csr": "x", "token": "a", "k8s_token": "b"}'],
+    [
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        b'{"csr": 5}',
+        b'{"csr": ""}',
+        b"\xff\xfe",
+        b'{"csr": "x", "token": 7}',
+        b'{"csr": "x", "ttl_seconds": "1h"}',
+        b'{"csr": "x", "ttl_seconds": 0}',
+        b'{"csr": "x", "ttl_seconds": true}',
+        b'{"csr": "x", "token": "a", "k8s_token": "b"}',
+    ],
 )
 async def test_bad_request_bodies(ca: RunningCA, body: bytes) -> None:
     async with ca.client() as c:
@@ -372,9 +420,13 @@ async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
 
 @pytest.mark.parametrize(
     "request_bytes",
-    [b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/1.1\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-     b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n",
-     b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40000],
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40000,
+    ],
     ids=["garbage", "no-host", "bad-content-length", "bad-chunk", "huge-header"],
 )
 async def test_bad_http_gets_4xx_and_close(ca: RunningCA, request_bytes: bytes) -> None:
@@ -390,7 +442,12 @@ async def test_bad_http_gets_4xx_and_close(ca: RunningCA, request_bytes: bytes) 
 
 
 @pytest.mark.parametrize(
-    "junk", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello", bytes(range(256)) * 4],
+    "junk",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x00\x05hello",
+        bytes(range(256)) * 4,
+    ],
     ids=["plaintext-http", "truncated-hello", "binary"],
 )
 async def test_tls_junk_is_dropped(ca: RunningCA, junk: bytes) -> None:
@@ -406,7 +463,9 @@ async def test_tls_junk_is_dropped(ca: RunningCA, junk: bytes) -> None:
 async def test_stalled_client_does_not_block_others_and_is_closed(ca: RunningCA) -> None:
     stalled = await trio.open_tcp_stream("127.0.0.1", ca.port)  # sends nothing at all
     half = await _tls(ca)
-    await half.send_all(b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # stalls mid-body
+    await half.send_all(
+        b"POST /v1/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+    )  # stalls mid-body
     await assert_still_serving(ca)
     assert await _read_all(stalled) == b""  # closed by the handshake timeout (1.5 s here)
     await _read_all(half)  # closed by the request timeout (3 s here)
@@ -419,7 +478,9 @@ async def test_stalled_client_does_not_block_others_and_is_closed(ca: RunningCA)
 # --- Kubernetes projected tokens (verifier from ca/k8s_token.py) -------------------------------
 
 
-async def test_k8s_token_issues_namespace_service_account_identity(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_k8s_token_issues_namespace_service_account_identity(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     import time
 
     import jwt
@@ -434,7 +495,11 @@ async def test_k8s_token_issues_namespace_service_account_identity(tmp_path: Pat
     def k8s_jwt(aud: str = "meshcar-ca", ns: str = "shop", sa: str = "api") -> str:
         now = int(time.time())
         claims = {
-            "iss": issuer, "aud": [aud], "exp": now + 600, "iat": now, "nbf": now,
+            "iss": issuer,
+            "aud": [aud],
+            "exp": now + 600,
+            "iat": now,
+            "nbf": now,
             "sub": f"system:serviceaccount:{ns}:{sa}",
             "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
         }
@@ -451,13 +516,22 @@ async def test_k8s_token_issues_namespace_service_account_identity(tmp_path: Pat
     assert_error(wrong_aud, 401, "bad_k8s_token")
     assert "audience" in wrong_aud.json()["message"]
     other_key = ec.generate_private_key(ec.SECP256R1())
-    forged = jwt.encode(jwt.decode(token, options={"verify_signature": False}), other_key, algorithm="ES256", headers={"kid": "k1"})
+    forged = jwt.encode(
+        jwt.decode(token, options={"verify_signature": False}),
+        other_key,
+        algorithm="ES256",
+        headers={"kid": "k1"},
+    )
     assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": forged}), 401, "bad_k8s_token")
-    assert_error(await sign(ca, {"csr": make_csr()[1], "k8s_token": "garbage"}), 401, "bad_k8s_token")
+    assert_error(
+        await sign(ca, {"csr": make_csr()[1], "k8s_token": "garbage"}), 401, "bad_k8s_token"
+    )
     assert token not in json.dumps(ca.logs)
 
 
-async def test_a_failing_backend_costs_one_request_only(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_a_failing_backend_costs_one_request_only(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     """An unexpected error in the issuer answers 500 to that request and the server keeps serving."""
     ca = await start_ca(tmp_path, nursery)
     real = ca.issuer
@@ -480,7 +554,9 @@ async def test_a_failing_backend_costs_one_request_only(tmp_path: Path, nursery:
 
     flaky = FlakyIssuer()
     server = CAServer(
-        SignService(flaky, Authenticator(ca.store, flaky), ca.store), server_context(ca.paths), log=ca.logs.append
+        SignService(flaky, Authenticator(ca.store, flaky), ca.store),
+        server_context(ca.paths),
+        log=ca.logs.append,
     )
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
     ca.port = listeners[0].socket.getsockname()[1]
@@ -489,9 +565,15 @@ async def test_a_failing_backend_costs_one_request_only(tmp_path: Path, nursery:
     await assert_still_serving(ca)
 
 
-@pytest.mark.parametrize("body", [b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
-                                  b'{"csr": ' + b"[" * 25_000 + b"]" * 25_000 + b"}"],
-                         ids=["deep-array", "deep-object", "deep-field"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        b'{"csr": ' + b"[" * 25_000 + b"]" * 25_000 + b"}",
+    ],
+    ids=["deep-array", "deep-object", "deep-field"],
+)
 async def test_deeply_nested_json_is_400_not_500(ca: RunningCA, body: bytes) -> None:
     async with ca.client() as c:
         resp = await c.post("/v1/sign", content=body, headers={"content-type": "application/json"})
@@ -555,15 +637,21 @@ async def assert_healthz(ca: RunningCA) -> None:
         assert (await c.get("/healthz")).status_code == 200
 
 
-async def test_connections_over_max_connections_are_closed_before_tls(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_connections_over_max_connections_are_closed_before_tls(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     """A flood of idle TCP connections costs the CA no handshake: over `max_connections`
     one is closed at once (counted, logged), and once a slot frees, signing works again."""
     paths = create_ca(tmp_path / "ca", TD, 86400, datetime.now(UTC))
     issuer = BuiltinIssuer.load(paths.dir)
     store = Store(paths.db)
     logs: list[dict[str, Any]] = []
-    server = CAServer(SignService(issuer, Authenticator(store, issuer), store), server_context(paths),
-                      Limits(handshake_timeout=30, max_connections=2), log=logs.append)
+    server = CAServer(
+        SignService(issuer, Authenticator(store, issuer), store),
+        server_context(paths),
+        Limits(handshake_timeout=30, max_connections=2),
+        log=logs.append,
+    )
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
     ca = RunningCA(paths, issuer, store, listeners[0].socket.getsockname()[1], logs, tmp_path)
     held = [await trio.open_tcp_stream("127.0.0.1", ca.port) for _ in range(2)]

@@ -50,8 +50,14 @@ async def test_bundle_change_then_burst_of_new_connections(mesh: Mesh) -> None:
     extra = ThrowawayCA.create()
     cred = mesh.ca.credential(sid("web"))
     from dataclasses import replace
-    mesh.client.store.install(replace(cred, bundle_pem=cred.bundle_pem + extra.bundle_pem,
-                                      bundle_version=cred.bundle_version + 1))
+
+    mesh.client.store.install(
+        replace(
+            cred,
+            bundle_pem=cred.bundle_pem + extra.bundle_pem,
+            bundle_version=cred.bundle_version + 1,
+        )
+    )
     await mesh.client.outbound.pool.close_all()
     import trio
 

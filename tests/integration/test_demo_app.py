@@ -42,9 +42,11 @@ def test_echo_is_honest_and_keeps_the_connection_alive() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             conn.putrequest("POST", "/v1/echo?x=1")
-            for name, value in [("X-Forwarded-Client-Cert", "By=a;URI=spiffe://td/one"),
-                                ("X-Forwarded-Client-Cert", "URI=spiffe://td/two"),
-                                ("Content-Length", "8")]:
+            for name, value in [
+                ("X-Forwarded-Client-Cert", "By=a;URI=spiffe://td/one"),
+                ("X-Forwarded-Client-Cert", "URI=spiffe://td/two"),
+                ("Content-Length", "8"),
+            ]:
                 conn.putheader(name, value)
             conn.endheaders(b"helloabc")
             r = conn.getresponse()
@@ -103,8 +105,10 @@ def test_chunked_body_gets_411_not_a_hand_parse() -> None:
 
 def test_api_pay_goes_through_the_proxy_in_absolute_form() -> None:
     # A demo app standing in for the sidecar's outbound proxy reports what it received.
-    with serve(app("sidecar-stand-in")) as proxy_port, \
-            serve(app("api", f"http://127.0.0.1:{proxy_port}")) as api_port:
+    with (
+        serve(app("sidecar-stand-in")) as proxy_port,
+        serve(app("api", f"http://127.0.0.1:{proxy_port}")) as api_port,
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
         try:
             conn.request("GET", "/v1/pay")

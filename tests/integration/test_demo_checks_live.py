@@ -32,9 +32,14 @@ def relocated(ports: list[int]) -> sc.Scenario:
     """The demo scenario on other (free) ports, so nothing of a running demo is touched."""
     it = iter(ports)
     services = tuple(
-        dataclasses.replace(s, app_port=next(it), inbound_port=next(it), outbound_port=next(it),
-                            admin_port=next(it),
-                            public_tls_port=next(it) if s.public_tls_port else None)
+        dataclasses.replace(
+            s,
+            app_port=next(it),
+            inbound_port=next(it),
+            outbound_port=next(it),
+            admin_port=next(it),
+            public_tls_port=next(it) if s.public_tls_port else None,
+        )
         for s in sc.SCENARIO.services
     )
     return sc.Scenario(services, sc.SCENARIO.edge_routes)
@@ -44,8 +49,14 @@ def relocated(ports: list[int]) -> sc.Scenario:
 def env(tmp_path: Path) -> DemoEnv:
     pki = ensure_public_pki(tmp_path, payments_host=sc.PAYMENTS_PUBLIC_HOST, edge_hosts=("w",))
     (tmp_path / "mesh-bundle.pem").write_bytes(pki.edge_ca.read_bytes())
-    certs = PublicCerts(pki.edge_ca, pki.partner_ca, pki.partner_cert, pki.partner_key,
-                        pki.payments_cert, pki.payments_key)
+    certs = PublicCerts(
+        pki.edge_ca,
+        pki.partner_ca,
+        pki.partner_cert,
+        pki.partner_key,
+        pki.payments_cert,
+        pki.payments_key,
+    )
     return DemoEnv(relocated(free_ports(13)), DemoPaths(tmp_path), certs)
 
 

@@ -47,8 +47,11 @@ def py(code: str) -> tuple[str, ...]:
 
 
 def test_child_dying_during_startup_is_named_with_its_log_tail(tmp_path: Path) -> None:
-    spec = ProcSpec("sidecar-api", py("import sys; print('cannot read token_file'); sys.exit(3)"),
-                    Probe(f"http://127.0.0.1:{free_port()}/ready"))
+    spec = ProcSpec(
+        "sidecar-api",
+        py("import sys; print('cannot read token_file'); sys.exit(3)"),
+        Probe(f"http://127.0.0.1:{free_port()}/ready"),
+    )
     with Supervisor() as sup:
         child = sup.start(spec, tmp_path / "sidecar-api.log")
         with pytest.raises(DemoStartupError) as info:
@@ -70,8 +73,11 @@ def test_not_ready_by_the_deadline(tmp_path: Path) -> None:
 
 def test_ready_app_then_stop_frees_the_port(tmp_path: Path) -> None:
     port = free_port()
-    spec = ProcSpec("app-api", meshcar_argv("demo-app", "--name", "api", "--port", str(port)),
-                    Probe(f"http://127.0.0.1:{port}/healthz"))
+    spec = ProcSpec(
+        "app-api",
+        meshcar_argv("demo-app", "--name", "api", "--port", str(port)),
+        Probe(f"http://127.0.0.1:{port}/healthz"),
+    )
     sup = Supervisor()
     child = sup.start(spec, tmp_path / "app.log")
     try:

@@ -69,31 +69,70 @@ async def edge(tmp_path: Path, nursery: trio.Nursery):
     mesh_ca = ThrowawayCA.create()
     api = await start_node(nursery, tmp_path, mesh_ca, "api", echo_port, [sid("edge")], {})
     dead = free_port()  # nothing listens there: our own block, unbound
-    cfg = parse_edge_config({
-        "listen": {"https": "127.0.0.1:1", "http": "127.0.0.1:1"},
-        "admin": {"listen": "127.0.0.1:1"},
-        "routes": [
-            {"host": "www.test", "mode": "terminate", "tls": {"cert": "site.pem", "key": "site.pem"},
-             "backend": {"endpoints": [f"127.0.0.1:{echo_port}"]},
-             "max_body_bytes": 1000,
-             "headers": {"add": {"X-Edge": "yes"}, "remove": ["X-Internal"]},
-             "deny": [{"name": "no-admin", "path": "^/admin"},
-                      {"name": "no-scanner", "header": {"name": "User-Agent", "pattern": "sqlmap"}}]},
-            {"host": "api.test", "mode": "bridge", "tls": {"cert": "site.pem", "key": "site.pem"},
-             "path_prefix": "/v1/", "hsts": True, "rate_limit": {"per_second": 1, "burst": 5},
-             "backend": {"endpoints": [f"127.0.0.1:{api.inbound_port}"], "spiffe_id": sid("api")}},
-            {"host": "secure.test", "mode": "terminate", "tls": {"cert": "site.pem", "key": "site.pem"},
-             "client_auth": {"mode": "required", "ca": "partner-ca.pem"},
-             "backend": {"endpoints": [f"127.0.0.1:{echo_port}"]}},
-            {"host": "pay.test", "mode": "passthrough", "proxy_protocol": "v2",
-             "backend": {"endpoints": [f"127.0.0.1:{pay_port}"]}},
-            {"host": "lb.test", "mode": "passthrough",
-             "backend": {"endpoints": [f"127.0.0.1:{dead}", f"127.0.0.1:{pay_port}"],
-                         "health": {"interval": 0.05, "timeout": 0.5, "fall": 1, "rise": 1}}},
-        ],
-        "identity": {"spiffe_id": sid("edge"), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
-                     "state_dir": str(tmp_path / "edge-state")},
-    }, "edge.yaml", tmp_path)
+    cfg = parse_edge_config(
+        {
+            "listen": {"https": "127.0.0.1:1", "http": "127.0.0.1:1"},
+            "admin": {"listen": "127.0.0.1:1"},
+            "routes": [
+                {
+                    "host": "www.test",
+                    "mode": "terminate",
+                    "tls": {"cert": "site.pem", "key": "site.pem"},
+                    "backend": {"endpoints": [f"127.0.0.1:{echo_port}"]},
+                    "max_body_bytes": 1000,
+                    "headers": {"add": {"X-Edge": "yes"}, "remove": ["X-Internal"]},
+                    "deny": [
+                        {"name": "no-admin", "path": "^/admin"},
+                        {
+                            "name": "no-scanner",
+                            "header": {"name": "User-Agent", "pattern": "sqlmap"},
+                        },
+                    ],
+                },
+                {
+                    "host": "api.test",
+                    "mode": "bridge",
+                    "tls": {"cert": "site.pem", "key": "site.pem"},
+                    "path_prefix": "/v1/",
+                    "hsts": True,
+                    "rate_limit": {"per_second": 1, "burst": 5},
+                    "backend": {
+                        "endpoints": [f"127.0.0.1:{api.inbound_port}"],
+                        "spiffe_id": sid("api"),
+                    },
+                },
+                {
+                    "host": "secure.test",
+                    "mode": "terminate",
+                    "tls": {"cert": "site.pem", "key": "site.pem"},
+                    "client_auth": {"mode": "required", "ca": "partner-ca.pem"},
+                    "backend": {"endpoints": [f"127.0.0.1:{echo_port}"]},
+                },
+                {
+                    "host": "pay.test",
+                    "mode": "passthrough",
+                    "proxy_protocol": "v2",
+                    "backend": {"endpoints": [f"127.0.0.1:{pay_port}"]},
+                },
+                {
+                    "host": "lb.test",
+                    "mode": "passthrough",
+                    "backend": {
+                        "endpoints": [f"127.0.0.1:{dead}", f"127.0.0.1:{pay_port}"],
+                        "health": {"interval": 0.05, "timeout": 0.5, "fall": 1, "rise": 1},
+                    },
+                },
+            ],
+            "identity": {
+                "spiffe_id": sid("edge"),
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": "x",
+                "state_dir": str(tmp_path / "edge-state"),
+            },
+        },
+        "edge.yaml",
+        tmp_path,
+    )
     store = CredentialStore(tmp_path / "edge-state")
     store.install(mesh_ca.credential(sid("edge")))
     metrics = Metrics()
@@ -101,15 +140,29 @@ async def edge(tmp_path: Path, nursery: trio.Nursery):
     proxy = TerminatingProxy(cfg, backends, metrics)
     https = await serve_tls_listener(nursery, TLSListener(cfg, proxy, backends.balancers, metrics))
     http = await _port(nursery, Redirector(cfg).handle_connection)
-    yield EdgeEnv(tmp_path, https, http, tmp_path / "public-ca.pem", tmp_path / "partner.pem", seen,
-                  metrics, cfg, backends, echo_port)
+    yield EdgeEnv(
+        tmp_path,
+        https,
+        http,
+        tmp_path / "public-ca.pem",
+        tmp_path / "partner.pem",
+        seen,
+        metrics,
+        cfg,
+        backends,
+        echo_port,
+    )
     await backends.pool.retire()
     await api.inbound.aclose()
 
 
 async def curl(*args: str) -> tuple[int, str, str]:
-    r = await trio.run_process(["curl", "-sS", "--max-time", "10", *args], capture_stdout=True,
-                               capture_stderr=True, check=False)
+    r = await trio.run_process(
+        ["curl", "-sS", "--max-time", "10", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     return r.returncode, r.stdout.decode(), r.stderr.decode()
 
 
@@ -125,9 +178,18 @@ def headers_of(body: str) -> dict[str, list[str]]:
 
 
 async def test_terminate_replaces_forwarding_headers(edge: EdgeEnv) -> None:
-    rc, out, err = await curl(*resolve(edge, "www.test"), "-H", "X-Forwarded-For: 6.6.6.6",
-                              "-H", "X-Forwarded-Client-Cert: URI=spiffe://evil", "-H", "X-Internal: 1",
-                              "-H", "Forwarded: for=6.6.6.6", f"https://www.test:{edge.https}/x?y=1")
+    rc, out, err = await curl(
+        *resolve(edge, "www.test"),
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "X-Forwarded-Client-Cert: URI=spiffe://evil",
+        "-H",
+        "X-Internal: 1",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        f"https://www.test:{edge.https}/x?y=1",
+    )
     assert rc == 0, err
     h = headers_of(out)
     assert h["x-forwarded-for"] == ["127.0.0.1"]
@@ -141,8 +203,13 @@ async def test_terminate_replaces_forwarding_headers(edge: EdgeEnv) -> None:
 
 
 async def test_bridge_reencrypts_with_the_edge_identity_and_adds_hsts(edge: EdgeEnv) -> None:
-    rc, out, err = await curl(*resolve(edge, "api.test"), "-i", "-H", "X-Forwarded-Client-Cert: URI=spiffe://evil",
-                              f"https://api.test:{edge.https}/v1/hello")
+    rc, out, err = await curl(
+        *resolve(edge, "api.test"),
+        "-i",
+        "-H",
+        "X-Forwarded-Client-Cert: URI=spiffe://evil",
+        f"https://api.test:{edge.https}/v1/hello",
+    )
     assert rc == 0, err
     head, _, body = out.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 200")
@@ -151,16 +218,37 @@ async def test_bridge_reencrypts_with_the_edge_identity_and_adds_hsts(edge: Edge
     assert len(h["x-forwarded-client-cert"]) == 1
     assert h["x-forwarded-client-cert"][0].endswith(f"URI={sid('edge')}")  # set by api's sidecar
     assert h["x-forwarded-proto"] == ["https"] and h["x-forwarded-for"] == ["127.0.0.1"]
-    rc, out, _ = await curl(*resolve(edge, "api.test"), "-o", "/dev/null", "-w", "%{http_code}",
-                            f"https://api.test:{edge.https}/admin")
+    rc, out, _ = await curl(
+        *resolve(edge, "api.test"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"https://api.test:{edge.https}/admin",
+    )
     assert out == "404"  # only /v1/ is routed
 
 
 async def test_passthrough_keeps_the_backend_certificate_and_its_client_auth(edge: EdgeEnv) -> None:
-    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https}", "-servername", "pay.test",
-            "-CAfile", str(edge.public_ca), "-verify_return_error", "-quiet"]
-    r = await trio.run_process([*base, "-cert", str(edge.partner_cert)], stdin=b"GET / HTTP/1.1\r\nHost: pay.test\r\n\r\n",
-                               capture_stdout=True, capture_stderr=True, check=False)
+    base = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{edge.https}",
+        "-servername",
+        "pay.test",
+        "-CAfile",
+        str(edge.public_ca),
+        "-verify_return_error",
+        "-quiet",
+    ]
+    r = await trio.run_process(
+        [*base, "-cert", str(edge.partner_cert)],
+        stdin=b"GET / HTTP/1.1\r\nHost: pay.test\r\n\r\n",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     text = r.stdout.decode()
     assert "HTTP/1.1 200" in text, r.stderr.decode()
     info = json.loads(text.split("\r\n\r\n", 1)[1])
@@ -168,17 +256,39 @@ async def test_passthrough_keeps_the_backend_certificate_and_its_client_auth(edg
     assert info["proxy"]["version"] == 2 and info["proxy"]["src"].startswith("127.0.0.1:")
     assert info["proxy"]["dst"] == f"127.0.0.1:{edge.https}"
     # the backend's own certificate, not the edge's
-    r = await trio.run_process(["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https}",
-                                "-servername", "pay.test", "-showcerts"], stdin=b"",
-                               capture_stdout=True, capture_stderr=True, check=False)
+    r = await trio.run_process(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{edge.https}",
+            "-servername",
+            "pay.test",
+            "-showcerts",
+        ],
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     pem = r.stdout.decode()
-    pem = pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index("-----END CERTIFICATE-----") + 25]
-    san = await trio.run_process(["openssl", "x509", "-noout", "-ext", "subjectAltName"], stdin=pem.encode(),
-                                 capture_stdout=True)
+    pem = pem[
+        pem.index("-----BEGIN CERTIFICATE-----") : pem.index("-----END CERTIFICATE-----") + 25
+    ]
+    san = await trio.run_process(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName"],
+        stdin=pem.encode(),
+        capture_stdout=True,
+    )
     assert "DNS:pay.test" in san.stdout.decode() and "www.test" not in san.stdout.decode()
     # without a client certificate the backend itself refuses the handshake
-    r = await trio.run_process(base, stdin=b"GET / HTTP/1.1\r\nHost: pay.test\r\n\r\n",
-                               capture_stdout=True, capture_stderr=True, check=False)
+    r = await trio.run_process(
+        base,
+        stdin=b"GET / HTTP/1.1\r\nHost: pay.test\r\n\r\n",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert "HTTP/1.1 200" not in r.stdout.decode()
     assert "certificate required" in r.stderr.decode()
     text = edge.metrics.render().decode()
@@ -187,10 +297,25 @@ async def test_passthrough_keeps_the_backend_certificate_and_its_client_auth(edg
 
 
 async def test_edge_certificate_for_terminated_hosts(edge: EdgeEnv) -> None:
-    r = await trio.run_process(["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https}",
-                                "-servername", "api.test", "-CAfile", str(edge.public_ca), "-verify_return_error",
-                                "-verify_hostname", "api.test"], stdin=b"", capture_stdout=True,
-                               capture_stderr=True, check=False)
+    r = await trio.run_process(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{edge.https}",
+            "-servername",
+            "api.test",
+            "-CAfile",
+            str(edge.public_ca),
+            "-verify_return_error",
+            "-verify_hostname",
+            "api.test",
+        ],
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert "Verify return code: 0 (ok)" in r.stdout.decode()
 
 
@@ -216,7 +341,9 @@ async def test_unknown_and_missing_sni_and_garbage_are_closed(edge: EdgeEnv) -> 
     assert await raw(edge.https, client_hello(None)) == b""
     assert await raw(edge.https, b"GET / HTTP/1.1\r\nHost: www.test\r\n\r\n") == b""
     assert await raw(edge.https, b"\x16\x03\x01\xff\xff" + b"\x00" * 50) == b""
-    rc, _, err = await curl(*resolve(edge, "www.test"), f"https://www.test:{edge.https}/still-serving")
+    rc, _, err = await curl(
+        *resolve(edge, "www.test"), f"https://www.test:{edge.https}/still-serving"
+    )
     assert rc == 0, err
 
 
@@ -232,7 +359,10 @@ async def test_redirect_to_https(edge: EdgeEnv) -> None:
     assert "Location: https://www.test/a/b?c=d\r\n" in out
     edge.cfg = edge.cfg  # the edge listens on https port edge.https in this test
     r = Redirector(edge.cfg)
-    assert r.location(f"www.test:{edge.cfg.http_listen.port}", "/x") == f"https://www.test:{edge.cfg.https_listen.port}/x"
+    assert (
+        r.location(f"www.test:{edge.cfg.http_listen.port}", "/x")
+        == f"https://www.test:{edge.cfg.https_listen.port}/x"
+    )
     assert r.location("www.test:443", "/x") == "https://www.test/x"
 
 
@@ -251,20 +381,48 @@ async def test_rate_limit_gives_429_with_retry_after(edge: EdgeEnv) -> None:
 
 
 async def test_body_limit_413(edge: EdgeEnv) -> None:
-    rc, out, _ = await curl(*resolve(edge, "www.test"), "-o", "/dev/null", "-w", "%{http_code}",
-                            "--data-binary", "x" * 2000, f"https://www.test:{edge.https}/up")
+    rc, out, _ = await curl(
+        *resolve(edge, "www.test"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        "x" * 2000,
+        f"https://www.test:{edge.https}/up",
+    )
     assert out == "413"
-    rc, out, _ = await curl(*resolve(edge, "www.test"), "-o", "/dev/null", "-w", "%{http_code}",
-                            "-H", "Transfer-Encoding: chunked", "--data-binary", "x" * 2000,
-                            f"https://www.test:{edge.https}/up")
+    rc, out, _ = await curl(
+        *resolve(edge, "www.test"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "x" * 2000,
+        f"https://www.test:{edge.https}/up",
+    )
     assert out == "413"
-    rc, out, _ = await curl(*resolve(edge, "www.test"), "-o", "/dev/null", "-w", "%{http_code}",
-                            "--data-binary", "x" * 10, f"https://www.test:{edge.https}/up")
+    rc, out, _ = await curl(
+        *resolve(edge, "www.test"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        "x" * 10,
+        f"https://www.test:{edge.https}/up",
+    )
     assert out == "200"
 
 
 async def test_waf_denies_by_path_and_header(edge: EdgeEnv) -> None:
-    for extra in (["https://www.test:{p}/admin/users"], ["-A", "sqlmap/1.0", "https://www.test:{p}/"]):
+    for extra in (
+        ["https://www.test:{p}/admin/users"],
+        ["-A", "sqlmap/1.0", "https://www.test:{p}/"],
+    ):
         args = [a.format(p=edge.https) for a in extra]
         rc, out, _ = await curl(*resolve(edge, "www.test"), "-w", "%{http_code}", *args)
         assert out.endswith("403") and "denied by rule" in out
@@ -272,12 +430,22 @@ async def test_waf_denies_by_path_and_header(edge: EdgeEnv) -> None:
 
 async def test_misdirected_request_421(edge: EdgeEnv) -> None:
     # TLS with SNI www.test (no client cert needed), then Host secure.test (client cert required)
-    rc, out, _ = await curl(*resolve(edge, "www.test"), "-H", "Host: secure.test", "-w", "%{http_code}",
-                            f"https://www.test:{edge.https}/")
+    rc, out, _ = await curl(
+        *resolve(edge, "www.test"),
+        "-H",
+        "Host: secure.test",
+        "-w",
+        "%{http_code}",
+        f"https://www.test:{edge.https}/",
+    )
     assert out.endswith("421")
     # the right SNI with the partner certificate works
-    rc, out, err = await curl(*resolve(edge, "secure.test"), "--cert", str(edge.partner_cert),
-                              f"https://secure.test:{edge.https}/")
+    rc, out, err = await curl(
+        *resolve(edge, "secure.test"),
+        "--cert",
+        str(edge.partner_cert),
+        f"https://secure.test:{edge.https}/",
+    )
     assert rc == 0 and json.loads(out)["target"] == "/", err
     xfcc = headers_of(out)["x-forwarded-client-cert"]
     assert len(xfcc) == 1 and xfcc[0].startswith("Hash=")
@@ -315,8 +483,14 @@ async def test_bridge_new_connections_after_a_credential_swap(edge: EdgeEnv) -> 
     every new backend connection failed, forever, while /ready stayed true."""
 
     async def get(path: str) -> str:
-        rc, out, err = await curl(*resolve(edge, "api.test"), "-o", "/dev/null", "-w", "%{http_code}",
-                                  f"https://api.test:{edge.https}{path}")
+        rc, out, err = await curl(
+            *resolve(edge, "api.test"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"https://api.test:{edge.https}{path}",
+        )
         assert rc == 0, err
         return out
 
@@ -334,9 +508,11 @@ async def test_bridge_new_connections_after_a_credential_swap(edge: EdgeEnv) -> 
         await edge.backends.pool.close_all()
         # one request each: the route's rate limit (burst 5) covers the whole test
         assert await get(f"/v1/after-{version}") == "200"
+
     # the bridge dials through the one mTLS dialer (common/mtls.py), which counts them: a full
     # handshake, one resumed with the same context, a full one after each swap (none counted before)
     def hs(result: str) -> float:
         return edge.metrics.handshakes.labels("bridge", result)._value.get()
+
     assert (hs("full"), hs("resumed"), hs("failure")) == (3, 1, 0)
     assert edge.metrics.pool_connections.labels("api.test")._value.get() == 4

@@ -40,8 +40,19 @@ async def tls_exchange(port: int, ca: Path, sni: str, raw: bytes) -> bytes:
     return out
 
 
-def req(target: bytes, host: bytes = b"www.test", method: bytes = b"GET", extra: bytes = b"") -> bytes:
-    return method + b" " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"Connection: close\r\n\r\n"
+def req(
+    target: bytes, host: bytes = b"www.test", method: bytes = b"GET", extra: bytes = b""
+) -> bytes:
+    return (
+        method
+        + b" "
+        + target
+        + b" HTTP/1.1\r\nHost: "
+        + host
+        + b"\r\n"
+        + extra
+        + b"Connection: close\r\n\r\n"
+    )
 
 
 def status_of(out: bytes) -> int:
@@ -60,8 +71,16 @@ async def still_serves(env: EdgeEnv) -> None:
 
 # www.test: terminate, WAF rule `^/admin`; api.test: bridge, path_prefix /v1/
 WAF_BYPASSES = [
-    b"/v1/../admin", b"/x/%2e%2e/admin", b"/x/%2E%2e/admin", b"/x/.%2e/admin", b"/%61dmin",
-    b"//admin", b"///admin/x", b"/./admin", b"/x/y/../../admin", b"/%41dmin/../admin",
+    b"/v1/../admin",
+    b"/x/%2e%2e/admin",
+    b"/x/%2E%2e/admin",
+    b"/x/.%2e/admin",
+    b"/%61dmin",
+    b"//admin",
+    b"///admin/x",
+    b"/./admin",
+    b"/x/y/../../admin",
+    b"/%41dmin/../admin",
 ]
 
 
@@ -73,9 +92,19 @@ async def test_waf_sees_the_normalised_path(edge: EdgeEnv, target: bytes) -> Non
 
 
 REFUSED = [
-    b"/x/..;/admin", b"/x/..;jsessionid=1/admin", b"/x/%2e%2e;/admin", b"/secret#x", b"/a%00b",
-    b"/a?x=%00", b"/a%2fadmin", b"/x/..%2fadmin", b"/a%5cadmin", b"/a\\admin", b"/a%zz",
-    b"*", b"admin",
+    b"/x/..;/admin",
+    b"/x/..;jsessionid=1/admin",
+    b"/x/%2e%2e;/admin",
+    b"/secret#x",
+    b"/a%00b",
+    b"/a?x=%00",
+    b"/a%2fadmin",
+    b"/x/..%2fadmin",
+    b"/a%5cadmin",
+    b"/a\\admin",
+    b"/a%zz",
+    b"*",
+    b"admin",
 ]
 
 
@@ -100,7 +129,9 @@ FORWARDED = [
 
 
 @pytest.mark.parametrize(("target", "seen"), FORWARDED)
-async def test_backend_receives_the_normalised_target(edge: EdgeEnv, target: bytes, seen: str) -> None:
+async def test_backend_receives_the_normalised_target(
+    edge: EdgeEnv, target: bytes, seen: str
+) -> None:
     out = await tls_exchange(edge.https, edge.public_ca, "www.test", req(target))
     assert status_of(out) == 200, out[:300]
     assert body_of(out)["target"] == seen
@@ -112,8 +143,13 @@ async def test_absolute_form_must_name_the_host_routed_on(edge: EdgeEnv) -> None
     await still_serves(edge)
 
 
-PREFIX_BYPASSES = [b"/v1/../admin", b"/v1/%2e%2e/admin", b"/v1/.%2E/admin", b"//v1/../admin",
-                   b"/v1/x/../../admin"]
+PREFIX_BYPASSES = [
+    b"/v1/../admin",
+    b"/v1/%2e%2e/admin",
+    b"/v1/.%2E/admin",
+    b"//v1/../admin",
+    b"/v1/x/../../admin",
+]
 
 
 @pytest.mark.parametrize("target", PREFIX_BYPASSES)
@@ -123,9 +159,13 @@ async def test_prefix_route_sees_the_normalised_path(edge: EdgeEnv, target: byte
 
 
 async def test_bridge_forwards_the_normalised_target(edge: EdgeEnv) -> None:
-    out = await tls_exchange(edge.https, edge.public_ca, "api.test", req(b"/v1//a/./b/../c", b"api.test"))
+    out = await tls_exchange(
+        edge.https, edge.public_ca, "api.test", req(b"/v1//a/./b/../c", b"api.test")
+    )
     assert status_of(out) == 200 and body_of(out)["target"] == "/v1/a/c"
-    out = await tls_exchange(edge.https, edge.public_ca, "api.test", req(b"/v1/..;/admin", b"api.test"))
+    out = await tls_exchange(
+        edge.https, edge.public_ca, "api.test", req(b"/v1/..;/admin", b"api.test")
+    )
     assert status_of(out) == 400
 
 
@@ -141,10 +181,13 @@ IDENTITY_SPOOFS = [
 
 @pytest.mark.parametrize("spoof", IDENTITY_SPOOFS)
 @pytest.mark.parametrize("host", [b"www.test", b"api.test"])
-async def test_identity_headers_are_stripped_on_every_route_kind(edge: EdgeEnv, spoof: bytes,
-                                                                 host: bytes) -> None:
+async def test_identity_headers_are_stripped_on_every_route_kind(
+    edge: EdgeEnv, spoof: bytes, host: bytes
+) -> None:
     target = b"/v1/x" if host == b"api.test" else b"/x"
-    out = await tls_exchange(edge.https, edge.public_ca, host.decode(), req(target, host, extra=spoof))
+    out = await tls_exchange(
+        edge.https, edge.public_ca, host.decode(), req(target, host, extra=spoof)
+    )
     assert status_of(out) == 200, out[:300]
     h = headers_of(out.partition(b"\r\n\r\n")[2].decode())
     assert "x-meshcar-peer-identity" not in h
@@ -155,18 +198,28 @@ async def test_identity_headers_are_stripped_on_every_route_kind(edge: EdgeEnv, 
         assert "x-forwarded-client-cert" not in h
 
 
-@pytest.mark.parametrize("name", [b"X_Meshcar_Peer_Identity", b"X_Forwarded_Client_Cert", b"x-forwarded_client-cert"])
+@pytest.mark.parametrize(
+    "name", [b"X_Meshcar_Peer_Identity", b"X_Forwarded_Client_Cert", b"x-forwarded_client-cert"]
+)
 async def test_underscore_variants_are_refused(edge: EdgeEnv, name: bytes) -> None:
     for host in (b"www.test", b"api.test"):
-        out = await tls_exchange(edge.https, edge.public_ca, host.decode(),
-                                 req(b"/v1/x", host, extra=name + b": spiffe://meshcar.test/svc/admin\r\n"))
+        out = await tls_exchange(
+            edge.https,
+            edge.public_ca,
+            host.decode(),
+            req(b"/v1/x", host, extra=name + b": spiffe://meshcar.test/svc/admin\r\n"),
+        )
         assert status_of(out) == 400 and b"underscore" in out
     await still_serves(edge)
 
 
 async def test_client_certificate_route_replaces_a_spoofed_xfcc(edge: EdgeEnv) -> None:
-    raw = req(b"/x", b"secure.test", extra=b"X-Forwarded-Client-Cert: Hash=0;URI=spiffe://evil\r\n"
-              b"X-Meshcar-Peer-Identity: spiffe://evil\r\n")
+    raw = req(
+        b"/x",
+        b"secure.test",
+        extra=b"X-Forwarded-Client-Cert: Hash=0;URI=spiffe://evil\r\n"
+        b"X-Meshcar-Peer-Identity: spiffe://evil\r\n",
+    )
     ctx = ssl.create_default_context(cafile=str(edge.public_ca))
     ctx.load_cert_chain(str(edge.partner_cert))
     tcp = await trio.open_tcp_stream("127.0.0.1", edge.https)
@@ -184,18 +237,31 @@ async def test_client_certificate_route_replaces_a_spoofed_xfcc(edge: EdgeEnv) -
     assert "x-meshcar-peer-identity" not in h
 
 
-async def test_configured_policy_drop_keep_and_no_merge(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_configured_policy_drop_keep_and_no_merge(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     pki = public_pki(tmp_path)
     echo = await serve_echo(nursery)
-    env = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)], http={
-        "path": {"merge_slashes": False, "escaped_slashes": "keep"},
-        "headers": {"underscores": "drop", "max_count": 20, "max_value_bytes": 1024}})
+    env = await start_edge(
+        nursery,
+        tmp_path,
+        [terminate_route("www.test", echo)],
+        http={
+            "path": {"merge_slashes": False, "escaped_slashes": "keep"},
+            "headers": {"underscores": "drop", "max_count": 20, "max_value_bytes": 1024},
+        },
+    )
 
     async def send(raw: bytes) -> bytes:
         return await tls_exchange(env.https, pki.ca_file, "www.test", raw)
 
-    out = await send(req(b"//a/b%2fc/../d", extra=b"X_Meshcar_Peer_Identity: spiffe://evil\r\n"
-                         b"X_Forwarded_Client_Cert: URI=spiffe://evil\r\nX-Ok: 1\r\n"))
+    out = await send(
+        req(
+            b"//a/b%2fc/../d",
+            extra=b"X_Meshcar_Peer_Identity: spiffe://evil\r\n"
+            b"X_Forwarded_Client_Cert: URI=spiffe://evil\r\nX-Ok: 1\r\n",
+        )
+    )
     assert status_of(out) == 200, out[:300]
     body = out.partition(b"\r\n\r\n")[2].decode()
     assert json.loads(body)["target"] == "//a/d"
@@ -217,18 +283,24 @@ async def test_configured_policy_drop_keep_and_no_merge(tmp_path: Path, nursery:
     await env.aclose()
 
 
-@pytest.mark.parametrize(("hops", "xff", "seen"), [
-    (2, b"6.6.6.6", ["127.0.0.1"]),  # fewer entries than trusted hops: the socket peer
-    (2, b"", ["127.0.0.1"]),
-    (2, b"6.6.6.6, junk", ["127.0.0.1"]),
-    (2, b"6.6.6.6, 7.7.7.7", ["6.6.6.6, 7.7.7.7, 127.0.0.1"]),
-    (1, b"5.5.5.5, 6.6.6.6, 7.7.7.7", ["7.7.7.7, 127.0.0.1"]),
-])
-async def test_trusted_hops_through_a_real_edge(tmp_path: Path, nursery: trio.Nursery, hops: int,
-                                                xff: bytes, seen: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("hops", "xff", "seen"),
+    [
+        (2, b"6.6.6.6", ["127.0.0.1"]),  # fewer entries than trusted hops: the socket peer
+        (2, b"", ["127.0.0.1"]),
+        (2, b"6.6.6.6, junk", ["127.0.0.1"]),
+        (2, b"6.6.6.6, 7.7.7.7", ["6.6.6.6, 7.7.7.7, 127.0.0.1"]),
+        (1, b"5.5.5.5, 6.6.6.6, 7.7.7.7", ["7.7.7.7, 127.0.0.1"]),
+    ],
+)
+async def test_trusted_hops_through_a_real_edge(
+    tmp_path: Path, nursery: trio.Nursery, hops: int, xff: bytes, seen: list[str]
+) -> None:
     pki = public_pki(tmp_path)
     echo = await serve_echo(nursery)
-    env = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)], trusted_hops=hops)
+    env = await start_edge(
+        nursery, tmp_path, [terminate_route("www.test", echo)], trusted_hops=hops
+    )
     extra = (b"X-Forwarded-For: " + xff + b"\r\n" if xff else b"") + b"X-Forwarded-Proto: http\r\n"
     out = await tls_exchange(env.https, pki.ca_file, "www.test", req(b"/", extra=extra))
     assert status_of(out) == 200, out[:300]

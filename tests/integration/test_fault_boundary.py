@@ -22,7 +22,9 @@ async def test_guard_logs_counts_and_closes(caplog: pytest.LogCaptureFixture) ->
     class Stream(trio.abc.Stream):
         async def send_all(self, data): ...  # noqa: ANN001
         async def wait_send_all_might_not_block(self): ...
-        async def receive_some(self, max_bytes=None): return b""  # noqa: ANN001
+        async def receive_some(self, max_bytes=None):
+            return b""  # noqa: ANN001
+
         async def aclose(self) -> None:
             closed.set()
 
@@ -46,8 +48,9 @@ async def test_guard_lets_cancellation_through() -> None:
     assert scope.cancelled_caught
 
 
-async def test_sidecar_outbound_survives_a_handler_bug(mesh: Mesh, nursery: trio.Nursery,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sidecar_outbound_survives_a_handler_bug(
+    mesh: Mesh, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = outbound_mod.route_target
 
     def sometimes_buggy(req, *args):  # noqa: ANN001, ANN002, ANN202
@@ -57,8 +60,14 @@ async def test_sidecar_outbound_survives_a_handler_bug(mesh: Mesh, nursery: trio
 
     monkeypatch.setattr(outbound_mod, "route_target", sometimes_buggy)
     node = mesh.client
-    listeners = await _listen(nursery, node.outbound.handle_connection, HostPort("127.0.0.1", 0),
-                              nursery, "outbound", node.metrics)
+    listeners = await _listen(
+        nursery,
+        node.outbound.handle_connection,
+        HostPort("127.0.0.1", 0),
+        nursery,
+        "outbound",
+        node.metrics,
+    )
     port = listeners[0].socket.getsockname()[1]
     proxy = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(proxy=proxy, timeout=10) as good:

@@ -38,15 +38,18 @@ async def _serve(store: CredentialStore, accepted: list[str], tcp: trio.SocketSt
         await trio.aclose_forcefully(tls)
 
 
-async def _setup(tmp_path: Path, nursery: trio.Nursery) -> tuple[ThrowawayCA, CredentialStore, int, list[str]]:
+async def _setup(
+    tmp_path: Path, nursery: trio.Nursery
+) -> tuple[ThrowawayCA, CredentialStore, int, list[str]]:
     ca = ThrowawayCA.create()
     server = CredentialStore(tmp_path / "server")
     server.install(ca.credential(SERVER_ID))
     client = CredentialStore(tmp_path / "client")
     client.install(ca.credential("spiffe://test/web"))
     accepted: list[str] = []
-    listeners = await nursery.start(partial(trio.serve_tcp, lambda s: _serve(server, accepted, s), 0,
-                                            host="127.0.0.1"))
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, lambda s: _serve(server, accepted, s), 0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
     return ca, client, port, accepted
 
@@ -78,7 +81,9 @@ async def test_wrong_peer_id_is_refused_with_502(tmp_path: Path, nursery: trio.N
     assert metrics.pool_connections.labels("payments")._value.get() == 0  # never handed out
 
 
-async def test_session_resumed_with_one_context_not_across_a_swap(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_session_resumed_with_one_context_not_across_a_swap(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     ca, client, port, accepted = await _setup(tmp_path, nursery)
     metrics = Metrics()
     dialer = MTLSDialer(client, metrics, "test")
@@ -96,7 +101,11 @@ async def test_session_resumed_with_one_context_not_across_a_swap(tmp_path: Path
     fourth = await _dial_and_release(dialer, peer)
     assert fourth.session_reused  # the new context's own session is
 
-    assert (_count(metrics, "full"), _count(metrics, "resumed"), _count(metrics, "failure")) == (2, 2, 0)
+    assert (_count(metrics, "full"), _count(metrics, "resumed"), _count(metrics, "failure")) == (
+        2,
+        2,
+        0,
+    )
     assert metrics.pool_connections.labels("api")._value.get() == 4
     await wait_accepted(accepted, 4)
     assert accepted == ["full", "resumed", "full", "resumed"]

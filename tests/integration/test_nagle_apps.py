@@ -29,8 +29,11 @@ REQUESTS = 40
 @pytest.fixture
 def nagle_app() -> Iterator[int]:
     """tests/support/nagle_app.py as its own process; its port once it listens."""
-    with subprocess.Popen([sys.executable, "-m", "tests.support.nagle_app"], stdout=subprocess.PIPE,
-                          cwd=Path(__file__).resolve().parents[2]) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.support.nagle_app"],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    ) as proc:
         try:
             assert proc.stdout is not None
             yield int(proc.stdout.readline())
@@ -40,7 +43,9 @@ def nagle_app() -> Iterator[int]:
 
 async def curl_times(*args: str, urls: list[str]) -> list[float]:
     """curl fetching `urls` in order on one connection: ms per request; checks the reuse."""
-    rc, out, err = await curl(*args, "-w", r"\nTIMING %{http_code} %{num_connects} %{time_total}\n", *urls)
+    rc, out, err = await curl(
+        *args, "-w", r"\nTIMING %{http_code} %{num_connects} %{time_total}\n", *urls
+    )
     assert rc == 0, err
     rows = [line.split()[1:] for line in out.splitlines() if line.startswith("TIMING ")]
     assert [r[0] for r in rows] == ["200"] * len(urls), out
@@ -49,17 +54,27 @@ async def curl_times(*args: str, urls: list[str]) -> list[float]:
 
 
 async def test_sidecar_pair_does_not_wait_for_a_delayed_ack_from_a_nagle_app(
-        nagle_app: int, tmp_path: Path, nursery: trio.Nursery) -> None:
+    nagle_app: int, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     from tests.support.pki import ThrowawayCA
 
     ca = ThrowawayCA.create()
     server = await start_node(nursery, tmp_path, ca, "api", nagle_app, [sid("web")], {})
-    client = await start_node(nursery, tmp_path, ca, "web", nagle_app, [],
-                              {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"],
-                                       "spiffe_id": sid("api")}})
+    client = await start_node(
+        nursery,
+        tmp_path,
+        ca,
+        "web",
+        nagle_app,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
+    )
     try:
-        ms = await curl_times("-x", f"http://127.0.0.1:{client.outbound_port}",
-                              urls=[f"http://api/n{i}" for i in range(REQUESTS)])
+        ms = await curl_times(
+            "-x",
+            f"http://127.0.0.1:{client.outbound_port}",
+            urls=[f"http://api/n{i}" for i in range(REQUESTS)],
+        )
     finally:
         for node in (client, server):
             NODES.remove(node)
@@ -69,12 +84,15 @@ async def test_sidecar_pair_does_not_wait_for_a_delayed_ack_from_a_nagle_app(
 
 
 async def test_edge_does_not_wait_for_a_delayed_ack_from_a_nagle_backend(
-        nagle_app: int, tmp_path: Path, nursery: trio.Nursery) -> None:
+    nagle_app: int, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     pki = public_pki(tmp_path)
     edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", nagle_app)])
     try:
-        ms = await curl_times(*resolve(pki.ca_file, "www.test", edge.https),
-                              urls=[f"https://www.test:{edge.https}/n{i}" for i in range(REQUESTS)])
+        ms = await curl_times(
+            *resolve(pki.ca_file, "www.test", edge.https),
+            urls=[f"https://www.test:{edge.https}/n{i}" for i in range(REQUESTS)],
+        )
     finally:
         await edge.aclose()
     assert_no_ack_stall(ms)
@@ -85,8 +103,10 @@ async def test_outbound_does_not_wait_for_a_delayed_ack_from_a_nagle_client(mesh
     stream = await trio.open_tcp_stream("127.0.0.1", mesh.client.outbound_port)
     stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, False)
     body = b'{"n": 1}'
-    head = (b"POST http://api/post HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST http://api/post HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     ms = []
     async with stream:
         buf = b""
@@ -98,8 +118,11 @@ async def test_outbound_does_not_wait_for_a_delayed_ack_from_a_nagle_client(mesh
                 buf += await stream.receive_some(65536)
             resp_head, _, buf = buf.partition(b"\r\n\r\n")
             assert resp_head.startswith(b"HTTP/1.1 200"), resp_head
-            length = next(int(line.split(b":")[1]) for line in resp_head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
+            length = next(
+                int(line.split(b":")[1])
+                for line in resp_head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
             while len(buf) < length:
                 buf += await stream.receive_some(65536)
             assert b'"body_length": %d' % len(body) in buf[:length]

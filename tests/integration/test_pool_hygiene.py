@@ -30,15 +30,18 @@ from tests.support.pki import ThrowawayCA
 Fetch = Callable[[str, str], Awaitable[tuple[int, bytes, bytes]]]
 
 
-async def http_exchange(port: int, method: str, target: str, host: str,
-                        ctx: ssl.SSLContext | None = None) -> tuple[int, bytes, bytes]:
+async def http_exchange(
+    port: int, method: str, target: str, host: str, ctx: ssl.SSLContext | None = None
+) -> tuple[int, bytes, bytes]:
     """One request on a new client connection (Connection: close): (status, head, body)."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     stream: trio.abc.Stream = tcp
     if ctx is not None:
         stream = trio.SSLStream(tcp, ctx, server_hostname=host)
     async with stream:
-        await stream.send_all(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await stream.send_all(
+            f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
         out = b""
         with trio.fail_after(10):
             while True:
@@ -75,8 +78,13 @@ async def _close_pools():
 
 def _handshakes(metrics: Metrics, direction: str) -> Callable[[], float]:
     def total() -> float:
-        return sum(s.value for m in metrics.handshakes.collect() for s in m.samples
-                   if s.name.endswith("_total") and s.labels.get("direction") == direction)
+        return sum(
+            s.value
+            for m in metrics.handshakes.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels.get("direction") == direction
+        )
+
     return total
 
 
@@ -93,39 +101,75 @@ async def _edge_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend, mode
         api = await start_node(nursery, tmp, mesh_ca, "api", backend.port, [sid("edge")], {})
         store = CredentialStore(tmp / "edge-state")
         store.install(mesh_ca.credential(sid("edge")))
-        identity = {"spiffe_id": sid("edge"), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
-                    "state_dir": str(tmp / "edge-state")}
-        edge = await start_edge(nursery, tmp, [
-            {"host": "api.test", "mode": "bridge", "tls": {"cert": "site.pem", "key": "site.pem"},
-             "backend": {"endpoints": [f"127.0.0.1:{api.inbound_port}"], "spiffe_id": sid("api")}},
-        ], store=store, identity=identity)
+        identity = {
+            "spiffe_id": sid("edge"),
+            "ca_url": "https://127.0.0.1:1",
+            "ca_bundle": "x",
+            "state_dir": str(tmp / "edge-state"),
+        }
+        edge = await start_edge(
+            nursery,
+            tmp,
+            [
+                {
+                    "host": "api.test",
+                    "mode": "bridge",
+                    "tls": {"cert": "site.pem", "key": "site.pem"},
+                    "backend": {
+                        "endpoints": [f"127.0.0.1:{api.inbound_port}"],
+                        "spiffe_id": sid("api"),
+                    },
+                },
+            ],
+            store=store,
+            identity=identity,
+        )
         POOLS.append(edge.backends.pool)
         pool, hs = api.inbound.pool, _handshakes(api.metrics, "inbound")
         host = "api.test"
 
     async def fetch(method: str, target: str) -> tuple[int, bytes, bytes]:
         return await http_exchange(edge.https, method, target, host, client_ctx)
+
     return Path_(fetch, pool, hs)
 
 
-async def _mesh_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend, ca: ThrowawayCA) -> Path_:
+async def _mesh_path(
+    nursery: trio.Nursery, tmp: Path, backend: BadBackend, ca: ThrowawayCA
+) -> Path_:
     """The outbound's mTLS pool, straight to a misbehaving peer that holds api's SVID."""
-    client = await start_node(nursery, tmp, ca, "web", backend.port, [], {
-        "api": {"endpoints": [f"127.0.0.1:{backend.port}"], "spiffe_id": sid("api")}})
+    client = await start_node(
+        nursery,
+        tmp,
+        ca,
+        "web",
+        backend.port,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{backend.port}"], "spiffe_id": sid("api")}},
+    )
 
     async def fetch(method: str, target: str) -> tuple[int, bytes, bytes]:
         return await http_exchange(client.outbound_port, method, target, "api")
+
     return Path_(fetch, client.outbound.pool, _handshakes(client.metrics, "outbound"))
 
 
 async def _sidecar_path(nursery: trio.Nursery, tmp: Path, backend: BadBackend) -> Path_:
     ca = ThrowawayCA.create()
     server = await start_node(nursery, tmp, ca, "api", backend.port, [sid("web")], {})
-    client = await start_node(nursery, tmp, ca, "web", backend.port, [], {
-        "api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}})
+    client = await start_node(
+        nursery,
+        tmp,
+        ca,
+        "web",
+        backend.port,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
+    )
 
     async def fetch(method: str, target: str) -> tuple[int, bytes, bytes]:
         return await http_exchange(client.outbound_port, method, target, "api")
+
     return Path_(fetch, server.inbound.pool, _handshakes(server.metrics, "inbound"))
 
 
@@ -139,10 +183,13 @@ VECTORS = [
 ]
 
 
-@pytest.mark.parametrize("via", ["edge-terminate", "edge-bridge", "sidecar-pair", "outbound-mesh-pool"])
+@pytest.mark.parametrize(
+    "via", ["edge-terminate", "edge-bridge", "sidecar-pair", "outbound-mesh-pool"]
+)
 @pytest.mark.parametrize(("method", "target", "status"), VECTORS, ids=[v[1][1:] for v in VECTORS])
 async def test_bytes_after_a_response_never_reach_the_next_client(
-        via: str, method: str, target: str, status: int, tmp_path: Path, nursery: trio.Nursery) -> None:
+    via: str, method: str, target: str, status: int, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     if via == "outbound-mesh-pool":
         ca = ThrowawayCA.create()
         peer = CredentialStore(tmp_path / "fake-api")

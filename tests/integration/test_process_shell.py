@@ -32,8 +32,9 @@ async def _held_request(shell: Shell, release: trio.Event, outcome: list[str]) -
 
 async def _start(shell: Shell, release: trio.Event, outcome: list[str], ports: list[int]) -> None:
     async def listeners(ln: trio.Nursery) -> None:
-        bound = await ln.start(partial(trio.serve_tcp, _idle, 0, host="127.0.0.1",
-                                       handler_nursery=shell.conns))
+        bound = await ln.start(
+            partial(trio.serve_tcp, _idle, 0, host="127.0.0.1", handler_nursery=shell.conns)
+        )
         ports.append(bound[0].socket.getsockname()[1])
 
     await shell.serve_traffic(listeners)
@@ -43,8 +44,11 @@ async def _start(shell: Shell, release: trio.Event, outcome: list[str], ports: l
 async def test_first_signal_drains_then_exits() -> None:
     shell, release, outcome, ports = Shell("test", drain_seconds=3600), trio.Event(), [], []
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: shell.run(
-            lambda s: _start(s, release, outcome, ports), task_status=task_status))
+        await nursery.start(
+            lambda task_status: shell.run(
+                lambda s: _start(s, release, outcome, ports), task_status=task_status
+            )
+        )
         assert shell.not_ready() is None
         os.kill(os.getpid(), signal.SIGTERM)
         while not shell.drain.draining:
@@ -60,8 +64,11 @@ async def test_first_signal_drains_then_exits() -> None:
 async def test_second_signal_exits_at_once() -> None:
     shell, release, outcome, ports = Shell("test", drain_seconds=3600), trio.Event(), [], []
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: shell.run(
-            lambda s: _start(s, release, outcome, ports), task_status=task_status))
+        await nursery.start(
+            lambda task_status: shell.run(
+                lambda s: _start(s, release, outcome, ports), task_status=task_status
+            )
+        )
         os.kill(os.getpid(), signal.SIGTERM)
         while not shell.drain.draining:
             await trio.testing.wait_all_tasks_blocked()
@@ -78,14 +85,21 @@ async def test_drain_deadline_cuts_off_and_cleanup_runs() -> None:
         cleaned.append(True)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: shell.run(
-            lambda s: _start(s, release, outcome, ports), cleanup=cleanup, handle_signals=False,
-            task_status=task_status))
+        await nursery.start(
+            lambda task_status: shell.run(
+                lambda s: _start(s, release, outcome, ports),
+                cleanup=cleanup,
+                handle_signals=False,
+                task_status=task_status,
+            )
+        )
         shell.stop_soon()  # as POST /shutdown does
     assert outcome == ["cancelled"] and cleaned == [True]
 
 
-def test_run_process_exit_codes(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_process_exit_codes(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def clean() -> None:
         await trio.sleep(0)
 
@@ -105,4 +119,8 @@ def test_run_process_exit_codes(caplog: pytest.LogCaptureFixture, capsys: pytest
     err = capsys.readouterr().err
     assert err.startswith("meshcar test: fatal error: KeyError: 'boom'") and "Traceback" not in err
     fatal = [json.loads(r.getMessage()) for r in caplog.records if "test.fatal" in r.getMessage()]
-    assert len(fatal) == 1 and "Traceback" in fatal[0]["traceback"] and "raise KeyError" in fatal[0]["traceback"]
+    assert (
+        len(fatal) == 1
+        and "Traceback" in fatal[0]["traceback"]
+        and "raise KeyError" in fatal[0]["traceback"]
+    )

@@ -20,8 +20,12 @@ from meshcar.proto import proxy_protocol as pp
 TRUSTED = pp.ProxyPolicy.parse(["127.0.0.1/32"])
 REQUEST = b"GET /who HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n"
 V1 = pp.encode_v1(("203.0.113.7", 40000), ("127.0.0.1", 9443))
-V2 = pp.encode_v2(("203.0.113.7", 40000), ("127.0.0.1", 9443),
-                  tlvs=[(pp.PP2_TYPE_AUTHORITY, b"payments.demo.test")], with_crc32c=True)
+V2 = pp.encode_v2(
+    ("203.0.113.7", 40000),
+    ("127.0.0.1", 9443),
+    tlvs=[(pp.PP2_TYPE_AUTHORITY, b"payments.demo.test")],
+    with_crc32c=True,
+)
 V2_6 = pp.encode_v2(("2001:db8::7", 40000), ("::1", 9443))
 
 
@@ -72,7 +76,7 @@ def source_of(raw: bytes) -> str | None:
 @pytest.mark.parametrize("header", [V1, V2, V2_6], ids=["v1", "v2", "v2-inet6"])
 def test_header_one_byte_per_segment(header: bytes) -> None:
     with serve() as server:
-        raw = exchange(server, [header[i:i + 1] for i in range(len(header))] + [REQUEST])
+        raw = exchange(server, [header[i : i + 1] for i in range(len(header))] + [REQUEST])
         assert source_of(raw) in ("203.0.113.7:40000", "2001:db8::7:40000")
         assert server.proxy_refusals == {}
 
@@ -111,16 +115,19 @@ def test_trusted_source_without_a_header_is_refused_when_required() -> None:
 V2_HEAD = pp.V2_SIGNATURE + b"\x21\x11"
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"PROXY TCP4 garbage here 1 2\r\n", "malformed"),
-    (b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 99999\r\n", "malformed"),
-    (b"PROXY TCP4 " + b"1" * 200 + b"\r\n", "too_large"),  # an oversize v1 line
-    (b"PROXY \x00\x01", "malformed"),
-    (V2_HEAD + b"\xff\xff" + b"\x00" * 64, "too_large"),  # a v2 length far over the bound
-    (V2_HEAD + b"\x00\x04" + b"\x00" * 4, "malformed"),  # a v2 length under the address block
-    (pp.V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12, "malformed"),  # version 3
-    (V2[:-2] + b"\x00\x00", "malformed"),  # CRC32C mismatch
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"PROXY TCP4 garbage here 1 2\r\n", "malformed"),
+        (b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 99999\r\n", "malformed"),
+        (b"PROXY TCP4 " + b"1" * 200 + b"\r\n", "too_large"),  # an oversize v1 line
+        (b"PROXY \x00\x01", "malformed"),
+        (V2_HEAD + b"\xff\xff" + b"\x00" * 64, "too_large"),  # a v2 length far over the bound
+        (V2_HEAD + b"\x00\x04" + b"\x00" * 4, "malformed"),  # a v2 length under the address block
+        (pp.V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12, "malformed"),  # version 3
+        (V2[:-2] + b"\x00\x00", "malformed"),  # CRC32C mismatch
+    ],
+)
 def test_bad_headers_are_refused_and_the_listener_keeps_serving(data: bytes, reason: str) -> None:
     with serve() as server:
         assert exchange(server, [data + REQUEST]) == b""
@@ -143,11 +150,26 @@ def test_cli_policy() -> None:
     args = parse_args(["--name", "p", "--port", "1", "--proxy-protocol"])
     assert args.proxy_policy == pp.ProxyPolicy()  # loopback only, required
     assert args.proxy_policy.trusts("::1") and not args.proxy_policy.trusts("10.0.0.1")
-    args = parse_args(["--name", "p", "--port", "1", "--proxy-protocol", "--proxy-trusted", "10.1.0.0/16",
-                       "--proxy-trusted", "127.0.0.2", "--proxy-optional"])
+    args = parse_args(
+        [
+            "--name",
+            "p",
+            "--port",
+            "1",
+            "--proxy-protocol",
+            "--proxy-trusted",
+            "10.1.0.0/16",
+            "--proxy-trusted",
+            "127.0.0.2",
+            "--proxy-optional",
+        ]
+    )
     assert args.proxy_policy.trusts("10.1.2.3") and args.proxy_policy.trusts("127.0.0.2")
     assert not args.proxy_policy.trusts("127.0.0.1") and not args.proxy_policy.required
-    for bad in (["--proxy-protocol", "--proxy-trusted", "10.1.0.1/16"], ["--proxy-trusted", "127.0.0.1"]):
+    for bad in (
+        ["--proxy-protocol", "--proxy-trusted", "10.1.0.1/16"],
+        ["--proxy-trusted", "127.0.0.1"],
+    ):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--name", "p", "--port", "1", *bad])
         assert exc.value.code == 2
@@ -156,7 +178,9 @@ def test_cli_policy() -> None:
 # --- the demo's arrangement: the edge's passthrough comes from 127.0.0.2, the only trusted source
 
 
-async def test_edge_passthrough_from_its_source_address_to_the_partner_endpoint(tmp_path, nursery) -> None:  # noqa: ANN001
+async def test_edge_passthrough_from_its_source_address_to_the_partner_endpoint(
+    tmp_path, nursery
+) -> None:  # noqa: ANN001
     import ssl
 
     import trio
@@ -167,24 +191,54 @@ async def test_edge_passthrough_from_its_source_address_to_the_partner_endpoint(
 
     public, partner_ca = trustme.CA(), trustme.CA()
     public.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    public.issue_cert("pay.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "pay.pem"))
+    public.issue_cert("pay.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "pay.pem")
+    )
     partner_ca.cert_pem.write_to_path(str(tmp_path / "partner-ca.pem"))
-    partner_ca.issue_cert("partner").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "partner.pem"))
-    tls = build_tls(str(tmp_path / "pay.pem"), str(tmp_path / "pay.pem"), str(tmp_path / "partner-ca.pem"))
-    server = DemoServer(AppConfig("payments", "127.0.0.1", 0, None, tls,
-                                  proxy_protocol=pp.ProxyPolicy.parse(["127.0.0.2/32"])))
+    partner_ca.issue_cert("partner").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "partner.pem")
+    )
+    tls = build_tls(
+        str(tmp_path / "pay.pem"), str(tmp_path / "pay.pem"), str(tmp_path / "partner-ca.pem")
+    )
+    server = DemoServer(
+        AppConfig(
+            "payments",
+            "127.0.0.1",
+            0,
+            None,
+            tls,
+            proxy_protocol=pp.ProxyPolicy.parse(["127.0.0.2/32"]),
+        )
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
         port = server.server_address[1]
-        edge = await start_edge(nursery, tmp_path, [
-            {"host": "pay.test", "mode": "passthrough", "proxy_protocol": "v2", "source_address": "127.0.0.2",
-             "backend": {"endpoints": [f"127.0.0.1:{port}"]}}])
+        edge = await start_edge(
+            nursery,
+            tmp_path,
+            [
+                {
+                    "host": "pay.test",
+                    "mode": "passthrough",
+                    "proxy_protocol": "v2",
+                    "source_address": "127.0.0.2",
+                    "backend": {"endpoints": [f"127.0.0.1:{port}"]},
+                }
+            ],
+        )
         partner = str(tmp_path / "partner.pem")
-        rc, out, err = await curl(*resolve(tmp_path / "ca.pem", "pay.test", edge.https), "--cert", partner,
-                                  f"https://pay.test:{edge.https}/who")
+        rc, out, err = await curl(
+            *resolve(tmp_path / "ca.pem", "pay.test", edge.https),
+            "--cert",
+            partner,
+            f"https://pay.test:{edge.https}/who",
+        )
         assert rc == 0, err
-        assert json.loads(out)["proxy_protocol"]["source"].startswith("127.0.0.1:")  # the real client
+        assert json.loads(out)["proxy_protocol"]["source"].startswith(
+            "127.0.0.1:"
+        )  # the real client
         # a direct client on 127.0.0.1 forging a header is refused before TLS
         forged = pp.encode_v2(("198.51.100.1", 1), ("127.0.0.1", port))
         assert await trio.to_thread.run_sync(exchange, server, [forged + b"\x16\x03\x01"]) == b""
@@ -194,8 +248,10 @@ async def test_edge_passthrough_from_its_source_address_to_the_partner_endpoint(
         ctx.load_cert_chain(partner)
 
         def direct() -> bytes:
-            with socket.create_connection(server.server_address, timeout=10) as raw, \
-                    ctx.wrap_socket(raw, server_hostname="pay.test") as s:
+            with (
+                socket.create_connection(server.server_address, timeout=10) as raw,
+                ctx.wrap_socket(raw, server_hostname="pay.test") as s,
+            ):
                 s.sendall(REQUEST)
                 out = b""
                 while chunk := s.recv(65536):
@@ -215,13 +271,26 @@ def test_source_address_config() -> None:
     from meshcar.errors import ConfigError
 
     def cfg(route: dict) -> object:
-        return parse_edge_config({"listen": {"https": "127.0.0.1:1"}, "admin": {"listen": "127.0.0.1:2"},
-                                  "routes": [route]}, "edge.yaml")
+        return parse_edge_config(
+            {
+                "listen": {"https": "127.0.0.1:1"},
+                "admin": {"listen": "127.0.0.1:2"},
+                "routes": [route],
+            },
+            "edge.yaml",
+        )
 
     base = {"host": "p.test", "mode": "passthrough", "backend": {"endpoints": ["127.0.0.1:3"]}}
     assert cfg({**base, "source_address": "127.0.0.2"}).routes[0].source_address == "127.0.0.2"  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match=r"routes\[0\]\.source_address: must be an IP address"):
         cfg({**base, "source_address": "edge.local"})
     with pytest.raises(ConfigError, match=r"routes\[0\]\.source_address: only passthrough"):
-        cfg({"host": "w.test", "mode": "terminate", "tls": {"cert": "x", "key": "x"},
-             "backend": {"endpoints": ["127.0.0.1:3"]}, "source_address": "127.0.0.2"})
+        cfg(
+            {
+                "host": "w.test",
+                "mode": "terminate",
+                "tls": {"cert": "x", "key": "x"},
+                "backend": {"endpoints": ["127.0.0.1:3"]},
+                "source_address": "127.0.0.2",
+            }
+        )

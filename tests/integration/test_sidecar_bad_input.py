@@ -35,10 +35,14 @@ async def test_malformed_request_line_is_400(mesh: Mesh) -> None:
 
 
 async def test_https_url_and_connect_are_refused(mesh: Mesh) -> None:
-    out = await raw_exchange(mesh.client.outbound_port,
-                             b"GET https://api/ HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    out = await raw_exchange(
+        mesh.client.outbound_port,
+        b"GET https://api/ HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+    )
     assert out.startswith(b"HTTP/1.1 400 ") and b"plain http://" in out
-    out = await raw_exchange(mesh.client.outbound_port, b"CONNECT api:443 HTTP/1.1\r\nHost: api\r\n\r\n")
+    out = await raw_exchange(
+        mesh.client.outbound_port, b"CONNECT api:443 HTTP/1.1\r\nHost: api\r\n\r\n"
+    )
     assert out.startswith(b"HTTP/1.1 501 ")
 
 
@@ -69,7 +73,12 @@ async def test_certificate_from_another_ca_is_refused(tmp_path, nursery, mesh: M
     from tests.support.pki import ThrowawayCA
 
     rogue = await start_node(
-        nursery, tmp_path, ThrowawayCA.create("rogue"), "web", mesh.app_port, [],
+        nursery,
+        tmp_path,
+        ThrowawayCA.create("rogue"),
+        "web",
+        mesh.app_port,
+        [],
         {"api": {"endpoints": [f"127.0.0.1:{mesh.server.inbound_port}"], "spiffe_id": sid("api")}},
     )
     async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{rogue.outbound_port}") as c:
@@ -85,9 +94,19 @@ async def test_app_down_is_503_with_clear_body(tmp_path, nursery, mesh: Mesh) ->
     dead_port = free_port()  # our own block: nothing else binds it
     lonely = await start_node(nursery, tmp_path, mesh.ca, "lonely", dead_port, [sid("web")], {})
     web = await start_node(
-        nursery, tmp_path, mesh.ca, "web", mesh.app_port, [],
-        {"lonely": {"endpoints": [f"127.0.0.1:{lonely.inbound_port}"], "spiffe_id": sid("lonely")},
-         "gone": {"endpoints": [f"127.0.0.1:{dead_port}"], "spiffe_id": sid("gone")}},
+        nursery,
+        tmp_path,
+        mesh.ca,
+        "web",
+        mesh.app_port,
+        [],
+        {
+            "lonely": {
+                "endpoints": [f"127.0.0.1:{lonely.inbound_port}"],
+                "spiffe_id": sid("lonely"),
+            },
+            "gone": {"endpoints": [f"127.0.0.1:{dead_port}"], "spiffe_id": sid("gone")},
+        },
     )
     async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{web.outbound_port}") as c:
         r = await c.get("http://lonely/")
@@ -98,17 +117,29 @@ async def test_app_down_is_503_with_clear_body(tmp_path, nursery, mesh: Mesh) ->
 
 async def test_slow_app_is_504_and_the_sidecar_recovers(mesh: Mesh) -> None:
     mesh.server.inbound.response_timeout = 0.3
-    async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{mesh.client.outbound_port}", timeout=10) as c:
+    async with httpx.AsyncClient(
+        proxy=f"http://127.0.0.1:{mesh.client.outbound_port}", timeout=10
+    ) as c:
         r = await c.get("http://api/sleep/5")
         assert r.status_code == 504 and "did not answer within 0.3s" in r.text
         assert (await c.get("http://api/ok")).status_code == 200
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nHost: evil\r\n\r\n", b"400"),
-    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX_Forwarded_Client_Cert: URI=spiffe://x/admin\r\n\r\n", b"400"),
-    (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX: " + b"a" * (100 * 1024) + b"\r\n\r\n", b"431"),
-], ids=["two-hosts", "underscore", "head-100k-one-write"])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GET http://api/ HTTP/1.1\r\nHost: api\r\nHost: evil\r\n\r\n", b"400"),
+        (
+            b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX_Forwarded_Client_Cert: URI=spiffe://x/admin\r\n\r\n",
+            b"400",
+        ),
+        (
+            b"GET http://api/ HTTP/1.1\r\nHost: api\r\nX: " + b"a" * (100 * 1024) + b"\r\n\r\n",
+            b"431",
+        ),
+    ],
+    ids=["two-hosts", "underscore", "head-100k-one-write"],
+)
 async def test_header_policy_on_the_outbound(mesh: Mesh, raw: bytes, status: bytes) -> None:
     out = await raw_exchange(mesh.client.outbound_port, raw)
     assert out.startswith(b"HTTP/1.1 " + status + b" "), out[:200]

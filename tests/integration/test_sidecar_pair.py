@@ -22,7 +22,10 @@ def proxied(mesh: Mesh) -> httpx.AsyncClient:
 
 async def test_request_crosses_the_mesh_with_identity(mesh: Mesh) -> None:
     async with proxied(mesh) as c:
-        r = await c.get("http://api/v1/hello?x=1", headers={"X-Forwarded-Client-Cert": "By=evil;URI=spiffe://meshcar.test/svc/admin"})
+        r = await c.get(
+            "http://api/v1/hello?x=1",
+            headers={"X-Forwarded-Client-Cert": "By=evil;URI=spiffe://meshcar.test/svc/admin"},
+        )
     assert r.status_code == 200, r.text
     info = r.json()
     assert info["target"] == "/v1/hello?x=1"
@@ -52,7 +55,12 @@ async def test_caller_not_in_allow_list_gets_403(tmp_path, nursery, mesh: Mesh) 
     from tests.integration.conftest import start_node
 
     intruder = await start_node(
-        nursery, tmp_path, mesh.ca, "intruder", mesh.app_port, [],
+        nursery,
+        tmp_path,
+        mesh.ca,
+        "intruder",
+        mesh.app_port,
+        [],
         {"api": {"endpoints": [f"127.0.0.1:{mesh.server.inbound_port}"], "spiffe_id": sid("api")}},
     )
     async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{intruder.outbound_port}") as c:
@@ -66,8 +74,18 @@ async def test_wrong_peer_identity_is_refused(tmp_path, nursery, mesh: Mesh) -> 
 
     # 'web2' expects 'payments' at api's listener: the identity check must refuse.
     web2 = await start_node(
-        nursery, tmp_path, mesh.ca, "web2", mesh.app_port, [],
-        {"payments": {"endpoints": [f"127.0.0.1:{mesh.server.inbound_port}"], "spiffe_id": sid("payments")}},
+        nursery,
+        tmp_path,
+        mesh.ca,
+        "web2",
+        mesh.app_port,
+        [],
+        {
+            "payments": {
+                "endpoints": [f"127.0.0.1:{mesh.server.inbound_port}"],
+                "spiffe_id": sid("payments"),
+            }
+        },
     )
     async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{web2.outbound_port}") as c:
         r = await c.get("http://payments/")
@@ -88,7 +106,7 @@ async def test_bodies_stream_both_ways(mesh: Mesh, size: int) -> None:
 
         async def gen():
             for i in range(0, size, 65536):
-                yield body[i:i + 65536]
+                yield body[i : i + 65536]
 
         r = await c.post("http://api/upload", content=gen())  # chunked
         assert r.json()["body_length"] == size

@@ -48,36 +48,71 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def start_node(nursery: trio.Nursery, tmp: Path, ca: ThrowawayCA, name: str, app_port: int,
-                     allow: list[str], upstreams: dict, **top: Any) -> Node:
+async def start_node(
+    nursery: trio.Nursery,
+    tmp: Path,
+    ca: ThrowawayCA,
+    name: str,
+    app_port: int,
+    allow: list[str],
+    upstreams: dict,
+    **top: Any,
+) -> Node:
     """conftest's node, with extra top-level config sections (timeouts, limits)."""
-    cfg = parse_config({
-        "identity": {"spiffe_id": sid(name), "ca_url": "https://127.0.0.1:1", "ca_bundle": "x",
-                     "state_dir": str(tmp / name)},
-        "app": {"port": app_port},
-        "inbound": {"listen": "127.0.0.1:1", "allow": allow},
-        "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
-        "admin": {"listen": "127.0.0.1:1"}, **top,
-    }, "test.yaml", tmp)
+    cfg = parse_config(
+        {
+            "identity": {
+                "spiffe_id": sid(name),
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": "x",
+                "state_dir": str(tmp / name),
+            },
+            "app": {"port": app_port},
+            "inbound": {"listen": "127.0.0.1:1", "allow": allow},
+            "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
+            "admin": {"listen": "127.0.0.1:1"},
+            **top,
+        },
+        "test.yaml",
+        tmp,
+    )
     store = CredentialStore(cfg.identity.state_dir)
     store.install(ca.credential(sid(name)))
     metrics = Metrics()
-    node = Node(name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics))
+    node = Node(
+        name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics)
+    )
     NODES.append(node)
-    for attr, handler in (("inbound_port", node.inbound.handle_connection),
-                          ("outbound_port", node.outbound.handle_connection)):
+    for attr, handler in (
+        ("inbound_port", node.inbound.handle_connection),
+        ("outbound_port", node.outbound.handle_connection),
+    ):
         listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
         setattr(node, attr, listeners[0].socket.getsockname()[1])
     return node
 
 
-async def pair(nursery: trio.Nursery, tmp: Path, app_port: int, client_top: dict | None = None,
-               server_top: dict | None = None) -> tuple[Node, Node]:
+async def pair(
+    nursery: trio.Nursery,
+    tmp: Path,
+    app_port: int,
+    client_top: dict | None = None,
+    server_top: dict | None = None,
+) -> tuple[Node, Node]:
     ca = ThrowawayCA.create()
-    server = await start_node(nursery, tmp, ca, "api", app_port, [sid("web")], {}, **(server_top or {}))
-    client = await start_node(nursery, tmp, ca, "web", app_port, [], {
-        "api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-        **(client_top or {}))
+    server = await start_node(
+        nursery, tmp, ca, "api", app_port, [sid("web")], {}, **(server_top or {})
+    )
+    client = await start_node(
+        nursery,
+        tmp,
+        ca,
+        "web",
+        app_port,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
+        **(client_top or {}),
+    )
     return client, server
 
 
@@ -113,8 +148,12 @@ async def read_to_end(stream: trio.abc.Stream, limit: int = BIG) -> bytes:
     return bytes(out)
 
 
-async def request(stream: trio.abc.Stream, target: str, host: str, extra: str = "") -> tuple[int, bytes]:
-    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n".encode())
+async def request(
+    stream: trio.abc.Stream, target: str, host: str, extra: str = ""
+) -> tuple[int, bytes]:
+    await stream.send_all(
+        f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n".encode()
+    )
     out = await read_to_end(stream)
     head, _, body = out.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
@@ -164,7 +203,8 @@ async def _edge(nursery: trio.Nursery, tmp: Path, port: int, **top: Any):  # noq
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
 async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
-        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    via: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     echo = await serve_echo(nursery)
     if via == "edge":
         edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
@@ -174,8 +214,10 @@ async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
         client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
         host, target = "api", "http://api/upload"
     stalled = await client.open()
-    await stalled.send_all(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n".encode()
-                           + b"x" * 10)  # ... and the other 990 bytes never come
+    await stalled.send_all(
+        f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n".encode()
+        + b"x" * 10
+    )  # ... and the other 990 bytes never come
     # other clients are served meanwhile
     status, body = await client.get("/other")
     assert status == 200 and json.loads(body)["target"] == "/other"
@@ -191,7 +233,8 @@ async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
 async def test_a_client_that_stops_reading_a_large_response_is_closed(
-        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    via: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     echo = await serve_echo(nursery)
     if via == "edge":
         edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
@@ -207,8 +250,10 @@ async def test_a_client_that_stops_reading_a_large_response_is_closed(
     status, _ = await client.get("/other")  # served while the slow client holds its response
     assert status == 200
     # the proxy gives up on the client that does not read (logged as 499), closing both legs
-    await wait_until(lambda: metric(metrics, "meshcar_requests_total", direction=direction, status="499") == 1,
-                     timeout=30)
+    await wait_until(
+        lambda: metric(metrics, "meshcar_requests_total", direction=direction, status="499") == 1,
+        timeout=30,
+    )
     got = await read_to_end(slow)  # what was in flight, then the close: far from the whole body
     await slow.aclose()
     assert got.startswith(b"HTTP/1.1 200 ") and len(got) < BIG // 2
@@ -220,7 +265,8 @@ async def test_a_client_that_stops_reading_a_large_response_is_closed(
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
 async def test_an_upstream_body_that_stalls_closes_both_connections(
-        via: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    via: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     backend = await BadBackend().start(nursery)
     if via == "edge":
         edge, client = await _edge(nursery, tmp_path, backend.port, timeouts=FAST)
@@ -230,8 +276,11 @@ async def test_an_upstream_body_that_stalls_closes_both_connections(
     with trio.fail_after(30):
         stream = await client.open()
         async with stream:
-            status, body = await request(stream, "/stall" if via == "edge" else "http://api/stall",
-                                         "www.test" if via == "edge" else "api")
+            status, body = await request(
+                stream,
+                "/stall" if via == "edge" else "http://api/stall",
+                "www.test" if via == "edge" else "api",
+            )
     assert status == 200 and body == b"0123456789"  # truncated: 10 of 100 bytes, then closed
     status, body = await client.get("/ok")
     assert status == 200 and json.loads(body)["target"] == "/ok"
@@ -243,7 +292,8 @@ async def test_an_upstream_body_that_stalls_closes_both_connections(
 
 
 async def test_edge_https_listener_limit_closes_before_tls_and_recovers(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     echo = await serve_echo(nursery)
     edge, client = await _edge(nursery, tmp_path, echo, limits={"max_connections": 2})
     assert edge.tls is not None
@@ -265,7 +315,9 @@ async def test_edge_http_listener_limit_answers_503(tmp_path: Path, nursery: tri
     echo = await serve_echo(nursery)
     edge, _ = await _edge(nursery, tmp_path, echo, limits={"max_connections": 1})
     holder = await connect(edge.http)
-    await holder.send_all(b"GET / HTTP/1.1\r\nHost: www.test\r\n")  # an unfinished head holds the slot
+    await holder.send_all(
+        b"GET / HTTP/1.1\r\nHost: www.test\r\n"
+    )  # an unfinished head holds the slot
     await trio.sleep(0)
     # the redirect listener: the second connection gets 503 and a JSON reason
     second = await connect(edge.http)
@@ -285,8 +337,13 @@ async def test_edge_http_listener_limit_answers_503(tmp_path: Path, nursery: tri
 
 async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) -> None:
     echo = await serve_echo(nursery)
-    web, api = await pair(nursery, tmp_path, echo, client_top={"limits": {"max_connections": 1}},
-                          server_top={"limits": {"max_connections": 1}})
+    web, api = await pair(
+        nursery,
+        tmp_path,
+        echo,
+        client_top={"limits": {"max_connections": 1}},
+        server_top={"limits": {"max_connections": 1}},
+    )
     proxy = ProxyClient(web.outbound_port)
     # outbound (plain HTTP): 503 with Connection: close over the limit
     holder = await proxy.open()
@@ -297,7 +354,9 @@ async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) ->
     await second.aclose()
     assert out.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in out
     assert b"outbound listener connection limit (1) reached" in out
-    assert metric(web.metrics, "meshcar_listener_connections_refused_total", listener="outbound") == 1
+    assert (
+        metric(web.metrics, "meshcar_listener_connections_refused_total", listener="outbound") == 1
+    )
     await holder.aclose()
     await wait_until(lambda: web.outbound.conn_limit("outbound").open == 0)
     status, _ = await proxy.get("/x")
@@ -309,7 +368,9 @@ async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) ->
     await wait_until(lambda: api.inbound.conn_limit.open == 1)
     status, body = await proxy.get("/y")
     assert status == 502
-    assert metric(api.metrics, "meshcar_listener_connections_refused_total", listener="inbound") >= 1
+    assert (
+        metric(api.metrics, "meshcar_listener_connections_refused_total", listener="inbound") >= 1
+    )
     await mesh_holder.aclose()
     await wait_until(lambda: api.inbound.conn_limit.open == 0)
     status, _ = await proxy.get("/y")
@@ -320,8 +381,9 @@ async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) ->
 
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
-async def test_upstream_connection_limit_is_503_and_recovers(via: str, tmp_path: Path,
-                                                             nursery: trio.Nursery) -> None:
+async def test_upstream_connection_limit_is_503_and_recovers(
+    via: str, tmp_path: Path, nursery: trio.Nursery
+) -> None:
     backend = await BadBackend().start(nursery)
     limits = {"max_upstream_connections": 1}
     if via == "edge":
@@ -352,19 +414,32 @@ async def test_upstream_connection_limit_is_503_and_recovers(via: str, tmp_path:
         await edge.aclose()
 
 
-async def test_edge_passthrough_upstream_limit_closes_and_recovers(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_edge_passthrough_upstream_limit_closes_and_recovers(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     pki = public_pki(tmp_path)
     pay = await serve_tls_backend(nursery, pki.backend_context("pay.test"), [])
-    edge = await start_edge(nursery, tmp_path, [
-        {"host": "pay.test", "mode": "passthrough", "backend": {"endpoints": [f"127.0.0.1:{pay}"]}}],
-        limits={"max_upstream_connections": 1})
+    edge = await start_edge(
+        nursery,
+        tmp_path,
+        [
+            {
+                "host": "pay.test",
+                "mode": "passthrough",
+                "backend": {"endpoints": [f"127.0.0.1:{pay}"]},
+            }
+        ],
+        limits={"max_upstream_connections": 1},
+    )
     client = EdgeClient(edge.https, pki.ca_file, host="pay.test")
     state = edge.backends.balancers["pay.test"].states[0]
     first = await client.open()  # relayed end to end; the backend waits for its request
     await wait_until(lambda: state.active == 1)
     with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
         await client.open()  # the edge closes: no relay over the backend's limit
-    assert metric(edge.metrics, "meshcar_upstream_connections_refused_total", upstream="pay.test") == 1
+    assert (
+        metric(edge.metrics, "meshcar_upstream_connections_refused_total", upstream="pay.test") == 1
+    )
     status, _ = await request(first, "/", "pay.test")
     await first.aclose()
     assert status == 200

@@ -76,8 +76,9 @@ async def test_bulk_echo_both_ways(nursery: trio.Nursery, ca: trustme.CA) -> Non
     await c.aclose()
 
 
-async def test_close_notify_is_end_of_data_but_a_bare_close_is_an_error(nursery: trio.Nursery,
-                                                                      ca: trustme.CA) -> None:
+async def test_close_notify_is_end_of_data_but_a_bare_close_is_an_error(
+    nursery: trio.Nursery, ca: trustme.CA
+) -> None:
     outcomes: list[str] = []
 
     async def read_to_end(tls: SocketTLSStream) -> None:
@@ -105,7 +106,9 @@ async def test_close_notify_is_end_of_data_but_a_bare_close_is_an_error(nursery:
     assert outcomes[1].startswith("broken: ") and "close_notify" in outcomes[1]
 
 
-async def test_a_healthy_connection_is_closed_with_close_notify(nursery: trio.Nursery, ca: trustme.CA) -> None:
+async def test_a_healthy_connection_is_closed_with_close_notify(
+    nursery: trio.Nursery, ca: trustme.CA
+) -> None:
     async def say_bye(tls: SocketTLSStream) -> None:
         await tls.send_all(b"bye")  # then the handler's aclose
 

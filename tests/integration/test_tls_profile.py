@@ -46,7 +46,11 @@ ALLOWED = ["X25519", "P-256", "P-384"]
 async def s_client(port: int, *args: str, servername: str = "www.test") -> tuple[int, str]:
     r = await trio.run_process(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", servername, *args],
-        stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     return r.returncode, r.stdout.decode() + r.stderr.decode()
 
 
@@ -64,7 +68,9 @@ def temp_key(out: str) -> str | None:
     return None
 
 
-async def check_groups(port: int, *extra: str, versions: tuple[str, ...] = ("-tls1_2", "-tls1_3")) -> None:
+async def check_groups(
+    port: int, *extra: str, versions: tuple[str, ...] = ("-tls1_2", "-tls1_3")
+) -> None:
     """A refused group alone fails; offered first before P-256, P-256 is what is agreed (the
     server follows the client's order, so an allowed X448 would have been taken). Each
     allowed group, offered first, is the one agreed. (P-256 is always in the TLS 1.2 offers:
@@ -84,7 +90,9 @@ async def check_groups(port: int, *extra: str, versions: tuple[str, ...] = ("-tl
 @pytest.fixture
 def site(tmp_path: Path) -> tuple[trustme.CA, Path]:
     ca = trustme.CA()
-    ca.issue_cert("www.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    ca.issue_cert("www.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
     return ca, tmp_path / "site.pem"
 
 
@@ -98,28 +106,36 @@ async def serve_context(nursery: trio.Nursery, ctx: ssl.SSLContext) -> int:
             return
         await trio.aclose_forcefully(stream)
 
-    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1"))
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
+    )
     return listeners[0].transport_listener.socket.getsockname()[1]
 
 
 async def test_edge_public_listener_offers_only_the_profile_groups(
-        tmp_path: Path, site: tuple[trustme.CA, Path], nursery: trio.Nursery) -> None:
+    tmp_path: Path, site: tuple[trustme.CA, Path], nursery: trio.Nursery
+) -> None:
     echo = await serve_echo(nursery)
     edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)])
     await check_groups(edge.https)
     await edge.aclose()
 
 
-async def test_edge_uses_the_clients_cipher_order(tmp_path: Path, site: tuple[trustme.CA, Path],
-                                                 nursery: trio.Nursery) -> None:
+async def test_edge_uses_the_clients_cipher_order(
+    tmp_path: Path, site: tuple[trustme.CA, Path], nursery: trio.Nursery
+) -> None:
     echo = await serve_echo(nursery)
     edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)])
-    for first, second in (("ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-GCM-SHA256"),
-                          ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305")):
+    for first, second in (
+        ("ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    ):
         _, out = await s_client(edge.https, "-tls1_2", "-cipher", f"{first}:{second}")
         assert f"Cipher is {first}" in out, out
-    for first, second in (("TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_256_GCM_SHA384"),
-                          ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")):
+    for first, second in (
+        ("TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_256_GCM_SHA384"),
+        ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"),
+    ):
         _, out = await s_client(edge.https, "-tls1_3", "-ciphersuites", f"{first}:{second}")
         assert f"Cipher is {first}" in out, out
     ctx = public_server_context(edge.cfg.routes[0])
@@ -127,7 +143,9 @@ async def test_edge_uses_the_clients_cipher_order(tmp_path: Path, site: tuple[tr
     await edge.aclose()
 
 
-async def test_mesh_inbound_offers_only_the_profile_groups(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_mesh_inbound_offers_only_the_profile_groups(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
     ca = ThrowawayCA.create()
     app = await serve_echo(nursery)
     node = await start_node(nursery, tmp_path, ca, "api", app, [sid("web")], {})
@@ -145,13 +163,19 @@ async def test_ca_api_offers_only_the_profile_groups(tmp_path: Path, nursery: tr
     paths = create_ca(tmp_path / "ca", "meshcar.test", 86400, datetime.now(UTC))
     issuer = BuiltinIssuer.load(paths.dir)
     store = Store(paths.db)
-    server = CAServer(SignService(issuer, Authenticator(store, issuer, None), store), ca_server_context(paths),
-                      Limits(handshake_timeout=5, idle_timeout=5, request_timeout=5), log=lambda _: None)
+    server = CAServer(
+        SignService(issuer, Authenticator(store, issuer, None), store),
+        ca_server_context(paths),
+        Limits(handshake_timeout=5, idle_timeout=5, request_timeout=5),
+        log=lambda _: None,
+    )
     listeners = await nursery.start(server.serve, "127.0.0.1", 0)
     await check_groups(listeners[0].socket.getsockname()[1])
 
 
-async def test_webhook_offers_only_the_profile_groups(site: tuple[trustme.CA, Path], nursery: trio.Nursery) -> None:
+async def test_webhook_offers_only_the_profile_groups(
+    site: tuple[trustme.CA, Path], nursery: trio.Nursery
+) -> None:
     _, pem = site
     ctx = server_ssl_context(str(pem), str(pem))
     listeners = await nursery.start(serve_webhook, InjectOptions(), ctx, "127.0.0.1", 0)
@@ -159,10 +183,13 @@ async def test_webhook_offers_only_the_profile_groups(site: tuple[trustme.CA, Pa
 
 
 async def test_demo_partner_endpoint_offers_only_the_profile_groups(
-        tmp_path: Path, site: tuple[trustme.CA, Path], nursery: trio.Nursery) -> None:
+    tmp_path: Path, site: tuple[trustme.CA, Path], nursery: trio.Nursery
+) -> None:
     ca, pem = site
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    ca.issue_cert("partner").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "partner.pem"))
+    ca.issue_cert("partner").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "partner.pem")
+    )
     port = await serve_context(nursery, build_tls(str(pem), str(pem), str(tmp_path / "ca.pem")))
     partner = str(tmp_path / "partner.pem")
     await check_groups(port, "-cert", partner, "-key", partner)
@@ -188,7 +215,9 @@ def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> str | None:
     t = threading.Thread(target=serve)
     t.start()
     try:
-        with client.wrap_socket(a, server_hostname=None if not client.check_hostname else "www.test") as c:
+        with client.wrap_socket(
+            a, server_hostname=None if not client.check_hostname else "www.test"
+        ) as c:
             c.close()
     except (ssl.SSLError, OSError) as exc:
         errors.append(str(exc))
@@ -222,9 +251,13 @@ def test_client_contexts_offer_only_the_profile_groups(tmp_path: Path, who: str)
         client = CAClient("https://www.test", tmp_path / "bundle.pem")._ssl(None, None)
     bundle = ca.bundle_pem if who == "mesh" else None
     for bad in ("X448", "P-521", "ffdhe2048"):
-        assert handshake(client, server_with_groups(tmp_path / "both.pem", bad, bundle)) is not None, bad
+        assert (
+            handshake(client, server_with_groups(tmp_path / "both.pem", bad, bundle)) is not None
+        ), bad
     for good in ALLOWED:
-        assert handshake(client, server_with_groups(tmp_path / "both.pem", good, bundle)) is None, good
+        assert handshake(client, server_with_groups(tmp_path / "both.pem", good, bundle)) is None, (
+            good
+        )
 
 
 def test_mesh_server_context_and_ca_copy_restrict_the_same_way(tmp_path: Path) -> None:

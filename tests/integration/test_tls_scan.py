@@ -27,7 +27,9 @@ from tests.integration.edge_fixtures import start_edge, terminate_route
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 
-pytestmark = pytest.mark.skipif(shutil.which("testssl") is None, reason="testssl.sh is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("testssl") is None, reason="testssl.sh is not installed"
+)
 
 TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
 GROUPS = {"X25519", "prime256v1", "secp384r1"}
@@ -38,9 +40,26 @@ async def run_testssl(tmp: Path, target: str) -> dict[str, str]:
     out = tmp / f"scan-{target.replace(':', '_')}.json"
     with trio.fail_after(300):
         r = await trio.run_process(
-            ["testssl", "--quiet", "--warnings", "off", "--color", "0", "--ip", "127.0.0.1",
-             "--jsonfile", str(out), "-p", "-f", "-E", target],
-            capture_stdout=True, capture_stderr=True, check=False)
+            [
+                "testssl",
+                "--quiet",
+                "--warnings",
+                "off",
+                "--color",
+                "0",
+                "--ip",
+                "127.0.0.1",
+                "--jsonfile",
+                str(out),
+                "-p",
+                "-f",
+                "-E",
+                target,
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
     assert out.exists(), r.stdout.decode()[-2000:] + r.stderr.decode()[-2000:]
     findings: list[dict[str, Any]] = json.loads(out.read_text())
     return {f["id"]: f["finding"] for f in findings}
@@ -56,17 +75,28 @@ def offered(findings: dict[str, str], prefix: str) -> set[str]:
 
 
 def protocols(findings: dict[str, str]) -> dict[str, bool]:
-    return {p: findings[p].startswith("offered") for p in ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2", "TLS1_3")}
+    return {
+        p: findings[p].startswith("offered")
+        for p in ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2", "TLS1_3")
+    }
 
 
 async def test_edge_is_mozilla_intermediate(tmp_path: Path, nursery: trio.Nursery) -> None:
     ca = trustme.CA()
-    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "site.pem"))
+    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
     echo = await serve_echo(nursery)
     edge = await start_edge(nursery, tmp_path, [terminate_route("www.test", echo)])
     f = await run_testssl(tmp_path, f"www.test:{edge.https}")
-    assert protocols(f) == {"SSLv2": False, "SSLv3": False, "TLS1": False, "TLS1_1": False,
-                            "TLS1_2": True, "TLS1_3": True}, f
+    assert protocols(f) == {
+        "SSLv2": False,
+        "SSLv3": False,
+        "TLS1": False,
+        "TLS1_1": False,
+        "TLS1_2": True,
+        "TLS1_3": True,
+    }, f
     tls12 = offered(f, "cipher-tls1_2_")
     assert tls12 and tls12 <= set(INTERMEDIATE_CIPHERS.split(":")), tls12
     tls13 = offered(f, "cipher-tls1_3_")
@@ -81,8 +111,14 @@ async def test_mesh_inbound_is_mozilla_modern(tmp_path: Path, nursery: trio.Nurs
     app = await serve_echo(nursery)
     node = await start_node(nursery, tmp_path, ca, "api", app, [sid("web")], {})
     f = await run_testssl(tmp_path, f"api.test:{node.inbound_port}")
-    assert protocols(f) == {"SSLv2": False, "SSLv3": False, "TLS1": False, "TLS1_1": False,
-                            "TLS1_2": False, "TLS1_3": True}, f
+    assert protocols(f) == {
+        "SSLv2": False,
+        "SSLv3": False,
+        "TLS1": False,
+        "TLS1_1": False,
+        "TLS1_2": False,
+        "TLS1_3": True,
+    }, f
     assert not offered(f, "cipher-tls1_2_")
     tls13 = offered(f, "cipher-tls1_3_")
     assert tls13 and tls13 <= TLS13_SUITES, tls13

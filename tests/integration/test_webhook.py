@@ -27,7 +27,9 @@ def pod(**spec: Any) -> dict[str, Any]:
     """A pod as the API server hands it to a webhook for a Deployment's ReplicaSet."""
     s: dict[str, Any] = {
         "serviceAccountName": "api",
-        "containers": [{"name": "api", "image": "example/api:1", "ports": [{"containerPort": 9002}]}],
+        "containers": [
+            {"name": "api", "image": "example/api:1", "ports": [{"containerPort": 9002}]}
+        ],
     }
     s.update(spec)
     return {
@@ -46,7 +48,9 @@ def pod(**spec: Any) -> dict[str, Any]:
     }
 
 
-def review(obj: Any, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", operation: str = "CREATE") -> dict[str, Any]:
+def review(
+    obj: Any, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", operation: str = "CREATE"
+) -> dict[str, Any]:
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -58,8 +62,10 @@ def review(obj: Any, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", operatio
             "requestResource": {"group": "", "version": "v1", "resource": "pods"},
             "namespace": "default",
             "operation": operation,
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
-                         "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+            },
             "object": obj,
             "oldObject": None,
             "dryRun": False,
@@ -109,7 +115,9 @@ async def test_pod_patch_equals_cli_output(webhook: tuple[str, trustme.CA]) -> N
     assert patched["spec"]["initContainers"][0]["name"] == "meshcar-proxy"
 
 
-async def test_classic_annotation_and_pod_with_existing_init_and_env(webhook: tuple[str, trustme.CA]) -> None:
+async def test_classic_annotation_and_pod_with_existing_init_and_env(
+    webhook: tuple[str, trustme.CA],
+) -> None:
     url, ca = webhook
     obj = pod(initContainers=[{"name": "migrate", "image": "example/migrate:1"}])
     obj["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
@@ -126,10 +134,14 @@ async def test_classic_annotation_and_pod_with_existing_init_and_env(webhook: tu
     "obj",
     [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}},
-        dict(pod(), metadata=dict(pod()["metadata"], annotations={"meshcar.io/inject": "disabled"})),
+        dict(
+            pod(), metadata=dict(pod()["metadata"], annotations={"meshcar.io/inject": "disabled"})
+        ),
     ],
 )
-async def test_nothing_to_inject_is_allowed_without_patch(webhook: tuple[str, trustme.CA], obj: dict[str, Any]) -> None:
+async def test_nothing_to_inject_is_allowed_without_patch(
+    webhook: tuple[str, trustme.CA], obj: dict[str, Any]
+) -> None:
     url, ca = webhook
     async with client(ca) as c:
         r = await c.post(url + "/inject", json=review(obj))
@@ -165,12 +177,27 @@ async def test_uninjectable_pod_is_allowed_with_a_warning(webhook: tuple[str, tr
         (b"{not json", "not JSON"),
         (b"\xff\xfe", "not JSON"),
         (b"[]", "not a JSON object"),
-        (json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
-                     "request": {"uid": "x"}}).encode(), "admission.k8s.io/v1"),
-        (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(), "missing request"),
+        (
+            json.dumps(
+                {
+                    "apiVersion": "admission.k8s.io/v1beta1",
+                    "kind": "AdmissionReview",
+                    "request": {"uid": "x"},
+                }
+            ).encode(),
+            "admission.k8s.io/v1",
+        ),
+        (
+            json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+            "missing request",
+        ),
         (json.dumps(review(pod(), uid="")).encode(), "missing request.uid"),
-        (json.dumps(dict(review(None), request=dict(review(None)["request"], object="x"))).encode(),
-         "not an object"),
+        (
+            json.dumps(
+                dict(review(None), request=dict(review(None)["request"], object="x"))
+            ).encode(),
+            "not an object",
+        ),
     ],
 )
 async def test_malformed_review_gets_400_and_server_keeps_serving(
@@ -178,7 +205,9 @@ async def test_malformed_review_gets_400_and_server_keeps_serving(
 ) -> None:
     url, ca = webhook
     async with client(ca) as c:
-        r = await c.post(url + "/inject", content=body, headers={"content-type": "application/json"})
+        r = await c.post(
+            url + "/inject", content=body, headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400
         assert r.json()["error"] == "bad_review" and message in r.json()["message"]
         ok = await c.post(url + "/inject", json=review(pod()))
@@ -202,15 +231,22 @@ async def _raw(url: str, ca: trustme.CA, data: bytes) -> bytes:
     port = int(url.rsplit(":", 1)[1])
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1")
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1"
+    )
     await stream.send_all(data)
     reply = b""
     with trio.fail_after(5):
         while True:
             head, sep, body = reply.partition(b"\r\n\r\n")
             if sep:
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length:")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                )
                 if len(body) >= length:
                     break
             chunk = await stream.receive_some(65536)
@@ -226,7 +262,9 @@ async def test_oversized_body_gets_413(webhook: tuple[str, trustme.CA], chunked:
     if chunked:
         chunk = b"x" * 65536
         piece = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
-        data = b"POST /inject HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + piece * 70
+        data = (
+            b"POST /inject HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + piece * 70
+        )
     else:
         data = b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: 5242880\r\n\r\n"
     reply = await _raw(url, ca, data)
@@ -245,7 +283,9 @@ async def test_broken_clients_do_not_stop_others(webhook: tuple[str, trustme.CA]
     await plain.send_all(b"POST /inject HTTP/1.1\r\nHost: x\r\n\r\n")
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    garbage = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1")
+    garbage = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="127.0.0.1"
+    )
     await garbage.send_all(b"NOT HTTP AT ALL\r\n\r\n")
     reply = await garbage.receive_some(4096)
     assert reply.startswith(b"HTTP/1.1 400")
@@ -268,15 +308,43 @@ async def test_meshcar_webhook_command(tmp_path: Any) -> None:
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     bad = await trio.run_process(
-        [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", "127.0.0.1:0",
-         "--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(key_file)],
-        capture_stdout=True, capture_stderr=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "meshcar.cli",
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(tmp_path / "missing.crt"),
+            "--tls-key",
+            str(key_file),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert bad.returncode == 2 and b"missing.crt" in bad.stderr
     async with trio.open_nursery() as nursery:
-        proc = await nursery.start(lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
-            [sys.executable, "-m", "meshcar.cli", "webhook", "--listen", "127.0.0.1:0",
-             "--tls-cert", str(cert_file), "--tls-key", str(key_file)],
-            stderr=subprocess.PIPE, check=False, task_status=task_status))
+        proc = await nursery.start(
+            lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "meshcar.cli",
+                    "webhook",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--tls-cert",
+                    str(cert_file),
+                    "--tls-key",
+                    str(key_file),
+                ],
+                stderr=subprocess.PIPE,
+                check=False,
+                task_status=task_status,
+            )
+        )
         try:
             buf = b""
             with trio.fail_after(20):

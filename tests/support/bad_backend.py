@@ -39,8 +39,10 @@ INJECTED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\
 
 def _ok(target: str, conn: int) -> bytes:
     body = json.dumps({"ok": True, "target": target, "conn": conn}).encode()
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-            % (len(body), body))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
+    )
 
 
 @dataclass
@@ -96,10 +98,14 @@ class BadBackend:
                         await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n" + INJECTED)
                         self.injected.set()
                     elif t == "/304":
-                        await stream.send_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n" + INJECTED)
+                        await stream.send_all(
+                            b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n' + INJECTED
+                        )
                         self.injected.set()
                     elif t == "/head":
-                        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + INJECTED)
+                        await stream.send_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + INJECTED
+                        )
                         self.injected.set()
                     elif t == "/cl-same":
                         await stream.send_all(_ok(t, n) + INJECTED)
@@ -110,7 +116,9 @@ class BadBackend:
                         self.holding -= 1
                         await stream.send_all(_ok(t, n))
                     elif t == "/stall":
-                        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                        await stream.send_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+                        )
                     elif t in ("/cl-later", "/idle"):
                         await stream.send_all(_ok(t, n))
                         nursery.start_soon(self._later, stream, INJECTED)

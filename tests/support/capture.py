@@ -37,9 +37,16 @@ while not os.path.exists(stop_file):
     if len(tcp) < 20:
         continue
     sport, dport = struct.unpack("!HH", tcp[:4])
-    payload = tcp[(tcp[12] >> 4) * 4:]
+    payload = tcp[(tcp[12] >> 4) * 4 :]
     if payload:
-        seen.append({"src": socket.inet_ntoa(ip[12:16]), "dst": socket.inet_ntoa(ip[16:20]),
-                     "sport": sport, "dport": dport, "payload": payload[:256].hex()})
+        seen.append(
+            {
+                "src": socket.inet_ntoa(ip[12:16]),
+                "dst": socket.inet_ntoa(ip[16:20]),
+                "sport": sport,
+                "dport": dport,
+                "payload": payload[:256].hex(),
+            }
+        )
 with open(out_path, "w") as f:
     json.dump(seen, f)

@@ -44,14 +44,22 @@ async def _handle(stream: trio.SocketStream) -> None:
                     continue
                 break
             target = req.target.decode()
-            info = {"method": req.method.decode(), "target": target,
-                    "headers": [[k.decode(), v.decode()] for k, v in req.headers],
-                    "body_length": n, "body_sha256": h.hexdigest()}
+            info = {
+                "method": req.method.decode(),
+                "target": target,
+                "headers": [[k.decode(), v.decode()] for k, v in req.headers],
+                "body_length": n,
+                "body_sha256": h.hexdigest(),
+            }
             if target.startswith("/sleep/"):
                 await trio.sleep(float(target.split("/")[2]))  # the app being slow, on purpose
             if target.startswith("/bytes/"):
                 size = int(target.split("/")[2])
-                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])))
+                await stream.send_all(
+                    conn.send(
+                        h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])
+                    )
+                )
                 block = b"x" * 65536
                 left = size
                 while left:
@@ -61,7 +69,9 @@ async def _handle(stream: trio.SocketStream) -> None:
                 await stream.send_all(conn.send(h11.EndOfMessage()))
             elif target == "/close":
                 body = json.dumps(info).encode()
-                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("Connection", "close")])))
+                await stream.send_all(
+                    conn.send(h11.Response(status_code=200, headers=[("Connection", "close")]))
+                )
                 await stream.send_all(conn.send(h11.Data(data=body)))
                 await stream.send_all(conn.send(h11.EndOfMessage()))
                 return

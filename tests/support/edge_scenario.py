@@ -10,8 +10,9 @@ from meshcar.demo import scenario as sc
 from meshcar.edge.config import EdgeConfig, parse_edge_config
 
 
-def assert_edge_is_the_scenario(raw: dict[str, Any], *, host: Callable[[str], str],
-                                spiffe: Callable[[str], str]) -> EdgeConfig:
+def assert_edge_is_the_scenario(
+    raw: dict[str, Any], *, host: Callable[[str], str], spiffe: Callable[[str], str]
+) -> EdgeConfig:
     """Load `raw` with the edge's own loader and compare every route with the scenario.
     `host(service)` is how the deployment names a service; `spiffe(service)` its identity."""
     cfg = parse_edge_config(raw, "edge.yaml", Path("/"))
@@ -21,14 +22,19 @@ def assert_edge_is_the_scenario(raw: dict[str, Any], *, host: Callable[[str], st
         got, svc = by_host[r.host], sc.SCENARIO.service(r.backend)
         assert got.mode == r.mode and got.path_prefix == r.path_prefix
         assert bool(got.hsts) == r.hsts and got.proxy_protocol == r.proxy_protocol
-        port = {"terminate": svc.app_port, "bridge": svc.inbound_port,
-                "passthrough": svc.public_tls_port}[r.mode]
+        port = {
+            "terminate": svc.app_port,
+            "bridge": svc.inbound_port,
+            "passthrough": svc.public_tls_port,
+        }[r.mode]
         assert [str(e) for e in got.backend.endpoints] == [f"{host(r.backend)}:{port}"]
         assert got.backend.health is not None  # every backend is health-checked
         if r.rate_limit_per_second is not None:
             assert got.rate_limit is not None
-            assert (got.rate_limit.per_second, got.rate_limit.burst) == (r.rate_limit_per_second,
-                                                                         r.rate_limit_burst)
+            assert (got.rate_limit.per_second, got.rate_limit.burst) == (
+                r.rate_limit_per_second,
+                r.rate_limit_burst,
+            )
         if r.mode == "bridge":
             assert got.backend.spiffe_id == spiffe(r.backend)
     assert cfg.identity is not None and cfg.identity.spiffe_id == spiffe("edge")

@@ -22,10 +22,12 @@ async def trickle(stream: trio.abc.SendStream, pieces: Iterable[bytes]) -> None:
 
 
 def split_every(data: bytes, n: int = 1) -> list[bytes]:
-    return [data[i:i + n] for i in range(0, len(data), n)]
+    return [data[i : i + n] for i in range(0, len(data), n)]
 
 
-async def read_message(conn: HttpConn) -> tuple[RequestHead | ResponseHead | None, bytes, list[Event]]:
+async def read_message(
+    conn: HttpConn,
+) -> tuple[RequestHead | ResponseHead | None, bytes, list[Event]]:
     """The next complete message on `conn`: its head (None at a clean EOF), its body, and
     every event seen (interim 1xx heads included)."""
     events: list[Event] = []

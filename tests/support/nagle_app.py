@@ -25,10 +25,16 @@ class NagleHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        body = json.dumps({"path": self.path, "nodelay": self.connection.getsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY)}).encode()
-        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        body = json.dumps(
+            {
+                "path": self.path,
+                "nodelay": self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            }
+        ).encode()
+        head = (
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         self.wfile.write(head)  # send() 1: the head
         if self.command != "HEAD":
             self.wfile.write(body)  # send() 2: held by Nagle until the head is ACKed
@@ -50,8 +56,9 @@ def assert_no_ack_stall(ms: list[float]) -> None:
     """`ms`: times of sequential requests on one connection, the first one included."""
     reused = ms[1:]
     fast = sum(t < STALL_MS for t in reused)
-    assert fast >= max(1, len(reused) // 8), \
+    assert fast >= max(1, len(reused) // 8), (
         f"{fast} of {len(reused)} requests under {STALL_MS:g} ms: {[round(t, 1) for t in ms]}"
+    )
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ def _pem(cert: x509.Certificate) -> str:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 @dataclass
@@ -42,38 +43,73 @@ class ThrowawayCA:
     def create(cls, name: str = "test") -> ThrowawayCA:
         now = dt.datetime.now(dt.UTC)
         rk = ec.generate_private_key(ec.SECP256R1())
-        root = (x509.CertificateBuilder().subject_name(_name(f"{name} root")).issuer_name(_name(f"{name} root"))
-                .public_key(rk.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-                .sign(rk, hashes.SHA256()))
+        root = (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"{name} root"))
+            .issuer_name(_name(f"{name} root"))
+            .public_key(rk.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .sign(rk, hashes.SHA256())
+        )
         ik = ec.generate_private_key(ec.SECP256R1())
-        inter = (x509.CertificateBuilder().subject_name(_name(f"{name} intermediate")).issuer_name(root.subject)
-                 .public_key(ik.public_key()).serial_number(x509.random_serial_number())
-                 .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=10))
-                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                 .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-                 .sign(rk, hashes.SHA256()))
+        inter = (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"{name} intermediate"))
+            .issuer_name(root.subject)
+            .public_key(ik.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=10))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .sign(rk, hashes.SHA256())
+        )
         return cls(root, rk, inter, ik)
 
     @property
     def bundle_pem(self) -> str:
         return _pem(self.root)
 
-    def leaf(self, uris: list[str], *, ttl: dt.timedelta = dt.timedelta(hours=1), ca: bool = False,
-             not_before: dt.datetime | None = None, dns: list[str] | None = None,
-             key_usage: x509.KeyUsage | None = None) -> tuple[str, str]:
+    def leaf(
+        self,
+        uris: list[str],
+        *,
+        ttl: dt.timedelta = dt.timedelta(hours=1),
+        ca: bool = False,
+        not_before: dt.datetime | None = None,
+        dns: list[str] | None = None,
+        key_usage: x509.KeyUsage | None = None,
+    ) -> tuple[str, str]:
         """(chain PEM, key PEM) for a leaf with these URI SANs."""
         now = dt.datetime.now(dt.UTC)
         nb = not_before or now - dt.timedelta(minutes=1)
         key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(_name("workload")).issuer_name(self.inter.subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(nb).not_valid_after(nb + ttl)
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(_name("workload"))
+            .issuer_name(self.inter.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(nb)
+            .not_valid_after(nb + ttl)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
         if key_usage is not None:
             b = b.add_extension(key_usage, critical=True)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]

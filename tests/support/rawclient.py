@@ -5,15 +5,16 @@ from __future__ import annotations
 import trio
 
 
-async def raw_exchange(port: int, data: bytes, *, pieces: int = 1, wait: float = 5.0,
-                       require_close: bool = True) -> bytes:
+async def raw_exchange(
+    port: int, data: bytes, *, pieces: int = 1, wait: float = 5.0, require_close: bool = True
+) -> bytes:
     """Everything the server sent until it closed. With `require_close` the server must close
     within `wait` seconds (else the test fails); without, whatever came within `wait`."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         step = max(1, len(data) // pieces)
         for i in range(0, len(data), step):
-            await stream.send_all(data[i:i + step])
+            await stream.send_all(data[i : i + step])
             if pieces > 1:
                 await trio.sleep(0.02)  # separate TCP segments on purpose
         out = b""

@@ -29,9 +29,12 @@ async def _handle(ctx: ssl.SSLContext, seen: list[dict], tcp: trio.SocketStream)
                 continue
             break
         if isinstance(res, pp.ProxyHeader):
-            info["proxy"] = {"version": res.version, "src": f"{res.src_addr}:{res.src_port}",
-                             "dst": f"{res.dst_addr}:{res.dst_port}"}
-            buf = buf[res.consumed:]
+            info["proxy"] = {
+                "version": res.version,
+                "src": f"{res.src_addr}:{res.src_port}",
+                "dst": f"{res.dst_addr}:{res.dst_port}",
+            }
+            buf = buf[res.consumed :]
         tls = TLSStream(PrefixedStream(tcp, buf), ctx, server_side=True)
         try:
             await tls.do_handshake()
@@ -44,8 +47,10 @@ async def _handle(ctx: ssl.SSLContext, seen: list[dict], tcp: trio.SocketStream)
         seen.append(info)
         await tls.receive_some(65536)  # the request (one read is enough for these tests)
         body = json.dumps(info).encode()
-        await tls.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                           b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        await tls.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
         await tls.aclose()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
@@ -54,5 +59,7 @@ async def _handle(ctx: ssl.SSLContext, seen: list[dict], tcp: trio.SocketStream)
 
 
 async def serve_tls_backend(nursery: trio.Nursery, ctx: ssl.SSLContext, seen: list[dict]) -> int:
-    listeners = await nursery.start(partial(trio.serve_tcp, partial(_handle, ctx, seen), 0, host="127.0.0.1"))
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, partial(_handle, ctx, seen), 0, host="127.0.0.1")
+    )
     return listeners[0].socket.getsockname()[1]

@@ -40,8 +40,14 @@ def store(issuer: BuiltinIssuer, tmp_path: Path) -> Store:
     return Store(tmp_path / "ca" / "ca.db")
 
 
-def leaf(issuer: BuiltinIssuer, uris: list[str], *, now: datetime = NOW, ttl: int = 3600,
-         ca: bool = False) -> x509.Certificate:
+def leaf(
+    issuer: BuiltinIssuer,
+    uris: list[str],
+    *,
+    now: datetime = NOW,
+    ttl: int = 3600,
+    ca: bool = False,
+) -> x509.Certificate:
     """A certificate signed by `issuer`'s intermediate with arbitrary URI SANs (for bad cases)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -57,7 +63,10 @@ def leaf(issuer: BuiltinIssuer, uris: list[str], *, now: datetime = NOW, ttl: in
         .not_valid_after(now + timedelta(seconds=ttl))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=False,
+        )
         .sign(issuer.intermediate_key, hashes.SHA256())
     )
 
@@ -108,8 +117,15 @@ def test_unknown_token(store: Store) -> None:
 
 @pytest.mark.parametrize(
     "spiffe_id",
-    ["spiffe://other.test/svc/api", f"spiffe://{TD}", f"spiffe://{TD}/", f"http://{TD}/svc/api",
-     f"spiffe://{TD}/svc/../admin", f"spiffe://{TD}/svc//api", f"spiffe://{TD}/svc/a?b"],
+    [
+        "spiffe://other.test/svc/api",
+        f"spiffe://{TD}",
+        f"spiffe://{TD}/",
+        f"http://{TD}/svc/api",
+        f"spiffe://{TD}/svc/../admin",
+        f"spiffe://{TD}/svc//api",
+        f"spiffe://{TD}/svc/a?b",
+    ],
 )
 def test_token_rejects_ids_outside_trust_domain_or_malformed(store: Store, spiffe_id: str) -> None:
     with pytest.raises(InvalidSpiffeId):
@@ -125,11 +141,15 @@ def test_token_repr_hides_secrets() -> None:
 
 
 def test_renewal_accepts_own_svid(issuer: BuiltinIssuer) -> None:
-    assert check_renewal_certificate(der(leaf(issuer, [API])), issuer.issuing_certificates(), TD, NOW) == API
+    assert (
+        check_renewal_certificate(der(leaf(issuer, [API])), issuer.issuing_certificates(), TD, NOW)
+        == API
+    )
 
 
 @pytest.mark.parametrize(
-    "uris", [[], [API, f"spiffe://{TD}/svc/web"], ["spiffe://other.test/svc/api"], ["https://x.test/"]]
+    "uris",
+    [[], [API, f"spiffe://{TD}/svc/web"], ["spiffe://other.test/svc/api"], ["https://x.test/"]],
 )
 def test_renewal_rejects_bad_sans(issuer: BuiltinIssuer, uris: list[str]) -> None:
     with pytest.raises(Unauthenticated) as e:
@@ -142,7 +162,9 @@ def test_renewal_rejects_expired_and_ca(issuer: BuiltinIssuer) -> None:
     with pytest.raises(Unauthenticated, match="expired"):
         check_renewal_certificate(der(expired), issuer.issuing_certificates(), TD, NOW)
     with pytest.raises(Unauthenticated, match="CA certificate"):
-        check_renewal_certificate(der(leaf(issuer, [API], ca=True)), issuer.issuing_certificates(), TD, NOW)
+        check_renewal_certificate(
+            der(leaf(issuer, [API], ca=True)), issuer.issuing_certificates(), TD, NOW
+        )
     with pytest.raises(Unauthenticated):
         check_renewal_certificate(b"garbage", issuer.issuing_certificates(), TD, NOW)
 
@@ -188,7 +210,9 @@ def test_k8s_verifier_result_is_checked(issuer: BuiltinIssuer, store: Store) -> 
         raise RuntimeError(f"bad signature on {token}")
 
     with pytest.raises(Unauthenticated) as e:
-        Authenticator(store, issuer, k8s_verifier=broken).authenticate(Credentials(k8s_token="secret.jwt"), NOW)
+        Authenticator(store, issuer, k8s_verifier=broken).authenticate(
+            Credentials(k8s_token="secret.jwt"), NOW
+        )
     assert "secret.jwt" not in e.value.message
 
 
@@ -204,7 +228,10 @@ def test_spiffe_ids() -> None:
             check_trust_domain(bad)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800), ("1h30m", 5400), ("3600", 3600)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800), ("1h30m", 5400), ("3600", 3600)],
+)
 def test_durations(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
 

@@ -24,22 +24,45 @@ def world(tmp_path: Path) -> World:
     return World(tmp_path / "ca")
 
 
-def _verify(tmp: Path, bundle: Path, leaf: x509.Certificate, inter: x509.Certificate, at: datetime) -> None:
+def _verify(
+    tmp: Path, bundle: Path, leaf: x509.Certificate, inter: x509.Certificate, at: datetime
+) -> None:
     (tmp / "leaf.pem").write_text(pki.cert_pem(leaf))
     (tmp / "inter.pem").write_text(pki.cert_pem(inter))
-    r = subprocess.run(["openssl", "verify", "-CAfile", str(bundle), "-untrusted", str(tmp / "inter.pem"),
-                        "-purpose", "any", "-attime", str(int(at.timestamp())), str(tmp / "leaf.pem")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(bundle),
+            "-untrusted",
+            str(tmp / "inter.pem"),
+            "-purpose",
+            "any",
+            "-attime",
+            str(int(at.timestamp())),
+            str(tmp / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_leaves_before_and_after_verify_against_the_same_bundle(world: World, tmp_path: Path) -> None:
+def test_leaves_before_and_after_verify_against_the_same_bundle(
+    world: World, tmp_path: Path
+) -> None:
     bundle_before = (world.dir / "bundle.pem").read_bytes()
     old_inter = world.live.current().intermediate
     web, _ = world.bootstrap("web")
     out = intermediate.renew_intermediate(world.dir, world.now)
     assert out["previous"]["serial"] == format(old_inter.serial_number, "x")
-    new_inter = world.live.current().intermediate  # the running issuer follows (config.json replaced)
-    assert key_id(new_inter) != key_id(old_inter) and out["intermediate"]["key_id"] == key_id(new_inter)
+    new_inter = (
+        world.live.current().intermediate
+    )  # the running issuer follows (config.json replaced)
+    assert key_id(new_inter) != key_id(old_inter) and out["intermediate"]["key_id"] == key_id(
+        new_inter
+    )
     assert (world.dir / "bundle.pem").read_bytes() == bundle_before
     assert world.live.bundle().version == 1  # no bundle change
     api, _ = world.bootstrap("api")
@@ -80,7 +103,9 @@ def test_previous_intermediate_is_no_longer_accepted_after_it_expires(world: Wor
 
 def test_a_mismatched_key_and_certificate_keep_the_old_issuer(world: World) -> None:
     before = world.live.current()
-    files.write_file(world.dir / "intermediate.key", pki.key_pem(pki.new_key()), 0o600)  # as if mid-write
+    files.write_file(
+        world.dir / "intermediate.key", pki.key_pem(pki.new_key()), 0o600
+    )  # as if mid-write
     files.write_file(world.dir / "config.json", (world.dir / "config.json").read_text(), 0o644)
     assert world.live.current() is before
 

@@ -42,7 +42,9 @@ def make_csr(key=None, cn: str = "whatever", san: str | None = None) -> str:
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
-def issue(ca, ttl: int | None = None, max_ttl: int = 86400, now: datetime = NOW) -> x509.Certificate:
+def issue(
+    ca, ttl: int | None = None, max_ttl: int = 86400, now: datetime = NOW
+) -> x509.Certificate:
     _, inter, inter_key = ca
     csr = pki.load_csr(make_csr())
     validity = pki.svid_validity(now, ttl, max_ttl, inter.not_valid_after_utc)
@@ -87,7 +89,10 @@ def test_svid_fields(ca) -> None:
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    assert aki.key_identifier == inter.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    assert (
+        aki.key_identifier
+        == inter.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    )
     cert.verify_directly_issued_by(inter)
     assert cert.serial_number > 0 and cert.serial_number != issue(ca).serial_number
 
@@ -127,7 +132,9 @@ def test_ttl_never_beyond_intermediate(ca) -> None:
 def test_expired_intermediate_cannot_issue(ca) -> None:
     _, inter, _ = ca
     with pytest.raises(Unavailable):
-        pki.svid_validity(inter.not_valid_after_utc + timedelta(seconds=1), None, 3600, inter.not_valid_after_utc)
+        pki.svid_validity(
+            inter.not_valid_after_utc + timedelta(seconds=1), None, 3600, inter.not_valid_after_utc
+        )
 
 
 def test_csr_p256_accepted_pem_and_base64_der() -> None:
@@ -161,7 +168,11 @@ def tampered_csr() -> str:
     der = x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)
     assert der.count(b"aaaaaaaa") == 1
     bad = der.replace(b"aaaaaaaa", b"bbbbbbbb")
-    return "-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bad).decode() + "-----END CERTIFICATE REQUEST-----\n"
+    return (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bad).decode()
+        + "-----END CERTIFICATE REQUEST-----\n"
+    )
 
 
 def test_csr_bad_signature_rejected() -> None:
@@ -192,7 +203,9 @@ def test_csr_parser_only_raises_its_own_errors(text: str) -> None:
 
 def test_server_cert_names(ca) -> None:
     _, inter, inter_key = ca
-    cert = pki.build_server_cert(pki.new_key().public_key(), ["localhost", "127.0.0.1", "ca.svc"], inter, inter_key, NOW)
+    cert = pki.build_server_cert(
+        pki.new_key().public_key(), ["localhost", "127.0.0.1", "ca.svc"], inter, inter_key, NOW
+    )
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost", "ca.svc"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]

@@ -27,27 +27,41 @@ class World:
         self.dir = d
         self.now = T0
         files.create_ca(d, TD, 3600, T0)
-        self.live = LiveIssuer(lambda: BuiltinIssuer.load(d, clock=lambda: self.now), d / "config.json")
+        self.live = LiveIssuer(
+            lambda: BuiltinIssuer.load(d, clock=lambda: self.now), d / "config.json"
+        )
         self.store = Store(d / "ca.db")
-        self.service = SignService(self.live, Authenticator(self.store, self.live), self.store,
-                                   clock=lambda: self.now)
+        self.service = SignService(
+            self.live, Authenticator(self.store, self.live), self.store, clock=lambda: self.now
+        )
 
     def bootstrap(self, name: str, bundle_version: int = 0) -> tuple[x509.Certificate, bytes]:
         from meshcar_ca.auth import mint_token
 
-        token = mint_token(self.store, TD, f"spiffe://{TD}/svc/{name}", 3600, 1, int(self.now.timestamp()))
-        return self._sign(SignRequest(self._csr(), token=token, ttl_seconds=600, bundle_version=bundle_version), None)
+        token = mint_token(
+            self.store, TD, f"spiffe://{TD}/svc/{name}", 3600, 1, int(self.now.timestamp())
+        )
+        return self._sign(
+            SignRequest(self._csr(), token=token, ttl_seconds=600, bundle_version=bundle_version),
+            None,
+        )
 
     def renew(self, cert: x509.Certificate, bundle_version: int) -> tuple[x509.Certificate, bytes]:
         from cryptography.hazmat.primitives import serialization
 
         der = cert.public_bytes(serialization.Encoding.DER)
-        return self._sign(SignRequest(self._csr(), ttl_seconds=600, bundle_version=bundle_version), der)
+        return self._sign(
+            SignRequest(self._csr(), ttl_seconds=600, bundle_version=bundle_version), der
+        )
 
     def _csr(self) -> x509.CertificateSigningRequest:
         from cryptography.hazmat.primitives import hashes
 
-        return x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(pki.new_key(), hashes.SHA256())
+        return (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .sign(pki.new_key(), hashes.SHA256())
+        )
 
     def _sign(self, req: SignRequest, der: bytes | None) -> tuple[x509.Certificate, bytes]:
         res = self.service.sign(req, der)
@@ -80,10 +94,15 @@ def test_full_rotation_in_order(world: World) -> None:
     assert world.live.bundle().version == 2 and world.live.bundle().pem.count("BEGIN") == 2
     web, bundle = world.renew(web, bundle_version=1)  # reports the old version, learns the new one
     assert bundle.count(b"BEGIN") == 2
-    assert web.issuer == old_inter.subject and key_id(world.live.current().intermediate) == key_id(old_inter)
+    assert web.issuer == old_inter.subject and key_id(world.live.current().intermediate) == key_id(
+        old_inter
+    )
     st = world.status()
     blocking = {b["spiffe_id"] for b in st["next"]["blocking"]}
-    assert not st["next"]["ready"] and blocking == {f"spiffe://{TD}/svc/web", f"spiffe://{TD}/svc/api"}
+    assert not st["next"]["ready"] and blocking == {
+        f"spiffe://{TD}/svc/web",
+        f"spiffe://{TD}/svc/api",
+    }
     with pytest.raises(ConfigError, match="have not reported bundle version 2"):
         rotation.advance(world.dir, world.now)
     # the next renewals report version 2; the certificates they replace no longer count
@@ -95,8 +114,13 @@ def test_full_rotation_in_order(world: World) -> None:
 
     # stage 2: the new intermediate issues; renewals from both intermediates are accepted
     out = rotation.advance(world.dir, world.now)
-    assert out == {"event": "ca.rotate_root", "stage": 2, "state": "issuing-from-new-root",
-                   "forced": False, "not_reported": 0}
+    assert out == {
+        "event": "ca.rotate_root",
+        "stage": 2,
+        "state": "issuing-from-new-root",
+        "forced": False,
+        "not_reported": 0,
+    }
     new_inter = world.live.current().intermediate
     assert key_id(new_inter) != key_id(old_inter)
     assert new_inter.subject != old_inter.subject  # distinct names: peers hold both roots at once
@@ -104,7 +128,9 @@ def test_full_rotation_in_order(world: World) -> None:
     assert web.issuer == new_inter.subject
     web.verify_directly_issued_by(new_inter)
     st = world.status()
-    assert not st["next"]["ready"]  # api (and the replaced web certificates) still chain to the old root
+    assert not st["next"][
+        "ready"
+    ]  # api (and the replaced web certificates) still chain to the old root
     with pytest.raises(ConfigError, match="still valid|valid until"):
         rotation.advance(world.dir, world.now)
     api, _ = world.renew(api, bundle_version=2)
@@ -143,7 +169,9 @@ def test_a_bootstrap_during_stage_one_must_report_too(world: World) -> None:
     rotation.advance(world.dir, world.now)
     cert, bundle = world.bootstrap("new", bundle_version=0)  # gets both roots, reported nothing
     assert bundle.count(b"BEGIN") == 2
-    assert [b["spiffe_id"] for b in world.status()["next"]["blocking"]] == [f"spiffe://{TD}/svc/new"]
+    assert [b["spiffe_id"] for b in world.status()["next"]["blocking"]] == [
+        f"spiffe://{TD}/svc/new"
+    ]
     world.renew(cert, bundle_version=2)
     assert world.status()["next"]["ready"]
 
@@ -174,10 +202,14 @@ def test_live_issuer_keeps_the_old_state_when_a_change_is_half_written(world: Wo
 def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE certificates (serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, not_before TEXT"
-                     " NOT NULL, not_after TEXT NOT NULL, issued_at INTEGER NOT NULL, auth TEXT NOT NULL,"
-                     " client_bundle_version INTEGER)")
-        conn.execute("INSERT INTO certificates VALUES ('ab', 'spiffe://x/y', 'a', '2999-01-01T00:00:00Z', 1, 'token', 1)")
+        conn.execute(
+            "CREATE TABLE certificates (serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, not_before TEXT"
+            " NOT NULL, not_after TEXT NOT NULL, issued_at INTEGER NOT NULL, auth TEXT NOT NULL,"
+            " client_bundle_version INTEGER)"
+        )
+        conn.execute(
+            "INSERT INTO certificates VALUES ('ab', 'spiffe://x/y', 'a', '2999-01-01T00:00:00Z', 1, 'token', 1)"
+        )
     conn.close()
     store = Store(db)
     (rec,) = store.active("2026-01-01T00:00:00Z")
@@ -198,6 +230,10 @@ def test_status_warns_ahead_of_intermediate_expiry(tmp_path: Path) -> None:
     end = inter.not_valid_after_utc
     assert rotation.status(d, T0)["warnings"] == []
     soon = rotation.status(d, end - timedelta(days=10))["warnings"]
-    assert len(soon) == 1 and "issuing intermediate expires" in soon[0] and "renew-intermediate" in soon[0]
+    assert (
+        len(soon) == 1
+        and "issuing intermediate expires" in soon[0]
+        and "renew-intermediate" in soon[0]
+    )
     gone = rotation.status(d, end + timedelta(seconds=1))["warnings"]
     assert any("issuing intermediate expired" in w for w in gone)

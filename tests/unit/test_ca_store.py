@@ -13,8 +13,14 @@ from ca.store import CertificateRecord, Store
 
 
 def _rec(i: int) -> CertificateRecord:
-    return CertificateRecord(serial=f"{i:x}", spiffe_id=f"spiffe://td/svc/{i}", not_before="2026-01-01T00:00:00Z",
-                             not_after="2026-01-01T01:00:00Z", issued_at=1, auth="renewal")
+    return CertificateRecord(
+        serial=f"{i:x}",
+        spiffe_id=f"spiffe://td/svc/{i}",
+        not_before="2026-01-01T00:00:00Z",
+        not_after="2026-01-01T01:00:00Z",
+        issued_at=1,
+        auth="renewal",
+    )
 
 
 def _serials_on_disk(db: Path) -> set[str]:
@@ -38,8 +44,7 @@ def test_concurrent_records_are_all_committed_before_each_call_returns(tmp_path:
     for t in threads:
         t.join()
     assert seen_after_return == {i: True for i in range(24)}
-    assert {r.serial for r in store.certificates()} == {
-        f"{i:x}" for i in range(24)}
+    assert {r.serial for r in store.certificates()} == {f"{i:x}" for i in range(24)}
 
 
 def test_a_failed_commit_raises_unavailable_and_the_store_recovers(tmp_path: Path) -> None:

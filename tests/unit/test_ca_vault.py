@@ -32,8 +32,13 @@ def test_settings_need_exactly_one_way_to_log_in(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs --vault-token-file"):
         VaultSettings(addr="http://x", role="r", approle_role_id_file=f).check()
     with pytest.raises(ConfigError, match="not both"):
-        VaultSettings(addr="http://x", role="r", token_file=f, approle_role_id_file=f,
-                      approle_secret_id_file=f).check()
+        VaultSettings(
+            addr="http://x",
+            role="r",
+            token_file=f,
+            approle_role_id_file=f,
+            approle_secret_id_file=f,
+        ).check()
     VaultSettings(addr="http://x", role="r", token_file=f).check()
 
 
@@ -65,18 +70,33 @@ def _issuer(tmp_path: Path, client: _Client, approle: bool = True) -> VaultIssue
     rid.write_text("role-id\n")
     sec.write_text("secret-id\n")
     if approle:
-        s = VaultSettings(addr="http://x", role="meshcar-{path}", approle_role_id_file=rid, approle_secret_id_file=sec)
+        s = VaultSettings(
+            addr="http://x",
+            role="meshcar-{path}",
+            approle_role_id_file=rid,
+            approle_secret_id_file=sec,
+        )
     else:
         s = VaultSettings(addr="http://x", role="meshcar-{path}", token_file=sec)
     return VaultIssuer(s, "td", 3600, client=client)
 
 
 def _csr() -> x509.CertificateSigningRequest:
-    return x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(pki.new_key(), hashes.SHA256())
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(pki.new_key(), hashes.SHA256())
+    )
 
 
 def test_role_refusal_is_forbidden(tmp_path: Path) -> None:
-    client = _Client([hvac.exceptions.InvalidRequest(errors=["URI Subject Alternative Names ... not valid\nfor this role"])])
+    client = _Client(
+        [
+            hvac.exceptions.InvalidRequest(
+                errors=["URI Subject Alternative Names ... not valid\nfor this role"]
+            )
+        ]
+    )
     with pytest.raises(Forbidden, match="meshcar-svc-web.*not valid for this role") as exc:
         _issuer(tmp_path, client).sign(_csr(), "spiffe://td/svc/web", 60)
     assert exc.value.status == 403 and "\n" not in exc.value.message
@@ -97,8 +117,14 @@ def test_a_dev_token_is_not_re_read_on_403(tmp_path: Path) -> None:
     assert client.secrets.pki.calls == 1
 
 
-@pytest.mark.parametrize("exc", [hvac.exceptions.VaultDown(), hvac.exceptions.InternalServerError(),
-                                 requests.ConnectionError("refused")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        hvac.exceptions.VaultDown(),
+        hvac.exceptions.InternalServerError(),
+        requests.ConnectionError("refused"),
+    ],
+)
 def test_vault_down_is_unavailable(tmp_path: Path, exc: Exception) -> None:
     with pytest.raises(Unavailable):
         _issuer(tmp_path, _Client([exc])).sign(_csr(), "spiffe://td/svc/web", 60)

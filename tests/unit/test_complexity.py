@@ -53,12 +53,16 @@ def test_no_function_reaches_the_complexity_limit() -> None:
     found = complexities()
     assert len(found) > 500  # the walk saw the packages
     too_complex = {k: v for k, v in found.items() if v >= LIMIT and v > CEILINGS.get(k, LIMIT - 1)}
-    assert not too_complex, (f"cyclomatic complexity >= {LIMIT} (split the function into named helpers; "
-                             f"listed ceilings may only go down): {too_complex}")
+    assert not too_complex, (
+        f"cyclomatic complexity >= {LIMIT} (split the function into named helpers; "
+        f"listed ceilings may only go down): {too_complex}"
+    )
 
 
 def test_ceilings_name_existing_functions_and_go_down() -> None:
     found = complexities()
     stale = {k: v for k, v in CEILINGS.items() if k not in found or found[k] < v}
-    assert not stale, f"lower or drop these ceilings to the current complexity: " \
-                      f"{ {k: found.get(k) for k in stale} }"
+    assert not stale, (
+        f"lower or drop these ceilings to the current complexity: "
+        f"{ {k: found.get(k) for k in stale} }"
+    )

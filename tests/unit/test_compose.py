@@ -45,12 +45,17 @@ def test_compose_file_validates(compose: dict[str, Any]) -> None:
     assert errors == []
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    (("services", "web-sidecar", "netwrk_mode"), "service:web"),
-    (("services", "web-app", "depends_on", "web-sidecar", "condition"), "service_ready"),
-    (("services", "ca", "healthcheck", "retries"), "many"),
-])
-def test_schema_catches_mistakes(compose: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("services", "web-sidecar", "netwrk_mode"), "service:web"),
+        (("services", "web-app", "depends_on", "web-sidecar", "condition"), "service_ready"),
+        (("services", "ca", "healthcheck", "retries"), "many"),
+    ],
+)
+def test_schema_catches_mistakes(
+    compose: dict[str, Any], path: tuple[str, ...], value: Any
+) -> None:
     doc = json.loads(json.dumps(compose))
     node = doc
     for key in path[:-1]:
@@ -64,8 +69,12 @@ def expected_sidecar_config(service: sc.Service) -> dict[str, Any]:
     peers by compose DNS name, the mesh listener on the namespace's address, files in the
     per-service secrets volume."""
     cfg = sidecar_config(sc.SCENARIO, service, DemoPaths(Path("/unused")))
-    cfg["identity"].update(ca_url=f"https://ca:{sc.CA_PORT}", ca_bundle=f"{SECRETS}/ca-root.pem",
-                           token_file=f"{SECRETS}/join.token", state_dir="/tmp/meshcar/state")
+    cfg["identity"].update(
+        ca_url=f"https://ca:{sc.CA_PORT}",
+        ca_bundle=f"{SECRETS}/ca-root.pem",
+        token_file=f"{SECRETS}/join.token",
+        state_dir="/tmp/meshcar/state",
+    )
     cfg["inbound"]["listen"] = f"0.0.0.0:{service.inbound_port}"
     for name, up in cfg["outbound"]["upstreams"].items():
         up["endpoints"] = [f"{name}:{sc.SCENARIO.service(name).inbound_port}"]
@@ -119,7 +128,9 @@ def test_only_scenario_services_and_tokens(compose: dict[str, Any]) -> None:
     assert sc.TRUST_DOMAIN in script and "--uses 1" in script
     ca = compose["services"]["ca"]
     assert ca["depends_on"]["init"]["condition"] == "service_completed_successfully"
-    assert f"0.0.0.0:{sc.CA_PORT}" in ca["command"] and "ca-state:/var/lib/meshcar/ca" in ca["volumes"]
+    assert (
+        f"0.0.0.0:{sc.CA_PORT}" in ca["command"] and "ca-state:/var/lib/meshcar/ca" in ca["volumes"]
+    )
     assert "ca-state" in compose["volumes"]
 
 
@@ -127,13 +138,17 @@ def test_payments_public_endpoint(compose: dict[str, Any]) -> None:
     pay = sc.SCENARIO.service("payments")
     pub = compose["services"]["payments-public"]
     assert pub["network_mode"] == "service:payments"
-    assert f"--port={pay.public_tls_port}" in pub["command"] and "--proxy-protocol" in pub["command"]
+    assert (
+        f"--port={pay.public_tls_port}" in pub["command"] and "--proxy-protocol" in pub["command"]
+    )
 
 
 def test_edge_is_the_scenario(compose: dict[str, Any]) -> None:
     edge = compose["services"]["edge"]
-    assert set(edge["ports"]) == {f"127.0.0.1:{sc.EDGE_HTTPS_PORT}:{sc.EDGE_HTTPS_PORT}",
-                                  f"127.0.0.1:{sc.EDGE_HTTP_PORT}:{sc.EDGE_HTTP_PORT}"}
+    assert set(edge["ports"]) == {
+        f"127.0.0.1:{sc.EDGE_HTTPS_PORT}:{sc.EDGE_HTTPS_PORT}",
+        f"127.0.0.1:{sc.EDGE_HTTP_PORT}:{sc.EDGE_HTTP_PORT}",
+    }
     assert f"http://127.0.0.1:{sc.EDGE_ADMIN_PORT}/ready" in " ".join(edge["healthcheck"]["test"])
     from tests.support.edge_scenario import assert_edge_is_the_scenario
 
@@ -149,7 +164,7 @@ def test_dockerfile() -> None:
     text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert len(stages) >= 2 and all(s.startswith("python:3.11-slim") for s in stages)
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert re.search(r"^USER\s+10001", final, re.M)
     assert 'ENTRYPOINT ["meshcar"]' in final
     assert "COPY --from=build /opt/meshcar /opt/meshcar" in final

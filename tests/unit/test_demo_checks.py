@@ -38,8 +38,12 @@ def _crashes(env: DemoEnv) -> str:
 
 def test_statuses_and_details() -> None:
     results = run_checks(
-        [Check("1", "ok", _ok), Check("2", "bad", _fails), Check("3", "boom", _crashes),
-         Check("4", "later")],
+        [
+            Check("1", "ok", _ok),
+            Check("2", "bad", _fails),
+            Check("3", "boom", _crashes),
+            Check("4", "later"),
+        ],
         ENV,
     )
     assert [r.status for r in results] == [Status.PASS, Status.FAIL, Status.FAIL, Status.SKIP]
@@ -55,8 +59,9 @@ def test_exit_code_is_nonzero_on_any_failure_only() -> None:
 
 
 def test_table_shows_skips_as_not_implemented_never_as_passing() -> None:
-    table = render_table(run_checks([Check("1", "ok", _ok), Check("2", "later"),
-                                     Check("3", "bad", _fails)], ENV))
+    table = render_table(
+        run_checks([Check("1", "ok", _ok), Check("2", "later"), Check("3", "bad", _fails)], ENV)
+    )
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["RESULT", "#", "EXPECTATION"]
     row = {line.split("  ")[0].strip(): line for line in lines[2:5]}
@@ -81,12 +86,19 @@ def test_header_values_reads_every_duplicate() -> None:
 
 
 def test_xfcc_parsing_envoy_format() -> None:
-    value = 'By=spiffe://meshcar.demo/svc/api;Hash=abc;URI=spiffe://meshcar.demo/svc/web'
-    assert parse_xfcc(value) == [{"By": "spiffe://meshcar.demo/svc/api", "Hash": "abc",
-                                  "URI": "spiffe://meshcar.demo/svc/web"}]
+    value = "By=spiffe://meshcar.demo/svc/api;Hash=abc;URI=spiffe://meshcar.demo/svc/web"
+    assert parse_xfcc(value) == [
+        {
+            "By": "spiffe://meshcar.demo/svc/api",
+            "Hash": "abc",
+            "URI": "spiffe://meshcar.demo/svc/web",
+        }
+    ]
     two = 'By=a;URI=spiffe://td/one,Subject="CN=x, O=y;z";URI=spiffe://td/two'
-    assert parse_xfcc(two) == [{"By": "a", "URI": "spiffe://td/one"},
-                               {"Subject": "CN=x, O=y;z", "URI": "spiffe://td/two"}]
+    assert parse_xfcc(two) == [
+        {"By": "a", "URI": "spiffe://td/one"},
+        {"Subject": "CN=x, O=y;z", "URI": "spiffe://td/two"},
+    ]
     assert peer_from_xfcc([two]) == "spiffe://td/two"
     assert peer_from_xfcc(["By=a;Hash=b"]) is None
     assert peer_from_xfcc([]) is None

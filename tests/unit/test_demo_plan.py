@@ -21,8 +21,19 @@ from meshcar.demo.plan import (
 from meshcar.sidecar.config import parse_config
 
 PATHS = DemoPaths(Path("/demo"))
-CERTS = PublicCerts(*(Path(f"/demo/{n}") for n in (
-    "edge-ca.pem", "partner-ca.pem", "partner.pem", "partner.key", "pay.pem", "pay.key")))
+CERTS = PublicCerts(
+    *(
+        Path(f"/demo/{n}")
+        for n in (
+            "edge-ca.pem",
+            "partner-ca.pem",
+            "partner.pem",
+            "partner.key",
+            "pay.pem",
+            "pay.key",
+        )
+    )
+)
 
 
 def test_api_sidecar_config_matches_the_scenario() -> None:
@@ -41,8 +52,12 @@ def test_api_sidecar_config_matches_the_scenario() -> None:
     pay = sc.SCENARIO.service("payments")
     assert cfg["outbound"] == {
         "listen": f"127.0.0.1:{api.outbound_port}",
-        "upstreams": {"payments": {"endpoints": [f"127.0.0.1:{pay.inbound_port}"],
-                                   "spiffe_id": "spiffe://meshcar.demo/svc/payments"}},
+        "upstreams": {
+            "payments": {
+                "endpoints": [f"127.0.0.1:{pay.inbound_port}"],
+                "spiffe_id": "spiffe://meshcar.demo/svc/payments",
+            }
+        },
     }
     assert cfg["admin"] == {"listen": f"127.0.0.1:{api.admin_port}"}
 
@@ -77,8 +92,16 @@ def test_generated_configs_pass_the_sidecars_own_validation() -> None:
 def test_process_list_covers_every_part_with_a_probe_and_no_port_twice() -> None:
     procs = [ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS, python="/py")
     names = [p.name for p in procs]
-    assert names == ["ca", "sidecar-web", "sidecar-api", "sidecar-payments",
-                     "app-web", "app-api", "app-payments", "payments-public"]
+    assert names == [
+        "ca",
+        "sidecar-web",
+        "sidecar-api",
+        "sidecar-payments",
+        "app-web",
+        "app-api",
+        "app-payments",
+        "payments-public",
+    ]
     ports = [port for port, _ in all_ports(procs)]
     assert len(ports) == len(set(ports))
     expected = {sc.CA_PORT, sc.PAYMENTS_PUBLIC_PORT}
@@ -103,14 +126,19 @@ def test_payments_public_endpoint_requires_partner_certificates() -> None:
     assert argv[argv.index("--port") + 1] == str(sc.PAYMENTS_PUBLIC_PORT)
     assert argv[argv.index("--tls-client-ca") + 1] == str(CERTS.partner_ca)
     assert "--proxy-protocol" in argv
-    assert argv[argv.index("--proxy-trusted") + 1] == "127.0.0.2/32"  # the edge's passthrough source
+    assert (
+        argv[argv.index("--proxy-trusted") + 1] == "127.0.0.2/32"
+    )  # the edge's passthrough source
     assert public.probe.client_cert == CERTS.partner_cert
     assert public.probe.server_hostname == sc.PAYMENTS_PUBLIC_HOST
 
 
 def test_ports_known_up_front_are_the_ports_of_the_plan() -> None:
-    planned = all_ports([ca_process(PATHS)] + mesh_processes(sc.SCENARIO, PATHS, CERTS)
-                        + edge_processes(sc.SCENARIO, PATHS))
+    planned = all_ports(
+        [ca_process(PATHS)]
+        + mesh_processes(sc.SCENARIO, PATHS, CERTS)
+        + edge_processes(sc.SCENARIO, PATHS)
+    )
     assert scenario_ports(sc.SCENARIO, PATHS) == planned
 
 
@@ -124,8 +152,11 @@ def test_edge_config_is_built_from_the_scenario_and_loads() -> None:
     for r in sc.SCENARIO.edge_routes:
         route, svc = by_host[r.host], sc.SCENARIO.service(r.backend)
         assert route.mode == r.mode
-        port = {"terminate": svc.app_port, "bridge": svc.inbound_port,
-                "passthrough": svc.public_tls_port}[r.mode]
+        port = {
+            "terminate": svc.app_port,
+            "bridge": svc.inbound_port,
+            "passthrough": svc.public_tls_port,
+        }[r.mode]
         assert [e.port for e in route.backend.endpoints] == [port]
     assert by_host["api.demo.test"].backend.spiffe_id == sc.spiffe_id("api")
     assert by_host["api.demo.test"].path_prefix == "/v1/" and by_host["api.demo.test"].hsts

@@ -23,12 +23,29 @@ GOOD = {
     "listen": {"https": "127.0.0.1:8443", "http": "127.0.0.1:8080"},
     "admin": {"listen": "127.0.0.1:7204"},
     "routes": [
-        {"host": "www.test", "mode": "terminate", "tls": {"cert": "c.pem", "key": "k.pem"},
-         "backend": {"endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"], "balance": "least_connections"},
-         "deny": [{"name": "admin", "methods": ["post"], "path": "^/admin",
-                   "header": {"name": "X-Bad", "pattern": "yes"}}]},
-        {"host": "pay.test", "mode": "passthrough", "proxy_protocol": "v1",
-         "backend": {"endpoints": ["127.0.0.1:9443"]}},
+        {
+            "host": "www.test",
+            "mode": "terminate",
+            "tls": {"cert": "c.pem", "key": "k.pem"},
+            "backend": {
+                "endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"],
+                "balance": "least_connections",
+            },
+            "deny": [
+                {
+                    "name": "admin",
+                    "methods": ["post"],
+                    "path": "^/admin",
+                    "header": {"name": "X-Bad", "pattern": "yes"},
+                }
+            ],
+        },
+        {
+            "host": "pay.test",
+            "mode": "passthrough",
+            "proxy_protocol": "v1",
+            "backend": {"endpoints": ["127.0.0.1:9443"]},
+        },
     ],
 }
 
@@ -45,15 +62,30 @@ def test_good_config_parses() -> None:
     assert cfg.route_for("unknown.test") is None and cfg.route_for(None) is None
     assert cfg.route_for("pay.test").proxy_protocol == "v1"
     assert cfg.hello_timeout == cfg.handshake_timeout == 10.0
-    assert parse_edge_config(dict(GOOD, handshake_timeout=2.5), "edge.yaml").handshake_timeout == 2.5
+    assert (
+        parse_edge_config(dict(GOOD, handshake_timeout=2.5), "edge.yaml").handshake_timeout == 2.5
+    )
 
 
 def test_each_mode_parses_to_its_own_route_type() -> None:
-    raw = {**GOOD, "identity": {"spiffe_id": "spiffe://t.test/edge", "ca_url": "https://127.0.0.1:8600",
-                                "ca_bundle": "ca.pem", "state_dir": "state"},
-           "routes": [*GOOD["routes"],
-                      {"host": "api.test", "mode": "bridge", "tls": {"cert": "c.pem", "key": "k.pem"},
-                       "backend": {"endpoints": ["127.0.0.1:9003"], "spiffe_id": "spiffe://t.test/api"}}]}
+    raw = {
+        **GOOD,
+        "identity": {
+            "spiffe_id": "spiffe://t.test/edge",
+            "ca_url": "https://127.0.0.1:8600",
+            "ca_bundle": "ca.pem",
+            "state_dir": "state",
+        },
+        "routes": [
+            *GOOD["routes"],
+            {
+                "host": "api.test",
+                "mode": "bridge",
+                "tls": {"cert": "c.pem", "key": "k.pem"},
+                "backend": {"endpoints": ["127.0.0.1:9003"], "spiffe_id": "spiffe://t.test/api"},
+            },
+        ],
+    }
     cfg = parse_edge_config(raw, "edge.yaml", Path("/etc/meshcar"))
     www, pay, api = cfg.route_for("www.test"), cfg.route_for("pay.test"), cfg.route_for("api.test")
     assert isinstance(www, TerminateRoute) and www.mode is Mode.TERMINATE
@@ -71,11 +103,22 @@ def test_every_problem_at_once() -> None:
         "bogus": 1,
         "routes": [
             {"host": "Bad_Host", "mode": "terminate", "backend": {"endpoints": []}},
-            {"host": "b.test", "mode": "bridge", "tls": {"cert": "c", "key": "k"},
-             "backend": {"endpoints": ["127.0.0.1:1"]}, "rate_limit": {"per_second": 0},
-             "deny": [{"path": "("}], "hsts": "sometimes"},
-            {"host": "p.test", "mode": "passthrough", "hsts": True, "proxy_protocol": "v3",
-             "backend": {"endpoints": ["127.0.0.1:2"]}},
+            {
+                "host": "b.test",
+                "mode": "bridge",
+                "tls": {"cert": "c", "key": "k"},
+                "backend": {"endpoints": ["127.0.0.1:1"]},
+                "rate_limit": {"per_second": 0},
+                "deny": [{"path": "("}],
+                "hsts": "sometimes",
+            },
+            {
+                "host": "p.test",
+                "mode": "passthrough",
+                "hsts": True,
+                "proxy_protocol": "v3",
+                "backend": {"endpoints": ["127.0.0.1:2"]},
+            },
             {"host": "x.test", "mode": "teleport", "backend": {}},
         ],
         "default_route": "nowhere.test",
@@ -85,10 +128,25 @@ def test_every_problem_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         parse_edge_config(bad, "edge.yaml")
     text = "\n".join(err.value.problems)
-    for key in ["listen.https", "admin.listen", "bogus", "routes[0].host", "routes[0].tls",
-                "routes[0].backend.endpoints", "routes[1].backend.spiffe_id", "routes[1].rate_limit.per_second",
-                "routes[1].deny[0].path", "routes[1].hsts", "routes[2].hsts", "routes[2].proxy_protocol",
-                "routes[3].mode", "identity", "default_route", "hello_timeout", "handshake_timeout"]:
+    for key in [
+        "listen.https",
+        "admin.listen",
+        "bogus",
+        "routes[0].host",
+        "routes[0].tls",
+        "routes[0].backend.endpoints",
+        "routes[1].backend.spiffe_id",
+        "routes[1].rate_limit.per_second",
+        "routes[1].deny[0].path",
+        "routes[1].hsts",
+        "routes[2].hsts",
+        "routes[2].proxy_protocol",
+        "routes[3].mode",
+        "identity",
+        "default_route",
+        "hello_timeout",
+        "handshake_timeout",
+    ]:
         assert f"edge.yaml: {key}:" in text, (key, text)
 
 
@@ -116,9 +174,14 @@ def test_rate_limiter_forgets_old_clients() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=50),
-       st.floats(min_value=0.1, max_value=50), st.integers(min_value=1, max_value=20))
-def test_rate_limiter_never_exceeds_rate_plus_burst(times: list[float], rate: float, burst: int) -> None:
+@given(
+    st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=50),
+    st.floats(min_value=0.1, max_value=50),
+    st.integers(min_value=1, max_value=20),
+)
+def test_rate_limiter_never_exceeds_rate_plus_burst(
+    times: list[float], rate: float, burst: int
+) -> None:
     rl = RateLimiter(rate, burst)
     ts = sorted(times)
     allowed = sum(rl.allow("c", t)[0] for t in ts)
@@ -151,17 +214,30 @@ def test_least_connections() -> None:
 
 
 def test_admin_public_paths() -> None:
-    assert parse_edge_config(GOOD, "edge.yaml").admin_public_paths == {b"/live", b"/ready", b"/metrics"}
+    assert parse_edge_config(GOOD, "edge.yaml").admin_public_paths == {
+        b"/live",
+        b"/ready",
+        b"/metrics",
+    }
     cfg = dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/ready"]))
     assert parse_edge_config(cfg, "edge.yaml").admin_public_paths == {b"/ready"}
-    with pytest.raises(ConfigError, match=r"admin.public_paths: '/shutdown' cannot be served off loopback"):
-        parse_edge_config(dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/shutdown"])), "edge.yaml")
+    with pytest.raises(
+        ConfigError, match=r"admin.public_paths: '/shutdown' cannot be served off loopback"
+    ):
+        parse_edge_config(
+            dict(GOOD, admin=dict(GOOD["admin"], public_paths=["/shutdown"])), "edge.yaml"
+        )
 
 
-@pytest.mark.parametrize("value, ok", [(30, True), (0.5, True), (0, False), ("2", False), (True, False)])
+@pytest.mark.parametrize(
+    "value, ok", [(30, True), (0.5, True), (0, False), ("2", False), (True, False)]
+)
 def test_pool_idle_seconds(value: object, ok: bool) -> None:
     if ok:
-        assert parse_edge_config(dict(GOOD, pool_idle_seconds=value), "edge.yaml").pool_idle_seconds == value
+        assert (
+            parse_edge_config(dict(GOOD, pool_idle_seconds=value), "edge.yaml").pool_idle_seconds
+            == value
+        )
     else:
         with pytest.raises(ConfigError, match="pool_idle_seconds: must be a number"):
             parse_edge_config(dict(GOOD, pool_idle_seconds=value), "edge.yaml")

@@ -80,15 +80,19 @@ def test_trusted_hops_pick_the_client(hops: int, client: str, chain: tuple[str, 
 
 
 def test_trusted_proto_and_host_need_single_valid_values() -> None:
-    base = [(b"X-Forwarded-For", b"192.0.2.7"), (b"X-Forwarded-Proto", b"HTTP"),
-            (b"X-Forwarded-Host", b"www.demo.test:8443")]
+    base = [
+        (b"X-Forwarded-For", b"192.0.2.7"),
+        (b"X-Forwarded-Proto", b"HTTP"),
+        (b"X-Forwarded-Host", b"www.demo.test:8443"),
+    ]
     fwd = forwarded_for(base, peer_ip="10.0.0.1", scheme="https", host="x", trusted_hops=1)
     assert (fwd.proto, fwd.host) == ("http", "www.demo.test:8443")
     # the chain is incomplete (no entry from the trusted proxy): its other claims are not
     # believed either
     fwd = forwarded_for(base[1:], peer_ip="10.0.0.1", scheme="https", host="x", trusted_hops=1)
     assert (fwd.proto, fwd.host, fwd.client_ip) == ("https", "x", "10.0.0.1")
-    bad = [(b"X-Forwarded-For", b"192.0.2.7"),
+    bad = [
+        (b"X-Forwarded-For", b"192.0.2.7"),
         (b"X-Forwarded-Proto", b"https, http"),
         (b"X-Forwarded-Host", b"a b\x01"),
     ]
@@ -104,27 +108,33 @@ def test_trusted_proto_and_host_need_single_valid_values() -> None:
     assert fwd.proto == "http"
 
 
-@pytest.mark.parametrize(("xff", "hops", "chain"), [
-    (b"1.1.1.1, unknown, 2.2.2.2", 1, ("2.2.2.2", "10.0.0.1")),
-    (b"1.1.1.1, unknown, 2.2.2.2", 2, ("10.0.0.1",)),  # a trusted proxy never writes `unknown`
-    (b"1.1.1.1, unknown, 2.2.2.2", 5, ("10.0.0.1",)),
-    (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 3, ("1.1.1.1", "2.2.2.2", "3.3.3.3", "10.0.0.1")),
-    (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 2, ("2.2.2.2", "3.3.3.3", "10.0.0.1")),
-    (b"9.9.9.9", 2, ("10.0.0.1",)),  # the client skipped a proxy, or wrote the only entry
-    (b"", 1, ("10.0.0.1",)),
-    (b" , ,", 1, ("10.0.0.1",)),
-    (b"9.9.9.9, ", 1, ("9.9.9.9", "10.0.0.1")),  # empty entries are not entries
-    (b"[::1]:80, 300.1.1.1", 1, ("10.0.0.1",)),
-])
-def test_incomplete_or_broken_chain_means_the_peer(xff: bytes, hops: int,
-                                                   chain: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("xff", "hops", "chain"),
+    [
+        (b"1.1.1.1, unknown, 2.2.2.2", 1, ("2.2.2.2", "10.0.0.1")),
+        (b"1.1.1.1, unknown, 2.2.2.2", 2, ("10.0.0.1",)),  # a trusted proxy never writes `unknown`
+        (b"1.1.1.1, unknown, 2.2.2.2", 5, ("10.0.0.1",)),
+        (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 3, ("1.1.1.1", "2.2.2.2", "3.3.3.3", "10.0.0.1")),
+        (b"1.1.1.1, 2.2.2.2, 3.3.3.3", 2, ("2.2.2.2", "3.3.3.3", "10.0.0.1")),
+        (b"9.9.9.9", 2, ("10.0.0.1",)),  # the client skipped a proxy, or wrote the only entry
+        (b"", 1, ("10.0.0.1",)),
+        (b" , ,", 1, ("10.0.0.1",)),
+        (b"9.9.9.9, ", 1, ("9.9.9.9", "10.0.0.1")),  # empty entries are not entries
+        (b"[::1]:80, 300.1.1.1", 1, ("10.0.0.1",)),
+    ],
+)
+def test_incomplete_or_broken_chain_means_the_peer(
+    xff: bytes, hops: int, chain: tuple[str, ...]
+) -> None:
     headers = [(b"X-Forwarded-For", xff)]
     fwd = forwarded_for(headers, peer_ip="10.0.0.1", scheme="https", host=None, trusted_hops=hops)
     assert fwd.chain == chain and fwd.client_ip == chain[0]
 
 
-@given(st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=8)), max_size=6),
-       st.integers(min_value=0, max_value=8))
+@given(
+    st.lists(st.one_of(st.ip_addresses().map(str), st.text(max_size=8)), max_size=6),
+    st.integers(min_value=0, max_value=8),
+)
 def test_the_client_is_the_peer_or_a_trusted_entry(entries: list[str], hops: int) -> None:
     """The client is the peer or one of the rightmost `hops` entries, never one further left."""
     value = ", ".join(entries)

@@ -28,18 +28,27 @@ def head(lines: list[tuple[bytes, bytes]]) -> bytes:
     return b"GET / HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in lines) + b"\r\n"
 
 
-def parse(raw: bytes, policy: HeaderPolicy = DEFAULT_HEADER_POLICY, step: int | None = None) -> RequestHead:
+def parse(
+    raw: bytes, policy: HeaderPolicy = DEFAULT_HEADER_POLICY, step: int | None = None
+) -> RequestHead:
     p = Http1Parser("request", policy)
     events = []
     for i in range(0, len(raw), step or len(raw)):
-        events += p.feed(raw[i:i + (step or len(raw))])
+        events += p.feed(raw[i : i + (step or len(raw))])
     heads = [e for e in events if isinstance(e, RequestHead)]
     assert len(heads) == 1
     return heads[0]
 
 
-UNDERSCORED = [b"X_Forwarded_Client_Cert", b"x_forwarded_client_cert", b"X-Meshcar_Peer-Identity",
-               b"_", b"Host_", b"Content_Length", b"Transfer_Encoding"]
+UNDERSCORED = [
+    b"X_Forwarded_Client_Cert",
+    b"x_forwarded_client_cert",
+    b"X-Meshcar_Peer-Identity",
+    b"_",
+    b"Host_",
+    b"Content_Length",
+    b"Transfer_Encoding",
+]
 
 
 @pytest.mark.parametrize("name", UNDERSCORED)
@@ -63,7 +72,9 @@ def test_drop_keeps_framing_and_host_checks() -> None:
         parse(head([(b"Host", b"a"), (b"Host_", b"b"), (b"host", b"c")]), DROP)
 
 
-@pytest.mark.parametrize("policy", [HeaderPolicy(max_count=3), HeaderPolicy(max_count=3, underscores="drop")])
+@pytest.mark.parametrize(
+    "policy", [HeaderPolicy(max_count=3), HeaderPolicy(max_count=3, underscores="drop")]
+)
 def test_count_limit(policy: HeaderPolicy) -> None:
     ok = [(b"Host", b"a"), (b"A", b"1"), (b"B", b"2")]
     assert len(parse(head(ok), policy).headers) == 3
@@ -83,7 +94,11 @@ def test_count_limit_is_per_message() -> None:
 
 def test_default_limits() -> None:
     policy = HeaderPolicy()
-    assert (policy.underscores, policy.max_count, policy.max_value_bytes) == ("reject", 100, 16 * 1024)
+    assert (policy.underscores, policy.max_count, policy.max_value_bytes) == (
+        "reject",
+        100,
+        16 * 1024,
+    )
     many = [(b"Host", b"a")] + [(b"X-%d" % i, b"v") for i in range(99)]
     assert len(parse(head(many)).headers) == 100
     with pytest.raises(ProtocolError) as err:
@@ -123,19 +138,26 @@ def test_responses_keep_their_headers() -> None:
 
 # --- properties --------------------------------------------------------------------------
 
-names = st.text(alphabet="ABCxyz-_", min_size=1, max_size=12).map(str.encode).filter(
-    lambda n: n.lower() not in (b"host", b"content-length", b"transfer-encoding"))
-values = st.binary(min_size=0, max_size=300).map(
-    lambda v: bytes(b for b in v if 0x21 <= b < 0x7F))
+names = (
+    st.text(alphabet="ABCxyz-_", min_size=1, max_size=12)
+    .map(str.encode)
+    .filter(lambda n: n.lower() not in (b"host", b"content-length", b"transfer-encoding"))
+)
+values = st.binary(min_size=0, max_size=300).map(lambda v: bytes(b for b in v if 0x21 <= b < 0x7F))
 header_lists = st.lists(st.tuples(names, values), max_size=30)
-policies = st.builds(HeaderPolicy, st.sampled_from(["reject", "drop"]),
-                     st.integers(min_value=1, max_value=40), st.integers(min_value=1, max_value=400))
+policies = st.builds(
+    HeaderPolicy,
+    st.sampled_from(["reject", "drop"]),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=400),
+)
 
 
 @settings(max_examples=300)
 @given(header_lists, policies, st.sampled_from([None, 1, 7, 64]))
-def test_policy_properties(headers: list[tuple[bytes, bytes]], policy: HeaderPolicy,
-                           step: int | None) -> None:
+def test_policy_properties(
+    headers: list[tuple[bytes, bytes]], policy: HeaderPolicy, step: int | None
+) -> None:
     lines = [(b"Host", b"a"), *headers]
     raw = head(lines)
     try:
@@ -158,17 +180,32 @@ def test_policy_properties(headers: list[tuple[bytes, bytes]], policy: HeaderPol
 # --- the `http:` config section ----------------------------------------------------------
 
 SIDECAR = {
-    "identity": {"spiffe_id": "spiffe://t.test/svc/a", "ca_url": "https://127.0.0.1:1",
-                 "ca_bundle": "x", "state_dir": "/tmp/x"},
-    "app": {"port": 8080}, "inbound": {"listen": "127.0.0.1:1"}, "admin": {"listen": "127.0.0.1:2"},
+    "identity": {
+        "spiffe_id": "spiffe://t.test/svc/a",
+        "ca_url": "https://127.0.0.1:1",
+        "ca_bundle": "x",
+        "state_dir": "/tmp/x",
+    },
+    "app": {"port": 8080},
+    "inbound": {"listen": "127.0.0.1:1"},
+    "admin": {"listen": "127.0.0.1:2"},
 }
 EDGE = {
-    "listen": {"https": "127.0.0.1:8443"}, "admin": {"listen": "127.0.0.1:7204"},
-    "routes": [{"host": "www.test", "mode": "terminate", "tls": {"cert": "c", "key": "k"},
-                "backend": {"endpoints": ["127.0.0.1:9001"]}}],
+    "listen": {"https": "127.0.0.1:8443"},
+    "admin": {"listen": "127.0.0.1:7204"},
+    "routes": [
+        {
+            "host": "www.test",
+            "mode": "terminate",
+            "tls": {"cert": "c", "key": "k"},
+            "backend": {"endpoints": ["127.0.0.1:9001"]},
+        }
+    ],
 }
-HTTP = {"path": {"merge_slashes": False, "escaped_slashes": "keep"},
-        "headers": {"underscores": "drop", "max_count": 50, "max_value_bytes": 4096}}
+HTTP = {
+    "path": {"merge_slashes": False, "escaped_slashes": "keep"},
+    "headers": {"underscores": "drop", "max_count": 50, "max_value_bytes": 4096},
+}
 EXPECTED = HttpPolicy(PathOptions(False, "keep"), HeaderPolicy("drop", 50, 4096))
 
 
@@ -179,8 +216,11 @@ def test_http_section_defaults_and_values() -> None:
     assert parse_edge_config({**EDGE, "http": HTTP}, "e.yaml", Path("/")).http == EXPECTED
 
 
-BAD_HTTP = {"path": {"merge_slashes": "yes", "escaped_slashes": "decode", "x": 1},
-            "headers": {"underscores": "allow", "max_count": 0, "max_value_bytes": True}, "y": {}}
+BAD_HTTP = {
+    "path": {"merge_slashes": "yes", "escaped_slashes": "decode", "x": 1},
+    "headers": {"underscores": "allow", "max_count": 0, "max_value_bytes": True},
+    "y": {},
+}
 
 
 @pytest.mark.parametrize("which", ["sidecar", "edge"])
@@ -191,9 +231,15 @@ def test_http_section_problems_are_all_reported(which: str) -> None:
         else:
             parse_edge_config({**EDGE, "http": BAD_HTTP}, "f.yaml", Path("/"))
     text = str(err.value)
-    for key in ("http.path.merge_slashes", "http.path.escaped_slashes", "http.path.x",
-                "http.headers.underscores", "http.headers.max_count",
-                "http.headers.max_value_bytes", "http.y"):
+    for key in (
+        "http.path.merge_slashes",
+        "http.path.escaped_slashes",
+        "http.path.x",
+        "http.headers.underscores",
+        "http.headers.max_count",
+        "http.headers.max_value_bytes",
+        "http.y",
+    ):
         assert f"f.yaml: {key}:" in text, key
     with pytest.raises(ConfigError, match="http: must be a mapping"):
         parse_config({**SIDECAR, "http": []}, "f.yaml", Path("/"))

@@ -18,13 +18,15 @@ def feed_all(kind: str, data: bytes, step: int | None = None):
         out += p.feed(data)
     else:
         for i in range(0, len(data), step):
-            out += p.feed(data[i:i + step])
+            out += p.feed(data[i : i + step])
     return out
 
 
 def test_request_with_chunked_body_then_pipelined_request() -> None:
-    raw = (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n")
+    raw = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     for step in (None, 1, 7):
         evs = feed_all("request", raw, step)
         heads = [e for e in evs if isinstance(e, RequestHead)]
@@ -106,9 +108,16 @@ def test_malformed_response_is_502() -> None:
 
 
 def test_hop_by_hop_and_connection_listed_headers_are_removed() -> None:
-    hs = [(b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"1"), (b"Keep-Alive", b"5"),
-          (b"Proxy-Authorization", b"Basic x"), (b"TE", b"trailers"), (b"Upgrade", b"h2c"),
-          (b"X-Forwarded-Client-Cert", b"spoof"), (b"Accept", b"*/*")]
+    hs = [
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"X-Secret", b"1"),
+        (b"Keep-Alive", b"5"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"TE", b"trailers"),
+        (b"Upgrade", b"h2c"),
+        (b"X-Forwarded-Client-Cert", b"spoof"),
+        (b"Accept", b"*/*"),
+    ]
     out = clean_headers(hs, drop={b"x-forwarded-client-cert"})
     assert out == [(b"Accept", b"*/*")]
 
@@ -130,8 +139,11 @@ def test_complete_heads_over_the_limit_in_one_write_are_431(size: int, shape: st
     if shape == "one-header":
         head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * size + b"\r\n\r\n"
     elif shape == "many-headers":
-        head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(
-            b"X-%d: " % i + b"b" * (size // 90) + b"\r\n" for i in range(90)) + b"\r\n"
+        head = (
+            b"GET / HTTP/1.1\r\nHost: a\r\n"
+            + b"".join(b"X-%d: " % i + b"b" * (size // 90) + b"\r\n" for i in range(90))
+            + b"\r\n"
+        )
     else:
         head = b"GET /" + b"c" * size + b" HTTP/1.1\r\nHost: a\r\n\r\n"
     for step in (None, 8192):
@@ -142,32 +154,42 @@ def test_complete_heads_over_the_limit_in_one_write_are_431(size: int, shape: st
 
 def test_response_head_over_the_limit_is_502() -> None:
     with pytest.raises(ProtocolError) as err:
-        feed_all("response", b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n")
+        feed_all(
+            "response", b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n"
+        )
     assert err.value.status == 502
 
 
 def test_head_just_under_the_limit_parses() -> None:
     # 60 KiB of values in four headers, each under the per-value limit (16 KiB)
-    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(
-        b"X%d: %b\r\n" % (i, b"a" * (15 * 1024)) for i in range(4)) + b"\r\n"
+    head = (
+        b"GET / HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X%d: %b\r\n" % (i, b"a" * (15 * 1024)) for i in range(4))
+        + b"\r\n"
+    )
     req, end = feed_all("request", head)
     assert isinstance(req, RequestHead) and end is END
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHOST: a\r\nX: 1\r\nHost: a\r\n\r\n",
-    b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHOST: a\r\nX: 1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    ],
+)
 def test_more_than_one_host_is_400(raw: bytes) -> None:
     with pytest.raises(ProtocolError, match="more than one Host") as err:
         feed_all("request", raw)
     assert err.value.status == 400
 
 
-@pytest.mark.parametrize("name", [b"X_Forwarded_Client_Cert", b"x_forwarded_for", b"_", b"X-Spiffe_Id",
-                                  b"Content_Length"])
+@pytest.mark.parametrize(
+    "name",
+    [b"X_Forwarded_Client_Cert", b"x_forwarded_for", b"_", b"X-Spiffe_Id", b"Content_Length"],
+)
 def test_header_names_with_underscores_are_400(name: bytes) -> None:
     with pytest.raises(ProtocolError, match="underscore") as err:
         feed_all("request", b"GET / HTTP/1.1\r\nHost: a\r\n" + name + b": v\r\n\r\n")

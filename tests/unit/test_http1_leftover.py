@@ -16,7 +16,7 @@ INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED"
 
 CLEAN = [
     (False, b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n"),
-    (False, b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n"),
+    (False, b'HTTP/1.1 304 Not Modified\r\nETag: "a"\r\n\r\n'),
     (True, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),  # a HEAD answer
     (False, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"),
     (False, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
@@ -40,7 +40,7 @@ def run(head: bool, pieces: list[bytes]) -> tuple[Http1Parser, list]:
 
 def _final_ended(events: list) -> bool:
     heads = [i for i, e in enumerate(events) if isinstance(e, ResponseHead) and e.status >= 200]
-    return bool(heads) and any(isinstance(e, EndOfMessage) for e in events[heads[0]:])
+    return bool(heads) and any(isinstance(e, EndOfMessage) for e in events[heads[0] :])
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -54,7 +54,9 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 @pytest.mark.parametrize(("head", "resp"), CLEAN)
 @pytest.mark.parametrize("extra", EXTRA)
-def test_bytes_after_a_response_in_the_same_read_are_seen(head: bool, resp: bytes, extra: bytes) -> None:
+def test_bytes_after_a_response_in_the_same_read_are_seen(
+    head: bool, resp: bytes, extra: bytes
+) -> None:
     p, events = run(head, [resp + extra])
     assert p.leftover
     assert not p.between_messages()
@@ -72,10 +74,14 @@ def test_a_clean_response_leaves_nothing(head: bool, resp: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(case=st.sampled_from(CLEAN), extra=st.sampled_from(EXTRA),
-       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6))
+@given(
+    case=st.sampled_from(CLEAN),
+    extra=st.sampled_from(EXTRA),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
 def test_any_split_of_response_plus_extra_is_seen_when_they_share_a_read(
-        case: tuple[bool, bytes], extra: bytes, cuts: list[int]) -> None:
+    case: tuple[bool, bytes], extra: bytes, cuts: list[int]
+) -> None:
     head, resp = case
     data = resp + extra
     pieces = split(data, cuts)
@@ -88,14 +94,18 @@ def test_any_split_of_response_plus_extra_is_seen_when_they_share_a_read(
         at += len(piece)
         if at >= len(resp):
             break
-    same_read = data[len(resp):at]
+    same_read = data[len(resp) : at]
     if same_read.strip(b"\r\n"):
         assert p.leftover
 
 
 @settings(max_examples=200, deadline=None)
-@given(case=st.sampled_from(CLEAN), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6))
-def test_any_split_of_a_clean_response_leaves_nothing(case: tuple[bool, bytes], cuts: list[int]) -> None:
+@given(
+    case=st.sampled_from(CLEAN), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6)
+)
+def test_any_split_of_a_clean_response_leaves_nothing(
+    case: tuple[bool, bytes], cuts: list[int]
+) -> None:
     head, resp = case
     p, events = run(head, split(resp, cuts))
     assert not p.leftover and p.between_messages()
@@ -103,6 +113,7 @@ def test_any_split_of_a_clean_response_leaves_nothing(case: tuple[bool, bytes], 
 
 
 # -- a protocol error keeps the messages completed before it in the same read ------------
+
 
 def _parse_error(data: bytes) -> ProtocolError:
     with pytest.raises(ProtocolError) as info:
@@ -113,12 +124,16 @@ def _parse_error(data: bytes) -> ProtocolError:
 GOOD = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
 
 
-@pytest.mark.parametrize("bad", [
-    b"NOT HTTP\r\n\r\n",
-    b"POST /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # head parsed, body broken
-    b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",  # llhttp completes it, then stops
-    b"GET /3 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-], ids=["garbage", "bad-chunk", "connect", "two-hosts"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"POST /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # head parsed, body broken
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",  # llhttp completes it, then stops
+        b"GET /3 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ],
+    ids=["garbage", "bad-chunk", "connect", "two-hosts"],
+)
 def test_the_good_request_before_an_error_rides_on_it(bad: bytes) -> None:
     exc = _parse_error(GOOD + bad)
     assert [type(e).__name__ for e in exc.partial] == ["RequestHead", "EndOfMessage"]
@@ -126,4 +141,9 @@ def test_the_good_request_before_an_error_rides_on_it(bad: bytes) -> None:
 
 
 def test_an_error_in_the_first_message_carries_nothing() -> None:
-    assert _parse_error(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").partial == []
+    assert (
+        _parse_error(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        ).partial
+        == []
+    )

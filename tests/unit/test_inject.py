@@ -35,15 +35,24 @@ ANNOTATIONS = {
 
 def pod_template(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
     s: dict[str, Any] = {
-        "containers": [{
-            "name": "app", "image": "example/app:1",
-            "ports": [{"containerPort": 9002}],
-            "env": [{"name": "KEEP", "value": "1"}, {"name": "HTTP_PROXY", "value": "http://old:1"}],
-        }],
+        "containers": [
+            {
+                "name": "app",
+                "image": "example/app:1",
+                "ports": [{"containerPort": 9002}],
+                "env": [
+                    {"name": "KEEP", "value": "1"},
+                    {"name": "HTTP_PROXY", "value": "http://old:1"},
+                ],
+            }
+        ],
     }
     s.update(spec)
     return {
-        "metadata": {"labels": {"app": "api"}, "annotations": dict(ANNOTATIONS if annotations is None else annotations)},
+        "metadata": {
+            "labels": {"app": "api"},
+            "annotations": dict(ANNOTATIONS if annotations is None else annotations),
+        },
         "spec": s,
     }
 
@@ -53,17 +62,30 @@ def workload(kind: str, annotations: dict[str, str] | None = None, **spec: Any) 
     meta = {"name": "api", "namespace": "default"}
     sel = {"matchLabels": {"app": "api"}}
     if kind == "Pod":
-        return {"apiVersion": "v1", "kind": "Pod", "metadata": {**meta, **tmpl["metadata"]}, "spec": tmpl["spec"]}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {**meta, **tmpl["metadata"]},
+            "spec": tmpl["spec"],
+        }
     if kind in ("Job", "CronJob"):
         tmpl["spec"]["restartPolicy"] = "Never"
         job = {"template": tmpl}
         if kind == "Job":
             return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job}
-        return {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": meta,
-                "spec": {"schedule": "*/5 * * * *", "jobTemplate": {"spec": job}}}
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": meta,
+            "spec": {"schedule": "*/5 * * * *", "jobTemplate": {"spec": job}},
+        }
     if kind == "ReplicationController":
-        return {"apiVersion": "v1", "kind": kind, "metadata": meta,
-                "spec": {"selector": {"app": "api"}, "template": tmpl}}
+        return {
+            "apiVersion": "v1",
+            "kind": kind,
+            "metadata": meta,
+            "spec": {"selector": {"app": "api"}, "template": tmpl},
+        }
     body: dict[str, Any] = {"selector": sel, "template": tmpl}
     if kind == "StatefulSet":
         body["serviceName"] = "api"
@@ -91,7 +113,9 @@ def validate(obj: dict[str, Any]) -> None:
 
 def sidecar_of(obj: dict[str, Any]) -> dict[str, Any]:
     spec = pod_spec(obj)["spec"]
-    found = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == SIDECAR_NAME]
+    found = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == SIDECAR_NAME
+    ]
     assert len(found) == 1
     return found[0]
 
@@ -134,16 +158,28 @@ def test_every_kind_native(kind: str) -> None:
 def test_rendered_config() -> None:
     cfg = config_of(inject_object(workload("Deployment"), OPTS))
     assert cfg["identity"]["spiffe_id"] == (
-        "spiffe://meshcar.demo/ns/$(MESHCAR_POD_NAMESPACE)/sa/$(MESHCAR_POD_SERVICE_ACCOUNT)")
+        "spiffe://meshcar.demo/ns/$(MESHCAR_POD_NAMESPACE)/sa/$(MESHCAR_POD_SERVICE_ACCOUNT)"
+    )
     assert cfg["identity"]["ca_url"] == OPTS.ca_url
     assert cfg["identity"]["k8s_token_file"] == "/var/run/secrets/meshcar/token"
     assert cfg["identity"]["ca_bundle"] == "/var/run/meshcar/trust/ca-bundle.pem"
     assert cfg["app"] == {"host": "127.0.0.1", "port": 9002}
-    assert cfg["inbound"] == {"listen": "0.0.0.0:4143", "allow": [
-        "spiffe://meshcar.demo/ns/default/sa/web", "spiffe://meshcar.demo/ns/edge/sa/edge"]}
-    assert cfg["outbound"] == {"listen": "127.0.0.1:4140", "upstreams": {"payments": {
-        "endpoints": ["payments.default.svc:7003"],
-        "spiffe_id": "spiffe://meshcar.demo/ns/default/sa/payments"}}}
+    assert cfg["inbound"] == {
+        "listen": "0.0.0.0:4143",
+        "allow": [
+            "spiffe://meshcar.demo/ns/default/sa/web",
+            "spiffe://meshcar.demo/ns/edge/sa/edge",
+        ],
+    }
+    assert cfg["outbound"] == {
+        "listen": "127.0.0.1:4140",
+        "upstreams": {
+            "payments": {
+                "endpoints": ["payments.default.svc:7003"],
+                "spiffe_id": "spiffe://meshcar.demo/ns/default/sa/payments",
+            }
+        },
+    }
     assert cfg["admin"] == {"listen": "0.0.0.0:4191"}
 
 
@@ -151,7 +187,8 @@ def test_upstream_syntax_several_endpoints_and_lines() -> None:
     ann = dict(ANNOTATIONS)
     ann["meshcar.io/upstreams"] = (
         "payments=p-0.payments:7003;p-1.payments:7003=spiffe://meshcar.demo/ns/pay/sa/payments\n"
-        "ledger=ledger.fin.svc.cluster.local:7010=fin/ledger")
+        "ledger=ledger.fin.svc.cluster.local:7010=fin/ledger"
+    )
     ann["meshcar.io/inbound-port"] = "7002"
     ann["meshcar.io/outbound-port"] = "7102"
     ann["meshcar.io/admin-port"] = "7202"
@@ -160,10 +197,14 @@ def test_upstream_syntax_several_endpoints_and_lines() -> None:
     validate(obj)
     cfg = config_of(obj)
     assert cfg["outbound"]["upstreams"] == {
-        "payments": {"endpoints": ["p-0.payments:7003", "p-1.payments:7003"],
-                     "spiffe_id": "spiffe://meshcar.demo/ns/pay/sa/payments"},
-        "ledger": {"endpoints": ["ledger.fin.svc.cluster.local:7010"],
-                   "spiffe_id": "spiffe://meshcar.demo/ns/fin/sa/ledger"},
+        "payments": {
+            "endpoints": ["p-0.payments:7003", "p-1.payments:7003"],
+            "spiffe_id": "spiffe://meshcar.demo/ns/pay/sa/payments",
+        },
+        "ledger": {
+            "endpoints": ["ledger.fin.svc.cluster.local:7010"],
+            "spiffe_id": "spiffe://meshcar.demo/ns/fin/sa/ledger",
+        },
     }
     assert cfg["log_level"] == "debug"
     assert cfg["inbound"]["listen"] == "0.0.0.0:7002"
@@ -211,7 +252,10 @@ def test_existing_init_containers_run_after_the_sidecar() -> None:
     init = [{"name": "migrate", "image": "example/migrate:1"}]
     after = inject_object(workload("Deployment", initContainers=init), OPTS)
     validate(after)
-    assert [c["name"] for c in pod_spec(after)["spec"]["initContainers"]] == [SIDECAR_NAME, "migrate"]
+    assert [c["name"] for c in pod_spec(after)["spec"]["initContainers"]] == [
+        SIDECAR_NAME,
+        "migrate",
+    ]
 
 
 def test_ca_bundle_inline() -> None:
@@ -252,15 +296,22 @@ def test_opt_out(kind: str) -> None:
     assert inject_object(obj, OPTS) is obj
 
 
-@pytest.mark.parametrize("doc", [
-    {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "b"}},
-    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
-     "spec": {"ports": [{"port": 80}], "selector": {"app": "x"}}},
-    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}},
-    {"apiVersion": "apps/v1", "kind": "NotAWorkload", "spec": {"template": {"spec": {}}}},
-    "a plain string",
-    ["a", "list"],
-])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "b"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "s"},
+            "spec": {"ports": [{"port": 80}], "selector": {"app": "x"}},
+        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}},
+        {"apiVersion": "apps/v1", "kind": "NotAWorkload", "spec": {"template": {"spec": {}}}},
+        "a plain string",
+        ["a", "list"],
+    ],
+)
 def test_other_documents_untouched(doc: Any) -> None:
     frozen = copy.deepcopy(doc)
     assert inject_document(doc, OPTS) == frozen
@@ -284,20 +335,23 @@ def test_refuse_missing_app_port() -> None:
     _refused(workload("Deployment", ann), "meshcar.io/app-port", "required")
 
 
-@pytest.mark.parametrize(("key", "value", "needle"), [
-    ("meshcar.io/app-port", "http", "not a port number"),
-    ("meshcar.io/app-port", "70000", "not in 1..65535"),
-    ("meshcar.io/app-port", "4143", "ports must differ"),
-    ("meshcar.io/upstreams", "payments", "NAME=HOST:PORT"),
-    ("meshcar.io/upstreams", "payments=payments.default.svc=default/payments", "not HOST:PORT"),
-    ("meshcar.io/upstreams", "payments=p:1=x", "neither a spiffe"),
-    ("meshcar.io/upstreams", "a=p:1=ns/sa,a=q:1=ns/sa", "given twice"),
-    ("meshcar.io/allowed-callers", "spiffe://", "not a valid SPIFFE ID"),
-    ("meshcar.io/allowed-callers", "Default/Web", "neither a spiffe"),
-    ("meshcar.io/sidecar-mode", "ambient", "not native or classic"),
-    ("meshcar.io/inject", "yes", "not enabled or disabled"),
-    ("meshcar.io/log-level", "loud", "not a log level"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("meshcar.io/app-port", "http", "not a port number"),
+        ("meshcar.io/app-port", "70000", "not in 1..65535"),
+        ("meshcar.io/app-port", "4143", "ports must differ"),
+        ("meshcar.io/upstreams", "payments", "NAME=HOST:PORT"),
+        ("meshcar.io/upstreams", "payments=payments.default.svc=default/payments", "not HOST:PORT"),
+        ("meshcar.io/upstreams", "payments=p:1=x", "neither a spiffe"),
+        ("meshcar.io/upstreams", "a=p:1=ns/sa,a=q:1=ns/sa", "given twice"),
+        ("meshcar.io/allowed-callers", "spiffe://", "not a valid SPIFFE ID"),
+        ("meshcar.io/allowed-callers", "Default/Web", "neither a spiffe"),
+        ("meshcar.io/sidecar-mode", "ambient", "not native or classic"),
+        ("meshcar.io/inject", "yes", "not enabled or disabled"),
+        ("meshcar.io/log-level", "loud", "not a log level"),
+    ],
+)
 def test_refuse_bad_annotations(key: str, value: str, needle: str) -> None:
     _refused(workload("Deployment", dict(ANNOTATIONS, **{key: value})), needle)
 
@@ -313,7 +367,11 @@ def test_refuse_port_collision_and_reserved_volume() -> None:
 
 def test_list_documents() -> None:
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}}
-    lst = {"apiVersion": "v1", "kind": "List", "items": [workload("Deployment"), cm, workload("Job")]}
+    lst = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [workload("Deployment"), cm, workload("Job")],
+    }
     out = inject_document(lst, OPTS)
     assert out["items"][1] == cm
     sidecar_of(out["items"][0])
@@ -355,9 +413,25 @@ def test_cli_flags(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     src.write_text(yaml.safe_dump(workload("Deployment")))
     bundle = tmp_path / "root.pem"
     bundle.write_text(PEM)
-    assert cli.main(["-f", str(src), "--sidecar-mode", "classic", "--image", "reg.example/meshcar:9",
-                     "--ca-url", "https://ca.example:8600", "--trust-domain", "prod.example",
-                     "--ca-bundle", str(bundle)]) == 0
+    assert (
+        cli.main(
+            [
+                "-f",
+                str(src),
+                "--sidecar-mode",
+                "classic",
+                "--image",
+                "reg.example/meshcar:9",
+                "--ca-url",
+                "https://ca.example:8600",
+                "--trust-domain",
+                "prod.example",
+                "--ca-bundle",
+                str(bundle),
+            ]
+        )
+        == 0
+    )
     doc = yaml.safe_load(capsys.readouterr().out)
     side = pod_spec(doc)["spec"]["containers"][0]
     assert side["name"] == SIDECAR_NAME and side["image"] == "reg.example/meshcar:9"
@@ -377,8 +451,12 @@ def test_cli_refusal_writes_nothing(tmp_path: Any, capsys: pytest.CaptureFixture
     assert str(src) in err and "pod/api (namespace default)" in err and "hostNetwork" in err
 
 
-@pytest.mark.parametrize(("text", "needle"), [(":\n  - [", "not valid YAML"), (None, "cannot read")])
-def test_cli_bad_input(tmp_path: Any, capsys: pytest.CaptureFixture[str], text: str | None, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "needle"), [(":\n  - [", "not valid YAML"), (None, "cannot read")]
+)
+def test_cli_bad_input(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], text: str | None, needle: str
+) -> None:
     src = tmp_path / "in.yaml"
     if text is not None:
         src.write_text(text)
@@ -386,8 +464,12 @@ def test_cli_bad_input(tmp_path: Any, capsys: pytest.CaptureFixture[str], text: 
     assert needle in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("content", "needle"), [(None, "cannot read"), ("hello", "not a PEM certificate")])
-def test_cli_bad_ca_bundle(tmp_path: Any, capsys: pytest.CaptureFixture[str], content: str | None, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "needle"), [(None, "cannot read"), ("hello", "not a PEM certificate")]
+)
+def test_cli_bad_ca_bundle(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], content: str | None, needle: str
+) -> None:
     src = tmp_path / "in.yaml"
     src.write_text(yaml.safe_dump(workload("Pod")))
     bundle = tmp_path / "root.pem"
@@ -401,7 +483,11 @@ def test_cli_bad_ca_bundle(tmp_path: Any, capsys: pytest.CaptureFixture[str], co
 def test_cli_stdin_through_meshcar_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "meshcar.cli", "inject", "-f", "-"],
-        input=_multi_doc(), capture_output=True, text=True, timeout=60, check=False,
+        input=_multi_doc(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     docs = list(yaml.safe_load_all(proc.stdout))
@@ -421,12 +507,24 @@ def test_rendered_config_is_accepted_by_the_sidecar_loader(bundle: str | None) -
     kubelet has expanded $(MESHCAR_POD_NAMESPACE) and $(MESHCAR_POD_SERVICE_ACCOUNT)."""
     from meshcar.sidecar.config import parse_config
 
-    env = {e["name"]: e for e in sidecar_of(inject_object(workload("Deployment"),
-                                                          InjectOptions(ca_bundle_pem=bundle)))["env"]}
-    assert env["MESHCAR_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert env["MESHCAR_POD_SERVICE_ACCOUNT"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
-    text = (env[CONFIG_ENV]["value"].replace("$(MESHCAR_POD_NAMESPACE)", "default")
-            .replace("$(MESHCAR_POD_SERVICE_ACCOUNT)", "api"))
+    env = {
+        e["name"]: e
+        for e in sidecar_of(
+            inject_object(workload("Deployment"), InjectOptions(ca_bundle_pem=bundle))
+        )["env"]
+    }
+    assert (
+        env["MESHCAR_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    )
+    assert (
+        env["MESHCAR_POD_SERVICE_ACCOUNT"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "spec.serviceAccountName"
+    )
+    text = (
+        env[CONFIG_ENV]["value"]
+        .replace("$(MESHCAR_POD_NAMESPACE)", "default")
+        .replace("$(MESHCAR_POD_SERVICE_ACCOUNT)", "api")
+    )
     data = yaml.safe_load(text)
     ident = data["identity"]
     ident["token_file"] = ident.pop("k8s_token_file")
@@ -436,5 +534,8 @@ def test_rendered_config_is_accepted_by_the_sidecar_loader(bundle: str | None) -
     cfg = parse_config(data, "$MESHCAR_CONFIG")
     assert cfg.identity.spiffe_id == "spiffe://meshcar.demo/ns/default/sa/api"
     assert cfg.app.port == 9002
-    assert cfg.allow == ("spiffe://meshcar.demo/ns/default/sa/web", "spiffe://meshcar.demo/ns/edge/sa/edge")
+    assert cfg.allow == (
+        "spiffe://meshcar.demo/ns/default/sa/web",
+        "spiffe://meshcar.demo/ns/edge/sa/edge",
+    )
     assert [u.name for u in cfg.upstreams] == ["payments"]

@@ -44,8 +44,16 @@ def find(kind: str, name: str) -> dict[str, Any]:
 
 def test_there_are_manifests() -> None:
     kinds = {d["kind"] for d in ALL}
-    assert {"Namespace", "ServiceAccount", "ClusterRoleBinding", "PersistentVolumeClaim", "Service",
-            "Deployment", "MutatingWebhookConfiguration", "ConfigMap"} <= kinds
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRoleBinding",
+        "PersistentVolumeClaim",
+        "Service",
+        "Deployment",
+        "MutatingWebhookConfiguration",
+        "ConfigMap",
+    } <= kinds
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -66,12 +74,20 @@ def test_injected_manifests_validate_and_round_trip(path: Path, mode: str) -> No
 
 
 def test_system_components_are_not_injected() -> None:
-    for name, kind in (("meshcar-ca", "Deployment"), ("meshcar-webhook", "Deployment"), ("edge", "Deployment")):
+    for name, kind in (
+        ("meshcar-ca", "Deployment"),
+        ("meshcar-webhook", "Deployment"),
+        ("edge", "Deployment"),
+    ):
         obj = find(kind, name)
         assert inject_document(obj, OPTS) is obj
         # the webhook's objectSelector sees the label, the injector the annotation
         tmpl = obj["spec"]["template"]["metadata"]
-        assert tmpl["labels"]["meshcar.io/inject"] == tmpl["annotations"]["meshcar.io/inject"] == "disabled"
+        assert (
+            tmpl["labels"]["meshcar.io/inject"]
+            == tmpl["annotations"]["meshcar.io/inject"]
+            == "disabled"
+        )
 
 
 @pytest.mark.parametrize("service", sc.SCENARIO.services, ids=lambda s: s.name)
@@ -87,14 +103,25 @@ def test_demo_workloads_are_the_scenario(service: sc.Service) -> None:
     assert tmpl["spec"]["serviceAccountName"] == service.name
     k8s_id = f"spiffe://{sc.TRUST_DOMAIN}/ns/{NS}/sa/{{}}".format
     assert parse_allowed_callers(ann["meshcar.io/allowed-callers"], sc.TRUST_DOMAIN) == [
-        k8s_id(c) for c in service.allowed_callers]
+        k8s_id(c) for c in service.allowed_callers
+    ]
     ups = parse_upstreams(ann.get("meshcar.io/upstreams", ""), sc.TRUST_DOMAIN)
     assert list(ups) == list(service.upstreams)
     for name, up in ups.items():
         peer = sc.SCENARIO.service(name)
-        assert up == {"endpoints": [f"{name}.{NS}.svc:{peer.inbound_port}"], "spiffe_id": k8s_id(name)}
+        assert up == {
+            "endpoints": [f"{name}.{NS}.svc:{peer.inbound_port}"],
+            "spiffe_id": k8s_id(name),
+        }
     app = tmpl["spec"]["containers"][0]
-    assert app["command"][:6] == ["meshcar", "demo-app", "--name", service.name, "--port", str(service.app_port)]
+    assert app["command"][:6] == [
+        "meshcar",
+        "demo-app",
+        "--name",
+        service.name,
+        "--port",
+        str(service.app_port),
+    ]
     svc = find("Service", service.name)
     ports = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}
     assert ports[service.inbound_port] == service.inbound_port
@@ -114,10 +141,13 @@ def test_demo_namespace_is_opted_in_and_matches_the_webhook() -> None:
     (hook,) = mwc["webhooks"]
     assert hook["namespaceSelector"]["matchLabels"].items() <= ns["metadata"]["labels"].items()
     assert hook["objectSelector"]["matchExpressions"] == [
-        {"key": "meshcar.io/inject", "operator": "NotIn", "values": ["disabled"]}]
+        {"key": "meshcar.io/inject", "operator": "NotIn", "values": ["disabled"]}
+    ]
     assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
     assert hook["failurePolicy"] in ("Ignore", "Fail")
-    assert hook["rules"][0]["resources"] == ["pods"] and hook["rules"][0]["operations"] == ["CREATE"]
+    assert hook["rules"][0]["resources"] == ["pods"] and hook["rules"][0]["operations"] == [
+        "CREATE"
+    ]
     ref = hook["clientConfig"]["service"]
     assert ref["path"] == INJECT_PATH
     svc = find("Service", ref["name"])
@@ -144,12 +174,20 @@ def test_edge_config_is_the_scenario() -> None:
     from tests.support.edge_scenario import assert_edge_is_the_scenario
 
     raw = yaml.safe_load(find("ConfigMap", "edge-config")["data"]["edge.yaml"])
-    assert_edge_is_the_scenario(raw, host=lambda name: f"{name}.{NS}.svc",
-                                spiffe=lambda name: f"spiffe://{sc.TRUST_DOMAIN}/ns/{NS}/sa/{name}")
+    assert_edge_is_the_scenario(
+        raw,
+        host=lambda name: f"{name}.{NS}.svc",
+        spiffe=lambda name: f"spiffe://{sc.TRUST_DOMAIN}/ns/{NS}/sa/{name}",
+    )
     for r in sc.SCENARIO.edge_routes:
-        port = {"terminate": sc.SCENARIO.service(r.backend).app_port,
-                "bridge": sc.SCENARIO.service(r.backend).inbound_port,
-                "passthrough": sc.SCENARIO.service(r.backend).public_tls_port}[r.mode]
+        port = {
+            "terminate": sc.SCENARIO.service(r.backend).app_port,
+            "bridge": sc.SCENARIO.service(r.backend).inbound_port,
+            "passthrough": sc.SCENARIO.service(r.backend).public_tls_port,
+        }[r.mode]
         assert port in [p["port"] for p in find("Service", r.backend)["spec"]["ports"]]
     edge_svc = find("Service", "edge")
-    assert {p["targetPort"] for p in edge_svc["spec"]["ports"]} == {sc.EDGE_HTTPS_PORT, sc.EDGE_HTTP_PORT}
+    assert {p["targetPort"] for p in edge_svc["spec"]["ports"]} == {
+        sc.EDGE_HTTPS_PORT,
+        sc.EDGE_HTTP_PORT,
+    }

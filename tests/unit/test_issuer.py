@@ -50,8 +50,17 @@ async def test_join_token_issuer(tmp_path: Path) -> None:
     calls = await _exercise(issuer, rec)
     assert calls == [
         ("sign", {"spiffe_id": SID, "token": "join-1", "ttl_seconds": 60, "trust_pem": "trust"}),
-        ("sign", {"spiffe_id": SID, "chain_file": Path("c.pem"), "key_file": Path("k.pem"),
-                  "ttl_seconds": 60, "bundle_version": 7, "trust_pem": "held-bundle"}),
+        (
+            "sign",
+            {
+                "spiffe_id": SID,
+                "chain_file": Path("c.pem"),
+                "key_file": Path("k.pem"),
+                "ttl_seconds": 60,
+                "bundle_version": 7,
+                "trust_pem": "held-bundle",
+            },
+        ),
         ("bundle", {"trust_pem": "trust"}),
     ]
     token.write_text("")
@@ -88,8 +97,11 @@ async def test_vault_issuer_sends_no_meshcar_token() -> None:
     issuer = VaultIssuer(rec)  # type: ignore[arg-type]
     assert issuer.has_bootstrap_credential
     calls = await _exercise(issuer, rec)
-    assert calls == [("sign", {"spiffe_id": SID, "ttl_seconds": 60}),
-                     ("sign", {"spiffe_id": SID, "ttl_seconds": 60}), ("bundle", {})]
+    assert calls == [
+        ("sign", {"spiffe_id": SID, "ttl_seconds": 60}),
+        ("sign", {"spiffe_id": SID, "ttl_seconds": 60}),
+        ("bundle", {}),
+    ]
 
 
 def test_the_rotation_loop_knows_only_the_interface() -> None:

@@ -39,7 +39,12 @@ def _jwk(pub: Any, kid: str, alg: str) -> dict[str, Any]:
     return d
 
 
-JWKS = {"keys": [_jwk(RSA_KEY.public_key(), "rsa-1", "RS256"), _jwk(EC_KEY.public_key(), "ec-1", "ES256")]}
+JWKS = {
+    "keys": [
+        _jwk(RSA_KEY.public_key(), "rsa-1", "RS256"),
+        _jwk(EC_KEY.public_key(), "ec-1", "ES256"),
+    ]
+}
 
 
 def claims(**over: Any) -> dict[str, Any]:
@@ -64,13 +69,21 @@ def claims(**over: Any) -> dict[str, Any]:
     return c
 
 
-def sign(c: dict[str, Any], key: Any = RSA_KEY, alg: str = "RS256", kid: str | None = "rsa-1") -> str:
+def sign(
+    c: dict[str, Any], key: Any = RSA_KEY, alg: str = "RS256", kid: str | None = "rsa-1"
+) -> str:
     headers = {"kid": kid} if kid is not None else {}
     return jwt.encode(c, key, algorithm=alg, headers=headers)
 
 
 def verify(token: str, **kw: Any) -> str:
-    args: dict[str, Any] = {"jwks": JWKS, "issuer": ISSUER, "audience": AUD, "trust_domain": TD, "now": NOW}
+    args: dict[str, Any] = {
+        "jwks": JWKS,
+        "issuer": ISSUER,
+        "audience": AUD,
+        "trust_domain": TD,
+        "now": NOW,
+    }
     args.update(kw)
     return verify_projected_token(token, **args)
 
@@ -80,9 +93,20 @@ def test_valid_rs256() -> None:
 
 
 def test_valid_es256() -> None:
-    tok = sign(claims(sub="system:serviceaccount:shop:payments", **{"kubernetes.io": {
-        "namespace": "shop", "serviceaccount": {"name": "payments", "uid": "u"}}}),
-        key=EC_KEY, alg="ES256", kid="ec-1")
+    tok = sign(
+        claims(
+            sub="system:serviceaccount:shop:payments",
+            **{
+                "kubernetes.io": {
+                    "namespace": "shop",
+                    "serviceaccount": {"name": "payments", "uid": "u"},
+                }
+            },
+        ),
+        key=EC_KEY,
+        alg="ES256",
+        kid="ec-1",
+    )
     assert verify(tok) == "spiffe://meshcar.demo/ns/shop/sa/payments"
 
 
@@ -109,17 +133,41 @@ def test_leeway_applies_to_exp() -> None:
         (lambda: sign(claims(), kid="rotated-away"), "unknown signing key"),
         (lambda: sign(claims(), key=EC_KEY, alg="ES256", kid="rsa-1"), "does not match"),
         (lambda: jwt.encode(claims(), None, algorithm="none"), "not allowed"),
-        (lambda: jwt.encode(claims(), "secret-secret-secret-secret-32by", algorithm="HS256",
-                            headers={"kid": "rsa-1"}), "not allowed"),
+        (
+            lambda: jwt.encode(
+                claims(),
+                "secret-secret-secret-secret-32by",
+                algorithm="HS256",
+                headers={"kid": "rsa-1"},
+            ),
+            "not allowed",
+        ),
         (lambda: sign({k: v for k, v in claims().items() if k != "exp"}), "missing claim exp"),
         (lambda: sign({k: v for k, v in claims().items() if k != "aud"}), "missing claim aud"),
-        (lambda: sign({k: v for k, v in claims().items() if k != "kubernetes.io"}), "kubernetes.io"),
-        (lambda: sign(claims(**{"kubernetes.io": {"serviceaccount": {"name": "api"}}})), "namespace"),
-        (lambda: sign(claims(**{"kubernetes.io": {"namespace": "default", "serviceaccount": {}}})),
-         "serviceaccount.name"),
+        (
+            lambda: sign({k: v for k, v in claims().items() if k != "kubernetes.io"}),
+            "kubernetes.io",
+        ),
+        (
+            lambda: sign(claims(**{"kubernetes.io": {"serviceaccount": {"name": "api"}}})),
+            "namespace",
+        ),
+        (
+            lambda: sign(
+                claims(**{"kubernetes.io": {"namespace": "default", "serviceaccount": {}}})
+            ),
+            "serviceaccount.name",
+        ),
         (lambda: sign(claims(sub="system:serviceaccount:kube-system:admin")), "sub does not match"),
-        (lambda: sign(claims(sub="system:serviceaccount:a/b:api", **{"kubernetes.io": {
-            "namespace": "a/b", "serviceaccount": {"name": "api"}}})), "not a valid namespace"),
+        (
+            lambda: sign(
+                claims(
+                    sub="system:serviceaccount:a/b:api",
+                    **{"kubernetes.io": {"namespace": "a/b", "serviceaccount": {"name": "api"}}},
+                )
+            ),
+            "not a valid namespace",
+        ),
         (lambda: "not.a.jwt", "malformed"),
         (lambda: "", "empty"),
     ],
@@ -168,9 +216,13 @@ def oidc_server() -> Iterator[tuple[str, trustme.CA, list[str]]]:
             seen_auth.append(self.headers.get("Authorization", ""))
             base = f"https://127.0.0.1:{self.server.server_address[1]}"
             if self.path == "/.well-known/openid-configuration":
-                body = {"issuer": ISSUER, "jwks_uri": base + "/openid/v1/jwks",
-                        "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
-                        "id_token_signing_alg_values_supported": ["RS256"]}
+                body = {
+                    "issuer": ISSUER,
+                    "jwks_uri": base + "/openid/v1/jwks",
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                }
             elif self.path == "/openid/v1/jwks":
                 body = JWKS
             else:

@@ -123,8 +123,11 @@ ALLOWED: dict[tuple[str, str], str] = {
 def _package_modules() -> dict[str, Path]:
     """Every module of the three packages, by import name (ca/ is installed as meshcar_ca)."""
     found: dict[str, Path] = {}
-    for folder, name in ((ROOT / "meshcar", "meshcar"), (ROOT / "ca", "meshcar_ca"),
-                         (ROOT / "meshcar_spiffe", "meshcar_spiffe")):
+    for folder, name in (
+        (ROOT / "meshcar", "meshcar"),
+        (ROOT / "ca", "meshcar_ca"),
+        (ROOT / "meshcar_spiffe", "meshcar_spiffe"),
+    ):
         for path in sorted(folder.rglob("*.py")):
             parts = [name, *path.relative_to(folder).with_suffix("").parts]
             if parts[-1] == "__init__":
@@ -158,8 +161,11 @@ def layering_violations(imports: dict[str, list[str]]) -> set[tuple[str, str]]:
         for name in names:
             if not _ours(name) or name == "meshcar" or _matches(module, "meshcar.cli"):
                 continue  # `from meshcar import x` is checked as meshcar.x; cli is the top
-            if any((_matches(module, a) and _matches(name, b))
-                   or (_matches(module, b) and _matches(name, a)) for a, b in INDEPENDENT):
+            if any(
+                (_matches(module, a) and _matches(name, b))
+                or (_matches(module, b) and _matches(name, a))
+                for a, b in INDEPENDENT
+            ):
                 bad.add((module, name))
                 continue
             theirs = _layer_of(name)
@@ -182,8 +188,14 @@ def _grouped(pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
     (the package `a.b` itself is reported by its own name when no key covers it)."""
     out = set()
     for module, name in pairs:
-        key = next(((m, n) for m, n in ALLOWED
-                    if m == module and (_matches(name, n) or _matches(n, name))), (module, name))
+        key = next(
+            (
+                (m, n)
+                for m, n in ALLOWED
+                if m == module and (_matches(name, n) or _matches(n, name))
+            ),
+            (module, name),
+        )
         out.add(key)
     return out
 
@@ -196,8 +208,9 @@ def test_every_module_is_in_a_layer() -> None:
 def test_layers_and_independence_hold() -> None:
     found = _grouped(layering_violations(_all_imports()))
     new = sorted(found - set(ALLOWED))
-    assert not new, "imports that break a layer contract (move the code down, or invert the " \
-                    f"dependency): {new}"
+    assert not new, (
+        f"imports that break a layer contract (move the code down, or invert the dependency): {new}"
+    )
 
 
 def test_allowed_exceptions_are_still_needed() -> None:
@@ -206,36 +219,42 @@ def test_allowed_exceptions_are_still_needed() -> None:
     assert not stale, f"ALLOWED lists exceptions that no longer occur; delete them: {stale}"
 
 
-@pytest.mark.parametrize(("module", "name"), [
-    ("meshcar.tls.svid", "meshcar.identity.spiffe"),  # upward
-    ("meshcar.identity.rotate", "meshcar.admin.metrics"),  # upward
-    ("meshcar.edge.policy", "meshcar.sidecar.config"),  # role to role
-    ("meshcar.sidecar.dialers", "meshcar.edge.http"),  # role to role
-    ("meshcar.inject.cli", "meshcar.sidecar.config"),  # role to role
-    ("meshcar.sidecar.inbound", "meshcar.sidecar.outbound"),  # independent halves
-    ("meshcar.sidecar.outbound", "meshcar.sidecar.inbound"),
-    ("meshcar_ca.auth", "meshcar.errors"),  # the CA never imports meshcar
-    ("meshcar_spiffe", "meshcar_ca.errors"),
-    ("meshcar_spiffe", "meshcar.errors"),
-    ("meshcar.proto.http1", "meshcar.common.config"),
-    ("meshcar.newpkg.x", "meshcar.errors"),  # a module in no layer
-    ("meshcar.edge.main", "meshcar.demo.scenario"),  # a role depending on demo data
-    ("meshcar.common.config", "meshcar.demo.edge_config"),
-])
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("meshcar.tls.svid", "meshcar.identity.spiffe"),  # upward
+        ("meshcar.identity.rotate", "meshcar.admin.metrics"),  # upward
+        ("meshcar.edge.policy", "meshcar.sidecar.config"),  # role to role
+        ("meshcar.sidecar.dialers", "meshcar.edge.http"),  # role to role
+        ("meshcar.inject.cli", "meshcar.sidecar.config"),  # role to role
+        ("meshcar.sidecar.inbound", "meshcar.sidecar.outbound"),  # independent halves
+        ("meshcar.sidecar.outbound", "meshcar.sidecar.inbound"),
+        ("meshcar_ca.auth", "meshcar.errors"),  # the CA never imports meshcar
+        ("meshcar_spiffe", "meshcar_ca.errors"),
+        ("meshcar_spiffe", "meshcar.errors"),
+        ("meshcar.proto.http1", "meshcar.common.config"),
+        ("meshcar.newpkg.x", "meshcar.errors"),  # a module in no layer
+        ("meshcar.edge.main", "meshcar.demo.scenario"),  # a role depending on demo data
+        ("meshcar.common.config", "meshcar.demo.edge_config"),
+    ],
+)
 def test_checker_catches_layer_violations(module: str, name: str) -> None:
     assert (module, name) in layering_violations({module: [name]})
 
 
-@pytest.mark.parametrize(("module", "name"), [
-    ("meshcar.edge.config", "meshcar.common.config"),
-    ("meshcar.sidecar.transparent", "meshcar.sidecar.outbound"),
-    ("meshcar.sidecar.main", "meshcar.sidecar.inbound"),
-    ("meshcar.tls.svid", "meshcar_spiffe"),
-    ("meshcar_ca.spiffe", "meshcar_spiffe"),
-    ("meshcar.cli", "meshcar_ca.cli"),
-    ("meshcar.demo.plan", "meshcar.demo.edge_config"),
-    ("meshcar.demo.edge_config", "meshcar.edge.config"),
-    ("meshcar.net.forward", "meshcar.proto.http1"),
-])
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("meshcar.edge.config", "meshcar.common.config"),
+        ("meshcar.sidecar.transparent", "meshcar.sidecar.outbound"),
+        ("meshcar.sidecar.main", "meshcar.sidecar.inbound"),
+        ("meshcar.tls.svid", "meshcar_spiffe"),
+        ("meshcar_ca.spiffe", "meshcar_spiffe"),
+        ("meshcar.cli", "meshcar_ca.cli"),
+        ("meshcar.demo.plan", "meshcar.demo.edge_config"),
+        ("meshcar.demo.edge_config", "meshcar.edge.config"),
+        ("meshcar.net.forward", "meshcar.proto.http1"),
+    ],
+)
 def test_checker_allows_downward_imports(module: str, name: str) -> None:
     assert not layering_violations({module: [name]})

@@ -44,8 +44,14 @@ class Leg:
         self.origin_conn = HttpConn(self.origin, "request")
 
 
-async def run(leg: Leg, request: bytes, origin: Origin, *, timeouts: Timeouts | None = None,
-              max_request_body: int | None = None) -> tuple[Exchange | BaseException, Exchange]:
+async def run(
+    leg: Leg,
+    request: bytes,
+    origin: Origin,
+    *,
+    timeouts: Timeouts | None = None,
+    max_request_body: int | None = None,
+) -> tuple[Exchange | BaseException, Exchange]:
     """Send `request`, forward it, let `origin` answer; the result of forward (or what it
     raised) and the Exchange it filled in."""
     await leg.client.send_all(request)
@@ -57,9 +63,18 @@ async def run(leg: Leg, request: bytes, origin: Origin, *, timeouts: Timeouts | 
 
     async def proxy() -> None:
         try:
-            result.append(await forward(leg.down, req, head, leg.up, keep_response_headers,
-                                        exchange=ex, timeouts=timeouts,
-                                        max_request_body=max_request_body))
+            result.append(
+                await forward(
+                    leg.down,
+                    req,
+                    head,
+                    leg.up,
+                    keep_response_headers,
+                    exchange=ex,
+                    timeouts=timeouts,
+                    max_request_body=max_request_body,
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             result.append(exc)
 
@@ -86,8 +101,9 @@ GET = b"GET /g HTTP/1.1\r\nHost: a.test\r\n\r\n"
 async def test_content_length_bodies_keep_their_length() -> None:
     leg = Leg()
     origin = answer(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-O: 1\r\n\r\nok")
-    res, ex = await run(leg, b"PUT /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\n\r\nhello world",
-                        origin)
+    res, ex = await run(
+        leg, b"PUT /p HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\n\r\nhello world", origin
+    )
     assert res is ex and (ex.status, ex.bytes_up, ex.bytes_down) == (201, 11, 2)
     assert ex.upstream_reusable and ex.response_started
     req, body = origin.got  # type: ignore[attr-defined]
@@ -100,10 +116,20 @@ async def test_content_length_bodies_keep_their_length() -> None:
 
 async def test_chunked_bodies_are_rechunked() -> None:
     leg = Leg()
-    origin = answer(b"", pieces=[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-                                 b"3\r\nabc\r\n", b"4\r\ndefg\r\n0\r\n\r\n"])
-    res, ex = await run(leg, b"POST /c HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"2\r\nxy\r\n1;ext=1\r\nz\r\n0\r\nTrailer: t\r\n\r\n", origin)
+    origin = answer(
+        b"",
+        pieces=[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"3\r\nabc\r\n",
+            b"4\r\ndefg\r\n0\r\n\r\n",
+        ],
+    )
+    res, ex = await run(
+        leg,
+        b"POST /c HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nxy\r\n1;ext=1\r\nz\r\n0\r\nTrailer: t\r\n\r\n",
+        origin,
+    )
     assert res is ex and (ex.bytes_up, ex.bytes_down) == (3, 7) and ex.upstream_reusable
     req, body = origin.got  # type: ignore[attr-defined]
     assert req.chunked and req.content_length is None and body == b"xyz"
@@ -129,9 +155,11 @@ async def test_close_delimited_response_goes_down_chunked_and_is_not_reused() ->
 
 async def test_interim_responses_are_passed_on() -> None:
     leg = Leg()
-    origin = answer(b"HTTP/1.1 100 Continue\r\n\r\n"
-                    b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+    origin = answer(
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"
+    )
     res, ex = await run(leg, b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", origin)
     assert res is ex and ex.status == 200
     head, body, events = await read_message(leg.client_conn)
@@ -155,7 +183,7 @@ async def test_head_response_has_no_body_but_keeps_its_length() -> None:
 @pytest.mark.parametrize("status,cl_down", [(204, None), (304, b"7")])
 async def test_204_and_304_have_no_body(status: int, cl_down: bytes | None) -> None:
     leg = Leg()
-    origin = answer(b"HTTP/1.1 %d X\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n" % status)
+    origin = answer(b'HTTP/1.1 %d X\r\nContent-Length: 7\r\nETag: "e"\r\n\r\n' % status)
     res, ex = await run(leg, GET, origin)
     assert res is ex and ex.status == status and ex.bytes_down == 0 and ex.upstream_reusable
     head, body, _ = await read_message(leg.client_conn)
@@ -187,11 +215,15 @@ async def test_upstream_closes_before_the_head_is_502() -> None:
     assert await read_all(leg.client) == b""  # nothing was sent down: the caller answers 502
 
 
-@pytest.mark.parametrize("response", [
-    b"NOT HTTP\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Le",  # then EOF mid-head
-], ids=["garbage", "double-cl", "eof-mid-head"])
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # then EOF mid-head
+    ],
+    ids=["garbage", "double-cl", "eof-mid-head"],
+)
 async def test_broken_response_head_is_502(response: bytes) -> None:
     leg = Leg()
 
@@ -204,7 +236,9 @@ async def test_broken_response_head_is_502(response: bytes) -> None:
     assert isinstance(res, UpstreamError) and res.status == 502 and not ex.response_started
 
 
-async def test_slow_upstream_is_504_on_the_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
+async def test_slow_upstream_is_504_on_the_mock_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     leg = Leg()
 
     async def origin(conn: HttpConn, stream: trio.abc.Stream) -> None:
@@ -276,15 +310,24 @@ async def test_client_closes_mid_request_body() -> None:
     req = await leg.down.next_event()
     assert isinstance(req, RequestHead)
     with pytest.raises(DownstreamGone):
-        await forward(leg.down, req, request_bytes(req, req.target, clean_headers(req.headers)),
-                      leg.up, keep_response_headers)
+        await forward(
+            leg.down,
+            req,
+            request_bytes(req, req.target, clean_headers(req.headers)),
+            leg.up,
+            keep_response_headers,
+        )
     got = await leg.origin.receive_some(1000)
     assert got.startswith(b"POST /p HTTP/1.1") and got.endswith(b"abcd")  # streamed, not buffered
 
 
 async def test_request_body_over_the_limit() -> None:
     leg = Leg()
-    res, ex = await run(leg, b"POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n", answer(b""),
-                        max_request_body=10)
+    res, ex = await run(
+        leg,
+        b"POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n",
+        answer(b""),
+        max_request_body=10,
+    )
     assert isinstance(res, BodyTooLarge) and not ex.response_started

@@ -13,10 +13,14 @@ from meshcar.net.httpconn import HttpConn
 from meshcar.proto.http1 import Data, EndOfMessage, RequestHead, ResponseHead
 from tests.support.memhttp import read_message, split_every, trickle
 
-POST = (b"POST /upload?x=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\n"
-        b"X-Trace: t1\r\n\r\nhello world")
-CHUNKED = (b"POST /c HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+POST = (
+    b"POST /upload?x=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\n"
+    b"X-Trace: t1\r\n\r\nhello world"
+)
+CHUNKED = (
+    b"POST /c HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+)
 GET = b"GET /next HTTP/1.1\r\nHost: a.test\r\n\r\n"
 
 
@@ -41,8 +45,17 @@ def summary(events: list) -> list:
     out: list = []
     for ev in events:
         if isinstance(ev, RequestHead):
-            out.append(("req", ev.method, ev.target, ev.headers, ev.keep_alive, ev.chunked,
-                        ev.content_length))
+            out.append(
+                (
+                    "req",
+                    ev.method,
+                    ev.target,
+                    ev.headers,
+                    ev.keep_alive,
+                    ev.chunked,
+                    ev.content_length,
+                )
+            )
         elif isinstance(ev, ResponseHead):
             out.append(("resp", ev.status, ev.headers, ev.chunked, ev.content_length))
         elif isinstance(ev, Data):
@@ -56,7 +69,9 @@ def summary(events: list) -> list:
     return out
 
 
-@pytest.mark.parametrize("data", [POST, CHUNKED, POST + GET + CHUNKED], ids=["cl", "chunked", "pipelined"])
+@pytest.mark.parametrize(
+    "data", [POST, CHUNKED, POST + GET + CHUNKED], ids=["cl", "chunked", "pipelined"]
+)
 @pytest.mark.parametrize("step", [1, 3, 7, 16])
 async def test_split_reads_give_the_same_events(data: bytes, step: int) -> None:
     whole = summary(await events_of(data, None))
@@ -96,13 +111,17 @@ async def test_eof_before_anything_is_none() -> None:
     assert conn.bytes_received == 0
 
 
-@pytest.mark.parametrize("kind,data,status", [
-    ("request", POST[:20], 400),  # in the head
-    ("request", POST[:-3], 400),  # in a Content-Length body
-    ("request", CHUNKED[:-5], 400),  # before the last chunk
-    ("response", b"HTTP/1.1 200 OK\r\nContent-Len", 502),
-    ("response", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 502),
-], ids=["req-head", "req-cl-body", "req-chunked-body", "resp-head", "resp-body"])
+@pytest.mark.parametrize(
+    "kind,data,status",
+    [
+        ("request", POST[:20], 400),  # in the head
+        ("request", POST[:-3], 400),  # in a Content-Length body
+        ("request", CHUNKED[:-5], 400),  # before the last chunk
+        ("response", b"HTTP/1.1 200 OK\r\nContent-Len", 502),
+        ("response", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 502),
+    ],
+    ids=["req-head", "req-cl-body", "req-chunked-body", "resp-head", "resp-body"],
+)
 async def test_eof_mid_message_is_a_protocol_error(kind: str, data: bytes, status: int) -> None:
     client, server = trio.testing.memory_stream_pair()
     conn = HttpConn(server, kind)
@@ -129,7 +148,9 @@ async def test_close_delimited_response_ends_at_eof() -> None:
 async def test_malformed_request_is_400() -> None:
     client, server = trio.testing.memory_stream_pair()
     conn = HttpConn(server, "request")
-    await client.send_all(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    await client.send_all(
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    )
     with pytest.raises(ProtocolError) as info:
         await conn.next_event()
     assert info.value.status == 400

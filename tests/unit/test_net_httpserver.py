@@ -61,7 +61,9 @@ async def test_keep_alive_serves_requests_on_one_connection(nursery: trio.Nurser
         head, body, _ = await read_message(s.resp)
         assert head is not None and head.status == 200 and head.keep_alive
         assert body == b"got /%d " % i
-    await s.client.send_all(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" + GET % 9)
+    await s.client.send_all(
+        b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" + GET % 9
+    )
     assert (await read_message(s.resp))[1] == b"got /p abc"
     assert (await read_message(s.resp))[1] == b"got /9 "  # pipelined
     assert not s.closed
@@ -130,15 +132,23 @@ async def error_of(s: Server) -> tuple[int, dict, bytes]:
     return head.status, json.loads(body), await read_all(s.client)
 
 
-@pytest.mark.parametrize("data,status", [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
-    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 17000 + b"\r\n\r\n", 431),
-    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
-], ids=["garbage", "no-host", "cl-and-te", "huge-header", "connect"])
-async def test_malformed_request_gets_an_error_and_close(nursery: trio.Nursery, data: bytes,
-                                                        status: int) -> None:
+@pytest.mark.parametrize(
+    "data,status",
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 17000 + b"\r\n\r\n", 431),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+    ],
+    ids=["garbage", "no-host", "cl-and-te", "huge-header", "connect"],
+)
+async def test_malformed_request_gets_an_error_and_close(
+    nursery: trio.Nursery, data: bytes, status: int
+) -> None:
     s = Server(nursery)
     await s.client.send_all(data)
     got, body, rest = await error_of(s)
@@ -155,8 +165,9 @@ async def test_malformed_second_request_after_a_good_one(nursery: trio.Nursery) 
     assert status == 400 and len(s.seen) == 1
 
 
-async def test_head_timeout_with_a_partial_head_is_408(nursery: trio.Nursery,
-                                                       autojump_clock: trio.testing.MockClock) -> None:
+async def test_head_timeout_with_a_partial_head_is_408(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     s = Server(nursery, head_timeout=7.0, idle_timeout=100.0)
     t0 = trio.current_time()
     await s.client.send_all(b"GET / HTTP/1.1\r\nHo")
@@ -166,8 +177,9 @@ async def test_head_timeout_with_a_partial_head_is_408(nursery: trio.Nursery,
     assert s.seen == []
 
 
-async def test_head_timeout_without_a_byte_closes_silently(nursery: trio.Nursery,
-                                                           autojump_clock: trio.testing.MockClock) -> None:
+async def test_head_timeout_without_a_byte_closes_silently(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     s = Server(nursery, timeouts=Timeouts(request_head=3.0, idle=50.0))  # `timeouts` wins
     t0 = trio.current_time()
     await s.done.wait()
@@ -175,8 +187,9 @@ async def test_head_timeout_without_a_byte_closes_silently(nursery: trio.Nursery
     assert s.closed and await read_all(s.client) == b""  # a port scan or preconnect: no answer
 
 
-async def test_idle_timeout_between_requests(nursery: trio.Nursery,
-                                             autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_timeout_between_requests(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     s = Server(nursery, head_timeout=1.0, idle_timeout=20.0)
     await s.client.send_all(GET % 1)
     assert (await read_message(s.resp))[1] == b"got /1 "
@@ -192,8 +205,9 @@ async def test_idle_timeout_between_requests(nursery: trio.Nursery,
     assert len(s.seen) == 2
 
 
-async def test_a_second_head_begun_then_stalled_is_408(nursery: trio.Nursery,
-                                                       autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_second_head_begun_then_stalled_is_408(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     s = Server(nursery, head_timeout=1.0, idle_timeout=20.0)
     await s.client.send_all(GET % 1)
     assert (await read_message(s.resp))[1] == b"got /1 "
@@ -215,7 +229,8 @@ async def test_drain_closes_after_the_request_in_flight(nursery: trio.Nursery) -
 
 
 async def test_refused_idle_connection_is_closed_after_a_short_wait(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Over a listener's limit, a connection that sends nothing holds its task only
     REFUSE_HEAD_SECONDS, not the full head timeout (30 s here)."""
     client, server = trio.testing.memory_stream_pair()

@@ -61,14 +61,18 @@ async def test_lifo_reuse_per_key(dialer: Dialer, autojump_clock: trio.testing.M
         await pool.release(p, True)
     assert pool.idle_count("k") == 3 and pool.idle_count() == 4
     got = [await pool.acquire("k") for _ in range(3)]
-    assert [p for p, _ in got] == [c, b, a] and all(reused for _, reused in got)  # most recent first
+    assert [p for p, _ in got] == [c, b, a] and all(
+        reused for _, reused in got
+    )  # most recent first
     assert (await pool.acquire("other")) == (other, True)
     assert len(dialer.peers) == 4  # nothing dialed again
     assert (await pool.acquire("k"))[1] is False  # the stack is empty: a new dial
     assert a.requests == 1
 
 
-async def test_idle_timeout_expires_on_trio_clock(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_timeout_expires_on_trio_clock(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer, idle_timeout=30)
     old, young = await acquire_new(pool), await acquire_new(pool)
     await pool.release(old, True)
@@ -82,7 +86,9 @@ async def test_idle_timeout_expires_on_trio_clock(dialer: Dialer, autojump_clock
     assert await dialer.peer_closed(0) and len(dialer.peers) == 3
 
 
-async def test_max_idle_closes_the_extra(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_max_idle_closes_the_extra(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer, max_idle=2)
     ps = [await acquire_new(pool) for _ in range(3)]
     for p in ps:
@@ -92,7 +98,9 @@ async def test_max_idle_closes_the_extra(dialer: Dialer, autojump_clock: trio.te
     assert pool.open_count("k") == 2
 
 
-async def test_not_reusable_is_closed(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_not_reusable_is_closed(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer)
     p = await acquire_new(pool)
     await pool.release(p, False)
@@ -100,8 +108,9 @@ async def test_not_reusable_is_closed(dialer: Dialer, autojump_clock: trio.testi
     assert await dialer.peer_closed(0)
 
 
-async def test_retire_closes_idle_now_and_busy_after_use(dialer: Dialer,
-                                                         autojump_clock: trio.testing.MockClock) -> None:
+async def test_retire_closes_idle_now_and_busy_after_use(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer)
     idle, busy = await acquire_new(pool), await acquire_new(pool)
     await pool.release(idle, True)
@@ -114,8 +123,9 @@ async def test_retire_closes_idle_now_and_busy_after_use(dialer: Dialer,
 
 
 @pytest.mark.parametrize("late", [b"X", b""], ids=["byte", "eof"])
-async def test_anything_arriving_while_idle_closes_it(dialer: Dialer, late: bytes,
-                                                      autojump_clock: trio.testing.MockClock) -> None:
+async def test_anything_arriving_while_idle_closes_it(
+    dialer: Dialer, late: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer)
     p = await acquire_new(pool)
     await pool.release(p, True)
@@ -128,10 +138,13 @@ async def test_anything_arriving_while_idle_closes_it(dialer: Dialer, late: byte
     assert pool.open_count("k") == 1
 
 
-async def test_connection_limit_per_group(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_connection_limit_per_group(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     refused: list[str] = []
-    pool = Pool(dialer, max_connections=2, group=lambda key: key.split("/")[0],
-                on_refused=refused.append)
+    pool = Pool(
+        dialer, max_connections=2, group=lambda key: key.split("/")[0], on_refused=refused.append
+    )
     a = await acquire_new(pool, "up/1")
     b = await acquire_new(pool, "up/2")
     with pytest.raises(UpstreamError) as info:
@@ -146,7 +159,9 @@ async def test_connection_limit_per_group(dialer: Dialer, autojump_clock: trio.t
     assert pool.open_count("up") == 0
 
 
-async def test_failed_dial_frees_its_slot(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_failed_dial_frees_its_slot(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer, max_connections=1)
     dialer.fail = True
     for _ in range(3):
@@ -157,7 +172,9 @@ async def test_failed_dial_frees_its_slot(dialer: Dialer, autojump_clock: trio.t
     await acquire_new(pool)
 
 
-async def test_discard_twice_counts_once(dialer: Dialer, autojump_clock: trio.testing.MockClock) -> None:
+async def test_discard_twice_counts_once(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
     pool = Pool(dialer)
     p = await acquire_new(pool)
     await pool.discard(p)

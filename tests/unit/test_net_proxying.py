@@ -70,7 +70,9 @@ class Upstream:
 
 
 @pytest.fixture
-async def upstream_factory(nursery: trio.Nursery) -> AsyncIterator[Callable[[list[Script]], Upstream]]:
+async def upstream_factory(
+    nursery: trio.Nursery,
+) -> AsyncIterator[Callable[[list[Script]], Upstream]]:
     made: list[Upstream] = []
 
     def make(scripts: list[Script]) -> Upstream:
@@ -131,7 +133,9 @@ async def test_request_with_a_body_is_never_retried(upstream_factory) -> None:  
 
 
 @pytest.mark.parametrize("method", [b"POST", b"PATCH"])
-async def test_a_bodiless_non_idempotent_request_is_never_retried(upstream_factory, method: bytes) -> None:  # noqa: ANN001
+async def test_a_bodiless_non_idempotent_request_is_never_retried(
+    upstream_factory, method: bytes
+) -> None:  # noqa: ANN001
     """RFC 9110 9.2.2: only idempotent requests are retried automatically; the upstream may
     have acted on a POST before its connection broke (it was retried before)."""
     up = upstream_factory([serve_then_drop(b"one", served=1), serve_ok(b"two")])
@@ -148,8 +152,9 @@ async def test_fresh_connection_failure_is_not_retried(upstream_factory) -> None
 
 
 async def test_retry_that_fails_on_the_fresh_connection_is_502(upstream_factory) -> None:  # noqa: ANN001
-    up = upstream_factory([serve_then_drop(b"one", served=1), serve_then_drop(b"x", served=0),
-                           serve_ok(b"three")])
+    up = upstream_factory(
+        [serve_then_drop(b"one", served=1), serve_then_drop(b"x", served=0), serve_ok(b"three")]
+    )
     await through(up, GET)
     exc, _ = await through(up, GET)
     assert isinstance(exc, UpstreamError) and exc.status == 502 and up.dials == 2

@@ -14,8 +14,10 @@ from meshcar.net import sockio
 
 def _pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     a, b = socket.socketpair()
-    return (trio.SocketStream(trio.socket.from_stdlib_socket(a)),
-            trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
+    )
 
 
 async def test_round_trip_and_eof() -> None:

@@ -54,8 +54,11 @@ class Yielding(TLSStream):
         return await super().receive_some(max_bytes)
 
 
-def tls_over(transports: Callable[[], Pair], ctxs: tuple[ssl.SSLContext, ssl.SSLContext],
-             cls: type[TLSStream] = TLSStream) -> Callable[[], Awaitable[Pair]]:
+def tls_over(
+    transports: Callable[[], Pair],
+    ctxs: tuple[ssl.SSLContext, ssl.SSLContext],
+    cls: type[TLSStream] = TLSStream,
+) -> Callable[[], Awaitable[Pair]]:
     server_ctx, client_ctx = ctxs
 
     async def make() -> Pair:
@@ -75,7 +78,9 @@ def socket_pair() -> Pair:
 
 async def test_tlsstream_over_memory_streams(contexts, autojump_clock) -> None:  # noqa: ANN001
     with trio.fail_after(20):  # a hang fails instead of blocking the run
-        await trio.testing.check_two_way_stream(tls_over(trio.testing.memory_stream_pair, contexts), None)
+        await trio.testing.check_two_way_stream(
+            tls_over(trio.testing.memory_stream_pair, contexts), None
+        )
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +96,19 @@ def no_tickets(contexts) -> tuple[ssl.SSLContext, ssl.SSLContext]:  # noqa: ANN0
     return server, client
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deliberate: concurrent send_all calls on a TLSStream are serialised by its send lock "
-    "(bytes never interleave) instead of raising BusyResourceError"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "deliberate: concurrent send_all calls on a TLSStream are serialised by its send lock "
+        "(bytes never interleave) instead of raising BusyResourceError"
+    ),
+)
 async def test_tlsstream_clogged_checks(contexts, no_tickets, autojump_clock) -> None:  # noqa: ANN001
     with trio.fail_after(20):  # a hang fails instead of blocking the run
-        await trio.testing.check_two_way_stream(tls_over(trio.testing.memory_stream_pair, contexts),
-                                                tls_over(trio.testing.lockstep_stream_pair, no_tickets))
+        await trio.testing.check_two_way_stream(
+            tls_over(trio.testing.memory_stream_pair, contexts),
+            tls_over(trio.testing.lockstep_stream_pair, no_tickets),
+        )
 
 
 async def test_tlsstream_over_a_socket_pair(contexts) -> None:  # noqa: ANN001
@@ -111,8 +122,12 @@ def sockettls_pair(contexts) -> Callable[[], Awaitable[Pair]]:  # noqa: ANN001
     async def make() -> Pair:
         a, b = socket.socketpair()
         b.setblocking(False)
-        client = TLSStream(trio.SocketStream(trio.socket.from_stdlib_socket(a)), client_ctx,
-                           server_side=False, server_hostname="peer.test")
+        client = TLSStream(
+            trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+            client_ctx,
+            server_side=False,
+            server_hostname="peer.test",
+        )
         server = SocketTLSStream(b, server_ctx)
         await handshake(client, server)
         return server, client
@@ -127,9 +142,13 @@ async def test_sockettlsstream_server_against_tlsstream_client(contexts, monkeyp
         await trio.testing.check_two_way_stream(sockettls_pair(contexts), None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deliberate (net/tls_bare_socket.py docstring): an operation that did not have to wait "
-    "yields only every CHECKPOINT_EVERY calls, for the edge's per-connection cost"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "deliberate (net/tls_bare_socket.py docstring): an operation that did not have to wait "
+        "yields only every CHECKPOINT_EVERY calls, for the edge's per-connection cost"
+    ),
+)
 async def test_sockettlsstream_default_checkpoints(contexts) -> None:  # noqa: ANN001
     with trio.fail_after(20):  # a hang fails instead of blocking the run
         await trio.testing.check_two_way_stream(sockettls_pair(contexts), None)

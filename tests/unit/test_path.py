@@ -158,16 +158,19 @@ def test_targets(raw: bytes, method: bytes, target: bytes, path: str) -> None:
     assert (t.target, t.path, t.authority) == (target, path, None)
 
 
-@pytest.mark.parametrize("raw", [
-    b"*",  # with GET
-    b"/a?x#frag",
-    b"/a?x=%00",
-    b"/a?\x01",
-    b"admin",
-    b"example.com:443",  # authority-form
-    b"http://api/x",  # absolute-form where the caller does not accept it
-    b"/a\xff",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"*",  # with GET
+        b"/a?x#frag",
+        b"/a?x=%00",
+        b"/a?\x01",
+        b"admin",
+        b"example.com:443",  # authority-form
+        b"http://api/x",  # absolute-form where the caller does not accept it
+        b"/a\xff",
+    ],
+)
 def test_refused_targets(raw: bytes) -> None:
     with pytest.raises(PathError):
         normalise_target(raw, b"GET")
@@ -180,9 +183,17 @@ def test_absolute_form_where_allowed() -> None:
     assert (t.target, t.authority) == (b"/", "api")
     t = normalise_target(b"http://api?q", b"GET", absolute_schemes=("http",))
     assert t.target == b"/?q"
-    for bad in (b"https://api/", b"http://user@api/", b"http:///x", b"http://api/a#b", b"http://a:b:c/",
-                b"http://[::1/", b"http://a:123456/",
-                b"http://api/..;/x", b"ftp://api/"):
+    for bad in (
+        b"https://api/",
+        b"http://user@api/",
+        b"http:///x",
+        b"http://api/a#b",
+        b"http://a:b:c/",
+        b"http://[::1/",
+        b"http://a:123456/",
+        b"http://api/..;/x",
+        b"ftp://api/",
+    ):
         with pytest.raises(PathError):
             normalise_target(bad, b"GET", absolute_schemes=("http",))
 
@@ -191,9 +202,32 @@ def test_absolute_form_where_allowed() -> None:
 
 _ALPHABET = "/./%2e%2E%2f%2F%5c%00%41%7e%25;..abc~-_:@!$&'()*+,=x{|}\"<>^` \\#?\t"
 paths = st.text(alphabet=_ALPHABET, max_size=40).map(lambda s: "/" + s)
-pieces = st.lists(st.sampled_from(["/", ".", "..", "%2e", "%2E", "%2e%2e", "a", "%61", ";", "//",
-                                   "%25", "%2f", "%5c", "%7B", "{", "~", "%7e", "%zz", "%"]),
-                  max_size=12).map(lambda xs: "/" + "".join(xs))
+pieces = st.lists(
+    st.sampled_from(
+        [
+            "/",
+            ".",
+            "..",
+            "%2e",
+            "%2E",
+            "%2e%2e",
+            "a",
+            "%61",
+            ";",
+            "//",
+            "%25",
+            "%2f",
+            "%5c",
+            "%7B",
+            "{",
+            "~",
+            "%7e",
+            "%zz",
+            "%",
+        ]
+    ),
+    max_size=12,
+).map(lambda xs: "/" + "".join(xs))
 options = st.builds(PathOptions, st.booleans(), st.sampled_from(["reject", "keep"]))
 
 
@@ -242,8 +276,11 @@ def test_never_decodes_into_a_reserved_character(path: str, opts: PathOptions) -
     assert out.count("%") <= path.count("%") + encoded_raw
 
 
-@given(st.one_of(paths, pieces).filter(lambda p: "?" not in p),
-       st.text(alphabet="=&a%2F/.?", max_size=10), options)
+@given(
+    st.one_of(paths, pieces).filter(lambda p: "?" not in p),
+    st.text(alphabet="=&a%2F/.?", max_size=10),
+    options,
+)
 def test_target_keeps_the_query(path: str, query: str, opts: PathOptions) -> None:
     try:
         t = normalise_target(f"{path}?{query}".encode("latin-1"), b"GET", opts)

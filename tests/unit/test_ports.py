@@ -28,7 +28,13 @@ def test_another_process_never_gets_a_block_this_one_holds() -> None:
         random.shuffle = lambda blocks: blocks.sort(key=lambda b: b != {mine})
         print(ports.free_port())
     """)
-    out = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", child],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     theirs = int(out.stdout)
     assert not (mine <= theirs < mine + ports.BLOCK)

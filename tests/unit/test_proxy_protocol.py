@@ -333,7 +333,11 @@ def test_policy_verdicts() -> None:
     header = parse_proxy_header(encode_v1(("203.0.113.7", 1), ("127.0.0.1", 2)))
     none = parse_proxy_header(b"\x16\x03\x01")
     broken = parse_proxy_header(b"PROXY TCP9 x\r\n")
-    assert isinstance(header, ProxyHeader) and isinstance(none, Rejected) and isinstance(broken, Rejected)
+    assert (
+        isinstance(header, ProxyHeader)
+        and isinstance(none, Rejected)
+        and isinstance(broken, Rejected)
+    )
     strict = ProxyPolicy.parse(["127.0.0.1/32", "10.0.0.0/8"])
     loose = ProxyPolicy.parse(["127.0.0.1"], required=False)
     cases = [

@@ -47,10 +47,18 @@ class FakeCA:
         self.calls: list[tuple[float, str]] = []  # (virtual time, "token" | "renewal" | "failed")
         self.issued: list[float] = []
 
-    async def sign(self, spiffe_id: str, *, token: str | None = None, k8s_token: str | None = None,
-                   chain_file: Path | None = None, key_file: Path | None = None,
-                   ttl_seconds: int | None = None, bundle_version: int = 0,
-                   trust_pem: str | None = None) -> Credential:
+    async def sign(
+        self,
+        spiffe_id: str,
+        *,
+        token: str | None = None,
+        k8s_token: str | None = None,
+        chain_file: Path | None = None,
+        key_file: Path | None = None,
+        ttl_seconds: int | None = None,
+        bundle_version: int = 0,
+        trust_pem: str | None = None,
+    ) -> Credential:
         now = trio.current_time()
         if self.down:
             self.calls.append((now, "failed"))
@@ -68,20 +76,32 @@ class FakeCA:
                 raise CAError("CA refused: 401 expired client certificate (test)", retryable=False)
         self.calls.append((now, "token" if token else "renewal"))
         self.issued.append(now)
-        chain, key = self.ca.leaf([spiffe_id], ttl=dt.timedelta(seconds=ttl_seconds or self.ttl), not_before=vnow())
+        chain, key = self.ca.leaf(
+            [spiffe_id], ttl=dt.timedelta(seconds=ttl_seconds or self.ttl), not_before=vnow()
+        )
         return Credential(spiffe_id, chain, key, self.ca.bundle_pem, 1)
 
     async def bundle(self, trust_pem: str | None = None) -> tuple[str, int]:
         return self.ca.bundle_pem, 1
 
 
-def make(tmp_path: Path, ttl: int, jitter: float = 0.0) -> tuple[Rotator, FakeCA, CredentialStore, Metrics]:
+def make(
+    tmp_path: Path, ttl: int, jitter: float = 0.0
+) -> tuple[Rotator, FakeCA, CredentialStore, Metrics]:
     (tmp_path / "token").write_text("join-token\n")
     fake = FakeCA(ttl)
     store = CredentialStore(tmp_path / "state")
     metrics = Metrics()
-    rot = Rotator(store, JoinTokenIssuer(fake, tmp_path / "token"), SID, metrics=metrics,  # type: ignore[arg-type]
-                  ttl_seconds=ttl, fraction=2 / 3, jitter=jitter, clock=vnow)
+    rot = Rotator(
+        store,
+        JoinTokenIssuer(fake, tmp_path / "token"),
+        SID,
+        metrics=metrics,  # type: ignore[arg-type]
+        ttl_seconds=ttl,
+        fraction=2 / 3,
+        jitter=jitter,
+        clock=vnow,
+    )
     return rot, fake, store, metrics
 
 
@@ -94,14 +114,18 @@ def virtual_validity(monkeypatch: pytest.MonkeyPatch) -> None:
         def now(cls, tz: dt.tzinfo | None = None) -> VirtualDatetime:  # type: ignore[override]
             return vnow()  # type: ignore[return-value]
 
-    monkeypatch.setattr(store_mod, "dt", types.SimpleNamespace(datetime=VirtualDatetime, UTC=dt.UTC))
+    monkeypatch.setattr(
+        store_mod, "dt", types.SimpleNamespace(datetime=VirtualDatetime, UTC=dt.UTC)
+    )
 
 
 def renewals(fake: FakeCA) -> list[float]:
     return [t for t, kind in fake.calls if kind == "renewal"]
 
 
-async def test_renews_at_two_thirds_of_each_lifetime(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_renews_at_two_thirds_of_each_lifetime(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=300)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -112,12 +136,15 @@ async def test_renews_at_two_thirds_of_each_lifetime(tmp_path: Path, autojump_cl
     assert renewals(fake) == pytest.approx([200, 400, 600, 800, 1000], abs=1.0)
     assert metrics.renewals.labels("success")._value.get() == 5  # the bootstrap is not a renewal
     assert metrics.renewals.labels("bootstrap")._value.get() == 1
-    assert store.credential is not None and store.credential.not_before == T0 + dt.timedelta(seconds=1000)
+    assert store.credential is not None and store.credential.not_before == T0 + dt.timedelta(
+        seconds=1000
+    )
     assert metrics.cert_not_after._value.get() == (T0 + dt.timedelta(seconds=1300)).timestamp()
 
 
-async def test_jitter_stays_within_ten_percent_and_spreads(tmp_path: Path,
-                                                           autojump_clock: trio.testing.MockClock) -> None:
+async def test_jitter_stays_within_ten_percent_and_spreads(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     rot, fake, _, _ = make(tmp_path, ttl=600, jitter=0.1)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -131,8 +158,9 @@ async def test_jitter_stays_within_ten_percent_and_spreads(tmp_path: Path,
     assert max(gaps) - min(gaps) > 20, "jitter should spread renewals"
 
 
-async def test_backoff_while_the_ca_is_down_then_recovers(tmp_path: Path, autojump_clock: trio.testing.MockClock,
-                                                         virtual_validity: None) -> None:
+async def test_backoff_while_the_ca_is_down_then_recovers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -158,9 +186,9 @@ async def test_backoff_while_the_ca_is_down_then_recovers(tmp_path: Path, autoju
         nursery.cancel_scope.cancel()
 
 
-async def test_keeps_serving_until_expiry_and_is_not_valid_after(tmp_path: Path,
-                                                                 autojump_clock: trio.testing.MockClock,
-                                                                 virtual_validity: None) -> None:
+async def test_keeps_serving_until_expiry_and_is_not_valid_after(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=600)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -193,7 +221,8 @@ async def test_keeps_serving_until_expiry_and_is_not_valid_after(tmp_path: Path,
 
 
 async def test_re_bootstrap_after_expiry_trusts_the_held_bundle(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None
+) -> None:
     """After a root rotation the CA API chains to the new root, which only the held trust
     bundle has (`ca_bundle` still names the old one): the re-bootstrap after an expiry must
     verify the API with it too, as renewals do (the lifecycle chaos test found this)."""
@@ -212,7 +241,8 @@ async def test_re_bootstrap_after_expiry_trusts_the_held_bundle(
 
 
 async def test_refused_renewal_falls_back_to_the_bootstrap_credential(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=300)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -220,13 +250,19 @@ async def test_refused_renewal_falls_back_to_the_bootstrap_credential(
         fake.refuse_renewals = True  # e.g. the CA lost its record of this certificate
         await rot.wait_renewed()
         assert [k for _, k in fake.calls] == ["token", "refused", "token"]
-        assert fake.calls[1][0] == pytest.approx(200, abs=1.0) and fake.calls[2][0] == fake.calls[1][0]
-        assert store.credential is not first and rot.reason == "re-bootstrapped after a refused renewal"
+        assert (
+            fake.calls[1][0] == pytest.approx(200, abs=1.0) and fake.calls[2][0] == fake.calls[1][0]
+        )
+        assert (
+            store.credential is not first
+            and rot.reason == "re-bootstrapped after a refused renewal"
+        )
         nursery.cancel_scope.cancel()
 
 
 async def test_expired_without_bootstrap_credential_keeps_retrying_with_backoff(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, virtual_validity: None
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=120)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -239,11 +275,15 @@ async def test_expired_without_bootstrap_credential_keeps_retrying_with_backoff(
         # back to: the loop keeps trying, slowly, and says why
         assert rot.state == "expired" and "expired client certificate" in rot.reason
         tail = [t for t, _ in fake.calls[-4:]]
-        assert all(b - a >= 15 - 1e-6 for a, b in zip(tail, tail[1:], strict=False)), fake.calls[-4:]
+        assert all(b - a >= 15 - 1e-6 for a, b in zip(tail, tail[1:], strict=False)), fake.calls[
+            -4:
+        ]
         nursery.cancel_scope.cancel()
 
 
-async def test_operator_renewal_reschedules_the_loop(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_operator_renewal_reschedules_the_loop(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=300)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -255,7 +295,9 @@ async def test_operator_renewal_reschedules_the_loop(tmp_path: Path, autojump_cl
     assert metrics.renewals.labels("success")._value.get() == 2
 
 
-async def test_failed_operator_renewal_is_counted(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_failed_operator_renewal_is_counted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     rot, fake, store, metrics = make(tmp_path, ttl=300)
     async with trio.open_nursery() as nursery:
         await nursery.start(rot.run)
@@ -272,7 +314,9 @@ def test_bundle_version_survives_a_restart(tmp_path: Path) -> None:
     store = CredentialStore(tmp_path / "state")
     cred = ca.credential(SID)
     from dataclasses import replace
+
     store.install(replace(cred, bundle_version=7))
     from meshcar.identity.rotate import load_saved
+
     again = load_saved(CredentialStore(tmp_path / "state"), SID)
     assert again is not None and again.bundle_version == 7

@@ -40,7 +40,9 @@ def test_good_config(tmp_path: Path) -> None:
     assert cfg.app.port == 9002 and cfg.app.host == "127.0.0.1"
     assert cfg.allow == ("spiffe://meshcar.demo/svc/web",)
     (up,) = cfg.upstreams
-    assert up.name == "payments" and up.local_port == 7302 and str(up.endpoints[0]) == "127.0.0.1:7003"
+    assert (
+        up.name == "payments" and up.local_port == 7302 and str(up.endpoints[0]) == "127.0.0.1:7003"
+    )
     assert cfg.trust_domain == "meshcar.demo"
 
 
@@ -65,19 +67,31 @@ admin: {}
         load_config_text(bad, "bad.yaml")
     problems = err.value.problems
     text = "\n".join(problems)
-    for key in ["identity.spiffe_id", "identity.ca_url", "identity.ca_bundle", "identity.colour",
-                "app.port", "inbound.listen", "inbound.allow[1]", "outbound.listen",
-                "outbound.upstreams.payments.endpoints", "outbound.upstreams.payments.spiffe_id",
-                "admin.listen"]:
+    for key in [
+        "identity.spiffe_id",
+        "identity.ca_url",
+        "identity.ca_bundle",
+        "identity.colour",
+        "app.port",
+        "inbound.listen",
+        "inbound.allow[1]",
+        "outbound.listen",
+        "outbound.upstreams.payments.endpoints",
+        "outbound.upstreams.payments.spiffe_id",
+        "admin.listen",
+    ]:
         assert f"bad.yaml: {key}:" in text, (key, text)
     assert len(problems) >= 11
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("[1, 2]", "top level must be a mapping"),
-    ("a: [", "not valid YAML"),
-    ("", "top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("[1, 2]", "top level must be a mapping"),
+        ("a: [", "not valid YAML"),
+        ("", "top level must be a mapping"),
+    ],
+)
 def test_not_a_config(text: str, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         load_config_text(text, "x.yaml")
@@ -88,12 +102,17 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("value, ok", [(30, True), (0.5, True), (0, False), (-1, False),
-                                       ("30", False), (True, False), (4000, False)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [(30, True), (0.5, True), (0, False), (-1, False), ("30", False), (True, False), (4000, False)],
+)
 def test_pool_idle_seconds(value: object, ok: bool) -> None:
     import json
 
-    text = GOOD.replace("  listen: 127.0.0.1:7102\n", f"  listen: 127.0.0.1:7102\n  pool_idle_seconds: {json.dumps(value)}\n")
+    text = GOOD.replace(
+        "  listen: 127.0.0.1:7102\n",
+        f"  listen: 127.0.0.1:7102\n  pool_idle_seconds: {json.dumps(value)}\n",
+    )
     if ok:
         assert load_config_text(text, "s.yaml").pool_idle_seconds == float(value)  # type: ignore[arg-type]
     else:
@@ -102,32 +121,46 @@ def test_pool_idle_seconds(value: object, ok: bool) -> None:
     assert load_config_text(GOOD, "s.yaml").pool_idle_seconds == 30.0
 
 
-@pytest.mark.parametrize("paths, expect", [
-    (None, {b"/live", b"/ready", b"/metrics"}),  # the default
-    (["/live", "/ready"], {b"/live", b"/ready"}),
-    ([], set()),  # nothing off loopback
-    (["/live", "/ready", "/metrics", "/certs"], {b"/live", b"/ready", b"/metrics", b"/certs"}),
-])
+@pytest.mark.parametrize(
+    "paths, expect",
+    [
+        (None, {b"/live", b"/ready", b"/metrics"}),  # the default
+        (["/live", "/ready"], {b"/live", b"/ready"}),
+        ([], set()),  # nothing off loopback
+        (["/live", "/ready", "/metrics", "/certs"], {b"/live", b"/ready", b"/metrics", b"/certs"}),
+    ],
+)
 def test_admin_public_paths(paths: list[str] | None, expect: set[bytes]) -> None:
     import json
 
-    text = GOOD if paths is None else GOOD.replace(
-        "admin: {listen: 127.0.0.1:7202}", f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}")
+    text = (
+        GOOD
+        if paths is None
+        else GOOD.replace(
+            "admin: {listen: 127.0.0.1:7202}",
+            f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}",
+        )
+    )
     assert load_config_text(text, "s.yaml").admin_public_paths == expect
 
 
-@pytest.mark.parametrize("paths, msg", [
-    (["/live", "/shutdown"], "'/shutdown' cannot be served off loopback"),
-    (["/renew"], "'/renew' cannot be served off loopback"),
-    (["/anything"], "'/anything' cannot be served off loopback"),
-    ("/live", "must be a list of paths"),
-    ([1], "must be a list of paths"),
-])
+@pytest.mark.parametrize(
+    "paths, msg",
+    [
+        (["/live", "/shutdown"], "'/shutdown' cannot be served off loopback"),
+        (["/renew"], "'/renew' cannot be served off loopback"),
+        (["/anything"], "'/anything' cannot be served off loopback"),
+        ("/live", "must be a list of paths"),
+        ([1], "must be a list of paths"),
+    ],
+)
 def test_admin_public_paths_refuses_mutating_and_unknown(paths: object, msg: str) -> None:
     import json
 
-    text = GOOD.replace("admin: {listen: 127.0.0.1:7202}",
-                        f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}")
+    text = GOOD.replace(
+        "admin: {listen: 127.0.0.1:7202}",
+        f"admin: {{listen: 127.0.0.1:7202, public_paths: {json.dumps(paths)}}}",
+    )
     with pytest.raises(ConfigError, match="admin.public_paths") as e:
         load_config_text(text, "s.yaml")
     assert msg in str(e.value)
@@ -138,4 +171,6 @@ def test_admin_server_refuses_public_mutating_paths() -> None:
     from meshcar.admin.server import AdminHooks, AdminServer
 
     with pytest.raises(ValueError, match="/shutdown"):
-        AdminServer(Metrics(), AdminHooks(lambda: (True, ""), dict), frozenset({b"/live", b"/shutdown"}))
+        AdminServer(
+            Metrics(), AdminHooks(lambda: (True, ""), dict), frozenset({b"/live", b"/shutdown"})
+        )

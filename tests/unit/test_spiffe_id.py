@@ -31,13 +31,38 @@ VALID = [
 ]
 
 INVALID = [
-    "", "http://td/x", "SPIFFE://td/x", "spiffe:/td/x", "spiffe://", "spiffe:///x",
-    "spiffe://td", "spiffe://td/", "spiffe://td/x/", "spiffe://TD/x", "spiffe://tD/x",
-    "spiffe://td//x", "spiffe://td/./x", "spiffe://td/../x", "spiffe://td/x/..", "spiffe://td/x/.",
-    "spiffe://td/x?y", "spiffe://td/x#y", "spiffe://td?/x", "spiffe://us%65r@td/x",
-    "spiffe://user@td/x", "spiffe://td:443/x", "spiffe://td/%41", "spiffe://td/a b",
-    "spiffe://td/é", "spiffe://tdé/x", "spiffe://td/x\n", "spiffe://td\n/x", "spiffe://td/x\x00",
-    " spiffe://td/x", "spiffe://td/x ", "spiffe://" + "a" * 256 + "/x",
+    "",
+    "http://td/x",
+    "SPIFFE://td/x",
+    "spiffe:/td/x",
+    "spiffe://",
+    "spiffe:///x",
+    "spiffe://td",
+    "spiffe://td/",
+    "spiffe://td/x/",
+    "spiffe://TD/x",
+    "spiffe://tD/x",
+    "spiffe://td//x",
+    "spiffe://td/./x",
+    "spiffe://td/../x",
+    "spiffe://td/x/..",
+    "spiffe://td/x/.",
+    "spiffe://td/x?y",
+    "spiffe://td/x#y",
+    "spiffe://td?/x",
+    "spiffe://us%65r@td/x",
+    "spiffe://user@td/x",
+    "spiffe://td:443/x",
+    "spiffe://td/%41",
+    "spiffe://td/a b",
+    "spiffe://td/é",
+    "spiffe://tdé/x",
+    "spiffe://td/x\n",
+    "spiffe://td\n/x",
+    "spiffe://td/x\x00",
+    " spiffe://td/x",
+    "spiffe://td/x ",
+    "spiffe://" + "a" * 256 + "/x",
     "spiffe://td/" + "a" * (2049 - len("spiffe://td/")),  # 2049
 ]
 
@@ -51,7 +76,7 @@ def _meshcar_accepts(text: str) -> bool:
 
 
 def _ca_accepts(text: str) -> bool:
-    td = text[len("spiffe://"):].partition("/")[0] if text.startswith("spiffe://") else "td"
+    td = text[len("spiffe://") :].partition("/")[0] if text.startswith("spiffe://") else "td"
     try:
         check_spiffe_id(text, td)
     except InvalidSpiffeId:
@@ -93,8 +118,11 @@ TD_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-_"
 SEG_CHARS = TD_CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 trust_domains = st.text(TD_CHARS, min_size=1, max_size=40)
 segments = st.text(SEG_CHARS, min_size=1, max_size=20).filter(lambda s: s not in (".", ".."))
-valid_ids = st.builds(lambda td, segs: f"spiffe://{td}/" + "/".join(segs),
-                      trust_domains, st.lists(segments, min_size=1, max_size=8))
+valid_ids = st.builds(
+    lambda td, segs: f"spiffe://{td}/" + "/".join(segs),
+    trust_domains,
+    st.lists(segments, min_size=1, max_size=8),
+)
 
 
 @given(valid_ids)
@@ -106,8 +134,13 @@ def test_generated_valid_ids_parse_and_round_trip(text: str) -> None:
     assert _ca_accepts(text)
 
 
-@given(st.builds(meshcar_spiffe.SpiffeId, trust_domains,
-                 st.lists(segments, min_size=1, max_size=8).map(lambda s: "/" + "/".join(s))))
+@given(
+    st.builds(
+        meshcar_spiffe.SpiffeId,
+        trust_domains,
+        st.lists(segments, min_size=1, max_size=8).map(lambda s: "/" + "/".join(s)),
+    )
+)
 def test_str_of_an_id_parses_back_to_it(sid: meshcar_spiffe.SpiffeId) -> None:
     assert meshcar_spiffe.parse(str(sid)) == sid
 
@@ -135,6 +168,6 @@ def test_bad_path_shapes_appended_are_refused(text: str, tail: str) -> None:
 
 @given(valid_ids, st.sampled_from(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")))
 def test_an_uppercase_trust_domain_is_refused(text: str, upper: str) -> None:
-    mutated = "spiffe://" + upper + text[len("spiffe://"):]
+    mutated = "spiffe://" + upper + text[len("spiffe://") :]
     assert not _meshcar_accepts(mutated)
     assert not _ca_accepts(mutated)

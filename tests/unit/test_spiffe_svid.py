@@ -14,18 +14,38 @@ from meshcar.tls.svid import svid_from_der
 from tests.support.pki import ThrowawayCA
 
 
-@pytest.mark.parametrize("text", [
-    "spiffe://meshcar.demo/svc/api", "spiffe://td/a", "spiffe://a-b.c_d/x/y.z/w-1",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spiffe://meshcar.demo/svc/api",
+        "spiffe://td/a",
+        "spiffe://a-b.c_d/x/y.z/w-1",
+    ],
+)
 def test_valid_ids_round_trip(text: str) -> None:
     assert str(SpiffeId.parse(text)) == text
 
 
-@pytest.mark.parametrize("text", [
-    "", "http://td/x", "spiffe://", "spiffe://td", "spiffe://td/", "spiffe://TD/x", "spiffe://td/x/",
-    "spiffe://td//x", "spiffe://td/./x", "spiffe://td/../x", "spiffe://td/x?y", "spiffe://td/x#y",
-    "spiffe://us%65r@td/x", "spiffe://td:443/x", "spiffe://td/" + "a" * 3000,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "http://td/x",
+        "spiffe://",
+        "spiffe://td",
+        "spiffe://td/",
+        "spiffe://TD/x",
+        "spiffe://td/x/",
+        "spiffe://td//x",
+        "spiffe://td/./x",
+        "spiffe://td/../x",
+        "spiffe://td/x?y",
+        "spiffe://td/x#y",
+        "spiffe://us%65r@td/x",
+        "spiffe://td:443/x",
+        "spiffe://td/" + "a" * 3000,
+    ],
+)
 def test_invalid_ids_are_refused(text: str) -> None:
     with pytest.raises(IdentityError):
         SpiffeId.parse(text)
@@ -46,15 +66,21 @@ def test_svid_with_one_uri_is_accepted() -> None:
     assert len(peer.cert_sha256) == 64
 
 
-@pytest.mark.parametrize("uris,kw,msg", [
-    ([], {}, "no SAN"),
-    (["spiffe://meshcar.demo/a", "spiffe://meshcar.demo/b"], {}, "exactly one URI SAN"),
-    (["spiffe://meshcar.demo/a"], {"ca": True}, "CA certificate"),
-    (["spiffe://other.td/a"], {}, "not in trust domain"),
-    (["https://meshcar.demo/a"], {}, "must start with spiffe://"),
-    (["spiffe://meshcar.demo/a"], {"not_before": dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)},
-     "not valid now"),
-])
+@pytest.mark.parametrize(
+    "uris,kw,msg",
+    [
+        ([], {}, "no SAN"),
+        (["spiffe://meshcar.demo/a", "spiffe://meshcar.demo/b"], {}, "exactly one URI SAN"),
+        (["spiffe://meshcar.demo/a"], {"ca": True}, "CA certificate"),
+        (["spiffe://other.td/a"], {}, "not in trust domain"),
+        (["https://meshcar.demo/a"], {}, "must start with spiffe://"),
+        (
+            ["spiffe://meshcar.demo/a"],
+            {"not_before": dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)},
+            "not valid now",
+        ),
+    ],
+)
 def test_bad_svids_are_refused(uris, kw, msg) -> None:
     chain, _ = CA.leaf(uris, **kw)
     with pytest.raises(IdentityError, match=msg):
@@ -75,16 +101,30 @@ def test_dns_only_certificate_has_no_spiffe_id() -> None:
 
 
 def _ku(**on: bool) -> x509.KeyUsage:
-    flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
-                 data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                 encipher_only=False, decipher_only=False)
+    flags = dict(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
     flags.update(on)
     return x509.KeyUsage(**flags)
 
 
-@pytest.mark.parametrize("usage", [dict(key_cert_sign=True), dict(crl_sign=True),
-                                   dict(digital_signature=True, key_cert_sign=True),
-                                   dict(digital_signature=True, crl_sign=True)])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        dict(key_cert_sign=True),
+        dict(crl_sign=True),
+        dict(digital_signature=True, key_cert_sign=True),
+        dict(digital_signature=True, crl_sign=True),
+    ],
+)
 def test_leaf_with_ca_key_usage_is_refused(usage: dict[str, bool]) -> None:
     """X509-SVID 4.3: a leaf must not set keyCertSign or cRLSign (CA:false is not enough)."""
     chain, _ = CA.leaf(["spiffe://meshcar.demo/svc/api"], key_usage=_ku(**usage))

@@ -27,14 +27,26 @@ def test_parse_sockaddr_in() -> None:
 
 
 CFG = {
-    "identity": {"spiffe_id": "spiffe://td/svc/web", "ca_url": "https://ca:1", "ca_bundle": "b",
-                 "state_dir": "s"},
-    "app": {"port": 9001}, "inbound": {"listen": "0.0.0.0:7001"}, "admin": {"listen": "127.0.0.1:7201"},
-    "outbound": {"transparent_listen": "127.0.0.1:15001", "upstreams": {
-        "api": {"endpoints": ["10.77.0.3:7002"], "spiffe_id": "spiffe://td/svc/api",
-                "match": ["10.77.0.3:9002", "10.96.0.10:80"]},
-        "pay": {"endpoints": ["10.77.0.4:7003"], "spiffe_id": "spiffe://td/svc/pay"},
-    }},
+    "identity": {
+        "spiffe_id": "spiffe://td/svc/web",
+        "ca_url": "https://ca:1",
+        "ca_bundle": "b",
+        "state_dir": "s",
+    },
+    "app": {"port": 9001},
+    "inbound": {"listen": "0.0.0.0:7001"},
+    "admin": {"listen": "127.0.0.1:7201"},
+    "outbound": {
+        "transparent_listen": "127.0.0.1:15001",
+        "upstreams": {
+            "api": {
+                "endpoints": ["10.77.0.3:7002"],
+                "spiffe_id": "spiffe://td/svc/api",
+                "match": ["10.77.0.3:9002", "10.96.0.10:80"],
+            },
+            "pay": {"endpoints": ["10.77.0.4:7003"], "spiffe_id": "spiffe://td/svc/pay"},
+        },
+    },
 }
 
 
@@ -49,8 +61,19 @@ def test_original_destination_maps_to_its_upstream_only() -> None:
 
 
 def test_bad_match_entries_are_reported() -> None:
-    bad = {**CFG, "outbound": {"transparent_listen": "nope", "upstreams": {
-        "api": {"endpoints": ["10.77.0.3:7002"], "spiffe_id": "spiffe://td/svc/api", "match": ["x"]}}}}
+    bad = {
+        **CFG,
+        "outbound": {
+            "transparent_listen": "nope",
+            "upstreams": {
+                "api": {
+                    "endpoints": ["10.77.0.3:7002"],
+                    "spiffe_id": "spiffe://td/svc/api",
+                    "match": ["x"],
+                }
+            },
+        },
+    }
     with pytest.raises(ConfigError) as err:
         parse_config(bad, "s.yaml")
     text = str(err.value)
@@ -73,7 +96,9 @@ def test_original_dst_asks_netfilter_and_tolerates_unredirected_sockets() -> Non
     sock = FakeSock(sockaddr("10.77.0.3", 9002))
     assert original_dst(sock) == ("10.77.0.3", 9002)
     assert sock.asked == (socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, sizeof(struct sockaddr_in)
-    assert original_dst(FakeSock(OSError(2, "No such file or directory"))) is None  # no conntrack entry
+    assert (
+        original_dst(FakeSock(OSError(2, "No such file or directory"))) is None
+    )  # no conntrack entry
     assert original_dst(FakeSock(sockaddr("1.2.3.4", 1, family=socket.AF_INET6))) is None
 
 

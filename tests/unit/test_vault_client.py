@@ -34,10 +34,17 @@ def _root_pem() -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test root")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -75,7 +82,9 @@ class Node:
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(n)
                 with SEEN_LOCK:
-                    SEEN.append((node.name, self.command, self.path, self.headers.get("X-Vault-Token", "")))
+                    SEEN.append(
+                        (node.name, self.command, self.path, self.headers.get("X-Vault-Token", ""))
+                    )
                 status, headers, body = node.behaviour(self.command, self.path)
                 self.send_response(status)
                 for k, v in {"Content-Type": "application/json", **headers}.items():
@@ -92,7 +101,9 @@ class Node:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -153,9 +164,15 @@ async def test_dead_node_then_standby_redirect_then_active(tmp_path: Path, nodes
     assert [s[2] for s in seen_by("standby")] == ["/v1/auth/approle/login"]
     assert [s[2] for s in seen_by("active")] == ["/v1/auth/approle/login", "/v1/pki_int/ca_chain"]
     assert seen_by("active")[1][3] == "tok-1"
-    events = [json.loads(r.getMessage()) for r in caplog.records if "identity.vault_node" in r.getMessage()]
+    events = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if "identity.vault_node" in r.getMessage()
+    ]
     assert len(events) == 1 and events[0]["addr"] == act.url and events[0]["previous"] == dead
-    assert "ConnectionError" in events[0]["failed"][0] and "redirected (307)" in events[0]["failed"][1]
+    assert (
+        "ConnectionError" in events[0]["failed"][0] and "redirected (307)" in events[0]["failed"][1]
+    )
     # the next call goes straight to the node that answered, with the same token
     SEEN.clear()
     caplog.clear()
@@ -182,13 +199,20 @@ async def test_sealed_node_then_active(tmp_path: Path, nodes) -> None:  # type: 
 
 
 async def test_a_blackholed_node_costs_the_connect_timeout_not_the_read_timeout(
-        tmp_path: Path, nodes, blackhole: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, nodes, blackhole: str, caplog
+) -> None:  # type: ignore[no-untyped-def]
     a = nodes("active", active)
     caplog.set_level(logging.INFO, "meshcar.identity")
     c = client(tmp_path, [blackhole, a.url], connect_timeout=0.5, timeout=60)
     assert (await c.bundle())[0] == ROOT
-    event = next(json.loads(r.getMessage()) for r in caplog.records if "identity.vault_node" in r.getMessage())
-    assert "ConnectTimeout" in event["failed"][0]  # the connect phase ended it (read timeout is 60 s)
+    event = next(
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if "identity.vault_node" in r.getMessage()
+    )
+    assert (
+        "ConnectTimeout" in event["failed"][0]
+    )  # the connect phase ended it (read timeout is 60 s)
 
 
 async def test_every_node_down_is_retryable_and_names_each(tmp_path: Path, nodes) -> None:  # type: ignore[no-untyped-def]
@@ -228,8 +252,12 @@ async def test_an_expired_token_logs_in_again_once_on_the_same_node(tmp_path: Pa
     n = nodes("node", expiring)
     other = nodes("other", active)
     assert (await client(tmp_path, [n.url, other.url]).bundle())[0] == ROOT
-    assert [s[2] for s in seen_by("node")] == ["/v1/auth/approle/login", "/v1/pki_int/ca_chain",
-                                               "/v1/auth/approle/login", "/v1/pki_int/ca_chain"]
+    assert [s[2] for s in seen_by("node")] == [
+        "/v1/auth/approle/login",
+        "/v1/pki_int/ca_chain",
+        "/v1/auth/approle/login",
+        "/v1/pki_int/ca_chain",
+    ]
     assert seen_by("other") == []
 
 
@@ -269,21 +297,35 @@ def test_config_one_address_or_several() -> None:
     one = parse_vault("    addr: https://vault:8200/")
     assert one.addrs == ("https://vault:8200",)
     assert (one.connect_timeout_seconds, one.timeout_seconds) == (2.0, 10.0)
-    many = parse_vault("    addr: [https://v1:8200, https://v2:8200, https://v3:8200]\n"
-                       "    connect_timeout_seconds: 0.5\n    timeout_seconds: 20")
+    many = parse_vault(
+        "    addr: [https://v1:8200, https://v2:8200, https://v3:8200]\n"
+        "    connect_timeout_seconds: 0.5\n    timeout_seconds: 20"
+    )
     assert many.addrs == ("https://v1:8200", "https://v2:8200", "https://v3:8200")
     assert (many.connect_timeout_seconds, many.timeout_seconds) == (0.5, 20.0)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("    addr: []", "identity.vault.addr: must be an http(s):// URL or a non-empty list"),
-    ("    addr: [https://v1, v2:8200]", "identity.vault.addr: must be an http(s):// URL or a list of them (got 'v2:8200')"),
-    ("    addr: [https://v1, https://v1/]", "identity.vault.addr: names https://v1/ twice"),
-    ("    addr: {a: 1}", "identity.vault.addr: must be an http(s):// URL or a non-empty list"),
-    ("    timeout_seconds: 1", "identity.vault.addr: is required"),
-    ("    addr: https://v1\n    connect_timeout_seconds: 0", "identity.vault.connect_timeout_seconds: must be a number"),
-    ("    addr: https://v1\n    timeout_seconds: true", "identity.vault.timeout_seconds: must be a number"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("    addr: []", "identity.vault.addr: must be an http(s):// URL or a non-empty list"),
+        (
+            "    addr: [https://v1, v2:8200]",
+            "identity.vault.addr: must be an http(s):// URL or a list of them (got 'v2:8200')",
+        ),
+        ("    addr: [https://v1, https://v1/]", "identity.vault.addr: names https://v1/ twice"),
+        ("    addr: {a: 1}", "identity.vault.addr: must be an http(s):// URL or a non-empty list"),
+        ("    timeout_seconds: 1", "identity.vault.addr: is required"),
+        (
+            "    addr: https://v1\n    connect_timeout_seconds: 0",
+            "identity.vault.connect_timeout_seconds: must be a number",
+        ),
+        (
+            "    addr: https://v1\n    timeout_seconds: true",
+            "identity.vault.timeout_seconds: must be a number",
+        ),
+    ],
+)
 def test_config_errors_name_the_key(extra: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config_text(BASE.format(vault=extra), "t.yaml")

@@ -26,8 +26,21 @@ from meshcar.edge.routes.bridge import BridgeRoute, parse_bridge
 from meshcar.edge.routes.passthrough import PassthroughRoute, parse_passthrough
 from meshcar.edge.routes.terminate import TerminateRoute, parse_terminate
 
-__all__ = ["MODES", "ROUTE", "Backend", "BridgeRoute", "ClientAuth", "DenyRule", "HealthCheck", "Mode",
-           "PassthroughRoute", "RateLimit", "Route", "TerminateRoute", "parse_route"]
+__all__ = [
+    "MODES",
+    "ROUTE",
+    "Backend",
+    "BridgeRoute",
+    "ClientAuth",
+    "DenyRule",
+    "HealthCheck",
+    "Mode",
+    "PassthroughRoute",
+    "RateLimit",
+    "Route",
+    "TerminateRoute",
+    "parse_route",
+]
 
 # mode -> (route type, parser of the mode's own keys)
 ROUTE_TYPES: dict[Mode, tuple[type[Route], Callable[[Checker, dict, str], dict[str, Any]]]] = {

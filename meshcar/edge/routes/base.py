@@ -35,65 +35,107 @@ class Mode(StrEnum):
 MODES = tuple(m.value for m in Mode)
 _PATH = {"type": "string", "pattern": "^/"}
 
-HEALTH = Section("Active health checks of the backend's endpoints", {
-    "interval": key(number(0.05), "seconds between checks", 2.0),
-    "timeout": key(number(0.01), "seconds a check may take", 1.0),
-    "path": key({"type": "string"}, "HTTP path checked (L7 backends)", "/"),
-    "fall": key(number(1, integer=True), "failures in a row that eject an endpoint", 2),
-    "rise": key(number(1, integer=True), "successes in a row that readmit it", 1),
-})
-BACKEND = Section("Where a route's traffic goes", {
-    "endpoints": key(ListOf(HOSTPORT, min_items=1), "HOST:PORT of each endpoint", required=True),
-    "balance": key(one_of("round_robin", "least_connections"), "load balancing", "round_robin"),
-    "spiffe_id": key(SPIFFE_ID, "bridge: the backend sidecar's identity"),
-    "health": key(HEALTH, HEALTH.doc),
-})
-TLS = Section("The route's certificate (terminate and bridge)", {
-    "cert": key(STRING, "certificate chain file (PEM)", required=True),
-    "key": key(STRING, "private key file (PEM)", required=True),
-})
-RATE_LIMIT = Section("Per-client token bucket", {
-    "per_second": key(number(0.001), "requests per second", required=True),
-    "burst": key(number(1, integer=True), "bucket size", 1),
-})
-CLIENT_AUTH = Section("Client certificates on the public listener", {
-    "mode": key(one_of("optional", "required"), "ask for or require a client certificate",
-                required=True),
-    "ca": key(STRING, "CA file client certificates must chain to", required=True),
-})
-ROUTE_HEADERS = Section("Request headers added or removed before the backend", {
-    "add": key(MapOf({"type": "string", "pattern": "^[^\\r\\n]*$"}), "NAME: VALUE added", {}),
-    "remove": key(ListOf({"type": "string"}), "header names removed", []),
-})
-DENY_HEADER = Section("A header that must match", {
-    "name": key({"type": "string"}, "header name", required=True),
-    "pattern": key({"type": "string"}, "regular expression searched in its values", required=True),
-})
-DENY = Section("A WAF rule: requests matching every given part are refused with 403", {
-    "name": key({"type": "string"}, "rule name (logs, metrics)"),
-    "methods": key(ListOf({"type": "string"}), "methods (any if empty)", []),
-    "path": key({"type": "string"}, "regular expression searched in the path"),
-    "header": key(DENY_HEADER, DENY_HEADER.doc),
-})
-ROUTE = Section("One host's route", {
-    "host": key({"type": "string", "pattern": "^[a-z0-9*]([a-z0-9.-]*[a-z0-9])?$"},
-                "the SNI and Host this route serves", required=True),
-    "mode": key(one_of(*MODES), "terminate, bridge (mTLS to a sidecar) or passthrough (TCP)",
-                required=True),
-    "backend": key(BACKEND, BACKEND.doc, required=True),
-    "tls": key(TLS, "terminate and bridge: the route's certificate"),
-    "path_prefix": key(_PATH, "only paths with this prefix", "/"),
-    "path_exact": key(_PATH, "only this path"),
-    "hsts": key({"anyOf": [BOOL, {"type": "string", "pattern": "^max-age="}]},
-                "true or a Strict-Transport-Security value"),
-    "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
-    "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
-    "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
-    "headers": key(ROUTE_HEADERS, ROUTE_HEADERS.doc),
-    "deny": key(ListOf(DENY), "WAF rules", []),
-    "proxy_protocol": key(one_of("v1", "v2"), "passthrough: send a PROXY protocol header"),
-    "source_address": key({"type": "string"}, "passthrough: local IP backend connections come from"),
-})
+HEALTH = Section(
+    "Active health checks of the backend's endpoints",
+    {
+        "interval": key(number(0.05), "seconds between checks", 2.0),
+        "timeout": key(number(0.01), "seconds a check may take", 1.0),
+        "path": key({"type": "string"}, "HTTP path checked (L7 backends)", "/"),
+        "fall": key(number(1, integer=True), "failures in a row that eject an endpoint", 2),
+        "rise": key(number(1, integer=True), "successes in a row that readmit it", 1),
+    },
+)
+BACKEND = Section(
+    "Where a route's traffic goes",
+    {
+        "endpoints": key(
+            ListOf(HOSTPORT, min_items=1), "HOST:PORT of each endpoint", required=True
+        ),
+        "balance": key(one_of("round_robin", "least_connections"), "load balancing", "round_robin"),
+        "spiffe_id": key(SPIFFE_ID, "bridge: the backend sidecar's identity"),
+        "health": key(HEALTH, HEALTH.doc),
+    },
+)
+TLS = Section(
+    "The route's certificate (terminate and bridge)",
+    {
+        "cert": key(STRING, "certificate chain file (PEM)", required=True),
+        "key": key(STRING, "private key file (PEM)", required=True),
+    },
+)
+RATE_LIMIT = Section(
+    "Per-client token bucket",
+    {
+        "per_second": key(number(0.001), "requests per second", required=True),
+        "burst": key(number(1, integer=True), "bucket size", 1),
+    },
+)
+CLIENT_AUTH = Section(
+    "Client certificates on the public listener",
+    {
+        "mode": key(
+            one_of("optional", "required"), "ask for or require a client certificate", required=True
+        ),
+        "ca": key(STRING, "CA file client certificates must chain to", required=True),
+    },
+)
+ROUTE_HEADERS = Section(
+    "Request headers added or removed before the backend",
+    {
+        "add": key(MapOf({"type": "string", "pattern": "^[^\\r\\n]*$"}), "NAME: VALUE added", {}),
+        "remove": key(ListOf({"type": "string"}), "header names removed", []),
+    },
+)
+DENY_HEADER = Section(
+    "A header that must match",
+    {
+        "name": key({"type": "string"}, "header name", required=True),
+        "pattern": key(
+            {"type": "string"}, "regular expression searched in its values", required=True
+        ),
+    },
+)
+DENY = Section(
+    "A WAF rule: requests matching every given part are refused with 403",
+    {
+        "name": key({"type": "string"}, "rule name (logs, metrics)"),
+        "methods": key(ListOf({"type": "string"}), "methods (any if empty)", []),
+        "path": key({"type": "string"}, "regular expression searched in the path"),
+        "header": key(DENY_HEADER, DENY_HEADER.doc),
+    },
+)
+ROUTE = Section(
+    "One host's route",
+    {
+        "host": key(
+            {"type": "string", "pattern": "^[a-z0-9*]([a-z0-9.-]*[a-z0-9])?$"},
+            "the SNI and Host this route serves",
+            required=True,
+        ),
+        "mode": key(
+            one_of(*MODES),
+            "terminate, bridge (mTLS to a sidecar) or passthrough (TCP)",
+            required=True,
+        ),
+        "backend": key(BACKEND, BACKEND.doc, required=True),
+        "tls": key(TLS, "terminate and bridge: the route's certificate"),
+        "path_prefix": key(_PATH, "only paths with this prefix", "/"),
+        "path_exact": key(_PATH, "only this path"),
+        "hsts": key(
+            {"anyOf": [BOOL, {"type": "string", "pattern": "^max-age="}]},
+            "true or a Strict-Transport-Security value",
+        ),
+        "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
+        "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
+        "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
+        "headers": key(ROUTE_HEADERS, ROUTE_HEADERS.doc),
+        "deny": key(ListOf(DENY), "WAF rules", []),
+        "proxy_protocol": key(one_of("v1", "v2"), "passthrough: send a PROXY protocol header"),
+        "source_address": key(
+            {"type": "string"}, "passthrough: local IP backend connections come from"
+        ),
+    },
+)
 ROUTE_KEYS = ROUTE.names()
 
 
@@ -171,7 +213,9 @@ class Route:
     remove_headers: tuple[str, ...] = ()
     deny: tuple[DenyRule, ...] = ()
     proxy_protocol: str | None = None  # passthrough: v1 | v2
-    source_address: str | None = None  # passthrough: the local address backend connections come from
+    source_address: str | None = (
+        None  # passthrough: the local address backend connections come from
+    )
 
     def path_matches(self, path: str) -> bool:
         if self.path_exact is not None:
@@ -180,7 +224,11 @@ class Route:
 
 
 def check_number(c: Checker, val: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
-    ok = not isinstance(val, bool) and isinstance(val, int if integer else int | float) and val >= minimum
+    ok = (
+        not isinstance(val, bool)
+        and isinstance(val, int if integer else int | float)
+        and val >= minimum
+    )
     if not ok:
         c.bad(path, f"must be {'an integer' if integer else 'a number'} >= {minimum:g}")
         return None

@@ -82,8 +82,9 @@ def _rate_limit(c: Checker, raw: dict, p: str, kw: Kw) -> None:
 
 def _max_body(c: Checker, raw: dict, p: str, kw: Kw) -> None:
     if "max_body_bytes" in raw:
-        kw["max_body_bytes"] = check_number(c, raw["max_body_bytes"], p + ".max_body_bytes", minimum=0,
-                                            integer=True)
+        kw["max_body_bytes"] = check_number(
+            c, raw["max_body_bytes"], p + ".max_body_bytes", minimum=0, integer=True
+        )
 
 
 def _client_auth(c: Checker, raw: dict, p: str, kw: Kw) -> None:
@@ -102,7 +103,8 @@ def _client_auth(c: Checker, raw: dict, p: str, kw: Kw) -> None:
 def _single_line_map(add: Any) -> bool:
     return isinstance(add, dict) and all(
         isinstance(k, str) and isinstance(v, str) and "\n" not in v and "\r" not in v
-        for k, v in add.items())
+        for k, v in add.items()
+    )
 
 
 def _headers(c: Checker, raw: dict, p: str, kw: Kw) -> None:
@@ -145,7 +147,9 @@ def _deny_rule(c: Checker, d: Any, dp: str, j: int) -> DenyRule | None:
         methods = []
     path_re = regex(c, d["path"], dp + ".path") if "path" in d else None
     header = _deny_header(c, d["header"], dp + ".header") if "header" in d else None
-    return DenyRule(tuple(m.upper() for m in methods), path_re, header, str(d.get("name", f"deny[{j}]")))
+    return DenyRule(
+        tuple(m.upper() for m in methods), path_re, header, str(d.get("name", f"deny[{j}]"))
+    )
 
 
 def _deny(c: Checker, raw: dict, p: str, kw: Kw) -> None:
@@ -163,7 +167,15 @@ def _deny(c: Checker, raw: dict, p: str, kw: Kw) -> None:
 
 # One check per L7 key (or group of keys), in the order problems are reported.
 L7_CHECKS: tuple[Callable[[Checker, dict, str, Kw], None], ...] = (
-    _tls, _paths, _hsts, _rate_limit, _max_body, _client_auth, _headers, _deny)
+    _tls,
+    _paths,
+    _hsts,
+    _rate_limit,
+    _max_body,
+    _client_auth,
+    _headers,
+    _deny,
+)
 
 
 def parse_l7(c: Checker, raw: dict, p: str) -> Kw:
