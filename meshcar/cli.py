@@ -7,6 +7,7 @@ does not load the sidecar and vice versa.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshcar: command {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    result = getattr(mod, func)(rest)
+    try:
+        result = getattr(mod, func)(rest)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`meshcar config schema edge | head`): stop quietly, as
+        # coreutils do; stdout is pointed at /dev/null so the exit flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     return int(result or 0)
 
 
