@@ -291,7 +291,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop_all()
 
 
-def start_pair(d: Path, c: Cluster, addrs: list[str], ttl: int, fraction: float = 2 / 3) -> Mesh:
+def start_pair(
+    d: Path,
+    c: Cluster,
+    addrs: list[str],
+    ttl: int,
+    fraction: float = 2 / 3,
+    pool_idle: float | None = None,
+) -> Mesh:
     names = [f"{n}_{k}" for n in ("web", "api") for k in ("app", "in", "out", "admin")]
     ports = {n: free_port() for n in names}
     procs = Procs(d)
@@ -320,6 +327,8 @@ def start_pair(d: Path, c: Cluster, addrs: list[str], ttl: int, fraction: float 
             "outbound": {"listen": f"127.0.0.1:{ports[f'{name}_out']}", "upstreams": upstreams},
             "admin": {"listen": f"127.0.0.1:{ports[f'{name}_admin']}"},
         }
+        if pool_idle is not None:
+            cfg["outbound"]["pool_idle_seconds"] = pool_idle
         path = d / f"{name}.yaml"
         path.write_text(json.dumps(cfg))
         return path
