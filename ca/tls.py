@@ -23,10 +23,11 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime
 
+from meshcar_tlsprofile import apply_profile
+
 from . import files
 from .files import CAPaths
 from .issuer import key_id, utcnow
-from .tlsprofile import apply_profile
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's x509_vfy.h; not exported by the ssl module
 

@@ -431,7 +431,7 @@ def build_tls(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert, key)
     ctx.load_verify_locations(client_ca)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    from meshcar.tls.profile import apply_profile
+    from meshcar_tlsprofile import apply_profile
 
     return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 

@@ -42,7 +42,7 @@ from meshcar.net.relay import RelayStats, relay
 from meshcar.net.tls_bare_socket import SocketTLSStream
 from meshcar.proto import proxy_protocol as pp
 from meshcar.proto.clienthello import ClientHello, Incomplete, parse_client_hello
-from meshcar.tls.profile import apply_profile
+from meshcar_tlsprofile import apply_profile
 
 log = logging.getLogger("meshcar.edge")
 

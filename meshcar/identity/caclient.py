@@ -17,8 +17,8 @@ from pathlib import Path
 
 from meshcar.errors import MeshcarError
 from meshcar.identity.keys import csr_pem, key_pem, new_key
-from meshcar.tls.profile import restrict_groups
 from meshcar.tls.store import Credential
+from meshcar_tlsprofile import restrict_groups
 
 
 class CAError(MeshcarError):

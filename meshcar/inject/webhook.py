@@ -47,7 +47,7 @@ from meshcar.inject.cli import add_option_arguments, options_from_args
 from meshcar.inject.patch import InjectError, InjectOptions, ShapeError, inject_object, object_name
 from meshcar.net.drain import Drain
 from meshcar.net.shell import Shell, run_process
-from meshcar.tls.profile import apply_profile
+from meshcar_tlsprofile import apply_profile
 
 log = logging.getLogger("meshcar.webhook")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from meshcar_ca import tlsprofile
 from meshcar_ca.api import CAServer, Limits
 from meshcar_ca.auth import Authenticator
 from meshcar_ca.files import create_ca
@@ -27,12 +26,12 @@ from meshcar_ca.sign import SignService
 from meshcar_ca.store import Store
 from meshcar_ca.tls import server_context as ca_server_context
 
+import meshcar_tlsprofile as profile
 from meshcar.demo.app import build_tls
 from meshcar.edge.listener import public_server_context
 from meshcar.identity.caclient import CAClient
 from meshcar.inject.patch import InjectOptions
 from meshcar.inject.webhook import serve_webhook, server_ssl_context
-from meshcar.tls import profile
 from meshcar.tls.contexts import mesh_client_context, mesh_server_context
 from tests.integration.conftest import sid, start_node
 from tests.integration.edge_fixtures import start_edge, terminate_route
@@ -260,12 +259,18 @@ def test_client_contexts_offer_only_the_profile_groups(tmp_path: Path, who: str)
         )
 
 
-def test_mesh_server_context_and_ca_copy_restrict_the_same_way(tmp_path: Path) -> None:
+def test_meshcar_and_the_ca_apply_the_one_shared_profile(tmp_path: Path) -> None:
+    import meshcar_ca.tls
+
+    import meshcar.tls.contexts
+
+    # one module, not two copies that could drift apart (issue 11)
+    assert meshcar_ca.tls.apply_profile is profile.apply_profile
+    assert meshcar.tls.contexts.apply_profile is profile.apply_profile
     ca = ThrowawayCA.create()
     chain, key = ca.leaf([sid("api")])
     (tmp_path / "chain.pem").write_text(chain)
     (tmp_path / "key.pem").write_text(key)
-    assert profile.GROUPS == tlsprofile.GROUPS
     ctx = mesh_server_context(tmp_path / "chain.pem", tmp_path / "key.pem", ca.bundle_pem)
     assert not ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
     # the pointer check: a context's SSL_CTX options read through ctypes equal ctx.options

@@ -1,10 +1,11 @@
 """The import contracts, checked on every pytest run (so CI enforces them).
 
 1. meshcar/proto/ is sans-IO: no module there may import I/O libraries or upper layers.
-2. Layers: every module of meshcar, meshcar_ca and meshcar_spiffe belongs to one layer of
-   LAYERS and imports only from its own layer or lower ones; the roles (sidecar, edge, inject)
-   share a layer but never import each other; the sidecar's inbound and outbound never import
-   each other; meshcar_ca never imports meshcar; meshcar_spiffe imports neither.
+2. Layers: every module of meshcar, meshcar_ca, meshcar_spiffe and meshcar_tlsprofile belongs
+   to one layer of LAYERS and imports only from its own layer or lower ones; the roles
+   (sidecar, edge, inject) share a layer but never import each other; the sidecar's inbound
+   and outbound never import each other; meshcar_ca never imports meshcar; meshcar_spiffe and
+   meshcar_tlsprofile (the bottom layer, shared by both) import neither.
    ALLOWED lists the known exceptions, each with its reason; an exception no longer needed
    fails too, so the list only shrinks. docs/ARCHITECTURE.md explains the layers.
 """
@@ -92,7 +93,8 @@ def test_checker_catches_forbidden_imports() -> None:
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("meshcar_spiffe",),  # the one SPIFFE ID parser, shared by meshcar and meshcar_ca
+    # shared by meshcar and meshcar_ca: the one SPIFFE ID parser, the one TLS profile
+    ("meshcar_spiffe", "meshcar_tlsprofile"),
     ("meshcar.errors",),
     ("meshcar.proto",),
     ("meshcar.net",),
@@ -121,12 +123,13 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 
 def _package_modules() -> dict[str, Path]:
-    """Every module of the three packages, by import name (ca/ is installed as meshcar_ca)."""
+    """Every module of the four packages, by import name (ca/ is installed as meshcar_ca)."""
     found: dict[str, Path] = {}
     for folder, name in (
         (ROOT / "meshcar", "meshcar"),
         (ROOT / "ca", "meshcar_ca"),
         (ROOT / "meshcar_spiffe", "meshcar_spiffe"),
+        (ROOT / "meshcar_tlsprofile", "meshcar_tlsprofile"),
     ):
         for path in sorted(folder.rglob("*.py")):
             parts = [name, *path.relative_to(folder).with_suffix("").parts]
@@ -150,7 +153,9 @@ def _layer_of(name: str) -> int | None:
 
 
 def _ours(name: str) -> bool:
-    return any(_matches(name, p) for p in ("meshcar", "meshcar_ca", "meshcar_spiffe"))
+    return any(
+        _matches(name, p) for p in ("meshcar", "meshcar_ca", "meshcar_spiffe", "meshcar_tlsprofile")
+    )
 
 
 def layering_violations(imports: dict[str, list[str]]) -> set[tuple[str, str]]:
@@ -232,6 +237,8 @@ def test_allowed_exceptions_are_still_needed() -> None:
         ("meshcar_ca.auth", "meshcar.errors"),  # the CA never imports meshcar
         ("meshcar_spiffe", "meshcar_ca.errors"),
         ("meshcar_spiffe", "meshcar.errors"),
+        ("meshcar_tlsprofile", "meshcar.tls.contexts"),
+        ("meshcar_tlsprofile", "meshcar_ca.tls"),
         ("meshcar.proto.http1", "meshcar.common.config"),
         ("meshcar.newpkg.x", "meshcar.errors"),  # a module in no layer
         ("meshcar.edge.main", "meshcar.demo.scenario"),  # a role depending on demo data
@@ -250,6 +257,8 @@ def test_checker_catches_layer_violations(module: str, name: str) -> None:
         ("meshcar.sidecar.main", "meshcar.sidecar.inbound"),
         ("meshcar.tls.svid", "meshcar_spiffe"),
         ("meshcar_ca.spiffe", "meshcar_spiffe"),
+        ("meshcar_ca.tls", "meshcar_tlsprofile"),
+        ("meshcar.tls.contexts", "meshcar_tlsprofile"),
         ("meshcar.cli", "meshcar_ca.cli"),
         ("meshcar.demo.plan", "meshcar.demo.edge_config"),
         ("meshcar.demo.edge_config", "meshcar.edge.config"),

@@ -1,9 +1,30 @@
-"""The CA API's TLS profile: key exchange over X25519, P-256, P-384 only; the client's cipher order.
+"""meshcar_tlsprofile: the TLS parameters every context shares (meshcar's and the CA API's):
+key-exchange groups and cipher choice. Like `meshcar_spiffe` it imports neither `meshcar` nor
+`meshcar_ca` and both import it, so the sidecar, the edge and the CA cannot drift apart
+(tests/integration/test_tls_profile.py checks every listener against real handshakes).
 
-`ca/` never imports `meshcar`, so this is a copy of `meshcar/tls/profile.py`, whose
-docstring explains the approach (OpenSSL's `SSL_CTX_set1_groups_list` through ctypes on the
-context's `SSL_CTX`, checked against `ctx.options`, falling back to P-256 only).
-tests/integration/test_tls_profile.py checks both against real handshakes.
+Groups. Mozilla's "intermediate" and "modern" profiles both allow exactly X25519, P-256 and
+P-384; OpenSSL 3's default list also offers X448, P-521 and the ffdhe groups. Python 3.11's
+`ssl` can only set ONE group (`SSLContext.set_ecdh_curve` calls `SSL_CTX_set1_groups` with a
+single NID), and an `OPENSSL_CONF` `Groups =` line is process-wide, depends on the
+environment the process was started with and silently does nothing when the file is not
+read. So `restrict_groups` calls OpenSSL's own `SSL_CTX_set1_groups_list` on the context's
+`SSL_CTX`, per context, through ctypes:
+
+* the function is looked up through the handle of the `_ssl` extension module, so it is the
+  very libssl Python's `ssl` is linked against (never another copy found on the path);
+* the `SSL_CTX *` is the first field after `PyObject_HEAD` of CPython's `PySSLContext`
+  (stable since 3.x); before using it, `SSL_CTX_get_options` on that pointer must equal
+  `ctx.options`, so a different layout is detected instead of written through;
+* if any of that is unavailable (another interpreter, a statically linked `_ssl`, a layout
+  check that fails, OpenSSL refusing the list), the context falls back to
+  `set_ecdh_curve("prime256v1")`: P-256 only, narrower but still inside the profile, and a
+  warning is logged once. A context never offers a group outside the profile.
+
+Cipher choice. Python's `ssl` sets `OP_CIPHER_SERVER_PREFERENCE` on every server context;
+Mozilla's profiles say the client chooses (every offered suite is strong; a client knows
+whether it has AES hardware), so `apply_profile` clears it: the client's order is used, for
+TLS 1.2 ciphers and TLS 1.3 suites alike.
 """
 
 from __future__ import annotations
@@ -13,7 +34,7 @@ import logging
 import ssl
 import sys
 
-log = logging.getLogger("meshcar_ca.tls")
+log = logging.getLogger("meshcar.tls")  # the name meshcar's JSON log lines have always shown
 
 GROUPS = ("X25519", "P-256", "P-384")
 FALLBACK_CURVE = "prime256v1"
