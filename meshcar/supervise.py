@@ -83,6 +83,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"meshcar run: {exc}", file=sys.stderr)
         return 2
+    if cfg.workers != 1:  # the sidecar beside an app is one process (docs/CONFIG.md)
+        print(f"meshcar run: {args.config}: workers: meshcar run runs one worker", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level)
     try:
         return trio.run(supervise, cfg, cmd)

@@ -15,6 +15,7 @@ from meshcar.common.schema import (
     HOSTPORT,
     SPIFFE_ID,
     STRING,
+    WORKERS,
     ListOf,
     Section,
     key,
@@ -25,6 +26,7 @@ from meshcar.errors import IdentityError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import TIMEOUT_KEYS, Limits
+from meshcar.net.workers import MAX_WORKERS, cpu_count
 from meshcar.proto.http1 import MAX_HEAD_BYTES, UNDERSCORE_ACTIONS, HeaderPolicy
 from meshcar.proto.path import ESCAPED_SLASH_ACTIONS, PathOptions
 
@@ -188,6 +190,12 @@ LIMITS = Section(
             Limits().max_upstream_connections,
         ),
     },
+)
+WORKERS_KEY = key(
+    WORKERS,
+    "worker processes, each accepting on the traffic listeners (SO_REUSEPORT); auto: one "
+    "per CPU; worker 0 serves the admin listener and renews the certificate",
+    1,
 )
 DRAIN_SECONDS = key(number(0, 3600), "on SIGTERM: how long requests in flight may finish", 10)
 LOG_LEVEL = key(
@@ -482,3 +490,14 @@ def _vault(c: Checker, raw: Any) -> VaultIdentity | None:
         timeouts["connect_timeout_seconds"],
         timeouts["timeout_seconds"],
     )
+
+
+def parse_workers(c: Checker, data: dict) -> int:
+    """`workers`: a whole number from 1 to MAX_WORKERS, or `auto` (the CPUs we may use)."""
+    raw = data.get("workers", 1)
+    if raw == "auto":
+        return cpu_count()
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_WORKERS:
+        c.bad("workers", f"must be a whole number from 1 to {MAX_WORKERS}, or auto (got {raw!r})")
+        return 1
+    return raw

@@ -73,6 +73,10 @@ HOSTPORT: dict[str, Any] = {"type": "string", "pattern": r"^.*[^:]:[0-9]+$"}
 SPIFFE_ID: dict[str, Any] = {"type": "string", "pattern": "^spiffe://"}
 PORT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 65535}
 LOG_LEVEL: dict[str, Any] = {"enum": ["debug", "info", "warning", "error"]}
+# `workers`: a count of processes (net/workers.py's MAX_WORKERS) or "auto" (one per CPU).
+WORKERS: dict[str, Any] = {
+    "anyOf": [{"type": "integer", "minimum": 1, "maximum": 64}, {"const": "auto"}]
+}
 
 
 def number(

@@ -23,12 +23,14 @@ from meshcar.common.config import (
     LIMITS,
     LOG_LEVEL,
     TIMEOUTS,
+    WORKERS_KEY,
     Checker,
     HostPort,
     HttpPolicy,
     IdentityConfig,
     parse_http,
     parse_identity,
+    parse_workers,
 )
 from meshcar.common.schema import HOSTPORT, ListOf, Section, key, number
 from meshcar.edge.routes import (  # noqa: F401 (re-exported: the route types)
@@ -80,6 +82,7 @@ EDGE = Section(
             number(0.1, 3600), "idle pooled backend connections closed after", 30.0
         ),
         "drain_seconds": DRAIN_SECONDS,
+        "workers": WORKERS_KEY,
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
         "http": key(HTTP, HTTP.doc),
@@ -105,6 +108,7 @@ class EdgeConfig:
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
     http: HttpPolicy = HttpPolicy()  # request-target normalisation and header policy
+    workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
 
     def route_for(self, host: str | None) -> Route | None:
         if host is not None:
@@ -199,6 +203,7 @@ def _scalars(c: Checker, data: dict, routes: list[Route]) -> dict[str, Any]:
         lambda v: 0 <= v <= 3600,
         "must be a number of seconds between 0 and 3600",
     )
+    out["workers"] = parse_workers(c, data)
     return out
 
 

@@ -31,9 +31,12 @@ from meshcar.edge.health import health_loop
 from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
+from meshcar.identity.follow import Follower
 from meshcar.identity.rotate import Rotator
+from meshcar.net.acceptor import serve_sockets
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
+from meshcar.net.workers import Worker, open_reuseport_listeners, run_workers
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")
@@ -44,8 +47,10 @@ def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
 
 
 class Edge:
-    def __init__(self, cfg: EdgeConfig) -> None:
+    def __init__(self, cfg: EdgeConfig, worker: Worker | None = None) -> None:
+        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one."""
         self.cfg = cfg
+        self.worker = worker
         self.metrics = Metrics()
         self.backend_up = Gauge(
             "meshcar_edge_backend_up",
@@ -54,8 +59,14 @@ class Edge:
             registry=self.metrics.registry,
         )
         self.store: CredentialStore | None = None
-        self.rotator: Rotator | None = None
-        if cfg.identity is not None:
+        self.rotator: Rotator | Follower | None = None
+        if cfg.identity is not None and worker is not None and not worker.leader:
+            ident = cfg.identity  # worker 0 talks to the CA (identity/follow.py)
+            self.store = CredentialStore(ident.state_dir / f"worker-{worker.index}")
+            self.rotator = Follower(
+                self.store, ident.state_dir, ident.spiffe_id, metrics=self.metrics
+            )
+        elif cfg.identity is not None:
             ident = cfg.identity
             self.store = CredentialStore(ident.state_dir)
             self.rotator = Rotator(
@@ -74,6 +85,15 @@ class Edge:
         self.proxy.drain = self.shell.drain
 
     def ready(self) -> tuple[bool, str]:
+        """This process's readiness and, on worker 0 of N, every other worker's."""
+        ok, why = self.worker_ready()
+        if ok and self.worker is not None:
+            problem = self.worker.others_not_ready()
+            if problem:
+                return False, problem
+        return ok, why
+
+    def worker_ready(self) -> tuple[bool, str]:
         if self.store is not None and not self.store.is_valid_now():
             reason = self.rotator.reason if self.rotator is not None else "no rotator"
             return False, f"no valid mesh certificate ({reason})"
@@ -109,17 +129,28 @@ class Edge:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         nursery = shell.services
-        admin = AdminServer(
-            self.metrics, AdminHooks(self.ready, self.status), cfg.admin_public_paths
-        )
-        await _listen(
-            nursery, admin.handle_connection, cfg.admin_listen, "admin", self.metrics, shell.conns
-        )
+        if self.worker is None or self.worker.leader:
+            admin = AdminServer(
+                self.metrics,
+                AdminHooks(self.ready, self.status),
+                cfg.admin_public_paths,
+            )
+            await _listen(
+                nursery,
+                admin.handle_connection,
+                cfg.admin_listen,
+                "admin",
+                self.metrics,
+                shell.conns,
+            )
+        if self.worker is not None:
+            nursery.start_soon(self.worker.publish_loop, lambda: self.worker_ready()[0])
         nursery.start_soon(accesslog.flush_loop)
         if self.rotator is not None:
             await nursery.start(self.rotator.run)
             assert cfg.identity is not None
-            nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
+            if isinstance(self.rotator, Rotator):
+                nursery.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         for route in cfg.routes:
             if route.mode is Mode.TERMINATE:
                 _event(
@@ -141,14 +172,27 @@ class Edge:
     async def _serve_traffic(self, ln: trio.Nursery) -> None:
         """The public listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
-        await ln.start(
-            partial(
-                self.tls.serve,
-                cfg.https_listen.host,
-                cfg.https_listen.port,
-                handler_nursery=self.shell.conns,
+        if self.worker is None:
+            await ln.start(
+                partial(
+                    self.tls.serve,
+                    cfg.https_listen.host,
+                    cfg.https_listen.port,
+                    handler_nursery=self.shell.conns,
+                )
             )
-        )
+        else:  # TLSListener.serve, on a port shared with the other workers
+            await ln.start(
+                partial(
+                    serve_sockets,
+                    self.tls.handle_socket,
+                    cfg.https_listen.host,
+                    cfg.https_listen.port,
+                    on_error=self.metrics.count_connection_error,
+                    handler_nursery=self.shell.conns,
+                    reuse_port=True,
+                )
+            )
         if cfg.http_listen is not None:
             await _listen(
                 ln,
@@ -157,6 +201,7 @@ class Edge:
                 "http",
                 self.metrics,
                 self.shell.conns,
+                reuse_port=self.worker is not None,
             )
 
 
@@ -167,9 +212,16 @@ async def _listen(
     name: str,  # noqa: ANN001
     metrics: Metrics,
     conns: trio.Nursery,
+    *,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
+    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py).
+    `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
     safe = guarded(handler, name, metrics.count_connection_error)
+    if reuse_port:
+        listeners = await open_reuseport_listeners(where.port, where.host)
+        await nursery.start(partial(trio.serve_listeners, safe, listeners, handler_nursery=conns))
+        return
     await nursery.start(
         partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns)
     )
@@ -189,4 +241,6 @@ def main(argv: list[str]) -> int:
         print(f"meshcar edge: {args.config}: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    return run_process("edge", edge.run)
+    if cfg.workers == 1:
+        return run_process("edge", edge.run)
+    return run_workers("edge", cfg.workers, lambda w: run_process("edge", Edge(cfg, w).run))

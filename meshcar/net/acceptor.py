@@ -45,8 +45,11 @@ SKIP_ERRNOS = {
 ACCEPT_BATCH = 64  # yield to the scheduler after this many accepts in a row
 
 
-def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.socket]:
-    """Listening, non-blocking sockets on every address `host` resolves to."""
+def bind_listeners(
+    host: str, port: int, backlog: int = 0xFFFF, *, reuse_port: bool = False
+) -> list[socket.socket]:
+    """Listening, non-blocking sockets on every address `host` resolves to; `reuse_port`
+    (SO_REUSEPORT) lets `workers: N` processes bind the same port (net/workers.py)."""
     infos = socket.getaddrinfo(
         host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
     )
@@ -60,6 +63,8 @@ def bind_listeners(host: str, port: int, backlog: int = 0xFFFF) -> list[socket.s
             sock = socket.socket(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
@@ -133,12 +138,13 @@ async def serve_sockets(
     *,
     on_error: Callable[[str], None] | None = None,
     handler_nursery: trio.Nursery | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started` gets the bound listening sockets.
     Handlers run in `handler_nursery` if given (as `trio.serve_listeners`), so cancelling
     the listener closes the listening sockets but not the connections already accepted."""
-    listeners = bind_listeners(host, port)
+    listeners = bind_listeners(host, port, reuse_port=reuse_port)
     try:
         async with trio.open_nursery() as nursery:
             for lsock in listeners:

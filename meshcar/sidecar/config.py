@@ -19,6 +19,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     LIMITS,
     LOG_LEVEL,
     TIMEOUTS,
+    WORKERS_KEY,
     Checker,
     HostPort,
     HttpPolicy,
@@ -26,6 +27,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     VaultIdentity,
     parse_http,
     parse_identity,
+    parse_workers,
 )
 from meshcar.common.schema import HOSTPORT, PORT, SPIFFE_ID, ListOf, MapOf, Section, key, number
 from meshcar.errors import ConfigError
@@ -101,6 +103,7 @@ SIDECAR = Section(
         "admin": key(ADMIN, ADMIN.doc, required=True),
         "log_level": LOG_LEVEL,
         "drain_seconds": DRAIN_SECONDS,
+        "workers": WORKERS_KEY,
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
         "http": key(HTTP, HTTP.doc),
@@ -133,6 +136,7 @@ class SidecarConfig:
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per upstream (net/limits.py)
     http: HttpPolicy = HttpPolicy()
+    workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
 
     @property
@@ -265,6 +269,7 @@ def parse_config(
     outbound = _outbound(c, data)
     admin_listen, public_paths = _admin(c, data)
     drain, level = _scalars(c, data)
+    workers = parse_workers(c, data)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -277,6 +282,7 @@ def parse_config(
         admin_listen=admin_listen,
         log_level=level,
         drain_seconds=drain,
+        workers=workers,
         timeouts=net_timeouts,
         limits=net_limits,
         http=http,

@@ -27,9 +27,11 @@ from meshcar.common.accesslog import setup_logging
 from meshcar.common.issuer import issuer_for
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
+from meshcar.identity.follow import Follower
 from meshcar.identity.rotate import Rotator
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
+from meshcar.net.workers import Worker, open_reuseport_listeners, run_workers
 from meshcar.sidecar.config import (
     HostPort,
     SidecarConfig,
@@ -49,19 +51,28 @@ def _event(name: str, **fields: object) -> None:
 
 
 class Sidecar:
-    def __init__(self, cfg: SidecarConfig) -> None:
+    def __init__(self, cfg: SidecarConfig, worker: Worker | None = None) -> None:
+        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one."""
         self.cfg = cfg
+        self.worker = worker
         self.metrics = Metrics()
-        self.store = CredentialStore(cfg.identity.state_dir)
         ident = cfg.identity
-        self.rotator = Rotator(
-            self.store,
-            issuer_for(ident),
-            ident.spiffe_id,
-            metrics=self.metrics,
-            ttl_seconds=ident.ttl_seconds,
-            fraction=ident.renew_fraction,
-        )
+        self.rotator: Rotator | Follower
+        if worker is None or worker.leader:
+            self.store = CredentialStore(ident.state_dir)
+            self.rotator = Rotator(
+                self.store,
+                issuer_for(ident),
+                ident.spiffe_id,
+                metrics=self.metrics,
+                ttl_seconds=ident.ttl_seconds,
+                fraction=ident.renew_fraction,
+            )
+        else:  # worker 0 talks to the CA; this one takes its credential (identity/follow.py)
+            self.store = CredentialStore(ident.state_dir / f"worker-{worker.index}")
+            self.rotator = Follower(
+                self.store, ident.state_dir, ident.spiffe_id, metrics=self.metrics
+            )
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
         self.shell = Shell("sidecar", cfg.drain_seconds)
@@ -69,6 +80,15 @@ class Sidecar:
     # -- admin hooks -----------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        """This process's readiness and, on worker 0 of N, every other worker's."""
+        ok, why = self.worker_ready()
+        if ok and self.worker is not None:
+            problem = self.worker.others_not_ready()
+            if problem:
+                return False, problem
+        return ok, why
+
+    def worker_ready(self) -> tuple[bool, str]:
         if self.store.credential is None:
             return False, "no certificate yet"
         if not self.store.is_valid_now():
@@ -96,6 +116,8 @@ class Sidecar:
 
     async def renew(self) -> dict:
         before = self.store.credential.serial_hex if self.store.credential else None
+        if not isinstance(self.rotator, Rotator):  # not reached: only worker 0 serves admin
+            return {"renewed": False, "error": "worker 0 renews", "serial": before}
         try:
             how = await self.rotator.renew_on_request()  # counted; reschedules the loop
         except CAError as exc:
@@ -103,7 +125,10 @@ class Sidecar:
         return {"renewed": True, "how": how, "previous_serial": before, **self.certs()}
 
     def shutdown(self) -> None:
-        self.shell.stop_soon()
+        if self.worker is not None:  # drain every worker: the parent forwards SIGTERM
+            self.worker.ask_parent_to_stop()
+        else:
+            self.shell.stop_soon()
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -125,18 +150,22 @@ class Sidecar:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         services, conns = shell.services, shell.conns
-        admin = AdminServer(
-            self.metrics,
-            AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
-            cfg.admin_public_paths,
-        )
-        await _listen(
-            services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics
-        )
-        _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
+        if self.worker is None or self.worker.leader:
+            admin = AdminServer(
+                self.metrics,
+                AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
+                cfg.admin_public_paths,
+            )
+            await _listen(
+                services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics
+            )
+            _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
+        if self.worker is not None:
+            services.start_soon(self.worker.publish_loop, lambda: self.worker_ready()[0])
         services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
-        services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
+        if isinstance(self.rotator, Rotator):
+            services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)
         await shell.serve_traffic(partial(self._serve_mesh, conns))
         _event(
             "sidecar.ready",
@@ -153,11 +182,12 @@ class Sidecar:
         """The traffic listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
         self.inbound.drain = self.outbound.drain = self.shell.drain
-        await _listen(
+        listen = partial(_listen, reuse_port=self.worker is not None)
+        await listen(
             ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound", self.metrics
         )
         if cfg.outbound_listen is not None:
-            await _listen(
+            await listen(
                 ln,
                 self.outbound.handle_connection,
                 cfg.outbound_listen,
@@ -166,7 +196,7 @@ class Sidecar:
                 self.metrics,
             )
         if cfg.transparent_listen is not None:
-            await _listen(
+            await listen(
                 ln,
                 Transparent(cfg, self.outbound).handle_connection,
                 cfg.transparent_listen,
@@ -176,7 +206,7 @@ class Sidecar:
             )
         for up in cfg.upstreams:
             if up.local_port is not None:
-                await _listen(
+                await listen(
                     ln,
                     partial(self.outbound.handle_connection, fixed=up.name),
                     HostPort("127.0.0.1", up.local_port),
@@ -198,9 +228,15 @@ async def _listen(
     conns: trio.Nursery,
     name: str,
     metrics: Metrics,
+    *,
+    reuse_port: bool = False,
 ) -> list[trio.SocketListener]:
-    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py)."""
-    listeners = await trio.open_tcp_listeners(where.port, host=where.host)
+    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py).
+    `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
+    if reuse_port:
+        listeners = await open_reuseport_listeners(where.port, where.host)
+    else:
+        listeners = await trio.open_tcp_listeners(where.port, host=where.host)
     safe = guarded(handler, name, metrics.count_connection_error)
     return await nursery.start(
         partial(trio.serve_listeners, safe, listeners, handler_nursery=conns)
@@ -234,4 +270,8 @@ def main(argv: list[str]) -> int:
         print(f"meshcar sidecar: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    return run_process("sidecar", Sidecar(cfg).run)
+    if cfg.workers == 1:
+        return run_process("sidecar", Sidecar(cfg).run)
+    return run_workers(
+        "sidecar", cfg.workers, lambda w: run_process("sidecar", Sidecar(cfg, w).run)
+    )

@@ -1,0 +1,287 @@
+"""`workers: N` in real processes (meshcar/net/workers.py): a sidecar pair and an edge with two
+worker processes each serve requests and both workers accept connections (read from /proc:
+which process holds each accepted socket), SIGTERM drains both workers and exits 0, a killed
+worker is restarted, a worker failing at start stops the role with exit 1."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from tests.e2e.procs import Procs, free_port, meshcar_cmd
+
+pytestmark = pytest.mark.e2e
+TD = "meshcar.demo"
+CONNS = 16  # P(all on one of 2 workers) = 2**-15 with SO_REUSEPORT's hash
+
+
+def sid(n: str) -> str:
+    return f"spiffe://{TD}/svc/{n}"
+
+
+def _wait(cond, what: str, timeout: float = 30.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)  # polling interval, not synchronisation
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def _established_inodes(port: int) -> set[str]:
+    """Inodes of ESTABLISHED loopback TCP sockets whose local port is `port`."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":
+                inodes.add(f[9])
+    return inodes
+
+
+def accepted_by(pids: list[int], port: int) -> dict[int, int]:
+    """How many accepted connections on `port` each process holds."""
+    inodes = _established_inodes(port)
+    counts = {}
+    for pid in pids:
+        n = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                n += 1
+        counts[pid] = n
+    return counts
+
+
+def assert_both_workers_accept(parent: int, port: int) -> None:
+    workers = children(parent)
+    assert len(workers) == 2, workers
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(CONNS)]
+    try:
+        counts = _wait(
+            lambda: (c := accepted_by(workers, port)) and sum(c.values()) >= CONNS and c,
+            f"{CONNS} connections accepted on {port}",
+        )
+        assert all(n > 0 for n in counts.values()), counts
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _token(ca_dir: Path, name: str) -> str:
+    out = subprocess.run(
+        meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):  # noqa: ANN201
+    d = tmp_path_factory.mktemp("workers")
+    port = free_port()
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD),
+        check=True,
+        capture_output=True,
+    )
+    procs = Procs(d)
+    try:
+        procs.start("ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{port}")
+        procs.wait_http(
+            f"https://127.0.0.1:{port}/healthz", verify=str(d / "ca" / "root.pem"), name="ca"
+        )
+        yield d, port
+    finally:
+        procs.stop_all()
+
+
+def sidecar_cfg(
+    d: Path, ca_port: int, name: str, ports: dict[str, int], upstreams: dict, **extra: object
+) -> Path:
+    (d / f"{name}.token").write_text(_token(d / "ca", name))
+    cfg = {
+        "identity": {
+            "spiffe_id": sid(name),
+            "ca_url": f"https://127.0.0.1:{ca_port}",
+            "ca_bundle": str(d / "ca" / "root.pem"),
+            "token_file": str(d / f"{name}.token"),
+            "state_dir": str(d / f"{name}-state"),
+        },
+        "app": {"port": ports["app"]},
+        "inbound": {"listen": f"127.0.0.1:{ports['in']}", "allow": [sid("web")]},
+        "outbound": {"listen": f"127.0.0.1:{ports['out']}", "upstreams": upstreams},
+        "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
+        **extra,
+    }
+    path = d / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _ports() -> dict[str, int]:
+    return {k: free_port() for k in ("app", "in", "out", "admin")}
+
+
+def _get_through(out_port: int, n: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", out_port, timeout=10)
+    try:
+        for _ in range(n):
+            conn.request("GET", "http://api/hello")
+            r = conn.getresponse()
+            body = r.read()
+            assert r.status == 200, body
+    finally:
+        conn.close()
+
+
+def test_two_worker_sidecar_pair(ca, tmp_path: Path) -> None:  # noqa: ANN001
+    """Serves through both pairs of workers; every worker accepts; killing one restarts it;
+    SIGTERM drains both workers of each sidecar and the parent exits 0."""
+    d, ca_port = ca
+    api, web = _ports(), _ports()
+    api_cfg = sidecar_cfg(d, ca_port, "api", api, {}, workers=2)
+    up = {"api": {"endpoints": [f"127.0.0.1:{api['in']}"], "spiffe_id": sid("api")}}
+    web_cfg = sidecar_cfg(d, ca_port, "web", web, up, workers=2)
+    procs = Procs(tmp_path)
+    try:
+        procs.start("api-app", "demo-app", "--name", "api", "--port", str(api["app"]))
+        api_p = procs.start("api", "sidecar", "--config", str(api_cfg))
+        web_p = procs.start("web", "sidecar", "--config", str(web_cfg))
+        for n, p in (("api", api), ("web", web)):
+            procs.wait_http(f"http://127.0.0.1:{p['admin']}/ready", name=n)
+        _get_through(web["out"], 20)
+        assert_both_workers_accept(web_p.pid, web["out"])
+        assert_both_workers_accept(api_p.pid, api["in"])
+        # only worker 0 asked the CA: the other worker took worker 0's credential
+        for name in ("api", "web"):
+            log = procs.log(name)
+            assert log.count('"how": "bootstrap"') == 1, log[-3000:]
+            assert log.count('"how": "from worker 0"') == 1, log[-3000:]
+        certs = httpx.get(f"http://127.0.0.1:{web['admin']}/certs", timeout=5).json()
+        assert certs["spiffe_id"] == sid("web")
+
+        # a worker killed by SIGKILL is restarted; /ready is false until it is ready again
+        before = children(web_p.pid)
+        os.kill(before[1], signal.SIGKILL)
+        _wait(
+            lambda: (c := children(web_p.pid)) and len(c) == 2 and before[1] not in c,
+            "the killed worker to be replaced",
+        )
+        _wait(lambda: '"event": "sidecar.worker_restarting"' in procs.log("web"), "restart log")
+        procs.wait_http(f"http://127.0.0.1:{web['admin']}/ready", name="web")
+        _get_through(web["out"], 5)
+        assert_both_workers_accept(web_p.pid, web["out"])
+
+        # SIGTERM to the parent drains every worker; the parent exits 0 once they have
+        for name, p in (("web", web_p), ("api", api_p)):
+            workers = children(p.pid)
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=30) == 0, procs.log(name)
+            assert not any(Path(f"/proc/{w}").exists() for w in workers)
+            log = procs.log(name)
+            assert log.count('"event": "sidecar.draining"') == 2, log[-3000:]
+            assert log.count('"event": "sidecar.stopped"') == 2, log[-3000:]
+            assert '"event": "sidecar.workers_stopped", "code": 0' in log
+    finally:
+        procs.stop_all()
+
+
+def test_worker_failing_at_start_stops_the_sidecar_with_1(ca, tmp_path: Path) -> None:  # noqa: ANN001
+    """A worker that exits before it was ever ready (its port is taken) is not restarted in
+    a loop: the parent stops the others and exits 1."""
+    d, ca_port = ca
+    p = _ports()
+    taken = socket.create_server(("127.0.0.1", p["in"]))  # no SO_REUSEPORT: bind fails
+    try:
+        cfg = sidecar_cfg(d, ca_port, "lonely", p, {}, workers=2)
+        procs = Procs(tmp_path)
+        try:
+            proc = procs.start("lonely", "sidecar", "--config", str(cfg))
+            assert proc.wait(timeout=60) == 1, procs.log("lonely")
+            log = procs.log("lonely")
+            assert '"event": "sidecar.workers_failed"' in log, log[-3000:]
+            assert "Address already in use" in log
+        finally:
+            procs.stop_all()
+    finally:
+        taken.close()
+
+
+def test_two_worker_edge(tmp_path: Path) -> None:
+    """The edge's public listener is shared by two workers; SIGTERM drains both, exit 0."""
+    site = trustme.CA()
+    site.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    site.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
+    procs = Procs(tmp_path)
+    app_port, https, admin = free_port(), free_port(), free_port()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
+        "workers: 2\n"
+        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
+        f" backend: {{endpoints: ['127.0.0.1:{app_port}']}}}}]\n"
+    )
+    try:
+        procs.start("app", "demo-app", "--name", "www", "--port", str(app_port))
+        edge = procs.start("edge", "edge", "--config", str(cfg))
+        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+        out = subprocess.run(
+            ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert"]
+            + [str(tmp_path / "ca.pem"), "-o", "/dev/null", "-w", "%{http_code}"]
+            + [f"https://www.test:{https}/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.stdout == "200", out.stderr
+        assert_both_workers_accept(edge.pid, https)
+        edge.send_signal(signal.SIGTERM)
+        assert edge.wait(timeout=30) == 0, procs.log("edge")
+        assert procs.log("edge").count('"event": "edge.draining"') == 2
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "true", "65", "1.5"])
+def test_bad_workers_is_a_config_error_with_file_and_key(tmp_path: Path, value: str) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        "listen: {https: '127.0.0.1:1'}\nadmin: {listen: '127.0.0.1:2'}\n"
+        f"workers: {value}\n"
+        "routes: [{host: a.test, mode: passthrough, backend: {endpoints: ['127.0.0.1:3']}}]\n"
+    )
+    out = subprocess.run(meshcar_cmd("edge", "--config", str(cfg)), capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert f"{cfg}: workers: must be a whole number from 1 to 64, or auto" in out.stderr
