@@ -17,6 +17,7 @@ import time
 import trio
 
 from meshcar.admin.metrics import Metrics
+from meshcar.common.accesslog import log_request
 from meshcar.errors import IdentityError, UpstreamError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import HANDSHAKE_ERRORS
@@ -36,7 +37,6 @@ from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import PathError, normalise_target
-from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import AppDialer
 from meshcar.tls.store import CredentialStore

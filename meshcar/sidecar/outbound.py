@@ -21,6 +21,7 @@ import time
 import trio
 
 from meshcar.admin.metrics import Metrics
+from meshcar.common.accesslog import log_request
 from meshcar.errors import UpstreamError
 from meshcar.net.drain import Drain
 from meshcar.net.forward import (
@@ -38,7 +39,6 @@ from meshcar.net.proxying import proxy_request
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
-from meshcar.sidecar.accesslog import log_request
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
 from meshcar.tls.store import CredentialStore
