@@ -11,11 +11,13 @@ being replaced first (docs/ROTATION.md).
 
 from __future__ import annotations
 
+import json as jsonlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshcar.errors import MeshcarError
+from meshcar.identity import httpsclient
 from meshcar.identity.keys import csr_pem, key_pem, new_key
 from meshcar.tls.store import Credential
 from meshcar_tlsprofile import restrict_groups
@@ -101,17 +103,15 @@ class CAClient:
         return Credential(got_id, chain, key_pem(key), bundle, version)
 
     async def bundle(self, trust_pem: str | None = None) -> tuple[str, int]:
-        import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
-
-        async with httpx.AsyncClient(
-            verify=self._ssl(None, None, trust_pem), timeout=self.timeout
-        ) as client:
-            try:
-                resp = await client.get(self.url.rstrip("/") + "/v1/bundle")
-            except httpx.HTTPError as exc:
-                raise CAError(f"CA unreachable: {exc!r}", retryable=True) from None
-        if resp.status_code != 200:
-            raise CAError(f"CA bundle request failed: {resp.status_code}", retryable=True)
+        ctx = self._ssl(None, None, trust_pem)
+        try:
+            resp = await httpsclient.request(
+                "GET", self.url.rstrip("/") + "/v1/bundle", ctx, timeout=self.timeout
+            )
+        except httpsclient.HTTPSFailure as exc:
+            raise CAError(f"CA unreachable: {exc}", retryable=True) from None
+        if resp.status != 200:
+            raise CAError(f"CA bundle request failed: {resp.status}", retryable=True)
         return resp.text, int(resp.headers.get("x-meshcar-bundle-version", "0"))
 
     async def _request(
@@ -124,23 +124,26 @@ class CAClient:
         key_file: Path | None,
         trust_pem: str | None = None,
     ) -> dict:
-        import httpx  # loaded on first use, not by importing the sidecar (issue 12: memory)
-
         ctx = self._ssl(chain_file, key_file, trust_pem)
-        async with httpx.AsyncClient(verify=ctx, timeout=self.timeout) as client:
-            try:
-                resp = await client.request(method, self.url.rstrip("/") + path, json=json)
-            except httpx.HTTPError as exc:
-                raise CAError(f"CA unreachable at {self.url}: {exc!r}", retryable=True) from None
         try:
-            data = resp.json()
+            resp = await httpsclient.request(
+                method,
+                self.url.rstrip("/") + path,
+                ctx,
+                body=jsonlib.dumps(json).encode(),
+                timeout=self.timeout,
+            )
+        except httpsclient.HTTPSFailure as exc:
+            raise CAError(f"CA unreachable at {self.url}: {exc}", retryable=True) from None
+        try:
+            data = jsonlib.loads(resp.body)
         except ValueError:
             data = {}
-        if resp.status_code != 200:
+        if resp.status != 200:
             msg = data.get("message") if isinstance(data, dict) else None
             raise CAError(
-                f"CA refused: {resp.status_code} {msg or resp.text[:200]}",
-                retryable=resp.status_code >= 500 or resp.status_code == 429,
+                f"CA refused: {resp.status} {msg or resp.text[:200]}",
+                retryable=resp.status >= 500 or resp.status == 429,
             )
         if not isinstance(data, dict):
             raise CAError("CA answered with something that is not a JSON object", retryable=True)

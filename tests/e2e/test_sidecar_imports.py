@@ -1,8 +1,10 @@
 """What `meshcar sidecar` loads for a join-token identity (issue 12: memory).
 
-hvac/requests (Vault), httpx (first CA request only), PyYAML (config loading only) and the
-demo/inject/edge commands are not imported by the sidecar's entry and its config-dependent
-setup. Nothing here is timed; the RSS figures are in docs/PERFORMANCE.md.
+hvac/requests (Vault), PyYAML (config loading only) and the demo/inject/edge commands are
+not imported by the sidecar's entry and its config-dependent setup; a real sidecar that
+bootstrapped from the built-in CA and served has not loaded httpx or the rest of
+`RUNNING_NOT_LOADED` either. Nothing here is timed; the RSS figures are in
+docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.procs import Procs
+from tests.e2e.test_sidecar_e2e import _sidecar_cfg, init_pair_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -124,3 +129,65 @@ def test_vault_identity_still_loads_hvac(tmp_path: Path) -> None:
     assert _loaded(mods["configured"], "hvac") and _loaded(
         mods["configured"], "meshcar.identity.vaultclient"
     )
+
+
+# A running sidecar with the built-in CA issuer, after bootstrap and a request through the
+# pair: the CA client speaks HTTPS itself (identity/httpsclient.py), so nothing of httpx.
+RUNNING_NOT_LOADED = (
+    *(n for n in NOT_LOADED if n != "yaml"),
+    "anyio",
+    "h11",
+    "certifi",
+    "http.cookiejar",
+)
+
+# `meshcar ...` that writes sys.modules as it exits (after SIGTERM and the drain, so a superset
+# of what the idle sidecar had loaded)
+RUN = """
+import atexit, json, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+runpy.run_module("meshcar.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_running_join_token_sidecar_has_not_loaded_httpx_or_vault(tmp_path: Path) -> None:
+    ports = init_pair_dir(tmp_path)
+    procs = Procs(tmp_path)
+    mods_file = tmp_path / "modules.json"
+    try:
+        procs.start(
+            "ca",
+            "ca",
+            "serve",
+            "--dir",
+            str(tmp_path / "ca"),
+            "--listen",
+            f"127.0.0.1:{ports['ca']}",
+        )
+        procs.wait_http(
+            f"https://127.0.0.1:{ports['ca']}/healthz",
+            verify=str(tmp_path / "ca" / "root.pem"),
+            name="ca",
+        )
+        cfg = _sidecar_cfg(tmp_path, "web", ports, [], {})
+        log = open(tmp_path / "web-sidecar.log", "wb")
+        side = subprocess.Popen(
+            [sys.executable, "-c", RUN, str(mods_file), "sidecar", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # as Procs.start: stop_all signals its process group
+        )
+        log.close()
+        procs.procs.append(("web-sidecar", side))
+        procs.wait_http(f"http://127.0.0.1:{ports['web_admin']}/ready", name="web-sidecar")
+        procs.wait_http(f"http://127.0.0.1:{ports['web_admin']}/metrics", name="web-sidecar")
+        side.terminate()
+        assert side.wait(timeout=30) == 0, procs.log("web-sidecar")[-3000:]
+    finally:
+        procs.stop_all()
+    mods = json.loads(mods_file.read_text())
+    present = [n for n in RUNNING_NOT_LOADED if _loaded(mods, n)]
+    assert not present, f"a running join-token sidecar loaded {present}"
+    for needed in ("trio", "httptools", "meshcar.identity.httpsclient", "meshcar.sidecar.inbound"):
+        assert _loaded(mods, needed), needed
