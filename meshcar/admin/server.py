@@ -37,6 +37,7 @@ class AdminHooks:
     certs: Callable[[], dict]
     renew: Callable[[], Awaitable[dict]] | None = None
     shutdown: Callable[[], None] | None = None
+    metrics: Callable[[], Awaitable[bytes]] | None = None  # workers: N (admin/workers.py)
 
 
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
@@ -136,7 +137,7 @@ class AdminServer:
             ok, why = self.hooks.ready()
             await self._json(conn, 200 if ok else 503, {"ready": ok, "reason": why})
         elif path == b"/metrics":
-            body = self.metrics.render()
+            body = await self.hooks.metrics() if self.hooks.metrics else self.metrics.render()
             await conn.send(simple_response(200, body, content_type=b"text/plain; version=0.0.4"))
         elif path == b"/certs":
             await self._json(conn, 200, self.hooks.certs())

@@ -22,6 +22,7 @@ from prometheus_client import Gauge
 
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.admin.workers import merged_metrics
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
@@ -129,22 +130,7 @@ class Edge:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         nursery = shell.services
-        if self.worker is None or self.worker.leader:
-            admin = AdminServer(
-                self.metrics,
-                AdminHooks(self.ready, self.status),
-                cfg.admin_public_paths,
-            )
-            await _listen(
-                nursery,
-                admin.handle_connection,
-                cfg.admin_listen,
-                "admin",
-                self.metrics,
-                shell.conns,
-            )
-        if self.worker is not None:
-            nursery.start_soon(self.worker.publish_loop, lambda: self.worker_ready()[0])
+        await self._start_admin(shell)
         nursery.start_soon(accesslog.flush_loop)
         if self.rotator is not None:
             await nursery.start(self.rotator.run)
@@ -168,6 +154,24 @@ class Edge:
             http=str(cfg.http_listen) if cfg.http_listen else None,
             routes={r.host: r.mode for r in cfg.routes},
         )
+
+    async def _start_admin(self, shell: Shell) -> None:
+        """The admin listener. With `workers: N` worker 0 serves it, its /metrics merging
+        every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
+        cfg, worker = self.cfg, self.worker
+        hooks = AdminHooks(self.ready, self.status)
+        where = cfg.admin_listen
+        if worker is not None and worker.leader:
+            hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
+        elif worker is not None:
+            where = HostPort("127.0.0.1", 0)
+        admin = AdminServer(self.metrics, hooks, cfg.admin_public_paths)
+        listeners = await _listen(
+            shell.services, admin.handle_connection, where, "admin", self.metrics, shell.conns
+        )
+        if worker is not None:
+            port = 0 if worker.leader else listeners[0].socket.getsockname()[1]
+            shell.services.start_soon(worker.publish_loop, lambda: self.worker_ready()[0], port)
 
     async def _serve_traffic(self, ln: trio.Nursery) -> None:
         """The public listeners (the shell runs them in the scope a drain cancels)."""
@@ -214,15 +218,16 @@ async def _listen(
     conns: trio.Nursery,
     *,
     reuse_port: bool = False,
-) -> None:
+) -> list[trio.SocketListener]:
     """Serve `where`; every connection runs inside its own fault boundary (net/guard.py).
     `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
     safe = guarded(handler, name, metrics.count_connection_error)
     if reuse_port:
         listeners = await open_reuseport_listeners(where.port, where.host)
-        await nursery.start(partial(trio.serve_listeners, safe, listeners, handler_nursery=conns))
-        return
-    await nursery.start(
+        return await nursery.start(
+            partial(trio.serve_listeners, safe, listeners, handler_nursery=conns)
+        )
+    return await nursery.start(
         partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns)
     )
 

@@ -49,7 +49,7 @@ MAX_WORKERS = 64
 STALE_SECONDS = 3.0  # a worker whose heartbeat is older than this is not ready
 PUBLISH_SECONDS = 0.5
 BACKOFF_FIRST, BACKOFF_CAP, BACKOFF_RESET_AFTER = 0.5, 30.0, 60.0
-_SLOT = struct.Struct("<iBBxxd")  # pid, ready, ever_ready, heartbeat (monotonic seconds)
+_SLOT = struct.Struct("<iBBHd")  # pid, ready, ever_ready, admin port, heartbeat (monotonic s)
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 _PR_SET_PDEATHSIG = 1
 
@@ -69,24 +69,34 @@ class Board:
         self.count = count
         self._mem = mmap.mmap(-1, _SLOT.size * count)  # MAP_SHARED | MAP_ANONYMOUS
 
-    def publish(self, index: int, ready: bool) -> None:
-        _, _, ever, _ = self._read(index)
+    def publish(self, index: int, ready: bool, admin_port: int = 0) -> None:
+        _, _, ever, _, _ = self._read(index)
         _SLOT.pack_into(
             self._mem,
             index * _SLOT.size,
             os.getpid(),
             int(ready),
             int(ready or ever),
+            admin_port,
             time.monotonic(),
         )
 
     def clear(self, index: int, keep_ever: bool = True) -> None:
         """The worker is gone (called by the parent)."""
         ever = self._read(index)[2] if keep_ever else 0
-        _SLOT.pack_into(self._mem, index * _SLOT.size, 0, 0, ever, 0.0)
+        _SLOT.pack_into(self._mem, index * _SLOT.size, 0, 0, ever, 0, 0.0)
 
-    def _read(self, index: int) -> tuple[int, int, int, float]:
+    def _read(self, index: int) -> tuple[int, int, int, int, float]:
         return _SLOT.unpack_from(self._mem, index * _SLOT.size)
+
+    def admin_ports(self, skip: int | None = None) -> dict[int, int]:
+        """The loopback admin ports the running workers (but `skip`) published."""
+        out = {}
+        for i in range(self.count):
+            pid, _, _, port, _ = self._read(i)
+            if i != skip and pid and port:
+                out[i] = port
+        return out
 
     def pid(self, index: int) -> int:
         return self._read(index)[0]
@@ -100,7 +110,7 @@ class Board:
         for i in range(self.count):
             if i == skip:
                 continue
-            pid, ready, _, beat = self._read(i)
+            pid, ready, _, _, beat = self._read(i)
             if not pid:
                 return f"worker {i} not running"
             if not ready:
@@ -131,10 +141,13 @@ class Worker:
     def others_not_ready(self) -> str | None:
         return self.board.not_ready(skip=self.index)
 
-    async def publish_loop(self, ready: Callable[[], bool]) -> None:
-        """Publish this worker's readiness until cancelled."""
+    def others_admin_ports(self) -> dict[int, int]:
+        return self.board.admin_ports(skip=self.index)
+
+    async def publish_loop(self, ready: Callable[[], bool], admin_port: int = 0) -> None:
+        """Publish this worker's readiness (and its loopback admin port) until cancelled."""
         while True:
-            self.board.publish(self.index, ready())
+            self.board.publish(self.index, ready(), admin_port)
             await trio.sleep(PUBLISH_SECONDS)
 
 

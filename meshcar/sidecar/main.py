@@ -22,6 +22,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
+from meshcar.admin.workers import merged_metrics
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.issuer import issuer_for
@@ -150,18 +151,7 @@ class Sidecar:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         services, conns = shell.services, shell.conns
-        if self.worker is None or self.worker.leader:
-            admin = AdminServer(
-                self.metrics,
-                AdminHooks(self.ready, self.certs, self.renew, self.shutdown),
-                cfg.admin_public_paths,
-            )
-            await _listen(
-                services, admin.handle_connection, cfg.admin_listen, conns, "admin", self.metrics
-            )
-            _event("sidecar.admin_listening", listen=str(cfg.admin_listen))
-        if self.worker is not None:
-            services.start_soon(self.worker.publish_loop, lambda: self.worker_ready()[0])
+        await self._start_admin(services, conns)
         services.start_soon(accesslog.flush_loop)
         await services.start(self.rotator.run)  # returns once a certificate is installed
         if isinstance(self.rotator, Rotator):
@@ -173,6 +163,26 @@ class Sidecar:
             inbound=str(cfg.inbound_listen),
             outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None,
         )
+
+    async def _start_admin(self, services: trio.Nursery, conns: trio.Nursery) -> None:
+        """The admin listener. With `workers: N` worker 0 serves it, its /metrics merging
+        every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
+        cfg, worker = self.cfg, self.worker
+        hooks = AdminHooks(self.ready, self.certs, self.renew, self.shutdown)
+        where = cfg.admin_listen
+        if worker is not None and worker.leader:
+            hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
+        elif worker is not None:
+            where = HostPort("127.0.0.1", 0)
+        admin = AdminServer(self.metrics, hooks, cfg.admin_public_paths)
+        listeners = await _listen(
+            services, admin.handle_connection, where, conns, "admin", self.metrics
+        )
+        if worker is None or worker.leader:
+            _event("sidecar.admin_listening", listen=str(where))
+        if worker is not None:
+            port = 0 if worker.leader else listeners[0].socket.getsockname()[1]
+            services.start_soon(worker.publish_loop, lambda: self.worker_ready()[0], port)
 
     @property
     def listening(self) -> bool:

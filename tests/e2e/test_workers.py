@@ -164,6 +164,17 @@ def _get_through(out_port: int, n: int) -> None:
         conn.close()
 
 
+def per_worker(admin: int, name: str, **labels: str) -> dict[str, float]:
+    """A counter's value per `worker` label in the role's merged /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            out[worker] = out.get(worker, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_two_worker_sidecar_pair(ca, tmp_path: Path) -> None:  # noqa: ANN001
     """Serves through both pairs of workers; every worker accepts; killing one restarts it;
     SIGTERM drains both workers of each sidecar and the parent exits 0."""
@@ -180,6 +191,14 @@ def test_two_worker_sidecar_pair(ca, tmp_path: Path) -> None:  # noqa: ANN001
         for n, p in (("api", api), ("web", web)):
             procs.wait_http(f"http://127.0.0.1:{p['admin']}/ready", name=n)
         _get_through(web["out"], 20)
+        for _ in range(CONNS):  # a new connection each: spread over both workers
+            _get_through(web["out"], 1)
+        # worker 0's /metrics has every worker's samples, labelled
+        got = per_worker(web["admin"], "meshcar_requests_total", direction="outbound")
+        assert set(got) == {"0", "1"} and all(v > 0 for v in got.values()), got
+        assert sum(got.values()) == 20 + CONNS, got
+        text = httpx.get(f"http://127.0.0.1:{api['admin']}/metrics", timeout=10).text
+        assert 'worker="0"' in text and 'worker="1"' in text
         assert_both_workers_accept(web_p.pid, web["out"])
         assert_both_workers_accept(api_p.pid, api["in"])
         # only worker 0 asked the CA: the other worker took worker 0's credential
