@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import trustme
 
+from meshcar.demo.plan import meshcar_argv
 from tests.e2e.procs import Procs, free_port
 
 pytestmark = pytest.mark.e2e
@@ -66,41 +68,55 @@ def _slow_started(state: Path) -> bool:
     )
 
 
-def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
+@dataclass
+class Edge:
+    """`meshcar edge` with one terminate route (www.test, a trustme certificate)."""
+
+    proc: subprocess.Popen
+    https: int
+    admin: int
+    ca_file: Path
+
+    def curl(self, path: str, *args: str) -> subprocess.Popen:
+        """curl to https://www.test{path} through the edge, in the background."""
+        url = f"https://www.test:{self.https}{path}"
+        return subprocess.Popen(
+            ["curl", "-sS", "--resolve", f"www.test:{self.https}:127.0.0.1"]
+            + ["--cacert", str(self.ca_file), *args, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+def _start_edge(procs: Procs, tmp_path: Path, backend_port: int, settings: str) -> Edge:
+    """The edge in front of 127.0.0.1:`backend_port`, with `settings` (top-level YAML lines),
+    started by `procs` (which stops it) and ready."""
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
         str(tmp_path / "site.pem")
     )
-    app, app_port, state = _slow_backend(tmp_path)
     https, admin = free_port(), free_port()
     cfg = tmp_path / "edge.yaml"
     cfg.write_text(
         f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
-        f"drain_seconds: {DRAIN_SECONDS}\n"
-        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
-        f" backend: {{endpoints: ['127.0.0.1:{app_port}']}}}}]\n"
+        + settings
+        + "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
+        f" backend: {{endpoints: ['127.0.0.1:{backend_port}']}}}}]\n"
     )
+    proc = procs.start("edge", "edge", "--config", str(cfg))
+    procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+    return Edge(proc, https, admin, tmp_path / "ca.pem")
+
+
+def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
+    app, app_port, state = _slow_backend(tmp_path)
     procs = Procs(tmp_path)
     try:
-        edge = procs.start("edge", "edge", "--config", str(cfg))
-        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
-        curl = subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "--resolve",
-                f"www.test:{https}:127.0.0.1",
-                "--cacert",
-                str(tmp_path / "ca.pem"),
-                "-w",
-                "\n%{http_code}",
-                f"https://www.test:{https}/slow",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        e = _start_edge(procs, tmp_path, app_port, f"drain_seconds: {DRAIN_SECONDS}\n")
+        edge, https, admin = e.proc, e.https, e.admin
+        curl = e.curl("/slow", "-w", "\n%{http_code}")
         _wait(lambda: _slow_started(state), "the request to reach the backend")
         edge.send_signal(signal.SIGTERM)
         _wait(lambda: '"event": "edge.draining"' in procs.log("edge"), "edge.draining")
@@ -123,39 +139,14 @@ def test_edge_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
 
 def test_edge_second_signal_exits_at_once(tmp_path: Path) -> None:
     """While draining, a second SIGTERM cuts the request in flight off and exits 0."""
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    ca.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
-        str(tmp_path / "site.pem")
-    )
     # a backend that accepts and never answers: the request stays in flight
     hold = socket.create_server(("127.0.0.1", 0))
-    https, admin = free_port(), free_port()
-    cfg = tmp_path / "edge.yaml"
-    cfg.write_text(
-        f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
-        "drain_seconds: 3600\ntimeouts: {response_head_seconds: 3600}\n"
-        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
-        f" backend: {{endpoints: ['127.0.0.1:{hold.getsockname()[1]}']}}}}]\n"
-    )
     procs = Procs(tmp_path)
     try:
-        edge = procs.start("edge", "edge", "--config", str(cfg))
-        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
-        curl = subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "--resolve",
-                f"www.test:{https}:127.0.0.1",
-                "--cacert",
-                str(tmp_path / "ca.pem"),
-                f"https://www.test:{https}/hang",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        settings = "drain_seconds: 3600\ntimeouts: {response_head_seconds: 3600}\n"
+        e = _start_edge(procs, tmp_path, hold.getsockname()[1], settings)
+        edge = e.proc
+        curl = e.curl("/hang")
         hold.settimeout(20)
         upstream, _ = hold.accept()  # the edge forwarded the request
         with upstream:
@@ -240,10 +231,7 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
     port, err = free_port(), tmp_path / "webhook.log"
     with open(err, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meshcar.cli",
+            meshcar_argv(
                 "webhook",
                 "--listen",
                 f"127.0.0.1:{port}",
@@ -253,7 +241,7 @@ def test_webhook_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
                 str(tmp_path / "tls.key"),
                 "--drain-seconds",
                 str(DRAIN_SECONDS),
-            ],
+            ),
             stderr=log,
         )
     try:
@@ -293,27 +281,14 @@ def test_ca_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
 
     ca_dir = tmp_path / "ca"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meshcar.cli",
-            "ca",
-            "init",
-            "--dir",
-            str(ca_dir),
-            "--trust-domain",
-            "td.test",
-        ],
+        meshcar_argv("ca", "init", "--dir", str(ca_dir), "--trust-domain", "td.test"),
         check=True,
         capture_output=True,
     )
     out = tmp_path / "ca.log"
     with open(out, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meshcar.cli",
+            meshcar_argv(
                 "ca",
                 "serve",
                 "--dir",
@@ -322,7 +297,7 @@ def test_ca_drains_a_request_in_flight_on_sigterm(tmp_path: Path) -> None:
                 "127.0.0.1:0",
                 "--drain-seconds",
                 str(DRAIN_SECONDS),
-            ],
+            ),
             stdout=log,
         )
 

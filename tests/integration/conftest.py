@@ -87,6 +87,33 @@ async def start_node(
     return node
 
 
+async def start_pair(
+    nursery: trio.Nursery,
+    tmp: Path,
+    app_port: int,
+    client_top: dict | None = None,
+    server_top: dict | None = None,
+    ca: ThrowawayCA | None = None,
+) -> tuple[Node, Node]:
+    """A sidecar pair in front of `app_port`: "web" (calls "api" as upstream `api`) and "api"
+    (allows web), each with extra top-level config sections (timeouts, limits) if given."""
+    ca = ca or ThrowawayCA.create()
+    server = await start_node(
+        nursery, tmp, ca, "api", app_port, [sid("web")], {}, **(server_top or {})
+    )
+    client = await start_node(
+        nursery,
+        tmp,
+        ca,
+        "web",
+        app_port,
+        [],
+        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
+        **(client_top or {}),
+    )
+    return client, server
+
+
 @dataclass
 class Mesh:
     ca: ThrowawayCA
@@ -99,16 +126,7 @@ class Mesh:
 async def mesh(tmp_path: Path, nursery: trio.Nursery):
     ca = ThrowawayCA.create()
     app_port = await serve_echo(nursery)
-    server = await start_node(nursery, tmp_path, ca, "api", app_port, [sid("web")], {})
-    client = await start_node(
-        nursery,
-        tmp_path,
-        ca,
-        "web",
-        app_port,
-        [],
-        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-    )
+    client, server = await start_pair(nursery, tmp_path, app_port, ca=ca)
     yield Mesh(ca, app_port, client, server)
     for node in NODES:
         await node.inbound.aclose()
@@ -116,4 +134,4 @@ async def mesh(tmp_path: Path, nursery: trio.Nursery):
     NODES.clear()
 
 
-__all__ = ["HostPort", "Mesh", "mesh", "sid", "start_node", "TD"]
+__all__ = ["HostPort", "Mesh", "mesh", "sid", "start_node", "start_pair", "TD"]

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import signal
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -30,25 +32,36 @@ async def _held_request(shell: Shell, release: trio.Event, outcome: list[str]) -
             raise
 
 
-async def _start(shell: Shell, release: trio.Event, outcome: list[str], ports: list[int]) -> None:
-    async def listeners(ln: trio.Nursery) -> None:
-        bound = await ln.start(
-            partial(trio.serve_tcp, _idle, 0, host="127.0.0.1", handler_nursery=shell.conns)
-        )
-        ports.append(bound[0].socket.getsockname()[1])
+@dataclass
+class Held:
+    """A shell serving one idle traffic listener (`ports[0]`) and one request in flight that
+    ends when `release` is set; `outcome` says how it ended."""
 
-    await shell.serve_traffic(listeners)
-    shell.conns.start_soon(_held_request, shell, release, outcome)
+    shell: Shell
+    release: trio.Event = field(default_factory=trio.Event)
+    outcome: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+
+    async def _start(self, shell: Shell) -> None:
+        async def listeners(ln: trio.Nursery) -> None:
+            bound = await ln.start(
+                partial(trio.serve_tcp, _idle, 0, host="127.0.0.1", handler_nursery=shell.conns)
+            )
+            self.ports.append(bound[0].socket.getsockname()[1])
+
+        await shell.serve_traffic(listeners)
+        shell.conns.start_soon(_held_request, shell, self.release, self.outcome)
+
+    async def run(self, nursery: trio.Nursery, **kwargs: Any) -> None:
+        """`Shell.run` in `nursery` (with `kwargs`), returning once it has started."""
+        await nursery.start(partial(self.shell.run, self._start, **kwargs))
 
 
 async def test_first_signal_drains_then_exits() -> None:
-    shell, release, outcome, ports = Shell("test", drain_seconds=3600), trio.Event(), [], []
+    held = Held(Shell("test", drain_seconds=3600))
+    shell, release, outcome, ports = held.shell, held.release, held.outcome, held.ports
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: shell.run(
-                lambda s: _start(s, release, outcome, ports), task_status=task_status
-            )
-        )
+        await held.run(nursery)
         assert shell.not_ready() is None
         os.kill(os.getpid(), signal.SIGTERM)
         while not shell.drain.draining:
@@ -62,13 +75,10 @@ async def test_first_signal_drains_then_exits() -> None:
 
 
 async def test_second_signal_exits_at_once() -> None:
-    shell, release, outcome, ports = Shell("test", drain_seconds=3600), trio.Event(), [], []
+    held = Held(Shell("test", drain_seconds=3600))
+    shell, outcome = held.shell, held.outcome
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: shell.run(
-                lambda s: _start(s, release, outcome, ports), task_status=task_status
-            )
-        )
+        await held.run(nursery)
         os.kill(os.getpid(), signal.SIGTERM)
         while not shell.drain.draining:
             await trio.testing.wait_all_tasks_blocked()
@@ -77,7 +87,7 @@ async def test_second_signal_exits_at_once() -> None:
 
 
 async def test_drain_deadline_cuts_off_and_cleanup_runs() -> None:
-    shell, release, outcome, ports = Shell("test", drain_seconds=0), trio.Event(), [], []
+    held = Held(Shell("test", drain_seconds=0))
     cleaned = []
 
     async def cleanup() -> None:
@@ -85,16 +95,9 @@ async def test_drain_deadline_cuts_off_and_cleanup_runs() -> None:
         cleaned.append(True)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: shell.run(
-                lambda s: _start(s, release, outcome, ports),
-                cleanup=cleanup,
-                handle_signals=False,
-                task_status=task_status,
-            )
-        )
-        shell.stop_soon()  # as POST /shutdown does
-    assert outcome == ["cancelled"] and cleaned == [True]
+        await held.run(nursery, cleanup=cleanup, handle_signals=False)
+        held.shell.stop_soon()  # as POST /shutdown does
+    assert held.outcome == ["cancelled"] and cleaned == [True]
 
 
 def test_run_process_exit_codes(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,10 @@ import pytest
 import trio
 
 from meshcar.admin.metrics import Metrics
-from meshcar.sidecar.config import parse_config
-from meshcar.sidecar.inbound import Inbound
-from meshcar.sidecar.outbound import Outbound
-from meshcar.tls.store import CredentialStore
-from tests.integration.conftest import NODES, Node, sid
+from tests.integration.conftest import NODES, start_pair
 from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route, wait_until
 from tests.support.bad_backend import BadBackend
 from tests.support.echo_app import serve_echo
-from tests.support.pki import ThrowawayCA
 from tests.support.tls_backend import serve_tls_backend
 
 FAST = {"request_body_seconds": 1, "write_seconds": 1, "response_body_seconds": 1}
@@ -46,74 +41,6 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
-
-
-async def start_node(
-    nursery: trio.Nursery,
-    tmp: Path,
-    ca: ThrowawayCA,
-    name: str,
-    app_port: int,
-    allow: list[str],
-    upstreams: dict,
-    **top: Any,
-) -> Node:
-    """conftest's node, with extra top-level config sections (timeouts, limits)."""
-    cfg = parse_config(
-        {
-            "identity": {
-                "spiffe_id": sid(name),
-                "ca_url": "https://127.0.0.1:1",
-                "ca_bundle": "x",
-                "state_dir": str(tmp / name),
-            },
-            "app": {"port": app_port},
-            "inbound": {"listen": "127.0.0.1:1", "allow": allow},
-            "outbound": {"listen": "127.0.0.1:1", "upstreams": upstreams},
-            "admin": {"listen": "127.0.0.1:1"},
-            **top,
-        },
-        "test.yaml",
-        tmp,
-    )
-    store = CredentialStore(cfg.identity.state_dir)
-    store.install(ca.credential(sid(name)))
-    metrics = Metrics()
-    node = Node(
-        name, cfg, store, metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics)
-    )
-    NODES.append(node)
-    for attr, handler in (
-        ("inbound_port", node.inbound.handle_connection),
-        ("outbound_port", node.outbound.handle_connection),
-    ):
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        setattr(node, attr, listeners[0].socket.getsockname()[1])
-    return node
-
-
-async def pair(
-    nursery: trio.Nursery,
-    tmp: Path,
-    app_port: int,
-    client_top: dict | None = None,
-    server_top: dict | None = None,
-) -> tuple[Node, Node]:
-    ca = ThrowawayCA.create()
-    server = await start_node(
-        nursery, tmp, ca, "api", app_port, [sid("web")], {}, **(server_top or {})
-    )
-    client = await start_node(
-        nursery,
-        tmp,
-        ca,
-        "web",
-        app_port,
-        [],
-        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-        **(client_top or {}),
-    )
-    return client, server
 
 
 @pytest.fixture(autouse=True)
@@ -198,6 +125,53 @@ async def _edge(nursery: trio.Nursery, tmp: Path, port: int, **top: Any):  # noq
     return edge, EdgeClient(edge.https, pki.ca_file)
 
 
+@dataclass
+class Front:
+    """The proxy a timeout test talks to: the edge (one terminate route) or a sidecar pair."""
+
+    client: EdgeClient | ProxyClient
+    host: str
+    prefix: str  # what comes before the path in a request target
+    metrics: Metrics
+    direction: str  # meshcar_requests_total's label
+    pool: Any  # the pool to the backend (edge) or to the peer sidecar (outbound)
+    group: str  # that pool's key, the `upstream` label
+    edge: Any = None
+
+    async def aclose(self) -> None:
+        if self.edge is not None:
+            await self.edge.aclose()
+
+
+async def _front(
+    via: str, nursery: trio.Nursery, tmp: Path, port: int, side: str = "client", **top: Any
+) -> Front:
+    """The edge with `top`, or a sidecar pair whose `side` ("client": the caller's outbound,
+    "server": the callee's inbound) has `top`; requests go to the caller's outbound."""
+    if via == "edge":
+        edge, edge_client = await _edge(nursery, tmp, port, **top)
+        return Front(
+            edge_client,
+            "www.test",
+            "",
+            edge.metrics,
+            "edge-terminate",
+            edge.backends.pool,
+            "www.test",
+            edge,
+        )
+    node, _ = await start_pair(nursery, tmp, port, **{f"{side}_top": top})
+    return Front(
+        ProxyClient(node.outbound_port),
+        "api",
+        "http://api",
+        node.metrics,
+        "outbound",
+        node.outbound.pool,
+        "api",
+    )
+
+
 # -- timeouts ---------------------------------------------------------------------------------
 
 
@@ -205,17 +179,12 @@ async def _edge(nursery: trio.Nursery, tmp: Path, port: int, **top: Any):  # noq
 async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
     via: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    echo = await serve_echo(nursery)
-    if via == "edge":
-        edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
-        host, target = "www.test", "/upload"
-    else:
-        node, _ = await pair(nursery, tmp_path, echo, client_top={"timeouts": FAST})
-        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
-        host, target = "api", "http://api/upload"
+    front = await _front(via, nursery, tmp_path, await serve_echo(nursery), timeouts=FAST)
+    client = front.client
     stalled = await client.open()
     await stalled.send_all(
-        f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n".encode()
+        f"POST {front.prefix}/upload HTTP/1.1\r\nHost: {front.host}\r\n".encode()
+        + b"Content-Length: 1000\r\n\r\n"
         + b"x" * 10
     )  # ... and the other 990 bytes never come
     # other clients are served meanwhile
@@ -227,40 +196,32 @@ async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
     assert b"Connection: close" in out and b"request body" in out
     status, _ = await client.get("/after")
     assert status == 200
-    if via == "edge":
-        await edge.aclose()
+    await front.aclose()
 
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
 async def test_a_client_that_stops_reading_a_large_response_is_closed(
     via: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    echo = await serve_echo(nursery)
-    if via == "edge":
-        edge, client = await _edge(nursery, tmp_path, echo, timeouts=FAST)
-        metrics, direction = edge.metrics, "edge-terminate"
-        host, target = "www.test", f"/bytes/{BIG}"
-    else:
-        node, _ = await pair(nursery, tmp_path, echo, client_top={"timeouts": FAST})
-        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
-        metrics, direction = node.metrics, "outbound"
-        host, target = "api", f"http://api/bytes/{BIG}"
+    front = await _front(via, nursery, tmp_path, await serve_echo(nursery), timeouts=FAST)
+    client = front.client
     slow = await client.open(rcvbuf=4096)
-    await slow.send_all(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await slow.send_all(
+        f"GET {front.prefix}/bytes/{BIG} HTTP/1.1\r\nHost: {front.host}\r\n\r\n".encode()
+    )
     status, _ = await client.get("/other")  # served while the slow client holds its response
     assert status == 200
     # the proxy gives up on the client that does not read (logged as 499), closing both legs
+    labels = {"direction": front.direction, "status": "499"}
     await wait_until(
-        lambda: metric(metrics, "meshcar_requests_total", direction=direction, status="499") == 1,
-        timeout=30,
+        lambda: metric(front.metrics, "meshcar_requests_total", **labels) == 1, timeout=30
     )
     got = await read_to_end(slow)  # what was in flight, then the close: far from the whole body
     await slow.aclose()
     assert got.startswith(b"HTTP/1.1 200 ") and len(got) < BIG // 2
     status, _ = await client.get("/after")
     assert status == 200
-    if via == "edge":
-        await edge.aclose()
+    await front.aclose()
 
 
 @pytest.mark.parametrize("via", ["edge", "sidecar"])
@@ -268,24 +229,15 @@ async def test_an_upstream_body_that_stalls_closes_both_connections(
     via: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend = await BadBackend().start(nursery)
-    if via == "edge":
-        edge, client = await _edge(nursery, tmp_path, backend.port, timeouts=FAST)
-    else:
-        node, _ = await pair(nursery, tmp_path, backend.port, server_top={"timeouts": FAST})
-        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
+    front = await _front(via, nursery, tmp_path, backend.port, "server", timeouts=FAST)
     with trio.fail_after(30):
-        stream = await client.open()
+        stream = await front.client.open()
         async with stream:
-            status, body = await request(
-                stream,
-                "/stall" if via == "edge" else "http://api/stall",
-                "www.test" if via == "edge" else "api",
-            )
+            status, body = await request(stream, f"{front.prefix}/stall", front.host)
     assert status == 200 and body == b"0123456789"  # truncated: 10 of 100 bytes, then closed
-    status, body = await client.get("/ok")
+    status, body = await front.client.get("/ok")
     assert status == 200 and json.loads(body)["target"] == "/ok"
-    if via == "edge":
-        await edge.aclose()
+    await front.aclose()
 
 
 # -- listener limits ---------------------------------------------------------------------------
@@ -337,7 +289,7 @@ async def test_edge_http_listener_limit_answers_503(tmp_path: Path, nursery: tri
 
 async def test_sidecar_listener_limits(tmp_path: Path, nursery: trio.Nursery) -> None:
     echo = await serve_echo(nursery)
-    web, api = await pair(
+    web, api = await start_pair(
         nursery,
         tmp_path,
         echo,
@@ -385,14 +337,10 @@ async def test_upstream_connection_limit_is_503_and_recovers(
     via: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend = await BadBackend().start(nursery)
-    limits = {"max_upstream_connections": 1}
-    if via == "edge":
-        edge, client = await _edge(nursery, tmp_path, backend.port, limits=limits)
-        pool, group, metrics = edge.backends.pool, "www.test", edge.metrics
-    else:
-        node, _ = await pair(nursery, tmp_path, backend.port, client_top={"limits": limits})
-        client = ProxyClient(node.outbound_port)  # type: ignore[assignment]
-        pool, group, metrics = node.outbound.pool, "api", node.metrics
+    front = await _front(
+        via, nursery, tmp_path, backend.port, limits={"max_upstream_connections": 1}
+    )
+    client, pool, group, metrics = front.client, front.pool, front.group, front.metrics
     results: list[tuple[int, bytes]] = []
 
     async def held() -> None:
@@ -410,8 +358,7 @@ async def test_upstream_connection_limit_is_503_and_recovers(
     status, body = await client.get("/third")  # on the connection the first one gave back
     assert status == 200 and json.loads(body)["target"] == "/third"
     assert pool.open_count(group) == 1
-    if via == "edge":
-        await edge.aclose()
+    await front.aclose()
 
 
 async def test_edge_passthrough_upstream_limit_closes_and_recovers(
