@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import trio
 
-from meshcar.errors import ProtocolError, UpstreamError
+from meshcar.errors import (  # the request path's errors, importable from here too
+    BodyTooLarge,
+    ClientNotReading,
+    DownstreamGone,
+    ProtocolError,
+    RequestBodyStalled,
+    ResponseStarted,
+    UpstreamError,
+)
 from meshcar.net import sockio
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.httpconn import HttpConn
@@ -37,30 +45,6 @@ from meshcar.proto.headers import (
     serialize_response,
 )
 from meshcar.proto.http1 import Data, EndOfMessage, Headers, RequestHead, ResponseHead
-
-
-class DownstreamGone(Exception):
-    """The client went away or sent a broken body: close everything, answer nobody."""
-
-    status = 499  # what the access log records
-
-
-class RequestBodyStalled(DownstreamGone):
-    """No request-body byte within the body timeout: answer 408 and close."""
-
-    status = 408
-
-
-class ClientNotReading(DownstreamGone):
-    """The client stopped taking the response for the write timeout: close both sides."""
-
-
-class BodyTooLarge(Exception):
-    """A streamed request body passed the route's limit: answer 413 and close."""
-
-
-class ResponseStarted(Exception):
-    """The upstream failed after the response head was sent: only closing is left."""
 
 
 @dataclass(frozen=True)

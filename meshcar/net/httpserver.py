@@ -1,8 +1,9 @@
 """The server side of an HTTP/1.1 connection: read request heads, hand each to a handler.
 
 The loop owns keep-alive, idle and head timeouts, and the answer to requests that cannot
-be parsed (400/431/501 with `Connection: close`, then close). Handlers own everything
-from the request head to the end of their response, including reading the request body.
+be parsed (400/431/501 with `Connection: close`, then close; written by `net/respond.py`).
+Handlers own everything from the request head to the end of their response, including
+reading the request body.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import Timeouts
 from meshcar.net.httpconn import HttpConn
-from meshcar.proto.headers import simple_response
+from meshcar.net.respond import Refuse, answer, refusal_for
 from meshcar.proto.http1 import EndOfMessage, RequestHead
 
 log = logging.getLogger("meshcar.http")
@@ -28,18 +29,13 @@ log = logging.getLogger("meshcar.http")
 Handler = Callable[[RequestHead, HttpConn], Awaitable[bool]]
 
 
-def error_body(status: int, message: str) -> bytes:
-    return json.dumps({"error": status, "message": message}).encode() + b"\n"
-
-
 async def send_error(conn: HttpConn, status: int, message: str, close: bool = True) -> None:
-    body = error_body(status, message)
-    try:
-        await conn.send(
-            simple_response(status, body, content_type=b"application/json", close=close)
-        )
-    except CONNECTION_ERRORS:
-        pass
+    """A JSON error answer (`respond.answer`), for handlers that are not request pipelines."""
+    await answer(conn, Refuse(status, message, close=close))
+
+
+HEAD_TIMEOUT = Refuse(408, "request head not received in time", close=True)
+NOT_A_REQUEST = Refuse(400, "unexpected data", close=True)
 
 
 async def serve_http(
@@ -54,43 +50,50 @@ async def serve_http(
     """`timeouts`, when given, sets the head and idle timeouts (its `request_head`, `idle`)."""
     if timeouts is not None:
         head_timeout, idle_timeout = timeouts.request_head, timeouts.idle
-    first = True
     try:
-        while True:
-            with trio.move_on_after(head_timeout if first else idle_timeout) as scope:
-                try:
-                    event = await conn.next_event()
-                except ProtocolError as exc:
-                    log.info(json.dumps({"event": "http.bad_request", "error": str(exc)}))
-                    await send_error(conn, exc.status, str(exc))
-                    return
-            if scope.cancelled_caught:
-                # 408 only to a client that began a head; an idle keep-alive connection (or a
-                # preconnect) is closed silently, as nginx and Go do: an unsolicited 408 on it
-                # could be read by a pooling client as the answer to its next request.
-                if not conn.parser.between_messages():
-                    await send_error(conn, 408, "request head not received in time")
-                return
-            first = False
-            if event is None:
-                return
-            if isinstance(event, EndOfMessage):
-                continue  # the end of a bodiless request whose handler did not read it
-            if not isinstance(event, RequestHead):  # cannot happen with a request parser
-                await send_error(conn, 400, "unexpected data")
-                return
+        req = await next_request(conn, head_timeout)
+        while req is not None:
             if drain is None:
-                keep = await handler(event, conn)
+                keep = await handler(req, conn)
             else:
                 with drain:
-                    keep = await handler(event, conn)
+                    keep = await handler(req, conn)
                 keep = keep and not drain.draining
-            if not keep or not event.keep_alive:
+            if not keep or not req.keep_alive:
                 return
+            req = await next_request(conn, idle_timeout)
     except CONNECTION_ERRORS:
         return
     finally:
         await conn.aclose()
+
+
+async def next_request(conn: HttpConn, timeout: float) -> RequestHead | None:
+    """The next request head within `timeout`, or None when the connection is to close
+    (the client closed, or sent what cannot be parsed: then it was answered)."""
+    while True:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                event = await conn.next_event()
+            except ProtocolError as exc:
+                log.info(json.dumps({"event": "http.bad_request", "error": str(exc)}))
+                refusal = refusal_for(exc)
+                if refusal is not None:
+                    await answer(conn, refusal)
+                return None
+        if scope.cancelled_caught:
+            # 408 only to a client that began a head; an idle keep-alive connection (or a
+            # preconnect) is closed silently, as nginx and Go do: an unsolicited 408 on it
+            # could be read by a pooling client as the answer to its next request.
+            if not conn.parser.between_messages():
+                await answer(conn, HEAD_TIMEOUT)
+            return None
+        if event is None or isinstance(event, RequestHead):
+            return event
+        if not isinstance(event, EndOfMessage):  # cannot happen with a request parser
+            await answer(conn, NOT_A_REQUEST)
+            return None
+        # the end of a bodiless request whose handler did not read it: read on
 
 
 REFUSE_HEAD_SECONDS = 2.0

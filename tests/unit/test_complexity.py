@@ -23,7 +23,6 @@ CEILINGS: dict[str, int] = {
     "meshcar/edge/http.py:TerminatingProxy.handle": 16,
     "meshcar/net/forward.py:_exchange": 20,
     "meshcar/net/forward.py:pipe_body": 26,
-    "meshcar/net/httpserver.py:serve_http": 15,
     "meshcar/net/tls_memory_bio.py:TLSStream.receive_some": 15,
     "meshcar/proto/http1.py:Http1Parser._feed": 20,
     "meshcar/proto/http1.py:Http1Parser.on_headers_complete": 19,

@@ -1,0 +1,66 @@
+"""The one place an error or a refusal becomes the response written downstream.
+
+Every error of the request path carries its status hint, a short reason and whether an
+answer is still possible (`meshcar.errors`). `refusal_for` maps any of them to a `Refuse`
+(or to None: the client is gone or the response already began, so only closing is left);
+`answer` writes a `Refuse` as a JSON error (`{"error": status, "message": ...}`) and says
+whether the connection may carry another request. The roles' own refusals (403, 404, 429,
+...) are `Refuse` decisions written by the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from meshcar.errors import MeshcarError, UpstreamError
+from meshcar.net.errors import CONNECTION_ERRORS
+from meshcar.net.httpconn import HttpConn
+from meshcar.proto.headers import simple_response
+from meshcar.proto.http1 import RequestHead
+
+JSON = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A decision: answer the request with `status` and `message` instead of forwarding it.
+    `headers` are added (Retry-After, ...); `close` ends the connection after the answer
+    (it also ends when the request has a body nobody read)."""
+
+    status: int
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    close: bool = False
+
+
+def error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": status, "message": message}).encode() + b"\n"
+
+
+def refusal_for(exc: MeshcarError, upstream: str = "") -> Refuse | None:
+    """The answer an error hints, or None when no answer can be written any more.
+    `upstream` names the upstream in an UpstreamError's message ("app at 127.0.0.1:8080")."""
+    if not exc.answer:
+        return None
+    message = f"{upstream}: {exc}" if upstream and isinstance(exc, UpstreamError) else str(exc)
+    return Refuse(exc.status, message, close=exc.close)
+
+
+async def answer(down: HttpConn, refuse: Refuse, req: RequestHead | None = None) -> bool:
+    """Write `refuse` downstream; True if the connection may carry another request (not
+    closed by the refusal, and the request, if given, had no body left unread). A client
+    that went away while we answered is not an error here: the connection closes."""
+    close = refuse.close or (req is not None and (req.chunked or bool(req.content_length)))
+    data = simple_response(
+        refuse.status,
+        error_body(refuse.status, refuse.message),
+        content_type=JSON,
+        extra=list(refuse.headers) if refuse.headers else None,
+        close=close,
+    )
+    try:
+        await down.send(data)
+    except CONNECTION_ERRORS:
+        return False
+    return not close
