@@ -13,7 +13,9 @@ answering a static 200, so that only the sidecars differ):
 - meshcar: `meshcar sidecar` a (outbound proxy, `Host: b`) -> `meshcar sidecar` b (mesh
   listener, allow a) -> app; identities from a `meshcar ca serve` started for the run.
 
-One worker/process per sidecar.  Each pair is checked once with a real request (200 and the
+One worker/process per sidecar by default; `--workers 1,2` measures every pair at each count
+(nginx `worker_processes N`, meshcar `workers: N`: N SO_REUSEPORT processes) in the same
+run and reports the scaling from the first count to the others.  Each pair is checked once with a real request (200 and the
 app's body) and warmed up (pools filled), then wrk runs with `--latency`.  Prints requests/s,
 p50 and p99 latency for both and the ratio meshcar/nginx.  Both pairs write one access-log
 line per request by default (meshcar always does at log level info); `--no-access-logs`
@@ -186,7 +188,7 @@ def run_meshcar_cmd(*args: str) -> str:
 
 
 def meshcar_specs(
-    work: Path, app_port: int, access_logs: bool
+    work: Path, app_port: int, access_logs: bool, workers: int = 1
 ) -> tuple[ProcSpec, list[ProcSpec], dict[str, int]]:
     ca_port, a_in, a_out, a_admin, b_in, b_admin = free_ports(6)
     ca_dir = work / "ca"
@@ -237,6 +239,8 @@ def meshcar_specs(
             "admin": {"listen": f"127.0.0.1:{admin}"},
             "log_level": "info" if access_logs else "warning",
         }
+        if workers != 1:
+            cfg["workers"] = workers
         if out is not None:
             cfg["outbound"] = {"listen": f"127.0.0.1:{out}", "upstreams": upstreams}
         (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -339,6 +343,7 @@ def measure_nginx(
         "IN_PORT": str(in_port),
         "OUT_PORT": str(out_port),
         "CERTS": str(certs),
+        "WORKERS": str(args.workers_now),
     }
     specs = []
     for role in ("inbound", "outbound"):
@@ -361,7 +366,9 @@ def measure_nginx(
 def measure_meshcar(
     sup: Supervisor, wrk: str, work: Path, app_port: int, args: argparse.Namespace
 ) -> WrkResult:
-    ca, sidecars, ports = meshcar_specs(work / "meshcar", app_port, args.access_logs)
+    ca, sidecars, ports = meshcar_specs(
+        work / "meshcar", app_port, args.access_logs, args.workers_now
+    )
     out_port, in_port = ports["out"], ports["in"]
     sup.wait_ready([sup.start(ca, work / "logs" / f"{ca.name}.log")], timeout=30)
     children = [sup.start(s, work / "logs" / f"{s.name}.log") for s in sidecars]
@@ -396,30 +403,36 @@ def pooling_summary(a_admin: int, b_admin: int) -> str:
     )
 
 
+def label(name: str, workers: int, args: argparse.Namespace) -> str:
+    return name if args.workers == [1] else f"{name}-w{workers}"
+
+
 def report(results: dict[str, list[WrkResult | str]], args: argparse.Namespace) -> str:
     lines = [
         f"app -> sidecar -> mTLS (TLS 1.3) -> sidecar -> app; wrk -t{args.threads} "
-        f"-c{args.connections} -d{args.duration}s; one worker per sidecar; "
+        f"-c{args.connections} -d{args.duration}s; workers per sidecar "
+        f"{'/'.join(map(str, args.workers))}; "
         f"access logs {'on' if args.access_logs else 'off'}; {os.cpu_count()} CPUs; "
         f"{args.rounds} round(s), alternating",
         "",
-        f"{'pair':<10}{'round':>6}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'pair':<12}{'round':>6}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}"
         f"{'CPU us/req':>12}  errors",
     ]
     medians: dict[str, tuple[float, float, float, float]] = {}
-    for name in ("meshcar", "nginx"):
+    names = [label(n, w, args) for w in args.workers for n in ("meshcar", "nginx")]
+    for name in names:
         rs = results.get(name)
         if not rs:
-            lines.append(f"{name:<10}{'':>6}{'not run':>12}  (--only {args.only})")
+            lines.append(f"{name:<12}{'':>6}{'not run':>12}  (--only {args.only})")
             continue
         for i, r in enumerate(rs):
             if isinstance(r, WrkResult):
                 lines.append(
-                    f"{name:<10}{i:>6}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}"
+                    f"{name:<12}{i:>6}{r.rps:>12.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}"
                     f"{r.cpu_us_per_req:>12.0f}  {r.errors or 'none'}"
                 )
             else:
-                lines.append(f"{name:<10}{i:>6}{'FAILED':>12}  {r}")
+                lines.append(f"{name:<12}{i:>6}{'FAILED':>12}  {r}")
         good = [r for r in rs if isinstance(r, WrkResult)]
         if good:
             med = tuple(
@@ -428,26 +441,56 @@ def report(results: dict[str, list[WrkResult | str]], args: argparse.Namespace) 
             )
             medians[name] = med  # type: ignore[assignment]
             lines.append(
-                f"{name:<10}{'med':>6}{med[0]:>12.0f}{med[1]:>10.2f}{med[2]:>10.2f}{med[3]:>12.0f}"
+                f"{name:<12}{'med':>6}{med[0]:>12.0f}{med[1]:>10.2f}{med[2]:>10.2f}{med[3]:>12.0f}"
             )
-    lines.append("")
-    m, n = medians.get("meshcar"), medians.get("nginx")
-    if m and n:
-        per_round = [
-            a.rps / b.rps
-            for a, b in zip(results["meshcar"], results["nginx"], strict=False)
-            if isinstance(a, WrkResult) and isinstance(b, WrkResult)
-        ]
-        lines.append(
-            f"ratio meshcar/nginx (medians): requests/s {m[0] / n[0]:.2f}x, "
-            f"CPU per request {m[3] / n[3]:.2f}x, p50 latency {m[1] / n[1]:.2f}x, "
-            f"p99 latency {m[2] / n[2]:.2f}x"
-        )
-        lines.append("requests/s ratio per round: " + ", ".join(f"{x:.2f}x" for x in per_round))
-    else:
-        why = "only one pair was run" if args.only != "both" else "a half failed"
-        lines.append(f"ratio meshcar/nginx: n/a ({why})")
+    for w in args.workers:
+        lines.append("")
+        lines += _ratios(results, medians, label("meshcar", w, args), label("nginx", w, args), args)
+    lines += _scaling(medians, args)
     return "\n".join(lines)
+
+
+def _ratios(
+    results: dict[str, list[WrkResult | str]],
+    medians: dict[str, tuple[float, float, float, float]],
+    mesh: str,
+    ngx: str,
+    args: argparse.Namespace,
+) -> list[str]:
+    m, n = medians.get(mesh), medians.get(ngx)
+    if not (m and n):
+        why = "only one pair was run" if args.only != "both" else "a half failed"
+        return [f"ratio {mesh}/{ngx}: n/a ({why})"]
+    per_round = [
+        a.rps / b.rps
+        for a, b in zip(results[mesh], results[ngx], strict=False)
+        if isinstance(a, WrkResult) and isinstance(b, WrkResult)
+    ]
+    return [
+        f"ratio {mesh}/{ngx} (medians): requests/s {m[0] / n[0]:.2f}x, "
+        f"CPU per request {m[3] / n[3]:.2f}x, p50 latency {m[1] / n[1]:.2f}x, "
+        f"p99 latency {m[2] / n[2]:.2f}x",
+        "requests/s ratio per round: " + ", ".join(f"{x:.2f}x" for x in per_round),
+    ]
+
+
+def _scaling(
+    medians: dict[str, tuple[float, float, float, float]], args: argparse.Namespace
+) -> list[str]:
+    """Requests/s at each worker count over the first count's, per pair (medians)."""
+    if len(args.workers) < 2:
+        return []
+    first, lines = args.workers[0], [""]
+    for name in ("meshcar", "nginx"):
+        base = medians.get(label(name, first, args))
+        for w in args.workers[1:]:
+            cur = medians.get(label(name, w, args))
+            if base and cur:
+                lines.append(
+                    f"scaling {name} {first} -> {w} workers (medians): requests/s "
+                    f"{cur[0] / base[0]:.2f}x, CPU per request {cur[3] / base[3]:.2f}x"
+                )
+    return lines
 
 
 def main() -> int:
@@ -464,6 +507,12 @@ def main() -> int:
         type=int,
         default=1,
         help="measure each pair this many times, alternating which goes first; medians",
+    )
+    p.add_argument(
+        "--workers",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1],
+        help="worker processes per sidecar, a comma list (e.g. 1,2): every pair at each count",
     )
     args = p.parse_args()
 
@@ -482,12 +531,17 @@ def main() -> int:
             )
             sup.wait_ready([app], timeout=30)
             order = [("nginx", "meshcar"), ("meshcar", "nginx")]
-            for name in (n for rnd in range(args.rounds) for n in order[rnd % 2]):
+            runs = [
+                (n, w) for rnd in range(args.rounds) for w in args.workers for n in order[rnd % 2]
+            ]
+            for name, w in runs:
                 if args.only not in ("both", name):
                     continue
+                args.workers_now = w
+                key = label(name, w, args)
                 started = len(sup.children)
                 try:
-                    rnd_dir = work / f"{name}-{len(results.get(name, []))}"
+                    rnd_dir = work / f"{key}-{len(results.get(key, []))}"
                     (rnd_dir / "logs").mkdir(parents=True)
                     if name == "nginx":
                         r: WrkResult | str = measure_nginx(sup, nginx, wrk, rnd_dir, app_port, args)
@@ -501,7 +555,7 @@ def main() -> int:
                 ) as exc:
                     r = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     print(f"bench: {name} failed:\n{exc}", file=sys.stderr)
-                results.setdefault(name, []).append(r)
+                results.setdefault(key, []).append(r)
                 # Stop this pair before measuring the next: they must not share the CPUs.
                 for child in sup.children[started:]:
                     child.proc.terminate()
@@ -512,7 +566,11 @@ def main() -> int:
                         child.proc.kill()
                         child.proc.wait()
     finally:
-        wanted = ("nginx", "meshcar") if args.only == "both" else (args.only,)
+        wanted = [
+            label(n, w, args)
+            for w in args.workers
+            for n in (("nginx", "meshcar") if args.only == "both" else (args.only,))
+        ]
         ok = all(
             results.get(n) and all(isinstance(r, WrkResult) and not r.errors for r in results[n])
             for n in wanted
