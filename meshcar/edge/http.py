@@ -16,7 +16,6 @@ checks the backend sidecar's SPIFFE ID. HSTS is added to responses of routes tha
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,21 +28,15 @@ from meshcar.common.accesslog import log_entry
 from meshcar.common.mtls import MeshPeer, MTLSDialer
 from meshcar.edge.config import EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
-from meshcar.errors import UpstreamError
 from meshcar.net.connect import open_tcp
 from meshcar.net.drain import Drain
-from meshcar.net.forward import (
-    BodyTooLarge,
-    DownstreamGone,
-    ResponseStarted,
-    request_bytes,
-    request_has_body,
-)
+from meshcar.net.forward import keep_response_headers, request_bytes, request_has_body
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import refuse_http, send_error, serve_http
 from meshcar.net.limits import ConnectionLimit
+from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool, Pooled
-from meshcar.net.proxying import proxy_request
+from meshcar.net.respond import Refuse
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
@@ -174,78 +167,21 @@ class TerminatingProxy:
         start = time.perf_counter()
         host = host_of(req)
         route = self.cfg.route_for(host) if host else client.sni_route
-        path = req.target.decode("latin-1")
-        status, backend, bytes_in, bytes_out, keep = 0, None, 0, 0, not request_has_body(req)
-        mode = route.mode if route else None
+        out = Outcome()
+        decision, path, backend = self.decide(req, host, route, client)
         try:
-            target: Target | None = None
-            problem: tuple[int, str, Headers] | None
-            try:
-                target = normalise_target(
-                    req.target, req.method, self.cfg.http.path, absolute_schemes=("http", "https")
-                )
-            except PathError as exc:
-                problem = (400, str(exc), [])
-            else:
-                path = target.target.decode("ascii")  # logged: what was forwarded
-                problem = self._refuse(req, route, client, target)
-            if problem is not None:
-                status, message, extra = problem
-                await down.send(
-                    simple_response(
-                        status,
-                        json.dumps({"error": status, "message": message}).encode() + b"\n",
-                        content_type=b"application/json",
-                        extra=extra,
-                        close=not keep,
-                    )
-                )
-                return keep
-            assert route is not None and target is not None
-            balancer = self.backends.balancers[route.host]
-            state = balancer.pick()
-            if state is None:
-                status = 503
-                await send_error(down, 503, f"no healthy endpoint for {route.host}", close=not keep)
-                return keep
-            backend = str(state.endpoint)
-            head = request_bytes(req, target.target, self._headers(req, route, client))
-            state.active += 1
-            try:
-                ex = await proxy_request(
-                    down,
-                    req,
-                    head,
-                    self.backends.pool,
-                    Backends.key(route, state),
-                    lambda resp, hs: self._response_headers(route, resp, hs),
-                    on_release=self.backends.remember_session,
-                    response_timeout=self.response_timeout,
-                    max_request_body=route.max_body_bytes,
-                    timeouts=self.cfg.timeouts,
-                )
-            finally:
-                state.active -= 1
-            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
-            return True
-        except UpstreamError as exc:
-            status = exc.status
-            await send_error(
-                down, exc.status, f"{route.host if route else host}: {exc}", close=not keep
-            )
-            return keep
-        except BodyTooLarge as exc:
-            status = 413
-            await send_error(down, 413, str(exc))
-            return False
-        except (DownstreamGone, ResponseStarted) as exc:
-            status = status or getattr(exc, "status", 499)
-            return False
+            out = await carry_out(down, req, decision, self.cfg.timeouts, "edge")
+            return out.keep
         finally:
             dur = time.perf_counter() - start
-            self.metrics.observe_request(f"edge-{mode or 'none'}", status, dur)
+            mode = route.mode if route else None
+            self.metrics.observe_request(f"edge-{mode or 'none'}", out.status, dur)
             self.metrics.observe_edge(
-                route.host if route else "(none)", mode or "none", status, bytes_in, bytes_out
+                route.host if route else "(none)",
+                mode or "none",
+                out.status,
+                out.bytes_in,
+                out.bytes_out,
             )
             log_entry(
                 "request",
@@ -254,50 +190,118 @@ class TerminatingProxy:
                 host=host,
                 method=req.method.decode("latin-1"),
                 path=path,
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
+                status=out.status,
+                bytes_in=out.bytes_in,
+                bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
                 mode=mode,
                 backend=backend,
                 plaintext_backend=mode == "terminate",
             )
 
-    def _refuse(
-        self, req: RequestHead, route: Route | None, client: ClientConn, target: Target
-    ) -> tuple[int, str, Headers] | None:
-        """The status, message and extra headers for a request the edge must refuse itself."""
-        if target.authority is not None and split_host_port(target.authority.lower())[0] != host_of(
-            req
-        ):
+    def decide(
+        self, req: RequestHead, host: str | None, route: Route | None, client: ClientConn
+    ) -> tuple[Decision, str, str | None]:
+        """Refuse (module docstring: 400, 421, 404, 403, 429, 413, 503 with no healthy
+        endpoint) or forward to a backend endpoint; and the path and backend to log."""
+        try:
+            target = normalise_target(
+                req.target, req.method, self.cfg.http.path, absolute_schemes=("http", "https")
+            )
+        except PathError as exc:
+            return Refuse(400, str(exc)), req.target.decode("latin-1"), None
+        path = target.target.decode("ascii")  # logged: what was forwarded
+        refusal = self._misrouted(req, host, route, client, target)
+        if refusal is None:
+            assert route is not None
+            refusal = self._refuse(req, route, client, target.path)
+        if refusal is not None:
+            return refusal, path, None
+        assert route is not None
+        state = self.backends.balancers[route.host].pick()
+        if state is None:
+            return Refuse(503, f"no healthy endpoint for {route.host}"), path, None
+        head = request_bytes(req, target.target, self._headers(req, route, client))
+        state.active += 1
+        forward = Forward(
+            head,
+            self.backends.pool,
+            Backends.key(route, state),
+            route.host,
+            rewrite_response=(
+                (lambda resp, hs: self._response_headers(route, resp, hs))
+                if route.hsts
+                else keep_response_headers
+            ),
+            on_release=self.backends.remember_session,
+            max_request_body=route.max_body_bytes,
+            response_timeout=self.response_timeout,
+            on_done=state.leave,
+        )
+        return forward, path, str(state.endpoint)
+
+    def _misrouted(
+        self,
+        req: RequestHead,
+        host: str | None,
+        route: Route | None,
+        client: ClientConn,
+        target: Target,
+    ) -> Refuse | None:
+        """A request this route cannot take on this connection: 400, 404 or 421."""
+        if target.authority is not None and split_host_port(target.authority.lower())[0] != host:
             # RFC 9112 3.2.2: the target's authority replaces Host; the edge routed on Host
-            return 400, "the absolute-form target's host differs from the Host header", []
+            return Refuse(400, "the absolute-form target's host differs from the Host header")
         if route is None:
-            return 404, f"no route for host {host_of(req)!r}", []
+            return Refuse(404, f"no route for host {host!r}")
         if route.mode == "passthrough":
-            return (
+            return Refuse(
                 421,
                 f"{route.host} is served end to end by its backend; connect with SNI {route.host}",
-                [],
             )
         sni_route = client.sni_route
-        if sni_route is not None and sni_route is not route:
-            need_sni = sni_route.client_auth.mode if sni_route.client_auth else None
-            need_host = route.client_auth.mode if route.client_auth else None
-            if need_sni != need_host:
-                return (
-                    421,
-                    (
-                        f"connect with SNI {route.host}: its client-certificate requirement "
-                        f"differs from {sni_route.host}'s"
-                    ),
-                    [],
-                )
+        if sni_route is None or sni_route is route:
+            return None
+        need_sni = sni_route.client_auth.mode if sni_route.client_auth else None
+        need_host = route.client_auth.mode if route.client_auth else None
+        if need_sni != need_host:
+            return Refuse(
+                421,
+                f"connect with SNI {route.host}: its client-certificate requirement "
+                f"differs from {sni_route.host}'s",
+            )
+        return None
+
+    def _refuse(
+        self, req: RequestHead, route: Route, client: ClientConn, only_path: str
+    ) -> Refuse | None:
+        """The route's policy: client certificate (403), path (404), WAF (403), rate limit
+        (429 + Retry-After), declared body size (413)."""
         if route.client_auth and route.client_auth.mode == "required" and client.cert_der is None:
-            return 403, f"{route.host} requires a client certificate", []
-        only_path = target.path
+            return Refuse(403, f"{route.host} requires a client certificate")
         if not route.path_matches(only_path):
-            return 404, f"no route for {only_path} on {route.host}", []
+            return Refuse(404, f"no route for {only_path} on {route.host}")
+        if route.deny:
+            refusal = self._waf(req, route, client, only_path)
+            if refusal is not None:
+                return refusal
+        limiter = self.limiters.get(route.host)
+        if limiter is not None:
+            ok, retry = limiter.allow(client.ip, time.monotonic())
+            if not ok:
+                return Refuse(
+                    429,
+                    f"rate limit for {route.host} exceeded",
+                    ((b"Retry-After", str(retry).encode()),),
+                )
+        if route.max_body_bytes is not None and (req.content_length or 0) > route.max_body_bytes:
+            return Refuse(413, f"request body larger than {route.max_body_bytes} bytes")
+        return None
+
+    def _waf(
+        self, req: RequestHead, route: Route, client: ClientConn, only_path: str
+    ) -> Refuse | None:
+        """The first deny rule the request matches: logged, counted, 403."""
         method = req.method.decode("latin-1")
         for rule in route.deny:
             if rule.matches(method, only_path, req.headers):
@@ -311,18 +315,7 @@ class TerminatingProxy:
                     decision="deny",
                 )
                 self.metrics.authz_denials.labels(f"waf:{route.host}").inc()
-                return 403, f"request denied by rule {rule.name}", []
-        limiter = self.limiters.get(route.host)
-        if limiter is not None:
-            ok, retry = limiter.allow(client.ip, time.monotonic())
-            if not ok:
-                return (
-                    429,
-                    f"rate limit for {route.host} exceeded",
-                    [(b"Retry-After", str(retry).encode())],
-                )
-        if route.max_body_bytes is not None and (req.content_length or 0) > route.max_body_bytes:
-            return 413, f"request body larger than {route.max_body_bytes} bytes", []
+                return Refuse(403, f"request denied by rule {rule.name}")
         return None
 
     def _headers(self, req: RequestHead, route: Route, client: ClientConn) -> Headers:

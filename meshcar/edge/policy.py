@@ -45,6 +45,10 @@ class EndpointState:
     passes: int = 0
     active: int = 0  # connections or requests in flight (least-connections)
 
+    def leave(self) -> None:
+        """One connection or request in flight ended."""
+        self.active -= 1
+
 
 class Balancer:
     """Picks a healthy endpoint: round-robin, or least-connections; tracks health."""

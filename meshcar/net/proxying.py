@@ -4,9 +4,8 @@ A pooled keep-alive connection may have been closed by the peer while idle; that
 an upstream error before any response byte. Such a request is retried once, on a newly
 dialed connection (never on another idle one, which may be just as stale), and only if it
 has no body (a streamed body cannot be replayed) and its method is idempotent (RFC 9110
-9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE; a POST may have been acted on). A request
-body that stalls past its timeout is answered 408 here (nothing was sent to the client
-yet) before the error goes up as DownstreamGone.
+9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE; a POST may have been acted on). Every
+error goes up with its status hint; `net/pipeline.py` answers it (`net/respond.py`).
 """
 
 from __future__ import annotations
@@ -15,17 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from meshcar.errors import UpstreamError
-from meshcar.net.forward import (
-    DownstreamGone,
-    Exchange,
-    RequestBodyStalled,
-    ResponseStarted,
-    Timeouts,
-    forward,
-    request_has_body,
-)
+from meshcar.net.forward import Exchange, Timeouts, forward, request_has_body
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error
 from meshcar.net.pool import Pool, Pooled
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 
@@ -71,11 +61,7 @@ async def proxy_request(
                 retryable, fresh = False, True  # once, on a new connection
                 continue
             raise
-        except RequestBodyStalled as exc:
-            await pool.discard(p)
-            await send_error(down, 408, f"request body: {exc}")
-            raise
-        except (DownstreamGone, ResponseStarted, BaseException):
+        except BaseException:
             await pool.discard(p)
             raise
         if on_release is not None:

@@ -18,21 +18,16 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
-from meshcar.errors import IdentityError, UpstreamError
+from meshcar.errors import IdentityError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import HANDSHAKE_ERRORS
-from meshcar.net.forward import (
-    DownstreamGone,
-    ResponseStarted,
-    keep_response_headers,
-    request_bytes,
-    request_has_body,
-)
+from meshcar.net.forward import request_bytes
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import send_error, serve_http
+from meshcar.net.httpserver import serve_http
 from meshcar.net.limits import ConnectionLimit
+from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
-from meshcar.net.proxying import proxy_request
+from meshcar.net.respond import Refuse
 from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
@@ -71,6 +66,7 @@ class Inbound:
             lambda n: metrics.listener_refusals.labels(n).inc(),
         )
         self.handshake_timeout = 10.0
+        self.upstream_name = f"app at {cfg.app}"  # in the answer to an app error
 
     async def aclose(self) -> None:
         await self.pool.close_all()
@@ -127,66 +123,54 @@ class Inbound:
         self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None, problem: str
     ) -> bool:
         start = time.perf_counter()
-        peer_id = peer.spiffe_id if peer else None
-        me = self.cfg.identity.spiffe_id
-        status, bytes_in, bytes_out, keep = 0, 0, 0, True
-        path = req.target.decode("latin-1")
+        out = Outcome()
+        decision, path = self.decide(req, peer, problem)
         try:
-            try:
-                target = normalise_target(req.target, req.method, self.cfg.http.path).target
-            except PathError as exc:
-                status, keep = 400, not request_has_body(req)
-                await send_error(down, 400, str(exc), close=not keep)
-                return keep
-            path = target.decode("ascii")
-            if peer is None or peer.spiffe_id not in self.allow:
-                msg = (
-                    f"caller certificate rejected: {problem}"
-                    if peer is None
-                    else f"{peer.spiffe_id} is not allowed to call {me}"
-                )
-                self.metrics.authz_denials.labels(peer_id or "invalid").inc()
-                status, keep = 403, not request_has_body(req)
-                await send_error(down, 403, msg, close=not keep)
-                return keep
-            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
-            headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
-            head = request_bytes(req, target, headers)
-            try:
-                ex = await proxy_request(
-                    down,
-                    req,
-                    head,
-                    self.pool,
-                    "app",
-                    keep_response_headers,
-                    response_timeout=self.response_timeout,
-                    timeouts=self.cfg.timeouts,
-                )
-            except UpstreamError as exc:
-                status, keep = exc.status, not request_has_body(req)
-                await send_error(down, exc.status, f"app at {self.cfg.app}: {exc}", close=not keep)
-                return keep
-            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
-            return True
-        except (DownstreamGone, ResponseStarted) as exc:
-            status = status or getattr(exc, "status", 499)
-            keep = False
-            log.info(json.dumps({"event": "inbound.aborted", "error": str(exc)}))
-            return False
+            out = await carry_out(down, req, decision, self.cfg.timeouts, "inbound")
+            return out.keep
         finally:
             dur = time.perf_counter() - start
-            self.metrics.observe_request("inbound", status, dur)
+            self.metrics.observe_request("inbound", out.status, dur)
             log_request(
                 direction="inbound",
-                peer=peer_id,
+                peer=peer.spiffe_id if peer else None,
                 method=req.method.decode("latin-1"),
                 path=path,
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
+                status=out.status,
+                bytes_in=out.bytes_in,
+                bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
             )
+
+    def decide(
+        self, req: RequestHead, peer: PeerIdentity | None, problem: str
+    ) -> tuple[Decision, str]:
+        """Refuse (400: the target cannot be normalised; 403: the caller is not allowed) or
+        forward to the app; and the path to log."""
+        try:
+            target = normalise_target(req.target, req.method, self.cfg.http.path).target
+        except PathError as exc:
+            return Refuse(400, str(exc)), req.target.decode("latin-1")
+        path = target.decode("ascii")
+        me = self.cfg.identity.spiffe_id
+        if peer is None or peer.spiffe_id not in self.allow:
+            msg = (
+                f"caller certificate rejected: {problem}"
+                if peer is None
+                else f"{peer.spiffe_id} is not allowed to call {me}"
+            )
+            self.metrics.authz_denials.labels(peer.spiffe_id if peer else "invalid").inc()
+            return Refuse(403, msg), path
+        headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+        headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
+        forward = Forward(
+            request_bytes(req, target, headers),
+            self.pool,
+            "app",
+            self.upstream_name,
+            response_timeout=self.response_timeout,
+        )
+        return forward, path
 
 
 def _short(exc: BaseException) -> str:

@@ -14,7 +14,6 @@ target. A target that cannot be normalised is 400.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -22,20 +21,14 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
-from meshcar.errors import UpstreamError
 from meshcar.net.drain import Drain
-from meshcar.net.forward import (
-    DownstreamGone,
-    ResponseStarted,
-    keep_response_headers,
-    request_bytes,
-    request_has_body,
-)
+from meshcar.net.forward import request_bytes
 from meshcar.net.httpconn import HttpConn
-from meshcar.net.httpserver import refuse_http, send_error, serve_http
+from meshcar.net.httpserver import refuse_http, serve_http
 from meshcar.net.limits import ConnectionLimit
+from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
-from meshcar.net.proxying import proxy_request
+from meshcar.net.respond import Refuse
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
@@ -127,82 +120,56 @@ class Outbound:
 
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()
-        status, bytes_in, bytes_out, service = 0, 0, 0, fixed
-        keep_after_error = not request_has_body(req)
+        out = Outcome()
+        decision, service = self.decide(req, fixed)
         try:
-            if req.target.startswith((b"https://", b"HTTPS://")):
-                status = 400
-                await send_error(
-                    down,
-                    400,
-                    "send plain http:// to the sidecar; it adds mTLS itself",
-                    close=not keep_after_error,
-                )
-                return keep_after_error
-            try:
-                name, target, authority = route_target(req, self.cfg.http.path)
-            except PathError as exc:
-                status = 400
-                await send_error(down, 400, str(exc), close=not keep_after_error)
-                return keep_after_error
-            if fixed is not None:
-                service = fixed
-            else:
-                service = name
-            if service not in self.upstreams:
-                status = 502
-                known = ", ".join(sorted(self.upstreams)) or "none"
-                await send_error(
-                    down,
-                    502,
-                    f"unknown service {service!r}: this sidecar only routes to its configured "
-                    f"upstreams ({known})",
-                    close=not keep_after_error,
-                )
-                return keep_after_error
-            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
-            if authority is not None:
-                # RFC 9112 3.2.2: an absolute-form target's authority replaces Host, so the
-                # peer sees the host the request was routed on, not another the client wrote
-                headers = [h for h in headers if h[0].lower() != b"host"]
-                headers.append((b"Host", authority.encode("ascii")))
-            elif req.header(b"host") is None:
-                headers.append((b"Host", service.encode()))
-            head = request_bytes(req, target, headers)
-            try:
-                ex = await proxy_request(
-                    down,
-                    req,
-                    head,
-                    self.pool,
-                    service,
-                    keep_response_headers,
-                    on_release=self.dialer.remember_session,
-                    response_timeout=self.response_timeout,
-                    timeouts=self.cfg.timeouts,
-                )
-            except UpstreamError as exc:
-                status = exc.status
-                await send_error(
-                    down, exc.status, f"upstream {service}: {exc}", close=not keep_after_error
-                )
-                return keep_after_error
-            status, bytes_in, bytes_out = ex.status, ex.bytes_up, ex.bytes_down
-            return True
-        except (DownstreamGone, ResponseStarted) as exc:
-            status = status or getattr(exc, "status", 499)
-            log.info(json.dumps({"event": "outbound.aborted", "error": str(exc)}))
-            return False
+            out = await carry_out(down, req, decision, self.cfg.timeouts, "outbound")
+            return out.keep
         finally:
             dur = time.perf_counter() - start
-            self.metrics.observe_request("outbound", status, dur)
+            self.metrics.observe_request("outbound", out.status, dur)
             log_request(
                 direction="outbound",
                 upstream=service,
                 method=req.method.decode("latin-1"),
                 path=req.target.decode("latin-1"),
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
+                status=out.status,
+                bytes_in=out.bytes_in,
+                bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
             )
+
+    def decide(self, req: RequestHead, fixed: str | None) -> tuple[Decision, str | None]:
+        """Refuse (400: https:// or a target that cannot be normalised; 502: no such
+        upstream) or forward to the upstream's sidecar; and the upstream to log."""
+        if req.target.startswith((b"https://", b"HTTPS://")):
+            return Refuse(400, "send plain http:// to the sidecar; it adds mTLS itself"), fixed
+        try:
+            name, target, authority = route_target(req, self.cfg.http.path)
+        except PathError as exc:
+            return Refuse(400, str(exc)), fixed
+        service = fixed if fixed is not None else name
+        if service not in self.upstreams:
+            known = ", ".join(sorted(self.upstreams)) or "none"
+            return Refuse(
+                502,
+                f"unknown service {service!r}: this sidecar only routes to its configured "
+                f"upstreams ({known})",
+            ), service
+        headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+        if authority is not None:
+            # RFC 9112 3.2.2: an absolute-form target's authority replaces Host, so the
+            # peer sees the host the request was routed on, not another the client wrote
+            headers = [h for h in headers if h[0].lower() != b"host"]
+            headers.append((b"Host", authority.encode("ascii")))
+        elif req.header(b"host") is None:
+            headers.append((b"Host", service.encode()))
+        forward = Forward(
+            request_bytes(req, target, headers),
+            self.pool,
+            service,
+            f"upstream {service}",
+            on_release=self.dialer.remember_session,
+            response_timeout=self.response_timeout,
+        )
+        return forward, service
