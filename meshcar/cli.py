@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "inject": ("meshcar.inject.cli", "main", "add the sidecar to Kubernetes manifests"),
     "webhook": ("meshcar.inject.webhook", "main", "mutating admission webhook for injection"),
+    "init-iptables": (
+        "meshcar.inject.iptables",
+        "main",
+        "install a pod's transparent-capture rules (init container)",
+    ),
     "run": (
         "meshcar.supervise",
         "main",

@@ -1,11 +1,14 @@
 """`meshcar inject`: add the meshcar sidecar to Kubernetes manifests (files or stdin).
 
 Reads multi-document YAML (and `kind: List`), injects every workload that has not opted out,
-writes the result to stdout and a one-line report per object to stderr. If any object cannot
-be injected, nothing is written to stdout and the exit status is 1, so that a pipe into
-`kubectl apply -f -` never applies half of a change. A manifest whose fields have the wrong
-type (`env` as a mapping, a container as a string, ...) or that nests deeper than can be
-parsed exits with status 2 and one line per problem naming the field's path.
+writes the result to stdout and a one-line report per object (a List's items one by one) to
+stderr. A workload that cannot be injected (hostNetwork, several ports and no
+`meshcar.io/app-port`, a bad annotation) is written unchanged and reported as
+`skipped (warning: ...)`, exit status 0; with `--strict` any such workload makes the whole
+run write nothing and exit 1, so that a pipe into `kubectl apply -f -` never applies half of
+a change. A manifest whose fields have the wrong type (`env` as a mapping, a container as a
+string, ...) or that nests deeper than can be parsed always exits with status 2 and one line
+per problem naming the field's path: it is not a valid manifest at all.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any, TextIO
 import yaml
 
 from meshcar.inject.patch import (
+    ANN_APP_PORT,
+    ANN_CAPTURE,
     InjectError,
     InjectOptions,
     ShapeError,
-    inject_document,
+    inject_object,
     is_injectable_kind,
     object_name,
+    pod_template,
 )
 
 
@@ -37,6 +43,12 @@ def build_parser(prog: str = "meshcar inject") -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="manifest file, or - for stdin (repeatable)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a workload that cannot be injected fails the run (nothing written, exit 1) "
+        "instead of being written unchanged with a warning",
     )
     add_option_arguments(parser)
     return parser
@@ -59,6 +71,19 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="PEM root of the CA API, embedded in the config "
         "(default: mount ConfigMap meshcar-ca-bundle)",
+    )
+    parser.add_argument(
+        "--capture",
+        choices=("proxy", "transparent"),
+        default=d.capture,
+        help="proxy: HTTP_PROXY in the app containers (default); transparent: an iptables "
+        "init container redirects the pod's TCP, no proxy variables",
+    )
+    parser.add_argument(
+        "--egress",
+        choices=("allow", "deny"),
+        default=d.egress,
+        help="hosts outside the mesh: allow (plain, as without the sidecar; default) or deny (502)",
     )
     parser.add_argument(
         "--token-audience",
@@ -85,61 +110,94 @@ def options_from_args(args: argparse.Namespace) -> InjectOptions:
         sidecar_mode=args.sidecar_mode,
         ca_bundle_pem=bundle,
         token_audience=args.token_audience,
+        capture=args.capture,
+        egress=args.egress,
     )
 
 
 def inject_stream(
-    text: str, options: InjectOptions, source: str = "<stdin>"
+    text: str, options: InjectOptions, source: str = "<stdin>", *, strict: bool = False
 ) -> tuple[list[Any], list[str]]:
-    """Inject every document of a YAML stream; returns (documents, report lines)."""
+    """Inject every document of a YAML stream; returns (documents, report lines). A workload
+    that cannot be injected is kept unchanged with a `skipped (warning: ...)` line, or, with
+    `strict`, makes the call raise InjectError naming every such workload."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise InjectError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
         raise ShapeError(f"{source}: the YAML nests too deeply to be a manifest") from None
+    run = _Run(options, source, strict)
     out: list[Any] = []
-    report: list[str] = []
-    errors: list[str] = []
-    wrong_shape = False
     for doc in docs:
+        if _is_list(doc) and isinstance(doc.get("items"), list):
+            out.append(dict(doc, items=[run.one(item) for item in doc["items"]]))
+        else:
+            out.append(run.one(doc))
+    if run.errors:
+        raise (ShapeError if run.wrong_shape else InjectError)("\n".join(run.errors))
+    return out, run.report
+
+
+class _Run:
+    """One inject_stream call: each object injected or kept, its report line, and the
+    errors that fail the run (wrong shapes always; any InjectError when strict)."""
+
+    def __init__(self, options: InjectOptions, source: str, strict: bool) -> None:
+        self.options, self.source, self.strict = options, source, strict
+        self.report: list[str] = []
+        self.errors: list[str] = []
+        self.wrong_shape = False
+
+    def one(self, item: Any) -> Any:
         try:
-            new = inject_document(doc, options)
-        except InjectError as exc:
-            errors.append(f"{source}: {exc}")
-            wrong_shape = wrong_shape or isinstance(exc, ShapeError)
-            continue
+            new = inject_object(item, self.options)
         except RecursionError:
-            errors.append(f"{source}: {object_name(doc)}: nests too deeply to be a manifest")
-            wrong_shape = True
-            continue
-        report.extend(_report_lines(doc, new))
-        out.append(new)
-    if errors:
-        raise (ShapeError if wrong_shape else InjectError)("\n".join(errors))
-    return out, report
+            self._fail(f"{object_name(item)}: nests too deeply to be a manifest", shape=True)
+        except ShapeError as exc:
+            self._fail(str(exc), shape=True)
+        except InjectError as exc:
+            if self.strict:
+                self._fail(str(exc), shape=False)
+            else:
+                self.report.append(f"{object_name(item)} skipped (warning: {_reason(exc, item)})")
+        else:
+            self.report.append(f"{object_name(item)} {_verdict(item, new)}")
+            return new
+        return item
+
+    def _fail(self, message: str, *, shape: bool) -> None:
+        self.errors.append(f"{self.source}: {message}")
+        self.wrong_shape = self.wrong_shape or shape
+
+
+def _reason(exc: InjectError, item: Any) -> str:
+    """The error without the object's name, which the report line already starts with."""
+    text = str(exc)
+    prefix = object_name(item) + ": "
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _is_list(doc: Any) -> bool:
     return isinstance(doc, dict) and doc.get("kind") == "List"
 
 
-def _report_lines(doc: Any, new: Any) -> list[str]:
-    """One line per object of the document (a List's items one by one): injected or why not."""
-    items = doc["items"] if _is_list(doc) and isinstance(doc.get("items"), list) else [doc]
-    new_items = new["items"] if new is not doc and _is_list(new) else None
-    return [
-        f"{object_name(item)} {_verdict(item, new_items[i] if new_items is not None else new)}"
-        for i, item in enumerate(items)
-    ]
-
-
 def _verdict(before: Any, after: Any) -> str:
     if after is not before:
-        return "injected"
+        ann = _template_annotations(after)
+        how = [ann.get(ANN_CAPTURE, "proxy")]
+        if ann.get(ANN_APP_PORT) == "none":
+            how.append("outbound only: no meshcar.io/app-port and no containerPort")
+        else:
+            how.append(f"app port {ann.get(ANN_APP_PORT)}")
+        return f"injected ({'; '.join(how)})"
     if is_injectable_kind(before):
         return "skipped (already injected or meshcar.io/inject: disabled)"
     return "skipped (not a workload)"
+
+
+def _template_annotations(obj: Any) -> dict[str, str]:
+    return (pod_template(obj).get("metadata") or {}).get("annotations") or {}
 
 
 def dump_documents(docs: Iterable[Any], out: TextIO) -> None:
@@ -164,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError as exc:
                     raise InjectError(f"{name}: cannot read: {exc.strerror}") from None
                 source = name
-            docs, report = inject_stream(text, options, source)
+            docs, report = inject_stream(text, options, source, strict=args.strict)
             all_docs.extend(docs)
             all_report.extend(report)
     except InjectError as exc:

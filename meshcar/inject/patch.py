@@ -16,8 +16,20 @@ the way `linkerd inject` does it:
   `MESHCAR_CONFIG`, read by `meshcar sidecar --config-env MESHCAR_CONFIG`. The pod's own
   identity `spiffe://TD/ns/NS/sa/SA` is filled in by the kubelet through `$(VAR)` expansion
   of downward-API env vars, so the same rendering works for the CLI and the webhook;
-- `HTTP_PROXY`/`http_proxy` (the sidecar's outbound listener) and `NO_PROXY`/`no_proxy`
-  (localhost) on every app container.
+- in proxy capture (the default): `HTTP_PROXY`/`http_proxy` (the sidecar's outbound
+  listener) and `NO_PROXY`/`no_proxy` on every app container, merged with what the container
+  already sets: its `NO_PROXY` entries are kept (localhost added), and an `HTTP_PROXY` it had
+  becomes the sidecar's `outbound.egress_proxy`, so non-mesh hosts still go through it;
+- in transparent capture (`meshcar.io/capture: transparent`): no proxy variables; an init
+  container `meshcar-init` (the only container with NET_ADMIN) runs `meshcar init-iptables`,
+  which redirects the pod's outbound TCP to the sidecar's transparent listener, except the
+  sidecar's own uid (SIDECAR_UID) and loopback.
+
+The app port is the `meshcar.io/app-port` annotation, else the one `containerPort` the app
+containers declare; with none declared (and no annotation) the pod is outbound-only: its
+inbound listens on loopback and allows no caller. Several declared ports and no annotation
+is an InjectError. Non-mesh hosts are let through by the sidecar's `outbound.egress`
+(`allow` unless `--egress deny` or `meshcar.io/egress: deny`).
 
 Nothing else is touched. Objects of other kinds come back unchanged; so do workloads that
 opted out (annotation or label `meshcar.io/inject: disabled`); objects already
@@ -51,8 +63,12 @@ ANN_ADMIN_PORT = PREFIX + "admin-port"
 ANN_UPSTREAMS = PREFIX + "upstreams"
 ANN_ALLOWED_CALLERS = PREFIX + "allowed-callers"
 ANN_LOG_LEVEL = PREFIX + "log-level"
+ANN_CAPTURE = PREFIX + "capture"
+ANN_EGRESS = PREFIX + "egress"
+ANN_MATCH = PREFIX + "match"
 
 SIDECAR_NAME = "meshcar-proxy"
+INIT_NAME = "meshcar-init"
 STATE_VOLUME = "meshcar-state"
 TOKEN_VOLUME = "meshcar-token"
 TRUST_VOLUME = "meshcar-trust"
@@ -187,10 +203,16 @@ class InjectOptions:
     token_audience: str = "meshcar-ca"
     token_expiration_seconds: int = 600  # the minimum Kubernetes allows
     image_pull_policy: str = "IfNotPresent"
+    capture: str = "proxy"  # proxy (HTTP_PROXY) | transparent (iptables init container)
+    egress: str = "allow"  # the sidecar's outbound.egress for hosts outside the mesh
 
     def __post_init__(self) -> None:
         if self.sidecar_mode not in ("native", "classic"):
             raise InjectError(f"sidecar mode must be native or classic, not {self.sidecar_mode!r}")
+        if self.capture not in ("proxy", "transparent"):
+            raise InjectError(f"capture must be proxy or transparent, not {self.capture!r}")
+        if self.egress not in ("allow", "deny"):
+            raise InjectError(f"egress must be allow or deny, not {self.egress!r}")
 
 
 def object_name(obj: Any) -> str:
@@ -218,6 +240,11 @@ def _pod_template(obj: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(node.get("spec"), dict):
         raise InjectError(f"{where}: no pod spec")
     return node
+
+
+def pod_template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The PodTemplateSpec (or the Pod itself) of an injectable object already checked."""
+    return _pod_template(obj, object_name(obj))
 
 
 def _all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -322,21 +349,100 @@ class PodSettings:
     """What the annotations of one pod say."""
 
     mode: str
-    app_port: int
+    app_port: int | None  # None: outbound-only (no app port annotated or declared)
     inbound_port: int
     outbound_port: int
     admin_port: int
     allowed_callers: tuple[str, ...]
     upstreams: tuple[tuple[str, tuple[str, ...], str], ...]  # (name, endpoints, spiffe id)
     log_level: str | None
+    capture: str = "proxy"  # proxy | transparent
+    egress: str = "allow"  # allow | deny
+    egress_proxy: str | None = None  # HOST:PORT of the HTTP_PROXY the app had
+    match: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (upstream, original destinations)
 
 
-def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> PodSettings:
-    """Validate the meshcar.io/* annotations of one pod; every problem is an InjectError."""
-    mode = ann.get(ANN_MODE, options.sidecar_mode).strip()
-    if mode not in ("native", "classic"):
-        raise InjectError(f"{where}: annotation {ANN_MODE}: {mode!r} is not native or classic")
-    app_port = _port(ann, ANN_APP_PORT, None, where)
+def declared_ports(spec: dict[str, Any]) -> list[int]:
+    """The TCP containerPorts the app containers (not init containers) declare, in order."""
+    out: list[int] = []
+    for c in spec.get("containers") or []:
+        if not isinstance(c, dict) or c.get("name") == SIDECAR_NAME:
+            continue
+        for p in c.get("ports") or []:
+            port = p.get("containerPort") if isinstance(p, dict) else None
+            if p.get("protocol", "TCP") == "TCP" and isinstance(port, int) and port not in out:
+                out.append(port)
+    return out
+
+
+def _app_port(ann: dict[str, str], spec: dict[str, Any], where: str) -> int | None:
+    """The annotation, else the single declared containerPort, else None (outbound-only)."""
+    if ann.get(ANN_APP_PORT, "").strip() == "none":
+        return None  # outbound-only, said explicitly
+    if ANN_APP_PORT in ann:
+        return _port(ann, ANN_APP_PORT, None, where)
+    ports = declared_ports(spec)
+    if len(ports) > 1:
+        listed = ", ".join(map(str, ports))
+        raise InjectError(
+            f"{where}: the containers declare several ports ({listed}): "
+            f"set annotation {ANN_APP_PORT} to the one the mesh should reach"
+        )
+    return ports[0] if ports else None
+
+
+def _choice(
+    ann: dict[str, str], key: str, default: str, allowed: tuple[str, ...], where: str
+) -> str:
+    value = ann.get(key, default).strip()
+    if value not in allowed:
+        raise InjectError(f"{where}: annotation {key}: {value!r} is not {' or '.join(allowed)}")
+    return value
+
+
+def parse_match(raw: str, upstreams: dict[str, Any]) -> dict[str, list[str]]:
+    """`NAME=IP:PORT[;IP:PORT...]` entries: the original destinations of an upstream."""
+    out: dict[str, list[str]] = {}
+    for item in _items(raw):
+        name, sep, dests = item.partition("=")
+        if not sep or name not in upstreams:
+            raise ValueError(f"{item!r} is not UPSTREAM=IP:PORT[;IP:PORT...] of a known upstream")
+        out.setdefault(name, []).extend(_parse_hostport(d) for d in dests.split(";") if d)
+    return out
+
+
+def _match(ann: dict[str, str], ups: dict[str, Any], where: str) -> dict[str, list[str]]:
+    """Original destinations per upstream: its IP-literal endpoints plus meshcar.io/match."""
+    try:
+        extra = parse_match(ann.get(ANN_MATCH, ""), ups)
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_MATCH}: {exc}") from None
+    out: dict[str, list[str]] = {}
+    for name, u in ups.items():
+        ips = [e for e in u["endpoints"] if _is_ip(e.rpartition(":")[0])]
+        out[name] = list(dict.fromkeys(ips + extra.get(name, [])))
+    return out
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def pod_settings(
+    ann: dict[str, str], options: InjectOptions, where: str, spec: dict[str, Any] | None = None
+) -> PodSettings:
+    """Validate the meshcar.io/* annotations of one pod (and, without an app-port annotation,
+    read the port its containers declare); every problem is an InjectError."""
+    mode = _choice(ann, ANN_MODE, options.sidecar_mode, ("native", "classic"), where)
+    capture = _choice(ann, ANN_CAPTURE, options.capture, ("proxy", "transparent"), where)
+    egress = _choice(ann, ANN_EGRESS, options.egress, ("allow", "deny"), where)
+    app_port = _app_port(ann, spec or {}, where)
     inbound = _port(ann, ANN_INBOUND_PORT, DEFAULT_INBOUND_PORT, where)
     outbound = _port(ann, ANN_OUTBOUND_PORT, DEFAULT_OUTBOUND_PORT, where)
     admin = _port(ann, ANN_ADMIN_PORT, DEFAULT_ADMIN_PORT, where)
@@ -347,6 +453,11 @@ def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> Pod
         callers = parse_allowed_callers(ann.get(ANN_ALLOWED_CALLERS, ""), options.trust_domain)
     except ValueError as exc:
         raise InjectError(f"{where}: annotation {ANN_ALLOWED_CALLERS}: {exc}") from None
+    if callers and app_port is None:
+        raise InjectError(
+            f"{where}: annotation {ANN_ALLOWED_CALLERS} needs an app port: "
+            f"set {ANN_APP_PORT} or declare the app's containerPort"
+        )
     try:
         ups = parse_upstreams(ann.get(ANN_UPSTREAMS, ""), options.trust_domain)
     except ValueError as exc:
@@ -354,6 +465,7 @@ def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> Pod
     level = ann.get(ANN_LOG_LEVEL)
     if level is not None and level not in ("debug", "info", "warning", "error"):
         raise InjectError(f"{where}: annotation {ANN_LOG_LEVEL}: {level!r} is not a log level")
+    match = _match(ann, ups, where) if capture == "transparent" else {}
     return PodSettings(
         mode=mode,
         app_port=app_port,
@@ -363,6 +475,10 @@ def pod_settings(ann: dict[str, str], options: InjectOptions, where: str) -> Pod
         allowed_callers=tuple(callers),
         upstreams=tuple((n, tuple(u["endpoints"]), u["spiffe_id"]) for n, u in ups.items()),
         log_level=level,
+        capture=capture,
+        egress=egress,
+        egress_proxy=_egress_proxy(spec or {}, where, outbound) if capture == "proxy" else None,
+        match=tuple((n, tuple(m)) for n, m in match.items()),
     )
 
 
@@ -378,20 +494,31 @@ def render_config(settings: PodSettings, options: InjectOptions) -> str:
         identity["ca_bundle"] = f"{TRUST_DIR}/{TRUST_KEY}"
     identity["k8s_token_file"] = TOKEN_PATH
     identity["state_dir"] = STATE_DIR
+    # outbound-only: the sidecar config still has an app and an inbound, but the inbound
+    # listens on loopback and allows no caller, so nothing reaches the (unused) app port
+    in_host = "0.0.0.0" if settings.app_port is not None else "127.0.0.1"
+    matches = dict(settings.match)
+    upstreams: dict[str, Any] = {}
+    for name, eps, sid in settings.upstreams:
+        upstreams[name] = {"endpoints": list(eps), "spiffe_id": sid}
+        if matches.get(name):
+            upstreams[name]["match"] = list(matches[name])
+    listen_key = "transparent_listen" if settings.capture == "transparent" else "listen"
+    outbound: dict[str, Any] = {
+        listen_key: f"127.0.0.1:{settings.outbound_port}",
+        "upstreams": upstreams,
+        "egress": settings.egress,
+    }
+    if settings.egress_proxy and settings.egress == "allow":
+        outbound["egress_proxy"] = settings.egress_proxy
     config: dict[str, Any] = {
         "identity": identity,
-        "app": {"host": "127.0.0.1", "port": settings.app_port},
+        "app": {"host": "127.0.0.1", "port": settings.app_port or settings.inbound_port},
         "inbound": {
-            "listen": f"0.0.0.0:{settings.inbound_port}",
+            "listen": f"{in_host}:{settings.inbound_port}",
             "allow": list(settings.allowed_callers),
         },
-        "outbound": {
-            "listen": f"127.0.0.1:{settings.outbound_port}",
-            "upstreams": {
-                name: {"endpoints": list(eps), "spiffe_id": sid}
-                for name, eps, sid in settings.upstreams
-            },
-        },
+        "outbound": outbound,
         "admin": {"listen": f"0.0.0.0:{settings.admin_port}"},
     }
     if settings.log_level:
@@ -484,14 +611,107 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
     return volumes
 
 
-def _proxy_env(settings: PodSettings) -> list[dict[str, str]]:
+def _proxy_env(settings: PodSettings, env: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The proxy variables for one container: HTTP_PROXY is the sidecar; NO_PROXY keeps
+    the entries the container had (either case) and adds localhost."""
     proxy = f"http://127.0.0.1:{settings.outbound_port}"
+    entries: list[str] = []
+    for e in env:
+        if e.get("name") in ("NO_PROXY", "no_proxy"):
+            entries.extend(x.strip() for x in str(e.get("value") or "").split(",") if x.strip())
+    entries.extend(NO_PROXY.split(","))
+    no_proxy = ",".join(dict.fromkeys(entries))
     return [
         {"name": "HTTP_PROXY", "value": proxy},
         {"name": "http_proxy", "value": proxy},
-        {"name": "NO_PROXY", "value": NO_PROXY},
-        {"name": "no_proxy", "value": NO_PROXY},
+        {"name": "NO_PROXY", "value": no_proxy},
+        {"name": "no_proxy", "value": no_proxy},
     ]
+
+
+def _egress_proxy(spec: dict[str, Any], where: str, outbound_port: int) -> str | None:
+    """HOST:PORT of the HTTP_PROXY the app containers already set (the same in all), which
+    the sidecar then uses for hosts outside the mesh; InjectError when it cannot be merged
+    (taken from a ConfigMap or Secret, not http://, or different in two containers)."""
+    found = _http_proxies(spec, where)
+    found.discard(f"http://127.0.0.1:{outbound_port}")
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InjectError(
+            f"{where}: the containers set different HTTP_PROXY values {sorted(found)}"
+        )
+    return _proxy_hostport(found.pop(), where)
+
+
+def _http_proxies(spec: dict[str, Any], where: str) -> set[str]:
+    """The HTTP_PROXY/http_proxy values of the app containers; InjectError for a valueFrom
+    of any proxy variable (its value is not in the manifest)."""
+    found: set[str] = set()
+    for c in spec.get("containers") or []:
+        for e in c.get("env") or []:
+            name = e.get("name")
+            if name in PROXY_ENV_NAMES and "valueFrom" in e:
+                raise InjectError(
+                    f"{where}: container {c.get('name')!r} takes {name} from valueFrom; "
+                    "meshcar cannot merge it (set it as a value)"
+                )
+            value = str(e.get("value") or "").strip()
+            if name in ("HTTP_PROXY", "http_proxy") and value:
+                found.add(value)
+    return found
+
+
+def _proxy_hostport(url: str, where: str) -> str:
+    """HOST:PORT of an http:// proxy URL (port 80 by default)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if ":" not in hostport:
+        hostport += ":80"
+    try:
+        _parse_hostport(hostport)
+    except ValueError:
+        scheme = "bad"
+    if scheme.lower() != "http":
+        raise InjectError(
+            f"{where}: HTTP_PROXY {url!r}: only an http://HOST:PORT proxy can be merged"
+        )
+    return hostport
+
+
+def init_container(settings: PodSettings, options: InjectOptions) -> dict[str, Any]:
+    """Transparent capture: installs the pod's iptables rules, then exits. The only
+    container with NET_ADMIN (and NET_RAW, which iptables needs); it runs as root so it
+    can, and nothing else does. Outbound capture only: peers are dialed at their mesh
+    port, and the app port stays reachable for the kubelet's probes."""
+    command = [
+        "meshcar",
+        "init-iptables",
+        "--proxy-uid",
+        str(SIDECAR_UID),
+        "--redirect-port",
+        str(settings.outbound_port),
+    ]
+    return {
+        "name": INIT_NAME,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": command,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "64Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
 
 
 def _check_pod_spec(spec: dict[str, Any], settings: PodSettings, where: str) -> None:
@@ -529,7 +749,7 @@ def inject_object(obj: Any, options: InjectOptions) -> Any:
     ann = _annotations(obj, tmpl)
     if not _injection_enabled(ann, tmpl, where):
         return obj
-    settings = pod_settings(ann, options, where)
+    settings = pod_settings(ann, options, where, tmpl["spec"])
     _check_pod_spec(tmpl["spec"], settings, where)
     return _patched(obj, settings, options, where)
 
@@ -552,23 +772,34 @@ def _patched(obj: Any, settings: PodSettings, options: InjectOptions, where: str
     out = copy.deepcopy(obj)
     tmpl = _pod_template(out, where)
     spec = tmpl["spec"]
-    meta = tmpl.setdefault("metadata", {})
-    annotations = meta.setdefault("annotations", {})
+    meta = tmpl["metadata"] = tmpl.get("metadata") or {}  # `metadata: null` as none at all
+    annotations = meta["annotations"] = meta.get("annotations") or {}
     annotations[ANN_INJECTED] = "true"
     annotations[ANN_MODE] = settings.mode
 
-    for c in spec["containers"]:
-        env = [e for e in (c.get("env") or []) if e.get("name") not in PROXY_ENV_NAMES]
-        c["env"] = env + _proxy_env(settings)
+    annotations[ANN_CAPTURE] = settings.capture
+    # the port the sidecar reaches (inferred or annotated), "none" for outbound-only
+    annotations[ANN_APP_PORT] = "none" if settings.app_port is None else str(settings.app_port)
+
+    if settings.capture == "proxy":
+        for c in spec["containers"]:
+            old = c.get("env") or []
+            env = [e for e in old if e.get("name") not in PROXY_ENV_NAMES]
+            c["env"] = env + _proxy_env(settings, old)
 
     sidecar = sidecar_container(settings, options)
+    inits = list(spec.get("initContainers") or [])
+    init = [init_container(settings, options)] if settings.capture == "transparent" else []
     if settings.mode == "native":
-        spec["initContainers"] = [sidecar] + list(spec.get("initContainers") or [])
+        # the rules first, then the sidecar, then the pod's own init containers (captured)
+        spec["initContainers"] = init + [sidecar] + inits
     else:
         annotations.setdefault(
             "kubectl.kubernetes.io/default-container", spec["containers"][0]["name"]
         )
         spec["containers"] = [sidecar] + list(spec["containers"])
+        if init:  # no sidecar runs during a classic pod's init containers: capture after them
+            spec["initContainers"] = inits + init
     spec["volumes"] = list(spec.get("volumes") or []) + sidecar_volumes(options)
     return out
 

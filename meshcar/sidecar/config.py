@@ -29,7 +29,17 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     parse_identity,
     parse_workers,
 )
-from meshcar.common.schema import HOSTPORT, PORT, SPIFFE_ID, ListOf, MapOf, Section, key, number
+from meshcar.common.schema import (
+    HOSTPORT,
+    PORT,
+    SPIFFE_ID,
+    ListOf,
+    MapOf,
+    Section,
+    key,
+    number,
+    one_of,
+)
 from meshcar.errors import ConfigError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
@@ -91,6 +101,12 @@ OUTBOUND = Section(
         "pool_idle_seconds": key(
             number(0.1, 3600), "idle pooled mesh connections closed after", 30
         ),
+        "egress": key(
+            one_of("deny", "allow"),
+            "hosts that are no upstream: deny (502) or allow (plain HTTP/TCP, not mTLS)",
+            "deny",
+        ),
+        "egress_proxy": key(HOSTPORT, "with egress allow: send non-mesh HTTP via this proxy"),
     },
 )
 SIDECAR = Section(
@@ -132,6 +148,8 @@ class SidecarConfig:
     log_level: str = "info"
     drain_seconds: float = 10.0
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
+    egress: str = "deny"  # outbound.egress: hosts that are no upstream (allow | deny)
+    egress_proxy: HostPort | None = None  # outbound.egress_proxy: non-mesh HTTP goes via it
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per upstream (net/limits.py)
@@ -225,7 +243,22 @@ def _outbound(c: Checker, data: dict) -> dict[str, Any]:
         "upstreams": tuple(upstreams),
         "transparent_listen": transparent,
         "pool_idle_seconds": float(pool_idle),
+        **_egress(c, outbound),
     }
+
+
+def _egress(c: Checker, outbound: dict) -> dict[str, Any]:
+    """outbound.egress and outbound.egress_proxy (only with egress allow)."""
+    egress = outbound.get("egress", "deny")
+    if egress not in ("deny", "allow"):
+        c.bad("outbound.egress", "must be deny or allow")
+        egress = "deny"
+    proxy = None
+    if outbound.get("egress_proxy") is not None:
+        proxy = c.hostport(outbound["egress_proxy"], "outbound.egress_proxy")
+        if egress != "allow":
+            c.bad("outbound.egress_proxy", "needs outbound.egress: allow")
+    return {"egress": egress, "egress_proxy": proxy}
 
 
 def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:

@@ -7,11 +7,17 @@ Layout (10.77.0.0/24 on a bridge in a namespace of its own, never the host's):
   ca 10.77.0.10 (CA API :8600) | web 10.77.0.2 (sidecar) | api 10.77.0.3 (sidecar + app)
   rogue 10.77.0.4 (sidecar, not allowed by api) | outside 10.77.0.9 (no sidecar, no rules)
 
-Every meshed pod gets the same init-container rules (`init_rules`): outbound TCP to the pod
-network goes to the sidecar's transparent listener unless it comes from the sidecar's uid
-(the sidecars run as uid 1337, the "app" as root); inbound TCP to the app port goes to the
-mesh listener. Sidecars dial the original destination (api's pod IP and app port), so both
-rules are on the path of every call.
+Every meshed pod is what `meshcar inject --capture transparent` makes of a Pod manifest
+(`injected`, the real CLI): its init container's command (`meshcar init-iptables`) runs in
+the pod's namespace as root with only NET_ADMIN and NET_RAW (`init_rules`), plus the opt-in
+inbound capture of the app port; its sidecar runs the rendered config (listeners, upstreams
+and their `match`, `egress`) as the excluded uid, with the test's own identity section (the
+CA here takes join tokens, not Kubernetes tokens). Outbound TCP to the pod network goes to
+the sidecar's transparent listener unless it comes from the sidecar's uid (the "app", curl,
+runs as root); inbound TCP to the app port goes to the mesh listener. Sidecars dial the
+original destination (api's pod IP and app port), so both rules are on the path of every
+call. web and rogue declare no port: they are outbound-only; web says `meshcar.io/egress:
+deny`, rogue keeps inject's default `allow` and reaches the outside pod in plain TCP.
 """
 
 from __future__ import annotations
@@ -29,7 +35,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from meshcar.inject.patch import (
+    CONFIG_ENV,
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT,
+    INIT_NAME,
+    SIDECAR_NAME,
+)
+from meshcar.inject.patch import SIDECAR_UID as INJECTED_UID
 from tests.e2e.procs import meshcar_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
@@ -46,8 +62,16 @@ PODS = {
 }
 POD_NET = "10.77.0.0/24"
 MESHED = ("web", "api", "rogue")
-MESH_PORT, APP_PORT, CA_PORT, TRANSPARENT_PORT, ADMIN_PORT = 7002, 9002, 8600, 15001, 7200
-SIDECAR_UID = 1337
+MESH_PORT, APP_PORT, CA_PORT = DEFAULT_INBOUND_PORT, 9002, 8600
+TRANSPARENT_PORT, ADMIN_PORT = DEFAULT_OUTBOUND_PORT, DEFAULT_ADMIN_PORT
+SIDECAR_UID = INJECTED_UID
+OUTSIDE_PORT = 8080
+ANNOTATIONS = {
+    "api": {"meshcar.io/allowed-callers": f"spiffe://{TD}/svc/web"},
+    "web": {"meshcar.io/egress": "deny"},
+    "rogue": {},
+}
+UPSTREAMS = f"api={PODS['api']}:{APP_PORT}=spiffe://{TD}/svc/api"
 CAPTURE = str(Path(__file__).parent.parent / "support" / "capture.py")
 
 
@@ -81,45 +105,52 @@ def curl(pod: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def init_rules(pod: str) -> None:
-    """What a meshcar init container would run in the pod's namespace (docs/PODS.md)."""
-    in_ns(
-        pod,
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
+def injected(pod: str) -> tuple[list[str], dict, dict]:
+    """`meshcar inject --capture transparent` of the pod's manifest (the real CLI): the init
+    container's command, the sidecar's rendered config, the app container."""
+    app: dict = {"name": "app", "image": "example/app:1"}
+    if pod == "api":
+        app["ports"] = [{"containerPort": APP_PORT}]
+    ann = dict(ANNOTATIONS[pod])
+    if pod != "api":
+        ann["meshcar.io/upstreams"] = UPSTREAMS
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod, "namespace": "default", "annotations": ann},
+        "spec": {"containers": [app]},
+    }
+    r = subprocess.run(
+        meshcar_cmd("inject", "--capture", "transparent", "--strict", "-f", "-"),
+        input=yaml.safe_dump(manifest),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    doc = yaml.safe_load(r.stdout)
+    by_name = {c["name"]: c for c in doc["spec"]["initContainers"] + doc["spec"]["containers"]}
+    env = {e["name"]: e.get("value") for e in by_name[SIDECAR_NAME]["env"]}
+    return by_name[INIT_NAME]["command"], yaml.safe_load(env[CONFIG_ENV]), by_name["app"]
+
+
+def init_rules(pod: str, command: list[str]) -> None:
+    """The injected init container's command, in the pod's namespace, as root with only
+    NET_ADMIN and NET_RAW (its securityContext), plus the opt-in inbound capture and the
+    pod network as the captured destinations (the CA's and the outside pod's addresses are
+    in it; nothing else is reachable here)."""
+    assert command[:2] == ["meshcar", "init-iptables"]
+    extra = [
+        "--capture-cidr",
         POD_NET,
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        str(SIDECAR_UID),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        str(TRANSPARENT_PORT),
-    )
-    in_ns(
-        pod,
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
+        "--app-port",
         str(APP_PORT),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
+        "--inbound-port",
         str(MESH_PORT),
-    )
+    ]
+    caps = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--inh-caps=-all"]
+    r = in_ns(pod, *caps, *meshcar_cmd(*command[1:], *extra), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _skip_reason() -> str | None:
@@ -256,8 +287,9 @@ def pods() -> Iterator[Path]:
             sh("ip", "netns", "exec", ns("br"), "ip", "link", "set", f"v{i}", "master", "br0", "up")
             in_ns(pod, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             in_ns(pod, "ip", "link", "set", "eth0", "up")
+        made = {pod: injected(pod) for pod in MESHED}
         for pod in MESHED:
-            init_rules(pod)
+            init_rules(pod, made[pod][0])
 
         ca_dir = d / "ca"
         subprocess.run(
@@ -320,59 +352,37 @@ def pods() -> Iterator[Path]:
             "127.0.0.1",
         )
 
-        def sidecar_cfg(pod: str, allow: list[str]) -> Path:
+        start(
+            "outside",
+            "outside-app",
+            "demo-app",
+            "--name",
+            "outside",
+            "--port",
+            str(OUTSIDE_PORT),
+            "--host",
+            PODS["outside"],
+        )
+
+        def sidecar_cfg(pod: str) -> Path:
+            """The injected config, with the test's identity section."""
             pd = d / pod
-            cfg = {
-                "identity": {
-                    "spiffe_id": f"spiffe://{TD}/svc/{pod}",
-                    "ca_url": f"https://{PODS['ca']}:{CA_PORT}",
-                    "ca_bundle": str(pd / "root.pem"),
-                    "token_file": str(pd / "token"),
-                    "state_dir": str(pd / "state"),
-                },
-                "app": {"port": APP_PORT},
-                "inbound": {"listen": f"0.0.0.0:{MESH_PORT}", "allow": allow},
-                "outbound": {
-                    "transparent_listen": f"127.0.0.1:{TRANSPARENT_PORT}",
-                    "upstreams": {
-                        # dialed at the original destination: api's inbound rule leads it to the mesh port
-                        "api": {
-                            "endpoints": [f"{PODS['api']}:{APP_PORT}"],
-                            "spiffe_id": f"spiffe://{TD}/svc/api",
-                            "match": [f"{PODS['api']}:{APP_PORT}"],
-                        }
-                    },
-                },
-                "admin": {"listen": f"127.0.0.1:{ADMIN_PORT}"},
+            cfg = made[pod][1]
+            cfg["identity"] = {
+                "spiffe_id": f"spiffe://{TD}/svc/{pod}",
+                "ca_url": f"https://{PODS['ca']}:{CA_PORT}",
+                "ca_bundle": str(pd / "root.pem"),
+                "token_file": str(pd / "token"),
+                "state_dir": str(pd / "state"),
             }
             path = d / f"{pod}.yaml"
             path.write_text(json.dumps(cfg))
             return path
 
-        start(
-            "api",
-            "api-sidecar",
-            "sidecar",
-            "--config",
-            str(sidecar_cfg("api", [f"spiffe://{TD}/svc/web"])),
-            uid=SIDECAR_UID,
-        )
-        start(
-            "web",
-            "web-sidecar",
-            "sidecar",
-            "--config",
-            str(sidecar_cfg("web", [])),
-            uid=SIDECAR_UID,
-        )
-        start(
-            "rogue",
-            "rogue-sidecar",
-            "sidecar",
-            "--config",
-            str(sidecar_cfg("rogue", [])),
-            uid=SIDECAR_UID,
-        )
+        for pod in MESHED:
+            start(
+                pod, f"{pod}-sidecar", "sidecar", "--config", str(sidecar_cfg(pod)), uid=SIDECAR_UID
+            )
         deadline = time.monotonic() + 30
         for pod in MESHED:
             _wait(
@@ -411,6 +421,24 @@ def pods() -> Iterator[Path]:
             deadline,
             lambda: logs("api-app"),
         )
+        _wait(
+            "outside app",
+            lambda: (
+                in_ns(
+                    "outside",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    f"http://{PODS['outside']}:{OUTSIDE_PORT}/healthz",
+                    check=False,
+                ).returncode
+                == 0
+            ),
+            deadline,
+            lambda: logs("outside-app"),
+        )
+        (d / "made.json").write_text(json.dumps(made))
         yield d
     finally:
         for p in procs:
@@ -527,3 +555,47 @@ def test_the_transparent_listener_normalises_and_applies_the_header_policy(pods:
         "X_Forwarded_Client_Cert: URI=spiffe://meshcar.demo/svc/admin",
     )
     assert r.stdout.endswith("\n400") and "underscore" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_injected_pods_have_what_transparent_injection_promises(pods: Path) -> None:
+    made = json.loads((pods / "made.json").read_text())
+    for pod in MESHED:
+        command, cfg, app = made[pod]
+        assert command[:2] == ["meshcar", "init-iptables"]
+        assert "env" not in app  # the app needs no proxy variables
+        assert "listen" not in cfg["outbound"]
+        assert cfg["outbound"]["transparent_listen"] == f"127.0.0.1:{TRANSPARENT_PORT}"
+    assert made["web"][1]["outbound"]["egress"] == "deny"
+    assert made["rogue"][1]["outbound"]["egress"] == "allow"
+    # outbound-only pods: the inbound takes no caller and only on loopback
+    assert made["web"][1]["inbound"] == {"listen": f"127.0.0.1:{MESH_PORT}", "allow": []}
+    assert made["api"][1]["inbound"]["listen"] == f"0.0.0.0:{MESH_PORT}"
+    # the rules the init container left: ours, in our chains
+    rules = in_ns("web", "iptables", "-t", "nat", "-S").stdout
+    assert "-A OUTPUT -p tcp -j MESHCAR_OUTPUT" in rules
+    assert f"--uid-owner {SIDECAR_UID} -j RETURN" in rules
+    assert f"-A MESHCAR_INBOUND -p tcp -m tcp --dport {APP_PORT} -j REDIRECT" in rules
+
+
+def test_init_iptables_twice_is_the_same_as_once(pods: Path) -> None:
+    before = in_ns("web", "iptables", "-t", "nat", "-S").stdout
+    made = json.loads((pods / "made.json").read_text())
+    init_rules("web", made["web"][0])
+    assert in_ns("web", "iptables", "-t", "nat", "-S").stdout == before
+
+
+def test_egress_allow_lets_a_non_mesh_destination_through_in_plain_tcp(pods: Path) -> None:
+    # rogue's sidecar (egress allow) relays what it captured to the original destination,
+    # from its own uid, which the rules let out; web's (egress deny) refuses the same call
+    r = curl("rogue", f"http://{PODS['outside']}:{OUTSIDE_PORT}/v1/out")
+    body, status = r.stdout.rsplit("\n", 1)
+    assert status == "200", r.stdout + r.stderr
+    answer = json.loads(body)
+    assert answer["service"] == "outside" and answer["path"] == "/v1/out"
+    log = (pods / "rogue-sidecar.log").read_text()
+    assert '"event": "transparent.egress"' in log and f"{PODS['outside']}:{OUTSIDE_PORT}" in log
+    r = curl("web", f"http://{PODS['outside']}:{OUTSIDE_PORT}/v1/out")
+    assert r.stdout.endswith("\n502") and "outbound.egress is deny" in r.stdout, r.stdout
+    # and the mesh still applies to rogue: api does not allow it
+    r = curl("rogue", f"http://{PODS['api']}:{APP_PORT}/v1/hello")
+    assert r.stdout.endswith("\n403"), r.stdout + r.stderr

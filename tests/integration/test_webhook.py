@@ -162,13 +162,17 @@ async def test_uninjectable_pod_is_allowed_with_a_warning(webhook: tuple[str, tr
     url, ca = webhook
     async with client(ca) as c:
         r = await c.post(url + "/inject", json=review(pod(hostNetwork=True)))
-        no_port = pod()
-        del no_port["metadata"]["annotations"]["meshcar.io/app-port"]
-        r2 = await c.post(url + "/inject", json=review(no_port))
+        two_ports = pod()
+        del two_ports["metadata"]["annotations"]["meshcar.io/app-port"]
+        two_ports["spec"]["containers"][0]["ports"].append({"containerPort": 9100})
+        r2 = await c.post(url + "/inject", json=review(two_ports))
     resp = r.json()["response"]
     assert resp["allowed"] is True and "patch" not in resp
     assert "hostNetwork" in resp["warnings"][0] and "pod/api-7c9d8f-" in resp["warnings"][0]
-    assert "meshcar.io/app-port" in r2.json()["response"]["warnings"][0]
+    resp2 = r2.json()["response"]
+    assert resp2["allowed"] is True and "patch" not in resp2
+    assert "several ports (9002, 9100)" in resp2["warnings"][0]
+    assert "meshcar.io/app-port" in resp2["warnings"][0]
 
 
 @pytest.mark.parametrize(
@@ -358,3 +362,59 @@ async def test_meshcar_webhook_command(tmp_path: Any) -> None:
             assert r.status_code == 200 and "patch" in r.json()["response"]
         finally:
             proc.terminate()
+
+
+def _bare_pod(**spec: Any) -> dict[str, Any]:
+    """A pod with no meshcar.io annotation at all."""
+    obj = pod(**spec)
+    obj["metadata"]["annotations"] = {}
+    return obj
+
+
+@pytest.mark.parametrize(
+    "case", ["single containerPort", "outbound-only", "proxy variables set", "transparent"]
+)
+async def test_pods_without_app_port_annotation_are_injected(
+    webhook: tuple[str, trustme.CA], case: str
+) -> None:
+    """Issue 16: the webhook used to admit such pods without a sidecar."""
+    url, ca = webhook
+    obj = _bare_pod()
+    app = obj["spec"]["containers"][0]
+    if case == "outbound-only":
+        del app["ports"]
+        obj["metadata"]["annotations"]["meshcar.io/upstreams"] = (
+            "payments=p.default.svc:4143=default/payments"
+        )
+    elif case == "proxy variables set":
+        app["env"] = [
+            {"name": "HTTP_PROXY", "value": "http://squid.corp:3128"},
+            {"name": "NO_PROXY", "value": ".corp.example"},
+        ]
+    elif case == "transparent":
+        obj["metadata"]["annotations"]["meshcar.io/capture"] = "transparent"
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    resp = r.json()["response"]
+    assert resp["allowed"] is True and "warnings" not in resp, resp
+    patched = jsonpatch.apply_patch(obj, json.loads(base64.b64decode(resp["patch"])))
+    assert patched == cli_inject(obj)
+    patched["metadata"]["name"] = "api-7c9d8f-abcde"
+    kubernetes_validate.validate(patched, "1.29.0", strict=True)
+    inits = [c["name"] for c in patched["spec"]["initContainers"]]
+    sidecar = next(c for c in patched["spec"]["initContainers"] if c["name"] == "meshcar-proxy")
+    cfg = yaml.safe_load(next(e for e in sidecar["env"] if e["name"] == "MESHCAR_CONFIG")["value"])
+    env = {e["name"]: e.get("value") for e in patched["spec"]["containers"][0].get("env", [])}
+    if case == "transparent":
+        assert inits == ["meshcar-init", "meshcar-proxy"] and env == {}
+        assert cfg["outbound"]["transparent_listen"] == "127.0.0.1:4140"
+    else:
+        assert inits == ["meshcar-proxy"]
+        assert env["HTTP_PROXY"] == "http://127.0.0.1:4140"
+    if case == "outbound-only":
+        assert cfg["inbound"] == {"listen": "127.0.0.1:4143", "allow": []}
+    else:
+        assert cfg["app"]["port"] == 9002
+    if case == "proxy variables set":
+        assert env["NO_PROXY"] == ".corp.example,localhost,127.0.0.1,::1"
+        assert cfg["outbound"]["egress_proxy"] == "squid.corp:3128"

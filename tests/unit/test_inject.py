@@ -179,6 +179,8 @@ def test_rendered_config() -> None:
                 "spiffe_id": "spiffe://meshcar.demo/ns/default/sa/payments",
             }
         },
+        "egress": "allow",
+        "egress_proxy": "old:1",  # the container's HTTP_PROXY, kept for non-mesh hosts
     }
     assert cfg["admin"] == {"listen": "0.0.0.0:4191"}
 
@@ -330,9 +332,18 @@ def test_refuse_host_network() -> None:
     _refused(workload("Deployment", hostNetwork=True), "hostNetwork")
 
 
-def test_refuse_missing_app_port() -> None:
+def test_refuse_several_ports_without_an_app_port() -> None:
     ann = {k: v for k, v in ANNOTATIONS.items() if k != "meshcar.io/app-port"}
-    _refused(workload("Deployment", ann), "meshcar.io/app-port", "required")
+    obj = workload("Deployment", ann)
+    pod_spec(obj)["spec"]["containers"][0]["ports"].append({"containerPort": 9100})
+    _refused(obj, "several ports (9002, 9100)", "meshcar.io/app-port")
+
+
+def test_refuse_allowed_callers_without_an_app_port() -> None:
+    ann = {k: v for k, v in ANNOTATIONS.items() if k != "meshcar.io/app-port"}
+    obj = workload("Deployment", ann)
+    del pod_spec(obj)["spec"]["containers"][0]["ports"]
+    _refused(obj, "allowed-callers needs an app port")
 
 
 @pytest.mark.parametrize(
@@ -442,10 +453,12 @@ def test_cli_flags(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert cfg["inbound"]["allow"][0] == "spiffe://prod.example/ns/default/sa/web"
 
 
-def test_cli_refusal_writes_nothing(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_strict_refusal_writes_nothing(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "in.yaml"
     src.write_text(yaml.safe_dump_all([workload("Deployment"), workload("Pod", hostNetwork=True)]))
-    assert cli.main(["-f", str(src)]) == 1
+    assert cli.main(["-f", str(src), "--strict"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert str(src) in err and "pod/api (namespace default)" in err and "hostNetwork" in err
