@@ -170,3 +170,8 @@ def test_dockerfile() -> None:
     assert "COPY --from=build /opt/meshcar /opt/meshcar" in final
     assert not re.search(r"apt-get install|gcc|build-essential", final)
     assert "pip uninstall --yes pip setuptools wheel" in text
+    # bytecode compiled at build time for the venv and the base image's stdlib (issue 12: a
+    # sidecar that compiles its modules at start-up holds ~2 MB more, docs/PERFORMANCE.md)
+    assert "__pycache__" not in re.sub(r"#.*", "", text), "compiled bytecode is kept"
+    assert re.search(r"/opt/meshcar/bin/python -m compileall .* /opt/meshcar$", text, re.M)
+    assert re.search(r"^RUN python -m compileall .*stdlib", final, re.M)
