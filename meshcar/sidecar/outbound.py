@@ -34,6 +34,7 @@ from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
+from meshcar.sidecar.egress import DENIED, Egress
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.outbound")
@@ -67,6 +68,7 @@ class Outbound:
         self.metrics = metrics
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
+        self.egress = Egress(cfg, metrics) if cfg.egress == "allow" else None  # non-mesh hosts
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
             cfg.timeouts.response_head
@@ -83,6 +85,8 @@ class Outbound:
 
     async def aclose(self) -> None:
         await self.pool.close_all()
+        if self.egress is not None:
+            await self.egress.aclose()
 
     def conn_limit(self, listener: str) -> ConnectionLimit:
         if listener not in self._limits:
@@ -150,11 +154,16 @@ class Outbound:
             return Refuse(400, str(exc)), fixed
         service = fixed if fixed is not None else name
         if service not in self.upstreams:
+            egress = (
+                self.egress.decide(req, target, authority) if self.egress and not fixed else None
+            )
+            if egress is not None:  # outbound.egress allow: plain, to the host (sidecar/egress.py)
+                return egress, service
             known = ", ".join(sorted(self.upstreams)) or "none"
             return Refuse(
                 502,
                 f"unknown service {service!r}: this sidecar only routes to its configured "
-                f"upstreams ({known})",
+                f"upstreams ({known})" + ("" if self.egress else f"; {DENIED}"),
             ), service
         headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
         if authority is not None:
