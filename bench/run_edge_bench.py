@@ -15,7 +15,8 @@ and openssl from Debian's packages if they are missing, then starts, all on 127.
   admin `/ready` says so) with two routes on one listener: `www.bench.test` terminate to
   the app (also the `default_route`) and `pass.bench.test` passthrough to the TLS backend
   (no PROXY header);
-- nginx as the edge (one worker, bench/nginx/edge_front.conf): `listen ssl` with the same
+- nginx as the edge (one worker; `--workers N`: N nginx workers and meshcar `workers: N`,
+  N SO_REUSEPORT processes; bench/nginx/edge_front.conf): `listen ssl` with the same
   certificate and `proxy_pass http://` to the app over a keep-alive pool, and a `stream`
   server with `ssl_preread on` routing `$ssl_preread_server_name` to the TLS backend.
 
@@ -170,9 +171,9 @@ def make_certs(d: Path) -> None:
     )
 
 
-def edge_spec(work: Path, ports: dict[str, int], access_logs: bool) -> ProcSpec:
+def edge_spec(work: Path, ports: dict[str, int], access_logs: bool, workers: int = 1) -> ProcSpec:
     certs = work / "certs"
-    cfg = {
+    cfg: dict[str, object] = {
         "listen": {"https": f"127.0.0.1:{ports['edge']}"},
         "admin": {"listen": f"127.0.0.1:{ports['edge_admin']}"},
         "default_route": HOST_T,
@@ -191,6 +192,8 @@ def edge_spec(work: Path, ports: dict[str, int], access_logs: bool) -> ProcSpec:
             },
         ],
     }
+    if workers != 1:
+        cfg["workers"] = workers
     d = work / "meshcar-edge"
     d.mkdir()
     (d / "edge.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -225,6 +228,7 @@ def start_all(
         "CERTS": str(certs),
         "WWW": str(www),
         "LOAD_STREAM": load_stream,
+        "WORKERS": str(args.workers),
     }
     front_prefix = work / "nginx-front"
     if args.access_logs:
@@ -272,7 +276,9 @@ def start_all(
         ),
         logs / "nginx-front.log",
     )
-    edge = sup.start(edge_spec(work, ports, args.access_logs), logs / "meshcar-edge.log")
+    edge = sup.start(
+        edge_spec(work, ports, args.access_logs, args.workers), logs / "meshcar-edge.log"
+    )
     sup.wait_ready([front, edge], timeout=60)
     return ports, {"meshcar": edge, "nginx": front, "app": app, "tls_backend": backend}
 
@@ -502,7 +508,8 @@ def report(
         "hs": f"{args.rounds} x {args.hs_clients} s_time -new -time {args.duration}",
     }
     lines = [
-        f"edge benchmarks: meshcar edge (one process) vs nginx (one worker), 127.0.0.1, "
+        f"edge benchmarks: meshcar edge (workers: {args.workers}) vs nginx (worker_processes "
+        f"{args.workers}), 127.0.0.1, "
         f"{os.cpu_count()} CPUs; access logs {'on' if args.access_logs else 'off'}; medians after "
         f"one warm-up per front, fronts alternating ABBA: "
         + " / ".join(text for key, text in runs.items() if key in med["meshcar"]),
@@ -580,6 +587,12 @@ def main() -> int:
     )
     p.add_argument("--no-access-logs", dest="access_logs", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="meshcar edge `workers` and nginx `worker_processes` (same for both fronts)",
+    )
     args = p.parse_args()
     if args.transfers is None:
         args.transfers = args.rounds

@@ -208,6 +208,18 @@ def test_two_worker_sidecar_pair(ca, tmp_path: Path) -> None:  # noqa: ANN001
             assert log.count('"how": "from worker 0"') == 1, log[-3000:]
         certs = httpx.get(f"http://127.0.0.1:{web['admin']}/certs", timeout=5).json()
         assert certs["spiffe_id"] == sid("web")
+        # a renewal by worker 0 (one CA call) reaches the other worker through the state dir
+        renewed = httpx.post(f"http://127.0.0.1:{web['admin']}/renew", timeout=30).json()
+        assert renewed["renewed"] and renewed["serial"] != certs["serial"], renewed
+        _wait(
+            lambda: (
+                f'"how": "from worker 0", "spiffe_id": "{sid("web")}", '
+                f'"serial": "{renewed["serial"]}"' in procs.log("web")
+            ),
+            "worker 1 to install worker 0's renewed certificate",
+        )
+        assert procs.log("web").count('"how": "renewed"') == 1
+        _get_through(web["out"], 3)
 
         # a worker killed by SIGKILL is restarted; /ready is false until it is ready again
         before = children(web_p.pid)
