@@ -125,10 +125,12 @@ class TLSListener:
         port: int,
         *,
         handler_nursery: trio.Nursery | None = None,
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[list[socket.socket]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on (host, port) until cancelled; started with the listening sockets.
-        Connections run in `handler_nursery` if given (they outlive a drain's closed listener)."""
+        Connections run in `handler_nursery` if given (they outlive a drain's closed listener).
+        `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
         await serve_sockets(
             self.handle_socket,
             host,
@@ -136,6 +138,7 @@ class TLSListener:
             task_status=task_status,
             on_error=self.metrics.count_connection_error,
             handler_nursery=handler_nursery,
+            reuse_port=reuse_port,
         )
 
     async def peek_hello(self, sock: socket.socket) -> tuple[ClientHello | None, str]:

@@ -34,7 +34,6 @@ from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
 from meshcar.identity.follow import Follower
 from meshcar.identity.rotate import Rotator
-from meshcar.net.acceptor import serve_sockets
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
 from meshcar.net.workers import Worker, open_reuseport_listeners, run_workers
@@ -176,27 +175,15 @@ class Edge:
     async def _serve_traffic(self, ln: trio.Nursery) -> None:
         """The public listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
-        if self.worker is None:
-            await ln.start(
-                partial(
-                    self.tls.serve,
-                    cfg.https_listen.host,
-                    cfg.https_listen.port,
-                    handler_nursery=self.shell.conns,
-                )
+        await ln.start(
+            partial(
+                self.tls.serve,
+                cfg.https_listen.host,
+                cfg.https_listen.port,
+                handler_nursery=self.shell.conns,
+                reuse_port=self.worker is not None,
             )
-        else:  # TLSListener.serve, on a port shared with the other workers
-            await ln.start(
-                partial(
-                    serve_sockets,
-                    self.tls.handle_socket,
-                    cfg.https_listen.host,
-                    cfg.https_listen.port,
-                    on_error=self.metrics.count_connection_error,
-                    handler_nursery=self.shell.conns,
-                    reuse_port=True,
-                )
-            )
+        )
         if cfg.http_listen is not None:
             await _listen(
                 ln,
