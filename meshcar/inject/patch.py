@@ -707,7 +707,8 @@ def init_container(settings: PodSettings, options: InjectOptions) -> dict[str, A
             "runAsUser": 0,
             "runAsNonRoot": False,
             "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
+            # iptables-legacy takes its lock in /run/xtables.lock (istio-init does the same)
+            "readOnlyRootFilesystem": False,
             "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -734,6 +735,23 @@ def _check_pod_spec(spec: dict[str, Any], settings: PodSettings, where: str) -> 
         for v in spec.get(key) or []:
             if isinstance(v, dict) and v.get("name") in (STATE_VOLUME, TOKEN_VOLUME, TRUST_VOLUME):
                 raise InjectError(f"{where}: volume name {v['name']!r} is reserved for meshcar")
+    _check_transparent(spec, settings, where)
+
+
+def _check_transparent(spec: dict[str, Any], settings: PodSettings, where: str) -> None:
+    """Transparent capture: the init container's name is free, and every upstream has an
+    original destination to be captured at (else its calls would leave as egress)."""
+    if settings.capture != "transparent":
+        return
+    if any(c.get("name") == INIT_NAME for c in _all_containers(spec)):
+        raise InjectError(f"{where}: container name {INIT_NAME!r} is reserved for meshcar")
+    matched = {name for name, dests in settings.match if dests}
+    for name, _, _ in settings.upstreams:
+        if name not in matched:
+            raise InjectError(
+                f"{where}: upstream {name!r} has no IP:PORT to capture: add it to annotation "
+                f"{ANN_MATCH} ({name}=CLUSTER_IP:PORT) or give an IP endpoint"
+            )
 
 
 def inject_object(obj: Any, options: InjectOptions) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -24,6 +25,7 @@ from meshcar.sidecar.config import parse_config
 from tests.unit.test_inject import pod_spec, validate, workload
 
 OPTS = InjectOptions()
+NEWEST = kubernetes_validate.latest_version()  # besides 1.29 (test_inject.validate)
 UPSTREAMS = {"meshcar.io/upstreams": "payments=10.96.0.7:4143=default/payments"}
 
 
@@ -63,6 +65,7 @@ def injected(obj: dict[str, Any], opts: InjectOptions = OPTS) -> dict[str, Any]:
     out = inject_object(obj, opts)
     assert out is not obj
     validate(out)
+    kubernetes_validate.validate(out, NEWEST, strict=True)
     assert inject_object(out, opts) == out  # idempotent
     return out
 
@@ -294,6 +297,25 @@ def test_bad_capture_annotations(key: str, value: str, needle: str) -> None:
     ann = dict(UPSTREAMS, **{"meshcar.io/capture": "transparent", key: value})
     with pytest.raises(InjectError, match=needle):
         inject_object(workload("Deployment", ann), OPTS)
+
+
+def test_transparent_refusals() -> None:
+    hostnames = {
+        "meshcar.io/capture": "transparent",
+        "meshcar.io/upstreams": "payments=payments.default.svc:4143=default/payments",
+    }
+    with pytest.raises(InjectError, match="upstream 'payments' has no IP:PORT to capture"):
+        inject_object(workload("Deployment", hostnames), OPTS)
+    hostnames["meshcar.io/match"] = "payments=10.96.0.7:80"  # its Service's ClusterIP
+    (up,) = loaded(injected(workload("Deployment", hostnames))).upstreams
+    assert [str(m) for m in up.match] == ["10.96.0.7:80"]
+    taken = workload(
+        "Deployment",
+        {"meshcar.io/capture": "transparent"},
+        initContainers=[{"name": INIT_NAME, "image": "x:1"}],
+    )
+    with pytest.raises(InjectError, match="'meshcar-init' is reserved"):
+        inject_object(taken, OPTS)
 
 
 def test_init_container_command_is_a_real_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
