@@ -116,6 +116,15 @@ def request_bytes(req: RequestHead, target: bytes, headers: Headers) -> bytes:
 COALESCE_LIMIT = 64 * 1024
 
 
+class _NoClock(_Clock):
+    """For a body piped without timeouts: arming does nothing."""
+
+    __slots__ = ()
+
+    def arm(self, phase: str, seconds: float) -> None:
+        pass
+
+
 async def pipe_body(
     src: HttpConn,
     dst: trio.abc.Stream,
@@ -130,57 +139,81 @@ async def pipe_body(
 
     `prefix` (the message head) is sent together with whatever body the source has
     already delivered, so a small message leaves in one write (one TLS record, one
-    syscall) instead of one per piece.
-    """
+    syscall) instead of one per piece. A broken or closed source is DownstreamGone (the
+    client) or UpstreamError; a broken destination likewise (`_send`)."""
+    try:
+        return await _pipe(
+            src,
+            dst,
+            chunked_out,
+            src_is_downstream,
+            prefix,
+            limit,
+            clock or _NoClock(DEFAULT_TIMEOUTS),
+        )
+    except ProtocolError as exc:
+        if src_is_downstream:
+            raise DownstreamGone(str(exc)) from None
+        raise UpstreamError(str(exc), 502) from None
+    except CONNECTION_ERRORS as exc:
+        if src_is_downstream:
+            raise DownstreamGone(repr(exc)) from None
+        raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
+
+
+# per direction (src_is_downstream): the read phase (also the Timeouts field), the write phase
+_PHASES = {True: ("request_body", "write_up"), False: ("response_body", "write_down")}
+
+
+def _not_a_body(src_is_downstream: bool, ev: object) -> Exception:
+    """What a body read that brought no body event means: the source closed mid-body."""
+    if ev is not None:  # a head in the middle of a body: the parser cannot produce it
+        return UpstreamError("unexpected message in the middle of a body", 502)
+    if src_is_downstream:
+        return DownstreamGone("client closed in the middle of the body")
+    return UpstreamError("upstream closed in the middle of the body", 502)
+
+
+async def _pipe(
+    src: HttpConn,
+    dst: trio.abc.Stream,
+    chunked_out: bool,
+    src_is_downstream: bool,
+    prefix: bytes,
+    limit: int | None,
+    clock: _Clock,
+) -> int:
+    t = clock.t
+    read_phase, write_phase = _PHASES[src_is_downstream]
+    read_s = getattr(t, read_phase)
+    to_downstream = not src_is_downstream
     moved = 0
     pending: list[bytes] = [prefix] if prefix else []
     size = len(prefix)
-    if clock is not None:
-        read_phase, read_s = (
-            ("request_body", clock.t.request_body)
-            if src_is_downstream
-            else ("response_body", clock.t.response_body)
-        )
-        write_phase = "write_up" if src_is_downstream else "write_down"
     while True:
         if pending and (size >= COALESCE_LIMIT or not src.has_buffered_events()):
-            if clock is not None:
-                clock.arm(write_phase, clock.t.write)
-            await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
+            clock.arm(write_phase, t.write)
+            await _send(dst, b"".join(pending), dst_is_downstream=to_downstream)
             pending, size = [], 0
-        if clock is not None and not src.has_buffered_events():
+        if not src.has_buffered_events():
             clock.arm(read_phase, read_s)
-        try:
-            ev = await src.next_event()
-        except ProtocolError as exc:
-            if src_is_downstream:
-                raise DownstreamGone(str(exc)) from None
-            raise UpstreamError(str(exc), 502) from None
-        except CONNECTION_ERRORS as exc:
-            if src_is_downstream:
-                raise DownstreamGone(repr(exc)) from None
-            raise UpstreamError(f"upstream connection broke: {exc!r}", 502) from None
-        if ev is None:
-            if src_is_downstream:
-                raise DownstreamGone("client closed in the middle of the body")
-            raise UpstreamError("upstream closed in the middle of the body", 502)
-        if isinstance(ev, Data):
+        ev = await src.next_event()
+        if type(ev) is Data:
             moved += len(ev.data)
             if limit is not None and moved > limit:
                 raise BodyTooLarge(f"request body larger than {limit} bytes")
             out = chunk(ev.data) if chunked_out else ev.data
             pending.append(out)
             size += len(out)
-        elif isinstance(ev, EndOfMessage):
-            if chunked_out:
-                pending.append(LAST_CHUNK)
-            if pending:
-                if clock is not None:
-                    clock.arm(write_phase, clock.t.write)
-                await _send(dst, b"".join(pending), dst_is_downstream=not src_is_downstream)
-            return moved
-        else:
-            raise UpstreamError("unexpected message in the middle of a body", 502)
+            continue
+        if type(ev) is not EndOfMessage:
+            raise _not_a_body(src_is_downstream, ev)
+        if chunked_out:
+            pending.append(LAST_CHUNK)
+        if pending:
+            clock.arm(write_phase, t.write)
+            await _send(dst, b"".join(pending), dst_is_downstream=to_downstream)
+        return moved
 
 
 async def _send(dst: trio.abc.Stream, data: bytes, *, dst_is_downstream: bool) -> None:
@@ -225,7 +258,6 @@ async def _exchange(
     max_request_body: int | None,
     clock: _Clock,
 ) -> Exchange:
-    t = clock.t
     if request_has_body(req):
         ex.bytes_up = await pipe_body(
             down,
@@ -237,12 +269,42 @@ async def _exchange(
             clock=clock,
         )
     else:
-        clock.arm("write_up", t.write)
+        clock.arm("write_up", clock.t.write)
         await _send(up.stream, head, dst_is_downstream=False)
     if req.method == b"HEAD":
         up.parser.expect_no_body()
+    resp = await _final_head(down, up, req, ex, clock)
+    ex.status = resp.status
+    if req.method == b"HEAD" or resp.status in (204, 304):
+        await _send_bodyless(down, up, req, resp, rewrite_response, ex, clock)
+    else:
+        chunked_out = resp.chunked or resp.until_close
+        headers = rewrite_response(resp, clean_headers(resp.headers))
+        headers += framing_headers(chunked_out, resp.content_length)
+        if not req.keep_alive:
+            headers.append((b"Connection", b"close"))
+        ex.response_started = True  # from here on, only closing is left on failure
+        try:
+            ex.bytes_down = await pipe_body(
+                up,
+                down.stream,
+                chunked_out,
+                src_is_downstream=False,
+                prefix=serialize_response(resp.status, resp.reason, headers),
+                clock=clock,
+            )
+        except UpstreamError as exc:
+            raise ResponseStarted(str(exc)) from None
+    ex.upstream_reusable = resp.keep_alive and not resp.until_close
+    return ex
+
+
+async def _final_head(
+    down: HttpConn, up: HttpConn, req: RequestHead, ex: Exchange, clock: _Clock
+) -> ResponseHead:
+    """The upstream's final response head; interim 1xx heads on the way are passed on."""
     while True:
-        clock.arm("response_head", t.response_head)
+        clock.arm("response_head", clock.t.response_head)
         try:
             ev = await up.next_event()
         except ProtocolError as exc:
@@ -253,49 +315,39 @@ async def _exchange(
             raise UpstreamError("upstream closed the connection without responding", 502)
         if not isinstance(ev, ResponseHead):
             raise UpstreamError("upstream sent data before a response head", 502)
-        if 100 <= ev.status < 200:
-            await up.next_event()  # its EndOfMessage
-            if ev.status != 101:
-                clock.arm("write_down", t.write)
-                await _send_down(
-                    down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers))
-                )
-            continue
-        resp = ev
-        break
+        if not 100 <= ev.status < 200:
+            return ev
+        await up.next_event()  # its EndOfMessage
+        if ev.status != 101:
+            clock.arm("write_down", clock.t.write)
+            await _send_down(
+                down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers))
+            )
 
-    no_body = req.method == b"HEAD" or resp.status in (204, 304)
+
+async def _send_bodyless(
+    down: HttpConn,
+    up: HttpConn,
+    req: RequestHead,
+    resp: ResponseHead,
+    rewrite_response: Callable[[ResponseHead, Headers], Headers],
+    ex: Exchange,
+    clock: _Clock,
+) -> None:
+    """A response without a body (to HEAD, or 204/304): its head, then its end."""
     headers = rewrite_response(resp, clean_headers(resp.headers))
-    if no_body:
-        cl = resp.header(b"content-length")
-        if cl is not None and resp.status != 204:
-            headers.append((b"Content-Length", cl))
-        chunked_out = False
-    else:
-        chunked_out = resp.chunked or resp.until_close
-        headers += framing_headers(chunked_out, resp.content_length)
+    cl = resp.header(b"content-length")
+    if cl is not None and resp.status != 204:
+        headers.append((b"Content-Length", cl))
     if not req.keep_alive:
         headers.append((b"Connection", b"close"))
-    ex.status = resp.status
-    resp_head = serialize_response(resp.status, resp.reason, headers)
-    if not no_body:
-        ex.response_started = True  # from here on, only closing is left on failure
-        try:
-            ex.bytes_down = await pipe_body(
-                up, down.stream, chunked_out, src_is_downstream=False, prefix=resp_head, clock=clock
-            )
-        except UpstreamError as exc:
-            raise ResponseStarted(str(exc)) from None
-    else:
-        clock.arm("write_down", t.write)
-        await _send_down(down, resp_head)
-        ex.response_started = True
-        clock.arm("response_body", t.response_body)
-        ev = await up.next_event()
-        if not isinstance(ev, EndOfMessage):
-            raise ResponseStarted("upstream response framing broken")
-    ex.upstream_reusable = resp.keep_alive and not resp.until_close
-    return ex
+    clock.arm("write_down", clock.t.write)
+    await _send_down(down, serialize_response(resp.status, resp.reason, headers))
+    ex.response_started = True
+    clock.arm("response_body", clock.t.response_body)
+    ev = await up.next_event()
+    if not isinstance(ev, EndOfMessage):
+        raise ResponseStarted("upstream response framing broken")
 
 
 async def _send_down(down: HttpConn, data: bytes) -> None:
