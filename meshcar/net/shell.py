@@ -48,6 +48,9 @@ class Shell:
         self._conns: trio.Nursery | None = None
         self._root: trio.CancelScope | None = None
         self._traffic: trio.CancelScope | None = None
+        # awaited after the requests in flight, within the same grace: with `workers: N`,
+        # worker 0 (the admin listener) waits there for the other workers to be gone
+        self.linger: Callable[[], Awaitable[None]] | None = None
 
     def event(self, name: str, level: int = logging.INFO, **fields: object) -> None:
         self.log.log(level, json.dumps({"event": f"{self.name}.{name}", **fields}, default=str))
@@ -131,6 +134,8 @@ class Shell:
             self._traffic.cancel()
         with trio.move_on_after(grace):
             await self.drain.wait_idle()
+            if self.linger is not None:
+                await self.linger()
         self.event("drained", cut_off=self.drain.in_flight)
         self.exit_now()
 

@@ -48,6 +48,7 @@ import trio
 MAX_WORKERS = 64
 STALE_SECONDS = 3.0  # a worker whose heartbeat is older than this is not ready
 PUBLISH_SECONDS = 0.5
+LINGER_POLL_SECONDS = 0.05
 BACKOFF_FIRST, BACKOFF_CAP, BACKOFF_RESET_AFTER = 0.5, 30.0, 60.0
 _SLOT = struct.Struct("<iBBHd")  # pid, ready, ever_ready, admin port, heartbeat (monotonic s)
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
@@ -88,6 +89,9 @@ class Board:
 
     def _read(self, index: int) -> tuple[int, int, int, int, float]:
         return _SLOT.unpack_from(self._mem, index * _SLOT.size)
+
+    def others_running(self, skip: int) -> bool:
+        return any(self._read(i)[0] for i in range(self.count) if i != skip)
 
     def admin_ports(self, skip: int | None = None) -> dict[int, int]:
         """The loopback admin ports the running workers (but `skip`) published."""
@@ -143,6 +147,12 @@ class Worker:
 
     def others_admin_ports(self) -> dict[int, int]:
         return self.board.admin_ports(skip=self.index)
+
+    async def others_gone(self) -> None:
+        """Return once every other worker has exited (the parent clears their slots): worker
+        0 keeps the admin listener, /ready 503 `draining`, until the last worker stopped."""
+        while self.board.others_running(self.index):
+            await trio.sleep(LINGER_POLL_SECONDS)
 
     async def publish_loop(self, ready: Callable[[], bool], admin_port: int = 0) -> None:
         """Publish this worker's readiness (and its loopback admin port) until cancelled."""

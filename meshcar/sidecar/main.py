@@ -172,6 +172,7 @@ class Sidecar:
         where = cfg.admin_listen
         if worker is not None and worker.leader:
             hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
+            self.shell.linger = worker.others_gone
         elif worker is not None:
             where = HostPort("127.0.0.1", 0)
         admin = AdminServer(self.metrics, hooks, cfg.admin_public_paths)

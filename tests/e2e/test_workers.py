@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import trustme
 from tests.e2e.procs import Procs, free_port, meshcar_cmd
 
 pytestmark = pytest.mark.e2e
+SUPPORT = Path(__file__).parent.parent / "support"
 TD = "meshcar.demo"
 CONNS = 16  # P(all on one of 2 workers) = 2**-15 with SO_REUSEPORT's hash
 
@@ -303,6 +305,91 @@ def test_two_worker_edge(tmp_path: Path) -> None:
         assert procs.log("edge").count('"event": "edge.draining"') == 2
     finally:
         procs.stop_all()
+
+
+def _edge_cfg(tmp_path: Path, backend_port: int, https: int, admin: int, extra: str) -> Path:
+    site = trustme.CA()
+    site.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    site.issue_cert("www.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "site.pem")
+    )
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        f"listen: {{https: '127.0.0.1:{https}'}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\n"
+        f"workers: 2\n{extra}"
+        "routes: [{host: www.test, mode: terminate, tls: {cert: site.pem, key: site.pem},"
+        f" backend: {{endpoints: ['127.0.0.1:{backend_port}']}}}}]\n"
+    )
+    return cfg
+
+
+def _curl(tmp_path: Path, https: int, path: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["curl", "-sS", "--resolve", f"www.test:{https}:127.0.0.1", "--cacert"]
+        + [str(tmp_path / "ca.pem"), "-w", "\n%{http_code}", f"https://www.test:{https}{path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_lets_a_request_in_flight_in_a_worker_finish(tmp_path: Path) -> None:
+    """SIGTERM to the parent: every worker drains (/ready 503 draining, listener closed), the
+    request in flight in one of them is answered, then the parent exits 0."""
+    app_port, https, admin = free_port(), free_port(), free_port()
+    state = tmp_path / "slow.state"
+    app = subprocess.Popen(
+        [sys.executable, str(SUPPORT / "slow_app.py"), str(app_port), "http://127.0.0.1:1/"]
+        + [str(state)]
+    )
+    procs = Procs(tmp_path)
+    try:
+        cfg = _edge_cfg(tmp_path, app_port, https, admin, "drain_seconds: 30\n")
+        edge = procs.start("edge", "edge", "--config", str(cfg))
+        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+        curl = _curl(tmp_path, https, "/slow")
+        _wait(lambda: state.exists() and "slow_started" in state.read_text(), "slow request")
+        edge.send_signal(signal.SIGTERM)
+        _wait(lambda: procs.log("edge").count('"event": "edge.draining"') == 2, "2 drains")
+        # worker 0 answers (draining) until the last worker is done, wherever the request is
+        r = httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=5)
+        assert r.status_code == 503 and "draining" in r.text, r.text
+        out, err = curl.communicate(timeout=60)
+        assert curl.returncode == 0, err
+        body, code = out.rsplit("\n", 1)
+        assert code == "200" and json.loads(body) == {"path": "/slow"}
+        assert edge.wait(timeout=30) == 0, procs.log("edge")
+        log = procs.log("edge")
+        assert log.count('"event": "edge.drained", "cut_off": 0') == 2, log[-3000:]
+    finally:
+        procs.stop_all()
+        app.terminate()
+        app.wait(timeout=10)
+
+
+def test_second_sigterm_is_forwarded_and_stops_at_once(tmp_path: Path) -> None:
+    hold = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    https, admin = free_port(), free_port()
+    procs = Procs(tmp_path)
+    try:
+        extra = "drain_seconds: 3600\ntimeouts: {response_head_seconds: 3600}\n"
+        cfg = _edge_cfg(tmp_path, hold.getsockname()[1], https, admin, extra)
+        edge = procs.start("edge", "edge", "--config", str(cfg))
+        procs.wait_http(f"http://127.0.0.1:{admin}/ready", name="edge")
+        curl = _curl(tmp_path, https, "/hang")
+        hold.settimeout(20)
+        upstream, _ = hold.accept()
+        with upstream:
+            edge.send_signal(signal.SIGTERM)
+            _wait(lambda: '"event": "edge.draining", "in_flight": 1' in procs.log("edge"), "drain")
+            edge.send_signal(signal.SIGTERM)
+            assert edge.wait(timeout=30) == 0, procs.log("edge")
+        assert '"event": "edge.exiting"' in procs.log("edge")
+        curl.communicate(timeout=30)
+        assert curl.returncode != 0
+    finally:
+        procs.stop_all()
+        hold.close()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "x", "true", "65", "1.5"])
