@@ -81,6 +81,29 @@ class Metrics:
             registry=r,
         )
 
+        self.upgraded = Counter(
+            "meshcar_upgraded_connections",
+            "Connections switched to another protocol (101: WebSocket, any Upgrade), by end",
+            ["listener", "protocol", "end"],
+            registry=r,
+        )
+        self.upgraded_active = Gauge(
+            "meshcar_upgraded_connections_active",
+            "Switched connections relaying now",
+            ["listener", "protocol"],
+            registry=r,
+        )
+        self.upgraded_bytes = Counter(
+            "meshcar_upgraded_bytes",
+            "Bytes relayed on switched connections (up: client to upstream)",
+            ["listener", "direction"],
+            registry=r,
+        )
+
+    def upgrades(self, listener: str) -> UpgradeCounts:
+        """The `UpgradeObserver` (net/upgrade.py) of one listener."""
+        return UpgradeCounts(self, listener)
+
     def count_connection_error(self, listener: str) -> None:
         self.connection_errors.labels(listener).inc()
 
@@ -107,3 +130,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class UpgradeCounts:
+    """Switched connections of one listener, counted into `Metrics`."""
+
+    def __init__(self, metrics: Metrics, listener: str) -> None:
+        self.m = metrics
+        self.listener = listener
+
+    def upgrade_opened(self, protocol: str) -> None:
+        self.m.upgraded_active.labels(self.listener, protocol).inc()
+
+    def upgrade_closed(self, protocol: str, bytes_up: int, bytes_down: int, end: str) -> None:
+        m, name = self.m, self.listener
+        m.upgraded_active.labels(name, protocol).dec()
+        m.upgraded.labels(name, protocol, end).inc()
+        m.upgraded_bytes.labels(name, "up").inc(bytes_up)
+        m.upgraded_bytes.labels(name, "down").inc(bytes_down)

@@ -150,6 +150,7 @@ class TerminatingProxy:
             if r.rate_limit is not None
         }
         self.response_timeout = cfg.timeouts.response_head
+        self.upgrades = metrics.upgrades("edge")  # WebSocket etc. (net/upgrade.py)
         self.drain: Drain | None = (
             None  # requests in flight, set by the process shell (edge/main.py)
         )
@@ -237,6 +238,7 @@ class TerminatingProxy:
             max_request_body=route.max_body_bytes,
             response_timeout=self.response_timeout,
             on_done=state.leave,
+            upgrades=self.upgrades,
         )
         return forward, path, str(state.endpoint)
 

@@ -57,6 +57,7 @@ class Timeouts:
     response_head: float = 60.0  # the upstream's response head, once the request is sent
     response_body: float = 60.0  # no response-body byte from the upstream
     write: float = 60.0  # a write the peer does not take (either direction)
+    upgraded_idle: float = 3600.0  # no byte either way on a switched (101) connection
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -96,6 +97,7 @@ class Exchange:
     bytes_down: int = 0  # response body bytes sent downstream
     upstream_reusable: bool = False
     response_started: bool = False
+    switched: ResponseHead | None = None  # the upstream's 101: net/upgrade.py relays on
 
 
 def keep_response_headers(resp: ResponseHead, headers: Headers) -> Headers:
@@ -108,9 +110,11 @@ def request_has_body(req: RequestHead) -> bool:
 
 
 def request_bytes(req: RequestHead, target: bytes, headers: Headers) -> bytes:
-    return serialize_request(
-        req.method, target, headers + framing_headers(req.chunked, req.content_length)
-    )
+    """`headers` (hop-by-hop ones removed) plus framing, and the switch an upgrade asks for."""
+    extra = framing_headers(req.chunked, req.content_length)
+    if req.upgrade is not None:
+        extra += [(b"Connection", b"Upgrade"), (b"Upgrade", req.upgrade)]
+    return serialize_request(req.method, target, headers + extra)
 
 
 COALESCE_LIMIT = 64 * 1024
@@ -274,6 +278,8 @@ async def _exchange(
     if req.method == b"HEAD":
         up.parser.expect_no_body()
     resp = await _final_head(down, up, req, ex, clock)
+    if resp is None:
+        return ex  # switched: nothing sent down, net/upgrade.py goes on
     ex.status = resp.status
     if req.method == b"HEAD" or resp.status in (204, 304):
         await _send_bodyless(down, up, req, resp, rewrite_response, ex, clock)
@@ -301,7 +307,7 @@ async def _exchange(
 
 async def _final_head(
     down: HttpConn, up: HttpConn, req: RequestHead, ex: Exchange, clock: _Clock
-) -> ResponseHead:
+) -> ResponseHead | None:
     """The upstream's final response head; interim 1xx heads on the way are passed on."""
     while True:
         clock.arm("response_head", clock.t.response_head)
@@ -317,12 +323,8 @@ async def _final_head(
             raise UpstreamError("upstream sent data before a response head", 502)
         if not 100 <= ev.status < 200:
             return ev
-        await up.next_event()  # its EndOfMessage
-        if ev.status != 101:
-            clock.arm("write_down", clock.t.write)
-            await _send_down(
-                down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers))
-            )
+        if await _interim(down, up, req, ev, ex, clock):
+            return None  # switched: nothing sent down, net/upgrade.py goes on
 
 
 async def _send_bodyless(
@@ -348,6 +350,22 @@ async def _send_bodyless(
     ev = await up.next_event()
     if not isinstance(ev, EndOfMessage):
         raise ResponseStarted("upstream response framing broken")
+
+
+async def _interim(
+    down: HttpConn, up: HttpConn, req: RequestHead, ev: ResponseHead, ex: Exchange, clock: _Clock
+) -> bool:
+    """A 1xx: passed on, except 101, which answers only an upgrade request (True: `ex`
+    records the switch)."""
+    await up.next_event()  # its EndOfMessage
+    if ev.status == 101:
+        if req.upgrade is None:
+            return False  # the parser refuses whatever follows it
+        ex.status, ex.switched = 101, ev
+        return True
+    clock.arm("write_down", clock.t.write)
+    await _send_down(down, serialize_response(ev.status, ev.reason, clean_headers(ev.headers)))
+    return False
 
 
 async def _send_down(down: HttpConn, data: bytes) -> None:

@@ -91,6 +91,13 @@ class HttpConn:
     def has_buffered_events(self) -> bool:
         return bool(self._pending)
 
+    def detach(self) -> bytes:
+        """After a protocol switch (the parser delivered the switching message and stopped):
+        the bytes read past that message, the new protocol's first. The HTTP/1.1 side of
+        the connection is done; only its stream is used from here on."""
+        self._pending.clear()  # at most the switching message's EndOfMessage
+        return self.parser.upgrade_tail
+
     def clean_idle(self) -> bool:
         """May this connection carry another exchange? Only when its last exchange is provably
         complete and nothing unread waits on it: no buffered event, no parser leftover, no

@@ -23,6 +23,7 @@ TIMEOUT_KEYS = {
     "response_head_seconds": "response_head",
     "response_body_seconds": "response_body",
     "write_seconds": "write",
+    "upgraded_idle_seconds": "upgraded_idle",
 }
 
 

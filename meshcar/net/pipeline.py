@@ -21,6 +21,7 @@ from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
 from meshcar.net.respond import Refuse, answer, refusal_for
+from meshcar.net.upgrade import UpgradeObserver
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 
 log = logging.getLogger("meshcar.http")
@@ -41,6 +42,7 @@ class Forward:
     max_request_body: int | None = None
     response_timeout: float | None = None  # overrides the timeouts' response_head
     on_done: Callable[[], None] | None = None
+    upgrades: UpgradeObserver | None = None  # counts switched protocols (net/upgrade.py)
 
 
 Decision = Refuse | Forward
@@ -76,6 +78,7 @@ async def carry_out(
             max_request_body=decision.max_request_body,
             response_timeout=decision.response_timeout,
             timeouts=timeouts,
+            upgrades=decision.upgrades,
         )
     except MeshcarError as exc:
         return await fail(down, req, exc, role, decision.upstream)

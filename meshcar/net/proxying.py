@@ -17,6 +17,7 @@ from meshcar.errors import UpstreamError
 from meshcar.net.forward import Exchange, Timeouts, forward, request_has_body
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pool, Pooled
+from meshcar.net.upgrade import UpgradeObserver, end_upgrade
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -34,8 +35,11 @@ async def proxy_request(
     response_timeout: float | None = None,
     max_request_body: int | None = None,
     timeouts: Timeouts | None = None,
+    upgrades: UpgradeObserver | None = None,
 ) -> Exchange:
-    """`response_timeout`, when given, overrides `timeouts.response_head`."""
+    """`response_timeout`, when given, overrides `timeouts.response_head`. An upgrade
+    request answered 101 is relayed here until it ends (net/upgrade.py; `upgrades` counts
+    it); its upstream connection is never reused."""
     t = timeouts or Timeouts()
     if response_timeout is not None and response_timeout != t.response_head:
         t = replace(t, response_head=response_timeout)
@@ -66,5 +70,7 @@ async def proxy_request(
             raise
         if on_release is not None:
             on_release(p)
+        if req.upgrade is not None:  # switched or not, that connection is spent
+            return await end_upgrade(down, pool, p, req, ex, rewrite_response, t, upgrades)
         await pool.release(p, ex.upstream_reusable)
         return ex

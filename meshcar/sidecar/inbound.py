@@ -51,6 +51,7 @@ class Inbound:
         self.store = store
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
+        self.upgrades = metrics.upgrades("inbound")  # WebSocket etc. (net/upgrade.py)
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
             cfg.timeouts.response_head
@@ -169,6 +170,7 @@ class Inbound:
             "app",
             self.upstream_name,
             response_timeout=self.response_timeout,
+            upgrades=self.upgrades,
         )
         return forward, path
 

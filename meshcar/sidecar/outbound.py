@@ -68,6 +68,7 @@ class Outbound:
         self.metrics = metrics
         self.upstreams = {u.name: u for u in cfg.upstreams}
         self.dialer = MeshDialer(store, self.upstreams, metrics)
+        self.upgrades = metrics.upgrades("outbound")  # WebSocket etc. (net/upgrade.py)
         self.egress = Egress(cfg, metrics) if cfg.egress == "allow" else None  # non-mesh hosts
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
@@ -180,5 +181,6 @@ class Outbound:
             f"upstream {service}",
             on_release=self.dialer.remember_session,
             response_timeout=self.response_timeout,
+            upgrades=self.upgrades,
         )
         return forward, service
