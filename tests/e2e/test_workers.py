@@ -206,10 +206,14 @@ def test_two_worker_sidecar_pair(ca, tmp_path: Path) -> None:  # noqa: ANN001
         _get_through(web["out"], 20)
         for _ in range(CONNS):  # a new connection each: spread over both workers
             _get_through(web["out"], 1)
+
         # worker 0's /metrics has every worker's samples, labelled
-        got = per_worker(web["admin"], "meshcar_requests_total", direction="outbound")
+        def counted() -> dict[str, float] | None:  # a request is counted once it is done
+            got = per_worker(web["admin"], "meshcar_requests_total", direction="outbound")
+            return got if sum(got.values()) == 20 + CONNS else None
+
+        got = _wait(counted, "every request counted")
         assert set(got) == {"0", "1"} and all(v > 0 for v in got.values()), got
-        assert sum(got.values()) == 20 + CONNS, got
         text = httpx.get(f"http://127.0.0.1:{api['admin']}/metrics", timeout=10).text
         assert 'worker="0"' in text and 'worker="1"' in text
         assert_both_workers_accept(web_p.pid, web["out"])
