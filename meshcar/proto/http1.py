@@ -22,11 +22,17 @@ response in the same read (after a bodyless head, or after a body) is nobody's r
 the parser sets `leftover` and refuses to read on, and the connection is never reused.
 A response without Content-Length or chunked framing is delimited by connection close: the
 caller ends it with `feed_eof()`.
+
+A protocol switch ends HTTP/1.1 on a connection: llhttp stops after an upgrade request
+(`Connection: upgrade` + Upgrade) or a 101. The request is delivered with `upgrade` set and
+`keep_alive` False (HTTP/1.1 only; a WebSocket upgrade must be a GET; CONNECT is refused
+with 501), the 101 as an ordinary interim head; the bytes after it in the same read are
+kept in `upgrade_tail` for the relay (net/upgrade.py), and any further feed is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httptools
@@ -76,6 +82,9 @@ class RequestHead:
     keep_alive: bool
     chunked: bool
     content_length: int | None
+    # the Upgrade header of a request asking to switch protocols (`Connection: upgrade`);
+    # such a request is the last one on its connection (keep_alive is False)
+    upgrade: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         return get_header(self.headers, name)
@@ -116,6 +125,22 @@ def get_header(headers: Headers, name: bytes) -> bytes | None:
         if k.lower() == lname:
             return v
     return None
+
+
+def _upgrade_problem(req: RequestHead) -> str:
+    """Why an upgrade request (llhttp saw `Connection: upgrade` and Upgrade, or CONNECT)
+    cannot be proxied, or "" (RFC 9110 7.8; RFC 6455 4.1 for websocket)."""
+    if req.method == b"CONNECT":
+        return "CONNECT is not supported"
+    value = req.header(b"upgrade")
+    if value is None or not value.strip():
+        return "Connection: upgrade without an Upgrade header"
+    if req.version != "1.1":
+        return "a protocol upgrade needs HTTP/1.1"
+    tokens = [t.strip().lower() for t in value.split(b",")]
+    if b"websocket" in tokens and req.method != b"GET":
+        return "a WebSocket upgrade must be a GET request"
+    return ""
 
 
 def _check_request_head(version: str, te: bytes | None, headers: Headers) -> None:
@@ -162,6 +187,10 @@ class Http1Parser:
         self._final_done = False  # a final (non-1xx) response ended in the current feed
         self._tail = b""  # the last bytes of the previous feed (a head terminator may span feeds)
         self.leftover = False  # bytes followed a complete response: the connection is spent
+        # a protocol switch (an upgrade request, a 101 response) ended the HTTP/1.1 stream:
+        # what followed its message in the same read is the new protocol's (`upgrade_tail`)
+        self.switched = False
+        self.upgrade_tail = b""
         self._new_parser()
 
     # -- public API -------------------------------------------------------------------
@@ -186,6 +215,8 @@ class Http1Parser:
     def _feed(self, data: bytes | bytearray) -> list[Event]:
         if self.leftover:
             raise self._error("bytes after a complete response")
+        if self.switched:
+            raise self._error("HTTP/1.1 bytes after a protocol switch")
         mid_head = self._in_head  # a head may have begun in an earlier read (even after a 1xx)
         if self._in_head:
             self._head_bytes += len(data)
@@ -213,15 +244,8 @@ class Http1Parser:
                 raise inner from None
             exc = inner
         if isinstance(exc, httptools.HttpParserUpgrade):
-            # CONNECT or Upgrade: meshcar does not tunnel these (yet). llhttp completed that
-            # message before it stopped: it is not one of the messages to deliver.
-            heads = [
-                i
-                for i, ev in enumerate(self._events)
-                if isinstance(ev, (RequestHead, ResponseHead))
-            ]
-            del self._events[heads[-1] if heads else 0 :]
-            raise ProtocolError("CONNECT and protocol upgrades are not supported", 501) from exc
+            self._switch(data, exc.args[0] if exc.args else len(data))
+            return
         if isinstance(exc, _StopAfterHead):
             self._finish_bodyless(data, mid_head)
         elif isinstance(exc, _StopAtLeftover):
@@ -390,6 +414,32 @@ class Http1Parser:
             end = at + 4
         if end < len(buf):
             self.leftover = True
+
+    def _switch(self, data: bytes | bytearray, offset: int) -> None:
+        """llhttp paused after a message that switches protocols (CONNECT, an upgrade request,
+        a 101 response), which it completed. An upgrade request is delivered, marked with
+        its Upgrade value and as the connection's last; a 101 response too. CONNECT (and a
+        head that cannot switch) is refused and not delivered."""
+        heads = [
+            i for i, ev in enumerate(self._events) if isinstance(ev, (RequestHead, ResponseHead))
+        ]
+        at = heads[-1] if heads else -1
+        head = self._events[at] if heads else None
+        problem = ""
+        if isinstance(head, RequestHead):
+            problem = _upgrade_problem(head)
+            if not problem:
+                self._events[at] = replace(head, upgrade=head.header(b"upgrade"), keep_alive=False)
+        elif not (isinstance(head, ResponseHead) and head.status == 101):
+            problem = "a protocol switch in a response other than 101"
+        if problem:
+            del self._events[max(at, 0) :]
+            status = 501 if isinstance(head, RequestHead) and head.method == b"CONNECT" else 400
+            if self._kind == "response":
+                status = 502
+            raise ProtocolError(problem, status)
+        self.switched = True
+        self.upgrade_tail = bytes(data[offset:])
 
     def _spent(self) -> None:
         """A final response ended and more bytes followed in the same feed."""
