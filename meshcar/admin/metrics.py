@@ -80,6 +80,26 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        # opaque TCP tunnels (sidecar/tcp.py), counted apart from HTTP requests
+        self.tcp_connections = Counter(
+            "meshcar_tcp_connections",
+            "Opaque TCP tunnels ended, by how (closed, idle, denied, dial_failed, ...)",
+            ["direction", "target", "result"],
+            registry=r,
+        )
+        self.tcp_bytes = Counter(
+            "meshcar_tcp_bytes",
+            "Bytes through opaque TCP tunnels (way up: caller to server, down: back)",
+            ["direction", "target", "way"],
+            registry=r,
+        )
+        self.tcp_duration = Histogram(
+            "meshcar_tcp_connection_duration_seconds",
+            "Lifetime of opaque TCP tunnels",
+            ["direction"],
+            registry=r,
+            buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+        )
 
         self.upgraded = Counter(
             "meshcar_upgraded_connections",

@@ -20,6 +20,8 @@ and per-upstream connection limits stay the pool's job.
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +53,17 @@ class MTLSDialer:
     """Dial mTLS peers (TLS 1.3, SPIFFE ID checked) for a pool."""
 
     def __init__(
-        self, store: CredentialStore, metrics: Metrics, direction: str, connect_timeout: float = 5.0
+        self,
+        store: CredentialStore,
+        metrics: Metrics,
+        direction: str,
+        connect_timeout: float = 5.0,
+        *,
+        context: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.store = store
+        # the current client context (opaque TCP tunnels pass store.tcp_client_context)
+        self._context = context or store.client_context
         self.metrics = metrics
         self.connect_timeout = connect_timeout
         self._sessions = SessionCache()
@@ -67,7 +77,7 @@ class MTLSDialer:
         """A verified mTLS connection to `peer`, wrapped for pool `key`. Raises UpstreamError
         (502 refused/failed/wrong identity, 504 timed out)."""
         try:
-            ctx = self.store.client_context()
+            ctx = self._context()
             stream = await open_tls(
                 peer.host,
                 peer.port,

@@ -51,6 +51,7 @@ __all__ = [
     "HttpPolicy",
     "IdentityConfig",
     "SidecarConfig",
+    "TcpPort",
     "Upstream",
     "VaultIdentity",
     "load_config",
@@ -72,6 +73,30 @@ UPSTREAM = Section(
         "spiffe_id": key(SPIFFE_ID, "the identity the peers must present", required=True),
         "local_port": key(PORT, "fixed local plain-HTTP port for this upstream"),
         "match": key(ListOf(HOSTPORT), "original destinations captured transparently", []),
+        "protocol": key(
+            one_of("http", "tcp"),
+            "http (proxied requests) or tcp (an opaque tunnel per connection on local_port)",
+            "http",
+        ),
+        "target_port": key(PORT, "tcp: the app port on the peer (one of its inbound.tcp ports)"),
+        "idle_seconds": key(
+            number(0.1, 86400), "tcp: a tunnel with no byte either way is closed after", 3600
+        ),
+    },
+)
+TCP_PORT = Section(
+    "A local app port that takes opaque TCP from the mesh (ALPN meshcar-tcp/1)",
+    {
+        "port": key(PORT, "the app's local TCP port", required=True),
+        "host": key({"type": "string"}, "the app's host (default: app.host)"),
+        "proxy_protocol": key(
+            one_of("none", "v2"),
+            "v2: send a PROXY v2 header with the caller's SPIFFE ID (TLV 0xE0) first",
+            "none",
+        ),
+        "idle_seconds": key(
+            number(0.1, 86400), "a tunnel with no byte either way is closed after", 3600
+        ),
     },
 )
 APP = Section(
@@ -86,6 +111,7 @@ INBOUND = Section(
     {
         "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
         "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
+        "tcp": key(ListOf(TCP_PORT), "app ports reachable as opaque TCP (same allow list)", []),
     },
 )
 OUTBOUND = Section(
@@ -134,6 +160,19 @@ class Upstream:
     spiffe_id: str
     local_port: int | None = None
     match: tuple[HostPort, ...] = ()  # original destinations captured transparently
+    protocol: str = "http"  # or "tcp": an opaque mTLS tunnel per connection on local_port
+    target_port: int | None = None  # tcp: the app port the peer's inbound connects to
+    idle_seconds: float = 3600.0  # tcp: no byte either way for this long closes the tunnel
+
+
+@dataclass(frozen=True)
+class TcpPort:
+    """An app port that takes opaque TCP tunnels from the mesh (`inbound.tcp`)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    proxy_protocol: str = "none"  # or "v2": PROXY v2 header with the peer's SPIFFE ID first
+    idle_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,7 @@ class SidecarConfig:
     http: HttpPolicy = HttpPolicy()
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
+    tcp_ports: tuple[TcpPort, ...] = ()  # inbound.tcp: app ports taking opaque TCP tunnels
 
     @property
     def trust_domain(self) -> str:
@@ -168,6 +208,47 @@ def _app(c: Checker, data: dict) -> tuple[str, int | None]:
     return app.get("host", "127.0.0.1"), c.port(
         app.get("port"), "app.port"
     ) if "app" in data else None
+
+
+def _seconds(c: Checker, raw: Any, where: str, default: float) -> float:
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not (0.1 <= raw <= 86400):
+        c.bad(where, "must be a number of seconds between 0.1 and 86400")
+        return default
+    return float(raw)
+
+
+def _tcp_ports(c: Checker, raw: Any, app_host: str) -> tuple[TcpPort, ...]:
+    """`inbound.tcp`: the app ports that take opaque TCP tunnels."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        c.bad("inbound.tcp", "must be a list of {port, proxy_protocol, idle_seconds}")
+        return ()
+    out: list[TcpPort] = []
+    seen: set[int] = set()
+    for i, item in enumerate(raw):
+        p = f"inbound.tcp[{i}]"
+        if not isinstance(item, dict):
+            c.bad(p, "must be a mapping with a port")
+            continue
+        c.unknown(item, p + ".", TCP_PORT)
+        port = c.port(item.get("port"), p + ".port")
+        host = item.get("host", app_host)
+        if not isinstance(host, str) or not host:
+            c.bad(p + ".host", "must be a host name or address")
+            host = app_host
+        pp = item.get("proxy_protocol", "none")
+        if pp not in ("none", "v2"):
+            c.bad(p + ".proxy_protocol", "must be none or v2")
+        idle = _seconds(c, item.get("idle_seconds"), p + ".idle_seconds", 3600.0)
+        if port is not None and port in seen:
+            c.bad(p + ".port", f"port {port} is listed twice")
+        elif port is not None:
+            seen.add(port)
+            out.append(TcpPort(port, host, pp, idle))
+    return tuple(out)
 
 
 def _inbound(c: Checker, data: dict) -> tuple[HostPort | None, list[str]]:
@@ -201,8 +282,24 @@ def _upstream(c: Checker, name: Any, u: Any) -> Upstream | None:
     if lp is not None:
         lp = c.port(lp, p + ".local_port")
     match = c.hostports(u.get("match", []), p + ".match", required=False)
+    protocol = u.get("protocol", "http")
+    target = u.get("target_port")
+    if protocol not in ("http", "tcp"):
+        c.bad(p + ".protocol", "must be http or tcp")
+    elif protocol == "tcp":
+        if lp is None:
+            c.bad(p + ".local_port", "is required with protocol: tcp (the tunnel's listener)")
+        if target is None:
+            c.bad(p + ".target_port", "is required with protocol: tcp (the peer's app port)")
+        if match:
+            c.bad(p + ".match", "transparent capture is for http upstreams only")
+    elif target is not None or "idle_seconds" in u:
+        c.bad(p, "target_port and idle_seconds need protocol: tcp")
+    if target is not None:
+        target = c.port(target, p + ".target_port")
+    idle = _seconds(c, u.get("idle_seconds"), p + ".idle_seconds", 3600.0)
     if eps and usid:
-        return Upstream(name.lower(), tuple(eps), usid, lp, tuple(match))
+        return Upstream(name.lower(), tuple(eps), usid, lp, tuple(match), protocol, target, idle)
     return None
 
 
@@ -299,6 +396,9 @@ def parse_config(
     net_limits = parse_limits(data.get("limits"), c.bad)
     app_host, app_port = _app(c, data)
     in_listen, allow = _inbound(c, data)
+    inbound_raw = data.get("inbound")
+    tcp_raw = inbound_raw.get("tcp") if isinstance(inbound_raw, dict) else None
+    tcp_ports = _tcp_ports(c, tcp_raw, str(app_host))
     outbound = _outbound(c, data)
     admin_listen, public_paths = _admin(c, data)
     drain, level = _scalars(c, data)
@@ -320,6 +420,7 @@ def parse_config(
         limits=net_limits,
         http=http,
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
+        tcp_ports=tcp_ports,
         **outbound,
     )
 

@@ -8,7 +8,8 @@ module only picks the upstream's next endpoint (round robin).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable
+import ssl
+from collections.abc import Awaitable, Callable
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.mtls import MeshPeer, MTLSDialer
@@ -28,8 +29,10 @@ class MeshDialer:
         upstreams: dict[str, Upstream],
         metrics: Metrics,
         connect_timeout: float = 5.0,
+        *,
+        context: Callable[[], ssl.SSLContext] | None = None,  # opaque TCP: its own ALPN
     ) -> None:
-        self.mtls = MTLSDialer(store, metrics, "outbound", connect_timeout)
+        self.mtls = MTLSDialer(store, metrics, "outbound", connect_timeout, context=context)
         self.remember_session = self.mtls.remember_session
         self._rr = {
             name: itertools.cycle(

@@ -34,6 +34,7 @@ from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import PathError, normalise_target
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import AppDialer
+from meshcar.sidecar.tcp import ALPN_TCP, TcpInbound
 from meshcar.tls.store import CredentialStore
 from meshcar.tls.svid import PeerIdentity, svid_from_der
 
@@ -67,6 +68,7 @@ class Inbound:
             lambda n: metrics.listener_refusals.labels(n).inc(),
         )
         self.handshake_timeout = 10.0
+        self.tcp = TcpInbound(cfg, metrics, self.allow)  # ALPN meshcar-tcp/1 (inbound.tcp)
         self.upstream_name = f"app at {cfg.app}"  # in the answer to an app error
 
     async def aclose(self) -> None:
@@ -112,6 +114,9 @@ class Inbound:
             problem = ""
         except IdentityError as exc:
             peer, problem = None, str(exc)
+        if ssl_stream.selected_alpn_protocol() == ALPN_TCP:
+            await self.tcp.serve(ssl_stream, tcp, peer, problem)  # opaque TCP tunnel
+            return
         conn = HttpConn(ssl_stream, "request", self.cfg.http.headers)
         await serve_http(
             conn,

@@ -35,6 +35,7 @@ from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
 from meshcar.sidecar.egress import DENIED, Egress
+from meshcar.sidecar.tcp import TcpOutbound
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.outbound")
@@ -66,7 +67,9 @@ class Outbound:
     def __init__(self, cfg: SidecarConfig, store: CredentialStore, metrics: Metrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.upstreams = {u.name: u for u in cfg.upstreams}
+        self.upstreams = {u.name: u for u in cfg.upstreams if u.protocol == "http"}
+        tcp_ups = {u.name: u for u in cfg.upstreams if u.protocol == "tcp"}
+        self.tcp = TcpOutbound(cfg, store, metrics, tcp_ups) if tcp_ups else None
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.upgrades = metrics.upgrades("outbound")  # WebSocket etc. (net/upgrade.py)
         self.egress = Egress(cfg, metrics) if cfg.egress == "allow" else None  # non-mesh hosts
@@ -100,7 +103,10 @@ class Outbound:
 
     async def handle_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
         """Over the listener's connection limit: 503 with `Connection: close` to the first
-        request; else serve the connection."""
+        request; else serve the connection. A `protocol: tcp` upstream's port is a tunnel."""
+        if fixed is not None and self.tcp is not None and fixed in self.tcp.upstreams:
+            await self.tcp.handle_connection(stream, fixed)
+            return
         limit = self.conn_limit(f"outbound:{fixed}" if fixed else "outbound")
         if not limit.try_enter():
             await refuse_http(

@@ -14,22 +14,38 @@ from pathlib import Path
 
 from meshcar.tls.profile import apply_profile
 
+# ALPN id of an opaque TCP connection between sidecars (`protocol: tcp`, docs/CONFIG.md):
+# the inbound offers it after http/1.1, so only a dialer offering nothing else selects it.
+ALPN_TCP = "meshcar-tcp/1"
+
 
 def _common(
-    ctx: ssl.SSLContext, chain_file: Path, key_file: Path, bundle_pem: str
+    ctx: ssl.SSLContext,
+    chain_file: Path,
+    key_file: Path,
+    bundle_pem: str,
+    alpn: tuple[str, ...] = ("http/1.1",),
 ) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(str(chain_file), str(key_file))
     ctx.load_verify_locations(cadata=bundle_pem)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's suite order
 
 
 def mesh_server_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
-    """Inbound mesh listener: requires a client certificate chaining to the bundle."""
+    """Inbound mesh listener: requires a client certificate chaining to the bundle. ALPN is
+    chosen in the server's order: http/1.1 for HTTP clients, meshcar-tcp/1 for TCP tunnels."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    return _common(ctx, chain_file, key_file, bundle_pem)
+    return _common(ctx, chain_file, key_file, bundle_pem, ("http/1.1", ALPN_TCP))
+
+
+def mesh_tcp_client_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
+    """Outbound opaque TCP tunnels: as the client context, offering only meshcar-tcp/1."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    return _common(ctx, chain_file, key_file, bundle_pem, (ALPN_TCP,))
 
 
 def mesh_client_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:

@@ -19,7 +19,11 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from meshcar.tls.contexts import mesh_client_context, mesh_server_context
+from meshcar.tls.contexts import (
+    mesh_client_context,
+    mesh_server_context,
+    mesh_tcp_client_context,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class _Live:
     credential: Credential
     server_ctx: ssl.SSLContext
     client_ctx: ssl.SSLContext
+    tcp_ctx: list[ssl.SSLContext] = field(default_factory=list)  # built on first use
 
 
 def write_private(path: Path, data: str) -> None:
@@ -123,6 +128,17 @@ class CredentialStore:
     def client_context(self) -> ssl.SSLContext:
         assert self._live is not None, "no credential installed yet"
         return self._live.client_ctx
+
+    def tcp_client_context(self) -> ssl.SSLContext:
+        """The client context of opaque TCP tunnels (ALPN meshcar-tcp/1 only), made from the
+        current credential on first use."""
+        live = self._live
+        assert live is not None, "no credential installed yet"
+        if not live.tcp_ctx:
+            live.tcp_ctx.append(
+                mesh_tcp_client_context(self.chain_file, self.key_file, live.credential.bundle_pem)
+            )
+        return live.tcp_ctx[0]
 
     def is_valid_now(self) -> bool:
         cred = self.credential

@@ -44,7 +44,11 @@ FULL_SIDECAR: dict[str, Any] = {
         "bundle_refresh_seconds": 60,
     },
     "app": {"host": "127.0.0.1", "port": 9000},
-    "inbound": {"listen": "127.0.0.1:7000", "allow": ["spiffe://t.test/svc/b"]},
+    "inbound": {
+        "listen": "127.0.0.1:7000",
+        "allow": ["spiffe://t.test/svc/b"],
+        "tcp": [{"port": 5432, "host": "127.0.0.1", "proxy_protocol": "v2", "idle_seconds": 60}],
+    },
     "outbound": {
         "listen": "127.0.0.1:7100",
         "transparent_listen": "127.0.0.1:15001",
@@ -55,7 +59,16 @@ FULL_SIDECAR: dict[str, Any] = {
                 "spiffe_id": "spiffe://t.test/svc/b",
                 "local_port": 7300,
                 "match": ["10.0.0.2:80"],
-            }
+                "protocol": "http",
+            },
+            "db": {
+                "endpoints": ["127.0.0.1:7001"],
+                "spiffe_id": "spiffe://t.test/svc/b",
+                "local_port": 7301,
+                "protocol": "tcp",
+                "target_port": 5432,
+                "idle_seconds": 60,
+            },
         },
     },
     "admin": {"listen": "127.0.0.1:7200", "public_paths": ["/live", "/certs"]},

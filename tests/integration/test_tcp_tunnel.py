@@ -1,0 +1,277 @@
+"""Opaque TCP through an in-process sidecar pair (real mTLS on loopback): a server that speaks
+first, half-close both ways, the allow list enforced before the app is dialed, a port that
+is not an `inbound.tcp` port refused, PROXY v2 with the caller's SPIFFE ID in TLV 0xE0, and
+the idle timeout. The PostgreSQL / MariaDB acceptance runs are in tests/e2e/test_tcp_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshcar.admin.metrics import Metrics
+from meshcar.common import accesslog
+from meshcar.proto.proxy_protocol import Incomplete, ProxyHeader, parse_proxy_header
+from meshcar.sidecar.config import parse_config
+from meshcar.sidecar.inbound import Inbound
+from meshcar.sidecar.outbound import Outbound
+from meshcar.sidecar.tcp import TLV_SPIFFE_ID
+from meshcar.tls.store import CredentialStore
+from tests.support.pki import ThrowawayCA
+
+TD = "meshcar.test"
+
+
+def sid(name: str) -> str:
+    return f"spiffe://{TD}/svc/{name}"
+
+
+@dataclass
+class Node:
+    metrics: Metrics
+    inbound: Inbound
+    outbound: Outbound
+    inbound_port: int
+
+
+async def _serve(nursery: trio.Nursery, handler) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def node(
+    nursery: trio.Nursery,
+    tmp: Path,
+    ca: ThrowawayCA,
+    name: str,
+    *,
+    allow: list[str] = (),  # type: ignore[assignment]
+    tcp: list[dict] = (),  # type: ignore[assignment]
+    upstreams: dict | None = None,
+) -> Node:
+    cfg = parse_config(
+        {
+            "identity": {
+                "spiffe_id": sid(name),
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": "x",
+                "state_dir": str(tmp / name),
+            },
+            "app": {"port": 1},
+            "inbound": {"listen": "127.0.0.1:1", "allow": list(allow), "tcp": list(tcp)},
+            "outbound": {"upstreams": upstreams or {}},
+            "admin": {"listen": "127.0.0.1:1"},
+        },
+        "test.yaml",
+        tmp,
+    )
+    store = CredentialStore(cfg.identity.state_dir)
+    store.install(ca.credential(sid(name)))
+    metrics = Metrics()
+    n = Node(metrics, Inbound(cfg, store, metrics), Outbound(cfg, store, metrics), 0)
+    n.inbound_port = await _serve(nursery, n.inbound.handle_connection)
+    return n
+
+
+async def tunnel_port(nursery: trio.Nursery, n: Node, upstream: str) -> int:
+    """The local listener of a tcp upstream (main.py binds local_port the same way)."""
+    return await _serve(nursery, partial(n.outbound.handle_connection, fixed=upstream))
+
+
+def tcp_upstream(server: Node, target_port: int, **more: object) -> dict:
+    return {
+        "endpoints": [f"127.0.0.1:{server.inbound_port}"],
+        "spiffe_id": sid("db"),
+        "protocol": "tcp",
+        "local_port": 1,
+        "target_port": target_port,
+        **more,
+    }
+
+
+async def greeter(stream: trio.SocketStream) -> None:
+    """Speaks first; echoes upper-cased; on the client's FIN says bye and closes."""
+    await stream.send_all(b"220 greeter ready\r\n")
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data.upper())
+    await stream.send_all(b"221 bye\r\n")
+    await stream.aclose()
+
+
+async def read_until(stream: trio.SocketStream, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise AssertionError(f"EOF before {marker!r}; got {buf!r}")
+        buf += data
+    return buf
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    buf = b""
+    while data := await stream.receive_some(65536):
+        buf += data
+    return buf
+
+
+def metric(n: Node, name: str, **labels: str) -> float:
+    return n.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def ca() -> ThrowawayCA:
+    return ThrowawayCA.create()
+
+
+async def test_server_speaks_first_and_half_close(tmp_path, nursery, ca, capsys) -> None:
+    app_port = await _serve(nursery, greeter)
+    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
+    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
+    port = await tunnel_port(nursery, web, "db")
+
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"  # before we sent
+    big = b"x" * 3_000_000
+    async with trio.open_nursery() as n:
+        n.start_soon(client.send_all, big)
+        got = await read_until(client, b"X" * 1000)
+        while len(got) < len(big):
+            got += await client.receive_some(1 << 20)
+    assert got == big.upper()
+    await client.send_eof()  # our FIN crosses as close_notify, then a FIN to the app
+    assert await read_to_eof(client) == b"221 bye\r\n"  # and the app's answer after it
+    await client.aclose()
+
+    with trio.fail_after(5):  # the tunnel's end is logged and counted on both sides
+        while metric(db, "meshcar_tcp_connections_total", direction="inbound",
+                     target=str(app_port), result="closed") < 1 or metric(
+            web, "meshcar_tcp_connections_total", direction="outbound", target="db",
+            result="closed") < 1:  # fmt: skip
+            await trio.sleep(0.01)
+    assert metric(
+        web, "meshcar_tcp_bytes_total", direction="outbound", target="db", way="up"
+    ) == len(big)
+    assert metric(
+        db, "meshcar_tcp_bytes_total", direction="inbound", target=str(app_port), way="down"
+    ) == len(b"220 greeter ready\r\n") + len(big) + len(b"221 bye\r\n")
+    accesslog.flush()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if '"tcp"' in x]
+    ends = {(x["direction"], x["event"]) for x in lines}
+    assert ("inbound", "closed") in ends and ("outbound", "closed") in ends, lines
+    inbound = next(x for x in lines if x["direction"] == "inbound")
+    assert inbound["peer"] == sid("web") and inbound["bytes_in"] == len(big)
+
+
+async def test_caller_not_on_allow_list_is_refused_before_the_app(
+    tmp_path, nursery, ca, capsys
+) -> None:
+    dialed = []
+
+    async def app(stream: trio.SocketStream) -> None:
+        dialed.append(1)
+        await greeter(stream)
+
+    app_port = await _serve(nursery, app)
+    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
+    evil = await node(nursery, tmp_path, ca, "evil", upstreams={"db": tcp_upstream(db, app_port)})
+    port = await tunnel_port(nursery, evil, "db")
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(5):
+        assert await read_to_eof(client) == b""  # closed: no greeting
+    await client.aclose()
+    assert dialed == []
+    assert metric(db, "meshcar_authz_denials_total", peer=sid("evil")) == 1
+    assert (
+        metric(db, "meshcar_tcp_connections_total", direction="inbound", target="-",
+               result="denied") == 1
+    )  # fmt: skip
+    accesslog.flush()
+    out = capsys.readouterr().out
+    denied = [json.loads(x) for x in out.splitlines() if '"denied"' in x]
+    assert denied and "is not allowed to call" in denied[0]["error"], out
+
+
+async def test_port_not_listed_is_refused(tmp_path, nursery, ca) -> None:
+    app_port = await _serve(nursery, greeter)
+    other_port = await _serve(nursery, greeter)
+    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
+    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, other_port)})
+    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    with trio.fail_after(5):
+        assert await read_to_eof(client) == b""
+    await client.aclose()
+    assert (
+        metric(db, "meshcar_tcp_connections_total", direction="inbound", target="-",
+               result="unknown_port") == 1
+    )  # fmt: skip
+
+
+async def test_proxy_v2_carries_the_caller_spiffe_id(tmp_path, nursery, ca) -> None:
+    seen: list[ProxyHeader] = []
+
+    async def app(stream: trio.SocketStream) -> None:
+        buf = b""
+        while True:
+            r = parse_proxy_header(buf)
+            if not isinstance(r, Incomplete):
+                break
+            buf += await stream.receive_some(4096)
+        assert isinstance(r, ProxyHeader), r
+        seen.append(r)
+        rest = buf[r.consumed :]
+        while b"hello" not in rest:
+            rest += await stream.receive_some(4096)
+        await stream.send_all(b"id=" + (r.tlv(TLV_SPIFFE_ID) or b"") + b" first=" + rest)
+        await stream.aclose()
+
+    app_port = await _serve(nursery, app)
+    db = await node(
+        nursery,
+        tmp_path,
+        ca,
+        "db",
+        allow=[sid("web")],
+        tcp=[{"port": app_port, "proxy_protocol": "v2"}],
+    )
+    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
+    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    await client.send_all(b"hello")
+    with trio.fail_after(5):
+        got = await read_until(client, b"hello")
+    await client.aclose()
+    assert got == f"id={sid('web')} first=hello".encode()
+    h = seen[0]
+    assert h.version == 2 and h.src_addr == "127.0.0.1" and h.dst_port == db.inbound_port
+
+
+async def test_idle_tunnel_is_closed(tmp_path, nursery, ca, capsys) -> None:
+    app_port = await _serve(nursery, greeter)
+    db = await node(
+        nursery,
+        tmp_path,
+        ca,
+        "db",
+        allow=[sid("web")],
+        tcp=[{"port": app_port, "idle_seconds": 30}],
+    )
+    web = await node(
+        nursery,
+        tmp_path,
+        ca,
+        "web",
+        upstreams={"db": tcp_upstream(db, app_port, idle_seconds=0.3)},
+    )
+    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"
+    with trio.fail_after(10):  # then silence: the outbound side ends the tunnel
+        assert await read_to_eof(client) == b""
+        await client.aclose()
+        while not metric(web, "meshcar_tcp_connections_total", direction="outbound",
+                         target="db", result="idle"):  # fmt: skip
+            await trio.sleep(0.01)
