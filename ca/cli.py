@@ -16,8 +16,10 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import trio
@@ -57,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="S",
         help="on SIGTERM/SIGINT, how long requests in flight may finish (default 10)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes accepting on the one listening socket (default 1; builtin backend only)",
     )
     serve.add_argument(
         "--san",
@@ -382,6 +391,10 @@ def _vault_issuer(args: argparse.Namespace, config: files.CAConfig) -> Issuer:
 
 def _serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
+    if not 1 <= args.workers <= 64:
+        raise ConfigError("--workers must be between 1 and 64")
+    if args.workers > 1 and args.backend != "builtin":
+        raise ConfigError("--workers above 1 needs --backend builtin")
     paths, config = files.open_ca(args.dir)
     issuer: Issuer
     refresh: tuple[float, object] | None = None
@@ -395,13 +408,123 @@ def _serve(args: argparse.Namespace) -> int:
         tls = ServerTLS(paths, args.san)
     k8s_verifier = load_k8s_verifier(args, issuer.trust_domain)
     tls.context()  # issue the API certificate now, so errors show before binding
-    store = Store(paths.db)
+    store = Store(paths.db)  # opens its connection on first use: after any fork below
     service = SignService(issuer, Authenticator(store, issuer, k8s_verifier), store)
     server = CAServer(service, tls.context)
     if not 0 <= args.drain_seconds <= 3600:
         raise ConfigError("--drain-seconds must be between 0 and 3600")
-    trio.run(_run, server, host, port, refresh, args.drain_seconds)
+    if args.workers == 1:
+        trio.run(_run, server, host, port, refresh, args.drain_seconds)
+        return 0
+    sock = _bind(host, port)
+    workers: list[int] = []
+    ready_r, ready_w = os.pipe()  # each worker writes one byte once it accepts
+    try:
+        for n in range(1, args.workers):
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:  # a worker: serve the inherited socket; never return into main()
+                code = 1
+                try:
+                    os.close(ready_r)
+                    tls.reissue = False  # worker 0 (this parent) re-issues the API certificate
+                    trio.run(
+                        _run, server, host, port, refresh, args.drain_seconds, sock, n, ready_w
+                    )
+                    code = 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    os._exit(code)
+            workers.append(pid)
+        os.close(ready_w)
+        name = trio.run(
+            _run, server, host, port, refresh, args.drain_seconds, sock, 0, ready_r, workers
+        )
+        # pass a second signal on while the workers finish draining
+        signal.signal(signal.SIGTERM, lambda signum, _: _signal_all(workers, signum))
+        signal.signal(signal.SIGINT, lambda signum, _: _signal_all(workers, signum))
+        while workers:
+            pid, status = os.waitpid(workers[0], 0)
+            workers.pop(0)
+            code = os.waitstatus_to_exitcode(status)
+            json_log({"event": "ca.worker_exited", "pid": pid, "status": code})
+        json_log({"event": "ca.stopped", "signal": name})
+    finally:
+        for pid in workers:  # a failed start or an early exit: no worker outlives the parent
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The one listening socket the workers share (bound before forking: each accepts from it)."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = info[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(info[0][4])
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(False)
+    return sock
+
+
+def _await_workers(ready_r: int, n: int) -> None:
+    """Block until `n` workers said they accept (a byte each on the pipe); ConfigError if one
+    died first (every write end closed before `n` bytes)."""
+    got = 0
+    while got < n:
+        chunk = os.read(ready_r, n - got)
+        if not chunk:
+            raise ConfigError("a worker process exited before it was ready (see stderr)")
+        got += len(chunk)
+
+
+async def _listeners(host: str, port: int, sock: socket.socket | None) -> list[trio.SocketListener]:
+    if sock is not None:  # bound before forking (--workers)
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+async def _announce_ready(
+    listen: str, worker: int, ready_fd: int | None, workers: list[int]
+) -> None:
+    """A worker tells the parent (a byte on `ready_fd`); the parent, once every worker has,
+    prints ca.ready."""
+    if worker:
+        assert ready_fd is not None
+        os.write(ready_fd, b"r")
+        os.close(ready_fd)
+        return
+    extra: dict[str, object] = {}
+    if workers:
+        assert ready_fd is not None
+        await trio.to_thread.run_sync(_await_workers, ready_fd, len(workers))
+        os.close(ready_fd)
+        extra = {"workers": workers}
+    json_log({"event": "ca.ready", "listen": listen, **extra})
+
+
+def _signal_all(workers: list[int], signum: int) -> None:
+    for pid in workers:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 async def _refresh_loop(interval: float, refresh: object) -> None:
@@ -413,10 +536,12 @@ async def _refresh_loop(interval: float, refresh: object) -> None:
             json_log({"event": "ca.backend_refresh_failed", "error": exc.message})
 
 
-async def _drain(server: CAServer, grace: float, scope: trio.CancelScope) -> None:
+async def _drain(
+    server: CAServer, grace: float, scope: trio.CancelScope, tag: dict[str, int] | None = None
+) -> None:
     with trio.move_on_after(grace):
         await server.wait_idle()
-    json_log({"event": "ca.drained", "cut_off": server.in_flight})
+    json_log({**(tag or {}), "event": "ca.drained", "cut_off": server.in_flight})
     scope.cancel()
 
 
@@ -426,14 +551,23 @@ async def _run(
     port: int,
     refresh: tuple[float, object] | None = None,
     drain_seconds: float = 10.0,
-) -> None:
+    sock: socket.socket | None = None,
+    worker: int = 0,
+    ready_fd: int | None = None,
+    workers: list[int] | None = None,
+) -> str:
     """Serve until a signal: the first closes the listener and lets requests in flight finish
     (up to `drain_seconds`), a second stops at once (the same contract as meshcar/net/shell.py,
-    which this package cannot import)."""
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    which this package cannot import).
+
+    With `--workers N`, `sock` is the listening socket bound before forking and every process
+    runs this: the others write a byte to `ready_fd` once they accept and tag their drain lines
+    with their number; worker 0 (the parent) reads those bytes from `ready_fd`, prints ca.ready
+    with the workers' pids and passes each signal on to `workers`. Returns the signal's name;
+    the parent of workers prints ca.stopped itself, once they have exited."""
+    listeners = await _listeners(host, port, sock)
+    workers = workers or []
+    tag = {"worker": worker} if worker else {}
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             if refresh is not None:
@@ -452,13 +586,15 @@ async def _run(
             bound = await nursery.start(serve)
             addr = bound[0].socket.getsockname()
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            json_log({"event": "ca.ready", "listen": f"{shown}:{addr[1]}"})
+            await _announce_ready(f"{shown}:{addr[1]}", worker, ready_fd, workers)
             async for signum in signals:
                 name = signal.Signals(signum).name
+                _signal_all(workers, signum)
                 if not server.draining:
                     server.draining = True
                     json_log(
                         {
+                            **tag,
                             "event": "ca.draining",
                             "signal": name,
                             "in_flight": server.in_flight,
@@ -466,9 +602,18 @@ async def _run(
                         }
                     )
                     accepting.cancel()
-                    nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope)
+                    nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope, tag)
                 else:
-                    json_log({"event": "ca.exiting", "signal": name, "in_flight": server.in_flight})
+                    json_log(
+                        {
+                            **tag,
+                            "event": "ca.exiting",
+                            "signal": name,
+                            "in_flight": server.in_flight,
+                        }
+                    )
                     nursery.cancel_scope.cancel()
                     break
-    json_log({"event": "ca.stopped", "signal": name})
+    if not workers and not worker:  # a parent of workers prints it once they have exited
+        json_log({"event": "ca.stopped", "signal": name})
+    return name

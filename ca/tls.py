@@ -64,16 +64,24 @@ class ServerTLS:
         self._stamp: tuple[object, ...] | None = None
         self._api_issuer: str | None = None
         self._ctx: ssl.SSLContext | None = None
+        # False in the other processes of `ca serve --workers N`: one process re-issues the
+        # API certificate, the others load it when server.pem changes (part of the stamp)
+        self.reissue = True
 
     def context(self) -> ssl.SSLContext:
         st = os.stat(self.paths.config)
         extra = self.extra_roots() if self.extra_roots else None
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size, extra)
+        try:
+            pem = os.stat(self.paths.server_pem)
+            served: tuple[int, int, int] | None = (pem.st_ino, pem.st_mtime_ns, pem.st_size)
+        except OSError:
+            served = None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size, served, extra)
         if stamp == self._stamp and self._ctx is not None:
             return self._ctx
         try:
             inter = files.load_cert(self.paths.intermediate_pem)
-            if key_id(inter) != self._api_issuer:
+            if self.reissue and key_id(inter) != self._api_issuer:
                 key = files.load_key(self.paths.intermediate_key)
                 files.write_server_cert(self.paths, inter, key, self.sans, self.clock())
                 self._api_issuer = key_id(inter)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,7 @@ class Served:
     proc: subprocess.Popen[str]
     port: int
     lines: queue.Queue[str]
+    ready: dict = field(default_factory=dict)  # the ca.ready line
 
     def next_line(self, timeout: float = 10) -> dict:
         return json.loads(self.lines.get(timeout=timeout))
@@ -78,7 +79,7 @@ def start_serve(ca_dir: Path, *extra: str) -> Served:
     assert ready["event"] == "ca.ready"
     host, _, port = ready["listen"].rpartition(":")
     assert host == "127.0.0.1"
-    return Served(proc, int(port), lines)
+    return Served(proc, int(port), lines, ready)
 
 
 def stop(served: Served) -> None:

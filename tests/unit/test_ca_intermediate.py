@@ -121,6 +121,29 @@ def test_api_certificate_follows_the_new_intermediate(world: World) -> None:
     assert leaf.issuer == inter.subject
 
 
+def test_a_worker_loads_the_api_certificate_the_parent_reissues(world: World) -> None:
+    """`ca serve --workers N`: only one process re-issues server.pem; the others load it when
+    it changes, even if they saw config.json change before it was rewritten."""
+    paths, _ = files.open_ca(world.dir)
+    parent = ServerTLS(paths, [], clock=lambda: world.now)
+    worker = ServerTLS(paths, [], clock=lambda: world.now)
+    worker.reissue = False
+    parent.context()
+    before = worker.context()
+    served = paths.server_pem.read_bytes()
+    intermediate.renew_intermediate(world.dir, world.now)
+    stale = worker.context()  # config.json changed, server.pem not yet: no re-issue here
+    assert paths.server_pem.read_bytes() == served
+    assert stale is not before
+    parent.context()  # the parent re-issues from the new intermediate
+    assert paths.server_pem.read_bytes() != served
+    fresh = worker.context()
+    assert fresh is not stale
+    assert worker.context() is fresh  # nothing changed since: the same context
+    inter = x509.load_pem_x509_certificates(paths.server_pem.read_bytes())[1]
+    assert key_id(inter) == key_id(files.load_cert(paths.intermediate_pem))
+
+
 def _gauge(text: str, name: str, cert: str) -> float:
     m = re.search(rf'^{name}{{cert="{cert}",serial="[0-9a-f]+"}} (\S+)$', text, re.M)
     assert m, text
