@@ -173,6 +173,7 @@ def client(
     first_error = ""
     while time.time() < start_at:
         time.sleep(0.001)
+    cpu0 = time.process_time()
     end = time.monotonic() + seconds
     sock: ssl.SSLSocket | None = None
     n = 0
@@ -201,13 +202,13 @@ def client(
             sock = None
     if sock is not None:
         sock.close()
-    out.put((ok, failed, first_error))
+    out.put((ok, failed, first_error, time.process_time() - cpu0))
 
 
 def one_round(
-    target: Target, pid: int, clients: int, seconds: float, keepalive: bool
-) -> tuple[float, float]:
-    """Signatures/s and server CPU ms per signature for one round."""
+    target: Target, pids: list[int], clients: int, seconds: float, keepalive: bool
+) -> tuple[float, float, float]:
+    """Signatures/s, server CPU ms per signature and clients' CPU ms per signature."""
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 0.5
@@ -219,9 +220,9 @@ def one_round(
         p.start()
     while time.time() < start_at:
         time.sleep(0.001)
-    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    cpu0, t0 = sum(map(cpu_seconds, pids)), time.monotonic()
     results = [q.get(timeout=seconds + 120) for _ in procs]
-    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    cpu1, t1 = sum(map(cpu_seconds, pids)), time.monotonic()
     for p in procs:
         p.join()
     ok = sum(r[0] for r in results)
@@ -231,7 +232,7 @@ def one_round(
         raise SystemExit(f"{target.name}: {failed} failed requests ({ok} ok): {errors[:3]}")
     if ok == 0:
         raise SystemExit(f"{target.name}: no request completed")
-    return ok / (t1 - t0), (cpu1 - cpu0) * 1000 / ok
+    return ok / (t1 - t0), (cpu1 - cpu0) * 1000 / ok, sum(r[3] for r in results) * 1000 / ok
 
 
 class Servers:
@@ -265,8 +266,8 @@ def ca_cmd(*args: str) -> list[str]:
 
 
 def start_ca(
-    srv: Servers, clients: int, csrs: list[list[str]], total_uses: int
-) -> tuple[int, Target, Target]:
+    srv: Servers, clients: int, csrs: list[list[str]], total_uses: int, workers: int = 1
+) -> tuple[list[int], Target, Target]:
     d = srv.work / "ca"
     subprocess.run(
         ca_cmd("init", "--dir", str(d), "--trust-domain", TD),
@@ -275,8 +276,14 @@ def start_ca(
         stdout=subprocess.DEVNULL,
     )
     port = free_port()
-    proc = srv.start(ca_cmd("serve", "--dir", str(d), "--listen", f"127.0.0.1:{port}"), "ca.log")
-    wait_for(lambda: b"ca.ready" in (srv.work / "ca.log").read_bytes(), "the CA")
+    more = ["--workers", str(workers)] if workers > 1 else []
+    proc = srv.start(
+        ca_cmd("serve", "--dir", str(d), "--listen", f"127.0.0.1:{port}", *more), "ca.log"
+    )
+    log = srv.work / "ca.log"
+    wait_for(lambda: b"ca.ready" in log.read_bytes(), "the CA")
+    ready = next(json.loads(x) for x in log.read_bytes().splitlines() if b'"ca.ready"' in x)
+    pids = [proc.pid, *ready.get("workers", [])]
     cafile = str(d / "bundle.pem")
 
     def token(spiffe_id: str, uses: int) -> str:
@@ -331,7 +338,7 @@ def start_ca(
         certs,
     )
     bootstrap = Target("builtin CA", port, cafile, "/v1/sign", "", token_bodies, [None] * clients)
-    return proc.pid, renewal, bootstrap
+    return pids, renewal, bootstrap
 
 
 def start_bao(srv: Servers, clients: int, csrs: list[list[str]]) -> tuple[int, Target]:
@@ -396,6 +403,13 @@ def main() -> int:
         help="one connection per client (default: one per request)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--ca-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="`ca serve --workers N` (default 1); CPU is summed over its processes",
+    )
     args = ap.parse_args()
     modes = args.only or ["renewal", "token"]
     work = Path(tempfile.mkdtemp(prefix="ca-bench-"))
@@ -406,10 +420,10 @@ def main() -> int:
             for i in range(args.clients)
         ]
         uses = 1_000_000
-        ca_pid, ca_renewal, ca_token = start_ca(srv, args.clients, csrs, uses)
+        ca_pids, ca_renewal, ca_token = start_ca(srv, args.clients, csrs, uses, args.ca_workers)
         bao_pid, bao = start_bao(srv, args.clients, csrs)
         print(
-            f"# built-in CA pid {ca_pid} port {ca_renewal.port}; OpenBao pid {bao_pid} port {bao.port}; "
+            f"# built-in CA pids {ca_pids} port {ca_renewal.port}; OpenBao pid {bao_pid} port {bao.port}; "
             f"{args.clients} clients, {args.duration:g} s rounds, "
             f"{'keep-alive' if args.keepalive else 'new TLS connection per request'}",
             flush=True,
@@ -417,34 +431,36 @@ def main() -> int:
         table = []
         for mode in modes:
             ca = ca_renewal if mode == "renewal" else ca_token
-            pair = [(ca, ca_pid), (bao, bao_pid)]
-            samples: dict[str, list[tuple[float, float]]] = {"ca": [], "bao": []}
+            pair = [(ca, ca_pids), (bao, [bao_pid])]
+            samples: dict[str, list[tuple[float, float, float]]] = {"ca": [], "bao": []}
             for t, pid in pair:  # warm-up
                 one_round(t, pid, args.clients, min(2.0, args.duration), args.keepalive)
             for r in range(args.rounds):
                 order = pair if r % 2 == 0 else pair[::-1]
                 for t, pid in order:
-                    rate, cpu = one_round(t, pid, args.clients, args.duration, args.keepalive)
+                    rate, cpu, ccpu = one_round(t, pid, args.clients, args.duration, args.keepalive)
                     key = "ca" if t is ca else "bao"
-                    samples[key].append((rate, cpu))
+                    samples[key].append((rate, cpu, ccpu))
                     print(
-                        f"{mode:8} round {r} {t.name:12} {rate:8.1f} sig/s  {cpu:6.2f} ms CPU/sig",
+                        f"{mode:8} round {r} {t.name:12} {rate:8.1f} sig/s  {cpu:6.2f} ms CPU/sig"
+                        f"  clients {ccpu:6.2f} ms CPU/sig  load {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
             med = {
-                k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+                k: tuple(statistics.median(s[j] for s in v) for j in range(3))
                 for k, v in samples.items()
             }
             table.append((mode, med))
         print()
         print(
-            "| mode | built-in CA sig/s | OpenBao sig/s | ratio CA/OpenBao | CA CPU ms/sig | OpenBao CPU ms/sig |"
+            "| mode | built-in CA sig/s | OpenBao sig/s | ratio CA/OpenBao | CA CPU ms/sig"
+            " | OpenBao CPU ms/sig | clients' CPU ms/sig (CA / OpenBao) |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for mode, med in table:
             print(
                 f"| {mode} | {med['ca'][0]:,.0f} | {med['bao'][0]:,.0f} | **{med['ca'][0] / med['bao'][0]:.2f}x** "
-                f"| {med['ca'][1]:.2f} | {med['bao'][1]:.2f} |"
+                f"| {med['ca'][1]:.2f} | {med['bao'][1]:.2f} | {med['ca'][2]:.2f} / {med['bao'][2]:.2f} |"
             )
         return 0
     finally:
