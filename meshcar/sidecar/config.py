@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
+from meshcar.common.authz import AUTHZ_RULE, Rule, parse_policies
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
     ADMIN,
     DRAIN_SECONDS,
@@ -104,6 +105,12 @@ APP = Section(
     {
         "host": key({"type": "string"}, "the app's host", "127.0.0.1"),
         "port": key(PORT, "the app's local HTTP port", required=True),
+        "protocol": key(
+            one_of("http1", "h2c"),
+            "what the inbound speaks to the app: http1 (HTTP/1.1) or h2c (HTTP/2, prior "
+            "knowledge; gRPC servers)",
+            "http1",
+        ),
     },
 )
 INBOUND = Section(
@@ -111,6 +118,12 @@ INBOUND = Section(
     {
         "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
         "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
+        "policies": key(
+            ListOf(AUTHZ_RULE),
+            "L7 authorization rules (from x hosts x methods x paths; enforce or audit); what "
+            "neither they nor allow let in is refused",
+            [],
+        ),
         "tcp": key(ListOf(TCP_PORT), "app ports reachable as opaque TCP (same allow list)", []),
     },
 )
@@ -195,7 +208,9 @@ class SidecarConfig:
     http: HttpPolicy = HttpPolicy()
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
+    policies: tuple[Rule, ...] = ()  # inbound.policies (common/authz.py), after the allow list
     tcp_ports: tuple[TcpPort, ...] = ()  # inbound.tcp: app ports taking opaque TCP tunnels
+    app_protocol: str = "http1"  # app.protocol: http1 or h2c (sidecar/h2.py)
 
     @property
     def trust_domain(self) -> str:
@@ -395,7 +410,14 @@ def parse_config(
     net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
     net_limits = parse_limits(data.get("limits"), c.bad)
     app_host, app_port = _app(c, data)
+    app_protocol = data.get("app", {}).get("protocol", "http1") if "app" in data else "http1"
+    if app_protocol not in ("http1", "h2c"):
+        c.bad("app.protocol", "must be http1 or h2c")
     in_listen, allow = _inbound(c, data)
+    in_raw = data.get("inbound")
+    policies = parse_policies(
+        c, in_raw.get("policies") if isinstance(in_raw, dict) else None, "inbound.policies"
+    )
     inbound_raw = data.get("inbound")
     tcp_raw = inbound_raw.get("tcp") if isinstance(inbound_raw, dict) else None
     tcp_ports = _tcp_ports(c, tcp_raw, str(app_host))
@@ -412,6 +434,7 @@ def parse_config(
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),
+        policies=policies,
         admin_listen=admin_listen,
         log_level=level,
         drain_seconds=drain,
@@ -421,6 +444,7 @@ def parse_config(
         http=http,
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
         tcp_ports=tcp_ports,
+        app_protocol=app_protocol,
         **outbound,
     )
 

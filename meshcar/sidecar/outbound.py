@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import trio
 
@@ -23,6 +24,7 @@ from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
 from meshcar.net.drain import Drain
 from meshcar.net.forward import request_bytes
+from meshcar.net.h2detect import is_h2_preface
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.httpserver import refuse_http, serve_http
 from meshcar.net.limits import ConnectionLimit
@@ -67,12 +69,14 @@ class Outbound:
     def __init__(self, cfg: SidecarConfig, store: CredentialStore, metrics: Metrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self.store = store
+        self._h2: Any = None  # sidecar/h2.py's H2Proxy, on the first h2c connection
         self.upstreams = {u.name: u for u in cfg.upstreams if u.protocol == "http"}
         tcp_ups = {u.name: u for u in cfg.upstreams if u.protocol == "tcp"}
         self.tcp = TcpOutbound(cfg, store, metrics, tcp_ups) if tcp_ups else None
         self.dialer = MeshDialer(store, self.upstreams, metrics)
-        self.upgrades = metrics.upgrades("outbound")  # WebSocket etc. (net/upgrade.py)
         self.egress = Egress(cfg, metrics) if cfg.egress == "allow" else None  # non-mesh hosts
+        self.upgrades = metrics.upgrades("outbound")  # WebSocket etc. (net/upgrade.py)
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
             cfg.timeouts.response_head
@@ -121,6 +125,9 @@ class Outbound:
             limit.leave()
 
     async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
+        if await is_h2_preface(stream):  # h2c with prior knowledge (sidecar/h2.py)
+            await self.h2().serve(stream, lambda req: self.decide(req, fixed), {})
+            return
         conn = HttpConn(stream, "request", self.cfg.http.headers, quickack=True)  # app-facing
         await serve_http(
             conn,
@@ -128,6 +135,15 @@ class Outbound:
             drain=self.drain,
             timeouts=self.cfg.timeouts,
         )
+
+    def h2(self) -> Any:
+        """The HTTP/2 side, made (and h2 imported) when the first h2c connection arrives."""
+        if self._h2 is None:
+            from meshcar.sidecar.h2 import H2Proxy, MeshPicker
+
+            pick = MeshPicker(self.store, self.metrics, self.upstreams, self.pool)
+            self._h2 = H2Proxy("outbound", pick, self.metrics)
+        return self._h2
 
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()

@@ -36,9 +36,10 @@ def _common(
 
 def mesh_server_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
     """Inbound mesh listener: requires a client certificate chaining to the bundle. ALPN is
-    chosen in the server's order: http/1.1 for HTTP clients, meshcar-tcp/1 for TCP tunnels."""
+    chosen in the server's order: h2 for an HTTP/2 dialer (it offers h2 first; an HTTP/1.1
+    dialer offers only http/1.1), http/1.1 for HTTP clients, meshcar-tcp/1 for TCP tunnels."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    return _common(ctx, chain_file, key_file, bundle_pem, ("http/1.1", ALPN_TCP))
+    return _common(ctx, chain_file, key_file, bundle_pem, ("h2", "http/1.1", ALPN_TCP))
 
 
 def mesh_tcp_client_context(chain_file: Path, key_file: Path, bundle_pem: str) -> ssl.SSLContext:
