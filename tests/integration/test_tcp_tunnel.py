@@ -275,3 +275,95 @@ async def test_idle_tunnel_is_closed(tmp_path, nursery, ca, capsys) -> None:
         while not metric(web, "meshcar_tcp_connections_total", direction="outbound",
                          target="db", result="idle"):  # fmt: skip
             await trio.sleep(0.01)
+
+
+async def test_tls_half_close_keeps_records_already_received(tmp_path, ca) -> None:
+    """close_notify is sent while the peer's data sits undecrypted in the incoming buffer:
+    the data is still read after it, and the peer can send after our EOF (TLS 1.3)."""
+    from meshcar.net.tls_memory_bio import TLSStream
+    from meshcar.sidecar.tcp import _tls_send_eof
+
+    stores = {}
+    for name in ("a", "b"):
+        stores[name] = CredentialStore(tmp_path / name)
+        stores[name].install(ca.credential(sid(name)))
+    s1, s2 = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(s1), stores["a"].server_context(), server_side=True)
+    client = TLSStream(trio.SocketStream(s2), stores["b"].client_context(), server_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server.do_handshake)
+        n.start_soon(client.do_handshake)
+    await client.send_all(b"sent before the server's EOF")
+    while not server._incoming.pending:  # raw records in, not decrypted yet
+        await server._fill()
+    await _tls_send_eof(server)
+    got = b""
+    while len(got) < len(b"sent before the server's EOF"):
+        got += await server.receive_some(1024)
+    assert got == b"sent before the server's EOF"
+    assert await client.receive_some(1024) == b""  # the close_notify
+    await client.send_all(b"and after it")
+    assert await server.receive_some(1024) == b"and after it"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_peer_without_tcp_alpn_is_refused(tmp_path, nursery, ca, capsys) -> None:
+    """A peer that answers TLS with the right identity but does not select meshcar-tcp/1
+    (an HTTP-only listener) gets no tunnel: the app's connection is closed."""
+    from meshcar.net.tls_memory_bio import TLSStream
+    from meshcar.tls.contexts import _common
+
+    store = CredentialStore(tmp_path / "db")
+    store.install(ca.credential(sid("db")))
+    import ssl
+
+    ctx = _common(
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+        store.chain_file,
+        store.key_file,
+        ca.bundle_pem,
+        ("http/1.1",),
+    )
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def http_only(tcp: trio.SocketStream) -> None:
+        tls = TLSStream(tcp, ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+            got.append(await tls.receive_some(1024))
+        except trio.BrokenResourceError:
+            got.append(b"")  # closed without close_notify: nothing was sent either
+        finally:
+            done.set()
+            await tls.aclose()
+
+    port = await _serve(nursery, http_only)
+    web = await node(
+        nursery,
+        tmp_path,
+        ca,
+        "web",
+        upstreams={
+            "db": {
+                "endpoints": [f"127.0.0.1:{port}"],
+                "spiffe_id": sid("db"),
+                "protocol": "tcp",
+                "local_port": 1,
+                "target_port": 5432,
+            }
+        },
+    )
+    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    with trio.fail_after(5):
+        assert await read_to_eof(client) == b""
+        await done.wait()
+    await client.aclose()
+    assert got == [b""]  # no preamble was sent to it
+    assert (
+        metric(web, "meshcar_tcp_connections_total", direction="outbound", target="db",
+               result="dial_failed") == 1
+    )  # fmt: skip
+    accesslog.flush()
+    assert "did not select ALPN meshcar-tcp/1" in capsys.readouterr().out
