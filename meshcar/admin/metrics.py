@@ -27,6 +27,14 @@ class Metrics:
         self.authz_denials = Counter(
             "meshcar_authz_denials", "Requests refused by the allow list", ["peer"], registry=r
         )
+        self.authz_decisions = Counter(  # common/authz.py: labels bounded by the config
+            "meshcar_authz_decisions",
+            "Authorization decisions: allow, deny, would_deny (an audit rule's dry run); the "
+            "rule that decided (default: none) and the deny reason (caller, host, method, path, "
+            "no_identity)",
+            ["decision", "policy", "reason"],
+            registry=r,
+        )
         self.cert_not_after = Gauge(
             "meshcar_certificate_not_after_seconds",
             "Unix time the current SVID expires",

@@ -6,8 +6,9 @@ certificate view and the actions, so this module knows nothing about either.
 Lockdown: the listener may be bound to the pod IP so the kubelet and Prometheus can reach
 the probes (`meshcar inject` does). Only the public paths (`admin.public_paths`, default
 `PUBLIC_PATHS`: /live, /ready, /metrics; at most the read-only `MAY_BE_PUBLIC`) are served
-to a peer that is not on loopback; everything that reveals certificate details or changes
-state (/certs, POST /renew, POST /shutdown) answers 403 unless the TCP peer address is in
+to a peer that is not on loopback; everything that reveals certificate details, the
+authorization rules (GET /authz/explain) or changes state (/certs, POST /renew, POST
+/shutdown) answers 403 unless the TCP peer address is in
 127.0.0.0/8 or ::1, i.e. the process's own pod or host. The peer address is the socket's,
 never a header.
 """
@@ -18,6 +19,7 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import trio
 
@@ -38,6 +40,8 @@ class AdminHooks:
     renew: Callable[[], Awaitable[dict]] | None = None
     shutdown: Callable[[], None] | None = None
     metrics: Callable[[], Awaitable[bytes]] | None = None  # workers: N (admin/workers.py)
+    # GET /authz/explain?caller=&method=&path=&host= (loopback only): (status, JSON body)
+    explain: Callable[[dict[str, str]], tuple[int, dict]] | None = None
 
 
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
@@ -114,7 +118,7 @@ class AdminServer:
             )
             return True
         if method in (b"GET", b"HEAD"):
-            served = await self._read_endpoint(conn, path)
+            served = await self._read_endpoint(conn, path, req.target.partition(b"?")[2])
         elif method == b"POST":
             served = await self._action(conn, path)
         else:
@@ -129,7 +133,7 @@ class AdminServer:
             return True
         return served
 
-    async def _read_endpoint(self, conn: HttpConn, path: bytes) -> bool | None:
+    async def _read_endpoint(self, conn: HttpConn, path: bytes, query: bytes = b"") -> bool | None:
         """GET/HEAD endpoints: True once answered, None if there is no such endpoint."""
         if path == b"/live":
             await self._json(conn, 200, {"live": True})
@@ -141,6 +145,9 @@ class AdminServer:
             await conn.send(simple_response(200, body, content_type=b"text/plain; version=0.0.4"))
         elif path == b"/certs":
             await self._json(conn, 200, self.hooks.certs())
+        elif path == b"/authz/explain" and self.hooks.explain:
+            args = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+            await self._json(conn, *self.hooks.explain({k: v[-1] for k, v in args.items()}))
         else:
             return None
         return True

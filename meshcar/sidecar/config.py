@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
+from meshcar.common.authz import AUTHZ_RULE, Rule, parse_policies
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
     ADMIN,
     DRAIN_SECONDS,
@@ -117,6 +118,12 @@ INBOUND = Section(
     {
         "listen": key(HOSTPORT, "HOST:PORT of the mesh listener", required=True),
         "allow": key(ListOf(SPIFFE_ID), "SPIFFE IDs allowed to call this service", []),
+        "policies": key(
+            ListOf(AUTHZ_RULE),
+            "L7 authorization rules (from x hosts x methods x paths; enforce or audit); what "
+            "neither they nor allow let in is refused",
+            [],
+        ),
         "tcp": key(ListOf(TCP_PORT), "app ports reachable as opaque TCP (same allow list)", []),
     },
 )
@@ -201,6 +208,7 @@ class SidecarConfig:
     http: HttpPolicy = HttpPolicy()
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
     admin_public_paths: frozenset[bytes] = PUBLIC_PATHS  # served off loopback (admin/server.py)
+    policies: tuple[Rule, ...] = ()  # inbound.policies (common/authz.py), after the allow list
     tcp_ports: tuple[TcpPort, ...] = ()  # inbound.tcp: app ports taking opaque TCP tunnels
     app_protocol: str = "http1"  # app.protocol: http1 or h2c (sidecar/h2.py)
 
@@ -406,6 +414,10 @@ def parse_config(
     if app_protocol not in ("http1", "h2c"):
         c.bad("app.protocol", "must be http1 or h2c")
     in_listen, allow = _inbound(c, data)
+    in_raw = data.get("inbound")
+    policies = parse_policies(
+        c, in_raw.get("policies") if isinstance(in_raw, dict) else None, "inbound.policies"
+    )
     inbound_raw = data.get("inbound")
     tcp_raw = inbound_raw.get("tcp") if isinstance(inbound_raw, dict) else None
     tcp_ports = _tcp_ports(c, tcp_raw, str(app_host))
@@ -422,6 +434,7 @@ def parse_config(
         app=HostPort(str(app_host), app_port),
         inbound_listen=in_listen,
         allow=tuple(allow),
+        policies=policies,
         admin_listen=admin_listen,
         log_level=level,
         drain_seconds=drain,

@@ -19,6 +19,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
+from meshcar.common.authz import Authorizer, Verdict
 from meshcar.errors import IdentityError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import HANDSHAKE_ERRORS
@@ -53,6 +54,8 @@ class Inbound:
         self.store = store
         self.metrics = metrics
         self.allow = frozenset(cfg.allow)
+        self.authz = Authorizer(cfg.allow, cfg.policies)  # compiled once (common/authz.py)
+        self._decisions: dict[Verdict, Any] = {}  # metric children by verdict
         self.upgrades = metrics.upgrades("inbound")  # WebSocket etc. (net/upgrade.py)
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
@@ -145,7 +148,7 @@ class Inbound:
     ) -> bool:
         start = time.perf_counter()
         out = Outcome()
-        decision, path = self.decide(req, peer, problem)
+        decision, path, verdict = self._decide(req, peer, problem)
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "inbound")
             return out.keep
@@ -161,6 +164,7 @@ class Inbound:
                 bytes_in=out.bytes_in,
                 bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
+                **_authz_fields(verdict),
             )
 
     def decide(
@@ -168,20 +172,34 @@ class Inbound:
     ) -> tuple[Decision, str]:
         """Refuse (400: the target cannot be normalised; 403: the caller is not allowed) or
         forward to the app; and the path to log."""
+        decision, path, _ = self._decide(req, peer, problem)
+        return decision, path
+
+    def _decide(
+        self, req: RequestHead, peer: PeerIdentity | None, problem: str
+    ) -> tuple[Decision, str, Verdict | None]:
+        """decide(), and the authorization verdict (None: refused before it)."""
         try:
-            target = normalise_target(req.target, req.method, self.cfg.http.path).target
+            norm = normalise_target(req.target, req.method, self.cfg.http.path)
         except PathError as exc:
-            return Refuse(400, str(exc)), req.target.decode("latin-1")
+            return Refuse(400, str(exc)), req.target.decode("latin-1"), None
+        target = norm.target
         path = target.decode("ascii")
         me = self.cfg.identity.spiffe_id
-        if peer is None or peer.spiffe_id not in self.allow:
-            msg = (
-                f"caller certificate rejected: {problem}"
-                if peer is None
-                else f"{peer.spiffe_id} is not allowed to call {me}"
-            )
+        host = (req.header(b"host") or b"").decode("latin-1")
+        verdict = self.authz.decide(
+            peer.spiffe_id if peer else None, host, req.method.decode("latin-1"), norm.path
+        )
+        self._count(verdict)
+        if peer is None or not verdict.allowed:
+            if peer is None:
+                msg = f"caller certificate rejected: {problem}"
+            elif verdict.reason == "caller":
+                msg = f"{peer.spiffe_id} is not allowed to call {me}"
+            else:
+                msg = f"{peer.spiffe_id} is not allowed to call {me}: {verdict.detail}"
             self.metrics.authz_denials.labels(peer.spiffe_id if peer else "invalid").inc()
-            return Refuse(403, msg), path
+            return Refuse(403, msg), path, verdict
         headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
         headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
         forward = Forward(
@@ -192,7 +210,59 @@ class Inbound:
             response_timeout=self.response_timeout,
             upgrades=self.upgrades,
         )
-        return forward, path
+        return forward, path, verdict
+
+    def _count(self, verdict: Verdict) -> None:
+        child = self._decisions.get(verdict)
+        if child is None:
+            child = self.metrics.authz_decisions.labels(
+                verdict.decision, verdict.policy, verdict.reason
+            )
+            if len(self._decisions) < 1024:  # verdicts carry a detail string: keep it bounded
+                self._decisions[verdict] = child
+        child.inc()
+
+    def explain(self, query: dict[str, str]) -> tuple[int, dict]:
+        """GET /authz/explain (admin, loopback only): the rule table and, given caller, method,
+        path (and host), the decision for that request with the rule that made it."""
+        out: dict[str, Any] = {
+            "service": self.cfg.identity.spiffe_id,
+            "default": "deny",
+            "policies": self.authz.table(),
+        }
+        if not query:
+            return 200, out
+        missing = [k for k in ("caller", "method", "path") if not query.get(k)]
+        if missing:
+            return 400, {**out, "error": f"explain needs {', '.join(missing)} (host optional)"}
+        try:
+            norm = normalise_target(
+                query["path"].encode("latin-1"), query["method"].encode(), self.cfg.http.path
+            )
+        except (PathError, UnicodeEncodeError) as exc:
+            return 200, {**out, "request": query, "decision": "refused (400)", "detail": str(exc)}
+        v = self.authz.decide(
+            query["caller"], query.get("host", ""), query["method"].upper(), norm.path
+        )
+        out.update(
+            request={**query, "normalised_path": norm.path},
+            decision=v.decision,
+            policy=v.policy,
+            reason=v.reason,
+            detail=v.detail,
+        )
+        return 200, out
+
+
+def _authz_fields(verdict: Verdict | None) -> dict[str, str]:
+    """The access log's authorization fields: deny_reason when refused or would be."""
+    if verdict is None or verdict.decision == "allow":
+        return {}
+    return {
+        "authz": verdict.decision,
+        "authz_policy": verdict.policy,
+        "deny_reason": verdict.reason,
+    }
 
 
 def _short(exc: BaseException) -> str:

@@ -169,6 +169,7 @@ class Sidecar:
         every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
         cfg, worker = self.cfg, self.worker
         hooks = AdminHooks(self.ready, self.certs, self.renew, self.shutdown)
+        hooks.explain = self.inbound.explain  # GET /authz/explain (loopback only)
         where = cfg.admin_listen
         if worker is not None and worker.leader:
             hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)

@@ -47,6 +47,16 @@ FULL_SIDECAR: dict[str, Any] = {
     "inbound": {
         "listen": "127.0.0.1:7000",
         "allow": ["spiffe://t.test/svc/b"],
+        "policies": [
+            {
+                "name": "read",
+                "from": ["spiffe://t.test/ns/x/*"],
+                "hosts": ["*.t.test"],
+                "methods": ["GET"],
+                "paths": ["/v1/*"],
+                "mode": "audit",
+            }
+        ],
         "tcp": [{"port": 5432, "host": "127.0.0.1", "proxy_protocol": "v2", "idle_seconds": 60}],
     },
     "outbound": {
