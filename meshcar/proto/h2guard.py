@@ -38,8 +38,8 @@ FLOODS = {
 class H2Limits:
     max_continuations: int = 32
     max_header_block: int = 64 * 1024
-    reset_burst: int = 200
-    reset_rate: float = 100.0
+    reset_burst: int = 100
+    reset_rate: float = 10.0
     settings_burst: int = 20
     settings_rate: float = 5.0
     ping_burst: int = 50

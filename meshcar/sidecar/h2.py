@@ -137,7 +137,11 @@ class H2Proxy:
         down = H2Conn(stream, client=False, label=self.direction)
         async with trio.open_nursery() as nursery:
             ups = _Upstreams(nursery, self.pick)
-            await down.start()
+            try:
+                await down.start()
+            except BaseException:  # before run() owns the stream
+                await trio.aclose_forcefully(stream)
+                raise
             await down.run(lambda s: self._stream(down, s, decide, ups, fields))
             nursery.cancel_scope.cancel()
 
@@ -242,7 +246,11 @@ class _Upstreams:
             if conn is None or not conn.usable:
                 stream = await opener()
                 conn = H2Conn(stream, client=True, label="upstream")
-                await conn.start()
+                try:
+                    await conn.start()
+                except BaseException:  # cancelled (or failed) before run() owns the stream
+                    await trio.aclose_forcefully(stream)
+                    raise
                 self.nursery.start_soon(conn.run)
                 self.conns[endpoint] = conn
         return conn
