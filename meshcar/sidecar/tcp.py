@@ -150,11 +150,12 @@ async def _tls_send_eof(tls: TLSStream) -> None:
 
 
 async def _tunnel(
-    caller: trio.abc.Stream, server: trio.abc.Stream, idle_seconds: float
+    caller: trio.abc.Stream, server: trio.abc.Stream, idle_seconds: float, up: int = 0
 ) -> tuple[_Activity, str]:
     """Relay caller <-> server until both directions end ("closed") or nothing moved for
-    `idle_seconds` ("idle")."""
+    `idle_seconds` ("idle"). `up`: caller bytes already passed on (read with the preamble)."""
     act = _Activity()
+    act.up = up
     a = _Tracked(caller, act, up=True)
     b = _Tracked(server, act, up=False)
     with trio.CancelScope() as scope:
@@ -388,11 +389,10 @@ class TcpInbound:
             self.stats.done(label, "app_failed", None, time.perf_counter() - start)
             return
         try:
-            if target.proxy_protocol == "v2":
-                rest = _proxy_v2(tcp, peer.spiffe_id) + rest
-            if rest:
-                await app.send_all(rest)
-            act, how = await _tunnel(mesh, app, target.idle_seconds)
+            first = _proxy_v2(tcp, peer.spiffe_id) if target.proxy_protocol == "v2" else b""
+            if first or rest:
+                await app.send_all(first + rest)
+            act, how = await _tunnel(mesh, app, target.idle_seconds, len(rest))
         except CONNECTION_ERRORS as exc:
             _log("inbound", "failed", peer=peer.spiffe_id, target_port=port, error=_short(exc))
             self.stats.done(label, "failed", None, time.perf_counter() - start)

@@ -249,6 +249,27 @@ async def test_proxy_v2_carries_the_caller_spiffe_id(tmp_path, nursery, ca) -> N
     h = seen[0]
     assert h.version == 2 and h.src_addr == "127.0.0.1" and h.dst_port == db.inbound_port
 
+    # a caller whose first bytes share the preamble's TLS record: passed on after the PROXY
+    # header, and counted as caller bytes (the header is not)
+    from meshcar.net.connect import open_tls
+    from meshcar.sidecar.tcp import preamble
+
+    store = CredentialStore(tmp_path / "web2")
+    store.install(ca.credential(sid("web")))
+    tls = await open_tls("127.0.0.1", db.inbound_port, store.tcp_client_context())
+    await tls.send_all(preamble(app_port) + b"hello")
+    with trio.fail_after(5):
+        answer = b""
+        while chunk := await tls.receive_some(1024):
+            answer += chunk
+    await tls.aclose()
+    assert answer == f"id={sid('web')} first=hello".encode()
+    labels = {"direction": "inbound", "target": str(app_port)}
+    with trio.fail_after(5):
+        while metric(db, "meshcar_tcp_connections_total", **labels, result="closed") < 2:
+            await trio.sleep(0.01)
+    assert metric(db, "meshcar_tcp_bytes_total", **labels, way="up") == 2 * len(b"hello")
+
 
 async def test_idle_tunnel_is_closed(tmp_path, nursery, ca, capsys) -> None:
     app_port = await _serve(nursery, greeter)
