@@ -110,6 +110,25 @@ def test_join_token_sidecar_imports_no_vault_httpx_yaml_or_other_commands(tmp_pa
         assert _loaded(mods["configured"], needed), needed
 
 
+def test_k8s_token_sidecar_imports_no_vault_httpx_or_jwt(tmp_path: Path) -> None:
+    """The Kubernetes path is a token file read at bootstrap: no JWT library, no httpx."""
+    (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "sa").write_text("header.payload.sig")
+    mods = _modules(
+        _cfg(
+            tmp_path,
+            {
+                "ca_url": "https://127.0.0.1:1",
+                "ca_bundle": str(tmp_path / "ca.pem"),
+                "k8s_token_file": str(tmp_path / "sa"),
+            },
+        )
+    )
+    configured = [n for n in (*NOT_LOADED, "jwt") if n != "yaml" and _loaded(mods["configured"], n)]
+    assert not configured, f"a Kubernetes-token identity loads {configured}"
+    assert _loaded(mods["configured"], "meshcar.identity.httpsclient")
+
+
 def test_vault_identity_still_loads_hvac(tmp_path: Path) -> None:
     """The lazy import is taken when Vault is configured (and only then)."""
     (tmp_path / "tok").write_text("x")
