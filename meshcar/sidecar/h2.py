@@ -29,6 +29,7 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
 from meshcar.errors import MeshcarError, UpstreamError
+from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, pump
 from meshcar.net.pipeline import Forward
 from meshcar.net.respond import Refuse, error_body
@@ -200,6 +201,9 @@ class H2Proxy:
         te = any(k == b"te" and b"trailers" in v for k, v in headers)
         out = h2_headers(decision.head, scheme, te)
         deadline = grpc_timeout(headers)
+        if getattr(self.pick, "http1", False):  # app.protocol: http1
+            await self._http1(down, s, req, decision, stats, deadline)
+            return
         try:
             up = await ups.get(decision.key, decision)
         except MeshcarError as exc:
@@ -210,6 +214,32 @@ class H2Proxy:
             await relay(down, s, up, out, stats)
         if scope.cancelled_caught:
             stats[0] = stats[0] or 200
+            await deadline_exceeded(down, s)
+
+    async def _http1(
+        self,
+        down: H2Conn,
+        s: H2Stream,
+        req: RequestHead,
+        decision: Forward,
+        stats: list[int],
+        deadline: float | None,
+    ) -> None:
+        failed: list[BaseException] = []
+        try:
+            with trio.move_on_after(deadline if deadline is not None else float("inf")) as sc:
+                await relay_http1(down, s, req, decision, stats)
+        except* HTTP1_FAILURES as eg:
+            failed.append(eg.exceptions[0])
+        if failed:
+            exc = failed[0]
+            status = exc.status if isinstance(exc, MeshcarError) else 502
+            if s.head_sent:
+                await down.reset(s.id, CANCEL)
+            else:
+                stats[0] = status
+                await respond(down, s, status, f"{decision.upstream}: {exc}")
+        elif sc.cancelled_caught:
             await deadline_exceeded(down, s)
 
 
@@ -357,16 +387,99 @@ class AppPicker:
 
     def __init__(self, cfg: Any, connect_timeout: float = 5.0) -> None:
         self.app = cfg.app
-        self.protocol = cfg.app_protocol
+        self.http1 = cfg.app_protocol != "h2c"  # H2Proxy then goes through the HTTP/1.1 pool
         self.connect_timeout = connect_timeout
 
     def __call__(self, key: str, decision: Forward) -> tuple[Any, Any]:
         from meshcar.net.connect import open_tcp
 
-        if self.protocol != "h2c":
-            raise UpstreamError("HTTP/2 to this app needs app.protocol: h2c", 502)
-
         async def open_h2c() -> trio.abc.Stream:
             return await open_tcp(self.app.host, self.app.port, self.connect_timeout)
 
         return self.app, open_h2c
+
+
+async def relay_http1(
+    down: H2Conn, ds: H2Stream, req: RequestHead, decision: Forward, stats: list[int]
+) -> None:
+    """One HTTP/2 stream to an HTTP/1.1 app (`app.protocol: http1`) through the role's
+    keep-alive pool: the decided head as is (a body of unknown length goes chunked), the
+    response's head, body and end back on the stream. Trailers do not cross HTTP/1.1."""
+    pooled, _ = await decision.pool.acquire(decision.key)
+    conn = pooled.conn
+    reusable = False
+    try:
+        await conn.send(decision.head)
+        async with trio.open_nursery() as nursery:
+            request_done: list[bool] = [ds.ended and not ds.chunks]
+            if not request_done[0]:
+                nursery.start_soon(_body_to_http1, down, ds, conn, req.chunked, stats, request_done)
+            if req.method == b"HEAD":
+                conn.parser.expect_no_body()
+            reusable = await _response_from_http1(down, ds, conn, stats)
+            if not request_done[0]:
+                nursery.cancel_scope.cancel()  # answered before the body was read
+                reusable = False
+                await down.reset(ds.id, 0)
+    finally:
+        await decision.pool.release(pooled, reusable)
+
+
+async def _body_to_http1(
+    down: H2Conn, ds: H2Stream, conn: Any, chunked: bool, stats: list[int], done: list[bool]
+) -> None:
+    while True:
+        item = await ds.receive()
+        if item is None:
+            if chunked:
+                await conn.send(b"0\r\n\r\n")
+            done[0] = True
+            return
+        data, fc = item
+        if data:
+            await conn.send(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            stats[1] += len(data)
+        down.ack(ds.id, fc)
+        await down.flush()
+
+
+async def _response_from_http1(down: H2Conn, ds: H2Stream, conn: Any, stats: list[int]) -> bool:
+    """Relay the app's response; True if its connection may be reused."""
+    from meshcar.proto.http1 import Data, EndOfMessage, ResponseHead
+
+    while True:
+        ev = await conn.next_event()
+        if ev is None:
+            raise UpstreamError("the app closed the connection before its response", 502)
+        if isinstance(ev, ResponseHead) and ev.status >= 200:
+            break
+    head = ev
+    stats[0] = head.status
+    hs = [(b":status", str(head.status).encode())]
+    hs += [(k.lower(), v) for k, v in head.headers if k.lower() not in HOP_RESPONSE]
+    ev = await conn.next_event()
+    if isinstance(ev, EndOfMessage):
+        await down.send_headers(ds.id, hs, end=True)
+        ds.head_sent = True
+        return head.keep_alive
+    await down.send_headers(ds.id, hs)
+    ds.head_sent = True
+    while not isinstance(ev, EndOfMessage):
+        if ev is None:  # a body delimited by close ends here
+            await down.end_stream(ds.id)
+            return False
+        if isinstance(ev, Data):
+            await down.send_data(ds.id, ev.data)
+            stats[2] += len(ev.data)
+        ev = await conn.next_event()
+    await down.end_stream(ds.id)
+    return head.keep_alive
+
+
+# what ends an exchange with the HTTP/1.1 app: answered (502/503/504) if no head went out yet
+HTTP1_FAILURES: tuple[type[Exception], ...] = (
+    MeshcarError,
+    *(e for e in CONNECTION_ERRORS if issubclass(e, Exception)),
+)
+# connection-specific response headers of HTTP/1.1 that HTTP/2 forbids
+HOP_RESPONSE = NOT_H2 | {b"trailer", b"proxy-authenticate"}
