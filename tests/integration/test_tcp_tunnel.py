@@ -53,6 +53,7 @@ async def node(
     allow: list[str] = (),  # type: ignore[assignment]
     tcp: list[dict] = (),  # type: ignore[assignment]
     upstreams: dict | None = None,
+    policies: list[dict] | None = None,
 ) -> Node:
     cfg = parse_config(
         {
@@ -63,7 +64,12 @@ async def node(
                 "state_dir": str(tmp / name),
             },
             "app": {"port": 1},
-            "inbound": {"listen": "127.0.0.1:1", "allow": list(allow), "tcp": list(tcp)},
+            "inbound": {
+                "listen": "127.0.0.1:1",
+                "allow": list(allow),
+                "tcp": list(tcp),
+                **({"policies": policies} if policies else {}),
+            },
             "outbound": {"upstreams": upstreams or {}},
             "admin": {"listen": "127.0.0.1:1"},
         },
@@ -388,3 +394,24 @@ async def test_peer_without_tcp_alpn_is_refused(tmp_path, nursery, ca, capsys) -
     )  # fmt: skip
     accesslog.flush()
     assert "did not select ALPN meshcar-tcp/1" in capsys.readouterr().out
+
+
+async def test_l7_policies_never_admit_a_tcp_caller(tmp_path, nursery, ca) -> None:
+    """An inbound.policies rule naming a caller lets it make HTTP requests, not open a
+    tunnel: only inbound.allow admits opaque TCP."""
+    app_port = await _serve(nursery, greeter)
+    db = await node(
+        nursery,
+        tmp_path,
+        ca,
+        "db",
+        allow=[sid("web")],
+        tcp=[{"port": app_port}],
+        policies=[{"name": "reader", "from": [sid("evil")]}],
+    )
+    evil = await node(nursery, tmp_path, ca, "evil", upstreams={"db": tcp_upstream(db, app_port)})
+    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, evil, "db"))
+    with trio.fail_after(5):
+        assert await read_to_eof(client) == b""
+    await client.aclose()
+    assert metric(db, "meshcar_authz_denials_total", peer=sid("evil")) == 1
