@@ -46,6 +46,7 @@ from meshcar.errors import UpstreamError
 from meshcar.net.connect import open_tcp
 from meshcar.net.errors import CONNECTION_ERRORS, HANDSHAKE_ERRORS
 from meshcar.net.limits import ConnectionLimit
+from meshcar.net.pool import Pooled
 from meshcar.net.relay import relay
 from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto.proxy_protocol import encode_v2
@@ -231,7 +232,7 @@ class TcpOutbound:
             for n in upstreams
         }
 
-    async def _dial(self, name: str) -> TLSStream:
+    async def _dial(self, name: str) -> Pooled:
         """A verified tunnel connection, trying each endpoint once (round robin start)."""
         up = self.upstreams[name]
         last: UpstreamError | None = None
@@ -251,7 +252,7 @@ class TcpOutbound:
                     502,
                 )
                 continue
-            return stream
+            return pooled
         assert last is not None
         raise last
 
@@ -276,16 +277,18 @@ class TcpOutbound:
             return
         try:
             try:
-                mesh = await self._dial(name)
+                pooled = await self._dial(name)
             except UpstreamError as exc:
                 _log("outbound", "dial_failed", upstream=name, error=str(exc))
                 self.stats.done(name, "dial_failed", None, time.perf_counter() - start)
                 await trio.aclose_forcefully(app)
                 return
-            assert up.target_port is not None
+            mesh = pooled.conn.stream
+            assert up.target_port is not None and isinstance(mesh, TLSStream)
             try:
                 await mesh.send_all(preamble(up.target_port))
                 act, how = await _tunnel(app, mesh, up.idle_seconds)
+                self.dialer.remember_session(pooled)  # the next tunnel resumes (1-RTT, no cert)
             except CONNECTION_ERRORS as exc:
                 _log("outbound", "failed", upstream=name, error=_short(exc))
                 self.stats.done(name, "failed", None, time.perf_counter() - start)

@@ -415,3 +415,25 @@ async def test_l7_policies_never_admit_a_tcp_caller(tmp_path, nursery, ca) -> No
         assert await read_to_eof(client) == b""
     await client.aclose()
     assert metric(db, "meshcar_authz_denials_total", peer=sid("evil")) == 1
+
+
+async def test_next_tunnel_resumes_the_tls_session(tmp_path, nursery, ca) -> None:
+    app_port = await _serve(nursery, greeter)
+    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
+    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
+    port = await tunnel_port(nursery, web, "db")
+    for n in (1, 2):
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"
+        await client.send_eof()
+        assert await read_to_eof(client) == b"221 bye\r\n"
+        await client.aclose()
+        with trio.fail_after(5):  # the tunnel has ended (and its session is kept)
+            while (
+                metric(web, "meshcar_tcp_connections_total", direction="outbound", target="db",
+                       result="closed") < n
+            ):  # fmt: skip
+                await trio.sleep(0.01)
+    hs = "meshcar_tls_handshakes_total"
+    assert metric(web, hs, direction="outbound", result="full") == 1
+    assert metric(web, hs, direction="outbound", result="resumed") == 1
