@@ -43,6 +43,11 @@ def server_context(paths: CAPaths, extra_roots_pem: str | None = None) -> ssl.SS
         ctx.load_verify_locations(cadata=extra_roots_pem)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME  # type: ignore[assignment]
+    # no session resumption: every renewal is authenticated by the certificate it presents
+    # now, and issuing tickets nobody redeems (clients open a new context per request) cost
+    # ~0.35 ms of CPU per client-certificate handshake (docs/PERFORMANCE.md)
+    ctx.num_tickets = 0  # TLS 1.3
+    ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2
     ctx.set_alpn_protocols(["http/1.1"])
     return apply_profile(ctx)  # X25519/P-256/P-384 only; the client's cipher order
 

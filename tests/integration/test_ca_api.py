@@ -4,6 +4,7 @@ TLS, called with httpx (root as the only trust anchor) and with raw sockets for 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -211,6 +212,54 @@ async def test_renewal_over_mtls(ca: RunningCA) -> None:
     # and again with the renewed certificate
     third = await sign(ca, {"csr": make_csr()[1]}, ctx=ca.client_ctx(second["chain"], new_key))
     assert third.status_code == 200 and third.json()["spiffe_id"] == API
+
+
+def _sign_blocking(
+    ca: RunningCA, ctx: ssl.SSLContext, body: dict[str, Any], session: ssl.SSLSession | None
+) -> tuple[int, dict[str, Any], ssl.SSLSession | None, bool]:
+    """One POST /v1/sign on a new connection offering `session`: status, answer, the session
+    to offer next time, whether this one was resumed."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", ca.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            s.sendall(
+                b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(data), data)
+            )
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(payload), s.session, s.session_reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+async def test_session_resumption_and_the_renewal_certificate(
+    ca: RunningCA, version: ssl.TLSVersion
+) -> None:
+    """The API issues no session tickets. TLS 1.3: a client offering the session of its
+    previous connection gets a full handshake, so each renewal is authenticated by the
+    certificate it presents now (proof of its key included). TLS 1.2: OpenSSL's server-side
+    session-ID cache may still resume; a resumed session carries the certificate of its full
+    handshake, and the request is checked and recorded as a renewal of exactly that one."""
+    key, csr = make_csr()
+    first = (await sign(ca, {"csr": csr, "token": ca.token()})).json()
+    ctx = ca.client_ctx(first["chain"], key)
+    ctx.minimum_version = ctx.maximum_version = version
+    status, renewed, session, reused = await trio.to_thread.run_sync(
+        _sign_blocking, ca, ctx, {"csr": make_csr()[1]}, None
+    )
+    assert status == 200 and renewed["spiffe_id"] == API and not reused
+    for _ in range(2):
+        status, again, session, reused = await trio.to_thread.run_sync(
+            _sign_blocking, ca, ctx, {"csr": make_csr()[1]}, session
+        )
+        assert status == 200 and again["spiffe_id"] == API
+        assert reused is (version == ssl.TLSVersion.TLSv1_2)
+    renewals = [r for r in ca.store.certificates() if r.auth == "renewal"]
+    assert len(renewals) == 3
+    assert {r.renewed_from for r in renewals} == {first["serial"]}
 
 
 async def test_token_wins_over_client_certificate(ca: RunningCA) -> None:
