@@ -282,6 +282,28 @@ def _inbound(c: Checker, data: dict) -> tuple[HostPort | None, list[str]]:
     return in_listen, allow
 
 
+def _upstream_protocol(
+    c: Checker, p: str, u: dict, local_port: int | None, has_match: bool
+) -> tuple[str, int | None, float]:
+    """An upstream's (protocol, target_port, idle_seconds): the keys of `protocol: tcp`."""
+    protocol = u.get("protocol", "http")
+    target = u.get("target_port")
+    if protocol not in ("http", "tcp"):
+        c.bad(p + ".protocol", "must be http or tcp")
+    elif protocol == "tcp":
+        if local_port is None:
+            c.bad(p + ".local_port", "is required with protocol: tcp (the tunnel's listener)")
+        if target is None:
+            c.bad(p + ".target_port", "is required with protocol: tcp (the peer's app port)")
+        if has_match:
+            c.bad(p + ".match", "transparent capture is for http upstreams only")
+    elif target is not None or "idle_seconds" in u:
+        c.bad(p, "target_port and idle_seconds need protocol: tcp")
+    if target is not None:
+        target = c.port(target, p + ".target_port")
+    return protocol, target, _seconds(c, u.get("idle_seconds"), p + ".idle_seconds", 3600.0)
+
+
 def _upstream(c: Checker, name: Any, u: Any) -> Upstream | None:
     p = f"outbound.upstreams.{name}"
     if not isinstance(name, str) or not name or any(ch in name for ch in " /:@"):
@@ -297,22 +319,7 @@ def _upstream(c: Checker, name: Any, u: Any) -> Upstream | None:
     if lp is not None:
         lp = c.port(lp, p + ".local_port")
     match = c.hostports(u.get("match", []), p + ".match", required=False)
-    protocol = u.get("protocol", "http")
-    target = u.get("target_port")
-    if protocol not in ("http", "tcp"):
-        c.bad(p + ".protocol", "must be http or tcp")
-    elif protocol == "tcp":
-        if lp is None:
-            c.bad(p + ".local_port", "is required with protocol: tcp (the tunnel's listener)")
-        if target is None:
-            c.bad(p + ".target_port", "is required with protocol: tcp (the peer's app port)")
-        if match:
-            c.bad(p + ".match", "transparent capture is for http upstreams only")
-    elif target is not None or "idle_seconds" in u:
-        c.bad(p, "target_port and idle_seconds need protocol: tcp")
-    if target is not None:
-        target = c.port(target, p + ".target_port")
-    idle = _seconds(c, u.get("idle_seconds"), p + ".idle_seconds", 3600.0)
+    protocol, target, idle = _upstream_protocol(c, p, u, lp, bool(match))
     if eps and usid:
         return Upstream(name.lower(), tuple(eps), usid, lp, tuple(match), protocol, target, idle)
     return None
