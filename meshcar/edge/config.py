@@ -48,6 +48,7 @@ from meshcar.edge.routes import (  # noqa: F401 (re-exported: the route types)
     TerminateRoute,
     parse_route,
 )
+from meshcar.edge.routes.match import find_host, host_table
 from meshcar.errors import ConfigError
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
@@ -67,7 +68,7 @@ EDGE = Section(
     {
         "listen": key(LISTEN, LISTEN.doc, required=True),
         "admin": key(ADMIN, ADMIN.doc, required=True),
-        "routes": key(ListOf(ROUTE, min_items=1), "one route per host", required=True),
+        "routes": key(ListOf(ROUTE, min_items=1), "one route per host or *.domain", required=True),
         "identity": key(IDENTITY, "the edge's mesh identity (needed by bridge routes)"),
         "trusted_hops": key(
             number(0, integer=True), "proxies in front whose X-Forwarded-For is kept", 0
@@ -111,10 +112,16 @@ class EdgeConfig:
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
 
     def route_for(self, host: str | None) -> Route | None:
+        """The route of an SNI or Host name: exact, else the most specific *.domain route
+        (edge/routes/match.py), else default_route."""
         if host is not None:
-            for r in self.routes:
-                if r.host == host:
-                    return r
+            table = self.__dict__.get("_hosts")
+            if table is None:
+                table = host_table(r.host for r in self.routes)
+                object.__setattr__(self, "_hosts", table)  # once; frozen otherwise
+            i = find_host(table, host)
+            if i is not None:
+                return self.routes[i]
         if self.default_route is not None:
             for r in self.routes:
                 if r.host == self.default_route:

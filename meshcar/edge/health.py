@@ -54,10 +54,13 @@ async def check_once(
         return False
 
 
-async def health_loop(route: Route, backends: Backends, gauge) -> None:  # noqa: ANN001
-    hc = route.backend.health
+async def health_loop(route: Route, backends: Backends, gauge, target: str = "") -> None:  # noqa: ANN001
+    """Checks one backend of `route`: `target` names it (a split's; default: the route's
+    one backend, keyed by its host)."""
+    target = target or route.host
+    hc = backends.targets[target][1].health if target in backends.targets else route.backend.health
     assert hc is not None
-    balancer = backends.balancers[route.host]
+    balancer = backends.balancers[target]
     kind = "tcp" if route.mode is Mode.PASSTHROUGH else "http"
     while True:
         for state in balancer.states:

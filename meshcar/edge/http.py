@@ -26,8 +26,9 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_entry
 from meshcar.common.mtls import MeshPeer, MTLSDialer
-from meshcar.edge.config import EdgeConfig, Route
+from meshcar.edge.config import Backend, EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
+from meshcar.edge.routes.match import Splitter
 from meshcar.net.connect import open_tcp
 from meshcar.net.drain import Drain
 from meshcar.net.forward import keep_response_headers, request_bytes, request_has_body
@@ -91,16 +92,15 @@ class Backends:
     def __init__(self, cfg: EdgeConfig, store: CredentialStore | None, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
-        self.balancers: dict[str, Balancer] = {}
-        self.routes = {r.host: r for r in cfg.routes}
+        self.balancers: dict[str, Balancer] = {}  # by target key (routes/match.py: a split's
+        self.targets: dict[str, tuple[Route, Backend]] = {}  # backends; one backend: its host)
         for r in cfg.routes:
-            h = r.backend.health
-            self.balancers[r.host] = Balancer(
-                r.backend.endpoints,
-                r.backend.balance,
-                fall=h.fall if h else 2,
-                rise=h.rise if h else 1,
-            )
+            for bkey, b in r.targets():
+                h = b.health
+                self.targets[bkey] = (r, b)
+                self.balancers[bkey] = Balancer(
+                    b.endpoints, b.balance, fall=h.fall if h else 2, rise=h.rise if h else 1
+                )
         self.pool = Pool(
             self._dial,
             idle_timeout=cfg.pool_idle_seconds,
@@ -117,20 +117,21 @@ class Backends:
         )
 
     @staticmethod
-    def key(route: Route, state: EndpointState) -> str:
-        return f"{route.host}|{state.endpoint}"
+    def key(target: str, state: EndpointState) -> str:
+        return f"{target}|{state.endpoint}"
 
     async def _dial(self, key: str) -> Pooled:
-        host, _, ep = key.partition("|")
-        route = self.routes[host]
+        target, _, ep = key.partition("|")
+        route, backend = self.targets[target]
+        host = route.host
         if route.mode == "terminate":
             h, _, p = ep.rpartition(":")
             return Pooled(HttpConn(await open_tcp(h, int(p)), "response", quickack=True), key, ep)
         peer = self._peers.get(key)
         if peer is None:  # once per route endpoint
-            assert route.backend.spiffe_id is not None
+            assert backend.spiffe_id is not None
             h, _, p = ep.rpartition(":")
-            peer = self._peers[key] = MeshPeer(h, int(p), route.backend.spiffe_id, host, ep)
+            peer = self._peers[key] = MeshPeer(h, int(p), backend.spiffe_id, host, ep)
         assert self.mtls is not None
         return await self.mtls.dial(key, peer)
 
@@ -151,6 +152,7 @@ class TerminatingProxy:
         }
         self.response_timeout = cfg.timeouts.response_head
         self.upgrades = metrics.upgrades("edge")  # WebSocket etc. (net/upgrade.py)
+        self.splitter = Splitter()  # weighted splits (routes/match.py); a test may seed it
         self.drain: Drain | None = (
             None  # requests in flight, set by the process shell (edge/main.py)
         )
@@ -213,13 +215,16 @@ class TerminatingProxy:
             return Refuse(400, str(exc)), req.target.decode("latin-1"), None
         path = target.target.decode("ascii")  # logged: what was forwarded
         refusal = self._misrouted(req, host, route, client, target)
+        split = None
         if refusal is None:
             assert route is not None
-            refusal = self._refuse(req, route, client, target.path)
+            split = route.select(req.method.decode("latin-1"), target.path, req.headers)
+            refusal = self._refuse(req, route, client, target.path, split is not None)
         if refusal is not None:
             return refusal, path, None
-        assert route is not None
-        state = self.backends.balancers[route.host].pick()
+        assert route is not None and split is not None
+        bkey = self.splitter.pick(split)
+        state = self.backends.balancers[bkey].pick()
         if state is None:
             return Refuse(503, f"no healthy endpoint for {route.host}"), path, None
         head = request_bytes(req, target.target, self._headers(req, route, client))
@@ -227,7 +232,7 @@ class TerminatingProxy:
         forward = Forward(
             head,
             self.backends.pool,
-            Backends.key(route, state),
+            Backends.key(bkey, state),
             route.host,
             rewrite_response=(
                 (lambda resp, hs: self._response_headers(route, resp, hs))
@@ -275,13 +280,13 @@ class TerminatingProxy:
         return None
 
     def _refuse(
-        self, req: RequestHead, route: Route, client: ClientConn, only_path: str
+        self, req: RequestHead, route: Route, client: ClientConn, only_path: str, routed: bool
     ) -> Refuse | None:
         """The route's policy: client certificate (403), path (404), WAF (403), rate limit
         (429 + Retry-After), declared body size (413)."""
         if route.client_auth and route.client_auth.mode == "required" and client.cert_der is None:
             return Refuse(403, f"{route.host} requires a client certificate")
-        if not route.path_matches(only_path):
+        if not routed:  # no rule and not the route's own path
             return Refuse(404, f"no route for {only_path} on {route.host}")
         if route.deny:
             refusal = self._waf(req, route, client, only_path)

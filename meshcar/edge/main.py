@@ -144,8 +144,9 @@ class Edge:
                     route=route.host,
                     message="TLS ends at the edge; the leg to the backend is unencrypted HTTP",
                 )
-            if route.backend.health is not None:
-                nursery.start_soon(health_loop, route, self.backends, self.backend_up)
+            for target, backend in route.targets():  # each backend of a split (routes/match.py)
+                if backend.health is not None:
+                    nursery.start_soon(health_loop, route, self.backends, self.backend_up, target)
         await shell.serve_traffic(self._serve_traffic)
         _event(
             "edge.ready",

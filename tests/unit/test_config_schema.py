@@ -169,6 +169,33 @@ FULL_EDGE: dict[str, Any] = {
             "backend": {"endpoints": ["127.0.0.1:7002"], "spiffe_id": "spiffe://t.test/svc/api"},
         },
         {
+            "host": "*.t.test",
+            "mode": "terminate",
+            "tls": {"cert": "site.pem", "key": "site.key"},
+            "backends": [
+                {"weight": 90, "endpoints": ["127.0.0.1:9003"], "balance": "round_robin"},
+                {"weight": 10, "endpoints": ["127.0.0.1:9004"], "health": {"interval": 1}},
+            ],
+            "rules": [
+                {
+                    "match": {
+                        "path_prefix": "/api/",
+                        "path_exact": "/api/x",
+                        "path_regex": "/api/[a-z]+",
+                        "methods": ["GET"],
+                        "headers": [{"name": "x-canary", "value": "1", "pattern": "^1$"}],
+                    },
+                    "backend": {"endpoints": ["127.0.0.1:9005"], "health": {"interval": 1}},
+                },
+                {
+                    "match": {"path_prefix": "/b/"},
+                    "backends": [
+                        {"weight": 1, "endpoints": ["127.0.0.1:9006"], "health": {"rise": 1}}
+                    ],
+                },
+            ],
+        },
+        {
             "host": "db.t.test",
             "mode": "passthrough",
             "proxy_protocol": "v2",

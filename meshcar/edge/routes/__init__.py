@@ -20,10 +20,10 @@ from meshcar.edge.routes.base import (
     Mode,
     RateLimit,
     Route,
-    parse_backend,
 )
 from meshcar.edge.routes.bridge import BridgeRoute, parse_bridge
 from meshcar.edge.routes.passthrough import PassthroughRoute, parse_passthrough
+from meshcar.edge.routes.rules import parse_targets
 from meshcar.edge.routes.terminate import TerminateRoute, parse_terminate
 
 __all__ = [
@@ -48,7 +48,7 @@ ROUTE_TYPES: dict[Mode, tuple[type[Route], Callable[[Checker, dict, str], dict[s
     Mode.BRIDGE: (BridgeRoute, parse_bridge),
     Mode.PASSTHROUGH: (PassthroughRoute, parse_passthrough),
 }
-_HOST = re.compile(r"[a-z0-9*]([a-z0-9.-]*[a-z0-9])?")
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?")  # a name or *.domain
 
 
 def parse_route(c: Checker, raw: Any, i: int) -> Route | None:
@@ -59,15 +59,15 @@ def parse_route(c: Checker, raw: Any, i: int) -> Route | None:
     c.unknown(raw, p + ".", ROUTE_KEYS)
     host = raw.get("host")
     if not isinstance(host, str) or not _HOST.fullmatch(host or ""):
-        c.bad(p + ".host", f"must be a lowercase host name, got {host!r}")
+        c.bad(p + ".host", f"must be a lowercase host name or *.domain, got {host!r}")
         host = None
     mode = raw.get("mode")
     if mode not in MODES:
         c.bad(p + ".mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         return None
     route_type, parse_own = ROUTE_TYPES[Mode(mode)]
-    backend = parse_backend(c, raw.get("backend"), p + ".backend", route_type.mode)
+    backend, split, rules = parse_targets(c, raw, p, host or "?", route_type.mode)
     kw = parse_own(c, raw, p)
     if host is None or backend is None:
         return None
-    return route_type(host, backend, **kw)
+    return route_type(host, backend, rules=rules, split=split, **kw)

@@ -22,6 +22,7 @@ from meshcar.common.schema import (
     number,
     one_of,
 )
+from meshcar.edge.routes.match import RouteRule, Split
 
 
 class Mode(StrEnum):
@@ -104,12 +105,44 @@ DENY = Section(
         "header": key(DENY_HEADER, DENY_HEADER.doc),
     },
 )
+SPLIT_BACKEND = Section(
+    "A backend of a weighted split (canaries): its share of the requests, then as backend",
+    {"weight": key(number(0, 1000000, integer=True), "relative share (0: no traffic)", 1)}
+    | dict(BACKEND.keys),
+)
+HEADER_MATCH = Section(
+    "A request header that must be present, equal value, or match pattern",
+    {
+        "name": key(STRING, "header name", required=True),
+        "value": key({"type": "string"}, "the exact value (surrounding spaces dropped)"),
+        "pattern": key({"type": "string"}, "regular expression searched in its values"),
+    },
+)
+MATCH = Section(
+    "What a request must be for a rule to take it (every given part; the normalised path)",
+    {
+        "path_prefix": key(_PATH, "paths starting with this"),
+        "path_exact": key(_PATH, "this path only"),
+        "path_regex": key({"type": "string"}, "a regular expression the whole path matches"),
+        "methods": key(ListOf(STRING), "methods (any if empty)", []),
+        "headers": key(ListOf(HEADER_MATCH), "headers that must match (all of them)", []),
+    },
+)
+RULE = Section(
+    "A route rule: requests it matches go to its backend or weighted split",
+    {
+        "match": key(MATCH, MATCH.doc, required=True),
+        "backend": key(BACKEND, "where matching requests go (or backends)"),
+        "backends": key(ListOf(SPLIT_BACKEND, min_items=1), "a weighted split (or backend)"),
+    },
+)
 ROUTE = Section(
     "One host's route",
     {
         "host": key(
-            {"type": "string", "pattern": "^[a-z0-9*]([a-z0-9.-]*[a-z0-9])?$"},
-            "the SNI and Host this route serves",
+            {"type": "string", "pattern": "^(\\*\\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"},
+            "the SNI and Host this route serves: a name, or *.domain (any name below it; "
+            "the exact name wins, then the longest wildcard)",
             required=True,
         ),
         "mode": key(
@@ -117,7 +150,17 @@ ROUTE = Section(
             "terminate, bridge (mTLS to a sidecar) or passthrough (TCP)",
             required=True,
         ),
-        "backend": key(BACKEND, BACKEND.doc, required=True),
+        "backend": key(BACKEND, BACKEND.doc + " (or backends)"),
+        "backends": key(
+            ListOf(SPLIT_BACKEND, min_items=1),
+            "terminate, bridge: a weighted split across backends (canaries), instead of backend",
+        ),
+        "rules": key(
+            ListOf(RULE),
+            "terminate, bridge: first match by path, method, headers picks the backend; "
+            "none: the route's own path and backend",
+            [],
+        ),
         "tls": key(TLS, "terminate and bridge: the route's certificate"),
         "path_prefix": key(_PATH, "only paths with this prefix", "/"),
         "path_exact": key(_PATH, "only this path"),
@@ -216,11 +259,35 @@ class Route:
     source_address: str | None = (
         None  # passthrough: the local address backend connections come from
     )
+    rules: tuple[RouteRule, ...] = ()  # first match picks the split (routes/match.py)
+    split: Split | None = None  # `backends:` (weighted); None: `backend`, keyed by host
 
     def path_matches(self, path: str) -> bool:
         if self.path_exact is not None:
             return path == self.path_exact
         return path.startswith(self.path_prefix)
+
+    @property
+    def default_split(self) -> Split:
+        if self.split is None:  # one backend, keyed by the host (as before splits)
+            object.__setattr__(self, "split", Split((self.host,), (self.backend,), (1,)))
+        assert self.split is not None
+        return self.split
+
+    def select(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Split | None:
+        """The split this request goes to: the first rule it matches, else the route's own
+        (None: the route's path does not match either: 404)."""
+        for rule in self.rules:
+            if rule.match.matches(method, path, headers):
+                return rule.split
+        return self.default_split if self.path_matches(path) else None
+
+    def targets(self) -> list[tuple[str, Backend]]:
+        """Every (balancer key, backend) this route may send to."""
+        out = dict(zip(self.default_split.keys, self.default_split.backends, strict=True))
+        for rule in self.rules:
+            out.update(zip(rule.split.keys, rule.split.backends, strict=True))
+        return list(out.items())
 
 
 def check_number(c: Checker, val: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
