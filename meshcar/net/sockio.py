@@ -12,6 +12,8 @@ detection of two tasks sending (or receiving) on one stream at once; meshcar's H
 connections have one reader and one writer.
 
 Other stream kinds (TLS, memory streams in tests) are passed to their own methods.
+`fd_send_all` and `fd_receive_some` are also how `TLSStream` (tls_memory_bio.py) writes and
+reads the socket under it: the one copy of these loops.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ import ssl
 
 import trio
 
+from meshcar.net import sockio
+
 READ_SIZE = 256 * 1024
 
 
@@ -146,10 +148,15 @@ class TLSStream(trio.abc.Stream):
         try:
             while self._outgoing.pending:
                 data = self._outgoing.read()
-                try:
-                    await self._send_raw(data)
-                except (OSError, trio.BrokenResourceError) as exc:
-                    raise trio.BrokenResourceError(repr(exc)) from None
+                # on the socket itself under a socket stream (sockio: trio's checkpoints
+                # without the socket stream's wrapper layers)
+                fd = self._fd()
+                if fd is None:
+                    await self.transport.send_all(data)
+                elif fd < 0:
+                    raise trio.BrokenResourceError("socket is closed")
+                else:
+                    await sockio.fd_send_all(fd, data)
         finally:
             lock.release()
         return True
@@ -160,56 +167,15 @@ class TLSStream(trio.abc.Stream):
         sock = getattr(self.transport, "socket", None)
         return None if sock is None else sock.fileno()
 
-    async def _send_raw(self, data: bytes) -> None:
-        """`transport.send_all(data)`, straight on the non-blocking socket when there is one:
-        the same checkpoints as trio's socket stream (cancellation checked first, one
-        schedule point), without its wrapper layers (an error-translating generator context
-        manager, a conflict detector and a try-sync manager per call)."""
-        fd = self._fd()
-        if fd is None:
-            await self.transport.send_all(data)
-            return
-        if fd < 0:
-            raise trio.BrokenResourceError("socket is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(data)
-        waited = False
-        while view:
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                waited = True
-                continue
-            view = view[n:]
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _recv_raw(self) -> bytes:
-        """`transport.receive_some(READ_SIZE)`, straight on the socket as `_send_raw`."""
-        fd = self._fd()
-        if fd is None:
-            return bytes(await self.transport.receive_some(READ_SIZE))
-        if fd < 0:
-            raise trio.BrokenResourceError("socket is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        while True:
-            try:
-                data = os.read(fd, READ_SIZE)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                waited = True
-                continue
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-
     async def _fill(self) -> None:
-        try:
-            data = await self._recv_raw()
-        except (OSError, trio.BrokenResourceError) as exc:
-            raise trio.BrokenResourceError(repr(exc)) from None
+        """`transport.receive_some(READ_SIZE)` into OpenSSL, on the socket itself as `_flush`."""
+        fd = self._fd()
+        if fd is None:
+            data = bytes(await self.transport.receive_some(READ_SIZE))
+        elif fd < 0:
+            raise trio.BrokenResourceError("socket is closed")
+        else:
+            data = await sockio.fd_receive_some(fd, READ_SIZE)
         if data:
             self._incoming.write(data)
         else:
@@ -265,16 +231,22 @@ class TLSStream(trio.abc.Stream):
             except ssl.SSLError as exc:
                 if parts:
                     return await self._done(b"".join(parts), waited)
-                await trio.lowlevel.checkpoint()
-                if isinstance(exc, ssl.SSLEOFError):
-                    raise trio.BrokenResourceError("peer closed without close_notify") from None
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from None
+                raise await self._broken(exc) from None
             # post-handshake messages (tickets, key update); never wait for the writer
             waited = await self._flush(wait=False) or waited
             if parts:
                 return await self._done(b"".join(parts), waited)
             await self._fill()
             waited = True
+
+    @staticmethod
+    async def _broken(exc: ssl.SSLError) -> trio.BrokenResourceError:
+        """What a read raises for a TLS error with nothing decrypted, after a checkpoint
+        (kept out of `receive_some`'s loop: the hot path stays one function)."""
+        await trio.lowlevel.checkpoint()
+        if isinstance(exc, ssl.SSLEOFError):
+            return trio.BrokenResourceError("peer closed without close_notify")
+        return trio.BrokenResourceError(f"TLS error: {exc}")
 
     @staticmethod
     async def _done(data: bytes, waited: bool) -> bytes:

@@ -18,9 +18,7 @@ PACKAGES = ("meshcar", "ca", "meshcar_spiffe", "meshcar_tlsprofile")
 LIMIT = 15
 
 # "path:qualified name" -> the complexity it has now (a ceiling; lower it as you refactor).
-CEILINGS: dict[str, int] = {
-    "meshcar/net/tls_memory_bio.py:TLSStream.receive_some": 15,
-}
+CEILINGS: dict[str, int] = {}
 
 
 def _blocks(blocks: list, prefix: str = "") -> Iterator[tuple[str, int]]:
