@@ -166,6 +166,7 @@ class Authorizer:
                 else:
                     self._exact.setdefault(p, []).append(r)
         self._cache: dict[str, tuple[Rule, ...]] = {}
+        self._allowed = {r.name: Verdict("allow", r.name) for r in self.rules}  # made once
 
     def candidates(self, caller: str) -> tuple[Rule, ...]:
         """The rules that name `caller`, in config order (one dict lookup once cached)."""
@@ -188,7 +189,7 @@ class Authorizer:
         for r in self.candidates(caller):
             miss = r.first_miss(host, method, path)
             if miss is None:
-                return Verdict("allow", r.name)  # enforce, or an audit rule that would allow
+                return self._allowed[r.name]  # enforce, or an audit rule that would allow
             if r.mode == "audit" and audit_named is None:
                 audit_named = r
             depth = _DIMENSIONS.index(miss)
