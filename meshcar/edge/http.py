@@ -82,6 +82,10 @@ def split_host_port(value: str) -> tuple[str, str]:
     return value, ""
 
 
+def _no_alpn() -> None:
+    return None
+
+
 def _no_session(p: Pooled) -> None:
     """No mTLS dialer (no mesh identity): nothing to remember."""
 
@@ -158,6 +162,11 @@ class TerminatingProxy:
         )
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
+        if getattr(stream, "selected_alpn_protocol", _no_alpn)() == "h2":
+            from meshcar.edge.h2 import serve_h2  # h2 imported when a client chooses it
+
+            await serve_h2(self, stream, client)
+            return
         conn = HttpConn(stream, "request", self.cfg.http.headers)
         await serve_http(
             conn,

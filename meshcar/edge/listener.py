@@ -88,7 +88,7 @@ def public_server_context(route: Route) -> ssl.SSLContext:
     # keeps it so with OpenSSL 1.1.1 too.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(str(route.cert_file), str(route.key_file))
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if route.http2 else ["http/1.1"])  # edge/h2.py
     if route.client_auth is not None:
         ctx.load_verify_locations(cafile=str(route.client_auth.ca_file))
         ctx.verify_mode = (

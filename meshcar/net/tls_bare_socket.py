@@ -53,6 +53,9 @@ class SocketTLSStream(trio.abc.Stream):
     def session_reused(self) -> bool:
         return bool(self._ssl.session_reused)
 
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
     # -- internals --------------------------------------------------------------------------------
 
     async def _maybe_checkpoint(self) -> None:

@@ -118,9 +118,9 @@ def channel(port: int):
     )
 
 
-def call_all(port: int) -> dict:
+def call_all(port: int, make_channel=None) -> dict:
     out: dict = {}
-    with channel(port) as ch:
+    with (make_channel or channel)(port) as ch:
         unary = ch.unary_unary(f"/{SERVICE}/Unary")
         out["unary"] = unary(b"hello", timeout=10)
         out["meta"] = json.loads(unary(b"meta", timeout=10))

@@ -168,6 +168,11 @@ ROUTE = Section(
             {"anyOf": [BOOL, {"type": "string", "pattern": "^max-age="}]},
             "true or a Strict-Transport-Security value",
         ),
+        "http2": key(
+            BOOL,
+            "terminate, bridge: offer h2 by ALPN besides http/1.1 (docs/PROTOCOLS.md)",
+            False,
+        ),
         "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
         "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
         "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
@@ -249,6 +254,7 @@ class Route:
     path_prefix: str = "/"
     path_exact: str | None = None
     hsts: str | None = None  # the header value, e.g. "max-age=31536000"
+    http2: bool = False  # offer h2 by ALPN (edge/h2.py)
     rate_limit: RateLimit | None = None
     max_body_bytes: int | None = None
     client_auth: ClientAuth | None = None

@@ -165,11 +165,20 @@ def _deny(c: Checker, raw: dict, p: str, kw: Kw) -> None:
     kw["deny"] = tuple(rules)
 
 
+def _http2(c: Checker, raw: dict, p: str, kw: Kw) -> None:
+    value = raw.get("http2", False)
+    if not isinstance(value, bool):
+        c.bad(p + ".http2", "must be true or false")
+    elif value:
+        kw["http2"] = True
+
+
 # One check per L7 key (or group of keys), in the order problems are reported.
 L7_CHECKS: tuple[Callable[[Checker, dict, str, Kw], None], ...] = (
     _tls,
     _paths,
     _hsts,
+    _http2,
     _rate_limit,
     _max_body,
     _client_auth,

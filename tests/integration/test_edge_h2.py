@@ -1,0 +1,131 @@
+"""HTTP/2 at the edge: terminate and bridge routes with `http2: true` offer h2 by ALPN. gRPC (grpcio over TLS)
+through a bridge route to a sidecar whose app is a grpcio server (app.protocol: h2c), every
+call kind of test_grpc; httpx and curl with h2 on a terminate route (HTTP/1.1 backend),
+HSTS kept; an HTTP/1.1-only client still gets HTTP/1.1."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from meshcar.tls.store import CredentialStore
+from tests.integration.conftest import NODES, sid, start_node
+from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route
+from tests.integration.test_grpc import FOUR_MB, call_all, start_grpc_server
+from tests.support.echo_app import serve_echo
+from tests.support.pki import ThrowawayCA
+
+grpc = pytest.importorskip("grpc")
+
+
+@pytest.fixture
+async def h2_edge(tmp_path: Path, nursery: trio.Nursery):
+    server, grpc_port, echo = start_grpc_server()
+    pki = public_pki(tmp_path)
+    mesh_ca = ThrowawayCA.create()
+    h2c = {"port": grpc_port, "protocol": "h2c"}
+    api = await start_node(nursery, tmp_path, mesh_ca, "api", grpc_port, [sid("edge")], {}, app=h2c)
+    store = CredentialStore(tmp_path / "edge-state")
+    store.install(mesh_ca.credential(sid("edge")))
+    echo_port = await serve_echo(nursery)
+    routes = [
+        terminate_route("www.test", echo_port, hsts=True, http2=True),
+        {
+            "host": "api.test",
+            "mode": "bridge",
+            "tls": {"cert": "site.pem", "key": "site.pem"},
+            "backend": {"endpoints": [f"127.0.0.1:{api.inbound_port}"], "spiffe_id": sid("api")},
+            "http2": True,
+        },
+        terminate_route("opt.test", echo_port),  # http2 not set: http/1.1 only
+    ]
+    identity = {
+        "spiffe_id": sid("edge"),
+        "ca_url": "https://127.0.0.1:1",
+        "ca_bundle": "x",
+        "state_dir": str(tmp_path / "edge-state"),
+    }
+    edge = await start_edge(nursery, tmp_path, routes, store, identity=identity)
+    yield edge, pki, api
+    echo.release.set()
+    server.stop(0)
+    await edge.aclose()
+    for node in NODES:
+        await node.inbound.aclose()
+        await node.outbound.aclose()
+    NODES.clear()
+
+
+async def test_grpc_through_a_bridge_route(h2_edge) -> None:
+    edge, pki, api = h2_edge
+    roots = pki.ca_file.read_bytes()
+
+    def tls_channel(port: int):
+        return grpc.secure_channel(
+            f"127.0.0.1:{port}",
+            grpc.ssl_channel_credentials(root_certificates=roots),
+            options=[
+                ("grpc.ssl_target_name_override", "api.test"),
+                ("grpc.default_authority", "api.test"),
+                ("grpc.enable_http_proxy", 0),
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20),
+            ],
+        )
+
+    out = await trio.to_thread.run_sync(call_all, edge.https, tls_channel)
+    assert out["unary"] == b"echo:hello5"
+    meta = dict(out["meta"])
+    assert meta["x-forwarded-client-cert"].endswith(f";URI={sid('edge')}")
+    code, details, trailers = out["fail"]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "bad request, see details"
+    assert trailers["grpc-status-details-bin"] == b"\x08\x03\x12\x03bad"
+    assert out["big_up"].endswith(str(FOUR_MB).encode()) and out["big_down"] == FOUR_MB
+    assert out["server_stream"] == [f"item {i}".encode() for i in range(5)]
+    assert out["client_stream"] == b"50 messages, 50000 bytes"
+    assert out["bidi"] == [b"re:1", b"re:2", b"re:3"]
+    assert out["deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert edge.metrics.handshakes.labels("bridge", "full")._value.get() == 1
+
+
+async def test_h2_on_a_terminate_route(h2_edge) -> None:
+    edge, pki, _ = h2_edge
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    base = f"https://127.0.0.1:{edge.https}"
+    www = {"sni_hostname": "www.test"}
+    transport = httpx.AsyncHTTPTransport(http2=True, verify=ctx)
+    hdrs = {"Host": "www.test"}
+    async with httpx.AsyncClient(transport=transport, base_url=base, timeout=20) as c:
+        r = await c.get("/v1/x?y=1", headers=hdrs, extensions=www)  # by IP, SNI www.test
+    assert r.http_version == "HTTP/2" and r.status_code == 200, r.text
+    assert r.json()["target"] == "/v1/x?y=1"
+    assert "strict-transport-security" in r.headers
+    async with httpx.AsyncClient(verify=ctx, base_url=base, timeout=20) as c:
+        r = await c.get("/", headers=hdrs, extensions=www)
+    assert r.http_version == "HTTP/1.1" and r.status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (apt-get install curl)")
+@pytest.mark.parametrize("host, version", [("www.test", "2"), ("opt.test", "1.1")])
+async def test_curl_http2_on_the_edge(h2_edge, host: str, version: str) -> None:
+    edge, pki, _ = h2_edge
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "curl", "-sS", "--http2", "--cacert", str(pki.ca_file),
+                "--resolve", f"{host}:{edge.https}:127.0.0.1",
+                "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                f"https://{host}:{edge.https}/hello",
+            ],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+
+    done = await trio.to_thread.run_sync(run)
+    assert done.stdout == f"{version} 200", (done.stdout, done.stderr)  # http2: true routes only
