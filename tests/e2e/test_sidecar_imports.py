@@ -36,6 +36,11 @@ NOT_LOADED = (
     "meshcar.admin.certcli",
     "meshcar.configcli",
     "meshcar_ca",
+    "h2",  # HTTP/2: imported when the first HTTP/2 connection arrives (docs/PROTOCOLS.md)
+    "hpack",
+    "hyperframe",
+    "meshcar.net.h2conn",
+    "meshcar.common.h2proxy",
 )
 
 # What `meshcar sidecar --config F` runs before serving: the CLI dispatch, the command's module,
