@@ -235,7 +235,9 @@ class H2Conn:
 
     def _message_event(self, ev: Any) -> None:
         s = self.streams.get(ev.stream_id)
-        if s is None:
+        if s is None:  # a stream we are done with: its data only gives back window
+            if isinstance(ev, h2.events.DataReceived):
+                self.ack(ev.stream_id, ev.flow_controlled_length)
             return
         if isinstance(ev, h2.events.ResponseReceived):
             s.headers = list(ev.headers)
@@ -274,10 +276,27 @@ class H2Conn:
             await self.reset(s.id, h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             self.forget(s)
+            with trio.move_on_after(1) as scope:  # the RST or WINDOW_UPDATE forget queued
+                scope.shield = True
+                await self.flush()
 
     def forget(self, s: H2Stream) -> None:
+        """We are done with stream `s`: what it buffered, and what arrives for it later, is
+        acknowledged (the connection's window is shared by every stream); a served stream
+        whose request is still coming is reset with NO_ERROR (RFC 9113 8.1: answered early)."""
         self.streams.pop(s.id, None)
         self._closed_stream.set()
+        if self.closed:
+            return
+        for _, fc in s.chunks:
+            self.ack(s.id, fc)
+        s.chunks.clear()
+        if not self.client and not s.ended and s.gone is None:
+            s.gone = 0
+            try:
+                self.h2.reset_stream(s.id, error_code=0)
+            except (h2.exceptions.ProtocolError, KeyError):
+                pass
 
     def _end(self) -> None:
         if self.closed:

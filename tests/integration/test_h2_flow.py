@@ -10,6 +10,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import pytest
 import trio
 import trio.testing
@@ -125,3 +126,49 @@ async def test_streams_of_one_connection_spread_over_endpoints(flood_mesh) -> No
     await tcp.aclose()
     served = [n.metrics.requests.labels("inbound", "200")._value.get() for n in (api1, api2)]
     assert served == [5, 5]  # round robin per request, one downstream connection
+
+
+async def test_bodies_of_refused_streams_do_not_eat_the_connection_window(flood_mesh) -> None:
+    """Six 1 MiB uploads refused at once (unknown service: 502) are more than the 4 MiB
+    connection window: their data must be given back, or the connection stalls."""
+    app, web, *_ = flood_mesh
+    tcp = await trio.open_tcp_stream("127.0.0.1", web.outbound_port)
+    c = client()
+    statuses: dict[int, bytes] = {}
+
+    async def pump_events() -> None:
+        data = await tcp.receive_some(65536)
+        assert data, "connection closed"
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                statuses[ev.stream_id] = dict(ev.headers)[b":status"]
+        out = c.data_to_send()
+        if out:
+            await tcp.send_all(out)
+
+    with trio.fail_after(30):
+        for _ in range(6):
+            sid_ = c.get_next_available_stream_id()
+            hs = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"example.com")]
+            c.send_headers(sid_, hs + [(b":path", b"/up")])
+            left = 1 << 20
+            while left:  # the whole body, answered or not (as a client that never reads)
+                try:
+                    window = c.local_flow_control_window(sid_)
+                except h2.exceptions.StreamClosedError:
+                    break  # the server reset the rest (NO_ERROR: answered early)
+                n = min(left, window, c.max_outbound_frame_size)
+                if n <= 0:
+                    await tcp.send_all(c.data_to_send())
+                    await pump_events()
+                    continue
+                c.send_data(sid_, b"u" * n)
+                left -= n
+            await tcp.send_all(c.data_to_send())
+        last = get(c, b"/small")
+        await tcp.send_all(c.data_to_send())
+        while last not in statuses:
+            await pump_events()
+    assert statuses[last] == b"200"
+    assert set(statuses.values()) == {b"502", b"200"}
+    await tcp.aclose()
