@@ -4,6 +4,7 @@
     .venv/bin/python bench/run_ca_bench.py [--clients 16] [--duration 8] [--rounds 3]
     .venv/bin/python bench/run_ca_bench.py --only renewal       # or --only token
     .venv/bin/python bench/run_ca_bench.py --keepalive          # one connection per client
+    .venv/bin/python bench/run_ca_bench.py --ca-workers 2       # `ca serve --workers 2`
 
 A script, not a test.  It starts, on 127.0.0.1 with dynamically picked ports:
 
@@ -31,7 +32,9 @@ OpenBao gets the same clients with `X-Vault-Token` (the dev root token) and
 Method: one uncounted warm-up round per server and mode, then `--rounds` rounds with the
 two servers alternating (ABBA order) so background load hits both alike.  Around each round
 the server's CPU time (utime+stime of all its threads, /proc/PID/stat) is read; the table
-shows medians of signatures/s and CPU ms per signature, and the ratio CA/OpenBao.  Every
+shows medians of signatures/s and CPU ms per signature, and the ratio CA/OpenBao; each client
+process also reports its own CPU time (`time.process_time`), shown per signature, since the
+clients share the machine with the server they measure.  Every
 raw sample is printed.  Exit status is non-zero if a request failed.
 """
 
