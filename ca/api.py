@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -404,6 +405,7 @@ class CAServer:
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
             ("Cache-Control", "no-store"),
+            ("Date", formatdate(usegmt=True)),  # `meshcar check` measures clock skew by it
             *response.headers,
         ]
         if close:

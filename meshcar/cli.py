@@ -33,7 +33,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run an app under a sidecar: start when ready, exit with it",
     ),
     "cert": ("meshcar.admin.certcli", "main", "show or renew a sidecar's certificate"),
-    "config": ("meshcar.configcli", "main", "config JSON Schema (schema sidecar|edge), check FILE"),
+    "config": (
+        "meshcar.configcli",
+        "main",
+        "config JSON Schema (schema sidecar|edge), validate FILE (CI)",
+    ),
+    "check": (
+        "meshcar.checkcli",
+        "main",
+        "check a config and its files, CA, certificates, ports and peers",
+    ),
     "demo-app": ("meshcar.demo.app", "main", "the small JSON demo app of the scenario"),
 }
 

@@ -1,7 +1,8 @@
-"""`meshcar config schema sidecar|edge` and `meshcar config check FILE`.
+"""`meshcar config schema sidecar|edge` and `meshcar config validate FILE` (alias `check`).
 
 The schema is rendered from the declarative key description the checkers use
-(meshcar/common/schema.py), so editors and `check` accept the same keys.
+(meshcar/common/schema.py), so editors and `validate` accept the same keys. It checks the
+config only; `meshcar check FILE` (checkcli.py) also checks the files, CA, ports and peers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of a config")
     sp.add_argument("kind", choices=sorted(KINDS))
-    cp = sub.add_parser("check", help="check config files; print every problem (exit 2 if any)")
+    cp = sub.add_parser(
+        "validate",
+        aliases=["check"],  # `check`: the name before issue 15
+        help="validate config files for CI; print every problem (exit 2 if any)",
+    )
     cp.add_argument("files", type=Path, nargs="+", metavar="FILE")
     cp.add_argument(
         "--kind",

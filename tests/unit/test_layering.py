@@ -104,7 +104,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("meshcar.common",),  # what the roles share
     ("meshcar.sidecar", "meshcar.edge", "meshcar.inject"),  # the roles
     # commands; the CA; the demo (its scenario data and the edge config built from it)
-    ("meshcar.demo", "meshcar.supervise", "meshcar.cli", "meshcar.configcli", "meshcar_ca"),
+    (
+        "meshcar.demo",
+        "meshcar.supervise",
+        "meshcar.cli",
+        "meshcar.configcli",
+        "meshcar.checkcli",
+        "meshcar_ca",
+    ),
 ]
 
 # Pairs that must not import each other, in either direction (prefixes).

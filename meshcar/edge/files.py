@@ -1,0 +1,27 @@
+"""The files an edge config names besides its identity's: each route's certificate, key and
+client CA (`meshcar check` and the edge's start-up check them all at once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshcar.common.files import identity_files
+from meshcar.edge.config import EdgeConfig
+
+
+def route_files(cfg: EdgeConfig) -> list[tuple[str, Path]]:
+    """(config key, path) of every file of the routes."""
+    files = []
+    for i, r in enumerate(cfg.routes):
+        p = f"routes[{i}] ({r.host})"
+        if r.cert_file is not None:
+            files.append((f"{p}.tls.cert", r.cert_file))
+        if r.key_file is not None:
+            files.append((f"{p}.tls.key", r.key_file))
+        if r.client_auth is not None:
+            files.append((f"{p}.client_auth.ca", r.client_auth.ca_file))
+    return files
+
+
+def edge_files(cfg: EdgeConfig) -> list[tuple[str, Path]]:
+    return identity_files(cfg.identity) + route_files(cfg)
