@@ -45,6 +45,7 @@ from meshcar.errors import ConfigError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
+from meshcar.sidecar.splits import SPLIT_TO, TrafficSplit, parse_splits
 
 __all__ = [
     "Checker",
@@ -146,6 +147,11 @@ OUTBOUND = Section(
             "deny",
         ),
         "egress_proxy": key(HOSTPORT, "with egress allow: send non-mesh HTTP via this proxy"),
+        "splits": key(
+            MapOf(ListOf(SPLIT_TO, min_items=1), key_pattern="^[^ /:@]+$"),
+            "weighted splits: service name -> [{upstream, weight}] (canaries)",
+            {},
+        ),
     },
 )
 SIDECAR = Section(
@@ -202,6 +208,7 @@ class SidecarConfig:
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
     egress: str = "deny"  # outbound.egress: hosts that are no upstream (allow | deny)
     egress_proxy: HostPort | None = None  # outbound.egress_proxy: non-mesh HTTP goes via it
+    splits: tuple[TrafficSplit, ...] = ()  # outbound.splits (sidecar/splits.py)
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
     limits: Limits = Limits()  # connections per listener and per upstream (net/limits.py)
@@ -362,6 +369,12 @@ def _outbound(c: Checker, data: dict) -> dict[str, Any]:
         "upstreams": tuple(upstreams),
         "transparent_listen": transparent,
         "pool_idle_seconds": float(pool_idle),
+        "splits": parse_splits(
+            c,
+            outbound.get("splits"),
+            {u.name for u in upstreams if u.protocol == "http"},
+            {u.name for u in upstreams},
+        ),
         **_egress(c, outbound),
     }
 

@@ -37,6 +37,7 @@ from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
 from meshcar.sidecar.egress import DENIED, Egress
+from meshcar.sidecar.splits import Splitter
 from meshcar.sidecar.tcp import TcpOutbound
 from meshcar.tls.store import CredentialStore
 
@@ -76,6 +77,7 @@ class Outbound:
         self.tcp = TcpOutbound(cfg, store, metrics, tcp_ups) if tcp_ups else None
         self.dialer = MeshDialer(store, self.upstreams, metrics)
         self.egress = Egress(cfg, metrics) if cfg.egress == "allow" else None  # non-mesh hosts
+        self.splitter = Splitter(cfg.splits)  # outbound.splits: weighted (sidecar/splits.py)
         self.upgrades = metrics.upgrades("outbound")  # WebSocket etc. (net/upgrade.py)
         self.drain: Drain | None = None  # set by the process that owns the listeners
         self.response_timeout = (
@@ -176,6 +178,7 @@ class Outbound:
         except PathError as exc:
             return Refuse(400, str(exc)), fixed
         service = fixed if fixed is not None else name
+        service = self.splitter.resolve(service)  # a split's name -> one of its upstreams
         if service not in self.upstreams:
             egress = (
                 self.egress.decide(req, target, authority) if self.egress and not fixed else None

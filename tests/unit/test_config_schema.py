@@ -80,6 +80,7 @@ FULL_SIDECAR: dict[str, Any] = {
                 "idle_seconds": 60,
             },
         },
+        "splits": {"svc": [{"upstream": "b", "weight": 9}]},
     },
     "admin": {"listen": "127.0.0.1:7200", "public_paths": ["/live", "/certs"]},
     "log_level": "warning",
