@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from meshcar.common.config import load_yaml
 from meshcar.common.schema import Section, document
 from meshcar.edge.config import EDGE, parse_edge_config
 from meshcar.errors import ConfigError
@@ -37,11 +36,9 @@ def guess_kind(data: object) -> str:
 def check(path: Path, kind: str | None = None) -> tuple[str, list[str]]:
     """(the kind checked, every problem of the file at `path`, each naming the file and key)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        return kind or "sidecar", [f"{path}: cannot read: {exc.strerror}"]
-    except yaml.YAMLError as exc:
-        return kind or "sidecar", [f"{path}: not valid YAML: {exc}"]
+        data = load_yaml(path)
+    except ConfigError as exc:
+        return kind or "sidecar", exc.problems
     kind = kind or guess_kind(data)
     parse = parse_edge_config if kind == "edge" else parse_config
     try:

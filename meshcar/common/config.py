@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS
+from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS, parse_public_paths
 from meshcar.common.schema import (
     BOOL,
     HOSTPORT,
@@ -22,7 +22,7 @@ from meshcar.common.schema import (
     number,
     one_of,
 )
-from meshcar.errors import IdentityError
+from meshcar.errors import ConfigError, IdentityError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import TIMEOUT_KEYS, Limits
@@ -501,3 +501,50 @@ def parse_workers(c: Checker, data: dict) -> int:
         c.bad("workers", f"must be a whole number from 1 to {MAX_WORKERS}, or auto (got {raw!r})")
         return 1
     return raw
+
+
+# -- loading: what every config file goes through before its own sections ----------------------
+
+
+def load_yaml(path: Path) -> Any:
+    """The file at `path` as parsed YAML; ConfigError naming the file if it cannot be read or
+    is not YAML."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    import yaml  # only while loading (issue 12: memory; it stays in sys.modules, ~1.7 MB)
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+
+
+def top_level(data: Any, source: str, base_dir: Path | None, allowed: Section) -> Checker:
+    """The start of every config parse: the checker for `source` (paths relative to
+    `base_dir`, default the current directory), once the top level is a mapping; its keys
+    not in `allowed` are problems."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    c = Checker(source, base_dir or Path.cwd())
+    c.unknown(data, "", allowed)
+    return c
+
+
+def parse_admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:
+    """The `admin:` section: its listener and the paths served without a token (None: the
+    default `PUBLIC_PATHS`)."""
+    admin = c.section(data, "admin")
+    c.unknown(admin, "admin.", ADMIN)
+    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
+    public_paths, why = parse_public_paths(
+        admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS))
+    )
+    for w in why:
+        c.bad("admin.public_paths", w)
+    return admin_listen, public_paths

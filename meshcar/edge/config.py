@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
+from meshcar.admin.paths import PUBLIC_PATHS
 from meshcar.common.config import (
     ADMIN,
     DRAIN_SECONDS,
@@ -28,9 +26,12 @@ from meshcar.common.config import (
     HostPort,
     HttpPolicy,
     IdentityConfig,
+    load_yaml,
+    parse_admin,
     parse_http,
     parse_identity,
     parse_workers,
+    top_level,
 )
 from meshcar.common.schema import HOSTPORT, ListOf, Section, key, number
 from meshcar.edge.routes import (  # noqa: F401 (re-exported: the route types)
@@ -137,18 +138,6 @@ def _listen(c: Checker, data: dict) -> tuple[HostPort | None, HostPort | None]:
     return https, http
 
 
-def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:
-    admin = c.section(data, "admin")
-    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
-    c.unknown(admin, "admin.", ADMIN)
-    public_paths, why = parse_public_paths(
-        admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS))
-    )
-    for w in why:
-        c.bad("admin.public_paths", w)
-    return admin_listen, public_paths
-
-
 def _routes(c: Checker, data: dict) -> list[Route]:
     routes: list[Route] = []
     raw_routes = data.get("routes")
@@ -217,13 +206,10 @@ def _scalars(c: Checker, data: dict, routes: list[Route]) -> dict[str, Any]:
 def parse_edge_config(
     data: Any, source: str = "<config>", base_dir: Path | None = None
 ) -> EdgeConfig:
-    c = Checker(source, base_dir or Path.cwd())
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", EDGE)
+    c = top_level(data, source, base_dir, EDGE)
     http_policy = parse_http(c, data.get("http"))
     https, http = _listen(c, data)
-    admin_listen, public_paths = _admin(c, data)
+    admin_listen, public_paths = parse_admin(c, data)
     routes = _routes(c, data)
     identity = parse_identity(c, data) if "identity" in data else None
     net_timeouts = parse_timeouts(data.get("timeouts"), c.bad)
@@ -249,12 +235,4 @@ def parse_edge_config(
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-    return parse_edge_config(data, str(path), path.parent)
+    return parse_edge_config(load_yaml(path), str(path), path.parent)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshcar.admin.paths import PUBLIC_PATHS, parse_public_paths
+from meshcar.admin.paths import PUBLIC_PATHS
 from meshcar.common.authz import AUTHZ_RULE, Rule, parse_policies
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
     ADMIN,
@@ -26,9 +26,13 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     HttpPolicy,
     IdentityConfig,
     VaultIdentity,
+    load_yaml,
+    parse_admin,
     parse_http,
     parse_identity,
     parse_workers,
+    parse_yaml,
+    top_level,
 )
 from meshcar.common.schema import (
     HOSTPORT,
@@ -393,18 +397,6 @@ def _egress(c: Checker, outbound: dict) -> dict[str, Any]:
     return {"egress": egress, "egress_proxy": proxy}
 
 
-def _admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:
-    admin = c.section(data, "admin")
-    c.unknown(admin, "admin.", ADMIN)
-    admin_listen = c.hostport(admin.get("listen"), "admin.listen") if "admin" in data else None
-    public_paths, why = parse_public_paths(
-        admin.get("public_paths", sorted(p.decode() for p in PUBLIC_PATHS))
-    )
-    for w in why:
-        c.bad("admin.public_paths", w)
-    return admin_listen, public_paths
-
-
 def _scalars(c: Checker, data: dict) -> tuple[float, str]:
     """drain_seconds and log_level."""
     drain = data.get("drain_seconds", 10)
@@ -420,10 +412,7 @@ def _scalars(c: Checker, data: dict) -> tuple[float, str]:
 def parse_config(
     data: Any, source: str = "<config>", base_dir: Path | None = None
 ) -> SidecarConfig:
-    c = Checker(source, base_dir or Path.cwd())
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping"])
-    c.unknown(data, "", SIDECAR)
+    c = top_level(data, source, base_dir, SIDECAR)
     http = parse_http(c, data.get("http"))
 
     identity = parse_identity(c, data)
@@ -442,7 +431,7 @@ def parse_config(
     tcp_raw = inbound_raw.get("tcp") if isinstance(inbound_raw, dict) else None
     tcp_ports = _tcp_ports(c, tcp_raw, str(app_host))
     outbound = _outbound(c, data)
-    admin_listen, public_paths = _admin(c, data)
+    admin_listen, public_paths = parse_admin(c, data)
     drain, level = _scalars(c, data)
     workers = parse_workers(c, data)
 
@@ -470,18 +459,8 @@ def parse_config(
 
 
 def load_config(path: Path) -> SidecarConfig:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return load_config_text(text, str(path), path.parent)
+    return parse_config(load_yaml(path), str(path), path.parent)
 
 
 def load_config_text(text: str, source: str, base_dir: Path | None = None) -> SidecarConfig:
-    import yaml  # only while loading (issue 12: memory; it stays in sys.modules, ~1.7 MB)
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
-    return parse_config(data, source, base_dir)
+    return parse_config(parse_yaml(text, source), source, base_dir)
