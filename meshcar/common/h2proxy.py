@@ -30,6 +30,7 @@ import trio
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
 from meshcar.errors import MeshcarError, UpstreamError
+from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import keep_response_headers
 from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, pump
@@ -137,8 +138,13 @@ class H2Proxy:
         self.pick = pick
         self.metrics = metrics
 
-    async def serve(self, stream: trio.abc.Stream, decide: Decide, fields: dict) -> None:
-        """Serve one HTTP/2 connection; `fields` go into each stream's access-log line."""
+    async def serve(
+        self, stream: trio.abc.Stream, decide: Decide, fields: dict, drain: Drain | None = None
+    ) -> None:
+        """Serve one HTTP/2 connection; `fields` go into each stream's access-log line. With
+        `drain` (the process's), each stream counts as a request in flight, and once the
+        process drains, the first stream to end sends a graceful GOAWAY and the connection
+        closes when its last stream has ended."""
         down = H2Conn(stream, client=False, label=self.direction)
         async with trio.open_nursery() as nursery:
             ups = _Upstreams(nursery)
@@ -147,8 +153,27 @@ class H2Proxy:
             except BaseException:  # before run() owns the stream
                 await trio.aclose_forcefully(stream)
                 raise
-            await down.run(lambda s: self._stream(down, s, decide, ups, fields))
+            await down.run(lambda s: self._drained(down, s, decide, ups, fields, drain))
             nursery.cancel_scope.cancel()
+
+    async def _drained(
+        self,
+        down: H2Conn,
+        s: H2Stream,
+        decide: Decide,
+        ups: _Upstreams,
+        fields: dict,
+        drain: Drain | None,
+    ) -> None:
+        if drain is None:
+            await self._stream(down, s, decide, ups, fields)
+            return
+        with drain:
+            await self._stream(down, s, decide, ups, fields)
+        if drain.draining:
+            await down.goaway_graceful()
+            if len(down.streams) <= 1:  # this one is forgotten after we return
+                await down.close(0, "draining")
 
     async def _stream(
         self, down: H2Conn, s: H2Stream, decide: Decide, ups: _Upstreams, fields: dict

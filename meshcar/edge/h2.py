@@ -63,4 +63,4 @@ async def serve_h2(proxy: TerminatingProxy, stream: trio.abc.Stream, client: Cli
         decision, _path, backend = proxy.decide(req, host, route, client)
         return decision, backend
 
-    await h2.serve(stream, decide, {"client": client.ip, "sni": client.sni})
+    await h2.serve(stream, decide, {"client": client.ip, "sni": client.sni}, proxy.drain)

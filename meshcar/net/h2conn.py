@@ -151,6 +151,8 @@ class H2Conn:
         self._closed_stream = trio.Event()  # a stream ended: room under the peer's limit
         self.closed = False
         self.goaway: str = ""  # why we ended the connection, if we did
+        self.last_stream: int | None = None  # after a graceful GOAWAY: the last stream served
+        self._scope: trio.CancelScope | None = None  # run()'s: close() ends the reader too
 
     async def start(self) -> None:
         self.h2.initiate_connection()
@@ -171,6 +173,7 @@ class H2Conn:
         in a nursery that is cancelled when the connection ends."""
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 try:
                     await self._read(nursery, on_stream)
                 finally:
@@ -215,6 +218,9 @@ class H2Conn:
         """Apply one h2 event; True when the connection is over (GOAWAY received)."""
         E = h2.events
         if isinstance(ev, E.RequestReceived):
+            if self.last_stream is not None and ev.stream_id > self.last_stream:
+                self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return False  # after our GOAWAY: the client retries it elsewhere
             s = self.streams[ev.stream_id] = H2Stream(ev.stream_id)
             s.headers = list(ev.headers)
             s.ended = ev.stream_ended is not None
@@ -320,6 +326,29 @@ class H2Conn:
             self._log_goaway()
         await self.flush()
         self._end()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def goaway_graceful(self) -> None:
+        """Draining: GOAWAY NO_ERROR naming the last stream we take; the streams up to it go
+        on (written as a raw frame: h2's close_connection would refuse their frames), newer
+        ones are refused (REFUSED_STREAM, which clients retry)."""
+        if self.last_stream is not None or self.closed:
+            return
+        from hyperframe.frame import GoAwayFrame
+
+        self.last_stream = self.h2.highest_inbound_stream_id
+        frame = GoAwayFrame(0, last_stream_id=self.last_stream, error_code=0).serialize()
+        async with self._lock:
+            data = self.h2.data_to_send() + frame
+            try:
+                await sockio.send_all(self.stream, data)
+            except CONNECTION_ERRORS:
+                self._end()
+
+    @property
+    def idle(self) -> bool:
+        return not self.streams
 
     def _log_goaway(self) -> None:
         log.info(json.dumps({"event": "h2.goaway", "side": self.label, "reason": self.goaway}))

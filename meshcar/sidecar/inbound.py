@@ -124,7 +124,8 @@ class Inbound:
             return
         if ssl_stream.selected_alpn_protocol() == "h2":  # HTTP/2 from a peer (sidecar/h2.py)
             who = {"peer": peer.spiffe_id if peer else None}
-            await self.h2().serve(ssl_stream, lambda req: self.decide(req, peer, problem), who)
+            decide = lambda req: self.decide(req, peer, problem)  # noqa: E731
+            await self.h2().serve(ssl_stream, decide, who, self.drain)
             return
         conn = HttpConn(ssl_stream, "request", self.cfg.http.headers)
         await serve_http(

@@ -128,7 +128,7 @@ class Outbound:
 
     async def serve_connection(self, stream: trio.SocketStream, fixed: str | None = None) -> None:
         if await is_h2_preface(stream):  # h2c with prior knowledge (sidecar/h2.py)
-            await self.h2().serve(stream, lambda req: self.decide(req, fixed), {})
+            await self.h2().serve(stream, lambda req: self.decide(req, fixed), {}, self.drain)
             return
         conn = HttpConn(stream, "request", self.cfg.http.headers, quickack=True)  # app-facing
         await serve_http(

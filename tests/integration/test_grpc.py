@@ -227,3 +227,32 @@ async def test_h2load_through_the_pair(tmp_path: Path, grpc_mesh) -> None:
     done = await trio.to_thread.run_sync(run)
     assert "200 succeeded, 0 failed, 0 errored" in done.stdout, done.stdout + done.stderr
     assert "status codes: 200 2xx" in done.stdout, done.stdout
+
+
+async def test_draining_lets_a_grpc_call_in_flight_finish(grpc_mesh) -> None:
+    """SIGTERM's drain (net/drain.py) counts HTTP/2 streams as requests in flight: the
+    process waits for a gRPC call in flight, which completes; the connection gets a
+    graceful GOAWAY and the channel's next call goes over a new connection."""
+    from meshcar.net.drain import Drain
+
+    web, api, echo, _ = grpc_mesh
+    drain = web.outbound.drain = Drain()
+    result: list = []
+
+    def slow_then_next() -> None:
+        with channel(web.outbound_port) as ch:
+            unary = ch.unary_unary(f"/{SERVICE}/Unary")
+            result.append(unary(b"slow", timeout=20))
+            result.append(unary(b"after", timeout=20))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.to_thread.run_sync, slow_then_next)
+        with trio.fail_after(20):
+            while drain.in_flight != 1:  # the call is in flight: counted
+                await trio.sleep(0.01)
+        drain.draining = True  # what the shell does on SIGTERM
+        echo.release.set()
+        with trio.fail_after(20):
+            await drain.wait_idle()
+    assert result == [b"late", b"echo:after5"]
+    assert web.metrics.pool_connections.labels("api")._value.get() >= 1
