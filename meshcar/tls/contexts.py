@@ -1,6 +1,6 @@
 """SSLContext builders for the mesh: TLS 1.3 only, mutual authentication, SPIFFE trust bundle.
 
-Key exchange over X25519, P-256 and P-384 only (Mozilla "modern"; `meshcar.tls.profile`).
+Key exchange over X25519, P-256 and P-384 only (Mozilla "modern"; `meshcar_tlsprofile`).
 
 Hostname checks are off on purpose: mesh peers are identified by the SPIFFE ID in their URI
 SAN, which callers check after the handshake (`meshcar.tls.svid`). Chain, dates and
@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from meshcar.tls.profile import apply_profile
+from meshcar_tlsprofile import apply_profile
 
 # ALPN id of an opaque TCP connection between sidecars (`protocol: tcp`, docs/CONFIG.md):
 # the inbound offers it after http/1.1, so only a dialer offering nothing else selects it.
