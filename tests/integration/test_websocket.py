@@ -10,6 +10,7 @@ close (each a clean closing handshake, ending promptly: the TCP close crosses th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import ServerConnection, serve
@@ -128,6 +130,69 @@ def exercise(open_ws: Callable[[], ClientConnection], app: WSApp) -> dict[str, A
             seen["server_close"] = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else None
         seen["server_close_seconds"] = time.monotonic() - t0
         seen["server_close_clean"] = ws.protocol.close_rcvd_then_sent
+    # the server's handler has ended too (so a next run counts from here)
+    seen["client_echoed_server_close"] = app.wait_closes(before + 2)[before + 1]
+    return seen
+
+
+async def exercise_tls(host: str, port: int, ctx: ssl.SSLContext, app: WSApp) -> dict[str, Any]:
+    """`exercise` over TLS, with the asyncio client (in a thread of its own). The threaded
+    client is not used over TLS: its reader thread and a sending thread share one
+    `ssl.SSLSocket`, which OpenSSL does not allow; with TLS 1.3's session tickets arriving
+    just after the handshake, about one upgrade request in a thousand was never sent
+    (seen with `ss`: the edge had received only the client's handshake bytes)."""
+    seen: dict[str, Any] = {}
+    before = len(app.closes)
+
+    def open_ws() -> Any:
+        return aconnect(
+            f"wss://{host}/chat",
+            host="127.0.0.1",
+            port=port,
+            ssl=ctx,
+            server_hostname=host,
+            max_size=None,
+            compression=None,
+            proxy=None,
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT,
+        )
+
+    async def recv(ws: Any, timeout: float = 10) -> Any:
+        return await asyncio.wait_for(ws.recv(), timeout)
+
+    async with open_ws() as ws:
+        await ws.send("héllo, wörld")
+        seen["text"] = await recv(ws)
+        await ws.send(b"\x00\x01\xfe\xff" * 4)
+        seen["binary"] = await recv(ws)
+        big = os.urandom(BIG)
+        await ws.send(big)
+        seen["big_ok"] = await recv(ws, 60) == big
+        pong = await ws.ping(b"from-client")
+        await asyncio.wait_for(pong, 10)
+        seen["client_ping"] = True
+        await ws.send("server-ping")
+        seen["server_ping"] = await recv(ws)
+        t0 = time.monotonic()
+        await ws.close(1000, "client done")
+        seen["client_close_seconds"] = time.monotonic() - t0
+        rcvd = ws.protocol.close_rcvd
+        seen["client_close_echo"] = (rcvd.code, rcvd.reason) if rcvd else None
+    seen["server_saw_client_close"] = (await asyncio.to_thread(app.wait_closes, before + 1))[before]
+    async with open_ws() as ws:
+        await ws.send("server-close")
+        t0 = time.monotonic()
+        try:
+            await recv(ws, CLOSE_TIMEOUT + 5)
+        except ConnectionClosed as exc:
+            seen["server_close"] = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else None
+        await ws.wait_closed()
+        seen["server_close_seconds"] = time.monotonic() - t0
+        seen["server_close_clean"] = ws.protocol.close_rcvd_then_sent
+    seen["client_echoed_server_close"] = (await asyncio.to_thread(app.wait_closes, before + 2))[
+        before + 1
+    ]
     return seen
 
 
@@ -144,6 +209,7 @@ def check(seen: dict[str, Any]) -> None:
     assert seen["client_close_seconds"] < CLOSE_TIMEOUT / 2, seen
     assert seen["server_close"] == (4000, "server says bye")
     assert seen["server_close_clean"] is True
+    assert seen["client_echoed_server_close"] == (4000, "server says bye")
     assert seen["server_close_seconds"] < CLOSE_TIMEOUT / 2, seen
 
 
@@ -381,23 +447,11 @@ async def test_websocket_through_the_edge_on_terminate_and_bridge_routes(
         },
     )
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-
-    def opener(host: str) -> ClientConnection:
-        return connect(
-            f"wss://{host}/chat",
-            sock=_tcp(edge.https),
-            ssl=ctx,
-            server_hostname=host,
-            max_size=None,
-            compression=None,
-            proxy=None,
-            ping_interval=None,
-            close_timeout=CLOSE_TIMEOUT,
-        )
-
     for host in ("www.test", "api.test"):
         with trio.fail_after(120):
-            seen = await trio.to_thread.run_sync(exercise, partial(opener, host), app)
+            seen = await trio.to_thread.run_sync(
+                asyncio.run, exercise_tls(host, edge.https, ctx, app)
+            )
         check(seen)
     await wait_until(lambda: upgraded(edge.metrics, "edge") == 4, 10)
     await wait_until(lambda: upgraded(api.metrics, "inbound") == 2, 10)
