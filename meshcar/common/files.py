@@ -52,3 +52,14 @@ def unreadable_files(files: Iterable[tuple[str, Path]]) -> list[str]:
         if why is not None:
             out.append(f"{k}: {path} {why}")
     return out
+
+
+BOOTSTRAP_KEYS = ("identity.token_file", "identity.k8s_token_file")
+
+
+def startup_problems(files: Iterable[tuple[str, Path]], ident: IdentityConfig | None) -> list[str]:
+    """Every file of `files` a process about to start cannot read. A bootstrap token is
+    needed only while `identity.state_dir` holds no certificate (renewals use mTLS, so a
+    one-use join token may be gone by the next start)."""
+    held = ident is not None and (ident.state_dir / "chain.pem").exists()
+    return unreadable_files((k, p) for k, p in files if not (held and k in BOOTSTRAP_KEYS))

@@ -25,3 +25,31 @@ def route_files(cfg: EdgeConfig) -> list[tuple[str, Path]]:
 
 def edge_files(cfg: EdgeConfig) -> list[tuple[str, Path]]:
     return identity_files(cfg.identity) + route_files(cfg)
+
+
+def route_cert_problems(cfg: EdgeConfig) -> list[str]:
+    """Each route certificate that does not load with its key, naming both files."""
+    import ssl
+
+    out = []
+    for i, r in enumerate(cfg.routes):
+        if r.cert_file is None or r.key_file is None:
+            continue
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                str(r.cert_file), str(r.key_file)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            out.append(
+                f"routes[{i}] ({r.host}).tls: certificate {r.cert_file} with key "
+                f"{r.key_file} does not load: {exc}"
+            )
+    return out
+
+
+def edge_start_problems(cfg: EdgeConfig) -> list[str]:
+    """What keeps the edge from starting, all at once: unreadable files, else certificates
+    that do not load."""
+    from meshcar.common.files import startup_problems
+
+    return startup_problems(edge_files(cfg), cfg.identity) or route_cert_problems(cfg)

@@ -28,6 +28,7 @@ from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
 from meshcar.common.issuer import issuer_for
 from meshcar.edge.config import EdgeConfig, Mode, load_edge_config
+from meshcar.edge.files import edge_start_problems
 from meshcar.edge.health import health_loop
 from meshcar.edge.http import Backends, Redirector, TerminatingProxy
 from meshcar.edge.listener import TLSListener
@@ -227,6 +228,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_edge_config(args.config)
+        problems = edge_start_problems(cfg)  # every missing file at once, by key and path
+        if problems:
+            raise ConfigError([f"{args.config}: {p}" for p in problems])
         edge = Edge(cfg)
     except ConfigError as exc:
         print(f"meshcar edge: {exc}", file=sys.stderr)

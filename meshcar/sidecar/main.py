@@ -4,12 +4,15 @@ Start order: admin listener first (so /live and /ready answer at once, /ready fa
 the identity (bootstrap; no mesh traffic is accepted before a certificate exists), then the
 inbound and outbound listeners, all started with `nursery.start` so ports are bound before
 anything reports ready. The process shell (net/shell.py) owns the root nursery, readiness
-while draining, SIGTERM/SIGINT -> drain -> exit and the exit codes.
+while draining, SIGTERM/SIGINT -> drain -> exit and the exit codes. SIGHUP reloads the config
+file (common/reload.py): `inbound.allow` and `inbound.policies` apply live; any other changed
+key is named as needing a restart and keeps its running value.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -25,7 +28,9 @@ from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.admin.workers import merged_metrics
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
+from meshcar.common.files import identity_files, startup_problems
 from meshcar.common.issuer import issuer_for
+from meshcar.common.reload import Prepared, Reloader, restart_keys
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.follow import Follower
@@ -51,9 +56,17 @@ def _event(name: str, **fields: object) -> None:
     log.info(json.dumps({"event": name, **fields}, default=str))
 
 
+# What a reload applies live (the inbound's allow list and policies); every other key that
+# changed keeps its running value until a restart, and the reload says so (docs/CONFIG.md).
+LIVE_KEYS = ("allow", "policies")
+
+
 class Sidecar:
-    def __init__(self, cfg: SidecarConfig, worker: Worker | None = None) -> None:
-        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one."""
+    def __init__(
+        self, cfg: SidecarConfig, worker: Worker | None = None, source: Path | None = None
+    ) -> None:
+        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one.
+        `source`: the config file, read again on SIGHUP (common/reload.py)."""
         self.cfg = cfg
         self.worker = worker
         self.metrics = Metrics()
@@ -77,6 +90,23 @@ class Sidecar:
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
         self.shell = Shell("sidecar", cfg.drain_seconds)
+        self.reloader = Reloader(
+            "sidecar", source, load_config, self.prepare_reload, self.metrics.registry
+        )
+        self.shell.on_reload = self.reloader.reload
+
+    def prepare_reload(self, new: SidecarConfig) -> Prepared:
+        """The reload of `new` (validated): the live keys' objects built; the rest named."""
+        keys = [f.name for f in dataclasses.fields(SidecarConfig) if f.name not in LIVE_KEYS]
+        restart = restart_keys(self.cfg, new, keys)
+        effective = dataclasses.replace(self.cfg, **{k: getattr(new, k) for k in LIVE_KEYS})
+        swap_inbound = self.inbound.reconfigure(effective)
+
+        def commit() -> None:
+            self.cfg = effective
+            swap_inbound()
+
+        return Prepared(commit, restart)
 
     # -- admin hooks -----------------------------------------------------------------------
 
@@ -91,7 +121,8 @@ class Sidecar:
 
     def worker_ready(self) -> tuple[bool, str]:
         if self.store.credential is None:
-            return False, "no certificate yet"
+            why = self.rotator.reason  # e.g. "bootstrap failed: CA unreachable: ..."
+            return False, "no certificate yet" + ("" if why == "no certificate yet" else f": {why}")
         if not self.store.is_valid_now():
             return False, f"certificate expired and not yet renewed ({self.rotator.reason})"
         problem = self.shell.not_ready()
@@ -170,6 +201,7 @@ class Sidecar:
         cfg, worker = self.cfg, self.worker
         hooks = AdminHooks(self.ready, self.certs, self.renew, self.shutdown)
         hooks.explain = self.inbound.explain  # GET /authz/explain (loopback only)
+        hooks.config_status = self.reloader.status  # GET /config/status (loopback only)
         where = cfg.admin_listen
         if worker is not None and worker.leader:
             hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
@@ -278,12 +310,17 @@ def main(argv: list[str]) -> int:
             if text is None:
                 raise ConfigError([f"${args.config_env}: environment variable is not set"])
             cfg = load_config_text(text, f"${args.config_env}")
+        problems = startup_problems(identity_files(cfg.identity), cfg.identity)
+        if problems:  # every missing file at once, not one per restart
+            source = args.config if args.config is not None else f"${args.config_env}"
+            raise ConfigError([f"{source}: {p}" for p in problems])
     except ConfigError as exc:
         print(f"meshcar sidecar: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    source = args.config  # None with --config-env: a reload has nothing to read again
     if cfg.workers == 1:
-        return run_process("sidecar", Sidecar(cfg).run)
+        return run_process("sidecar", Sidecar(cfg, source=source).run)
     return run_workers(
-        "sidecar", cfg.workers, lambda w: run_process("sidecar", Sidecar(cfg, w).run)
+        "sidecar", cfg.workers, lambda w: run_process("sidecar", Sidecar(cfg, w, source).run)
     )

@@ -59,6 +59,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         cfg = tmp_path / "s.yaml"
+        (tmp_path / "ca.pem").write_text("")  # exists: start-up checks the files first
         cfg.write_text(
             "identity: {spiffe_id: 'spiffe://td/x', ca_url: 'https://127.0.0.1:1', ca_bundle: ca.pem,"
             " state_dir: st}\n"
@@ -89,4 +90,30 @@ def test_edge_bad_config_and_unreadable_certificate(tmp_path: Path) -> None:
         " backend: {endpoints: ['127.0.0.1:3']}}]\n"
     )
     r = run("edge", "--config", str(f))
-    assert r.returncode == 2 and "No such file" in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    # the edge names each missing file by its key, not only the config file (issue 15)
+    missing = tmp_path / "missing.pem"
+    assert f"{f}: routes[0] (a.test).tls.cert: {missing} does not exist" in r.stderr, r.stderr
+    assert f"{f}: routes[0] (a.test).tls.key: {missing} does not exist" in r.stderr, r.stderr
+    # present but not a certificate: both files named
+    (tmp_path / "missing.pem").write_text("not a certificate\n")
+    r = run("edge", "--config", str(f))
+    assert r.returncode == 2, r.stderr
+    assert (
+        f"routes[0] (a.test).tls: certificate {missing} with key {missing} does not load"
+        in r.stderr
+    ), r.stderr
+
+
+def test_every_missing_file_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "identity: {spiffe_id: 'spiffe://td/x', ca_url: 'https://127.0.0.1:1', ca_bundle: ca.pem,"
+        " token_file: token, state_dir: st}\n"
+        f"app: {{port: 1}}\ninbound: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
+    )
+    r = run("sidecar", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert f"{cfg}: identity.ca_bundle: {tmp_path / 'ca.pem'} does not exist" in r.stderr
+    assert f"{cfg}: identity.token_file: {tmp_path / 'token'} does not exist" in r.stderr
