@@ -4,8 +4,9 @@ A `Store` keeps one connection, opened on first use and shared by the worker thr
 call it (`trio.to_thread.run_sync`) under a process-wide lock, which makes this process a
 single writer; the database is in WAL mode with `synchronous = FULL` (each commit is
 fsynced before it returns); `BEGIN IMMEDIATE` with a busy timeout serialises it against other processes
-(for example `meshcar ca token` while `meshcar ca serve` runs). Token consumption is one
-transaction: check expiry and remaining uses, then decrement.
+(for example `meshcar ca token` while `meshcar ca serve` runs, or the processes of
+`ca serve --workers N`). A token use is checked (expiry, remaining uses) and decremented
+inside one transaction, which concurrent uses share (group commit, as below).
 
 Issued-certificate records are group-committed: `record_certificate` queues its record and
 returns only once a transaction holding it has committed, but the thread that gets the lock
@@ -81,6 +82,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []  # records waiting for a group commit
+        self._uses: list[_PendingUse] = []  # token uses waiting for a group commit
+        self.transactions = 0  # begun on the shared connection (tests count group commits)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -134,6 +137,7 @@ class Store:
             if db.in_transaction:  # a failed ROLLBACK/COMMIT left one open
                 db.execute("ROLLBACK")
             db.execute("BEGIN IMMEDIATE")
+            self.transactions += 1
             if not self._migrated:
                 _migrate(db)
                 self._migrated = True
@@ -166,24 +170,31 @@ class Store:
 
     def consume_token(self, token_sha256: str, now: int) -> str:
         """Use the token once and return its SPIFFE ID; raise Unauthenticated
-        (bad_token / token_expired / token_used_up) without consuming otherwise."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT spiffe_id, expires_at, uses_left FROM tokens WHERE token_sha256 = ?",
-                (token_sha256,),
-            ).fetchone()
-            if row is None:
-                raise Unauthenticated("unknown join token", code="bad_token")
-            spiffe_id, expires_at, uses_left = row
-            if expires_at <= now:
-                raise Unauthenticated("the join token has expired", code="token_expired")
-            if uses_left <= 0:
-                raise Unauthenticated("the join token has no uses left", code="token_used_up")
-            db.execute(
-                "UPDATE tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ?",
-                (token_sha256,),
-            )
-        return str(spiffe_id)
+        (bad_token / token_expired / token_used_up) without consuming otherwise.
+
+        Group-committed like the certificate records: the thread that gets the lock checks
+        and decrements every use queued by then, each on its own (one refused use does not
+        fail the others; two uses of one token see each other's decrement), in one
+        transaction, and every caller returns only once that transaction has committed."""
+        mine = _PendingUse(token_sha256, now)
+        with self._queue_lock:
+            self._uses.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._queue_lock:
+                    batch, self._uses = self._uses, []
+                try:
+                    with self._locked_transaction() as db:
+                        for use in batch:
+                            _use_token(db, use)
+                except Exception as exc:  # nothing of the batch committed
+                    for use in batch:
+                        use.error = exc
+                for use in batch:
+                    use.done = True
+        if mine.error is not None:
+            raise mine.error
+        return mine.spiffe_id
 
     def record_certificate(self, rec: CertificateRecord) -> None:
         """Store `rec`; return once it is committed (in a group commit, see above)."""
@@ -256,6 +267,40 @@ class _Pending:
     record: CertificateRecord
     done: bool = False
     error: Exception | None = None
+
+
+@dataclass
+class _PendingUse:
+    """A token use waiting for its group commit: the SPIFFE ID, or the error to raise."""
+
+    token_sha256: str
+    now: int
+    done: bool = False
+    spiffe_id: str = ""
+    error: Exception | None = None
+
+
+def _use_token(db: sqlite3.Connection, use: _PendingUse) -> None:
+    """Check and decrement one use inside the open transaction; a refusal is recorded on
+    `use`, not raised, so the rest of the batch goes on."""
+    row = db.execute(
+        "SELECT spiffe_id, expires_at, uses_left FROM tokens WHERE token_sha256 = ?",
+        (use.token_sha256,),
+    ).fetchone()
+    if row is None:
+        use.error = Unauthenticated("unknown join token", code="bad_token")
+        return
+    spiffe_id, expires_at, uses_left = row
+    if expires_at <= use.now:
+        use.error = Unauthenticated("the join token has expired", code="token_expired")
+    elif uses_left <= 0:
+        use.error = Unauthenticated("the join token has no uses left", code="token_used_up")
+    else:
+        db.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ?",
+            (use.token_sha256,),
+        )
+        use.spiffe_id = str(spiffe_id)
 
 
 _COLUMNS = "serial, spiffe_id, not_before, not_after, issued_at, auth, client_bundle_version, issuer, renewed_from"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from ca.errors import Unavailable
+from ca.errors import Unauthenticated, Unavailable
 from ca.store import CertificateRecord, Store
 
 
@@ -61,3 +62,66 @@ def test_a_failed_commit_raises_unavailable_and_the_store_recovers(tmp_path: Pat
     other.close()
     store.record_certificate(_rec(3))  # the same connection works again
     assert _serials_on_disk(db) == {"1", "3"}
+
+
+def _uses_left(db: Path, token: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT uses_left FROM tokens WHERE token_sha256 = ?", (token,)
+        ).fetchone()[0]
+
+
+def test_concurrent_token_uses_share_one_commit_each_with_its_own_outcome(tmp_path: Path) -> None:
+    """16 uses queued while another thread holds the store: one transaction checks and
+    decrements them all; the used-up, expired and unknown ones fail alone, nothing else does."""
+    db = tmp_path / "ca.db"
+    store = Store.create(db)
+    store.add_token("good", "spiffe://td/svc/a", 0, 1000, 10)
+    store.add_token("few", "spiffe://td/svc/b", 0, 1000, 2)
+    store.add_token("old", "spiffe://td/svc/c", 0, 50, 5)
+    asked = ["good"] * 10 + ["few"] * 4 + ["old", "nope"]
+    outcomes: dict[int, str] = {}
+
+    def use(i: int) -> None:
+        try:
+            outcomes[i] = store.consume_token(asked[i], 100)
+        except Unauthenticated as exc:
+            outcomes[i] = exc.code
+
+    before = store.transactions
+    threads = [threading.Thread(target=use, args=(i,)) for i in range(len(asked))]
+    with store._lock:  # as if a commit were in progress: every use queues behind it
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(store._uses) < len(asked):  # wait until all are queued (observable)
+            assert time.monotonic() < deadline, "the uses did not queue"
+            time.sleep(0.001)
+    for t in threads:
+        t.join()
+    assert store.transactions - before == 1
+    assert [outcomes[i] for i in range(10)] == ["spiffe://td/svc/a"] * 10
+    assert sorted(outcomes[i] for i in range(10, 14)) == [
+        "spiffe://td/svc/b",
+        "spiffe://td/svc/b",
+        "token_used_up",
+        "token_used_up",
+    ]
+    assert (outcomes[14], outcomes[15]) == ("token_expired", "bad_token")
+    assert (_uses_left(db, "good"), _uses_left(db, "few"), _uses_left(db, "old")) == (0, 0, 5)
+
+
+def test_a_failed_token_commit_fails_every_use_of_the_batch(tmp_path: Path) -> None:
+    db = tmp_path / "ca.db"
+    store = Store.create(db)
+    store.add_token("good", "spiffe://td/svc/a", 0, 1000, 3)
+    store._connection().execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(Unavailable):
+        store.consume_token("good", 100)
+    assert not store._uses
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.consume_token("good", 100) == "spiffe://td/svc/a"
+    assert _uses_left(db, "good") == 2
