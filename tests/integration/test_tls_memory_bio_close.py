@@ -6,6 +6,7 @@ sidecar closed mid-response hung at 100 % CPU)."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
@@ -16,26 +17,43 @@ import trustme
 from meshcar.net.tls_memory_bio import TLSStream
 
 
-async def test_close_notify_ends_a_read(nursery: trio.Nursery) -> None:
+def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context for peer.test and a client context that trusts it."""
     ca = trustme.CA()
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("peer.test").configure_cert(server_ctx)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def _client(
+    nursery: trio.Nursery, then: Callable[[TLSStream, trio.SocketStream], Awaitable[None]]
+) -> TLSStream:
+    """A TLSStream client, handshake done and b"hello" sent, to a TLSStream server that reads
+    the hello and then runs `then(its TLS stream, the TCP stream under it)`."""
+    server_ctx, client_ctx = _contexts()
 
     async def serve(tcp: trio.SocketStream) -> None:
         tls = TLSStream(tcp, server_ctx, server_side=True)
         await tls.do_handshake()
         await tls.receive_some(100)
-        await tls.send_all(b"partial")
-        await tls.aclose()  # close_notify, then FIN
+        await then(tls, tcp)
 
     listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tcp = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
     tls = TLSStream(tcp, client_ctx, server_side=False, server_hostname="peer.test")
     await tls.do_handshake()
     await tls.send_all(b"hello")
+    return tls
+
+
+async def test_close_notify_ends_a_read(nursery: trio.Nursery) -> None:
+    async def partial_then_close(tls: TLSStream, tcp: trio.SocketStream) -> None:
+        await tls.send_all(b"partial")
+        await tls.aclose()  # close_notify, then FIN
+
+    tls = await _client(nursery, partial_then_close)
     got = b""
     with trio.fail_after(5):
         while True:
@@ -54,16 +72,8 @@ async def _pair_with_raw_server(
     """A TLSStream client whose server, after the handshake and one record, writes `then`
     (once `go` is set) as raw bytes on the TCP connection, outside TLS, and closes it without
     close_notify (once `close` is set, if given)."""
-    ca = trustme.CA()
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("peer.test").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
 
-    async def serve(tcp: trio.SocketStream) -> None:
-        tls = TLSStream(tcp, server_ctx, server_side=True)
-        await tls.do_handshake()
-        await tls.receive_some(100)
+    async def raw_then_fin(tls: TLSStream, tcp: trio.SocketStream) -> None:
         await tls.send_all(b"first")
         await go.wait()
         await tcp.send_all(then)
@@ -71,11 +81,7 @@ async def _pair_with_raw_server(
             await close.wait()
         await tcp.aclose()  # FIN, no close_notify
 
-    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-    tcp = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
-    tls = TLSStream(tcp, client_ctx, server_side=False, server_hostname="peer.test")
-    await tls.do_handshake()
-    await tls.send_all(b"hello")
+    tls = await _client(nursery, raw_then_fin)
     with trio.fail_after(5):
         assert await tls.receive_some(65536) == b"first"
     go.set()
