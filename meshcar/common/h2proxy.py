@@ -131,9 +131,16 @@ class H2Proxy:
     """HTTP/2 connections of one role side: `decide` is the role's, `dial` its upstreams'."""
 
     def __init__(
-        self, direction: str, pick: Pick, metrics: Metrics, label_key: str = "upstream"
+        self,
+        direction: str,
+        pick: Pick,
+        metrics: Metrics,
+        label_key: str = "upstream",
+        observe: Callable[[dict], None] | None = None,
     ) -> None:
-        self.label_key = label_key  # what the second value decide() returns is, in the log
+        # what the second value decide() returns is, in the log (a dict: several fields)
+        self.label_key = label_key
+        self.observe = observe  # sees each stream's log line before it is written
         self.direction = direction
         self.pick = pick
         self.metrics = metrics
@@ -182,7 +189,7 @@ class H2Proxy:
         stats = [0, 0, 0]  # status, bytes in, bytes out
         headers = s.headers or []
         req = request_head(headers, s.ended)
-        label: str | None = None
+        label: Any = None
         try:
             if isinstance(req, str):
                 stats[0] = 400
@@ -206,15 +213,19 @@ class H2Proxy:
                 "method": dict(headers).get(b":method", b"").decode("latin-1"),
                 "path": req.target.decode("latin-1") if not isinstance(req, str) else "",
             }
-            if label:
+            if isinstance(label, dict):
+                line.update(label)
+            elif label:
                 line[self.label_key] = label
-            log_request(
-                **line,
+            line.update(
                 status=stats[0],
                 bytes_in=stats[1],
                 bytes_out=stats[2],
                 duration_ms=round(dur * 1000, 3),
             )
+            if self.observe is not None:
+                self.observe(line)
+            log_request(**line)
 
     async def _forward(
         self,

@@ -55,12 +55,24 @@ async def serve_h2(proxy: TerminatingProxy, stream: trio.abc.Stream, client: Cli
     """Serve a client connection that negotiated h2 with the edge."""
     h2 = _PROXIES.get(proxy)
     if h2 is None:
-        h2 = _PROXIES[proxy] = H2Proxy("edge", EdgePicker(proxy.backends), proxy.metrics, "backend")
+        metrics = proxy.metrics
 
-    def decide(req: RequestHead) -> tuple[Any, str | None]:
+        def observe(line: dict) -> None:  # the edge's own request metric, as for HTTP/1.1
+            route = line.pop("route", "(none)")
+            mode = line.get("mode") or "none"
+            metrics.observe_edge(route, mode, line["status"], line["bytes_in"], line["bytes_out"])
+
+        picker = EdgePicker(proxy.backends)
+        h2 = _PROXIES[proxy] = H2Proxy("edge", picker, metrics, "backend", observe)
+
+    def decide(req: RequestHead) -> tuple[Any, dict]:
         host = host_of(req)
         route = proxy.cfg.route_for(host) if host else client.sni_route
         decision, _path, backend = proxy.decide(req, host, route, client)
-        return decision, backend
+        mode = str(route.mode.value) if route else None
+        fields: dict[str, object] = {"host": host, "mode": mode, "backend": backend}
+        fields["route"] = route.host if route else "(none)"
+        fields["plaintext_backend"] = mode == "terminate"
+        return decision, fields
 
     await h2.serve(stream, decide, {"client": client.ip, "sni": client.sni}, proxy.drain)

@@ -44,6 +44,13 @@ async def h2_edge(tmp_path: Path, nursery: trio.Nursery):
             "http2": True,
         },
         terminate_route("opt.test", echo_port),  # http2 not set: http/1.1 only
+        terminate_route(
+            "secure.test",
+            echo_port,
+            http2=True,
+            rate_limit={"per_second": 0.001, "burst": 2},
+            max_body_bytes=1000,
+        ),
     ]
     identity = {
         "spiffe_id": sid("edge"),
@@ -129,3 +136,36 @@ async def test_curl_http2_on_the_edge(h2_edge, host: str, version: str) -> None:
 
     done = await trio.to_thread.run_sync(run)
     assert done.stdout == f"{version} 200", (done.stdout, done.stderr)  # http2: true routes only
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (apt-get install curl)")
+async def test_edge_refusals_and_limits_on_h2(h2_edge) -> None:
+    """The route's policy holds on HTTP/2 streams: the rate limit's 429 with Retry-After on
+    the same connection, max_body_bytes' 413, and the edge's request metric and log."""
+    edge, pki, _ = h2_edge
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "curl", "-sS", "--http2", "--cacert", str(pki.ca_file),
+                "--resolve", f"secure.test:{edge.https}:127.0.0.1", *args,
+            ],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    url = f"https://secure.test:{edge.https}/x"
+    done = await trio.to_thread.run_sync(
+        lambda: run("-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "x" * 2000, url)
+    )
+    assert done.stdout == "413", done.stdout  # declared too big (and one token spent)
+    args = [a for _ in range(6) for a in ("-o", "/dev/null", url)]
+    done = await trio.to_thread.run_sync(lambda: run("-w", "%{http_version} %{http_code}\n", *args))
+    lines = done.stdout.splitlines()
+    assert lines[0] == "2 200" and lines[1:] == ["2 429"] * 5, (done.stdout, done.stderr)
+    done = await trio.to_thread.run_sync(lambda: run("-i", url))
+    assert done.stdout.startswith("HTTP/2 429") and "retry-after: " in done.stdout
+    ok = edge.metrics.registry.get_sample_value(
+        "meshcar_edge_requests_total",
+        {"route": "secure.test", "mode": "terminate", "status": "429"},
+    )
+    assert ok == 6
