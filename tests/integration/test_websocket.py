@@ -44,6 +44,7 @@ class WSApp:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.heads: list[dict[str, str]] = []  # the upgrade request heads the app received
         self.closes: list[tuple[int | None, str | None]] = []  # the close frame each received
         self.done = threading.Condition()
         self.server = serve(
@@ -55,6 +56,8 @@ class WSApp:
 
     def _handler(self, ws: ServerConnection) -> None:
         self.connections += 1
+        assert ws.request is not None
+        self.heads.append(dict(ws.request.headers.raw_items()))
         try:
             for msg in ws:
                 if msg == "server-close":
@@ -81,9 +84,11 @@ class WSApp:
 
 
 def mesh_connect(port: int, host: str = "api") -> ClientConnection:
-    """A client connecting to the outbound proxy's port; Host names the upstream."""
+    """A client connecting to the outbound proxy's port; Host names the upstream. It also
+    sends a forged XFCC, which the sidecars must replace."""
     return connect(
         f"ws://{host}/chat?room=1",
+        additional_headers={"X-Forwarded-Client-Cert": "By=evil;URI=spiffe://meshcar.test/x"},
         open_timeout=10,
         sock=_tcp(port),
         max_size=None,
@@ -291,6 +296,11 @@ async def test_websocket_through_a_sidecar_pair(
         assert big["bytes_in"] > BIG and big["bytes_out"] > BIG, big
     inbound = [e for e in entries if e.get("direction") == "inbound"]
     assert inbound[0]["peer"] == sid("web")
+    # the upgrade request got the inbound's identity header like any request: the caller's
+    # forged XFCC was dropped, and ours names the verified caller
+    head = app.heads[0]
+    assert head["X-Forwarded-Client-Cert"].endswith(f";URI={sid('web')}"), head
+    assert "evil" not in head["X-Forwarded-Client-Cert"]
 
 
 async def test_a_caller_off_the_allow_list_is_refused_the_upgrade(
