@@ -19,9 +19,53 @@ _buffer: list[str] = []
 _last_flush = 0.0
 _enabled = True
 FLUSH_SECONDS = 0.2
+_fields: frozenset[str] | None = None  # access_log.fields (None: every field)
+_second = -1
+_prefix = ""
+
+# The fields of a request line (docs/OPERATIONS.md); `access_log.fields` picks among them.
+# `ts` (RFC 3339, UTC, milliseconds) and `type` are on every line.
+REQUEST_FIELDS = (
+    "direction",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "peer",
+    "upstream",
+    "route",
+    "mode",
+    "method",
+    "path",
+    "status",
+    "reason",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "authz",
+    "authz_policy",
+    "deny_reason",
+)
+
+
+def configure(fields: tuple[str, ...] | None) -> None:
+    """Keep only these fields on request lines (None: all)."""
+    global _fields
+    _fields = None if fields is None else frozenset(fields)
+
+
+def timestamp(now: float) -> str:
+    """RFC 3339 in UTC with milliseconds; the date and time part is formatted once a second."""
+    global _second, _prefix
+    sec = int(now)
+    if sec != _second:
+        _second, _prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_prefix}.{int((now - sec) * 1000):03d}Z"
 
 
 def log_request(**fields: object) -> None:
+    if _fields is not None:
+        fields = {k: v for k, v in fields.items() if k in _fields}
     log_entry("request", **fields)
 
 
@@ -30,7 +74,8 @@ def log_entry(kind: str, **fields: object) -> None:
     global _last_flush
     if not _enabled:
         return
-    _buffer.append(json.dumps({"type": kind, **fields}, separators=(",", ":")))
+    line = {"ts": timestamp(time.time()), "type": kind, **fields}
+    _buffer.append(json.dumps(line, separators=(",", ":")))
     now = time.monotonic()
     if len(_buffer) >= 256 or now - _last_flush > FLUSH_SECONDS:
         flush()

@@ -11,7 +11,7 @@ whether the connection may carry another request. The roles' own refusals (403, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshcar.errors import MeshcarError, UpstreamError
 from meshcar.net.errors import CONNECTION_ERRORS
@@ -32,6 +32,37 @@ class Refuse:
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     close: bool = False
+    reason: str = field(default="", compare=False)  # the access log's; "": REASONS[status]
+
+
+# The access log's `reason` of a refusal that names none, by status.
+REASONS = {
+    400: "bad_request",
+    403: "denied",
+    404: "no_route",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    421: "misdirected",
+    429: "rate_limited",
+    431: "headers_too_large",
+    502: "no_upstream",
+    503: "unavailable",
+    504: "upstream_timeout",
+}
+
+
+def reason_of(status: int, decision: object, error: MeshcarError | None) -> str | None:
+    """The access log's `reason` of a request that ended with `status`: the error's (every
+    MeshcarError has one), the refusal's, or `upstream_status` when the upstream itself
+    answered it; None for 1xx and 2xx."""
+    if status < 300 and error is None:
+        return None
+    if error is not None:
+        return error.reason
+    if isinstance(decision, Refuse):
+        return decision.reason or REASONS.get(status, "refused")
+    return "upstream_status"
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -44,7 +75,7 @@ def refusal_for(exc: MeshcarError, upstream: str = "") -> Refuse | None:
     if not exc.answer:
         return None
     message = f"{upstream}: {exc}" if upstream and isinstance(exc, UpstreamError) else str(exc)
-    return Refuse(exc.status, message, close=exc.close)
+    return Refuse(exc.status, message, close=exc.close, reason=exc.reason)
 
 
 async def answer(down: HttpConn, refuse: Refuse, req: RequestHead | None = None) -> bool:

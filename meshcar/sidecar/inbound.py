@@ -29,11 +29,12 @@ from meshcar.net.httpserver import serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
-from meshcar.net.respond import Refuse
+from meshcar.net.respond import Refuse, reason_of
 from meshcar.net.tls_memory_bio import TLSStream
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import PathError, normalise_target
+from meshcar.proto.trace import stamp
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import AppDialer
 from meshcar.sidecar.tcp import ALPN_TCP, TcpInbound
@@ -149,6 +150,7 @@ class Inbound:
     ) -> bool:
         start = time.perf_counter()
         out = Outcome()
+        hop = stamp(req.headers)  # x-request-id kept, traceparent: this hop's span (proto/trace.py)
         decision, path, verdict = self._decide(req, peer, problem)
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "inbound")
@@ -158,6 +160,7 @@ class Inbound:
             self.metrics.observe_request("inbound", out.status, dur)
             log_request(
                 direction="inbound",
+                **hop.fields(),
                 peer=peer.spiffe_id if peer else None,
                 method=req.method.decode("latin-1"),
                 path=path,
@@ -165,6 +168,7 @@ class Inbound:
                 bytes_in=out.bytes_in,
                 bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
+                reason=reason_of(out.status, decision, out.error),
                 **_authz_fields(verdict),
             )
 

@@ -30,10 +30,11 @@ from meshcar.net.httpserver import refuse_http, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
-from meshcar.net.respond import Refuse
+from meshcar.net.respond import Refuse, reason_of
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
+from meshcar.proto.trace import stamp
 from meshcar.sidecar.config import SidecarConfig
 from meshcar.sidecar.dialers import MeshDialer
 from meshcar.sidecar.egress import DENIED, Egress
@@ -150,6 +151,7 @@ class Outbound:
     async def handle_request(self, req: RequestHead, down: HttpConn, fixed: str | None) -> bool:
         start = time.perf_counter()
         out = Outcome()
+        hop = stamp(req.headers)  # the app's x-request-id or a new one; a span per hop
         decision, service = self.decide(req, fixed)
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "outbound")
@@ -159,6 +161,7 @@ class Outbound:
             self.metrics.observe_request("outbound", out.status, dur)
             log_request(
                 direction="outbound",
+                **hop.fields(),
                 upstream=service,
                 method=req.method.decode("latin-1"),
                 path=req.target.decode("latin-1"),
@@ -166,6 +169,7 @@ class Outbound:
                 bytes_in=out.bytes_in,
                 bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),
+                reason=reason_of(out.status, decision, out.error),
             )
 
     def decide(self, req: RequestHead, fixed: str | None) -> tuple[Decision, str | None]:
