@@ -23,6 +23,14 @@ from tests.integration.test_sidecar_paths_headers import app_saw, req, status_of
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 
+
+@pytest.fixture(autouse=True)
+def _flush_access_log():
+    """This test's access lines go to its own output, not the next test's."""
+    yield
+    accesslog.flush()
+
+
 POLICIES = [
     {
         "name": "web-read",

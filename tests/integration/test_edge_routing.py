@@ -14,8 +14,16 @@ import pytest
 import trio
 import trustme
 
+from meshcar.common import accesslog
 from tests.integration.edge_fixtures import NamedBackend, curl, start_edge
 from tests.support.tls_backend import serve_tls_backend
+
+
+@pytest.fixture(autouse=True)
+def _flush_access_log():
+    """This test's access lines go to its own output, not the next test's."""
+    yield
+    accesslog.flush()
 
 
 @pytest.fixture

@@ -11,11 +11,19 @@ import httpx
 import pytest
 import trio
 
+from meshcar.common import accesslog
 from meshcar.errors import ConfigError
 from meshcar.sidecar.splits import Splitter, TrafficSplit
 from tests.integration.conftest import NODES, make_cfg, sid, start_node
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
+
+
+@pytest.fixture(autouse=True)
+def _flush_access_log():
+    """This test's access lines go to its own output, not the next test's."""
+    yield
+    accesslog.flush()
 
 
 async def test_split_holds_its_weights_across_real_sidecars(
