@@ -7,7 +7,8 @@ Lockdown: the listener may be bound to the pod IP so the kubelet and Prometheus 
 the probes (`meshcar inject` does). Only the public paths (`admin.public_paths`, default
 `PUBLIC_PATHS`: /live, /ready, /metrics; at most the read-only `MAY_BE_PUBLIC`) are served
 to a peer that is not on loopback; everything that reveals certificate details, the
-authorization rules (GET /authz/explain) or changes state (/certs, POST /renew, POST
+authorization rules (GET /authz/explain), the config status (GET /config/status) or
+changes state (/certs, POST /renew, POST
 /shutdown) answers 403 unless the TCP peer address is in
 127.0.0.0/8 or ::1, i.e. the process's own pod or host. The peer address is the socket's,
 never a header.
@@ -42,6 +43,8 @@ class AdminHooks:
     metrics: Callable[[], Awaitable[bytes]] | None = None  # workers: N (admin/workers.py)
     # GET /authz/explain?caller=&method=&path=&host= (loopback only): (status, JSON body)
     explain: Callable[[dict[str, str]], tuple[int, dict]] | None = None
+    # GET /config/status (loopback only): the running config's hash, the last reload's result
+    config_status: Callable[[], dict] | None = None
 
 
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
@@ -148,6 +151,8 @@ class AdminServer:
         elif path == b"/authz/explain" and self.hooks.explain:
             args = parse_qs(query.decode("latin-1"), keep_blank_values=True)
             await self._json(conn, *self.hooks.explain({k: v[-1] for k, v in args.items()}))
+        elif path == b"/config/status" and self.hooks.config_status:
+            await self._json(conn, 200, self.hooks.config_status())
         else:
             return None
         return True

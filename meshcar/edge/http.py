@@ -115,10 +115,41 @@ class Backends:
         # bridge routes: the one mTLS dialer (common/mtls.py), handshakes counted as "bridge"
         self.mtls = MTLSDialer(store, metrics, "bridge") if store is not None else None
         self._peers: dict[str, MeshPeer] = {}
+        self._retired: dict[str, tuple[Route, Backend]] = {}  # targets the last reload removed
         # the pool's on_release: keeps a new bridge connection's TLS session (bound once)
         self.remember_session: Callable[[Pooled], None] = (
             self.mtls.remember_session if self.mtls is not None else _no_session
         )
+
+    def reconfigure(self, cfg: EdgeConfig) -> Callable[[], None]:
+        """A config reload (common/reload.py): the new targets and balancers, built now; the
+        returned function swaps them in. A target whose endpoints, balance and health
+        settings did not change keeps its balancer (health state, active counts); the pool
+        and its connections stay (keyed by target and endpoint): idle ones of a removed
+        target close after `pool_idle_seconds`."""
+        targets: dict[str, tuple[Route, Backend]] = {}
+        balancers: dict[str, Balancer] = {}
+        for r in cfg.routes:
+            for bkey, b in r.targets():
+                targets[bkey] = (r, b)
+                old = self.targets.get(bkey)
+                if old is not None and _same_balancing(old[1], b) and bkey in self.balancers:
+                    balancers[bkey] = self.balancers[bkey]
+                else:
+                    h = b.health
+                    balancers[bkey] = Balancer(
+                        b.endpoints, b.balance, fall=h.fall if h else 2, rise=h.rise if h else 1
+                    )
+
+        def commit() -> None:
+            changed = {k for k, v in self.targets.items() if targets.get(k) != v}
+            self._retired = {k: v for k, v in self.targets.items() if k not in targets}
+            self.targets, self.balancers = targets, balancers
+            self._peers = {
+                k: p for k, p in self._peers.items() if k.partition("|")[0] not in changed
+            }
+
+        return commit
 
     @staticmethod
     def key(target: str, state: EndpointState) -> str:
@@ -126,7 +157,8 @@ class Backends:
 
     async def _dial(self, key: str) -> Pooled:
         target, _, ep = key.partition("|")
-        route, backend = self.targets[target]
+        # a request decided just before a reload removed its target still dials it
+        route, backend = self.targets.get(target) or self._retired[target]
         host = route.host
         if route.mode == "terminate":
             h, _, p = ep.rpartition(":")
@@ -138,6 +170,10 @@ class Backends:
             peer = self._peers[key] = MeshPeer(h, int(p), backend.spiffe_id, host, ep)
         assert self.mtls is not None
         return await self.mtls.dial(key, peer)
+
+
+def _same_balancing(a: Backend, b: Backend) -> bool:
+    return (a.endpoints, a.balance, a.health) == (b.endpoints, b.balance, b.health)
 
 
 class TerminatingProxy:
@@ -160,6 +196,28 @@ class TerminatingProxy:
         self.drain: Drain | None = (
             None  # requests in flight, set by the process shell (edge/main.py)
         )
+
+    def reconfigure(self, cfg: EdgeConfig) -> Callable[[], None]:
+        """A config reload: the new routes' rate limiters (a route whose limit did not change
+        keeps its limiter); the returned function swaps config and limiters in."""
+        limiters = {}
+        before = {r.host: r for r in self.cfg.routes}
+        for r in cfg.routes:
+            if r.rate_limit is None:
+                continue
+            old = before.get(r.host)
+            same = old is not None and old.rate_limit == r.rate_limit
+            limiters[r.host] = (
+                self.limiters[r.host]
+                if same and r.host in self.limiters
+                else RateLimiter(r.rate_limit.per_second, r.rate_limit.burst)
+            )
+
+        def commit() -> None:
+            self.cfg, self.limiters = cfg, limiters
+            self.response_timeout = cfg.timeouts.response_head
+
+        return commit
 
     async def serve(self, stream: trio.abc.Stream, client: ClientConn) -> None:
         if getattr(stream, "selected_alpn_protocol", _no_alpn)() == "h2":

@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -33,7 +34,7 @@ from meshcar.common.accesslog import log_entry
 from meshcar.edge.config import EdgeConfig, Mode, Route
 from meshcar.edge.http import ClientConn, TerminatingProxy
 from meshcar.edge.policy import Balancer
-from meshcar.errors import UpstreamError
+from meshcar.errors import ConfigError, UpstreamError
 from meshcar.net.acceptor import serve_sockets
 from meshcar.net.connect import open_tcp
 from meshcar.net.errors import HANDSHAKE_ERRORS
@@ -118,6 +119,28 @@ class TLSListener:
         self.conn_limit = ConnectionLimit(
             "https", cfg.limits.max_connections, lambda n: metrics.listener_refusals.labels(n).inc()
         )
+
+    def reconfigure(self, cfg: EdgeConfig) -> Callable[[dict[str, Balancer]], None]:
+        """A config reload: every terminate/bridge host's SSLContext built again from its
+        certificate files, read now (an unreadable or mismatched file raises OSError or
+        ssl.SSLError, a ValueError: nothing is swapped). The returned function swaps routes,
+        contexts and the passthrough balancers it is given in: new handshakes use the new certificates; an established connection
+        keeps the context it was accepted with."""
+        contexts = {}
+        for r in cfg.routes:
+            if r.mode is Mode.PASSTHROUGH:
+                continue
+            try:
+                contexts[r.host] = public_server_context(r)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(
+                    [f"routes: {r.host}: tls: cannot load {r.cert_file} / {r.key_file}: {exc}"]
+                ) from None
+
+        def commit(balancers: dict[str, Balancer]) -> None:
+            self.cfg, self.contexts, self.balancers = cfg, contexts, balancers
+
+        return commit
 
     async def serve(
         self,

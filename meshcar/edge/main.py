@@ -6,11 +6,15 @@ listeners via `nursery.start`, so ports are bound before /ready says true. A WAR
 logged at start for every terminate route: that leg to the backend is plaintext. The process
 shell (net/shell.py) owns the root nursery and SIGTERM/SIGINT: the edge drains like the
 sidecar (listeners closed, /ready false, requests in flight finish within drain_seconds).
+SIGHUP reloads the config file (common/reload.py): routes, their certificate files (read
+again: new handshakes get the new certificate), policies and timeouts apply live; the keys in
+RESTART_KEYS keep their running value and the reload names them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -27,6 +31,7 @@ from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
 from meshcar.common.issuer import issuer_for
+from meshcar.common.reload import Prepared, Reloader, restart_keys
 from meshcar.edge.config import EdgeConfig, Mode, load_edge_config
 from meshcar.edge.files import edge_start_problems
 from meshcar.edge.health import health_loop
@@ -47,9 +52,39 @@ def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
     log.log(level, json.dumps({"event": name, **fields}, default=str))
 
 
+# Keys a reload cannot change in a running process: they keep their running value and the
+# reload names them (docs/CONFIG.md); every other key (routes, their certificates, policies,
+# timeouts, http, default_route, trusted_hops) applies live.
+RESTART_KEYS = (
+    "https_listen",
+    "http_listen",
+    "admin_listen",
+    "identity",
+    "workers",
+    "admin_public_paths",
+    "drain_seconds",
+    "log_level",
+    "pool_idle_seconds",
+    "limits",
+)
+
+
+def _cert_files(cfg: EdgeConfig) -> list[Path]:
+    """The files a watching edge reloads on: every route's certificate, key and client CA."""
+    out: list[Path] = []
+    for r in cfg.routes:
+        out += [p for p in (r.cert_file, r.key_file) if p is not None]
+        if r.client_auth is not None:
+            out.append(r.client_auth.ca_file)
+    return out
+
+
 class Edge:
-    def __init__(self, cfg: EdgeConfig, worker: Worker | None = None) -> None:
-        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one."""
+    def __init__(
+        self, cfg: EdgeConfig, worker: Worker | None = None, source: Path | None = None
+    ) -> None:
+        """`worker`: this process is one of `workers: N` (net/workers.py); None: the only one.
+        `source`: the config file, read again on SIGHUP (common/reload.py)."""
         self.cfg = cfg
         self.worker = worker
         self.metrics = Metrics()
@@ -84,6 +119,40 @@ class Edge:
         self.redirector = Redirector(cfg, self.metrics)
         self.shell = Shell("edge", cfg.drain_seconds)
         self.proxy.drain = self.shell.drain
+        self.reloader = Reloader(
+            "edge",
+            source,
+            load_edge_config,
+            self.prepare_reload,
+            self.metrics.registry,
+            watch_files=lambda: _cert_files(self.cfg),
+        )
+        self.shell.on_reload = self.reloader.reload
+        self._health: trio.CancelScope | None = None
+
+    def prepare_reload(self, new: EdgeConfig) -> Prepared:
+        """The reload of `new` (validated): routes, balancers, limiters and SSLContexts
+        (certificate files read again) built; the keys needing a restart named."""
+        restart = restart_keys(self.cfg, new, RESTART_KEYS)
+        effective = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in RESTART_KEYS})
+        if self.backends.mtls is None and any(r.mode is Mode.BRIDGE for r in effective.routes):
+            raise ConfigError(
+                ["bridge routes need the mesh identity, which this edge started without: restart"]
+            )
+        swap_backends = self.backends.reconfigure(effective)
+        swap_proxy = self.proxy.reconfigure(effective)
+        swap_tls = self.tls.reconfigure(effective)  # certificate files read here
+
+        def commit() -> None:  # no checkpoint: no connection sees half of it
+            swap_backends()
+            swap_proxy()
+            swap_tls(self.backends.balancers)
+            self.redirector.cfg = self.cfg = effective
+            if self._health is not None:  # the health loops of the new routes
+                self._health.cancel()
+                self.shell.services.start_soon(self._health_loops)
+
+        return Prepared(commit, restart)
 
     def ready(self) -> tuple[bool, str]:
         """This process's readiness and, on worker 0 of N, every other worker's."""
@@ -145,9 +214,7 @@ class Edge:
                     route=route.host,
                     message="TLS ends at the edge; the leg to the backend is unencrypted HTTP",
                 )
-            for target, backend in route.targets():  # each backend of a split (routes/match.py)
-                if backend.health is not None:
-                    nursery.start_soon(health_loop, route, self.backends, self.backend_up, target)
+        await nursery.start(self._health_loops)
         await shell.serve_traffic(self._serve_traffic)
         _event(
             "edge.ready",
@@ -156,11 +223,26 @@ class Edge:
             routes={r.host: r.mode for r in cfg.routes},
         )
 
+    async def _health_loops(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The health checks of the running routes, until a reload replaces them."""
+        with trio.CancelScope() as self._health:
+            async with trio.open_nursery() as loops:
+                for route in self.cfg.routes:
+                    for target, backend in route.targets():  # each backend of a split
+                        if backend.health is not None:
+                            loops.start_soon(
+                                health_loop, route, self.backends, self.backend_up, target
+                            )
+                task_status.started()
+
     async def _start_admin(self, shell: Shell) -> None:
         """The admin listener. With `workers: N` worker 0 serves it, its /metrics merging
         every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
         cfg, worker = self.cfg, self.worker
         hooks = AdminHooks(self.ready, self.status)
+        hooks.config_status = self.reloader.status  # GET /config/status (loopback only)
         where = cfg.admin_listen
         if worker is not None and worker.leader:
             hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
@@ -231,7 +313,7 @@ def main(argv: list[str]) -> int:
         problems = edge_start_problems(cfg)  # every missing file at once, by key and path
         if problems:
             raise ConfigError([f"{args.config}: {p}" for p in problems])
-        edge = Edge(cfg)
+        edge = Edge(cfg, source=args.config)
     except ConfigError as exc:
         print(f"meshcar edge: {exc}", file=sys.stderr)
         return 2
@@ -241,4 +323,6 @@ def main(argv: list[str]) -> int:
     setup_logging(cfg.log_level)
     if cfg.workers == 1:
         return run_process("edge", edge.run)
-    return run_workers("edge", cfg.workers, lambda w: run_process("edge", Edge(cfg, w).run))
+    return run_workers(
+        "edge", cfg.workers, lambda w: run_process("edge", Edge(cfg, w, args.config).run)
+    )

@@ -14,6 +14,9 @@ closes the traffic listeners, waits up to `drain_seconds` for the requests in fl
 keep-alive connection is closed after the request it is serving) and then cancels
 everything left. A second signal while draining cancels everything at once.
 
+SIGHUP never stops the process: it calls the role's `on_reload` (common/reload.py: the config
+file read again, validated whole, swapped in or rejected with the reason).
+
 Exit codes (`run_process`): 0 after a signal or a drain, whether or not requests had to be
 cut off at the deadline (the `<role>.drained` line counts them); 1 on a fatal error: an
 `OSError` (a port in use, an unreadable file) as one line on stderr, anything else (a bug)
@@ -51,6 +54,8 @@ class Shell:
         # awaited after the requests in flight, within the same grace: with `workers: N`,
         # worker 0 (the admin listener) waits there for the other workers to be gone
         self.linger: Callable[[], Awaitable[None]] | None = None
+        # SIGHUP: the role's config reload (common/reload.py); None: logged and ignored
+        self.on_reload: Callable[[str], Awaitable[object]] | None = None
 
     def event(self, name: str, level: int = logging.INFO, **fields: object) -> None:
         self.log.log(level, json.dumps({"event": f"{self.name}.{name}", **fields}, default=str))
@@ -151,11 +156,13 @@ class Shell:
     async def _on_signals(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for sig in signals:
                 name = signal.Signals(sig).name
-                if not self.drain.draining:
+                if sig == signal.SIGHUP:
+                    self._reload_soon()
+                elif not self.drain.draining:
                     self.event("stopping", signal=name)
                     self.services.start_soon(self.stop)
                 else:
@@ -167,6 +174,16 @@ class Shell:
                     )
                     self.exit_now()
                     return
+
+    def _reload_soon(self) -> None:
+        """SIGHUP: reload the config (never stops the process); one reload at a time is the
+        reloader's business."""
+        if self.drain.draining:
+            self.event("reload_ignored", reason="draining")
+        elif self.on_reload is None:
+            self.event("reload_ignored", logging.WARNING, reason="this process cannot reload")
+        else:
+            self.services.start_soon(self.on_reload, "SIGHUP")
 
 
 def first_leaf(exc: BaseException) -> BaseException:

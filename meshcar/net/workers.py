@@ -14,7 +14,8 @@ connection belongs to one worker for its whole life.
 
 Signals: SIGTERM/SIGINT to the parent are forwarded to every worker (each drains as a
 single process does); a second one is forwarded too (each worker then stops at once). The
-parent exits 0 when every worker exited 0 after the stop, else 1.
+parent exits 0 when every worker exited 0 after the stop, else 1. SIGHUP is forwarded to every
+worker that was ever ready: each reloads its config itself (common/reload.py).
 
 A worker that dies while the role was not stopping: if it had been ready once, it is
 restarted after a back-off (0.5 s, doubling to 30 s; back to 0.5 s once a worker stayed up
@@ -51,7 +52,7 @@ PUBLISH_SECONDS = 0.5
 LINGER_POLL_SECONDS = 0.05
 BACKOFF_FIRST, BACKOFF_CAP, BACKOFF_RESET_AFTER = 0.5, 30.0, 60.0
 _SLOT = struct.Struct("<iBBHd")  # pid, ready, ever_ready, admin port, heartbeat (monotonic s)
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -244,6 +245,17 @@ class _Parent:
             except ProcessLookupError:
                 pass
 
+    def reload(self) -> None:
+        """SIGHUP: forwarded to every worker that was ever ready (its shell handles SIGHUP
+        by then; one still starting reads the config file anyway)."""
+        pids = [pid for pid, i in self.pids.items() if self.board.ever_ready(i)]
+        self.event("workers_reloading", workers=len(pids))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if not self.stopping:
             self.stopping = True
@@ -315,6 +327,8 @@ class _Parent:
             )
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 self.stop(info.si_signo)
+            elif info is not None and info.si_signo == signal.SIGHUP and not self.stopping:
+                self.reload()
             self.reap()
             if not self.stopping:
                 self.restart_due()

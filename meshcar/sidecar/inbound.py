@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -76,6 +77,18 @@ class Inbound:
         self.tcp = TcpInbound(cfg, metrics, self.allow)  # ALPN meshcar-tcp/1 (inbound.tcp)
         self.upstream_name = f"app at {cfg.app}"  # in the answer to an app error
         self._h2: Any = None  # sidecar/h2.py's H2Proxy, on the first h2 connection
+
+    def reconfigure(self, cfg: SidecarConfig) -> Callable[[], None]:
+        """A config reload (common/reload.py): the new allow list and policies, compiled
+        now (this may raise ConfigError); the returned function swaps them in. A request
+        reads them once, when it is decided; a TCP tunnel when it is opened."""
+        allow, authz = frozenset(cfg.allow), Authorizer(cfg.allow, cfg.policies)
+
+        def commit() -> None:
+            self.cfg, self.allow, self.authz = cfg, allow, authz
+            self.tcp.allow = allow
+
+        return commit
 
     async def aclose(self) -> None:
         await self.pool.close_all()
