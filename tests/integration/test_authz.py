@@ -222,7 +222,9 @@ async def test_explain_lists_rules_and_decides(authz_mesh: Mesh2, nursery: trio.
             )
         ).json()
         assert (dry["decision"], dry["policy"]) == ("would_deny", "batch-trial")
-        bad = await c.get("/authz/explain", params={"caller": sid("web")})
+        mine = (await c.get("/authz/explain", params={"caller": sid("ops/a")})).json()
+        assert mine["rules_naming_caller"] == ["ops"]
+        bad = await c.get("/authz/explain", params={"caller": sid("web"), "host": "api"})
         assert bad.status_code == 400 and "method, path" in bad.json()["error"]
 
 
