@@ -2,7 +2,80 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+MAX_LABEL_VALUES = 100  # distinct peer/upstream label values per process, then "other"
+OTHER = "other"
+
+
+class Bounded:
+    """Label values with bounded cardinality: the first `limit` distinct names are kept, any
+    later one is `other` (a scrape never grows without bound on callers or hosts)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def label(self, name: str) -> str:
+        if name in self.seen:
+            return name
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(name)
+        return name
+
+
+def _value(metric: Gauge | Counter, suffix: str = "") -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value)
+        for family in metric.collect()
+        for s in family.samples
+        if s.name.endswith(suffix)
+    ]
+
+
+class _IdentityCollector:
+    """meshcar_certificate_expiry_seconds{identity} (seconds to the held certificate's
+    expiry, negative once expired) and meshcar_identity_renewals_total{identity,outcome},
+    computed at scrape time from the rotation's own metrics."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "meshcar_certificate_expiry_seconds",
+            "Seconds until the identity's current certificate expires (negative: expired)",
+            labels=["identity"],
+        )
+        renewals = CounterMetricFamily(
+            "meshcar_identity_renewals",
+            "Certificate issuance outcomes by identity: bootstrap, bootstrap_failure, success "
+            "(renewed), failure",
+            labels=["identity", "outcome"],
+        )
+        sid = self.m.identity
+        if sid is not None:
+            not_after = _value(self.m.cert_not_after)
+            if not_after and not_after[0][1] > 0:
+                expiry.add_metric([sid], not_after[0][1] - time.time())
+            for labels, value in _value(self.m.renewals, "_total"):
+                renewals.add_metric([sid, labels["result"]], value)
+        yield expiry
+        yield renewals
 
 
 class Metrics:
@@ -53,7 +126,7 @@ class Metrics:
         )
         self.edge_requests = Counter(
             "meshcar_edge_requests",
-            "Edge requests (terminate/bridge) or connections (passthrough)",
+            "Edge HTTP requests (terminate/bridge; passthrough: meshcar_edge_connections)",
             ["route", "mode", "status"],
             registry=r,
         )
@@ -127,6 +200,54 @@ class Metrics:
             ["listener", "direction"],
             registry=r,
         )
+
+        # issue 15: the process itself (memory, CPU, open fds; Python's version and GC), the
+        # identity's certificate (seconds to expiry and renewal outcomes, labelled by the
+        # identity), requests by upstream or peer (bounded: see Bounded), edge passthrough
+        # connections apart from HTTP requests
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.identity: str | None = None  # the SPIFFE ID of the certificate (set by the role)
+        r.register(_IdentityCollector(self))
+        self.peer_names = Bounded(MAX_LABEL_VALUES)
+        self.peer_requests = Counter(
+            "meshcar_peer_requests",
+            "HTTP requests by upstream (outbound) or calling SPIFFE ID (inbound) and status "
+            f"class; past {MAX_LABEL_VALUES} distinct names per process, the rest count as other",
+            ["direction", "peer", "code"],
+            registry=r,
+        )
+        self.edge_connections = Counter(
+            "meshcar_edge_connections",
+            "Edge passthrough connections (TCP, not HTTP requests) ended, by result (closed, "
+            "error)",
+            ["route", "result"],
+            registry=r,
+        )
+        self.edge_connection_duration = Histogram(
+            "meshcar_edge_connection_duration_seconds",
+            "Lifetime of edge passthrough connections",
+            ["route"],
+            registry=r,
+            buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+        )
+
+    def observe_peer(self, direction: str, peer: str | None, status: int) -> None:
+        """Count one request by its upstream or caller (a bounded label) and status class."""
+        name = self.peer_names.label(peer or "none")
+        self.peer_requests.labels(direction, name, f"{status // 100}xx").inc()
+
+    def observe_passthrough(
+        self, route: str, error: str | None, bytes_up: int, bytes_down: int, seconds: float
+    ) -> None:
+        """One passthrough connection: a connection, not a request (no status)."""
+        self.edge_connections.labels(route, "closed" if error is None else "error").inc()
+        self.edge_connection_duration.labels(route).observe(seconds)
+        if bytes_up:
+            self.edge_bytes.labels(route, "passthrough", "in").inc(bytes_up)
+        if bytes_down:
+            self.edge_bytes.labels(route, "passthrough", "out").inc(bytes_down)
 
     def upgrades(self, listener: str) -> UpgradeCounts:
         """The `UpgradeObserver` (net/upgrade.py) of one listener."""

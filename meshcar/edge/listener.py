@@ -346,10 +346,8 @@ class TLSListener:
         dur = time.perf_counter() - start
         up_bytes = stats.a_to_b if stats else 0
         down_bytes = stats.b_to_a if stats else 0
-        self.metrics.observe_request("edge-passthrough", 0 if error is None else 502, dur)
-        self.metrics.observe_edge(
-            route.host, "passthrough", 0 if error is None else 502, up_bytes, down_bytes
-        )
+        # a connection, not a request: no status (meshcar_edge_connections_total)
+        self.metrics.observe_passthrough(route.host, error, up_bytes, down_bytes, dur)
         log_entry(
             "connection",
             client=client_ip,

@@ -96,6 +96,8 @@ class Edge:
         )
         self.store: CredentialStore | None = None
         self.rotator: Rotator | Follower | None = None
+        if cfg.identity is not None:  # bridge routes' mesh identity: its certificate's expiry
+            self.metrics.identity = cfg.identity.spiffe_id
         if cfg.identity is not None and worker is not None and not worker.leader:
             ident = cfg.identity  # worker 0 talks to the CA (identity/follow.py)
             self.store = CredentialStore(ident.state_dir / f"worker-{worker.index}")

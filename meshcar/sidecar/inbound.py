@@ -171,6 +171,7 @@ class Inbound:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request("inbound", out.status, dur)
+            self.metrics.observe_peer("inbound", peer.spiffe_id if peer else None, out.status)
             log_request(
                 direction="inbound",
                 **hop.fields(),
@@ -249,9 +250,6 @@ class Inbound:
             "policies": self.authz.table(),
         }
         if not query:
-            return 200, out
-        if set(query) == {"caller"}:  # what may this caller call: the rules naming it
-            out["rules_naming_caller"] = [r.name for r in self.authz.candidates(query["caller"])]
             return 200, out
         missing = [k for k in ("caller", "method", "path") if not query.get(k)]
         if missing:

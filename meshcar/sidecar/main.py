@@ -71,6 +71,7 @@ class Sidecar:
         self.worker = worker
         self.metrics = Metrics()
         ident = cfg.identity
+        self.metrics.identity = ident.spiffe_id  # meshcar_certificate_expiry_seconds{identity}
         self.rotator: Rotator | Follower
         if worker is None or worker.leader:
             self.store = CredentialStore(ident.state_dir)

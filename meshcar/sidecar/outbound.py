@@ -159,6 +159,7 @@ class Outbound:
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request("outbound", out.status, dur)
+            self.metrics.observe_peer("outbound", service, out.status)
             log_request(
                 direction="outbound",
                 **hop.fields(),

@@ -292,7 +292,14 @@ async def test_passthrough_keeps_the_backend_certificate_and_its_client_auth(edg
     assert "HTTP/1.1 200" not in r.stdout.decode()
     assert "certificate required" in r.stderr.decode()
     text = edge.metrics.render().decode()
-    assert 'meshcar_edge_requests_total{mode="passthrough",route="pay.test",status="0"}' in text
+    # a passthrough connection is counted as a connection, not as a request with status 0
+    assert 'meshcar_edge_connections_total{result="closed",route="pay.test"}' in text
+    assert not [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("meshcar_edge_requests_total{") and 'mode="passthrough"' in ln
+    ]
+    assert 'direction="edge-passthrough"' not in text
     assert 'meshcar_edge_bytes_total{direction="out",mode="passthrough",route="pay.test"}' in text
 
 

@@ -358,7 +358,7 @@ async def test_access_log_http_entries_and_tcp_only_for_passthrough(
     )
     assert rc == 0, err
     # the relay ends (and logs) once both sides have closed, which can be just after curl exits
-    await wait_until(lambda: 'direction="edge-passthrough"' in edge.metrics.render().decode())
+    await wait_until(lambda: "meshcar_edge_connections_total{" in edge.metrics.render().decode())
     accesslog.flush()
     entries = [
         json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
