@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from meshcar.admin.metrics import Metrics
-from meshcar.common.accesslog import log_entry
+from meshcar.common.accesslog import log_entry, log_request
 from meshcar.common.mtls import MeshPeer, MTLSDialer
 from meshcar.edge.config import Backend, EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
@@ -37,11 +37,12 @@ from meshcar.net.httpserver import refuse_http, send_error, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool, Pooled
-from meshcar.net.respond import Refuse
+from meshcar.net.respond import Refuse, reason_of
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
 from meshcar.proto.path import PathError, Target, normalise_target
+from meshcar.proto.trace import stamp
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")
@@ -238,6 +239,7 @@ class TerminatingProxy:
         host = host_of(req)
         route = self.cfg.route_for(host) if host else client.sni_route
         out = Outcome()
+        hop = stamp(req.headers)  # x-request-id kept or made, traceparent: the edge's span
         decision, path, backend = self.decide(req, host, route, client)
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "edge")
@@ -253,14 +255,15 @@ class TerminatingProxy:
                 out.bytes_in,
                 out.bytes_out,
             )
-            log_entry(
-                "request",
+            log_request(  # access_log.fields applies
+                **hop.fields(),
                 client=client.ip,
                 sni=client.sni,
                 host=host,
                 method=req.method.decode("latin-1"),
                 path=path,
                 status=out.status,
+                reason=reason_of(out.status, decision, out.error),
                 bytes_in=out.bytes_in,
                 bytes_out=out.bytes_out,
                 duration_ms=round(dur * 1000, 3),

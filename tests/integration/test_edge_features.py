@@ -392,6 +392,60 @@ async def test_access_log_http_entries_and_tcp_only_for_passthrough(
     await edge.aclose()
 
 
+async def test_edge_stamps_request_id_and_trace_and_logs_the_reason(
+    tmp_path: Path,
+    pki: PublicPKI,
+    nursery: trio.Nursery,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: the edge keeps a client's x-request-id, starts a span of the client's trace
+    (or a new trace), passes both to the backend and logs them; a refusal logs its reason."""
+    monkeypatch.setattr(accesslog, "_enabled", True)
+    echo = await serve_echo(nursery)
+    edge = await start_edge(
+        nursery,
+        tmp_path,
+        [terminate_route("www.test", echo, deny=[{"name": "no-delete", "methods": ["DELETE"]}])],
+    )
+    capsys.readouterr()
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    rc, out, err = await curl(
+        *resolve(pki.ca_file, "www.test", edge.https),
+        "-H",
+        "x-request-id: client-1",
+        "-H",
+        f"traceparent: 00-{trace}-{span}-01",
+        f"https://www.test:{edge.https}/t",
+    )
+    assert rc == 0, err
+    seen = {k.lower(): v for k, v in json.loads(out)["headers"]}
+    assert seen["x-request-id"] == "client-1"
+    rc, out, _ = await curl(
+        *resolve(pki.ca_file, "www.test", edge.https),
+        "-X",
+        "DELETE",
+        "-w",
+        "%{http_code}",
+        f"https://www.test:{edge.https}/d",
+    )
+    assert out.endswith("403")
+    accesslog.flush()
+    http = [
+        json.loads(x)
+        for x in capsys.readouterr().out.splitlines()
+        if x.startswith("{") and '"type":"request"' in x
+    ]
+    ok = next(e for e in http if e["path"] == "/t")
+    assert (ok["request_id"], ok["trace_id"], ok["parent_span_id"]) == ("client-1", trace, span)
+    assert seen["traceparent"] == f"00-{trace}-{ok['span_id']}-01"
+    assert ok["reason"] is None
+    denied = next(e for e in http if e["path"] == "/d")
+    assert denied["status"] == 403 and denied["reason"] == "denied"
+    assert denied["parent_span_id"] is None and len(denied["request_id"]) == 32
+    await edge.aclose()
+
+
 async def test_assembled_edge_warns_about_plaintext_and_becomes_ready(
     tmp_path: Path, pki: PublicPKI, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
