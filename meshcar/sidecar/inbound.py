@@ -251,6 +251,9 @@ class Inbound:
         }
         if not query:
             return 200, out
+        if set(query) == {"caller"}:  # what may this caller call: the rules naming it
+            out["rules_naming_caller"] = [r.name for r in self.authz.candidates(query["caller"])]
+            return 200, out
         missing = [k for k in ("caller", "method", "path") if not query.get(k)]
         if missing:
             return 400, {**out, "error": f"explain needs {', '.join(missing)} (host optional)"}
