@@ -164,6 +164,17 @@ ADMIN = Section(
         ),
     },
 )
+RELOAD = Section(
+    "Hot reload (common/reload.py): SIGHUP always reloads; this adds a file watch",
+    {
+        "watch_seconds": key(
+            number(0, 3600),
+            "poll the config file (and the edge's certificate files) every N s by mtime, "
+            "size and inode, reloading on a change; 0: off (SIGHUP only)",
+            0,
+        ),
+    },
+)
 _TIMEOUT_DEFAULTS = Timeouts()
 TIMEOUTS = Section(
     "Progress timeouts in seconds (net/forward.py)",
@@ -534,6 +545,20 @@ def top_level(data: Any, source: str, base_dir: Path | None, allowed: Section) -
     c = Checker(source, base_dir or Path.cwd())
     c.unknown(data, "", allowed)
     return c
+
+
+def parse_reload(c: Checker, data: dict) -> float:
+    """The `reload:` section: the file watch interval in seconds (0: off, SIGHUP only)."""
+    raw = c.section(data, "reload", required=False)
+    c.unknown(raw, "reload.", RELOAD)
+    watch = raw.get("watch_seconds", 0)
+    if isinstance(watch, bool) or not isinstance(watch, int | float) or not 0 <= watch <= 3600:
+        c.bad("reload.watch_seconds", f"must be a number of seconds from 0 to 3600 (got {watch!r})")
+        return 0.0
+    if 0 < watch < 0.1:
+        c.bad("reload.watch_seconds", "must be 0 (off) or at least 0.1 s (no busy loop)")
+        return 0.0
+    return float(watch)
 
 
 def parse_admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:

@@ -20,6 +20,7 @@ from meshcar.common.config import (
     IDENTITY,
     LIMITS,
     LOG_LEVEL,
+    RELOAD,
     TIMEOUTS,
     WORKERS_KEY,
     Checker,
@@ -30,6 +31,7 @@ from meshcar.common.config import (
     parse_admin,
     parse_http,
     parse_identity,
+    parse_reload,
     parse_workers,
     top_level,
 )
@@ -85,6 +87,7 @@ EDGE = Section(
         ),
         "drain_seconds": DRAIN_SECONDS,
         "workers": WORKERS_KEY,
+        "reload": key(RELOAD, RELOAD.doc),
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
         "http": key(HTTP, HTTP.doc),
@@ -111,6 +114,7 @@ class EdgeConfig:
     limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
     http: HttpPolicy = HttpPolicy()  # request-target normalisation and header policy
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
+    reload_watch_seconds: float = 0.0  # reload.watch_seconds (common/reload.py); 0: off
 
     def route_for(self, host: str | None) -> Route | None:
         """The route of an SNI or Host name: exact, else the most specific *.domain route
@@ -200,6 +204,7 @@ def _scalars(c: Checker, data: dict, routes: list[Route]) -> dict[str, Any]:
         "must be a number of seconds between 0 and 3600",
     )
     out["workers"] = parse_workers(c, data)
+    out["reload_watch_seconds"] = parse_reload(c, data)
     return out
 
 

@@ -66,6 +66,7 @@ RESTART_KEYS = (
     "log_level",
     "pool_idle_seconds",
     "limits",
+    "reload_watch_seconds",
 )
 
 
@@ -217,6 +218,8 @@ class Edge:
                     message="TLS ends at the edge; the leg to the backend is unencrypted HTTP",
                 )
         await nursery.start(self._health_loops)
+        if cfg.reload_watch_seconds:  # config and certificate files polled (common/reload.py)
+            nursery.start_soon(self.reloader.watch_loop, cfg.reload_watch_seconds)
         await shell.serve_traffic(self._serve_traffic)
         _event(
             "edge.ready",

@@ -19,6 +19,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     IDENTITY,
     LIMITS,
     LOG_LEVEL,
+    RELOAD,
     TIMEOUTS,
     WORKERS_KEY,
     Checker,
@@ -30,6 +31,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     parse_admin,
     parse_http,
     parse_identity,
+    parse_reload,
     parse_workers,
     parse_yaml,
     top_level,
@@ -169,6 +171,7 @@ SIDECAR = Section(
         "log_level": LOG_LEVEL,
         "drain_seconds": DRAIN_SECONDS,
         "workers": WORKERS_KEY,
+        "reload": key(RELOAD, RELOAD.doc),
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
         "http": key(HTTP, HTTP.doc),
@@ -222,6 +225,7 @@ class SidecarConfig:
     policies: tuple[Rule, ...] = ()  # inbound.policies (common/authz.py), after the allow list
     tcp_ports: tuple[TcpPort, ...] = ()  # inbound.tcp: app ports taking opaque TCP tunnels
     app_protocol: str = "http1"  # app.protocol: http1 or h2c (sidecar/h2.py)
+    reload_watch_seconds: float = 0.0  # reload.watch_seconds (common/reload.py); 0: off
 
     @property
     def trust_domain(self) -> str:
@@ -434,6 +438,7 @@ def parse_config(
     admin_listen, public_paths = parse_admin(c, data)
     drain, level = _scalars(c, data)
     workers = parse_workers(c, data)
+    watch = parse_reload(c, data)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -454,6 +459,7 @@ def parse_config(
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
         tcp_ports=tcp_ports,
         app_protocol=app_protocol,
+        reload_watch_seconds=watch,
         **outbound,
     )
 

@@ -185,6 +185,8 @@ class Sidecar:
         services, conns = shell.services, shell.conns
         await self._start_admin(services, conns)
         services.start_soon(accesslog.flush_loop)
+        if cfg.reload_watch_seconds:  # the config file polled (common/reload.py)
+            services.start_soon(self.reloader.watch_loop, cfg.reload_watch_seconds)
         await services.start(self.rotator.run)  # returns once a certificate is installed
         if isinstance(self.rotator, Rotator):
             services.start_soon(self.rotator.bundle_loop, cfg.identity.bundle_refresh_seconds)

@@ -57,13 +57,20 @@ def _backend(name: str) -> ThreadingHTTPServer:
 
 
 class EdgeProc:
-    def __init__(self, tmp: Path, procs: Procs, backends: dict[str, int], workers: int = 1):
+    def __init__(
+        self,
+        tmp: Path,
+        procs: Procs,
+        backends: dict[str, int],
+        workers: int = 1,
+        settings: str = "",
+    ):
         self.tmp, self.procs = tmp, procs
         self.ca = trustme.CA()
         self.ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
         self.https, self.admin = free_port(), free_port()
         self.cfg = tmp / "edge.yaml"
-        self.workers = workers
+        self.workers, self.settings = workers, settings
         for host in backends:
             self.issue(host)
         self.write(backends)
@@ -85,7 +92,7 @@ class EdgeProc:
         text = (
             f"listen: {{https: '127.0.0.1:{self.https}'}}\n"
             f"admin: {{listen: '127.0.0.1:{self.admin}'}}\nworkers: {self.workers}\n"
-            f"routes: [{routes}]\n{extra}"
+            f"routes: [{routes}]\n{self.settings}{extra}"
         )
         tmp = self.cfg.with_suffix(".new")
         tmp.write_text(text)
@@ -288,3 +295,24 @@ def test_sighup_to_a_workers_2_parent_reloads_both(tmp_path: Path) -> None:
         a.server_close()
         b.shutdown()
         b.server_close()
+
+
+def test_file_watch_reloads_a_changed_certificate_without_a_signal(tmp_path: Path) -> None:
+    a = _backend("a")
+    procs = Procs(tmp_path)
+    try:
+        edge = EdgeProc(
+            tmp_path, procs, {"a.test": a.server_port}, settings="reload: {watch_seconds: 0.2}\n"
+        )
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        new_serial = edge.issue("a.test")  # only the certificate file changes
+        _wait(lambda: edge.metric("success") >= 1, "the watch to reload")
+        assert edge.status()["last_reload"]["trigger"] == "file_changed"
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
+        ) as s:
+            assert _peer_serial(s) == new_serial
+    finally:
+        procs.stop_all()
+        a.shutdown()
+        a.server_close()
