@@ -33,8 +33,13 @@ REQUEST_FIELDS = (
     "parent_span_id",
     "peer",
     "upstream",
+    "client",  # the edge: client address, SNI, Host, mode, backend endpoint
+    "sni",
+    "host",
     "route",
     "mode",
+    "backend",
+    "plaintext_backend",
     "method",
     "path",
     "status",

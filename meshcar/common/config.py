@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS, parse_public_paths
+from meshcar.common.accesslog import REQUEST_FIELDS
 from meshcar.common.schema import (
     BOOL,
     HOSTPORT,
@@ -172,6 +173,15 @@ RELOAD = Section(
             "poll the config file (and the edge's certificate files) every N s by mtime, "
             "size and inode, reloading on a change; 0: off (SIGHUP only)",
             0,
+        ),
+    },
+)
+ACCESS_LOG = Section(
+    "The access log: one JSON line per request on stdout (docs/OPERATIONS.md)",
+    {
+        "fields": key(
+            ListOf(one_of(*REQUEST_FIELDS), min_items=1),
+            "the fields of a request line (ts and type are always there); default: all",
         ),
     },
 )
@@ -559,6 +569,23 @@ def parse_reload(c: Checker, data: dict) -> float:
         c.bad("reload.watch_seconds", "must be 0 (off) or at least 0.1 s (no busy loop)")
         return 0.0
     return float(watch)
+
+
+def parse_access_log(c: Checker, data: dict) -> tuple[str, ...] | None:
+    """The `access_log:` section: the request line's fields (None: every field)."""
+    raw = c.section(data, "access_log", required=False)
+    c.unknown(raw, "access_log.", ACCESS_LOG)
+    fields = raw.get("fields")
+    if fields is None:
+        return None
+    if not isinstance(fields, list) or not fields:
+        c.bad("access_log.fields", "must be a non-empty list of field names")
+        return None
+    bad = [f for f in fields if f not in REQUEST_FIELDS]
+    if bad:
+        c.bad("access_log.fields", f"unknown {bad}: the fields are {', '.join(REQUEST_FIELDS)}")
+        return None
+    return tuple(fields)
 
 
 def parse_admin(c: Checker, data: dict) -> tuple[HostPort | None, frozenset[bytes] | None]:

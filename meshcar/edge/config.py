@@ -14,6 +14,7 @@ from typing import Any
 
 from meshcar.admin.paths import PUBLIC_PATHS
 from meshcar.common.config import (
+    ACCESS_LOG,
     ADMIN,
     DRAIN_SECONDS,
     HTTP,
@@ -28,6 +29,7 @@ from meshcar.common.config import (
     HttpPolicy,
     IdentityConfig,
     load_yaml,
+    parse_access_log,
     parse_admin,
     parse_http,
     parse_identity,
@@ -87,6 +89,7 @@ EDGE = Section(
         ),
         "drain_seconds": DRAIN_SECONDS,
         "workers": WORKERS_KEY,
+        "access_log": key(ACCESS_LOG, ACCESS_LOG.doc),
         "reload": key(RELOAD, RELOAD.doc),
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
@@ -114,6 +117,7 @@ class EdgeConfig:
     limits: Limits = Limits()  # connections per listener and per route backend (net/limits.py)
     http: HttpPolicy = HttpPolicy()  # request-target normalisation and header policy
     workers: int = 1  # worker processes (net/workers.py); 1: this process serves everything
+    access_log_fields: tuple[str, ...] | None = None  # access_log.fields (None: all)
     reload_watch_seconds: float = 0.0  # reload.watch_seconds (common/reload.py); 0: off
 
     def route_for(self, host: str | None) -> Route | None:
@@ -204,6 +208,7 @@ def _scalars(c: Checker, data: dict, routes: list[Route]) -> dict[str, Any]:
         "must be a number of seconds between 0 and 3600",
     )
     out["workers"] = parse_workers(c, data)
+    out["access_log_fields"] = parse_access_log(c, data)
     out["reload_watch_seconds"] = parse_reload(c, data)
     return out
 

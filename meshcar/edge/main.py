@@ -326,6 +326,7 @@ def main(argv: list[str]) -> int:
         print(f"meshcar edge: {args.config}: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    accesslog.configure(cfg.access_log_fields)
     if cfg.workers == 1:
         return run_process("edge", edge.run)
     return run_workers(

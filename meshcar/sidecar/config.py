@@ -13,6 +13,7 @@ from typing import Any
 from meshcar.admin.paths import PUBLIC_PATHS
 from meshcar.common.authz import AUTHZ_RULE, Rule, parse_policies
 from meshcar.common.config import (  # shared with the edge; re-exported for existing importers
+    ACCESS_LOG,
     ADMIN,
     DRAIN_SECONDS,
     HTTP,
@@ -28,6 +29,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     IdentityConfig,
     VaultIdentity,
     load_yaml,
+    parse_access_log,
     parse_admin,
     parse_http,
     parse_identity,
@@ -171,6 +173,7 @@ SIDECAR = Section(
         "log_level": LOG_LEVEL,
         "drain_seconds": DRAIN_SECONDS,
         "workers": WORKERS_KEY,
+        "access_log": key(ACCESS_LOG, ACCESS_LOG.doc),
         "reload": key(RELOAD, RELOAD.doc),
         "timeouts": key(TIMEOUTS, TIMEOUTS.doc),
         "limits": key(LIMITS, LIMITS.doc),
@@ -225,6 +228,7 @@ class SidecarConfig:
     policies: tuple[Rule, ...] = ()  # inbound.policies (common/authz.py), after the allow list
     tcp_ports: tuple[TcpPort, ...] = ()  # inbound.tcp: app ports taking opaque TCP tunnels
     app_protocol: str = "http1"  # app.protocol: http1 or h2c (sidecar/h2.py)
+    access_log_fields: tuple[str, ...] | None = None  # access_log.fields (None: all)
     reload_watch_seconds: float = 0.0  # reload.watch_seconds (common/reload.py); 0: off
 
     @property
@@ -438,6 +442,7 @@ def parse_config(
     admin_listen, public_paths = parse_admin(c, data)
     drain, level = _scalars(c, data)
     workers = parse_workers(c, data)
+    access_fields = parse_access_log(c, data)
     watch = parse_reload(c, data)
 
     if c.problems:
@@ -459,6 +464,7 @@ def parse_config(
         admin_public_paths=PUBLIC_PATHS if public_paths is None else public_paths,
         tcp_ports=tcp_ports,
         app_protocol=app_protocol,
+        access_log_fields=access_fields,
         reload_watch_seconds=watch,
         **outbound,
     )

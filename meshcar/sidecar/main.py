@@ -321,6 +321,7 @@ def main(argv: list[str]) -> int:
         print(f"meshcar sidecar: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    accesslog.configure(cfg.access_log_fields)
     source = args.config  # None with --config-env: a reload has nothing to read again
     if cfg.workers == 1:
         return run_process("sidecar", Sidecar(cfg, source=source).run)

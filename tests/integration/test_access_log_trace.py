@@ -136,3 +136,24 @@ def test_stamp_keeps_trace_and_flags_replaces_parent() -> None:
     assert dict(headers)[b"traceparent"] == f"00-{TRACE}-{hop.span_id}-00".encode()
     too_long = [(b"x-request-id", b"a" * 129)]
     assert stamp(too_long).request_id != "a" * 129
+
+
+def test_access_log_fields_from_the_config(tmp_path, capsys) -> None:
+    from meshcar.errors import ConfigError
+    from tests.integration.conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, "web", 1, [], {}, access_log={"fields": ["status", "reason"]})
+    assert cfg.access_log_fields == ("status", "reason")
+    assert make_cfg(tmp_path, "web", 1, [], {}).access_log_fields is None  # default: all
+    accesslog.flush()
+    capsys.readouterr()
+    accesslog.configure(cfg.access_log_fields)
+    try:
+        accesslog.log_request(direction="outbound", status=502, reason="no_upstream", path="/")
+    finally:
+        accesslog.configure(None)
+    (line,) = _lines(capsys)
+    assert line == {"ts": line["ts"], "type": "request", "status": 502, "reason": "no_upstream"}
+    with pytest.raises(ConfigError) as err:
+        make_cfg(tmp_path, "web", 1, [], {}, access_log={"fields": ["status", "colour"]})
+    assert "access_log.fields: unknown ['colour']" in str(err.value)

@@ -86,6 +86,7 @@ FULL_SIDECAR: dict[str, Any] = {
     "log_level": "warning",
     "drain_seconds": 0,
     "workers": 2,
+    "access_log": {"fields": ["status", "request_id", "reason"]},
     "reload": {"watch_seconds": 2},
     "timeouts": {
         "request_head_seconds": 1,
@@ -134,6 +135,7 @@ FULL_EDGE: dict[str, Any] = {
     "pool_idle_seconds": 10,
     "drain_seconds": 3,
     "workers": "auto",
+    "access_log": {"fields": ["host", "status", "reason"]},
     "reload": {"watch_seconds": 0.5},
     "timeouts": dict(FULL_SIDECAR["timeouts"]),
     "limits": dict(FULL_SIDECAR["limits"]),
@@ -423,7 +425,8 @@ def test_cli_schema_and_check(tmp_path: Path) -> None:
     assert out.stdout == f"{good}: ok (edge config)\n"
     assert sorted(out.stderr.splitlines()) == sorted(
         [
-            f"{bad}: bogus: unknown key (expected one of: admin, app, drain_seconds, http, identity, "
+            f"{bad}: bogus: unknown key (expected one of: access_log, admin, app, drain_seconds, "
+            "http, identity, "
             "inbound, limits, log_level, outbound, reload, timeouts, workers)",
             f"{bad}: app.port: must be a port number 1-65535, got 0",
             f"{bad}: outbound.upstreams.b.endpoints: must be a non-empty list of HOST:PORT",
