@@ -124,8 +124,8 @@ class TLSListener:
         """A config reload: every terminate/bridge host's SSLContext built again from its
         certificate files, read now (an unreadable or mismatched file raises OSError or
         ssl.SSLError, a ValueError: nothing is swapped). The returned function swaps routes,
-        contexts and the passthrough balancers it is given in: new handshakes use the new certificates; an established connection
-        keeps the context it was accepted with."""
+        contexts and the passthrough balancers it is given in: new handshakes use the new
+        certificates; an established connection keeps the context it was accepted with."""
         contexts = {}
         for r in cfg.routes:
             if r.mode is Mode.PASSTHROUGH:
