@@ -20,6 +20,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -416,20 +419,44 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers == 1:
         trio.run(_run, server, host, port, refresh, args.drain_seconds)
         return 0
+    return _serve_workers(args, server, tls, host, port)
+
+
+def _serve_workers(
+    args: argparse.Namespace, server: CAServer, tls: ServerTLS, host: str, port: int
+) -> int:
+    """`serve --workers N` (builtin backend, so no refresh loop): fork, serve, wait for all."""
+    refresh = None
     sock = _bind(host, port)
-    workers: list[int] = []
+    workers: list[_Worker] = []
     ready_r, ready_w = os.pipe()  # each worker writes one byte once it accepts
     try:
         for n in range(1, args.workers):
+            control_r, control_w = os.pipe()  # the parent's stop requests to this worker
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:  # a worker: serve the inherited socket; never return into main()
                 code = 1
                 try:
-                    os.close(ready_r)
+                    # signals are for the parent (a terminal's ^C or systemd's SIGTERM reach
+                    # every process): a worker stops when the parent tells it, or is gone
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    for fd in (ready_r, control_w, *(w.control for w in workers)):
+                        os.close(fd)
                     tls.reissue = False  # worker 0 (this parent) re-issues the API certificate
                     trio.run(
-                        _run, server, host, port, refresh, args.drain_seconds, sock, n, ready_w
+                        _run,
+                        server,
+                        host,
+                        port,
+                        refresh,
+                        args.drain_seconds,
+                        sock,
+                        n,
+                        ready_w,
+                        [],
+                        control_r,
                     )
                     code = 0
                 except BaseException:
@@ -437,7 +464,8 @@ def _serve(args: argparse.Namespace) -> int:
                 finally:
                     sys.stdout.flush()
                     os._exit(code)
-            workers.append(pid)
+            os.close(control_r)
+            workers.append(_Worker(pid, control_w))
         os.close(ready_w)
         name = trio.run(
             _run, server, host, port, refresh, args.drain_seconds, sock, 0, ready_r, workers
@@ -446,19 +474,25 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda signum, _: _signal_all(workers, signum))
         signal.signal(signal.SIGINT, lambda signum, _: _signal_all(workers, signum))
         while workers:
-            pid, status = os.waitpid(workers[0], 0)
-            workers.pop(0)
+            pid, status = os.waitpid(workers[0].pid, 0)
+            os.close(workers.pop(0).control)
             code = os.waitstatus_to_exitcode(status)
             json_log({"event": "ca.worker_exited", "pid": pid, "status": code})
         json_log({"event": "ca.stopped", "signal": name})
     finally:
-        for pid in workers:  # a failed start or an early exit: no worker outlives the parent
+        for w in workers:  # a failed start or an early exit: no worker outlives the parent
             try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                os.kill(w.pid, signal.SIGKILL)
+                os.waitpid(w.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
     return 0
+
+
+@dataclass(frozen=True)
+class _Worker:
+    pid: int
+    control: int  # write end of its control pipe: one byte (a signal number) per stop request
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -501,7 +535,7 @@ async def _listeners(host: str, port: int, sock: socket.socket | None) -> list[t
 
 
 async def _announce_ready(
-    listen: str, worker: int, ready_fd: int | None, workers: list[int]
+    listen: str, worker: int, ready_fd: int | None, workers: list[_Worker]
 ) -> None:
     """A worker tells the parent (a byte on `ready_fd`); the parent, once every worker has,
     prints ca.ready."""
@@ -515,16 +549,43 @@ async def _announce_ready(
         assert ready_fd is not None
         await trio.to_thread.run_sync(_await_workers, ready_fd, len(workers))
         os.close(ready_fd)
-        extra = {"workers": workers}
+        extra = {"workers": [w.pid for w in workers]}
     json_log({"event": "ca.ready", "listen": listen, **extra})
 
 
-def _signal_all(workers: list[int], signum: int) -> None:
-    for pid in workers:
+def _signal_all(workers: list[_Worker], signum: int) -> None:
+    """Pass a stop request (the signal's number) on to every worker."""
+    for w in workers:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
+            os.write(w.control, bytes([signum]))
+        except OSError:  # it has exited
             pass
+
+
+@asynccontextmanager
+async def _stop_requests(control_fd: int | None) -> AsyncIterator[AsyncIterator[str]]:
+    """The names of the stop requests: SIGINT/SIGTERM, or, in a worker, what the parent
+    passes on through `control_fd` (its end, the parent gone, counts as one SIGTERM)."""
+    if control_fd is None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def from_signals() -> AsyncIterator[str]:
+                async for signum in signals:
+                    yield signal.Signals(signum).name
+
+            yield from_signals()
+        return
+    stream = trio.lowlevel.FdStream(control_fd)
+
+    async def from_parent() -> AsyncIterator[str]:
+        while data := await stream.receive_some(1):
+            yield signal.Signals(data[0]).name
+        yield "SIGTERM"
+
+    try:
+        yield from_parent()
+    finally:
+        await stream.aclose()
 
 
 async def _refresh_loop(interval: float, refresh: object) -> None:
@@ -554,7 +615,8 @@ async def _run(
     sock: socket.socket | None = None,
     worker: int = 0,
     ready_fd: int | None = None,
-    workers: list[int] | None = None,
+    workers: list[_Worker] | None = None,
+    control_fd: int | None = None,
 ) -> str:
     """Serve until a signal: the first closes the listener and lets requests in flight finish
     (up to `drain_seconds`), a second stops at once (the same contract as meshcar/net/shell.py,
@@ -563,57 +625,56 @@ async def _run(
     With `--workers N`, `sock` is the listening socket bound before forking and every process
     runs this: the others write a byte to `ready_fd` once they accept and tag their drain lines
     with their number; worker 0 (the parent) reads those bytes from `ready_fd`, prints ca.ready
-    with the workers' pids and passes each signal on to `workers`. Returns the signal's name;
-    the parent of workers prints ca.stopped itself, once they have exited."""
+    with the workers' pids and passes each signal on to `workers` (through their control
+    pipes; a worker reads its `control_fd` instead of handling signals). Returns the signal's
+    name; the parent of workers prints ca.stopped itself, once they have exited."""
     listeners = await _listeners(host, port, sock)
     workers = workers or []
     tag = {"worker": worker} if worker else {}
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            if refresh is not None:
-                nursery.start_soon(_refresh_loop, *refresh)
-            accepting = trio.CancelScope()
-            name = ""
+    async with _stop_requests(control_fd) as requests, trio.open_nursery() as nursery:
+        if refresh is not None:
+            nursery.start_soon(_refresh_loop, *refresh)
+        accepting = trio.CancelScope()
+        name = ""
 
-            async def serve(
-                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-            ) -> None:
-                with accepting:
-                    await server.serve_listeners(
-                        listeners, handler_nursery=nursery, task_status=task_status
-                    )
+        async def serve(
+            task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            with accepting:
+                await server.serve_listeners(
+                    listeners, handler_nursery=nursery, task_status=task_status
+                )
 
-            bound = await nursery.start(serve)
-            addr = bound[0].socket.getsockname()
-            shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            await _announce_ready(f"{shown}:{addr[1]}", worker, ready_fd, workers)
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                _signal_all(workers, signum)
-                if not server.draining:
-                    server.draining = True
-                    json_log(
-                        {
-                            **tag,
-                            "event": "ca.draining",
-                            "signal": name,
-                            "in_flight": server.in_flight,
-                            "grace_seconds": drain_seconds,
-                        }
-                    )
-                    accepting.cancel()
-                    nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope, tag)
-                else:
-                    json_log(
-                        {
-                            **tag,
-                            "event": "ca.exiting",
-                            "signal": name,
-                            "in_flight": server.in_flight,
-                        }
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
+        bound = await nursery.start(serve)
+        addr = bound[0].socket.getsockname()
+        shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        await _announce_ready(f"{shown}:{addr[1]}", worker, ready_fd, workers)
+        async for name in requests:
+            _signal_all(workers, signal.Signals[name])
+            if not server.draining:
+                server.draining = True
+                json_log(
+                    {
+                        **tag,
+                        "event": "ca.draining",
+                        "signal": name,
+                        "in_flight": server.in_flight,
+                        "grace_seconds": drain_seconds,
+                    }
+                )
+                accepting.cancel()
+                nursery.start_soon(_drain, server, drain_seconds, nursery.cancel_scope, tag)
+            else:
+                json_log(
+                    {
+                        **tag,
+                        "event": "ca.exiting",
+                        "signal": name,
+                        "in_flight": server.in_flight,
+                    }
+                )
+                nursery.cancel_scope.cancel()
+                break
     if not workers and not worker:  # a parent of workers prints it once they have exited
         json_log({"event": "ca.stopped", "signal": name})
     return name

@@ -67,8 +67,11 @@ def start_serve(ca_dir: Path, *extra: str) -> Served:
 
     def pump() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
+        try:
+            for line in proc.stdout:
+                lines.put(line)
+        except ValueError:  # stop() closed the pipe while this read it
+            pass
 
     threading.Thread(target=pump, daemon=True).start()
     try:

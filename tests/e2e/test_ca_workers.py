@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,7 +81,8 @@ def workers(ca_dir: Path) -> Iterator[tuple[Served, list[int]]]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        os.kill(s.proc.pid, signal.SIGCONT)
+        if s.proc.poll() is None:
+            os.kill(s.proc.pid, signal.SIGCONT)
         stop(s)
 
 
@@ -115,7 +117,9 @@ def test_token_uses_hold_across_workers(ca_dir: Path, workers: tuple[Served, lis
     ok = [a for s, a, _ in results if s == 200]
     refused = [a for s, a, _ in results if s != 200]
     assert len(ok) == 12
-    assert {(a["error"]) for a in refused} == {"token_used_up"}
+    # 18 failures from one source: a process's failed-authentication throttle may answer some
+    assert "token_used_up" in {a["error"] for a in refused}
+    assert {a["error"] for a in refused} <= {"token_used_up", "rate_limited"}
     serials = {a["serial"] for a in ok}
     assert len(serials) == 12
     with sqlite3.connect(ca_dir / "ca.db") as db:
@@ -216,3 +220,51 @@ def test_workers_config_errors(ca_dir: Path) -> None:
         out = ca("serve", "--dir", str(ca_dir), "--listen", "127.0.0.1:0", *args, check=False)
         assert out.returncode == 1
         assert message in out.stderr, out.stderr
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited, not yet reaped by its parent
+        time.sleep(0.05)
+    return False
+
+
+def test_a_signal_sent_to_every_process_drains_once(
+    ca_dir: Path, workers: tuple[Served, list[int]]
+) -> None:
+    """As a terminal's ^C or systemd's SIGTERM do: every process gets the signal. The workers
+    ignore it (they stop when the parent says), so it counts once: a drain, not an exit."""
+    served, pids = workers
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    token = ca("token", "--dir", str(ca_dir), "--spiffe-id", f"spiffe://{TD}/svc/api")
+    os.kill(served.proc.pid, signal.SIGSTOP)
+    try:  # only the workers can accept: they are still serving
+        status, _, _ = _sign(served, ca_dir, {"csr": _csr(), "token": token.stdout.strip()})
+    finally:
+        os.kill(served.proc.pid, signal.SIGCONT)
+    assert status == 200
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=20) == 0
+    events = [served.next_line()]
+    while events[-1]["event"] != "ca.stopped":
+        events.append(served.next_line())
+    names = [e["event"] for e in events]
+    assert "ca.exiting" not in names
+    assert names.count("ca.drained") == 3
+
+
+def test_workers_end_when_the_parent_is_killed(
+    ca_dir: Path, workers: tuple[Served, list[int]]
+) -> None:
+    served, pids = workers
+    served.proc.kill()
+    served.proc.wait(timeout=10)
+    assert all(_gone(pid) for pid in pids)
