@@ -7,9 +7,9 @@ Lockdown: the listener may be bound to the pod IP so the kubelet and Prometheus 
 the probes (`meshcar inject` does). Only the public paths (`admin.public_paths`, default
 `PUBLIC_PATHS`: /live, /ready, /metrics; at most the read-only `MAY_BE_PUBLIC`) are served
 to a peer that is not on loopback; everything that reveals certificate details, the
-authorization rules (GET /authz/explain), the config status (GET /config/status) or
-changes state (/certs, POST /renew, POST
-/shutdown) answers 403 unless the TCP peer address is in
+authorization rules (GET /authz/explain), the recent requests (GET /requests/recent), the
+edge's routes (GET /routes), the config status (GET /config/status) or changes state (/certs,
+POST /renew, POST /shutdown) answers 403 unless the TCP peer address is in
 127.0.0.0/8 or ::1, i.e. the process's own pod or host. The peer address is the socket's,
 never a header.
 """
@@ -24,6 +24,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from meshcar.admin import recent
 from meshcar.admin.metrics import Metrics
 from meshcar.admin.paths import MAY_BE_PUBLIC, PUBLIC_PATHS
 from meshcar.net.forward import request_has_body
@@ -45,6 +46,8 @@ class AdminHooks:
     explain: Callable[[dict[str, str]], tuple[int, dict]] | None = None
     # GET /config/status (loopback only): the running config's hash, the last reload's result
     config_status: Callable[[], dict] | None = None
+    # GET /routes (the edge, loopback only): its routes with mode and backend endpoints
+    routes: Callable[[], list[dict]] | None = None
 
 
 def is_loopback_peer(stream: trio.abc.Stream) -> bool:
@@ -62,6 +65,17 @@ def is_loopback_peer(stream: trio.abc.Stream) -> bool:
         return False
     mapped = getattr(addr, "ipv4_mapped", None)
     return bool((mapped or addr).is_loopback)
+
+
+def _recent_entries(query: bytes) -> dict:
+    """GET /requests/recent?after=SEQ&limit=N: the access-log entries kept (admin/recent.py)."""
+    args = parse_qs(query.decode("latin-1"))
+    try:
+        after = int(args.get("after", ["0"])[-1])
+        limit = int(args.get("limit", [str(recent.RECENT_MAX)])[-1])
+    except ValueError:
+        after, limit = 0, recent.RECENT_MAX
+    return {"entries": recent.recent(after, limit), "max": recent.RECENT_MAX}
 
 
 # Probes and scrapes need a handful of connections; a flood of them must not grow without
@@ -153,9 +167,20 @@ class AdminServer:
             await self._json(conn, *self.hooks.explain({k: v[-1] for k, v in args.items()}))
         elif path == b"/config/status" and self.hooks.config_status:
             await self._json(conn, 200, self.hooks.config_status())
+        elif (view := self._dashboard_view(path, query)) is not None:
+            await self._json(conn, 200, view)
         else:
             return None
         return True
+
+    def _dashboard_view(self, path: bytes, query: bytes) -> dict | None:
+        """GET /routes (the edge's) and GET /requests/recent, both loopback only (never in
+        MAY_BE_PUBLIC): what `meshcar dashboard` reads; None if not one of them."""
+        if path == b"/routes" and self.hooks.routes:
+            return {"routes": self.hooks.routes()}
+        if path == b"/requests/recent":
+            return _recent_entries(query)
+        return None
 
     async def _action(self, conn: HttpConn, path: bytes) -> bool | None:
         """POST endpoints: whether the connection stays open, None if there is no such endpoint."""

@@ -15,6 +15,8 @@ import time
 
 import trio
 
+from meshcar.admin import recent
+
 _buffer: list[str] = []
 _last_flush = 0.0
 _enabled = True
@@ -81,6 +83,7 @@ def log_entry(kind: str, **fields: object) -> None:
         return
     line = {"ts": timestamp(time.time()), "type": kind, **fields}
     _buffer.append(json.dumps(line, separators=(",", ":")))
+    recent.record(line)  # admin GET /requests/recent: the dashboard's live tail
     now = time.monotonic()
     if len(_buffer) >= 256 or now - _last_flush > FLUSH_SECONDS:
         flush()

@@ -193,6 +193,19 @@ class Edge:
             )
         return out
 
+    def routes(self) -> list[dict]:
+        """The routes served now, with mode, paths and backend endpoints (admin GET /routes)."""
+        return [
+            {
+                "host": r.host,
+                "mode": str(r.mode.value),
+                "path_prefix": r.path_prefix,
+                "endpoints": [str(e) for e in r.backend.endpoints],
+                "spiffe_id": r.backend.spiffe_id,
+            }
+            for r in self.cfg.routes
+        ]
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or a signal drains us (net/shell.py)."""
         await self.shell.run(
@@ -247,6 +260,7 @@ class Edge:
         every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
         cfg, worker = self.cfg, self.worker
         hooks = AdminHooks(self.ready, self.status)
+        hooks.routes = self.routes  # GET /routes (loopback only): the dashboard's view
         hooks.config_status = self.reloader.status  # GET /config/status (loopback only)
         where = cfg.admin_listen
         if worker is not None and worker.leader:
