@@ -43,6 +43,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "check a config and its files, CA, certificates, ports and peers",
     ),
+    "dashboard": (
+        "meshcar.dashboard.main",
+        "main",
+        "a web page of the mesh: services, calls, certificates, routes, live tail",
+    ),
     "demo-app": ("meshcar.demo.app", "main", "the small JSON demo app of the scenario"),
 }
 

@@ -110,6 +110,7 @@ LAYERS: list[tuple[str, ...]] = [
         "meshcar.cli",
         "meshcar.configcli",
         "meshcar.checkcli",
+        "meshcar.dashboard",
         "meshcar_ca",
     ),
 ]
