@@ -110,13 +110,14 @@ class Backends:
             self._dial,
             idle_timeout=cfg.pool_idle_seconds,
             max_connections=cfg.limits.max_upstream_connections,
-            group=lambda key: key.partition("|")[0],  # a route's backend cluster
+            group=lambda key: key.partition("|")[0].partition("~")[0],  # a route's backend cluster
             on_refused=lambda g: metrics.upstream_refusals.labels(g).inc(),
         )
         # bridge routes: the one mTLS dialer (common/mtls.py), handshakes counted as "bridge"
         self.mtls = MTLSDialer(store, metrics, "bridge") if store is not None else None
         self._peers: dict[str, MeshPeer] = {}
         self._retired: dict[str, tuple[Route, Backend]] = {}  # targets the last reload removed
+        self._gen: dict[str, int] = {}  # pool key generation of targets a reload changed
         # the pool's on_release: keeps a new bridge connection's TLS session (bound once)
         self.remember_session: Callable[[Pooled], None] = (
             self.mtls.remember_session if self.mtls is not None else _no_session
@@ -127,7 +128,9 @@ class Backends:
         returned function swaps them in. A target whose endpoints, balance and health
         settings did not change keeps its balancer (health state, active counts); the pool
         and its connections stay (keyed by target and endpoint): idle ones of a removed
-        target close after `pool_idle_seconds`."""
+        target close after `pool_idle_seconds`. A target whose connections would differ
+        (mode, backend SPIFFE ID, route host) gets new pool keys, so no connection made for
+        the old settings is handed out again."""
         targets: dict[str, tuple[Route, Backend]] = {}
         balancers: dict[str, Balancer] = {}
         for r in cfg.routes:
@@ -144,6 +147,9 @@ class Backends:
 
         def commit() -> None:
             changed = {k for k, v in self.targets.items() if targets.get(k) != v}
+            for k in changed & targets.keys():
+                if _dialed_as(self.targets[k]) != _dialed_as(targets[k]):
+                    self._gen[k] = self._gen.get(k, 0) + 1
             self._retired = {k: v for k, v in self.targets.items() if k not in targets}
             self.targets, self.balancers = targets, balancers
             self._peers = {
@@ -152,12 +158,15 @@ class Backends:
 
         return commit
 
-    @staticmethod
-    def key(target: str, state: EndpointState) -> str:
-        return f"{target}|{state.endpoint}"
+    def key(self, target: str, state: EndpointState) -> str:
+        """The pool key: target and endpoint (and the target's generation once a reload
+        changed how its connections are made)."""
+        gen = self._gen.get(target)
+        return f"{target}~{gen}|{state.endpoint}" if gen else f"{target}|{state.endpoint}"
 
     async def _dial(self, key: str) -> Pooled:
-        target, _, ep = key.partition("|")
+        tkey, _, ep = key.partition("|")
+        target = tkey.partition("~")[0]
         # a request decided just before a reload removed its target still dials it
         route, backend = self.targets.get(target) or self._retired[target]
         host = route.host
@@ -171,6 +180,12 @@ class Backends:
             peer = self._peers[key] = MeshPeer(h, int(p), backend.spiffe_id, host, ep)
         assert self.mtls is not None
         return await self.mtls.dial(key, peer)
+
+
+def _dialed_as(target: tuple[Route, Backend]) -> tuple:
+    """What a pooled connection to this target depends on."""
+    route, backend = target
+    return (route.mode, route.host, backend.spiffe_id)
 
 
 def _same_balancing(a: Backend, b: Backend) -> bool:
@@ -302,7 +317,7 @@ class TerminatingProxy:
         forward = Forward(
             head,
             self.backends.pool,
-            Backends.key(bkey, state),
+            self.backends.key(bkey, state),
             route.host,
             rewrite_response=(
                 (lambda resp, hs: self._response_headers(route, resp, hs))
