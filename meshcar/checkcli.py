@@ -35,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from meshcar.common.config import HostPort, IdentityConfig
@@ -194,7 +195,7 @@ def chain_problem(chain: list[x509.Certificate], roots: list[x509.Certificate]) 
     for child, parent in zip(chain, chain[1:], strict=False):
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no base here
+        except (InvalidSignature, ValueError, TypeError) as exc:
             return f"{child.subject.rfc4514_string()} is not signed by the next certificate ({exc})"
     top = chain[-1]
     for root in roots:
@@ -203,7 +204,7 @@ def chain_problem(chain: list[x509.Certificate], roots: list[x509.Certificate]) 
         try:
             top.verify_directly_issued_by(root)
             return None
-        except Exception:  # noqa: BLE001 - try the next root
+        except (InvalidSignature, ValueError, TypeError):  # not this root: try the next
             continue
     return f"{top.issuer.rfc4514_string()} (the chain's top issuer) is not in the trust bundle"
 

@@ -17,13 +17,13 @@ what the access log needs. The cost is two `os.urandom` calls and a scan of the 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]  # as meshcar.proto.http1.Headers
 
 REQUEST_ID = b"x-request-id"
 TRACEPARENT = b"traceparent"
-_HEX = frozenset(b"0123456789abcdef")
 _MAX_ID = 128
 
 
@@ -43,48 +43,55 @@ class Hop:
         }
 
 
-def _is_hex(b: bytes, n: int) -> bool:
-    return len(b) == n and all(c in _HEX for c in b) and b.count(b"0") != n
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % _MAX_ID)
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(trace id, parent id, flags) of a valid version-00 (or later) traceparent."""
-    parts = value.strip().lower().split(b"-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == b"ff":
+    """(trace id, parent id, flags) of a valid traceparent: version 00 exactly as the spec
+    writes it, a later version (not ff) with possibly more fields after the flags."""
+    m = _TRACEPARENT.fullmatch(value.strip().lower())
+    if m is None:
         return None
-    version, trace_id, parent, flags = parts[0], parts[1], parts[2], parts[3]
-    if version == b"00" and len(parts) != 4:
+    version, trace_id, parent, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest is not None):
         return None
-    if not all(c in _HEX for c in version) or not _is_hex(trace_id, 32):
-        return None
-    if not _is_hex(parent, 16) or len(flags) != 2 or not all(c in _HEX for c in flags):
+    if trace_id == _ZERO_TRACE or parent == _ZERO_SPAN:
         return None
     return trace_id, parent, flags
 
 
 def _good_id(value: bytes) -> bool:
-    return 0 < len(value) <= _MAX_ID and all(0x21 <= c <= 0x7E for c in value)
+    return _ID.fullmatch(value) is not None
+
+
+def _find(headers: Headers) -> tuple[bytes | None, bytes | None, bool]:
+    """(the request id, the traceparent, whether either header is there)."""
+    rid = tp = None
+    found = False
+    for k, v in headers:
+        if len(k) == 12 and k.lower() == REQUEST_ID:
+            rid, found = v, True
+        elif len(k) == 11 and k.lower() == TRACEPARENT:
+            tp, found = v, True
+    return rid, tp, found
 
 
 def stamp(headers: Headers) -> Hop:
     """Set this hop's `x-request-id` and `traceparent` in `headers` (in place)."""
-    rid = tp = None
-    ri = ti = -1
-    for i, (k, v) in enumerate(headers):
-        if len(k) == 12 and k.lower() == REQUEST_ID:
-            rid, ri = v, i
-        elif len(k) == 11 and k.lower() == TRACEPARENT:
-            tp, ti = v, i
+    rid, tp, found = _find(headers)
     if rid is None or not _good_id(rid):
         rid = os.urandom(16).hex().encode()
     parsed = parse_traceparent(tp) if tp is not None else None
-    span = os.urandom(8).hex().encode()
+    rand = os.urandom(24).hex().encode()  # one call: the span id, and a trace id if needed
+    span = rand[:16]
     if parsed is None:
-        trace_id, parent, flags = os.urandom(16).hex().encode(), None, b"01"
+        trace_id, parent, flags = rand[16:], None, b"01"
     else:
         trace_id, parent, flags = parsed[0], parsed[1], parsed[2]
     value = b"00-" + trace_id + b"-" + span + b"-" + flags
-    if ri >= 0 or ti >= 0:  # one id and one trace context per request: duplicates dropped
+    if found:  # one id and one trace context per request: duplicates dropped
         headers[:] = [h for h in headers if h[0].lower() not in (REQUEST_ID, TRACEPARENT)]
     headers.append((b"x-request-id", rid))
     headers.append((b"traceparent", value))
