@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,17 @@ class Reloader(Generic[Cfg]):
                 data, prepared = await self._load_and_prepare()
             except (ConfigError, OSError, ValueError) as exc:
                 self._failed(trigger, str(exc))
+                return False
+            except Exception as exc:  # noqa: BLE001 - a bug in a reload never stops the process
+                self.log.error(
+                    json.dumps(
+                        {
+                            "event": f"{self.role}.config.reload_bug",
+                            "traceback": "".join(traceback.format_exception(exc)),
+                        }
+                    )
+                )
+                self._failed(trigger, f"internal error: {type(exc).__name__}: {exc}")
                 return False
             prepared.commit()
             self.hash, self.loaded_at = _digest(data), time.time()
