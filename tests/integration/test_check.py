@@ -319,3 +319,68 @@ def test_the_command_line(tmp_path: Path) -> None:
         )
         assert run.returncode == 2, (argv, run.stdout, run.stderr)
         assert "identity.spiffe_id" in run.stdout + run.stderr
+
+
+# -- the edge ----------------------------------------------------------------------------------
+
+
+async def test_edge_config(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """An edge: route certificates (a missing one, one near expiry), its identity's files and
+    held credential, a bridge backend that presents the wrong identity, its ports."""
+    pki = ThrowawayCA.create()
+    ca_url, bundle = await _ca(tmp_path, nursery)
+    impostor = await _peer(tmp_path, pki, f"spiffe://{TD}/svc/impostor", nursery)
+    nb = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=50)
+    chain, key = pki.leaf([], dns=["www.test"], not_before=nb, ttl=dt.timedelta(hours=1))
+    (tmp_path / "www.pem").write_text(chain + key)
+    state = tmp_path / "edge-state"
+    CredentialStore(state).install(pki.credential(f"spiffe://{TD}/edge"))
+    token = tmp_path / "token"
+    token.write_text("t")
+    https, admin = free_ports(2)
+    data = {
+        "listen": {"https": f"127.0.0.1:{https}"},
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "identity": {
+            "spiffe_id": f"spiffe://{TD}/edge",
+            "ca_url": ca_url,
+            "ca_bundle": str(bundle),
+            "token_file": str(token),
+            "state_dir": str(state),
+        },
+        "routes": [
+            {
+                "host": "www.test",
+                "mode": "terminate",
+                "tls": {"cert": "www.pem", "key": "www.pem"},
+                "backend": {"endpoints": ["127.0.0.1:9"]},
+            },
+            {
+                "host": "api.test",
+                "mode": "bridge",
+                "tls": {"cert": "gone.pem", "key": "gone-key.pem"},
+                "backend": {"endpoints": [f"127.0.0.1:{impostor}"], "spiffe_id": PEER},
+            },
+        ],
+    }
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    def run() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = checkcli.main([str(path), "--timeout", "5"])
+        return code, out.getvalue()
+
+    code, out = await trio.to_thread.run_sync(run)
+    assert code == 1, out
+    assert _lines(out, "ok", "config") == [f"ok   config {path}: valid edge config"]
+    gone = tmp_path / "gone.pem"
+    assert f"FAIL file   routes[1] (api.test).tls.cert: {gone} does not exist" in out
+    assert f"routes[1] (api.test).tls.key: {tmp_path / 'gone-key.pem'} does not exist" in out
+    (warn,) = _lines(out, "warn", "expiry")
+    assert "www.test's certificate expires in 9m" in warn
+    assert _lines(out, "ok", "ca") and _lines(out, "ok", "bundle")
+    assert len(_lines(out, "ok", "port")) == 2  # https and admin
+    (peer,) = _lines(out, "FAIL", "peer")
+    assert f"api.test 127.0.0.1:{impostor} presents spiffe://{TD}/svc/impostor" in peer
