@@ -1,6 +1,7 @@
 """`meshcar dashboard`: one web page showing the mesh, read from the admin endpoints.
 
     meshcar dashboard --admin web=http://127.0.0.1:15000 --admin edge=http://127.0.0.1:9901
+    meshcar dashboard --from-demo      # the admin listeners of `meshcar demo`
 
 serves on 127.0.0.1:9900 (`--listen`) `GET /` (static/index.html: vanilla JS, inline CSS, no
 build step) and `GET /api/mesh` (model.py's JSON). Each `/api/mesh` asks every target, in
@@ -146,6 +147,14 @@ async def serve(
     await trio.serve_listeners(dash.handle_connection, listeners)  # type: ignore[arg-type]
 
 
+def demo_targets() -> list[tuple[str, str]]:
+    """The admin listeners of `meshcar demo` (meshcar/demo/scenario.py): each service, the edge."""
+    from meshcar.demo import scenario as sc
+
+    out = [(s.name, f"http://127.0.0.1:{s.admin_port}") for s in sc.SCENARIO.services]
+    return out + [("edge", f"http://127.0.0.1:{sc.EDGE_ADMIN_PORT}")]
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshcar dashboard", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default="127.0.0.1:9900", help="HOST:PORT (default %(default)s)")
@@ -158,11 +167,17 @@ def main(argv: list[str]) -> int:
         help="an admin listener to read, e.g. api=http://127.0.0.1:15001 (repeat)",
     )
     p.add_argument(
+        "--from-demo",
+        action="store_true",
+        help="read the admin listeners of `meshcar demo` (its services and the edge)",
+    )
+    p.add_argument(
         "--allow-remote", action="store_true", help="allow a non-loopback --listen address"
     )
     args = p.parse_args(argv)
-    if not args.admin:
-        p.error("give at least one --admin NAME=URL")
+    targets = (demo_targets() if args.from_demo else []) + args.admin
+    if not targets:
+        p.error("give at least one --admin NAME=URL (or --from-demo)")
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
@@ -173,7 +188,7 @@ def main(argv: list[str]) -> int:
             "and request paths to anyone who reaches it (add --allow-remote to do so anyway)"
         )
     try:
-        trio.run(serve, Dashboard(args.admin), host, int(port))
+        trio.run(serve, Dashboard(targets), host, int(port))
     except KeyboardInterrupt:
         return 0
     return 0

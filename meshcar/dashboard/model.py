@@ -8,8 +8,13 @@ Input: one `Snapshot` per target (a sidecar or the edge): its /certs, /ready, /m
   every other node an edge names;
 - edges: caller -> callee with requests, success rate and p50/p99 over the recent entries
   (the access log's ring buffer): a sidecar's inbound entries name the caller's SPIFFE ID
-  (`peer`), its outbound entries the upstream, the edge's entries the route;
-- routes: the edge's routes grouped by mode, with their `meshcar_edge_requests` counts;
+  (`peer`), its outbound entries the upstream, the edge's entries the route. Where the
+  process counts `meshcar_peer_requests_total{direction,peer,code}`, an edge's requests and
+  success rate are those counters (since the process started; `source: "metrics"`) and only
+  its latency comes from the recent entries (there is no per-peer histogram);
+- routes: the edge's routes grouped by mode, with their `meshcar_edge_requests` counts
+  (passthrough routes: `meshcar_edge_connections`, connections that ended, `closed` counting
+  as success);
 - tail: the newest entries of every target, newest first.
 
 Success is any answered status below 500 (a 4xx is the caller's problem, as Linkerd counts).
@@ -149,10 +154,36 @@ def _edge_of(snap: Snapshot, entry: dict, names: dict[str, str]) -> tuple[str, s
     return None
 
 
-def compute_edges(snaps: list[Snapshot]) -> list[dict]:
-    """caller -> callee over every target's recent entries, sorted by caller, callee."""
+def _counted_edges(
+    snaps: list[Snapshot], samples: dict[str, list[Sample]], names: dict[str, str]
+) -> dict[tuple[str, str], list[float]]:
+    """(caller, callee) -> [requests, successes] from `meshcar_peer_requests_total`."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for snap in snaps:
+        for name, labels, value in samples.get(snap.name, []):
+            if name != "meshcar_peer_requests_total":
+                continue
+            peer, direction = labels.get("peer", ""), labels.get("direction")
+            if direction == "inbound":
+                key = (names.get(peer, _short_name(peer)), snap.name)
+            elif direction == "outbound" and peer not in names.values():
+                key = (snap.name, peer)
+            else:
+                continue  # outbound to a target: its inbound counters count this edge
+            c = out.setdefault(key, [0.0, 0.0])
+            c[0] += value
+            c[1] += value if labels.get("code", "") in ("1xx", "2xx", "3xx", "4xx") else 0.0
+    return out
+
+
+def compute_edges(
+    snaps: list[Snapshot], samples: dict[str, list[Sample]] | None = None
+) -> list[dict]:
+    """caller -> callee over every target's recent entries and per-peer counters, sorted by
+    caller, callee."""
     names = {s.certs["spiffe_id"]: s.name for s in snaps if s.certs.get("spiffe_id")}
-    edges: dict[tuple[str, str], _Edge] = {}
+    counted = _counted_edges(snaps, samples or {}, names)
+    edges: dict[tuple[str, str], _Edge] = {key: _Edge() for key in counted}
     for snap in snaps:
         for entry in snap.recent:
             key = _edge_of(snap, entry, names)
@@ -163,17 +194,21 @@ def compute_edges(snaps: list[Snapshot]) -> list[dict]:
             e.ok += is_success(entry.get("status"))
             if isinstance(entry.get("duration_ms"), int | float):
                 e.durations.append(float(entry["duration_ms"]))
-    return [
-        {
-            "caller": caller,
-            "callee": callee,
-            "requests": e.total,
-            "success_rate": round(e.ok / e.total, 4),
-            "p50_ms": sample_quantile(0.5, e.durations),
-            "p99_ms": sample_quantile(0.99, e.durations),
-        }
-        for (caller, callee), e in sorted(edges.items())
-    ]
+    out = []
+    for (caller, callee), e in sorted(edges.items()):
+        total, ok = counted.get((caller, callee), (e.total, e.ok))
+        out.append(
+            {
+                "caller": caller,
+                "callee": callee,
+                "requests": int(total),
+                "success_rate": round(ok / total, 4) if total else None,
+                "p50_ms": sample_quantile(0.5, e.durations),
+                "p99_ms": sample_quantile(0.99, e.durations),
+                "source": "metrics" if (caller, callee) in counted else "recent",
+            }
+        )
+    return out
 
 
 def identity_of(certs: dict, now: dt.datetime) -> dict | None:
@@ -206,9 +241,14 @@ def routes_by_mode(snaps: list[Snapshot], samples: dict[str, list[Sample]]) -> d
         per_route: dict[str, list[float]] = {}
         for name, labels, value in samples.get(snap.name, []):
             if name == "meshcar_edge_requests_total":
-                c = per_route.setdefault(labels.get("route", ""), [0.0, 0.0])
-                c[0] += value
-                c[1] += value if is_success(labels.get("status")) else 0.0
+                success = is_success(labels.get("status"))
+            elif name == "meshcar_edge_connections_total":  # passthrough: no status
+                success = labels.get("result") == "closed"
+            else:
+                continue
+            c = per_route.setdefault(labels.get("route", ""), [0.0, 0.0])
+            c[0] += value
+            c[1] += value if success else 0.0
         for r in snap.routes:
             total, ok = per_route.get(r.get("host", ""), [0.0, 0.0])
             out.setdefault(str(r.get("mode")), []).append(
@@ -233,7 +273,7 @@ def build_mesh(snaps: list[Snapshot], now: dt.datetime | None = None) -> dict:
     """The dashboard's JSON (GET /api/mesh)."""
     now = now or dt.datetime.now(dt.UTC)
     samples = {s.name: parse_metrics(s.metrics) if s.metrics else [] for s in snaps}
-    edges = compute_edges(snaps)
+    edges = compute_edges(snaps, samples)
     services = [
         {
             "name": s.name,

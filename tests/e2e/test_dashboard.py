@@ -139,6 +139,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
         edges = {(e["caller"], e["callee"]): e for e in mesh["edges"]}
         assert edges[("web", "api")]["requests"] >= 5, mesh["edges"]
         assert edges[("web", "api")]["success_rate"] == 1.0
+        assert edges[("web", "api")]["source"] == "metrics"  # api's per-peer counters
 
         dom = _loaded_dom(f"http://127.0.0.1:{dash}/", d / "chrome")
         services = _text(dom, "services")

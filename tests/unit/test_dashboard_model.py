@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from meshcar.admin import recent
-from meshcar.dashboard.main import parse_target
+from meshcar.dashboard.main import demo_targets, main, parse_target
 from meshcar.dashboard.model import (
     Snapshot,
     build_mesh,
@@ -178,3 +178,61 @@ def test_parse_target() -> None:
     for bad in ("api", "=http://x", "api=127.0.0.1:1"):
         with pytest.raises(Exception, match="NAME=http"):
             parse_target(bad)
+
+
+PEER_METRICS = (
+    "# TYPE meshcar_peer_requests counter\n"
+    f'meshcar_peer_requests_total{{direction="inbound",peer="{TD}/web",code="2xx"}} 90\n'
+    f'meshcar_peer_requests_total{{direction="inbound",peer="{TD}/web",code="5xx"}} 10\n'
+    'meshcar_peer_requests_total{direction="inbound",peer="other",code="4xx"} 2\n'
+)
+
+
+def test_per_peer_counters_give_an_edges_requests_and_success_rate() -> None:
+    """Counted since the process started (meshcar_peer_requests_total), not only the last 200
+    entries; the latency still comes from the entries (no per-peer histogram)."""
+    snaps = _snaps()
+    snaps[1].metrics = PEER_METRICS  # api
+    snaps[0].metrics = (  # web: outbound to api is api's inbound edge, counted once
+        "# TYPE meshcar_peer_requests counter\n"
+        'meshcar_peer_requests_total{direction="outbound",peer="api",code="2xx"} 90\n'
+        'meshcar_peer_requests_total{direction="outbound",peer="ledger",code="2xx"} 4\n'
+    )
+    edges = {(e["caller"], e["callee"]): e for e in build_mesh(snaps, NOW)["edges"]}
+    wa = edges[("web", "api")]
+    assert (wa["requests"], wa["success_rate"], wa["source"]) == (100, 0.9, "metrics")
+    assert wa["p50_ms"] == 3.0  # from api's recent inbound entries
+    assert edges[("other", "api")]["requests"] == 2  # past the label bound: "other"
+    ledger = edges[("web", "ledger")]
+    assert ledger["requests"] == 4 and ledger["p50_ms"] is None  # no entry in the window
+    assert edges[("edge", "api")]["source"] == "recent"  # not counted by peer: the window
+
+
+def test_passthrough_routes_count_connections() -> None:
+    snaps = _snaps()
+    snaps[2].routes = [{"host": "pay.test", "mode": "passthrough", "endpoints": ["127.0.0.1:9"]}]
+    snaps[2].metrics = (
+        "# TYPE meshcar_edge_connections counter\n"
+        'meshcar_edge_connections_total{route="pay.test",result="closed"} 3\n'
+        'meshcar_edge_connections_total{route="pay.test",result="error"} 1\n'
+    )
+    (pay,) = build_mesh(snaps, NOW)["routes"]["passthrough"]
+    assert pay["requests"] == 4 and pay["success_rate"] == 0.75
+
+
+def test_from_demo_reads_every_demo_service_and_the_edge() -> None:
+    from meshcar.demo import scenario as sc
+
+    targets = dict(demo_targets())
+    assert set(targets) == {s.name for s in sc.SCENARIO.services} | {"edge"}
+    assert targets["api"] == f"http://127.0.0.1:{sc.SCENARIO.service('api').admin_port}"
+    assert targets["edge"] == f"http://127.0.0.1:{sc.EDGE_ADMIN_PORT}"
+
+
+def test_a_non_loopback_listen_address_needs_allow_remote(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--from-demo", "--listen", "0.0.0.0:9900"])
+    assert exc.value.code == 2 and "--allow-remote" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])  # no target at all
+    assert "--from-demo" in capsys.readouterr().err
