@@ -3,7 +3,8 @@
 The app is started only once the sidecar is ready (it holds a certificate and its
 listeners are bound), so it never sees a mesh that is not there yet. SIGTERM and SIGINT are
 forwarded to the app, and the sidecar keeps serving while the app shuts down (its last
-outbound calls still work). When the app exits, for whatever reason, the sidecar drains the
+outbound calls still work). SIGHUP is forwarded to the app too, and reloads the sidecar's
+config (common/reload.py). When the app exits, for whatever reason, the sidecar drains the
 requests in flight and exits with the app's exit code, so Kubernetes Jobs complete.
 """
 
@@ -32,8 +33,8 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-async def supervise(cfg: SidecarConfig, cmd: list[str]) -> int:
-    sidecar = Sidecar(cfg)
+async def supervise(cfg: SidecarConfig, cmd: list[str], source: Path | None = None) -> int:
+    sidecar = Sidecar(cfg, source=source)  # `source`: read again on SIGHUP (common/reload.py)
     code = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: sidecar.run(task_status, handle_signals=False))
@@ -60,7 +61,9 @@ async def _forward_signals(proc: trio.Process, sidecar: Sidecar) -> None:
             )
             if proc.returncode is None:
                 proc.send_signal(sig)
-            if sig != signal.SIGHUP:
+            if sig == signal.SIGHUP:  # the app reloads, and so does the sidecar
+                sidecar.shell.services.start_soon(sidecar.reloader.reload, "SIGHUP")
+            else:
                 # The app is stopping: do not hold idle keep-alive connections open to it
                 # (many servers wait for those before they exit).
                 await sidecar.inbound.pool.retire()
@@ -88,7 +91,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging(cfg.log_level)
     try:
-        return trio.run(supervise, cfg, cmd)
+        return trio.run(supervise, cfg, cmd, args.config)
     except (OSError, BaseExceptionGroup) as exc:
         err = first_leaf(exc)
         if isinstance(err, OSError):

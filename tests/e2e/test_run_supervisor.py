@@ -148,3 +148,37 @@ def test_sigterm_drains_in_flight_requests(env) -> None:
     out = procs.log("run")
     assert '"event": "run.forwarding_signal", "signal": "SIGTERM"' in out
     assert '"event": "sidecar.draining"' in out
+
+
+def test_sighup_goes_to_the_app_and_reloads_the_sidecar(env) -> None:
+    """SIGHUP to `meshcar run`: forwarded to the app (which here ignores it and keeps
+    running) and the sidecar's config read again (common/reload.py)."""
+    d, ports, procs = env
+    (d / "api.token").write_text(_token(d / "ca", "api"))
+    cfg = _sidecar_cfg(d, "api", ports, [], {})
+    started = d / "app.started"
+    app = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(600)"
+    )
+    run = procs.start(
+        "run", "run", "--config", str(cfg), "--", sys.executable, "-c", app, str(started)
+    )
+    admin = f"http://127.0.0.1:{ports['api_admin']}"
+    procs.wait_http(f"{admin}/ready", name="run")
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:  # the app runs: signals
+        time.sleep(0.02)  # are forwarded from then on (polling, not synchronisation)
+    data = json.loads(cfg.read_text())
+    data["inbound"]["allow"] = [sid("web")]
+    cfg.write_text(json.dumps(data))
+    run.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{admin}/config/status", timeout=5).json()
+        if st["last_reload"] is not None:
+            break
+        time.sleep(0.05)  # polling interval, not synchronisation: we wait on the status
+    assert st["last_reload"]["result"] == "success", st
+    assert run.poll() is None  # the app ignored SIGHUP; nothing stopped
+    assert '"event": "run.forwarding_signal", "signal": "SIGHUP"' in procs.log("run")
