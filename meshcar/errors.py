@@ -49,6 +49,16 @@ class UpstreamError(MeshcarError):
         self.status = status
 
 
+class CircuitOpen(UpstreamError):
+    """An upstream's circuit-breaking limit (connections, pending or concurrent requests)
+    is reached: a fast 503, never retried."""
+
+    reason = "circuit_open"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 503)
+
+
 class IdentityError(MeshcarError):
     """A certificate or SPIFFE ID is missing, malformed or not the expected one."""
 

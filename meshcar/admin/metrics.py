@@ -155,6 +155,13 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.upstream_policy = Counter(  # net/resilient.py: events bounded by the code
+            "meshcar_upstream_policy_events",
+            "Traffic policy events per upstream: retry, budget_exhausted (a retry the budget "
+            "refused), circuit_open (fast 503), ejected (outlier), request_timeout",
+            ["upstream", "event"],
+            registry=r,
+        )
         self.connection_errors = Counter(
             "meshcar_connection_errors",
             "Connections ended by an unexpected error in meshcar",

@@ -73,16 +73,16 @@ class MTLSDialer:
         self._failure = hs.labels(direction, "failure")
         self._opened: dict[str, Any] = {}  # upstream -> its pool_connections child
 
-    async def dial(self, key: str, peer: MeshPeer) -> Pooled:
+    async def dial(self, key: str, peer: MeshPeer, timeout: float | None = None) -> Pooled:
         """A verified mTLS connection to `peer`, wrapped for pool `key`. Raises UpstreamError
-        (502 refused/failed/wrong identity, 504 timed out)."""
+        (502 refused/failed/wrong identity, 504 timed out); `timeout`: else connect_timeout."""
         try:
             ctx = self._context()
             stream = await open_tls(
                 peer.host,
                 peer.port,
                 ctx,
-                timeout=self.connect_timeout,
+                timeout=self.connect_timeout if timeout is None else timeout,
                 session=self._sessions.get(peer.endpoint, ctx),
             )
         except UpstreamError:

@@ -98,6 +98,7 @@ class Exchange:
     upstream_reusable: bool = False
     response_started: bool = False
     switched: ResponseHead | None = None  # the upstream's 101: net/upgrade.py relays on
+    held: bool = False  # a `hold` status came back: nothing sent down (net/resilient.py)
 
 
 def keep_response_headers(resp: ResponseHead, headers: Headers) -> Headers:
@@ -240,15 +241,22 @@ async def forward(
     exchange: Exchange | None = None,
     max_request_body: int | None = None,
     timeouts: Timeouts | None = None,
+    hold: frozenset[int] | None = None,
+    body: bytes | None = None,
 ) -> Exchange:
     """Send `head` + the request body to `up`, relay the response to `down`.
 
     `timeouts` (else the defaults with `response_timeout` for the response head) bound
-    every stall; see the module docstring for what each one ends in."""
+    every stall; see the module docstring for what each one ends in. A final status in
+    `hold` is not relayed: `ex.held` is set and the upstream connection is spent (a retry
+    follows, net/resilient.py). `body`: the request body, already read (buffered for a
+    retry), sent after `head` instead of streaming it from `down`."""
     ex = exchange or Exchange()
     clock = _Clock(timeouts or Timeouts(response_head=response_timeout))
     with clock.scope:
-        return await _exchange(down, req, head, up, rewrite_response, ex, max_request_body, clock)
+        return await _exchange(
+            down, req, head, up, rewrite_response, ex, max_request_body, clock, hold, body
+        )
     raise clock.expired()
 
 
@@ -261,8 +269,14 @@ async def _exchange(
     ex: Exchange,
     max_request_body: int | None,
     clock: _Clock,
+    hold: frozenset[int] | None = None,
+    body: bytes | None = None,
 ) -> Exchange:
-    if request_has_body(req):
+    if body is not None:
+        clock.arm("write_up", clock.t.write)
+        await _send(up.stream, head + body, dst_is_downstream=False)
+        ex.bytes_up = len(body)
+    elif request_has_body(req):
         ex.bytes_up = await pipe_body(
             down,
             up.stream,
@@ -281,6 +295,9 @@ async def _exchange(
     if resp is None:
         return ex  # switched: nothing sent down, net/upgrade.py goes on
     ex.status = resp.status
+    if hold and resp.status in hold:
+        ex.held = True
+        return ex
     if req.method == b"HEAD" or resp.status in (204, 304):
         await _send_bodyless(down, up, req, resp, rewrite_response, ex, clock)
     else:

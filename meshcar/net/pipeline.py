@@ -20,6 +20,7 @@ from meshcar.net.forward import Timeouts, keep_response_headers
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
+from meshcar.net.resilient import UpstreamPolicy, policy_request
 from meshcar.net.respond import Refuse, answer, refusal_for
 from meshcar.net.upgrade import UpgradeObserver
 from meshcar.proto.http1 import Headers, RequestHead, ResponseHead
@@ -43,6 +44,7 @@ class Forward:
     response_timeout: float | None = None  # overrides the timeouts' response_head
     on_done: Callable[[], None] | None = None
     upgrades: UpgradeObserver | None = None  # counts switched protocols (net/upgrade.py)
+    policy: UpstreamPolicy | None = None  # retries, balancing, breakers (net/resilient.py)
 
 
 Decision = Refuse | Forward
@@ -67,6 +69,19 @@ async def carry_out(
     if isinstance(decision, Refuse):
         return Outcome(decision.status, keep=await answer(down, decision, req))
     try:
+        if decision.policy is not None:  # `key` is the upstream; the policy picks endpoints
+            ex = await policy_request(
+                down,
+                req,
+                decision.head,
+                decision.pool,
+                decision.policy,
+                decision.rewrite_response,
+                on_release=decision.on_release,
+                max_request_body=decision.max_request_body,
+                upgrades=decision.upgrades,
+            )
+            return Outcome(ex.status, ex.bytes_up, ex.bytes_down)
         ex = await proxy_request(
             down,
             req,

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from meshcar.errors import UpstreamError
+from meshcar.errors import CircuitOpen
 from meshcar.net.httpconn import HttpConn
 
 
@@ -67,22 +67,26 @@ class Pool:
         self._on_refused = on_refused
         self._open: dict[str, int] = {}  # open connections per group
         self.retired = False  # once set, connections are closed after use, never kept
+        self.group_limits: dict[str, int] = {}  # max_connections of some groups
+        self.idle_timeouts: dict[str, float] = {}  # idle_timeout of some groups
 
     async def acquire(self, key: str, *, fresh: bool = False) -> tuple[Pooled, bool]:
         """An idle connection for `key` (True) or a new one (False); `fresh`: always new."""
         stack = self._stacks.setdefault(key, _Stack())
         now = trio.current_time()  # trio's clock, like every other timeout (mock clock in tests)
+        group = self._group(key)
+        idle_timeout = self.idle_timeouts.get(group, self.idle_timeout)
         while stack.idle and not fresh:
             p = stack.idle.pop()
             # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
-            if now - p.idle_since < self.idle_timeout and p.conn.clean_idle():
+            if now - p.idle_since < idle_timeout and p.conn.clean_idle():
                 return p, True
             await self.discard(p)
-        group = self._group(key)
-        if self._open.get(group, 0) >= self.max_connections and not await self._make_room(group):
+        limit = self.group_limits.get(group, self.max_connections)
+        if self._open.get(group, 0) >= limit and not await self._make_room(group):
             if self._on_refused is not None:
                 self._on_refused(group)
-            raise UpstreamError(f"upstream connection limit ({self.max_connections}) reached", 503)
+            raise CircuitOpen(f"upstream connection limit ({limit}) reached")
         self._open[group] = self._open.get(group, 0) + 1
         try:
             p = await self._dial(key)

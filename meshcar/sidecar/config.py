@@ -49,10 +49,12 @@ from meshcar.common.schema import (
     number,
     one_of,
 )
+from meshcar.common.traffic import TRAFFIC_KEYS, parse_traffic
 from meshcar.errors import ConfigError
 from meshcar.identity.spiffe import SpiffeId
 from meshcar.net.forward import Timeouts
 from meshcar.net.limits import Limits, parse_limits, parse_timeouts
+from meshcar.net.resilient import Resilience
 from meshcar.sidecar.splits import SPLIT_TO, TrafficSplit, parse_splits
 
 __all__ = [
@@ -92,6 +94,7 @@ UPSTREAM = Section(
         "idle_seconds": key(
             number(0.1, 86400), "tcp: a tunnel with no byte either way is closed after", 3600
         ),
+        **TRAFFIC_KEYS,  # http: timeouts, retries, outlier, circuit (common/traffic.py)
     },
 )
 TCP_PORT = Section(
@@ -192,6 +195,7 @@ class Upstream:
     protocol: str = "http"  # or "tcp": an opaque mTLS tunnel per connection on local_port
     target_port: int | None = None  # tcp: the app port the peer's inbound connects to
     idle_seconds: float = 3600.0  # tcp: no byte either way for this long closes the tunnel
+    traffic: Resilience = Resilience()  # http: timeouts, retries, outlier, circuit, dns
 
 
 @dataclass(frozen=True)
@@ -339,8 +343,13 @@ def _upstream(c: Checker, name: Any, u: Any) -> Upstream | None:
         lp = c.port(lp, p + ".local_port")
     match = c.hostports(u.get("match", []), p + ".match", required=False)
     protocol, target, idle = _upstream_protocol(c, p, u, lp, bool(match))
+    traffic = parse_traffic(c, u, p)
+    if protocol == "tcp" and any(k in u for k in TRAFFIC_KEYS):
+        c.bad(p, f"{', '.join(k for k in TRAFFIC_KEYS if k in u)}: for http upstreams only")
     if eps and usid:
-        return Upstream(name.lower(), tuple(eps), usid, lp, tuple(match), protocol, target, idle)
+        return Upstream(
+            name.lower(), tuple(eps), usid, lp, tuple(match), protocol, target, idle, traffic
+        )
     return None
 
 

@@ -2,7 +2,9 @@
 
 Mesh connections go through the one mTLS dialer both roles share (`common/mtls.py`: current
 client context, session resumption per context, SPIFFE ID check, connect timeouts); this
-module only picks the upstream's next endpoint (round robin).
+module only picks the endpoint: for a pool key `name@host:port` (an endpoint the upstream's
+balancer picked, net/balancer.py) that one, with the upstream's connect timeout; for a plain
+upstream name (HTTP/2 streams, TCP tunnels) the next endpoint in turn (round robin).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.mtls import MeshPeer, MTLSDialer
+from meshcar.net.balancer import Balancer
 from meshcar.net.connect import open_tcp
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pooled
@@ -40,10 +43,33 @@ class MeshDialer:
             )
             for name, u in upstreams.items()
         }
+        self._upstreams = upstreams
+        self._peers: dict[str, tuple[MeshPeer, float]] = {}  # endpoint key -> peer, timeout
+        self._groups: dict[str, str] = {}  # endpoint key -> upstream (the pool's group)
 
-    def dial(self, name: str) -> Awaitable[Pooled]:
+    def balancer(self, name: str) -> Balancer:
+        """The load balancer of HTTP upstream `name`; its endpoints' keys dial here."""
+        u = self._upstreams[name]
+
+        def make_peer(key: str, host: str, port: int) -> MeshPeer:
+            peer = MeshPeer(host, port, u.spiffe_id, name, HostPort(host, port))
+            self._peers[key] = (peer, u.traffic.timeouts.connect)
+            self._groups[key] = name
+            return peer
+
+        targets = [(ep.host, ep.port) for ep in u.endpoints]
+        return Balancer(name, targets, make_peer, u.traffic.dns_refresh)
+
+    def group(self, key: str) -> str:
+        """The upstream a pool key belongs to (its connection limit)."""
+        return self._groups.get(key, key)
+
+    def dial(self, key: str) -> Awaitable[Pooled]:
         # returns the shared dialer's coroutine itself: no extra frame per dial
-        return self.mtls.dial(name, next(self._rr[name]))
+        picked = self._peers.get(key)
+        if picked is not None:
+            return self.mtls.dial(key, picked[0], picked[1])
+        return self.mtls.dial(key, next(self._rr[key]))
 
 
 class AppDialer:

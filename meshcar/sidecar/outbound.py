@@ -30,12 +30,13 @@ from meshcar.net.httpserver import refuse_http, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
+from meshcar.net.resilient import UpstreamPolicy
 from meshcar.net.respond import Refuse, reason_of
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.proto.trace import stamp
-from meshcar.sidecar.config import SidecarConfig
+from meshcar.sidecar.config import SidecarConfig, Upstream
 from meshcar.sidecar.dialers import MeshDialer
 from meshcar.sidecar.egress import DENIED, Egress
 from meshcar.sidecar.splits import Splitter
@@ -89,10 +90,27 @@ class Outbound:
             idle_timeout=cfg.pool_idle_seconds,
             max_connections=cfg.limits.max_upstream_connections,
             on_refused=lambda g: metrics.upstream_refusals.labels(g).inc(),
+            group=self.dialer.group,
         )
+        self.policies = {name: self._policy(u) for name, u in self.upstreams.items()}
         self._limits: dict[
             str, ConnectionLimit
         ] = {}  # per listener: the proxy port, each fixed port
+
+    def _policy(self, u: Upstream) -> UpstreamPolicy:
+        """Upstream `u`'s traffic policy (net/resilient.py): balancer, budget, breakers."""
+        t = u.traffic
+        if t.circuit.max_connections is not None:
+            self.pool.group_limits[u.name] = t.circuit.max_connections
+        if t.timeouts.idle is not None:
+            self.pool.idle_timeouts[u.name] = t.timeouts.idle
+        counter = self.metrics.upstream_policy
+        return UpstreamPolicy(
+            t,
+            self.dialer.balancer(u.name),
+            self.cfg.timeouts,
+            lambda event: counter.labels(u.name, event).inc(),
+        )
 
     async def aclose(self) -> None:
         await self.pool.close_all()
@@ -212,5 +230,6 @@ class Outbound:
             on_release=self.dialer.remember_session,
             response_timeout=self.response_timeout,
             upgrades=self.upgrades,
+            policy=self.policies[service],
         )
         return forward, service

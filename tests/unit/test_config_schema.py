@@ -70,6 +70,28 @@ FULL_SIDECAR: dict[str, Any] = {
                 "local_port": 7300,
                 "match": ["10.0.0.2:80"],
                 "protocol": "http",
+                "timeouts": {
+                    "connect_seconds": 2,
+                    "request_seconds": 20,
+                    "per_try_seconds": 5,
+                    "idle_seconds": 10,
+                },
+                "retries": {
+                    "retry_on": ["connect-failure", "reset", "timeout", "5xx", 503],
+                    "max_attempts": 2,
+                    "budget_ratio": 0.1,
+                    "min_per_second": 1,
+                    "window_seconds": 5,
+                    "buffer_bytes": 1024,
+                },
+                "outlier": {
+                    "consecutive_failures": 3,
+                    "base_ejection_seconds": 5,
+                    "max_ejection_seconds": 60,
+                    "max_ejected_percent": 50,
+                },
+                "circuit": {"max_connections": 10, "max_pending": 5, "max_requests": 50},
+                "dns_refresh_seconds": 5,
             },
             "db": {
                 "endpoints": ["127.0.0.1:7001"],
