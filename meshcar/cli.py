@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "inject": ("meshcar.inject.cli", "main", "add the sidecar to Kubernetes manifests"),
     "webhook": ("meshcar.inject.webhook", "main", "mutating admission webhook for injection"),
+    "install": (
+        "meshcar.inject.install",
+        "main",
+        "print the control plane's manifests (CA, webhook, RBAC, NetworkPolicies)",
+    ),
     "init-iptables": (
         "meshcar.inject.iptables",
         "main",
