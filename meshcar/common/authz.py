@@ -17,8 +17,15 @@ allowed and counted and logged as `would_deny` by that rule (the dry run of a ru
 about to enforce: its callers keep working while you read what it would refuse). A request
 an audit rule fully matches is allowed and attributed to it.
 
+Unauthenticated callers (`inbound.permissive`: plaintext HTTP on the mesh port, no
+certificate) are the caller `unauthenticated`. Only a rule whose `from` names the literal
+`unauthenticated` can admit them: `*`, a SPIFFE ID and a `spiffe://td/x/*` pattern are
+identity rules and never match them (Istio's PERMISSIVE: both are accepted, then every
+principal-based rule requires mTLS), and neither does the allow list.
+
 The deny reason is a fixed word, so the metric's labels stay bounded: `no_identity` (the
-caller's certificate was refused), `caller` (no rule names the caller), else the first
+caller's certificate was refused), `unauthenticated` (a plaintext caller and no rule names
+`unauthenticated`), `caller` (no rule names the caller), else the first
 dimension that did not match in the rule that named the caller and matched furthest:
 `host`, `method` or `path`.
 
@@ -43,6 +50,7 @@ __all__ = [
     "ALLOW_RULE",
     "AUTHZ_RULE",
     "REASONS",
+    "UNAUTHENTICATED",
     "Authorizer",
     "Rule",
     "Verdict",
@@ -57,7 +65,8 @@ AUTHZ_RULE = Section(
         ),
         "from": key(
             ListOf(STRING),
-            "caller SPIFFE IDs: exact, spiffe://td/path/* (every ID under it) or * (any)",
+            "caller SPIFFE IDs: exact, spiffe://td/path/* (every ID under it), * (any mesh "
+            "identity) or unauthenticated (plaintext callers, inbound.permissive)",
             ["*"],
         ),
         "hosts": key(ListOf(STRING), "Host names (port dropped): exact or *.domain; [] any", []),
@@ -75,7 +84,9 @@ AUTHZ_RULE = Section(
     },
 )
 ALLOW_RULE = "inbound.allow"  # the name of the rule the allow list becomes
-REASONS = ("no_identity", "caller", "host", "method", "path")  # every deny reason there is
+UNAUTHENTICATED = "unauthenticated"  # the caller name of a plaintext caller (inbound.permissive)
+# every deny reason there is
+REASONS = ("no_identity", "unauthenticated", "caller", "host", "method", "path")
 _DIMENSIONS = ("host", "method", "path")
 _MAX_CACHED_CALLERS = 4096
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 token: a method name
@@ -171,6 +182,8 @@ class Authorizer:
     def candidates(self, caller: str) -> tuple[Rule, ...]:
         """The rules that name `caller`, in config order (one dict lookup once cached)."""
         found = self._cache.get(caller)
+        if found is None and caller == UNAUTHENTICATED:  # only a rule naming it, no pattern
+            found = self._cache[caller] = tuple(self._exact.get(caller, ()))
         if found is None:
             mine = set(map(id, self._exact.get(caller, ())))
             mine |= {id(r) for r in self._patterned if r.names_caller(caller)}
@@ -195,7 +208,10 @@ class Authorizer:
             depth = _DIMENSIONS.index(miss)
             if best is None or depth > best[0]:
                 best = (depth, r, miss)
-        if best is None:
+        if best is None and caller == UNAUTHENTICATED:
+            reason, policy = UNAUTHENTICATED, "default"
+            detail = "no rule admits unauthenticated (plaintext) callers"
+        elif best is None:
             reason, policy = "caller", "default"
             detail = f"no rule allows {caller}"
         else:
@@ -221,16 +237,16 @@ def _host_name(host: str) -> str:
 
 def _callers(c: Checker, raw: Any, p: str) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw:
-        c.bad(p, "must be a non-empty list of SPIFFE IDs, spiffe://td/path/* or *")
+        c.bad(p, "must be a non-empty list of SPIFFE IDs, spiffe://td/path/*, * or unauthenticated")
         return ()
     out = []
     for i, v in enumerate(raw):
         where = f"{p}[{i}]"
-        if v == "*":
+        if v in ("*", UNAUTHENTICATED):
             out.append(v)
             continue
         if not isinstance(v, str):
-            c.bad(where, "must be a SPIFFE ID, spiffe://td/path/* or *")
+            c.bad(where, "must be a SPIFFE ID, spiffe://td/path/*, * or unauthenticated")
             continue
         base = v[:-2] if v.endswith("/*") else v
         try:

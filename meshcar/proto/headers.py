@@ -28,7 +28,12 @@ HOP_BY_HOP = frozenset(
 )
 
 # Headers that carry identity asserted by meshcar; a client-sent copy is always removed.
-IDENTITY_HEADERS = frozenset({b"x-forwarded-client-cert", b"x-meshcar-peer-identity"})
+IDENTITY_HEADERS = frozenset(
+    {b"x-forwarded-client-cert", b"x-meshcar-peer-identity", b"x-meshcar-authenticated"}
+)
+# What the inbound adds, instead of XFCC, to a request from a plaintext caller it took in
+# permissive mode (inbound.permissive): the caller has no identity. Never forwarded as sent.
+UNAUTHENTICATED_MARKER = (b"X-Meshcar-Authenticated", b"false")
 
 REASONS = {
     200: b"OK",

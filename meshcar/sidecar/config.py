@@ -39,6 +39,7 @@ from meshcar.common.config import (  # shared with the edge; re-exported for exi
     top_level,
 )
 from meshcar.common.schema import (
+    BOOL,
     HOSTPORT,
     PORT,
     SPIFFE_ID,
@@ -137,6 +138,12 @@ INBOUND = Section(
             [],
         ),
         "tcp": key(ListOf(TCP_PORT), "app ports reachable as opaque TCP (same allow list)", []),
+        "permissive": key(
+            BOOL,
+            "migration: also take plaintext HTTP callers, unauthenticated (only a policy with "
+            "from: [unauthenticated] admits them); TLS callers unchanged",
+            False,
+        ),
     },
 )
 OUTBOUND = Section(
@@ -234,6 +241,7 @@ class SidecarConfig:
     app_protocol: str = "http1"  # app.protocol: http1 or h2c (sidecar/h2.py)
     access_log_fields: tuple[str, ...] | None = None  # access_log.fields (None: all)
     reload_watch_seconds: float = 0.0  # reload.watch_seconds (common/reload.py); 0: off
+    permissive: bool = False  # inbound.permissive: plaintext callers too, as unauthenticated
 
     @property
     def trust_domain(self) -> str:
@@ -447,6 +455,9 @@ def parse_config(
     inbound_raw = data.get("inbound")
     tcp_raw = inbound_raw.get("tcp") if isinstance(inbound_raw, dict) else None
     tcp_ports = _tcp_ports(c, tcp_raw, str(app_host))
+    permissive = inbound_raw.get("permissive", False) if isinstance(inbound_raw, dict) else False
+    if not isinstance(permissive, bool):
+        c.bad("inbound.permissive", "must be true or false")
     outbound = _outbound(c, data)
     admin_listen, public_paths = parse_admin(c, data)
     drain, level = _scalars(c, data)
@@ -475,6 +486,7 @@ def parse_config(
         app_protocol=app_protocol,
         access_log_fields=access_fields,
         reload_watch_seconds=watch,
+        permissive=permissive is True,
         **outbound,
     )
 

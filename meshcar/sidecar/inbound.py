@@ -6,12 +6,22 @@ then per request: the request target normalised (`proto.path`; 400 when it canno
 and the app receives the normalised target), the caller's identity against the allow list
 (403 with a clear body otherwise), client-sent identity headers removed, our own XFCC
 added, and the request forwarded to the app on localhost over a keep-alive pool.
+
+Permissive mode (`inbound.permissive`, off by default; migration to the mesh): the first
+byte of each connection is peeked (left in the socket). 0x16, a TLS handshake record, goes
+the mTLS path above unchanged; anything else is served as plaintext HTTP/1.1 from a caller
+without identity: the caller `unauthenticated` in the access log (`peer`), the metrics'
+peer label and the authorizer, where only a policy naming `unauthenticated` in its `from`
+admits it (common/authz.py; the allow list and `*` never do: 403, deny reason
+`unauthenticated`). The app gets no XFCC but `X-Meshcar-Authenticated: false`; client-sent
+identity headers are removed as always. Opaque TCP tunnels (ALPN) stay mTLS only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +30,7 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
-from meshcar.common.authz import Authorizer, Verdict
+from meshcar.common.authz import UNAUTHENTICATED, Authorizer, Verdict
 from meshcar.errors import IdentityError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import HANDSHAKE_ERRORS
@@ -32,7 +42,7 @@ from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool
 from meshcar.net.respond import Refuse, reason_of
 from meshcar.net.tls_memory_bio import TLSStream
-from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers
+from meshcar.proto.headers import IDENTITY_HEADERS, UNAUTHENTICATED_MARKER, clean_headers
 from meshcar.proto.http1 import RequestHead
 from meshcar.proto.path import PathError, normalise_target
 from meshcar.proto.trace import stamp
@@ -105,6 +115,14 @@ class Inbound:
             self.conn_limit.leave()
 
     async def _serve_connection(self, tcp: trio.SocketStream) -> None:
+        if self.cfg.permissive:
+            first = await self._first_byte(tcp)
+            if not first:  # closed, or nothing within the handshake timeout
+                await trio.aclose_forcefully(tcp)
+                return
+            if first != b"\x16":  # not a TLS handshake record: a plaintext caller
+                await self._serve_plaintext(tcp)
+                return
         ssl_stream = TLSStream(tcp, self.store.server_context(), server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
@@ -149,6 +167,26 @@ class Inbound:
             timeouts=self.cfg.timeouts,
         )
 
+    async def _first_byte(self, tcp: trio.SocketStream) -> bytes:
+        """inbound.permissive: the connection's first byte, peeked (it stays in the socket);
+        b"" when the caller closed or sent nothing within the handshake timeout."""
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                return bytes(await tcp.socket.recv(1, socket.MSG_PEEK))
+            except OSError:
+                return b""
+        return b""
+
+    async def _serve_plaintext(self, tcp: trio.SocketStream) -> None:
+        """A plaintext HTTP/1.1 caller in permissive mode: no identity (module docstring)."""
+        conn = HttpConn(tcp, "request", self.cfg.http.headers)
+        await serve_http(
+            conn,
+            lambda req, c: self.handle_request(req, c, None, "", plain=True),
+            drain=self.drain,
+            timeouts=self.cfg.timeouts,
+        )
+
     def h2(self) -> Any:
         """The HTTP/2 side, made (and h2 imported) when the first h2 connection arrives; to
         the app as `app.protocol` says (h2c, or HTTP/1.1)."""
@@ -159,23 +197,30 @@ class Inbound:
         return self._h2
 
     async def handle_request(
-        self, req: RequestHead, down: HttpConn, peer: PeerIdentity | None, problem: str
+        self,
+        req: RequestHead,
+        down: HttpConn,
+        peer: PeerIdentity | None,
+        problem: str,
+        plain: bool = False,
     ) -> bool:
+        """`plain`: a plaintext caller taken in permissive mode (no identity)."""
         start = time.perf_counter()
         out = Outcome()
         hop = stamp(req.headers)  # x-request-id kept, traceparent: this hop's span (proto/trace.py)
-        decision, path, verdict = self._decide(req, peer, problem)
+        decision, path, verdict = self._decide(req, peer, problem, plain)
+        who = UNAUTHENTICATED if plain else peer.spiffe_id if peer else None
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "inbound")
             return out.keep
         finally:
             dur = time.perf_counter() - start
             self.metrics.observe_request("inbound", out.status, dur)
-            self.metrics.observe_peer("inbound", peer.spiffe_id if peer else None, out.status)
+            self.metrics.observe_peer("inbound", who, out.status)
             log_request(
                 direction="inbound",
                 **hop.fields(),
-                peer=peer.spiffe_id if peer else None,
+                peer=who,
                 method=req.method.decode("latin-1"),
                 path=path,
                 status=out.status,
@@ -195,9 +240,10 @@ class Inbound:
         return decision, path
 
     def _decide(
-        self, req: RequestHead, peer: PeerIdentity | None, problem: str
+        self, req: RequestHead, peer: PeerIdentity | None, problem: str, plain: bool = False
     ) -> tuple[Decision, str, Verdict | None]:
-        """decide(), and the authorization verdict (None: refused before it)."""
+        """decide(), and the authorization verdict (None: refused before it). `plain`: the
+        caller is unauthenticated (permissive mode); only a rule naming it admits it."""
         try:
             norm = normalise_target(req.target, req.method, self.cfg.http.path)
         except PathError as exc:
@@ -206,21 +252,26 @@ class Inbound:
         path = target.decode("ascii")
         me = self.cfg.identity.spiffe_id
         host = (req.header(b"host") or b"").decode("latin-1")
-        verdict = self.authz.decide(
-            peer.spiffe_id if peer else None, host, req.method.decode("latin-1"), norm.path
-        )
+        caller = UNAUTHENTICATED if plain else peer.spiffe_id if peer else None
+        verdict = self.authz.decide(caller, host, req.method.decode("latin-1"), norm.path)
         self._count(verdict)
-        if peer is None or not verdict.allowed:
-            if peer is None:
+        if plain and verdict.allowed:
+            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+            headers.append(UNAUTHENTICATED_MARKER)  # and no XFCC: no identity to assert
+        elif peer is None or not verdict.allowed:
+            if plain:
+                msg = f"unauthenticated (plaintext) callers may not call {me}: {verdict.detail}"
+            elif peer is None:
                 msg = f"caller certificate rejected: {problem}"
             elif verdict.reason == "caller":
                 msg = f"{peer.spiffe_id} is not allowed to call {me}"
             else:
                 msg = f"{peer.spiffe_id} is not allowed to call {me}: {verdict.detail}"
-            self.metrics.authz_denials.labels(peer.spiffe_id if peer else "invalid").inc()
+            self.metrics.authz_denials.labels(caller or "invalid").inc()
             return Refuse(403, msg), path, verdict
-        headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
-        headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
+        else:
+            headers = clean_headers(req.headers, drop=IDENTITY_HEADERS)
+            headers.append((b"X-Forwarded-Client-Cert", xfcc_value(me, peer)))
         forward = Forward(
             request_bytes(req, target, headers),
             self.pool,

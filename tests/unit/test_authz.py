@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshcar.common.authz import REASONS, Authorizer, Rule
+from meshcar.common.authz import REASONS, UNAUTHENTICATED, Authorizer, Rule
 from meshcar.errors import ConfigError
 from meshcar.sidecar.config import load_config_text
 from tests.unit.test_sidecar_config import GOOD
@@ -158,3 +158,22 @@ def test_bad_policies_are_all_reported_with_file_and_key() -> None:
     for w in want:
         assert any(p.startswith(w) for p in problems), (w, problems)
     assert len(problems) == len(want), problems
+
+
+def test_unauthenticated_matches_only_a_rule_naming_it() -> None:
+    """inbound.permissive's plaintext callers: `*`, patterns and the allow list are identity
+    rules and never match; a rule naming `unauthenticated` does, dimensions and audit too."""
+    anyone = Rule("any-mesh", ("*",))
+    v = az(anyone, Rule("td", (f"{TD}/*",)), allow=(WEB,)).decide(
+        UNAUTHENTICATED, "api", "GET", "/v1/items"
+    )
+    assert (v.decision, v.policy, v.reason) == ("deny", "default", "unauthenticated")
+    legacy = Rule("legacy", (UNAUTHENTICATED,), (), ("GET",), ("/pub/*",))
+    a = az(anyone, legacy)
+    assert a.decide(UNAUTHENTICATED, "api", "GET", "/pub/x").policy == "legacy"
+    v = a.decide(UNAUTHENTICATED, "api", "POST", "/pub/x")
+    assert (v.decision, v.policy, v.reason) == ("deny", "legacy", "method")
+    trial = az(Rule("trial", (UNAUTHENTICATED,), (), (), ("/pub/*",), "audit"))
+    v = trial.decide(UNAUTHENTICATED, "api", "GET", "/private")
+    assert (v.decision, v.policy, v.reason) == ("would_deny", "trial", "path")
+    assert [r.name for r in a.candidates(UNAUTHENTICATED)] == ["legacy"]
