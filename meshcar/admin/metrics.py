@@ -104,7 +104,7 @@ class Metrics:
             "meshcar_authz_decisions",
             "Authorization decisions: allow, deny, would_deny (an audit rule's dry run); the "
             "rule that decided (default: none) and the deny reason (caller, host, method, path, "
-            "no_identity)",
+            "no_identity, unauthenticated)",
             ["decision", "policy", "reason"],
             registry=r,
         )
