@@ -39,15 +39,15 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshcar.inject.cli import dump_documents
 from meshcar.inject.patch import ANN_INJECT, SIDECAR_UID, TRUST_CONFIGMAP, TRUST_KEY, InjectOptions
 
 CA_NAME = "meshcar-ca"
@@ -713,6 +713,24 @@ def render(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
     ]
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (PEM) as `|` blocks, so the output reads as it will be stored."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value and value.isascii() else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(docs: list[dict[str, Any]], out: TextIO) -> None:
+    yaml.dump_all(
+        docs, out, Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True
+    )
+
+
 # --- the command -----------------------------------------------------------------------
 
 
@@ -914,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshcar install: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(f"# meshcar install: the control plane in namespace {s.namespace}\n")
-    dump_documents(render(s, pki), sys.stdout)
+    dump(render(s, pki), sys.stdout)
     for line in notes:
         print(f"meshcar install: {line}", file=sys.stderr)
     for line in next_steps(s, args.webhook_cert_dir):

@@ -119,11 +119,14 @@ def test_everything_with_secrets_and_the_root_validates(
     args = ["--include-secrets", "--ca-root", str(ca_root), "--issuer", "vault"]
     args += ["--vault-addr", "https://vault:8200", "--vault-ca-cert", str(ca_root)]
     args += ["--vault-approle-dir", str(approle)]
-    rc, docs, _, err = run(tmp_path, *args)
+    rc, docs, out, err = run(tmp_path, *args)
     assert rc == 0, err
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert ("Secret", "meshcar-webhook-tls") in kinds and ("Secret", "meshcar-ca-vault") in kinds
     assert ("ConfigMap", TRUST_CONFIGMAP) in kinds and ("ConfigMap", "meshcar-vault-ca") in kinds
+    # PEM goes through the printed YAML unchanged (as `|` blocks)
+    assert one(docs, "ConfigMap", TRUST_CONFIGMAP)["data"][TRUST_KEY] == ca_root.read_text()
+    assert f"{TRUST_KEY}: |\n    -----BEGIN CERTIFICATE-----" in out
     for doc in docs:
         for version in VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
