@@ -48,11 +48,13 @@ class RetryBudget:
         self.width = window / _BUCKETS
         self._requests = [0] * _BUCKETS
         self._retries = [0] * _BUCKETS
-        self._start = trio.current_time()  # the start of the current bucket
+        self._start: float | None = None  # the start of the current bucket (first use)
         self._index = 0
 
     def _advance(self) -> None:
         now = trio.current_time()
+        if self._start is None:  # made outside trio (a config loaded before trio.run)
+            self._start = now
         steps = int((now - self._start) / self.width)
         if steps <= 0:
             return

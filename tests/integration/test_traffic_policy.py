@@ -228,7 +228,7 @@ async def test_an_ejected_endpoint_gets_no_traffic_and_is_readmitted(tmp_path, n
         ca,
         [a.inbound_port, b.inbound_port],
         retries={"retry_on": []},
-        outlier={"consecutive_failures": 3, "base_ejection_seconds": 1, "max_ejected_percent": 50},
+        outlier={"consecutive_failures": 3, "base_ejection_seconds": 4, "max_ejected_percent": 50},
     )
     for _ in range(300):
         await get(web.outbound_port)

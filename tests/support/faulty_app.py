@@ -11,7 +11,8 @@ Its behaviour is `mode`, changeable while it runs:
   handshake that never completes).
 
 `requests` counts request heads read; `seen` is set at each one (replaced after), so a test
-can wait for the next request. With `tls` (a server SSLContext) it speaks TLS, e.g. as a
+can wait for the next request. `GET /__mode/<mode>` switches the mode (answered 200 in any
+mode; for a backend run as a process, `python -m tests.support.faulty_app`). With `tls` (a server SSLContext) it speaks TLS, e.g. as a
 fake peer sidecar holding the upstream's SVID, so a reset reaches the outbound itself.
 """
 
@@ -80,6 +81,11 @@ class FaultyApp:
                         while len(buf) < n:
                             buf += await stream.receive_some(65536)
                         buf = buf[n:]
+                target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+                if target.startswith(b"/__mode/"):  # control: GET /__mode/<mode>, any mode
+                    self.mode = target[len(b"/__mode/") :].decode()
+                    await stream.send_all(self._reply(200))
+                    continue
                 self.requests += 1
                 seen, self.seen = self.seen, trio.Event()
                 seen.set()
@@ -102,3 +108,21 @@ class FaultyApp:
         listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
         self.port = listeners[0].socket.getsockname()[1]
         return self
+
+
+async def _main(name: str, port: int, mode: str, delay: float) -> None:
+    app = FaultyApp(name, mode, delay, port=port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_tcp, app._handle, port, host="127.0.0.1"))
+
+
+if __name__ == "__main__":  # a process for e2e tests: python -m tests.support.faulty_app
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="app")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mode", default="ok")
+    ap.add_argument("--delay", type=float, default=0.0)
+    a = ap.parse_args()
+    trio.run(_main, a.name, a.port, a.mode, a.delay)

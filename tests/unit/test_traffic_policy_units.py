@@ -207,3 +207,14 @@ def test_traffic_policy_keys_are_for_http_upstreams():
     assert (
         "side.yaml: outbound.upstreams.db: retries: for http upstreams only" in exc.value.problems
     )
+
+
+def test_a_budget_made_before_trio_runs_works_inside_it():
+    b = RetryBudget(0.5, 0.0, 10.0)  # the sidecar builds its policies before trio.run
+
+    async def main():
+        b.deposit()
+        b.deposit()
+        assert b.can_retry()
+
+    run(main)
