@@ -460,3 +460,36 @@ def test_a_half_written_cert_dir_is_refused(tmp_path: Path) -> None:
     (tmp_path / "wh" / "tls.key").unlink()
     rc, _, _, err = run(tmp_path)
     assert rc == 2 and "has ca.crt, tls.crt but not tls.key" in err
+
+
+def _write_pki(directory: Path, pki: install.WebhookPKI) -> None:
+    directory.mkdir()
+    (directory / "ca.crt").write_text(pki.ca_pem)
+    (directory / "tls.crt").write_text(pki.cert_pem)
+    (directory / "tls.key").write_text(pki.key_pem)
+
+
+def test_an_expired_or_mismatched_cert_dir_is_refused(tmp_path: Path) -> None:
+    names = ["meshcar-webhook.meshcar-system.svc"]
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    _write_pki(tmp_path / "wh", install.generate_webhook_pki(names, now=old, days=2))
+    rc, _, _, err = run(tmp_path)
+    assert rc == 2 and "tls.crt expired on" in err and "delete the directory" in err
+
+    a, b = install.generate_webhook_pki(names), install.generate_webhook_pki(names)
+    _write_pki(tmp_path / "mixed", install.WebhookPKI(a.ca_pem, a.cert_pem, b.key_pem))
+    with pytest.raises(install.InstallError, match="tls.key does not belong to tls.crt"):
+        install.webhook_pki_from_dir(tmp_path / "mixed", names)
+    _write_pki(tmp_path / "foreign", install.WebhookPKI(b.ca_pem, a.cert_pem, a.key_pem))
+    with pytest.raises(install.InstallError, match="tls.crt is not signed by ca.crt"):
+        install.webhook_pki_from_dir(tmp_path / "foreign", names)
+
+
+def test_a_cert_dir_near_expiry_is_used_with_a_warning(tmp_path: Path) -> None:
+    names = ["meshcar-webhook.meshcar-system.svc"]
+    _write_pki(tmp_path / "wh", install.generate_webhook_pki(names, days=10))
+    rc, docs, _, err = run(tmp_path)
+    assert rc == 0 and "expires in 9 days" in err
+    hook = one(docs, "MutatingWebhookConfiguration", "meshcar-injector")["webhooks"][0]
+    ca_pem = (tmp_path / "wh" / "ca.crt").read_text()
+    assert base64.b64decode(hook["clientConfig"]["caBundle"]).decode() == ca_pem
