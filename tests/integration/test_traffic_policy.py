@@ -300,3 +300,50 @@ async def test_endpoints_given_as_names_are_resolved(tmp_path, nursery):
         assert status == 200, body  # a ::1 address (nothing listens there) is retried
     hosts = {e.host for e in web.outbound.policies["api"].balancer.endpoints}
     assert "127.0.0.1" in hosts
+
+
+async def test_a_body_is_retried_only_when_it_was_buffered(tmp_path, nursery):
+    ca = ThrowawayCA.create()
+    app = FaultyApp("storm", "503")
+    api = await api_node(nursery, tmp_path, ca, app)
+    web = await client_for(
+        nursery,
+        tmp_path,
+        ca,
+        [api.inbound_port],
+        retries={"retry_on": [503], "max_attempts": 3, "min_per_second": 1000, "buffer_bytes": 10},
+    )
+    status, headers, _, _ = await get(web.outbound_port, method="PUT", body=b"small")
+    assert status == 503 and headers["x-meshcar-attempts"] == "3"
+    assert app.requests == 3  # buffered: sent three times
+    status, headers, _, _ = await get(web.outbound_port, method="PUT", body=b"x" * 20)
+    assert status == 503 and headers["x-meshcar-attempts"] == "1"
+    assert app.requests == 4  # over buffer_bytes: streamed once, never again
+    status, headers, _, _ = await get(web.outbound_port, method="POST", body=b"small")
+    assert status == 503 and headers["x-meshcar-attempts"] == "1"
+    assert app.requests == 5  # not idempotent: sent once
+
+
+async def test_max_connections_of_an_upstream_is_a_fast_503(tmp_path, nursery):
+    ca = ThrowawayCA.create()
+    app = FaultyApp("slow", "hang")
+    api = await api_node(nursery, tmp_path, ca, app)
+    web = await client_for(
+        nursery, tmp_path, ca, [api.inbound_port], circuit={"max_connections": 1}
+    )
+
+    async def held() -> None:
+        with trio.move_on_after(30):
+            await get(web.outbound_port)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(held)
+        with trio.fail_after(10):
+            while app.requests < 1:
+                await app.seen.wait()
+        status, _, body, took = await get(web.outbound_port)
+        assert status == 503
+        assert "connection limit (1)" in json.loads(body)["message"]
+        assert took < 2
+        assert events(web, "circuit_open") == 1
+        n.cancel_scope.cancel()
