@@ -180,3 +180,23 @@ async def test_discard_twice_counts_once(
     await pool.discard(p)
     await pool.discard(p)
     assert pool.open_count("k") == 0
+
+
+async def test_a_group_may_have_its_own_idle_timeout_and_connection_limit(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An upstream's traffic policy (timeouts.idle_seconds, circuit.max_connections)."""
+    pool = Pool(dialer, idle_timeout=30, max_connections=5, group=lambda k: k.split("@")[0])
+    pool.idle_timeouts["short"] = 5
+    pool.group_limits["short"] = 1
+    s, long_ = await acquire_new(pool, "short@a"), await acquire_new(pool, "long@a")
+    with pytest.raises(UpstreamError) as info:
+        await pool.acquire("short@b")
+    assert info.value.status == 503 and "limit (1)" in str(info.value)
+    await pool.release(s, True)
+    await pool.release(long_, True)
+    autojump_clock.jump(6)
+    p, reused = await pool.acquire("long@a")
+    assert p is long_ and reused  # 6 s idle: within the default 30
+    p2, reused = await pool.acquire("short@a")
+    assert p2 is not s and not reused  # past the group's 5 s: closed, a new one dialed
