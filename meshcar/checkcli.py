@@ -3,6 +3,7 @@
 One line per check, `ok`, `warn` or `FAIL` and a message, in this order:
 
 - `config`: the file parses and passes every config check (`meshcar config validate`);
+  warn when `inbound.permissive` is on (plaintext callers accepted);
 - `file`: every file the config names (CA bundle, token files, Vault files, the edge's
   certificates, keys and client CAs) exists and is readable;
 - `ca` / `vault`: the CA API's `/healthz` (or Vault's `/v1/sys/health`) answers over TLS
@@ -436,6 +437,13 @@ def run_checks(path: Path, kind: str | None, opts: Options) -> tuple[str, int, R
             rep.add("config", FAIL, p)
         return kind, 2, rep
     rep.add("config", OK, f"{path}: valid {kind} config")
+    if isinstance(cfg, SidecarConfig) and cfg.permissive:
+        rep.add(
+            "config",
+            WARN,
+            "inbound.permissive: plaintext callers are accepted on the mesh port, as "
+            "unauthenticated (for migration: turn it off once every caller has a sidecar)",
+        )
     check_files(cfg, rep)
     check_issuer(cfg.identity, opts, rep)
     held = check_held(cfg.identity, opts, rep)

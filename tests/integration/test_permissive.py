@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
+from meshcar.checkcli import Options, run_checks
 from meshcar.common import accesslog
 from meshcar.errors import ConfigError
 from meshcar.sidecar.config import load_config_text
@@ -254,3 +255,23 @@ async def test_explain_answers_for_unauthenticated(perm) -> None:
     assert code == 200 and (out["decision"], out["policy"]) == ("allow", "legacy-read")
     code, out = perm.strict.inbound.explain({**q, "path": "/any/1"})
     assert (out["decision"], out["reason"]) == ("deny", "unauthenticated")
+
+
+async def test_silent_connection_is_closed_after_the_handshake_timeout(perm) -> None:
+    """A caller that sends nothing is closed like one that never finishes its handshake."""
+    perm.server.inbound.handshake_timeout = 0.2
+    tcp = await trio.open_tcp_stream("127.0.0.1", perm.server.inbound_port)
+    with trio.fail_after(10):
+        assert await tcp.receive_some(100) == b""  # closed by the sidecar
+    await tcp.aclose()
+
+
+def test_meshcar_check_warns(tmp_path: Path) -> None:
+    path = tmp_path / "api.yaml"
+    path.write_text(
+        BASE.replace("/tmp/x", str(tmp_path))
+        + 'inbound: {listen: "127.0.0.1:1", permissive: true}\n'
+    )
+    _, _, rep = run_checks(path, "sidecar", Options(timeout=0.5))
+    assert ("config", "warn") in {(c, s) for c, s, _ in rep.checks}
+    assert any("inbound.permissive" in m for _, _, m in rep.checks)
