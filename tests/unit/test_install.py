@@ -26,7 +26,7 @@ from meshcar_ca import files
 from meshcar_ca.cli import _parser as ca_parser
 
 from meshcar.inject import install
-from meshcar.inject.cli import add_option_arguments, options_from_args
+from meshcar.inject.cli import add_option_arguments, inject_stream, options_from_args
 from meshcar.inject.patch import (
     CONFIG_ENV,
     SIDECAR_NAME,
@@ -493,3 +493,15 @@ def test_a_cert_dir_near_expiry_is_used_with_a_warning(tmp_path: Path) -> None:
     hook = one(docs, "MutatingWebhookConfiguration", "meshcar-injector")["webhooks"][0]
     ca_pem = (tmp_path / "wh" / "ca.crt").read_text()
     assert base64.b64decode(hook["clientConfig"]["caBundle"]).decode() == ca_pem
+
+
+def test_inject_leaves_the_control_plane_alone(tmp_path: Path) -> None:
+    """`meshcar install | meshcar inject -f -` changes nothing: the CA and the webhook are
+    opted out (the same label keeps the webhook from injecting them, objectSelector)."""
+    rc, docs, out, err = run(tmp_path)
+    assert rc == 0, err
+    again, report = inject_stream(out, InjectOptions())
+    assert again == docs
+    workloads = [line for line in report if line.startswith("deployment/")]
+    assert len(workloads) == 2
+    assert all("skipped (already injected or meshcar.io/inject: disabled)" in w for w in workloads)
