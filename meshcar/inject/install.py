@@ -714,7 +714,11 @@ def render(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (PEM) as `|` blocks, so the output reads as it will be stored."""
+    """Multi-line strings (PEM) as `|` blocks, so the output reads as it will be stored;
+    no `&id001` anchors where two fields share one value."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

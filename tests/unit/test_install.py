@@ -136,6 +136,7 @@ def test_the_stream_has_the_whole_control_plane(tmp_path: Path) -> None:
     rc, docs, out, err = run(tmp_path)
     assert rc == 0, err
     assert out.startswith("# meshcar install: ")
+    assert "&id0" not in out and "*id0" not in out  # no YAML anchors: plain to read
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
     assert kinds == sorted(
         [
