@@ -15,7 +15,9 @@ connection belongs to one worker for its whole life.
 Signals: SIGTERM/SIGINT to the parent are forwarded to every worker (each drains as a
 single process does); a second one is forwarded too (each worker then stops at once). The
 parent exits 0 when every worker exited 0 after the stop, else 1. SIGHUP is forwarded to every
-worker that was ever ready: each reloads its config itself (common/reload.py).
+worker: each reloads its config itself (common/reload.py); a worker ignores SIGHUP until its
+shell listens for it. A worker restarted after a crash starts with the config the parent
+loaded at start, not the last one reloaded (send SIGHUP again).
 
 A worker that dies while the role was not stopping: if it had been ready once, it is
 restarted after a back-off (0.5 s, doubling to 30 s; back to 0.5 s once a worker stayed up
@@ -226,6 +228,9 @@ class _Parent:
         try:
             parent = os.getppid()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # a SIGHUP before the worker's shell listens for it must not kill it (the default
+            # action): ignored until then (net/shell.py opens its receiver first thing)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             os.setpgid(0, 0)
             _parent_death_signal(signal.SIGTERM)
@@ -246,15 +251,10 @@ class _Parent:
                 pass
 
     def reload(self) -> None:
-        """SIGHUP: forwarded to every worker that was ever ready (its shell handles SIGHUP
-        by then; one still starting reads the config file anyway)."""
-        pids = [pid for pid, i in self.pids.items() if self.board.ever_ready(i)]
-        self.event("workers_reloading", workers=len(pids))
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+        """SIGHUP: forwarded to every worker; each reloads its config itself (a worker still
+        starting, before its shell listens, ignores it)."""
+        self.event("workers_reloading", workers=len(self.pids))
+        self.forward(signal.SIGHUP)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if not self.stopping:
