@@ -153,6 +153,7 @@ class H2Conn:
         self.goaway: str = ""  # why we ended the connection, if we did
         self.last_stream: int | None = None  # after a graceful GOAWAY: the last stream served
         self._scope: trio.CancelScope | None = None  # run()'s: close() ends the reader too
+        self.peer_goaway = False  # the peer sent GOAWAY NO_ERROR: no new streams
 
     async def start(self) -> None:
         self.h2.initiate_connection()
@@ -237,7 +238,29 @@ class H2Conn:
                     s.window()
             elif sid in self.streams:
                 self.streams[sid].window()
-        return isinstance(ev, E.ConnectionTerminated)
+        if isinstance(ev, E.ConnectionTerminated):
+            return not self._graceful_goaway(ev)
+        return False
+
+    def _graceful_goaway(self, ev: Any) -> bool:
+        """A peer's GOAWAY NO_ERROR (it drains): the streams it names go on, no new one is
+        opened, the connection ends with its last stream. h2 treats any GOAWAY as the end
+        (its state machine then refuses every frame), so its state is put back to OPEN."""
+        if not self.client or ev.error_code != 0 or ev.last_stream_id is None:
+            return False
+        self.peer_goaway = True
+        self.h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        for sid, s in list(self.streams.items()):
+            if sid > ev.last_stream_id:  # never taken: gone (REFUSED_STREAM)
+                s.gone = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+                s.wake()
+                s.window()
+        self._end_if_done()
+        return True
+
+    def _end_if_done(self) -> None:
+        if self.peer_goaway and not self.streams and self._scope is not None:
+            self._scope.cancel()  # run() closes the stream
 
     def _message_event(self, ev: Any) -> None:
         s = self.streams.get(ev.stream_id)
@@ -292,6 +315,7 @@ class H2Conn:
         whose request is still coming is reset with NO_ERROR (RFC 9113 8.1: answered early)."""
         self.streams.pop(s.id, None)
         self._closed_stream.set()
+        self._end_if_done()
         if self.closed:
             return
         for _, fc in s.chunks:
@@ -442,7 +466,9 @@ class H2Conn:
     @property
     def usable(self) -> bool:
         return (
-            not self.closed and self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
+            not self.closed
+            and not self.peer_goaway
+            and self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
         )
 
 

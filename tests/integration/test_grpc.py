@@ -256,3 +256,39 @@ async def test_draining_lets_a_grpc_call_in_flight_finish(grpc_mesh) -> None:
             await drain.wait_idle()
     assert result == [b"late", b"echo:after5"]
     assert web.metrics.pool_connections.labels("api")._value.get() >= 1
+
+
+async def test_a_draining_inbound_lets_other_streams_of_the_connection_finish(grpc_mesh) -> None:
+    """The inbound drains: its graceful GOAWAY (sent when the first stream ends) must not cut
+    the other streams the outbound still has on that mesh connection."""
+    from meshcar.net.drain import Drain
+
+    web, api, echo, _ = grpc_mesh
+    drain = api.inbound.drain = Drain()
+    more = threading.Event()
+    result: dict = {}
+
+    def calls() -> None:
+        with channel(web.outbound_port) as ch:
+            bidi = ch.stream_stream(f"/{SERVICE}/Bidi")
+
+            def messages():
+                yield b"1"
+                more.wait(20)
+                yield b"2"
+
+            replies = bidi(messages(), timeout=20)
+            result["first"] = next(replies)
+            slow = ch.unary_unary(f"/{SERVICE}/Unary").future(b"slow", timeout=20)
+            result["slow"] = slow.result()  # ends first: the inbound's GOAWAY goes out
+            more.set()
+            result["rest"] = list(replies)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.to_thread.run_sync, calls)
+        with trio.fail_after(20):
+            while drain.in_flight != 2:  # both streams in flight at the inbound
+                await trio.sleep(0.01)
+        drain.draining = True
+        echo.release.set()
+    assert result == {"first": b"re:1", "slow": b"late", "rest": [b"re:2"]}
