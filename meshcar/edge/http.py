@@ -326,7 +326,8 @@ class TerminatingProxy:
             ),
             on_release=self.backends.remember_session,
             max_request_body=route.max_body_bytes,
-            response_timeout=self.response_timeout,
+            response_timeout=route.per_try_timeout or self.response_timeout,
+            request_timeout=route.request_timeout,
             on_done=state.leave,
             upgrades=self.upgrades,
         )

@@ -15,8 +15,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meshcar.errors import MeshcarError
-from meshcar.net.forward import Timeouts, keep_response_headers
+import trio
+
+from meshcar.errors import MeshcarError, ResponseStarted, UpstreamError
+from meshcar.net.forward import Exchange, Timeouts, keep_response_headers
 from meshcar.net.httpconn import HttpConn
 from meshcar.net.pool import Pool, Pooled
 from meshcar.net.proxying import proxy_request
@@ -45,6 +47,7 @@ class Forward:
     on_done: Callable[[], None] | None = None
     upgrades: UpgradeObserver | None = None  # counts switched protocols (net/upgrade.py)
     policy: UpstreamPolicy | None = None  # retries, balancing, breakers (net/resilient.py)
+    request_timeout: float | None = None  # bounds the whole exchange (504, or a close)
 
 
 Decision = Refuse | Forward
@@ -82,6 +85,9 @@ async def carry_out(
                 upgrades=decision.upgrades,
             )
             return Outcome(ex.status, ex.bytes_up, ex.bytes_down)
+        if decision.request_timeout is not None:
+            ex = await _bounded(down, req, decision, timeouts, decision.request_timeout)
+            return Outcome(ex.status, ex.bytes_up, ex.bytes_down)
         ex = await proxy_request(
             down,
             req,
@@ -101,6 +107,31 @@ async def carry_out(
         if decision.on_done is not None:
             decision.on_done()
     return Outcome(ex.status, ex.bytes_up, ex.bytes_down)
+
+
+async def _bounded(
+    down: HttpConn, req: RequestHead, d: Forward, timeouts: Timeouts, limit: float
+) -> Exchange:
+    """proxy_request within `limit` seconds: a 504 before the response began, else a close."""
+    ex = Exchange()
+    with trio.move_on_after(limit):
+        return await proxy_request(
+            down,
+            req,
+            d.head,
+            d.pool,
+            d.key,
+            d.rewrite_response,
+            on_release=d.on_release,
+            max_request_body=d.max_request_body,
+            response_timeout=d.response_timeout,
+            timeouts=timeouts,
+            upgrades=d.upgrades,
+            exchange=ex,
+        )
+    if ex.response_started:
+        raise ResponseStarted(f"request timeout ({limit:g}s) in the response body")
+    raise UpstreamError(f"no response within the request timeout ({limit:g}s)", 504)
 
 
 async def fail(

@@ -36,10 +36,12 @@ async def proxy_request(
     max_request_body: int | None = None,
     timeouts: Timeouts | None = None,
     upgrades: UpgradeObserver | None = None,
+    exchange: Exchange | None = None,
 ) -> Exchange:
     """`response_timeout`, when given, overrides `timeouts.response_head`. An upgrade
     request answered 101 is relayed here until it ends (net/upgrade.py; `upgrades` counts
-    it); its upstream connection is never reused."""
+    it); its upstream connection is never reused. `exchange`, if given, is the one each
+    attempt fills (the caller sees whether the response began)."""
     t = timeouts or Timeouts()
     if response_timeout is not None and response_timeout != t.response_head:
         t = replace(t, response_head=response_timeout)
@@ -47,7 +49,7 @@ async def proxy_request(
     fresh = False
     while True:
         p, reused = await pool.acquire(key, fresh=fresh)
-        ex = Exchange()
+        ex = exchange if exchange is not None else Exchange()
         try:
             ex = await forward(
                 down,

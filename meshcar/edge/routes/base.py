@@ -136,6 +136,17 @@ RULE = Section(
         "backends": key(ListOf(SPLIT_BACKEND, min_items=1), "a weighted split (or backend)"),
     },
 )
+ROUTE_TIMEOUTS = Section(
+    "terminate, bridge: this route's timeouts in seconds (default: the timeouts section)",
+    {
+        "per_try_seconds": key(
+            number(0.1, 86400), "the backend's response head (default: response_head_seconds)"
+        ),
+        "request_seconds": key(
+            number(0.1, 86400), "the whole exchange: 504 before the response, then a close"
+        ),
+    },
+)
 ROUTE = Section(
     "One host's route",
     {
@@ -175,6 +186,7 @@ ROUTE = Section(
         ),
         "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
         "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
+        "timeouts": key(ROUTE_TIMEOUTS, ROUTE_TIMEOUTS.doc),
         "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
         "headers": key(ROUTE_HEADERS, ROUTE_HEADERS.doc),
         "deny": key(ListOf(DENY), "WAF rules", []),
@@ -257,6 +269,8 @@ class Route:
     http2: bool = False  # offer h2 by ALPN (edge/h2.py)
     rate_limit: RateLimit | None = None
     max_body_bytes: int | None = None
+    per_try_timeout: float | None = None  # timeouts.per_try_seconds (the response head)
+    request_timeout: float | None = None  # timeouts.request_seconds (the whole exchange)
     client_auth: ClientAuth | None = None
     add_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()

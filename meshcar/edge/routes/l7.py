@@ -15,6 +15,7 @@ from meshcar.edge.routes.base import (
     DENY_HEADER,
     RATE_LIMIT,
     ROUTE_HEADERS,
+    ROUTE_TIMEOUTS,
     TLS,
     ClientAuth,
     DenyRule,
@@ -85,6 +86,27 @@ def _max_body(c: Checker, raw: dict, p: str, kw: Kw) -> None:
         kw["max_body_bytes"] = check_number(
             c, raw["max_body_bytes"], p + ".max_body_bytes", minimum=0, integer=True
         )
+
+
+def _timeouts(c: Checker, raw: dict, p: str, kw: Kw) -> None:
+    t = raw.get("timeouts")
+    if t is None:
+        return
+    if not isinstance(t, dict):
+        c.bad(p + ".timeouts", "must be {per_try_seconds, request_seconds}")
+        return
+    c.unknown(t, p + ".timeouts.", ROUTE_TIMEOUTS)
+    for name, field in (
+        ("per_try_seconds", "per_try_timeout"),
+        ("request_seconds", "request_timeout"),
+    ):
+        if name not in t:
+            continue
+        val = t[name]
+        if isinstance(val, bool) or not isinstance(val, int | float) or not 0.1 <= val <= 86400:
+            c.bad(f"{p}.timeouts.{name}", "must be a number of seconds between 0.1 and 86400")
+        else:
+            kw[field] = float(val)
 
 
 def _client_auth(c: Checker, raw: dict, p: str, kw: Kw) -> None:
@@ -181,6 +203,7 @@ L7_CHECKS: tuple[Callable[[Checker, dict, str, Kw], None], ...] = (
     _http2,
     _rate_limit,
     _max_body,
+    _timeouts,
     _client_auth,
     _headers,
     _deny,
