@@ -35,8 +35,9 @@ from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import keep_response_headers
 from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, pump
 from meshcar.net.pipeline import Forward
-from meshcar.net.respond import Refuse, error_body
+from meshcar.net.respond import Refuse, error_body, reason_of
 from meshcar.proto.http1 import RequestHead, ResponseHead
+from meshcar.proto.trace import stamp
 
 Headers = list[tuple[bytes, bytes]]
 # connection-specific headers (RFC 9113 8.2.2) never sent on HTTP/2
@@ -51,6 +52,17 @@ Decide = Callable[[RequestHead], tuple[Any, Any]]  # the role's decide(): (Decis
 # the request goes on as HTTP/1.1 through the decision's pool
 Pick = Callable[[str, Forward], tuple[Any, Callable[[], Awaitable[trio.abc.Stream]]] | None]
 Rewrite = Callable[[ResponseHead, Headers], Headers]
+
+
+def _reason(status: int, req: RequestHead | str, decision: object) -> str | None:
+    """A stream's access-log reason: a malformed stream's (protocol), a refusal's; once
+    forwarded, `upstream` for a 5xx (the upstream's answer or our error answering for it) and
+    `upstream_status` for a 3xx/4xx the upstream sent."""
+    if isinstance(req, str):
+        return "protocol"
+    if status < 300 or not isinstance(decision, Forward):
+        return reason_of(status, decision, None)
+    return "upstream" if status >= 500 else "upstream_status"
 
 
 def request_head(headers: Headers, ended: bool) -> RequestHead | str:
@@ -189,7 +201,9 @@ class H2Proxy:
         stats = [0, 0, 0]  # status, bytes in, bytes out
         headers = s.headers or []
         req = request_head(headers, s.ended)
+        hop = None if isinstance(req, str) else stamp(req.headers)  # proto/trace.py
         label: Any = None
+        decision: Any = None
         try:
             if isinstance(req, str):
                 stats[0] = 400
@@ -212,6 +226,7 @@ class H2Proxy:
                 **fields,
                 "method": dict(headers).get(b":method", b"").decode("latin-1"),
                 "path": req.target.decode("latin-1") if not isinstance(req, str) else "",
+                **(hop.fields() if hop is not None else {}),
             }
             if isinstance(label, dict):
                 line.update(label)
@@ -219,6 +234,7 @@ class H2Proxy:
                 line[self.label_key] = label
             line.update(
                 status=stats[0],
+                reason=_reason(stats[0], req, decision),
                 bytes_in=stats[1],
                 bytes_out=stats[2],
                 duration_ms=round(dur * 1000, 3),

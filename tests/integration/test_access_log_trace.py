@@ -157,3 +157,32 @@ def test_access_log_fields_from_the_config(tmp_path, capsys) -> None:
     with pytest.raises(ConfigError) as err:
         make_cfg(tmp_path, "web", 1, [], {}, access_log={"fields": ["status", "colour"]})
     assert "access_log.fields: unknown ['colour']" in str(err.value)
+
+
+async def test_h2c_streams_carry_the_request_id_and_a_span_per_hop(mesh: Mesh, capsys) -> None:
+    """HTTP/2 from the app (h2c, prior knowledge) through the pair to the HTTP/1.1 app."""
+    capsys.readouterr()
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{mesh.client.outbound_port}",
+        http1=False,
+        http2=True,
+        headers={"Host": "api"},
+        timeout=20,
+        trust_env=False,
+    ) as c:
+        r = await c.get(
+            "/h2", headers={"x-request-id": "h2-req", "traceparent": f"00-{TRACE}-{CALLER_SPAN}-01"}
+        )
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        seen = _app_headers(r)
+        assert (await c.get("/status/503")).status_code == 503
+    assert seen["x-request-id"] == "h2-req"
+    lines = _lines(capsys)
+    out = next(x for x in lines if x["direction"] == "outbound" and x["path"] == "/h2")
+    inb = next(x for x in lines if x["direction"] == "inbound" and x["path"] == "/h2")
+    assert out["protocol"] == "h2" and out["request_id"] == inb["request_id"] == "h2-req"
+    assert (out["trace_id"], out["parent_span_id"]) == (TRACE, CALLER_SPAN)
+    assert inb["parent_span_id"] == out["span_id"] and out["reason"] is None
+    assert seen["traceparent"] == f"00-{TRACE}-{inb['span_id']}-01"
+    failed = next(x for x in lines if x["direction"] == "outbound" and x["status"] == 503)
+    assert failed["reason"] == "upstream"
