@@ -19,6 +19,18 @@ def meshcar_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshcar.cli", *args]
 
 
+def wait_until(cond, what: str, timeout: float = 30.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Poll `cond` until it returns something true and return that; AssertionError naming
+    `what` after `timeout` seconds (a polling interval, not a sleep used as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class Procs:
     """Processes started by a test; all stopped (TERM, then KILL) at teardown."""
 
@@ -72,6 +84,19 @@ class Procs:
             time.sleep(0.05)  # polling interval, not synchronisation: we wait on readiness
         logs = self.log(name)[-3000:] if name else ""
         raise AssertionError(f"{url} not ready after {timeout}s: {last}\n{logs}")
+
+    def start_ca(self, ca_dir: Path, port: int) -> subprocess.Popen:
+        """`meshcar ca serve` of an initialised ca_dir on 127.0.0.1:port, once its /healthz
+        answers over TLS (verified with ca_dir/root.pem); its log is `ca`."""
+        p = self.start("ca", "ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{port}")
+        self.wait_http(
+            f"https://127.0.0.1:{port}/healthz", verify=str(ca_dir / "root.pem"), name="ca"
+        )
+        return p
+
+    def wait_ready(self, admin_port: int, name: str, timeout: float = 20.0) -> None:
+        """Until the role's admin listener on 127.0.0.1:admin_port says 200 on /ready."""
+        self.wait_http(f"http://127.0.0.1:{admin_port}/ready", name=name, timeout=timeout)
 
     def stop_all(self) -> None:
         for _, p in self.procs:

@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import threading
-import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,19 +21,9 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.e2e.procs import Procs, free_port
+from tests.e2e.procs import Procs, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait(cond, what: str, timeout: float = 30.0):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)  # polling interval, not synchronisation: we wait on the condition
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class _Backend(BaseHTTPRequestHandler):
@@ -48,12 +38,26 @@ class _Backend(BaseHTTPRequestHandler):
         pass
 
 
-def _backend(name: str) -> ThreadingHTTPServer:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    srv.name = name  # type: ignore[attr-defined]
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
+Backend = Callable[[str], ThreadingHTTPServer]
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    """Starts plain HTTP backends answering "<name> <path>"; all shut down at teardown."""
+    started: list[ThreadingHTTPServer] = []
+
+    def start(name: str) -> ThreadingHTTPServer:
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+        srv.name = name  # type: ignore[attr-defined]
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
 
 
 class EdgeProc:
@@ -110,12 +114,19 @@ class EdgeProc:
         ctx = ssl.create_default_context(cafile=str(self.tmp / "ca.pem"))
         return httpx.Client(verify=ctx, timeout=10)
 
+    def connect(self, host: str) -> ssl.SSLSocket:
+        """A new TLS connection to the edge with SNI `host`, verified with the test's CA."""
+        ctx = ssl.create_default_context(cafile=str(self.tmp / "ca.pem"))
+        return ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", self.https)), server_hostname=host
+        )
+
     def url(self, host: str, path: str = "/") -> str:
         return f"https://{host}:{self.https}{path}"
 
-    def hup_and_wait(self, result: str, before: float) -> None:
+    def hup_andwait_until(self, result: str, before: float) -> None:
         self.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: self.metric(result) >= before + self.workers, f"a reload {result}")
+        wait_until(lambda: self.metric(result) >= before + self.workers, f"a reload {result}")
 
 
 def _resolving(edge: EdgeProc) -> httpx.HTTPTransport:
@@ -132,72 +143,64 @@ def _resolving(edge: EdgeProc) -> httpx.HTTPTransport:
     return _T(verify=ctx)
 
 
-def test_route_added_by_sighup_under_load_and_bad_config_rejected(tmp_path: Path) -> None:
-    a, b = _backend("a"), _backend("b")
-    procs = Procs(tmp_path)
-    try:
-        edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
-        failures: list[str] = []
-        served = [0]
-        stop = threading.Event()
+def test_route_added_by_sighup_under_load_and_bad_config_rejected(
+    tmp_path: Path, backend: Backend, procs: Procs
+) -> None:
+    a, b = backend("a"), backend("b")
+    edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
 
-        def load() -> None:  # continuous keep-alive and new-connection requests to a.test
-            with httpx.Client(transport=_resolving(edge), timeout=10) as c:
-                while not stop.is_set():
-                    try:
-                        r = c.get(edge.url("a.test", "/load"))
-                        if r.status_code != 200 or r.text != "a /load":
-                            failures.append(f"{r.status_code} {r.text[:100]}")
-                        served[0] += 1
-                    except httpx.HTTPError as exc:
-                        failures.append(repr(exc))
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        _wait(lambda: served[0] >= 50, "load to run")
-        hash0 = edge.status()["hash"]
-
-        # a valid change: route b.test added
-        edge.issue("b.test")
-        edge.write({"a.test": a.server_port, "b.test": b.server_port})
-        edge.hup_and_wait("success", 0)
-        assert edge.proc.poll() is None  # SIGHUP no longer stops the process
+    def load() -> None:  # continuous keep-alive and new-connection requests to a.test
         with httpx.Client(transport=_resolving(edge), timeout=10) as c:
-            assert c.get(edge.url("b.test", "/new")).text == "b /new"
-        st = edge.status()
-        assert st["hash"] != hash0 and st["last_reload"]["result"] == "success"
+            while not stop.is_set():
+                try:
+                    r = c.get(edge.url("a.test", "/load"))
+                    if r.status_code != 200 or r.text != "a /load":
+                        failures.append(f"{r.status_code} {r.text[:100]}")
+                    served[0] += 1
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
 
-        # an invalid change: rejected with the reason, the running config still serves
-        edge.write({"a.test": a.server_port}, "bogus_key: 1\n")
-        edge.hup_and_wait("failure", 0)
-        st = edge.status()
-        assert (
-            st["last_reload"]["result"] == "failure" and "bogus_key" in st["last_reload"]["error"]
-        )
-        assert st["hash"] != hash0  # still the config with b.test
-        log = procs.log("edge")
-        assert '"event": "edge.config.reload_failed"' in log and "bogus_key" in log
-        with httpx.Client(transport=_resolving(edge), timeout=10) as c:
-            assert c.get(edge.url("b.test", "/still")).text == "b /still"
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: served[0] >= 50, "load to run")
+    hash0 = edge.status()["hash"]
 
-        # restart-only keys are named, not applied
-        edge.write({"a.test": a.server_port}, "drain_seconds: 3\n")
-        edge.hup_and_wait("success", 1)
-        assert edge.status()["restart_required"] == ["drain_seconds"]
-        served_at_end = served[0]
-        _wait(lambda: served[0] >= served_at_end + 20, "load to go on after the reloads")
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        assert failures == [], failures[:5]
-        assert edge.metric("failure") == 1
-    finally:
-        procs.stop_all()
-        a.shutdown()
-        a.server_close()
-        b.shutdown()
-        b.server_close()
+    # a valid change: route b.test added
+    edge.issue("b.test")
+    edge.write({"a.test": a.server_port, "b.test": b.server_port})
+    edge.hup_andwait_until("success", 0)
+    assert edge.proc.poll() is None  # SIGHUP no longer stops the process
+    with httpx.Client(transport=_resolving(edge), timeout=10) as c:
+        assert c.get(edge.url("b.test", "/new")).text == "b /new"
+    st = edge.status()
+    assert st["hash"] != hash0 and st["last_reload"]["result"] == "success"
+
+    # an invalid change: rejected with the reason, the running config still serves
+    edge.write({"a.test": a.server_port}, "bogus_key: 1\n")
+    edge.hup_andwait_until("failure", 0)
+    st = edge.status()
+    assert st["last_reload"]["result"] == "failure" and "bogus_key" in st["last_reload"]["error"]
+    assert st["hash"] != hash0  # still the config with b.test
+    log = procs.log("edge")
+    assert '"event": "edge.config.reload_failed"' in log and "bogus_key" in log
+    with httpx.Client(transport=_resolving(edge), timeout=10) as c:
+        assert c.get(edge.url("b.test", "/still")).text == "b /still"
+
+    # restart-only keys are named, not applied
+    edge.write({"a.test": a.server_port}, "drain_seconds: 3\n")
+    edge.hup_andwait_until("success", 1)
+    assert edge.status()["restart_required"] == ["drain_seconds"]
+    served_at_end = served[0]
+    wait_until(lambda: served[0] >= served_at_end + 20, "load to go on after the reloads")
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert failures == [], failures[:5]
+    assert edge.metric("failure") == 1
 
 
 def _peer_serial(s: ssl.SSLSocket) -> int:
@@ -218,101 +221,70 @@ def _get(s: ssl.SSLSocket, path: str) -> bytes:
     return head.split(b"\r\n", 1)[0] + b" " + body
 
 
-def test_certificate_swap_seen_by_new_connections_only(tmp_path: Path) -> None:
-    a = _backend("a")
-    procs = Procs(tmp_path)
-    try:
-        edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-        old = ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
-        )
-        assert _get(old, "/1") == b"HTTP/1.1 200 OK a /1"
-        old_serial = _peer_serial(old)
-        new_serial = edge.issue("a.test")  # the same files, a new certificate
-        assert new_serial != old_serial
-        edge.hup_and_wait("success", 0)
-        # the established keep-alive connection keeps working, with the certificate it had
-        assert _get(old, "/2") == b"HTTP/1.1 200 OK a /2"
-        assert _peer_serial(old) == old_serial
-        fresh = ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
-        )
-        assert _peer_serial(fresh) == new_serial
-        assert _get(fresh, "/3") == b"HTTP/1.1 200 OK a /3"
-        old.close()
-        fresh.close()
-    finally:
-        procs.stop_all()
-        a.shutdown()
-        a.server_close()
+def test_certificate_swap_seen_by_new_connections_only(
+    tmp_path: Path, backend: Backend, procs: Procs
+) -> None:
+    a = backend("a")
+    edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
+    old = edge.connect("a.test")
+    assert _get(old, "/1") == b"HTTP/1.1 200 OK a /1"
+    old_serial = _peer_serial(old)
+    new_serial = edge.issue("a.test")  # the same files, a new certificate
+    assert new_serial != old_serial
+    edge.hup_andwait_until("success", 0)
+    # the established keep-alive connection keeps working, with the certificate it had
+    assert _get(old, "/2") == b"HTTP/1.1 200 OK a /2"
+    assert _peer_serial(old) == old_serial
+    fresh = edge.connect("a.test")
+    assert _peer_serial(fresh) == new_serial
+    assert _get(fresh, "/3") == b"HTTP/1.1 200 OK a /3"
+    old.close()
+    fresh.close()
 
 
-def test_unreadable_certificate_rejects_the_reload(tmp_path: Path) -> None:
-    a = _backend("a")
-    procs = Procs(tmp_path)
-    try:
-        edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-        with ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
-        ) as s:
-            serial = _peer_serial(s)
-        (tmp_path / "a.test.pem").write_text("not a certificate\n")
-        edge.hup_and_wait("failure", 0)
-        error = edge.status()["last_reload"]["error"]
-        assert "a.test" in error and "a.test.pem" in error, error
-        with ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
-        ) as s:
-            assert _peer_serial(s) == serial  # the running certificate still serves
-            assert _get(s, "/x") == b"HTTP/1.1 200 OK a /x"
-    finally:
-        procs.stop_all()
-        a.shutdown()
-        a.server_close()
+def test_unreadable_certificate_rejects_the_reload(
+    tmp_path: Path, backend: Backend, procs: Procs
+) -> None:
+    a = backend("a")
+    edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port})
+    with edge.connect("a.test") as s:
+        serial = _peer_serial(s)
+    (tmp_path / "a.test.pem").write_text("not a certificate\n")
+    edge.hup_andwait_until("failure", 0)
+    error = edge.status()["last_reload"]["error"]
+    assert "a.test" in error and "a.test.pem" in error, error
+    with edge.connect("a.test") as s:
+        assert _peer_serial(s) == serial  # the running certificate still serves
+        assert _get(s, "/x") == b"HTTP/1.1 200 OK a /x"
 
 
-def test_sighup_to_a_workers_2_parent_reloads_both(tmp_path: Path) -> None:
-    a, b = _backend("a"), _backend("b")
-    procs = Procs(tmp_path)
-    try:
-        edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port}, workers=2)
-        edge.issue("b.test")
-        edge.write({"a.test": a.server_port, "b.test": b.server_port})
-        edge.hup_and_wait("success", 0)  # waits for one success per worker
-        log = procs.log("edge")
-        lines = [json.loads(x) for x in log.splitlines() if '"edge.config.reloaded"' in x]
-        assert len(lines) == 2, log[-2000:]
-        assert edge.proc.poll() is None
-        # every connection lands on one worker or the other: each must know b.test
-        for _ in range(20):
-            with httpx.Client(transport=_resolving(edge), timeout=10) as c:
-                assert c.get(edge.url("b.test", "/w")).text == "b /w"
-    finally:
-        procs.stop_all()
-        a.shutdown()
-        a.server_close()
-        b.shutdown()
-        b.server_close()
+def test_sighup_to_a_workers_2_parent_reloads_both(
+    tmp_path: Path, backend: Backend, procs: Procs
+) -> None:
+    a, b = backend("a"), backend("b")
+    edge = EdgeProc(tmp_path, procs, {"a.test": a.server_port}, workers=2)
+    edge.issue("b.test")
+    edge.write({"a.test": a.server_port, "b.test": b.server_port})
+    edge.hup_andwait_until("success", 0)  # waits for one success per worker
+    log = procs.log("edge")
+    lines = [json.loads(x) for x in log.splitlines() if '"edge.config.reloaded"' in x]
+    assert len(lines) == 2, log[-2000:]
+    assert edge.proc.poll() is None
+    # every connection lands on one worker or the other: each must know b.test
+    for _ in range(20):
+        with httpx.Client(transport=_resolving(edge), timeout=10) as c:
+            assert c.get(edge.url("b.test", "/w")).text == "b /w"
 
 
-def test_file_watch_reloads_a_changed_certificate_without_a_signal(tmp_path: Path) -> None:
-    a = _backend("a")
-    procs = Procs(tmp_path)
-    try:
-        edge = EdgeProc(
-            tmp_path, procs, {"a.test": a.server_port}, settings="reload: {watch_seconds: 0.2}\n"
-        )
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-        new_serial = edge.issue("a.test")  # only the certificate file changes
-        _wait(lambda: edge.metric("success") >= 1, "the watch to reload")
-        assert edge.status()["last_reload"]["trigger"] == "file_changed"
-        with ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", edge.https)), server_hostname="a.test"
-        ) as s:
-            assert _peer_serial(s) == new_serial
-    finally:
-        procs.stop_all()
-        a.shutdown()
-        a.server_close()
+def test_file_watch_reloads_a_changed_certificate_without_a_signal(
+    tmp_path: Path, backend: Backend, procs: Procs
+) -> None:
+    a = backend("a")
+    edge = EdgeProc(
+        tmp_path, procs, {"a.test": a.server_port}, settings="reload: {watch_seconds: 0.2}\n"
+    )
+    new_serial = edge.issue("a.test")  # only the certificate file changes
+    wait_until(lambda: edge.metric("success") >= 1, "the watch to reload")
+    assert edge.status()["last_reload"]["trigger"] == "file_changed"
+    with edge.connect("a.test") as s:
+        assert _peer_serial(s) == new_serial

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import Procs
-from tests.e2e.test_workers import _ports, _wait, ca, sid, sidecar_cfg  # noqa: F401 (fixture)
+from tests.e2e.procs import Procs, wait_until
+from tests.e2e.test_workers import _ports, ca, sid, sidecar_cfg, start_pair  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,69 +53,61 @@ def _status(out_port: int) -> int:
         conn.close()
 
 
-def test_sidecar_allow_list_reload_under_load_two_workers(ca, tmp_path: Path) -> None:  # noqa: ANN001, F811
+def test_sidecar_allow_list_reload_under_load_two_workers(ca, tmp_path: Path, procs: Procs) -> None:  # noqa: ANN001, F811
     d, ca_port = ca
     api, web = _ports(), _ports()
     api_cfg = sidecar_cfg(d, ca_port, "api", api, {}, workers=2)
     up = {"api": {"endpoints": [f"127.0.0.1:{api['in']}"], "spiffe_id": sid("api")}}
     web_cfg = sidecar_cfg(d, ca_port, "web", web, up)
-    procs = Procs(tmp_path)
-    try:
-        procs.start("api-app", "demo-app", "--name", "api", "--port", str(api["app"]))
-        api_p = procs.start("api", "sidecar", "--config", str(api_cfg))
-        procs.start("web", "sidecar", "--config", str(web_cfg))
-        for n, p in (("api", api), ("web", web)):
-            procs.wait_http(f"http://127.0.0.1:{p['admin']}/ready", name=n)
+    api_p, _ = start_pair(procs, api, api_cfg, web, web_cfg)
 
-        statuses: list[int] = []
-        errors: list[str] = []
-        stop = threading.Event()
+    statuses: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
 
-        def load() -> None:  # keep-alive requests through web's outbound, pooled mesh conns
-            conn = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
-            while not stop.is_set():
-                try:
-                    conn.request("GET", "http://api/hello")
-                    r = conn.getresponse()
-                    r.read()
-                    statuses.append(r.status)
-                except (OSError, http.client.HTTPException) as exc:
-                    errors.append(repr(exc))
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
-            conn.close()
+    def load() -> None:  # keep-alive requests through web's outbound, pooled mesh conns
+        conn = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "http://api/hello")
+                r = conn.getresponse()
+                r.read()
+                statuses.append(r.status)
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
+        conn.close()
 
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        _wait(lambda: len(statuses) >= 50, "load to run")
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(statuses) >= 50, "load to run")
 
-        # valid: another caller added; both workers reload, SIGHUP stops nothing
-        _rewrite(api_cfg, [sid("web"), sid("ops")])
-        api_p.send_signal(signal.SIGHUP)
-        _wait(lambda: _reloads(api["admin"], "success") == {"0": 1, "1": 1}, "both workers")
-        assert api_p.poll() is None
-        st = httpx.get(f"http://127.0.0.1:{api['admin']}/config/status", timeout=5).json()
-        assert st["last_reload"]["result"] == "success" and st["restart_required"] == []
+    # valid: another caller added; both workers reload, SIGHUP stops nothing
+    _rewrite(api_cfg, [sid("web"), sid("ops")])
+    api_p.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(api["admin"], "success") == {"0": 1, "1": 1}, "both workers")
+    assert api_p.poll() is None
+    st = httpx.get(f"http://127.0.0.1:{api['admin']}/config/status", timeout=5).json()
+    assert st["last_reload"]["result"] == "success" and st["restart_required"] == []
 
-        # invalid: rejected by both with the reason; web still served
-        _rewrite(api_cfg, [sid("web"), "nope"])
-        api_p.send_signal(signal.SIGHUP)
-        _wait(lambda: _reloads(api["admin"], "failure") == {"0": 1, "1": 1}, "both rejected")
-        st = httpx.get(f"http://127.0.0.1:{api['admin']}/config/status", timeout=5).json()
-        assert "inbound.allow[1]" in st["last_reload"]["error"], st
-        assert procs.log("api").count('"event": "sidecar.config.reload_failed"') == 2
-        at = len(statuses)
-        _wait(lambda: len(statuses) >= at + 50, "load to go on")
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        assert errors == [] and set(statuses) == {200}, (errors[:3], set(statuses))
+    # invalid: rejected by both with the reason; web still served
+    _rewrite(api_cfg, [sid("web"), "nope"])
+    api_p.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(api["admin"], "failure") == {"0": 1, "1": 1}, "both rejected")
+    st = httpx.get(f"http://127.0.0.1:{api['admin']}/config/status", timeout=5).json()
+    assert "inbound.allow[1]" in st["last_reload"]["error"], st
+    assert procs.log("api").count('"event": "sidecar.config.reload_failed"') == 2
+    at = len(statuses)
+    wait_until(lambda: len(statuses) >= at + 50, "load to go on")
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == [] and set(statuses) == {200}, (errors[:3], set(statuses))
 
-        # applied: web removed from the allow list is refused (by every worker)
-        _rewrite(api_cfg, [sid("ops")])
-        api_p.send_signal(signal.SIGHUP)
-        _wait(lambda: _reloads(api["admin"], "success") == {"0": 2, "1": 2}, "both applied")
-        assert {_status(web["out"]) for _ in range(16)} == {403}
-    finally:
-        procs.stop_all()
+    # applied: web removed from the allow list is refused (by every worker)
+    _rewrite(api_cfg, [sid("ops")])
+    api_p.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(api["admin"], "success") == {"0": 2, "1": 2}, "both applied")
+    assert {_status(web["out"]) for _ in range(16)} == {403}
