@@ -28,7 +28,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -38,18 +37,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _common import (  # noqa: E402
+    TRUST_DOMAIN,
+    cpu_seconds,
+    free_ports,
+    meshcar_ca,
+    nginx_spec,
+    say,
+    sidecar_spec,
+    spiffe_ids,
+    write_nginx_conf,
+)
+
 from meshcar.demo.pki import make_ca, make_leaf, write_private  # noqa: E402
-from meshcar.demo.plan import Probe, ProcSpec, meshcar_argv  # noqa: E402
+from meshcar.demo.plan import Probe, ProcSpec  # noqa: E402
 from meshcar.demo.supervisor import DemoStartupError, Supervisor  # noqa: E402
 
 NGINX_DIR = REPO / "bench" / "nginx"
-TRUST_DOMAIN = "bench.meshcar.test"
 APP_BODY = b"hello from the app\n"
 
 
@@ -63,32 +72,6 @@ class WrkResult:
     errors: str  # "" when wrk reported no socket errors and no non-2xx/3xx answers
     raw: str
     cpu_us_per_req: float = 0.0  # the pair's user+system CPU over the measured run / requests
-
-
-def _proc_tree(pid: int) -> list[int]:
-    """pid and its children (nginx: master and workers)."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    return [pid, *(int(k) for k in kids)]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes and their children, from /proc."""
-    ticks = 0
-    for top in pids:
-        for pid in _proc_tree(top):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def say(msg: str) -> None:
-    print(f"bench: {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------- tools
@@ -114,19 +97,6 @@ def ensure_tools() -> tuple[str, str]:
     if not (Path(nginx).exists() and wrk):
         sys.exit("bench: nginx or wrk still missing after apt-get install")
     return nginx, wrk
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # --------------------------------------------------------------------------- nginx pair
@@ -160,45 +130,18 @@ def nginx_pki(d: Path) -> None:
 
 
 def render_nginx(template: str, prefix: Path, values: dict[str, str]) -> Path:
-    prefix.mkdir(parents=True, exist_ok=True)
-    (prefix / "tmp").mkdir(exist_ok=True)
-    text = (NGINX_DIR / template).read_text()
-    for key, value in {**values, "PREFIX": str(prefix)}.items():
-        text = text.replace(f"@@{key}@@", value)
-    left = re.findall(r"@@[A-Z_]+@@", text)
-    if left:
-        raise SystemExit(f"bench: unfilled placeholders in {template}: {left}")
-    conf = prefix / "nginx.conf"
-    conf.write_text(text)
-    return conf
-
-
-def nginx_spec(nginx: str, name: str, conf: Path, probe: Probe) -> ProcSpec:
-    return ProcSpec(name, (nginx, "-p", str(conf.parent), "-c", str(conf)), probe)
+    return write_nginx_conf((NGINX_DIR / template).read_text(), prefix, values, template)
 
 
 # --------------------------------------------------------------------------- meshcar pair
-
-
-def run_meshcar_cmd(*args: str) -> str:
-    r = subprocess.run(meshcar_argv(*args), capture_output=True, text=True, check=False, timeout=60)
-    if r.returncode != 0:
-        raise DemoStartupError(f"meshcar {' '.join(args[:2])} failed: {r.stderr.strip()}")
-    return r.stdout
 
 
 def meshcar_specs(
     work: Path, app_port: int, access_logs: bool, workers: int = 1
 ) -> tuple[ProcSpec, list[ProcSpec], dict[str, int]]:
     ca_port, a_in, a_out, a_admin, b_in, b_admin = free_ports(6)
-    ca_dir = work / "ca"
-    run_meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
-    ca = ProcSpec(
-        "meshcar-ca",
-        meshcar_argv("ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ca_port}"),
-        Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"),
-    )
-    ids = {n: f"spiffe://{TRUST_DOMAIN}/svc/{n}" for n in ("a", "b")}
+    ca, ca_dir = meshcar_ca(work, ca_port)
+    ids = spiffe_ids("a", "b")
     sidecars = []
     for name, inbound, admin, allow, upstreams, out in (
         (
@@ -211,46 +154,16 @@ def meshcar_specs(
         ),
         ("b", b_in, b_admin, [ids["a"]], {}, None),
     ):
-        d = work / f"sidecar-{name}"
-        d.mkdir(mode=0o700)
-        token = run_meshcar_cmd(
-            "ca",
-            "token",
-            "--dir",
-            str(ca_dir),
-            "--spiffe-id",
-            ids[name],
-            "--ttl",
-            "1h",
-            "--uses",
-            "1",
-        ).strip()
-        write_private(d / "join.token", token.encode() + b"\n")
         cfg: dict[str, object] = {
-            "identity": {
-                "spiffe_id": ids[name],
-                "ca_url": f"https://127.0.0.1:{ca_port}",
-                "ca_bundle": str(ca_dir / "root.pem"),
-                "token_file": str(d / "join.token"),
-                "state_dir": str(d / "state"),
-            },
             "app": {"host": "127.0.0.1", "port": app_port},
             "inbound": {"listen": f"127.0.0.1:{inbound}", "allow": allow},
-            "admin": {"listen": f"127.0.0.1:{admin}"},
             "log_level": "info" if access_logs else "warning",
         }
         if workers != 1:
             cfg["workers"] = workers
         if out is not None:
             cfg["outbound"] = {"listen": f"127.0.0.1:{out}", "upstreams": upstreams}
-        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        sidecars.append(
-            ProcSpec(
-                f"meshcar-sidecar-{name}",
-                meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
-                Probe(f"http://127.0.0.1:{admin}/ready"),
-            )
-        )
+        sidecars.append(sidecar_spec(work, name, ids[name], ca_dir, ca_port, admin, cfg, uses=1))
     return ca, sidecars, {"out": a_out, "in": b_in, "a_admin": a_admin, "b_admin": b_admin}
 
 

@@ -21,9 +21,7 @@ skews both, which is why they alternate in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,23 +29,18 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from run_mesh_bench import (  # noqa: E402
-    TRUST_DOMAIN,
-    cpu_seconds,
-    ensure_tools,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (_common puts the repository on sys.path)
+    NGINX_HEAD,
+    bulk_report,
+    bulk_rounds,
     free_ports,
-    nginx_pki,
-    run_meshcar_cmd,
-    say,
+    spiffe_ids,
+    start_nginx,
+    start_sidecars,
 )
+from run_mesh_bench import ensure_tools, nginx_pki  # noqa: E402
 
-from meshcar.demo.plan import Probe, ProcSpec, meshcar_argv  # noqa: E402
 from meshcar.demo.supervisor import Supervisor  # noqa: E402
 
 CHUNK = 1 << 20
@@ -68,25 +61,17 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
-NGINX_STREAM = """
-load_module @@STREAM_MODULE@@;
-daemon off;
-worker_processes 1;
-pid @@PREFIX@@/nginx.pid;
-error_log @@PREFIX@@/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path @@PREFIX@@/tmp; proxy_temp_path @@PREFIX@@/tmp;
-    fastcgi_temp_path @@PREFIX@@/tmp; uwsgi_temp_path @@PREFIX@@/tmp; scgi_temp_path @@PREFIX@@/tmp;
-    server { listen 127.0.0.1:@@PROBE@@; location / { return 200 "ok\\n"; } }
-}
+NGINX_STREAM = (
+    "\nload_module @@STREAM_MODULE@@;"
+    + NGINX_HEAD
+    + """}
 stream {
     server {
         @@SERVER@@
     }
 }
 """
+)
 
 OUTBOUND = """listen 127.0.0.1:@@OUT@@;
         proxy_pass 127.0.0.1:@@IN@@;
@@ -152,46 +137,19 @@ def nginx_pair(sup: Supervisor, nginx: str, work: Path, sink: int) -> tuple[int,
     certs = work / "nginx-certs"
     nginx_pki(certs)
     out_port, in_port, p1, p2 = free_ports(4)
-    children = []
-    for role, server, probe in (("inbound", INBOUND, p1), ("outbound", OUTBOUND, p2)):
-        prefix = work / f"nginx-{role}"
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        text = NGINX_STREAM.replace("@@SERVER@@", server)
-        values = {
-            "STREAM_MODULE": stream_module(),
-            "PREFIX": str(prefix),
-            "PROBE": str(probe),
-            "OUT": str(out_port),
-            "IN": str(in_port),
-            "SINK": str(sink),
-            "CERTS": str(certs),
-        }
-        for k, v in values.items():
-            text = text.replace(f"@@{k}@@", v)
-        conf = prefix / "nginx.conf"
-        conf.write_text(text)
-        spec = ProcSpec(
-            f"nginx-{role}",
-            (nginx, "-p", str(prefix), "-c", str(conf)),
-            Probe(f"http://127.0.0.1:{probe}/"),
-        )
-        children.append(sup.start(spec, work / "logs" / f"{spec.name}.log"))
-    sup.wait_ready(children, timeout=30)
-    return out_port, [c.proc.pid for c in children]
+    common = {"STREAM_MODULE": stream_module(), "OUT": str(out_port), "IN": str(in_port)}
+    common |= {"SINK": str(sink), "CERTS": str(certs)}
+    roles = {
+        "inbound": (p1, {"SERVER": INBOUND, **common}),
+        "outbound": (p2, {"SERVER": OUTBOUND, **common}),
+    }
+    return out_port, start_nginx(sup, nginx, work, NGINX_STREAM, roles)
 
 
 def meshcar_pair(sup: Supervisor, work: Path, sink: int) -> tuple[int, list[int]]:
     ca_port, a_in, a_admin, b_in, b_admin, local = free_ports(6)
-    ca_dir = work / "ca"
-    run_meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
-    ca = ProcSpec(
-        "meshcar-ca",
-        meshcar_argv("ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ca_port}"),
-        Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"),
-    )
-    sup.wait_ready([sup.start(ca, work / "logs" / "meshcar-ca.log")], timeout=30)
-    ids = {n: f"spiffe://{TRUST_DOMAIN}/svc/{n}" for n in ("a", "b")}
-    children = []
+    ids = spiffe_ids("a", "b")
+    sidecars: dict[str, tuple[str, int, dict[str, object]]] = {}
     for name, inbound, admin, extra in (
         (
             "a",
@@ -213,38 +171,17 @@ def meshcar_pair(sup: Supervisor, work: Path, sink: int) -> tuple[int, list[int]
         ),
         ("b", b_in, b_admin, {}),
     ):
-        d = work / f"sidecar-{name}"
-        d.mkdir(mode=0o700)
-        token = run_meshcar_cmd(
-            "ca", "token", "--dir", str(ca_dir), "--spiffe-id", ids[name], "--ttl", "1h"
-        ).strip()
-        (d / "join.token").write_text(token + "\n")
         cfg = {
-            "identity": {
-                "spiffe_id": ids[name],
-                "ca_url": f"https://127.0.0.1:{ca_port}",
-                "ca_bundle": str(ca_dir / "root.pem"),
-                "token_file": str(d / "join.token"),
-                "state_dir": str(d / "state"),
-            },
             "app": {"port": sink},
             "inbound": {
                 "listen": f"127.0.0.1:{inbound}",
                 "allow": [ids["a"]] if name == "b" else [],
                 "tcp": [{"port": sink}] if name == "b" else [],
             },
-            "admin": {"listen": f"127.0.0.1:{admin}"},
             **extra,
         }
-        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        spec = ProcSpec(
-            f"meshcar-sidecar-{name}",
-            meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
-            Probe(f"http://127.0.0.1:{admin}/ready"),
-        )
-        children.append(sup.start(spec, work / "logs" / f"{spec.name}.log"))
-    sup.wait_ready(children, timeout=60)
-    return local, [c.proc.pid for c in children]
+        sidecars[name] = (ids[name], admin, cfg)
+    return local, start_sidecars(sup, work, ca_port, sidecars)
 
 
 def main() -> int:
@@ -258,45 +195,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="meshcar-tcp-bench-"))
     (sink_port,) = free_ports(1)
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    cases = {f"x{n}": lambda port, n=n: (upload(port, args.mib, n), args.mib * n) for n in streams}
     try:
         with Supervisor() as sup:
             pairs = {
                 "nginx": nginx_pair(sup, nginx, work, sink_port),
                 "meshcar": meshcar_pair(sup, work, sink_port),
             }
-            for name, (port, _) in pairs.items():  # warm-up and check
-                upload(port, 8, 1)
-                say(f"{name}: 8 MiB crossed")
-            for r in range(args.rounds):
-                for n in streams:
-                    for name, (port, pids) in pairs.items():
-                        cpu0 = cpu_seconds(pids)
-                        took = upload(port, args.mib, n)
-                        cpu = cpu_seconds(pids) - cpu0
-                        gib = args.mib * n / 1024
-                        results.setdefault((name, n), []).append((args.mib * n / took, cpu / gib))
-                        say(
-                            f"round {r + 1} {name} x{n}: {args.mib * n / took:.0f} MiB/s, "
-                            f"{cpu / gib:.2f} CPU s/GiB"
-                        )
+            results = bulk_rounds(pairs, args.rounds, cases, lambda port: upload(port, 8, 1))
     finally:
         sink.terminate()
         sink.wait()
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"\nload average after the run: {' '.join(load)}; {os.cpu_count()} CPUs")
-    print(f"{'streams':>8} {'nginx MiB/s':>12} {'meshcar MiB/s':>14} {'ratio':>6} "
-          f"{'nginx CPU s/GiB':>16} {'meshcar CPU s/GiB':>18}")  # fmt: skip
-    for n in streams:
-        ng = results[("nginx", n)]
-        mc = results[("meshcar", n)]
-        ng_t = statistics.median(x[0] for x in ng)
-        mc_t = statistics.median(x[0] for x in mc)
-        print(
-            f"{n:>8} {ng_t:>12.0f} {mc_t:>14.0f} {mc_t / ng_t:>6.2f} "
-            f"{statistics.median(x[1] for x in ng):>16.2f} "
-            f"{statistics.median(x[1] for x in mc):>18.2f}"
-        )
+    bulk_report(results, list(cases), "streams")
     return 0
 
 

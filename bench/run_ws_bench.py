@@ -23,30 +23,26 @@ import argparse
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from websockets.sync.client import connect
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from run_mesh_bench import (  # noqa: E402
-    TRUST_DOMAIN,
-    cpu_seconds,
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (_common puts the repository on sys.path)
+    NGINX_HEAD,
+    bulk_report,
+    bulk_rounds,
     free_ports,
-    nginx_pki,
-    run_meshcar_cmd,
-    say,
+    spiffe_ids,
+    start_nginx,
+    start_sidecars,
 )
+from run_mesh_bench import nginx_pki  # noqa: E402
 
-from meshcar.demo.plan import Probe, ProcSpec, meshcar_argv  # noqa: E402
 from meshcar.demo.supervisor import Supervisor  # noqa: E402
 
 MSG = 1 << 20
@@ -66,18 +62,9 @@ with serve(handler, "127.0.0.1", int(sys.argv[1]), max_size=None, compression=No
     s.serve_forever()
 """
 
-NGINX_HTTP = """
-daemon off;
-worker_processes 1;
-pid @@PREFIX@@/nginx.pid;
-error_log @@PREFIX@@/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path @@PREFIX@@/tmp; proxy_temp_path @@PREFIX@@/tmp;
-    fastcgi_temp_path @@PREFIX@@/tmp; uwsgi_temp_path @@PREFIX@@/tmp; scgi_temp_path @@PREFIX@@/tmp;
-    server { listen 127.0.0.1:@@PROBE@@; location / { return 200 "ok\\n"; } }
-    server {
+NGINX_HTTP = (
+    NGINX_HEAD
+    + """    server {
         @@SERVER@@
         location / {
             proxy_pass @@UPSTREAM@@;
@@ -90,6 +77,7 @@ http {
     }
 }
 """
+)
 
 OUT_SSL = """proxy_ssl_protocols TLSv1.3;
             proxy_ssl_certificate @@CERTS@@/a.pem;
@@ -129,83 +117,35 @@ def nginx_pair(sup: Supervisor, nginx: str, work: Path, app: int) -> tuple[int, 
     certs = work / "nginx-certs"
     nginx_pki(certs)
     out_port, in_port, p1, p2 = free_ports(4)
-    children = []
-    roles = (
-        ("inbound", IN_SERVER, f"http://127.0.0.1:{app}", "", p1),
-        ("outbound", f"listen 127.0.0.1:{out_port};", f"https://127.0.0.1:{in_port}", OUT_SSL, p2),
-    )
-    for role, server, upstream, proxy_ssl, probe in roles:
-        prefix = work / f"nginx-{role}"
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        text = NGINX_HTTP.replace("@@SERVER@@", server).replace("@@PROXY_SSL@@", proxy_ssl)
-        values = {
-            "PREFIX": str(prefix),
-            "PROBE": str(probe),
-            "IN": str(in_port),
-            "UPSTREAM": upstream,
-            "CERTS": str(certs),
-        }
-        for k, v in values.items():
-            text = text.replace(f"@@{k}@@", v)
-        conf = prefix / "nginx.conf"
-        conf.write_text(text)
-        spec = ProcSpec(
-            f"nginx-{role}",
-            (nginx, "-p", str(prefix), "-c", str(conf)),
-            Probe(f"http://127.0.0.1:{probe}/"),
-        )
-        children.append(sup.start(spec, work / "logs" / f"{spec.name}.log"))
-    sup.wait_ready(children, timeout=30)
-    return out_port, [c.proc.pid for c in children]
+    common = {"IN": str(in_port), "CERTS": str(certs)}
+    inbound = {"SERVER": IN_SERVER, "PROXY_SSL": "", "UPSTREAM": f"http://127.0.0.1:{app}"}
+    outbound = {
+        "SERVER": f"listen 127.0.0.1:{out_port};",
+        "PROXY_SSL": OUT_SSL,
+        "UPSTREAM": f"https://127.0.0.1:{in_port}",
+    }
+    roles = {"inbound": (p1, {**inbound, **common}), "outbound": (p2, {**outbound, **common})}
+    return out_port, start_nginx(sup, nginx, work, NGINX_HTTP, roles)
 
 
 def meshcar_pair(sup: Supervisor, work: Path, app: int) -> tuple[int, list[int]]:
     ca_port, a_in, a_admin, b_in, b_admin, out = free_ports(6)
-    ca_dir = work / "ca"
-    run_meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", TRUST_DOMAIN)
-    ca = ProcSpec(
-        "meshcar-ca",
-        meshcar_argv("ca", "serve", "--dir", str(ca_dir), "--listen", f"127.0.0.1:{ca_port}"),
-        Probe(f"https://127.0.0.1:{ca_port}/healthz", cafile=ca_dir / "root.pem"),
-    )
-    sup.wait_ready([sup.start(ca, work / "logs" / "meshcar-ca.log")], timeout=30)
-    ids = {n: f"spiffe://{TRUST_DOMAIN}/svc/{n}" for n in ("a", "b")}
-    children = []
+    ids = spiffe_ids("a", "b")
+    sidecars: dict[str, tuple[str, int, dict[str, object]]] = {}
     upstreams = {"sink": {"endpoints": [f"127.0.0.1:{b_in}"], "spiffe_id": ids["b"]}}
     for name, inbound, admin in (("a", a_in, a_admin), ("b", b_in, b_admin)):
-        d = work / f"sidecar-{name}"
-        d.mkdir(mode=0o700)
-        token = run_meshcar_cmd(
-            "ca", "token", "--dir", str(ca_dir), "--spiffe-id", ids[name], "--ttl", "1h"
-        ).strip()
-        (d / "join.token").write_text(token + "\n")
-        cfg = {
-            "identity": {
-                "spiffe_id": ids[name],
-                "ca_url": f"https://127.0.0.1:{ca_port}",
-                "ca_bundle": str(ca_dir / "root.pem"),
-                "token_file": str(d / "join.token"),
-                "state_dir": str(d / "state"),
-            },
+        cfg: dict[str, object] = {
             "log_level": "warning",  # no access log lines, as nginx's access_log off
             "app": {"port": app},
             "inbound": {
                 "listen": f"127.0.0.1:{inbound}",
                 "allow": [ids["a"]] if name == "b" else [],
             },
-            "admin": {"listen": f"127.0.0.1:{admin}"},
         }
         if name == "a":
             cfg["outbound"] = {"listen": f"127.0.0.1:{out}", "upstreams": upstreams}
-        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        spec = ProcSpec(
-            f"meshcar-sidecar-{name}",
-            meshcar_argv("sidecar", "--config", str(d / "sidecar.yaml")),
-            Probe(f"http://127.0.0.1:{admin}/ready"),
-        )
-        children.append(sup.start(spec, work / "logs" / f"{spec.name}.log"))
-    sup.wait_ready(children, timeout=60)
-    return out, [c.proc.pid for c in children]
+        sidecars[name] = (ids[name], admin, cfg)
+    return out, start_sidecars(sup, work, ca_port, sidecars)
 
 
 def main() -> int:
@@ -217,40 +157,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="meshcar-ws-bench-"))
     (app_port,) = free_ports(1)
     app = subprocess.Popen([sys.executable, "-c", APP, str(app_port)])
-    results: dict[str, list[tuple[float, float]]] = {}
+    cases = {"": lambda port: (upload(port, args.mib), args.mib)}
     try:
         with Supervisor() as sup:
             pairs = {
                 "nginx": nginx_pair(sup, nginx, work, app_port),
                 "meshcar": meshcar_pair(sup, work, app_port),
             }
-            for name, (port, _) in pairs.items():  # warm-up and check
-                upload(port, 8)
-                say(f"{name}: 8 MiB crossed")
-            for r in range(args.rounds):
-                for name, (port, pids) in pairs.items():
-                    cpu0 = cpu_seconds(pids)
-                    took = upload(port, args.mib)
-                    cpu = cpu_seconds(pids) - cpu0
-                    gib = args.mib / 1024
-                    results.setdefault(name, []).append((args.mib / took, cpu / gib))
-                    say(
-                        f"round {r + 1} {name}: {args.mib / took:.0f} MiB/s, {cpu / gib:.2f} CPU s/GiB"
-                    )
+            results = bulk_rounds(pairs, args.rounds, cases, lambda port: upload(port, 8))
     finally:
         app.terminate()
         app.wait()
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"\nload average after the run: {' '.join(load)}; {os.cpu_count()} CPUs")
-    ng, mc = results["nginx"], results["meshcar"]
-    ng_t = statistics.median(x[0] for x in ng)
-    mc_t = statistics.median(x[0] for x in mc)
-    print(f"{'nginx MiB/s':>12} {'meshcar MiB/s':>14} {'ratio':>6} {'nginx CPU s/GiB':>16} "
-          f"{'meshcar CPU s/GiB':>18}")  # fmt: skip
-    print(
-        f"{ng_t:>12.0f} {mc_t:>14.0f} {mc_t / ng_t:>6.2f} "
-        f"{statistics.median(x[1] for x in ng):>16.2f} {statistics.median(x[1] for x in mc):>18.2f}"
-    )
+    bulk_report(results, list(cases), "")
     return 0
 
 
