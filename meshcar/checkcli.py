@@ -114,7 +114,8 @@ def _get(url: str, ctx: ssl.SSLContext, timeout: float) -> tuple[int, str | None
     else:
         conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=timeout)
     try:
-        conn.request("GET", u.path or "/", headers={"Connection": "close"})
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn.request("GET", target, headers={"Connection": "close"})
         resp = conn.getresponse()
         resp.read()
         return resp.status, resp.getheader("Date")

@@ -384,3 +384,46 @@ async def test_edge_config(tmp_path: Path, nursery: trio.Nursery) -> None:
     assert len(_lines(out, "ok", "port")) == 2  # https and admin
     (peer,) = _lines(out, "FAIL", "peer")
     assert f"api.test 127.0.0.1:{impostor} presents spiffe://{TD}/svc/impostor" in peer
+
+
+async def test_vault_reachable_and_unreachable(world: World, nursery: trio.Nursery) -> None:
+    """identity.vault: GET /v1/sys/health on each node over TLS verified by vault.ca_cert."""
+    tca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tca.issue_cert("127.0.0.1").configure_cert(ctx)
+    paths: list[bytes] = []
+
+    async def vault(raw: trio.SocketStream) -> None:
+        stream = trio.SSLStream(raw, ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            head = await stream.receive_some(65536)
+            paths.append(head.split(b" ")[1])
+            body = b'{"initialized":true,"sealed":false,"standby":false}'
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (len(body), body)
+            )
+            await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, vault, 0, host="127.0.0.1"))
+    up = f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    (closed,) = free_ports(1)
+    down = f"https://127.0.0.1:{closed}"
+    ca_cert = world.tmp / "vault-ca.pem"
+    tca.cert_pem.write_to_path(str(ca_cert))
+    ident = world.data["identity"]
+    for k in ("ca_url", "ca_bundle", "token_file"):
+        ident.pop(k)
+    ident["vault"] = {
+        "addr": [up, down],
+        "role": "web",
+        "token_file": str(world.token),
+        "ca_cert": str(ca_cert),
+    }
+    code, out = await world.check()
+    assert code == 1, out
+    assert _lines(out, "ok", "vault") == [f"ok   vault  {up} answers /v1/sys/health with 200"]
+    (line,) = _lines(out, "FAIL", "vault")
+    assert line.startswith(f"FAIL vault  {down} unreachable")
+    assert paths == [b"/v1/sys/health?standbyok=true"]
+    assert _lines(out, "ok", "file")  # the token and CA files are checked too
