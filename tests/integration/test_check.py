@@ -427,3 +427,27 @@ async def test_vault_reachable_and_unreachable(world: World, nursery: trio.Nurse
     assert line.startswith(f"FAIL vault  {down} unreachable")
     assert paths == [b"/v1/sys/health?standbyok=true"]
     assert _lines(out, "ok", "file")  # the token and CA files are checked too
+
+
+async def test_ports_held_by_the_running_process_are_ok(
+    world: World, nursery: trio.Nursery
+) -> None:
+    """Run against a live sidecar: its ports are in use, and its admin /live answers."""
+
+    async def admin(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            await stream.aclose()
+
+    await nursery.start(partial(trio.serve_tcp, admin, world.ports["admin"], host="127.0.0.1"))
+    held = socket.socket()
+    held.bind(("127.0.0.1", world.ports["inbound"]))
+    held.listen()
+    try:
+        code, out = await world.check()
+    finally:
+        held.close()
+    assert code == 0, out
+    port = world.ports["inbound"]
+    assert f"ok   port   inbound.listen 127.0.0.1:{port} is held by the running process" in out
