@@ -10,7 +10,17 @@ Special routes (each calls a peer only through the app's own sidecar, `HTTP_PROX
 
 - api `/v1/pay`: calls payments `/v1/charge` and includes payments' answer;
 - web `/try-payments`: calls payments and reports the status it got (403 expected);
-- web `/pay`: calls api `/v1/pay` (the full web -> api -> payments chain).
+- web `/pay`: calls api `/v1/pay` (the full web -> api -> payments chain);
+- api `/v1/quote`: calls payments' gRPC method `/meshcar.demo.Payments/Quote` with h2c
+  (prior knowledge) through its sidecar (grpcwire.py), and reports status and trailers;
+- web `/try-quote`: the same from web (payments' sidecar answers PERMISSION_DENIED, 7);
+- api `/v1/ledger`: a round trip with payments' ledger database (ledgerdb.py, a
+  server-speaks-first stand-in) over its sidecar's opaque TCP tunnel (`--db`);
+- web `/try-ledger`: the same from web (payments' sidecar closes the tunnel: not allowed).
+
+`--h2c` (payments) also serves gRPC over prior-knowledge h2c on the app port: a connection
+whose first bytes are the HTTP/2 preface is served by grpcwire.serve_h2c, others as HTTP/1.1.
+`--ledger-port` starts the ledger database on that port.
 
 `--tls-cert/--tls-key/--tls-client-ca` turn it into payments' public partner endpoint:
 TLS with a required client certificate (end-to-end mTLS).  With `--proxy-protocol` a PROXY
@@ -39,6 +49,7 @@ from typing import Any
 
 import httpx
 
+from meshcar.demo import grpcwire, ledgerdb
 from meshcar.proto import proxy_protocol as pp
 
 IDLE_TIMEOUT_SECONDS = 30.0
@@ -64,6 +75,15 @@ PEER_ROUTES: dict[tuple[str, str], PeerCall] = {
 }
 
 
+# (service, path) -> (key in our JSON, "grpc" | "ledger", peer)
+SPECIAL_ROUTES: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("api", "/v1/quote"): ("quote", "grpc", "payments"),
+    ("web", "/try-quote"): ("quote", "grpc", "payments"),
+    ("api", "/v1/ledger"): ("ledger", "ledger", "payments"),
+    ("web", "/try-ledger"): ("ledger", "ledger", "payments"),
+}
+
+
 @dataclass(frozen=True)
 class AppConfig:
     name: str
@@ -72,6 +92,8 @@ class AppConfig:
     proxy: str | None
     tls: ssl.SSLContext | None
     proxy_protocol: pp.ProxyPolicy | None = None  # None: no PROXY header expected
+    h2c: bool = False  # also serve gRPC over prior-knowledge h2c (grpcwire.py)
+    dbs: tuple[tuple[str, str, int], ...] = ()  # (peer, host, port) of ledger tunnels
 
 
 def parse_xfcc(value: str) -> list[dict[str, str]]:
@@ -148,6 +170,72 @@ def _client(proxy: str) -> httpx.Client:
                 proxy=proxy, trust_env=False, timeout=PEER_CALL_TIMEOUT_SECONDS
             )
         return c
+
+
+def _proxy_hostport(proxy: str) -> tuple[str, int]:
+    hostport = proxy.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    return host, int(port)
+
+
+def call_quote(proxy: str | None, peer: str) -> dict[str, Any]:
+    """payments' gRPC Quote through the sidecar's outbound (h2c, :authority = the peer)."""
+    if not proxy:
+        return {"error": "HTTP_PROXY is not set: this app reaches peers only through its sidecar"}
+    host, port = _proxy_hostport(proxy)
+    started = time.perf_counter()
+    result = grpcwire.call_unary(
+        host,
+        port,
+        peer,
+        grpcwire.QUOTE_METHOD,
+        {"amount_cents": 2500, "currency": "EUR"},
+        timeout=PEER_CALL_TIMEOUT_SECONDS,
+    )
+    answer: dict[str, Any] = {"method": grpcwire.QUOTE_METHOD, "authority": peer, "via": proxy}
+    answer.update(result.summary())
+    answer["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return answer
+
+
+def call_ledger(dbs: tuple[tuple[str, str, int], ...], peer: str) -> dict[str, Any]:
+    """A ledger round trip through the sidecar's opaque TCP tunnel to `peer`."""
+    found = [(h, p) for name, h, p in dbs if name == peer]
+    if not found:
+        return {"error": f"no --db tunnel to {peer}'s ledger"}
+    host, port = found[0]
+    answer: dict[str, Any] = {"via": f"{host}:{port}", "database": f"{peer} ledger (stand-in)"}
+    try:
+        ex = ledgerdb.query(host, port, timeout=PEER_CALL_TIMEOUT_SECONDS)
+    except (OSError, ledgerdb.ProtocolError) as exc:
+        answer["refused"] = True
+        answer["error"] = f"{type(exc).__name__}: {exc}"
+        return answer
+    answer.update(refused=False, greeting=ex.greeting, replies=list(ex.replies))
+    return answer
+
+
+def quote(path: str, headers: dict[str, str], message: bytes) -> tuple[int, str, Any]:
+    """payments' gRPC method: a fee quote for an amount, naming the caller it saw."""
+    if path != grpcwire.QUOTE_METHOD:
+        return grpcwire.UNIMPLEMENTED, f"unknown method {path}", None
+    try:
+        req = json.loads(message)
+        amount = int(req["amount_cents"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return grpcwire.INVALID_ARGUMENT, f"bad QuoteRequest: {exc}", None
+    xfcc = [v for k, v in headers.items() if k.lower() == "x-forwarded-client-cert"]
+    return (
+        grpcwire.OK,
+        "",
+        {
+            "service": "payments",
+            "amount_cents": amount,
+            "currency": str(req.get("currency", "EUR")),
+            "fee_cents": max(30, amount * 29 // 1000),
+            "peer": peer_from_xfcc(xfcc),
+        },
+    )
 
 
 def call_peer(proxy: str | None, call: PeerCall, request_id: str | None) -> dict[str, Any]:
@@ -227,6 +315,10 @@ class DemoServer(ThreadingHTTPServer):
             serve, header = self.accept_proxy(request, client_address[0])
             if not serve:
                 return
+        if self.config.h2c and self.config.tls is None and _is_h2_preface(request):
+            log({"event": "h2c.connection", "client": client_address[0]})
+            grpcwire.serve_h2c(request, quote)
+            return
         if self.config.tls is not None:
             request.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
             try:
@@ -257,6 +349,16 @@ class DemoServer(ThreadingHTTPServer):
                 "error": f"{type(exc).__name__}: {exc}",
             }
         )
+
+
+def _is_h2_preface(sock: socket.socket) -> bool:
+    """Whether the connection starts with the HTTP/2 preface (peeked: nothing consumed)."""
+    n = len(grpcwire.PREFACE_START)
+    try:
+        data = sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except OSError:
+        return False
+    return data == grpcwire.PREFACE_START
 
 
 def read_proxy_header(
@@ -372,6 +474,19 @@ class DemoHandler(BaseHTTPRequestHandler):
                 "destination": f"{h.dst_addr}:{h.dst_port}" if h.dst_addr else None,
             }
         status = 200
+        special = SPECIAL_ROUTES.get((cfg.name, route_path))
+        if special is not None:
+            key, kind, peer = special
+            if kind == "grpc":
+                answer = call_quote(cfg.proxy, peer)
+                failed = answer.get("grpc_status") != grpcwire.OK
+            else:
+                answer = call_ledger(cfg.dbs, peer)
+                failed = bool(answer.get("refused", True))
+            doc[key] = answer
+            # api's routes must succeed (502 otherwise); web's "try" routes report the refusal
+            if failed and not route_path.startswith("/try-"):
+                status = 502
         call = PEER_ROUTES.get((cfg.name, route_path))
         if call is not None:
             answer = call_peer(cfg.proxy, call, self.headers.get("X-Request-Id"))
@@ -464,7 +579,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="serve a trusted peer that sends no PROXY header as a direct client "
         "(default: refuse it)",
     )
+    p.add_argument(
+        "--h2c",
+        action="store_true",
+        help="also serve gRPC (payments' Quote) over prior-knowledge h2c on --port",
+    )
+    p.add_argument("--ledger-port", type=int, help="serve the ledger database on this port")
+    p.add_argument(
+        "--db",
+        action="append",
+        default=[],
+        metavar="PEER=HOST:PORT",
+        help="the sidecar's opaque TCP tunnel to PEER's ledger database; repeatable",
+    )
     args = p.parse_args(argv)
+    args.dbs = []
+    for item in args.db:
+        peer, _, hostport = item.partition("=")
+        host, _, port = hostport.rpartition(":")
+        if not peer or not host or not port.isdigit():
+            p.error(f"--db {item!r}: want PEER=HOST:PORT")
+        args.dbs.append((peer, host, int(port)))
     tls_args = (args.tls_cert, args.tls_key, args.tls_client_ca)
     if any(tls_args) and not all(tls_args):
         p.error("--tls-cert, --tls-key and --tls-client-ca go together")
@@ -497,11 +632,16 @@ def main(argv: list[str]) -> int:
         os.environ.get("HTTP_PROXY") or None,
         tls,
         proxy_protocol=args.proxy_policy,
+        h2c=args.h2c,
+        dbs=tuple(args.dbs),
     )
+    ledger = None
     try:
         server = DemoServer(config)
+        if args.ledger_port is not None:
+            ledger = ledgerdb.LedgerServer(args.host, args.ledger_port)
     except OSError as exc:
-        print(f"meshcar demo-app: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"meshcar demo-app: cannot listen on {args.host}: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _stop)
     log(
@@ -512,10 +652,16 @@ def main(argv: list[str]) -> int:
             "tls": tls is not None,
         }
     )
+    if ledger is not None:
+        ledger.start()
+        log({"event": "ledger.ready", "listen": f"{args.host}:{args.ledger_port}"})
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if ledger is not None:
+            ledger.shutdown()
+            ledger.server_close()
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from meshcar.demo import grpcwire, ledgerdb
 from meshcar.demo import scenario as sc
 from meshcar.demo.plan import LOOPBACK, DemoPaths, PublicCerts
 
@@ -307,6 +308,92 @@ def check_payments_public(env: DemoEnv) -> str:
     )
 
 
+def _grpc_quote_via(env: DemoEnv, caller: str) -> grpcwire.GrpcResult:
+    """Be `caller`'s app: payments' Quote with h2c through `caller`'s sidecar outbound."""
+    return grpcwire.call_unary(
+        LOOPBACK,
+        env.scenario.service(caller).outbound_port,
+        "payments",
+        sc.GRPC_QUOTE_METHOD,
+        {"amount_cents": 1000, "currency": "EUR"},
+        timeout=HTTP_TIMEOUT_SECONDS,
+    )
+
+
+def check_grpc(env: DemoEnv) -> str:
+    ok = _grpc_quote_via(env, "api")
+    expect(ok.error is None, f"api -> payments gRPC: {ok.error}")
+    expect(
+        ok.http_status == 200 and not ok.trailers_only and ok.trailers.get("grpc-status") == "0",
+        f"api -> payments gRPC: HTTP {ok.http_status}, trailers {ok.trailers}, head {ok.headers}",
+    )
+    resp = ok.response() or {}
+    expect(resp.get("peer") == sc.spiffe_id("api"), f"payments' Quote saw caller {resp!r}")
+    status, doc = get_json(app_url(env, "api", "/v1/quote"))
+    q = doc.get("quote", {})
+    expect(
+        status == 200 and q.get("grpc_status") == 0,
+        f"api /v1/quote (api's app calling gRPC): {status} {str(q)[:300]}",
+    )
+    refused = _grpc_quote_via(env, "web")
+    expect(
+        refused.grpc_status == grpcwire.PERMISSION_DENIED,
+        f"web -> payments gRPC: grpc-status {refused.grpc_status} ({refused.grpc_message!r}, "
+        f"{refused.error}), expected 7 PERMISSION_DENIED",
+    )
+    return (
+        f"api: grpc-status 0 in trailers, payments saw {resp['peer']}; "
+        f"web: grpc-status 7 {refused.grpc_message!r}"
+    )
+
+
+def _tcp_denials(env: DemoEnv) -> float:
+    port = env.scenario.service("payments").admin_port
+    with httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_SECONDS) as client:
+        text = client.get(f"http://{LOOPBACK}:{port}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("meshcar_tcp_connections_total{")
+            and 'direction="inbound"' in line
+            and 'result="denied"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _db_port(env: DemoEnv, caller: str) -> int:
+    ports = dict(env.scenario.service(caller).db_upstreams)
+    expect("payments" in ports, f"{caller} has no tunnel to payments' ledger in the scenario")
+    return ports["payments"]
+
+
+def check_db(env: DemoEnv) -> str:
+    ex = ledgerdb.query(LOOPBACK, _db_port(env, "api"), timeout=HTTP_TIMEOUT_SECONDS)
+    expect(
+        ex.replies[:2] == ("PONG", f"OK acct-1 {ledgerdb.BALANCES['acct-1']}"),
+        f"api's tunnel: greeting {ex.greeting!r}, replies {ex.replies}",
+    )
+    status, doc = get_json(app_url(env, "api", "/v1/ledger"))
+    ledger = doc.get("ledger", {})
+    expect(status == 200 and not ledger.get("refused"), f"api /v1/ledger: {status} {ledger}")
+    before = _tcp_denials(env)
+    try:
+        seen = ledgerdb.query(LOOPBACK, _db_port(env, "web"), timeout=HTTP_TIMEOUT_SECONDS)
+    except ledgerdb.ProtocolError as exc:
+        refused = str(exc)
+    except OSError as exc:
+        refused = f"{type(exc).__name__}: {exc}"
+    else:
+        raise CheckFailed(f"web reached payments' ledger: {seen}")
+    after = _tcp_denials(env)
+    expect(after > before, f"payments' sidecar counted no TCP denial ({before} -> {after})")
+    return (
+        f"api: greeting {ex.greeting!r}, {ex.replies[1]!r}; web: {refused} "
+        f"(payments' sidecar: denied)"
+    )
+
+
 def mesh_checks() -> list[Check]:
     return [
         Check("8 mesh", "every sidecar /ready is 200", check_sidecars_ready),
@@ -339,6 +426,16 @@ def mesh_checks() -> list[Check]:
             "3 direct",
             "payments' public endpoint: own cert, demands a partner client cert",
             check_payments_public,
+        ),
+        Check(
+            "11 mesh",
+            "gRPC Quote api -> payments (h2c, h2/mTLS): grpc-status 0; web gets 7",
+            check_grpc,
+        ),
+        Check(
+            "12 mesh",
+            "ledger DB over opaque TCP: api round trip; web's tunnel refused",
+            check_db,
         ),
     ]
 

@@ -94,15 +94,46 @@ def hostport(port: int) -> str:
     return f"{LOOPBACK}:{port}"
 
 
+def app_args(s: sc.Service, host: str = LOOPBACK) -> tuple[str, ...]:
+    """`meshcar demo-app` arguments for a service's app (compose and k8s run the same)."""
+    args = ["--name", s.name, "--port", str(s.app_port), "--host", host]
+    if s.app_protocol == "h2c":
+        args.append("--h2c")  # gRPC over h2c on the same port (HTTP/1.1 goes on as before)
+    if s.ledger_port is not None:
+        args += ["--ledger-port", str(s.ledger_port)]
+    for peer, local_port in s.db_upstreams:
+        args += ["--db", f"{peer}={LOOPBACK}:{local_port}"]  # via its sidecar's tunnel
+    return tuple(args)
+
+
 def sidecar_config(scenario: sc.Scenario, service: sc.Service, paths: DemoPaths) -> dict[str, Any]:
     """One sidecar's config (docs/CONFIG.md), entirely from the scenario."""
-    upstreams = {}
+    upstreams: dict[str, dict[str, Any]] = {}
     for name in service.upstreams:
         peer = scenario.service(name)
         upstreams[name] = {
             "endpoints": [hostport(peer.inbound_port)],
             "spiffe_id": peer.spiffe_id,
         }
+    for name, local_port in service.db_upstreams:
+        peer = scenario.service(name)
+        assert peer.ledger_port is not None, f"{name} has no ledger database"
+        upstreams[sc.db_upstream(name)] = {
+            "protocol": "tcp",
+            "endpoints": [hostport(peer.inbound_port)],
+            "spiffe_id": peer.spiffe_id,
+            "local_port": local_port,
+            "target_port": peer.ledger_port,
+        }
+    app: dict[str, Any] = {"host": LOOPBACK, "port": service.app_port}
+    if service.app_protocol != "http1":
+        app["protocol"] = service.app_protocol
+    inbound: dict[str, Any] = {
+        "listen": hostport(service.inbound_port),
+        "allow": [sc.spiffe_id(caller) for caller in service.allowed_callers],
+    }
+    if service.ledger_port is not None:
+        inbound["tcp"] = [{"port": service.ledger_port}]
     return {
         "identity": {
             "spiffe_id": service.spiffe_id,
@@ -112,11 +143,8 @@ def sidecar_config(scenario: sc.Scenario, service: sc.Service, paths: DemoPaths)
             "state_dir": str(paths.state_dir(service.name)),
             "ttl_seconds": sc.CERT_TTL_SECONDS,
         },
-        "app": {"host": LOOPBACK, "port": service.app_port},
-        "inbound": {
-            "listen": hostport(service.inbound_port),
-            "allow": [sc.spiffe_id(caller) for caller in service.allowed_callers],
-        },
+        "app": app,
+        "inbound": inbound,
         "outbound": {"listen": hostport(service.outbound_port), "upstreams": upstreams},
         "admin": {"listen": hostport(service.admin_port)},
         "log_level": "info",
@@ -169,6 +197,10 @@ def mesh_processes(
                     (s.inbound_port, f"{s.name} sidecar inbound (mesh)"),
                     (s.outbound_port, f"{s.name} sidecar outbound"),
                     (s.admin_port, f"{s.name} sidecar admin"),
+                    *(
+                        (lp, f"{s.name} sidecar {sc.db_upstream(p)} tunnel")
+                        for p, lp in s.db_upstreams
+                    ),
                 ),
             )
         )
@@ -176,18 +208,10 @@ def mesh_processes(
         procs.append(
             ProcSpec(
                 name=f"app-{s.name}",
-                argv=meshcar_argv(
-                    "demo-app",
-                    "--name",
-                    s.name,
-                    "--port",
-                    str(s.app_port),
-                    "--host",
-                    LOOPBACK,
-                    python=python,
-                ),
+                argv=meshcar_argv("demo-app", *app_args(s), python=python),
                 probe=Probe(f"http://{hostport(s.app_port)}/healthz"),
-                ports=((s.app_port, f"{s.name} app"),),
+                ports=((s.app_port, f"{s.name} app"),)
+                + (((s.ledger_port, f"{s.name} ledger database"),) if s.ledger_port else ()),
                 env=(("HTTP_PROXY", f"http://{hostport(s.outbound_port)}"),),
             )
         )

@@ -175,6 +175,17 @@ Try (each app answers JSON with the headers it received and the caller's identit
   curl -s http://{hostport(api.app_port)}/v1/pay
   # web -> payments is refused by payments' policy (reports 403)
   curl -s http://{hostport(web.app_port)}/try-payments
+  # gRPC (h2c from api's app, h2 over mTLS, h2c to payments' app): payments' Quote method
+  curl -s http://{hostport(api.app_port)}/v1/quote     # grpc-status 0 in the trailers
+  curl -s http://{hostport(web.app_port)}/try-quote    # web is refused: grpc-status 7
+  #   be api's app yourself (HTTP/2 prior knowledge to its sidecar; application/grpc+json):
+  printf '\\0\\0\\0\\0\\x15{{"amount_cents":2500}}' | curl -si --http2-prior-knowledge -x '' \\
+       --data-binary @- -H 'content-type: application/grpc+json' -H 'te: trailers' \\
+       -H 'Host: payments' http://{hostport(api.outbound_port)}{sc.GRPC_QUOTE_METHOD} -o -
+  # the ledger database (a built-in server-speaks-first stand-in) over opaque TCP (mTLS)
+  curl -s http://{hostport(api.app_port)}/v1/ledger    # api's round trip through its tunnel
+  curl -s http://{hostport(web.app_port)}/try-ledger   # web's tunnel is closed: not allowed
+  printf 'BALANCE acct-1\\nQUIT\\n' | nc 127.0.0.1 {dict(api.db_upstreams)["payments"]}  # be api's app
   # be web's app: call api through web's sidecar (a forged XFCC is replaced)
   curl -s -x http://{hostport(web.outbound_port)} -H 'X-Forwarded-Client-Cert: URI=spiffe://forged' http://api/v1/hello
   # sidecar admin

@@ -18,6 +18,12 @@ EDGE_HTTP_PORT = 8080
 EDGE_ADMIN_PORT = 7204
 PAYMENTS_PUBLIC_PORT = 9443
 PAYMENTS_PUBLIC_HOST = "payments.demo.test"
+GRPC_QUOTE_METHOD = "/meshcar.demo.Payments/Quote"  # payments' gRPC method (h2c, grpcwire.py)
+
+
+def db_upstream(peer: str) -> str:
+    """The name of the opaque TCP upstream to `peer`'s ledger database."""
+    return f"{peer}-db"
 
 
 def spiffe_id(name: str) -> str:
@@ -36,6 +42,11 @@ class Service:
     allowed_callers: tuple[str, ...]  # service names allowed to call this one
     upstreams: tuple[str, ...]  # service names this one may call
     public_tls_port: int | None = None  # payments' own partner endpoint
+    # what the inbound speaks to the app for HTTP/2 callers: h2c for a gRPC server
+    app_protocol: str = "http1"
+    ledger_port: int | None = None  # the app's ledger database port (opaque TCP, inbound.tcp)
+    # (peer, local port): opaque TCP tunnels to a peer's ledger, upstream "<peer>-db"
+    db_upstreams: tuple[tuple[str, int], ...] = ()
 
     @property
     def spiffe_id(self) -> str:
@@ -69,10 +80,24 @@ class Scenario:
 SCENARIO = Scenario(
     services=(
         Service(
-            "web", 9001, 7001, 7101, 7201, allowed_callers=("edge",), upstreams=("api", "payments")
+            "web",
+            9001,
+            7001,
+            7101,
+            7201,
+            allowed_callers=("edge",),
+            upstreams=("api", "payments"),
+            db_upstreams=(("payments", 7311),),  # refused: payments' allow list is api only
         ),
         Service(
-            "api", 9002, 7002, 7102, 7202, allowed_callers=("edge", "web"), upstreams=("payments",)
+            "api",
+            9002,
+            7002,
+            7102,
+            7202,
+            allowed_callers=("edge", "web"),
+            upstreams=("payments",),
+            db_upstreams=(("payments", 7312),),
         ),
         Service(
             "payments",
@@ -83,6 +108,8 @@ SCENARIO = Scenario(
             allowed_callers=("api",),
             upstreams=(),
             public_tls_port=PAYMENTS_PUBLIC_PORT,
+            app_protocol="h2c",  # its app also serves gRPC (GRPC_QUOTE_METHOD) over h2c
+            ledger_port=9013,
         ),
     ),
     edge_routes=(

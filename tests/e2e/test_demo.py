@@ -39,6 +39,9 @@ def scenario_ports() -> list[int]:
         ports += [s.app_port, s.inbound_port, s.outbound_port, s.admin_port]
         if s.public_tls_port:
             ports.append(s.public_tls_port)
+        if s.ledger_port:  # payments' ledger database (opaque TCP, issue 13)
+            ports.append(s.ledger_port)
+        ports += [local_port for _, local_port in s.db_upstreams]  # the sidecars' tunnels
     return ports
 
 
@@ -109,6 +112,12 @@ def test_demo_check_passes_and_prints_the_table(tmp_path: Path) -> None:
         expected = "PASS" if check.fn is not None else "SKIP (not implemented)"
         assert row.startswith(expected), row
     assert not any(row.startswith("FAIL") for row in rows)
+    # issue 13: the gRPC service and the database path are checked, and passed
+    grpc = next(row for row in rows if "gRPC Quote" in row)
+    assert grpc.startswith("PASS") and "grpc-status 0 in trailers" in grpc
+    assert "grpc-status 7" in grpc  # web, not on payments' allow list
+    db = next(row for row in rows if "ledger DB over opaque TCP" in row)
+    assert db.startswith("PASS") and "OK acct-1" in db and "denied" in db
     assert " 0 failed," in out
     for name in ("mesh-bundle.pem", "edge-ca.pem", "partner.pem", "partner.key"):
         assert (tmp_path / "demo" / name).is_file()

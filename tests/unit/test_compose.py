@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from meshcar.demo import scenario as sc
-from meshcar.demo.plan import DemoPaths, sidecar_config
+from meshcar.demo.plan import DemoPaths, app_args, sidecar_config
 from meshcar.sidecar.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +76,9 @@ def expected_sidecar_config(service: sc.Service) -> dict[str, Any]:
         state_dir="/tmp/meshcar/state",
     )
     cfg["inbound"]["listen"] = f"0.0.0.0:{service.inbound_port}"
-    for name, up in cfg["outbound"]["upstreams"].items():
-        up["endpoints"] = [f"{name}:{sc.SCENARIO.service(name).inbound_port}"]
+    for up in cfg["outbound"]["upstreams"].values():
+        peer = up["spiffe_id"].rsplit("/", 1)[1]  # payments-db (opaque TCP) is payments too
+        up["endpoints"] = [f"{peer}:{sc.SCENARIO.service(peer).inbound_port}"]
     return cfg
 
 
@@ -111,6 +112,8 @@ def test_pod_of_three(compose: dict[str, Any], service: sc.Service) -> None:
     assert app["depends_on"] == {f"{name}-sidecar": {"condition": "service_healthy"}}
     cmd = app["command"]
     assert cmd[:5] == ["demo-app", "--name", name, "--port", str(service.app_port)]
+    # then --host, then what `meshcar demo` passes too: --h2c, --ledger-port, --db (issue 13)
+    assert cmd[5] == "--host" and cmd[7:] == list(app_args(service))[6:]
     proxy = f"http://127.0.0.1:{service.outbound_port}"
     assert app["environment"]["HTTP_PROXY"] == app["environment"]["http_proxy"] == proxy
 

@@ -56,7 +56,14 @@ def test_api_sidecar_config_matches_the_scenario() -> None:
             "payments": {
                 "endpoints": [f"127.0.0.1:{pay.inbound_port}"],
                 "spiffe_id": "spiffe://meshcar.demo/svc/payments",
-            }
+            },
+            "payments-db": {  # the ledger database, opaque TCP (issue 13)
+                "protocol": "tcp",
+                "endpoints": [f"127.0.0.1:{pay.inbound_port}"],
+                "spiffe_id": "spiffe://meshcar.demo/svc/payments",
+                "local_port": 7312,
+                "target_port": pay.ledger_port,
+            },
         },
     }
     assert cfg["admin"] == {"listen": f"127.0.0.1:{api.admin_port}"}
@@ -68,12 +75,26 @@ def test_payments_accepts_api_only_and_calls_nobody() -> None:
     assert cfg["outbound"]["upstreams"] == {}
 
 
+def test_payments_serves_grpc_over_h2c_and_its_ledger_over_opaque_tcp() -> None:
+    pay = sc.SCENARIO.service("payments")
+    cfg = sidecar_config(sc.SCENARIO, pay, PATHS)
+    assert cfg["app"]["protocol"] == "h2c"
+    assert cfg["inbound"]["tcp"] == [{"port": pay.ledger_port}]
+    parsed = parse_config(cfg, "payments.yaml", Path("/demo"))
+    assert parsed.app_protocol == "h2c"
+    argv = list({p.name: p for p in mesh_processes(sc.SCENARIO, PATHS, CERTS)}["app-payments"].argv)
+    assert "--h2c" in argv and argv[argv.index("--ledger-port") + 1] == str(pay.ledger_port)
+    for caller, port in (("api", 7312), ("web", 7311)):
+        app = {p.name: p for p in mesh_processes(sc.SCENARIO, PATHS, CERTS)}[f"app-{caller}"]
+        assert app.argv[app.argv.index("--db") + 1] == f"payments=127.0.0.1:{port}"
+
+
 def test_every_upstream_points_at_the_peers_mesh_listener() -> None:
     for s in sc.SCENARIO.services:
         ups = sidecar_config(sc.SCENARIO, s, PATHS)["outbound"]["upstreams"]
-        assert set(ups) == set(s.upstreams)
+        assert set(ups) == set(s.upstreams) | {sc.db_upstream(p) for p, _ in s.db_upstreams}
         for name, u in ups.items():
-            peer = sc.SCENARIO.service(name)
+            peer = sc.SCENARIO.service(name.removesuffix("-db"))
             assert u["endpoints"] == [f"127.0.0.1:{peer.inbound_port}"]
             assert u["spiffe_id"] == peer.spiffe_id
 
@@ -86,7 +107,10 @@ def test_generated_configs_pass_the_sidecars_own_validation() -> None:
         assert parsed.identity.spiffe_id == s.spiffe_id
         assert parsed.app.port == s.app_port
         assert set(parsed.allow) == {sc.spiffe_id(c) for c in s.allowed_callers}
-        assert {u.name for u in parsed.upstreams} == set(s.upstreams)
+        assert {u.name for u in parsed.upstreams if u.protocol == "http"} == set(s.upstreams)
+        assert {u.name for u in parsed.upstreams if u.protocol == "tcp"} == {
+            sc.db_upstream(p) for p, _ in s.db_upstreams
+        }
 
 
 def test_process_list_covers_every_part_with_a_probe_and_no_port_twice() -> None:
@@ -107,6 +131,7 @@ def test_process_list_covers_every_part_with_a_probe_and_no_port_twice() -> None
     expected = {sc.CA_PORT, sc.PAYMENTS_PUBLIC_PORT}
     for s in sc.SCENARIO.services:
         expected |= {s.app_port, s.inbound_port, s.outbound_port, s.admin_port}
+        expected |= {lp for _, lp in s.db_upstreams} | ({s.ledger_port} - {None})
     assert set(ports) == expected
     for p in procs[1:]:
         assert p.argv[:3] == ("/py", "-m", "meshcar.cli")
