@@ -19,6 +19,38 @@ def meshcar_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshcar.cli", *args]
 
 
+def ca_init(ca_dir: Path, trust_domain: str) -> None:
+    """`meshcar ca init`: a new CA for trust_domain in ca_dir."""
+    subprocess.run(
+        meshcar_cmd("ca", "init", "--dir", str(ca_dir), "--trust-domain", trust_domain),
+        check=True,
+        capture_output=True,
+    )
+
+
+def ca_token(ca_dir: Path, spiffe_id: str) -> str:
+    """A join token for spiffe_id from `meshcar ca token` of the CA in ca_dir."""
+    out = subprocess.run(
+        meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", spiffe_id),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def sidecar_identity(d: Path, name: str, spiffe_id: str, ca_port: int) -> dict[str, str]:
+    """A sidecar config's identity section: the CA of d/ca served on 127.0.0.1:ca_port
+    (trusted with d/ca/root.pem), the join token in d/<name>.token, state in d/<name>-state."""
+    return {
+        "spiffe_id": spiffe_id,
+        "ca_url": f"https://127.0.0.1:{ca_port}",
+        "ca_bundle": str(d / "ca" / "root.pem"),
+        "token_file": str(d / f"{name}.token"),
+        "state_dir": str(d / f"{name}-state"),
+    }
+
+
 def wait_until(cond, what: str, timeout: float = 30.0, interval: float = 0.05):  # noqa: ANN001, ANN201
     """Poll `cond` until it returns something true and return that; AssertionError naming
     `what` after `timeout` seconds (a polling interval, not a sleep used as synchronisation)."""
@@ -97,6 +129,16 @@ class Procs:
     def wait_ready(self, admin_port: int, name: str, timeout: float = 20.0) -> None:
         """Until the role's admin listener on 127.0.0.1:admin_port says 200 on /ready."""
         self.wait_http(f"http://127.0.0.1:{admin_port}/ready", name=name, timeout=timeout)
+
+    def start_web_api(self, ports: dict[str, int], api_cfg: Path, web_cfg: Path) -> None:
+        """The demo app as api's app and the api and web sidecars on the ports of
+        test_sidecar_e2e.init_pair_dir (logs api-app, api-sidecar, web-sidecar), once both
+        sidecars' /ready say 200."""
+        self.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
+        self.start("api-sidecar", "sidecar", "--config", str(api_cfg))
+        self.start("web-sidecar", "sidecar", "--config", str(web_cfg))
+        for n in ("api", "web"):
+            self.wait_ready(ports[f"{n}_admin"], f"{n}-sidecar")
 
     def stop_all(self) -> None:
         for _, p in self.procs:

@@ -75,7 +75,7 @@ def _edge(procs: Procs, d: Path, ports: dict[str, int]) -> dict[str, int]:
         f" backend: {{endpoints: ['127.0.0.1:{ports['api_in']}']}}}}\n"
     )
     procs.start("edge", "edge", "--config", str(d / "edge.yaml"))
-    procs.wait_http(f"http://127.0.0.1:{e['admin']}/ready", name="edge")
+    procs.wait_ready(e["admin"], "edge")
     return e
 
 
@@ -90,77 +90,64 @@ def _curl(*args: str) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
+def test_dashboard_in_headless_chromium(tmp_path: Path, procs: Procs) -> None:
     d = tmp_path
     ports = init_pair_dir(d)
-    procs = Procs(d)
-    try:
-        procs.start(
-            "ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
-        )
-        procs.wait_http(
-            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"), name="ca"
-        )
-        api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
-        up = {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}}
-        web_cfg = _sidecar_cfg(d, "web", ports, [], up)
-        procs.start("api-app", "demo-app", "--name", "api", "--port", str(ports["api_app"]))
-        procs.start("api-sidecar", "sidecar", "--config", str(api_cfg))
-        procs.start("web-sidecar", "sidecar", "--config", str(web_cfg))
-        for n in ("api", "web"):
-            procs.wait_http(f"http://127.0.0.1:{ports[f'{n}_admin']}/ready", name=f"{n}-sidecar")
-        edge = _edge(procs, d, ports)
-        dash = free_port()
-        procs.start(
-            "dashboard",
-            "dashboard",
-            "--listen",
-            f"127.0.0.1:{dash}",
-            "--admin",
-            f"web=http://127.0.0.1:{ports['web_admin']}",
-            "--admin",
-            f"api=http://127.0.0.1:{ports['api_admin']}",
-            "--admin",
-            f"edge=http://127.0.0.1:{edge['admin']}",
-        )
-        procs.wait_http(f"http://127.0.0.1:{dash}/api/mesh", name="dashboard")
+    procs.start_ca(d / "ca", ports["ca"])
+    api_cfg = _sidecar_cfg(d, "api", ports, [sid("web")], {})
+    up = {"api": {"endpoints": [f"127.0.0.1:{ports['api_in']}"], "spiffe_id": sid("api")}}
+    web_cfg = _sidecar_cfg(d, "web", ports, [], up)
+    procs.start_web_api(ports, api_cfg, web_cfg)
+    edge = _edge(procs, d, ports)
+    dash = free_port()
+    procs.start(
+        "dashboard",
+        "dashboard",
+        "--listen",
+        f"127.0.0.1:{dash}",
+        "--admin",
+        f"web=http://127.0.0.1:{ports['web_admin']}",
+        "--admin",
+        f"api=http://127.0.0.1:{ports['api_admin']}",
+        "--admin",
+        f"edge=http://127.0.0.1:{edge['admin']}",
+    )
+    procs.wait_http(f"http://127.0.0.1:{dash}/api/mesh", name="dashboard")
 
-        # traffic: web -> api through the mesh (one refused: an unknown path still answers),
-        # and one request through the edge's terminate route, its path unique to this run
-        proxy = f"http://127.0.0.1:{ports['web_out']}"
-        for _ in range(5):
-            assert _curl("-x", proxy, "http://api/v1/hello") == "200"
-        probe = f"/dashboard-probe-{uuid.uuid4().hex[:8]}"
-        resolve = f"www.test:{edge['https']}:127.0.0.1"
-        url = f"https://www.test:{edge['https']}{probe}"
-        assert _curl("--resolve", resolve, "--cacert", str(d / "site-ca.pem"), url) == "200"
+    # traffic: web -> api through the mesh (one refused: an unknown path still answers),
+    # and one request through the edge's terminate route, its path unique to this run
+    proxy = f"http://127.0.0.1:{ports['web_out']}"
+    for _ in range(5):
+        assert _curl("-x", proxy, "http://api/v1/hello") == "200"
+    probe = f"/dashboard-probe-{uuid.uuid4().hex[:8]}"
+    resolve = f"www.test:{edge['https']}:127.0.0.1"
+    url = f"https://www.test:{edge['https']}{probe}"
+    assert _curl("--resolve", resolve, "--cacert", str(d / "site-ca.pem"), url) == "200"
 
-        mesh = httpx.get(f"http://127.0.0.1:{dash}/api/mesh", timeout=10).json()
-        edges = {(e["caller"], e["callee"]): e for e in mesh["edges"]}
-        assert edges[("web", "api")]["requests"] >= 5, mesh["edges"]
-        assert edges[("web", "api")]["success_rate"] == 1.0
-        assert edges[("web", "api")]["source"] == "metrics"  # api's per-peer counters
+    mesh = httpx.get(f"http://127.0.0.1:{dash}/api/mesh", timeout=10).json()
+    edges = {(e["caller"], e["callee"]): e for e in mesh["edges"]}
+    assert edges[("web", "api")]["requests"] >= 5, mesh["edges"]
+    assert edges[("web", "api")]["success_rate"] == 1.0
+    assert edges[("web", "api")]["source"] == "metrics"  # api's per-peer counters
 
-        dom = _loaded_dom(f"http://127.0.0.1:{dash}/", d / "chrome")
-        services = _text(dom, "services")
-        for name in ("web", "api", "edge"):
-            assert re.search(rf"\b{name}\b", services), services
-        calls = _text(dom, "edges")
-        assert re.search(r"web\s+→\s+api\s+\d+\s+100\.0%", calls), calls
-        certs = _text(dom, "certs")
-        assert sid("api") in certs and sid("web") in certs, certs
-        assert re.search(r"\d+h \d+m|\d+d \d+h|\d+m \d+s", certs), certs  # time to expiry
-        terminate, passthrough = _text(dom, "routes-terminate"), _text(dom, "routes-passthrough")
-        assert "www.test" in terminate and "api.mesh.test" in passthrough
-        tail = _text(dom, "tail")
-        assert probe in tail and "edge" in tail, tail
+    dom = _loaded_dom(f"http://127.0.0.1:{dash}/", d / "chrome")
+    services = _text(dom, "services")
+    for name in ("web", "api", "edge"):
+        assert re.search(rf"\b{name}\b", services), services
+    calls = _text(dom, "edges")
+    assert re.search(r"web\s+→\s+api\s+\d+\s+100\.0%", calls), calls
+    certs = _text(dom, "certs")
+    assert sid("api") in certs and sid("web") in certs, certs
+    assert re.search(r"\d+h \d+m|\d+d \d+h|\d+m \d+s", certs), certs  # time to expiry
+    terminate, passthrough = _text(dom, "routes-terminate"), _text(dom, "routes-passthrough")
+    assert "www.test" in terminate and "api.mesh.test" in passthrough
+    tail = _text(dom, "tail")
+    assert probe in tail and "edge" in tail, tail
 
-        if os.environ.get("MESHCAR_DASHBOARD_SCREENSHOT"):  # refresh docs/dashboard.png
-            shot = ROOT / "docs" / "dashboard.png"
-            _chromium(f"http://127.0.0.1:{dash}/", d / "chrome", f"--screenshot={shot}")
-            assert shot.stat().st_size > 10_000
-        # the live tail is served on loopback only; its JSON names this request
-        recent = httpx.get(f"http://127.0.0.1:{edge['admin']}/requests/recent").json()
-        assert any(e.get("path") == probe for e in recent["entries"]), json.dumps(recent)[:2000]
-    finally:
-        procs.stop_all()
+    if os.environ.get("MESHCAR_DASHBOARD_SCREENSHOT"):  # refresh docs/dashboard.png
+        shot = ROOT / "docs" / "dashboard.png"
+        _chromium(f"http://127.0.0.1:{dash}/", d / "chrome", f"--screenshot={shot}")
+        assert shot.stat().st_size > 10_000
+    # the live tail is served on loopback only; its JSON names this request
+    recent = httpx.get(f"http://127.0.0.1:{edge['admin']}/requests/recent").json()
+    assert any(e.get("path") == probe for e in recent["entries"]), json.dumps(recent)[:2000]

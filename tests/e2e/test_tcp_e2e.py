@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import Procs, free_port, meshcar_cmd
+from tests.e2e.procs import Procs, ca_init, ca_token, free_port, sidecar_identity
 
 pytestmark = pytest.mark.e2e
 TD = "meshcar.demo"
@@ -212,13 +212,7 @@ class Mesh:
 
 def _sidecar(d: Path, name: str, ports: dict[str, int], inbound: dict, upstreams: dict) -> Path:
     cfg = {
-        "identity": {
-            "spiffe_id": sid(name),
-            "ca_url": f"https://127.0.0.1:{ports['ca']}",
-            "ca_bundle": str(d / "ca" / "root.pem"),
-            "token_file": str(d / f"{name}.token"),
-            "state_dir": str(d / f"{name}-state"),
-        },
+        "identity": sidecar_identity(d, name, sid(name), ports["ca"]),
         "app": {"port": ports[f"{name}_app"]},
         "inbound": {"listen": f"127.0.0.1:{ports[f'{name}_in']}", **inbound},
         "outbound": {"upstreams": upstreams},
@@ -236,19 +230,9 @@ def mesh(servers: Servers, tmp_path_factory) -> Iterator[Mesh]:
         f"{n}_{k}" for n in ("db", "web", "evil") for k in ("app", "in", "admin")
     ]
     ports = {n: free_port() for n in names}
-    subprocess.run(
-        meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD),
-        check=True,
-        capture_output=True,
-    )
+    ca_init(d / "ca", TD)
     for n in ("db", "web", "evil"):
-        tok = subprocess.run(
-            meshcar_cmd("ca", "token", "--dir", str(d / "ca"), "--spiffe-id", sid(n)),
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        (d / f"{n}.token").write_text(tok.stdout.strip())
+        (d / f"{n}.token").write_text(ca_token(d / "ca", sid(n)))
     db_in = f"127.0.0.1:{ports['db_in']}"
 
     def tcp_up(local: str, target: int) -> dict:
@@ -283,16 +267,11 @@ def mesh(servers: Servers, tmp_path_factory) -> Iterator[Mesh]:
     evil_cfg = _sidecar(d, "evil", ports, {}, {"pg": tcp_up("evil_pg_local", servers.pg_port)})
     procs = Procs(d)
     try:
-        procs.start(
-            "ca", "ca", "serve", "--dir", str(d / "ca"), "--listen", f"127.0.0.1:{ports['ca']}"
-        )
-        procs.wait_http(
-            f"https://127.0.0.1:{ports['ca']}/healthz", verify=str(d / "ca" / "root.pem"), name="ca"
-        )
+        procs.start_ca(d / "ca", ports["ca"])
         for n, cfg in (("db", db_cfg), ("web", web_cfg), ("evil", evil_cfg)):
             procs.start(f"{n}-sidecar", "sidecar", "--config", str(cfg))
         for n in ("db", "web", "evil"):
-            procs.wait_http(f"http://127.0.0.1:{ports[f'{n}_admin']}/ready", name=f"{n}-sidecar")
+            procs.wait_ready(ports[f"{n}_admin"], f"{n}-sidecar")
         yield Mesh(d, procs, ports)
     finally:
         procs.stop_all()

@@ -18,7 +18,15 @@ import httpx
 import pytest
 import trustme
 
-from tests.e2e.procs import Procs, free_port, meshcar_cmd, wait_until
+from tests.e2e.procs import (
+    Procs,
+    ca_init,
+    ca_token,
+    free_port,
+    meshcar_cmd,
+    sidecar_identity,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 SUPPORT = Path(__file__).parent.parent / "support"
@@ -97,25 +105,11 @@ def assert_both_workers_accept(parent: int, port: int) -> None:
             s.close()
 
 
-def _token(ca_dir: Path, name: str) -> str:
-    out = subprocess.run(
-        meshcar_cmd("ca", "token", "--dir", str(ca_dir), "--spiffe-id", sid(name)),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory):  # noqa: ANN201
     d = tmp_path_factory.mktemp("workers")
     port = free_port()
-    subprocess.run(
-        meshcar_cmd("ca", "init", "--dir", str(d / "ca"), "--trust-domain", TD),
-        check=True,
-        capture_output=True,
-    )
+    ca_init(d / "ca", TD)
     procs = Procs(d)
     try:
         procs.start_ca(d / "ca", port)
@@ -127,15 +121,9 @@ def ca(tmp_path_factory):  # noqa: ANN201
 def sidecar_cfg(
     d: Path, ca_port: int, name: str, ports: dict[str, int], upstreams: dict, **extra: object
 ) -> Path:
-    (d / f"{name}.token").write_text(_token(d / "ca", name))
+    (d / f"{name}.token").write_text(ca_token(d / "ca", sid(name)))
     cfg = {
-        "identity": {
-            "spiffe_id": sid(name),
-            "ca_url": f"https://127.0.0.1:{ca_port}",
-            "ca_bundle": str(d / "ca" / "root.pem"),
-            "token_file": str(d / f"{name}.token"),
-            "state_dir": str(d / f"{name}-state"),
-        },
+        "identity": sidecar_identity(d, name, sid(name), ca_port),
         "app": {"port": ports["app"]},
         "inbound": {"listen": f"127.0.0.1:{ports['in']}", "allow": [sid("web")]},
         "outbound": {"listen": f"127.0.0.1:{ports['out']}", "upstreams": upstreams},

@@ -22,13 +22,8 @@ from meshcar.sidecar.inbound import Inbound
 from meshcar.sidecar.outbound import Outbound
 from meshcar.sidecar.tcp import TLV_SPIFFE_ID
 from meshcar.tls.store import CredentialStore
+from tests.integration.conftest import sid
 from tests.support.pki import ThrowawayCA
-
-TD = "meshcar.test"
-
-
-def sid(name: str) -> str:
-    return f"spiffe://{TD}/svc/{name}"
 
 
 @dataclass
@@ -100,6 +95,42 @@ def tcp_upstream(server: Node, target_port: int, **more: object) -> dict:
     }
 
 
+@dataclass
+class Tunnel:
+    db: Node  # allows web; the app's port is one of its inbound.tcp ports
+    caller: Node  # has the tcp upstream "db"
+    port: int  # the caller's local listener for "db"
+
+
+async def tunnel(
+    nursery: trio.Nursery,
+    tmp: Path,
+    ca: ThrowawayCA,
+    app_port: int,
+    *,
+    caller: str = "web",
+    target_port: int | None = None,
+    tcp: dict | None = None,
+    upstream: dict | None = None,
+    policies: list[dict] | None = None,
+) -> Tunnel:
+    """ "db" in front of the TCP app on app_port (its inbound.tcp entry with `tcp`'s options),
+    and `caller` with a tcp upstream "db" to target_port (app_port unless given), with
+    `upstream`'s options; the caller's tunnel listener bound."""
+    db = await node(
+        nursery,
+        tmp,
+        ca,
+        "db",
+        allow=[sid("web")],
+        tcp=[{"port": app_port, **(tcp or {})}],
+        policies=policies,
+    )
+    up = tcp_upstream(db, target_port or app_port, **(upstream or {}))
+    c = await node(nursery, tmp, ca, caller, upstreams={"db": up})
+    return Tunnel(db, c, await tunnel_port(nursery, c, "db"))
+
+
 async def greeter(stream: trio.SocketStream) -> None:
     """Speaks first; echoes upper-cased; on the client's FIN says bye and closes."""
     await stream.send_all(b"220 greeter ready\r\n")
@@ -137,11 +168,10 @@ def ca() -> ThrowawayCA:
 
 async def test_server_speaks_first_and_half_close(tmp_path, nursery, ca, capsys) -> None:
     app_port = await _serve(nursery, greeter)
-    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
-    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
-    port = await tunnel_port(nursery, web, "db")
+    t = await tunnel(nursery, tmp_path, ca, app_port)
+    db, web = t.db, t.caller
 
-    client = await trio.open_tcp_stream("127.0.0.1", port)
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"  # before we sent
     big = b"x" * 3_000_000
     async with trio.open_nursery() as n:
@@ -184,10 +214,9 @@ async def test_caller_not_on_allow_list_is_refused_before_the_app(
         await greeter(stream)
 
     app_port = await _serve(nursery, app)
-    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
-    evil = await node(nursery, tmp_path, ca, "evil", upstreams={"db": tcp_upstream(db, app_port)})
-    port = await tunnel_port(nursery, evil, "db")
-    client = await trio.open_tcp_stream("127.0.0.1", port)
+    t = await tunnel(nursery, tmp_path, ca, app_port, caller="evil")
+    db = t.db
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     with trio.fail_after(5):
         assert await read_to_eof(client) == b""  # closed: no greeting
     await client.aclose()
@@ -206,9 +235,9 @@ async def test_caller_not_on_allow_list_is_refused_before_the_app(
 async def test_port_not_listed_is_refused(tmp_path, nursery, ca) -> None:
     app_port = await _serve(nursery, greeter)
     other_port = await _serve(nursery, greeter)
-    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
-    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, other_port)})
-    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    t = await tunnel(nursery, tmp_path, ca, app_port, target_port=other_port)
+    db = t.db
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     with trio.fail_after(5):
         assert await read_to_eof(client) == b""
     await client.aclose()
@@ -237,16 +266,9 @@ async def test_proxy_v2_carries_the_caller_spiffe_id(tmp_path, nursery, ca) -> N
         await stream.aclose()
 
     app_port = await _serve(nursery, app)
-    db = await node(
-        nursery,
-        tmp_path,
-        ca,
-        "db",
-        allow=[sid("web")],
-        tcp=[{"port": app_port, "proxy_protocol": "v2"}],
-    )
-    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
-    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    t = await tunnel(nursery, tmp_path, ca, app_port, tcp={"proxy_protocol": "v2"})
+    db = t.db
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     await client.send_all(b"hello")
     with trio.fail_after(5):
         got = await read_until(client, b"hello")
@@ -279,22 +301,11 @@ async def test_proxy_v2_carries_the_caller_spiffe_id(tmp_path, nursery, ca) -> N
 
 async def test_idle_tunnel_is_closed(tmp_path, nursery, ca, capsys) -> None:
     app_port = await _serve(nursery, greeter)
-    db = await node(
-        nursery,
-        tmp_path,
-        ca,
-        "db",
-        allow=[sid("web")],
-        tcp=[{"port": app_port, "idle_seconds": 30}],
+    t = await tunnel(
+        nursery, tmp_path, ca, app_port, tcp={"idle_seconds": 30}, upstream={"idle_seconds": 0.3}
     )
-    web = await node(
-        nursery,
-        tmp_path,
-        ca,
-        "web",
-        upstreams={"db": tcp_upstream(db, app_port, idle_seconds=0.3)},
-    )
-    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, web, "db"))
+    web = t.caller
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"
     with trio.fail_after(10):  # then silence: the outbound side ends the tunnel
         assert await read_to_eof(client) == b""
@@ -400,17 +411,10 @@ async def test_l7_policies_never_admit_a_tcp_caller(tmp_path, nursery, ca) -> No
     """An inbound.policies rule naming a caller lets it make HTTP requests, not open a
     tunnel: only inbound.allow admits opaque TCP."""
     app_port = await _serve(nursery, greeter)
-    db = await node(
-        nursery,
-        tmp_path,
-        ca,
-        "db",
-        allow=[sid("web")],
-        tcp=[{"port": app_port}],
-        policies=[{"name": "reader", "from": [sid("evil")]}],
-    )
-    evil = await node(nursery, tmp_path, ca, "evil", upstreams={"db": tcp_upstream(db, app_port)})
-    client = await trio.open_tcp_stream("127.0.0.1", await tunnel_port(nursery, evil, "db"))
+    policies = [{"name": "reader", "from": [sid("evil")]}]
+    t = await tunnel(nursery, tmp_path, ca, app_port, caller="evil", policies=policies)
+    db = t.db
+    client = await trio.open_tcp_stream("127.0.0.1", t.port)
     with trio.fail_after(5):
         assert await read_to_eof(client) == b""
     await client.aclose()
@@ -419,11 +423,10 @@ async def test_l7_policies_never_admit_a_tcp_caller(tmp_path, nursery, ca) -> No
 
 async def test_next_tunnel_resumes_the_tls_session(tmp_path, nursery, ca) -> None:
     app_port = await _serve(nursery, greeter)
-    db = await node(nursery, tmp_path, ca, "db", allow=[sid("web")], tcp=[{"port": app_port}])
-    web = await node(nursery, tmp_path, ca, "web", upstreams={"db": tcp_upstream(db, app_port)})
-    port = await tunnel_port(nursery, web, "db")
+    t = await tunnel(nursery, tmp_path, ca, app_port)
+    web = t.caller
     for n in (1, 2):
-        client = await trio.open_tcp_stream("127.0.0.1", port)
+        client = await trio.open_tcp_stream("127.0.0.1", t.port)
         assert await read_until(client, b"\r\n") == b"220 greeter ready\r\n"
         await client.send_eof()
         assert await read_to_eof(client) == b"221 bye\r\n"
