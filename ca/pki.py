@@ -21,6 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshcar_x509 import ca_builder, leaf_builder
+from meshcar_x509 import key_pem as key_pem  # the CA's other modules take these from pki
+from meshcar_x509 import new_key as new_key
+
 from .errors import BadCSR, Unavailable, UnsupportedKey
 
 ROOT_LIFETIME = timedelta(days=3650)
@@ -31,48 +35,8 @@ BACKDATE = timedelta(seconds=10)  # tolerate small clock skew between CA and wor
 MAX_CSR_BYTES = 16 * 1024
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh ECDSA P-256 private key."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def _name(*pairs: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
     return x509.Name([x509.NameAttribute(oid, value) for oid, value in pairs])
-
-
-def _ca_builder(
-    subject: x509.Name,
-    issuer: x509.Name,
-    public_key: ec.EllipticCurvePublicKey,
-    not_before: datetime,
-    not_after: datetime,
-    path_length: int,
-) -> x509.CertificateBuilder:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
 
 
 def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -89,7 +53,7 @@ def build_root(
         (NameOID.ORGANIZATION_NAME, "meshcar"),
         (NameOID.COMMON_NAME, f"meshcar root CA {trust_domain}{label}"),
     )
-    builder = _ca_builder(name, name, key.public_key(), now - BACKDATE, now + ROOT_LIFETIME, 1)
+    builder = ca_builder(name, name, key.public_key(), now - BACKDATE, now + ROOT_LIFETIME, 1)
     return builder.sign(key, hashes.SHA256())
 
 
@@ -113,7 +77,7 @@ def build_intermediate(
         (NameOID.COMMON_NAME, f"meshcar intermediate CA {trust_domain}{label}"),
     )
     not_after = min(now + lifetime, root_cert.not_valid_after_utc)
-    builder = _ca_builder(
+    builder = ca_builder(
         name, root_cert.subject, public_key, now - BACKDATE, not_after, 0
     ).add_extension(_aki(root_cert), critical=False)
     return builder.sign(root_key, hashes.SHA256())
@@ -131,28 +95,7 @@ def _leaf_builder(
     if not server_only:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     return (
-        x509.CertificateBuilder()
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        leaf_builder(issuer_cert.subject, public_key, not_before, not_after, usages, serial)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(issuer_cert), critical=False)
     )
@@ -277,11 +220,3 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 def cert_pem(*certs: x509.Certificate) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )

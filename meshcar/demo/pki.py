@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshcar_x509 import ca_builder, key_pem, leaf_builder, new_key
+
 _MIN_REMAINING = dt.timedelta(days=1)
 
 
@@ -68,14 +70,6 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -102,35 +96,12 @@ def make_ca(
     common_name: str, *, days: int = 3650
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed ECDSA P-256 CA certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    builder = ca_builder(name, name, key.public_key(), start, end, 0, digital_signature=True)
+    cert = builder.sign(key, hashes.SHA256())
     return cert, key
 
 
@@ -147,7 +118,7 @@ def make_leaf(
     days: int = 365,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """An ECDSA P-256 end-entity certificate signed by `ca_key`."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
     now = _now()
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
@@ -157,30 +128,11 @@ def make_leaf(
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    start = now - dt.timedelta(minutes=5)
+    end = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     builder = (
-        x509.CertificateBuilder()
+        leaf_builder(ca_cert.subject, key.public_key(), start, end, usages)
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -196,7 +148,7 @@ def _ensure_ca(cert_path: Path, key_path: Path, common_name: str) -> Issued:
     if found is not None:
         return found
     cert, key = make_ca(common_name)
-    write_private(key_path, _key_pem(key))
+    write_private(key_path, key_pem(key))
     cert_path.write_bytes(_cert_pem(cert))
     return Issued(cert, key, cert_path, key_path)
 
@@ -212,7 +164,7 @@ def _ensure_leaf(
         except (ValueError, TypeError, InvalidSignature):
             pass  # not ours any more: reissue
     cert, key = make_leaf(ca.cert, ca.key, common_name, **kw)  # type: ignore[arg-type]
-    write_private(key_path, _key_pem(key))
+    write_private(key_path, key_pem(key))
     cert_path.write_bytes(_cert_pem(cert))
 
 

@@ -45,10 +45,10 @@ import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshcar.inject.patch import ANN_INJECT, SIDECAR_UID, TRUST_CONFIGMAP, TRUST_KEY, InjectOptions
+from meshcar_x509 import ca_builder, key_pem, leaf_builder, new_key
 
 CA_NAME = "meshcar-ca"
 CA_PORT = 8600
@@ -127,73 +127,23 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-
-
 def generate_webhook_pki(
     dns_names: list[str], now: datetime.datetime | None = None, days: int = WEBHOOK_CERT_DAYS
 ) -> WebhookPKI:
     """A P-256 CA (only for this webhook: it signs nothing else) and a serving cert."""
     now = now or datetime.datetime.now(datetime.UTC)
     start = now - datetime.timedelta(minutes=5)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = new_key()
     ca_name = _name("meshcar webhook CA")
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days + 1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
+    ca_end = start + datetime.timedelta(days=days + 1)
+    ca = ca_builder(ca_name, ca_name, ca_key.public_key(), start, ca_end, 0).sign(
+        ca_key, hashes.SHA256()
     )
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
+    end = start + datetime.timedelta(days=days)
     cert = (
-        x509.CertificateBuilder()
+        leaf_builder(ca_name, key.public_key(), start, end, [ExtendedKeyUsageOID.SERVER_AUTH])
         .subject_name(_name(dns_names[0]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
@@ -202,7 +152,9 @@ def generate_webhook_pki(
     )
     pem = serialization.Encoding.PEM
     return WebhookPKI(
-        ca.public_bytes(pem).decode("ascii"), cert.public_bytes(pem).decode("ascii"), _pem_key(key)
+        ca.public_bytes(pem).decode("ascii"),
+        cert.public_bytes(pem).decode("ascii"),
+        key_pem(key).decode("ascii"),
     )
 
 

@@ -1,5 +1,6 @@
-"""Cyclomatic complexity stays below 15 in every function of meshcar, ca, meshcar_spiffe and
-meshcar_tlsprofile (radon, as `radon cc -s meshcar ca meshcar_spiffe meshcar_tlsprofile`; issue 11).
+"""Cyclomatic complexity stays below 15 in every function of meshcar, ca, meshcar_spiffe,
+meshcar_tlsprofile and meshcar_x509 (radon, as `radon cc -s meshcar ca meshcar_spiffe
+meshcar_tlsprofile meshcar_x509`; issue 11).
 
 The few functions still at 15 or more are listed in CEILINGS with their current complexity:
 each may only go down (lower its number, or drop it once it is below LIMIT); a new function at
@@ -14,7 +15,7 @@ import radon.complexity as radon_complexity  # the test extras install it
 from radon.visitors import Class
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("meshcar", "ca", "meshcar_spiffe", "meshcar_tlsprofile")
+PACKAGES = ("meshcar", "ca", "meshcar_spiffe", "meshcar_tlsprofile", "meshcar_x509")
 LIMIT = 15
 
 # "path:qualified name" -> the complexity it has now (a ceiling; lower it as you refactor).

@@ -202,7 +202,7 @@ def test_every_package_is_installed() -> None:
     dirs = {v: k for k, v in conf.get("package-dir", {}).items()}
     listed = set(conf["packages"])
     found = set()
-    for top in ("meshcar", "ca", "meshcar_spiffe", "meshcar_tlsprofile"):
+    for top in ("meshcar", "ca", "meshcar_spiffe", "meshcar_tlsprofile", "meshcar_x509"):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT).parts
             found.add(".".join((dirs.get(rel[0], rel[0]), *rel[1:])))

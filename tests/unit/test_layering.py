@@ -1,11 +1,12 @@
 """The import contracts, checked on every pytest run (so CI enforces them).
 
 1. meshcar/proto/ is sans-IO: no module there may import I/O libraries or upper layers.
-2. Layers: every module of meshcar, meshcar_ca, meshcar_spiffe and meshcar_tlsprofile belongs
-   to one layer of LAYERS and imports only from its own layer or lower ones; the roles
-   (sidecar, edge, inject) share a layer but never import each other; the sidecar's inbound
-   and outbound never import each other; meshcar_ca never imports meshcar; meshcar_spiffe and
-   meshcar_tlsprofile (the bottom layer, shared by both) import neither.
+2. Layers: every module of meshcar, meshcar_ca, meshcar_spiffe, meshcar_tlsprofile and
+   meshcar_x509 belongs to one layer of LAYERS and imports only from its own layer or lower
+   ones; the roles (sidecar, edge, inject) share a layer but never import each other; the
+   sidecar's inbound and outbound never import each other; meshcar_ca never imports meshcar;
+   meshcar_spiffe, meshcar_tlsprofile and meshcar_x509 (the bottom layer, shared by both)
+   import neither.
    ALLOWED lists the known exceptions, each with its reason; an exception no longer needed
    fails too, so the list only shrinks. docs/ARCHITECTURE.md explains the layers.
 """
@@ -91,10 +92,13 @@ def test_checker_catches_forbidden_imports() -> None:
 
 # --- layers -----------------------------------------------------------------------------------
 
+PACKAGES = ("meshcar", "meshcar_ca", "meshcar_spiffe", "meshcar_tlsprofile", "meshcar_x509")
+
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    # shared by meshcar and meshcar_ca: the one SPIFFE ID parser, the one TLS profile
-    ("meshcar_spiffe", "meshcar_tlsprofile"),
+    # shared by meshcar and meshcar_ca: the one SPIFFE ID parser, the one TLS profile, the
+    # certificate builders
+    ("meshcar_spiffe", "meshcar_tlsprofile", "meshcar_x509"),
     ("meshcar.errors",),
     ("meshcar.proto",),
     ("meshcar.net",),
@@ -131,13 +135,14 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 
 def _package_modules() -> dict[str, Path]:
-    """Every module of the four packages, by import name (ca/ is installed as meshcar_ca)."""
+    """Every module of the five packages, by import name (ca/ is installed as meshcar_ca)."""
     found: dict[str, Path] = {}
     for folder, name in (
         (ROOT / "meshcar", "meshcar"),
         (ROOT / "ca", "meshcar_ca"),
         (ROOT / "meshcar_spiffe", "meshcar_spiffe"),
         (ROOT / "meshcar_tlsprofile", "meshcar_tlsprofile"),
+        (ROOT / "meshcar_x509", "meshcar_x509"),
     ):
         for path in sorted(folder.rglob("*.py")):
             parts = [name, *path.relative_to(folder).with_suffix("").parts]
@@ -161,9 +166,7 @@ def _layer_of(name: str) -> int | None:
 
 
 def _ours(name: str) -> bool:
-    return any(
-        _matches(name, p) for p in ("meshcar", "meshcar_ca", "meshcar_spiffe", "meshcar_tlsprofile")
-    )
+    return any(_matches(name, p) for p in PACKAGES)
 
 
 def layering_violations(imports: dict[str, list[str]]) -> set[tuple[str, str]]:
@@ -247,6 +250,8 @@ def test_allowed_exceptions_are_still_needed() -> None:
         ("meshcar_spiffe", "meshcar.errors"),
         ("meshcar_tlsprofile", "meshcar.tls.contexts"),
         ("meshcar_tlsprofile", "meshcar_ca.tls"),
+        ("meshcar_x509", "meshcar_ca.pki"),
+        ("meshcar_x509", "meshcar.demo.pki"),
         ("meshcar.proto.http1", "meshcar.common.config"),
         ("meshcar.newpkg.x", "meshcar.errors"),  # a module in no layer
         ("meshcar.edge.main", "meshcar.demo.scenario"),  # a role depending on demo data
@@ -267,6 +272,8 @@ def test_checker_catches_layer_violations(module: str, name: str) -> None:
         ("meshcar_ca.spiffe", "meshcar_spiffe"),
         ("meshcar_ca.tls", "meshcar_tlsprofile"),
         ("meshcar.tls.contexts", "meshcar_tlsprofile"),
+        ("meshcar_ca.pki", "meshcar_x509"),
+        ("meshcar.inject.install", "meshcar_x509"),
         ("meshcar.cli", "meshcar_ca.cli"),
         ("meshcar.demo.plan", "meshcar.demo.edge_config"),
         ("meshcar.demo.edge_config", "meshcar.edge.config"),
