@@ -185,7 +185,7 @@ Try (each app answers JSON with the headers it received and the caller's identit
   # the ledger database (a built-in server-speaks-first stand-in) over opaque TCP (mTLS)
   curl -s http://{hostport(api.app_port)}/v1/ledger    # api's round trip through its tunnel
   curl -s http://{hostport(web.app_port)}/try-ledger   # web's tunnel is closed: not allowed
-  printf 'BALANCE acct-1\\nQUIT\\n' | nc 127.0.0.1 {dict(api.db_upstreams)["payments"]}  # be api's app
+  printf 'BALANCE acct-1\\nQUIT\\n' | curl -s telnet://127.0.0.1:{dict(api.db_upstreams)["payments"]}  # as api's app
   # be web's app: call api through web's sidecar (a forged XFCC is replaced)
   curl -s -x http://{hostport(web.outbound_port)} -H 'X-Forwarded-Client-Cert: URI=spiffe://forged' http://api/v1/hello
   # sidecar admin
