@@ -281,6 +281,84 @@ def _pod_labels(app: str) -> dict[str, str]:
     }
 
 
+def _service(s: Settings, app: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(s, app),
+        "spec": {
+            "selector": {"app.kubernetes.io/name": app},
+            "ports": [{"name": "https", "port": port, "targetPort": "https", "protocol": "TCP"}],
+        },
+    }
+
+
+def _server_container(
+    s: Settings,
+    name: str,
+    command: list[str],
+    port: int,
+    resources: dict[str, Any],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A container serving HTTPS on port (named https), probed on /healthz."""
+    return {
+        "name": name,
+        "image": s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "ports": [{"name": "https", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": _probe(5),
+        "livenessProbe": _probe(10),
+        "resources": resources,
+        "securityContext": _restricted(),
+        "volumeMounts": mounts,
+    }
+
+
+def _deployment(
+    s: Settings, app: str, replicas: int, pod: dict[str, Any], **spec: Any
+) -> dict[str, Any]:
+    """app's Deployment: its pods run as the ServiceAccount app, are never injected, and
+    have the pod spec pod; spec adds to the Deployment's spec (after replicas)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(s, app),
+        "spec": {
+            "replicas": replicas,
+            **spec,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": app}},
+            "template": {
+                "metadata": {
+                    "labels": _pod_labels(app),
+                    "annotations": {ANN_INJECT: "disabled"},
+                },
+                "spec": {"serviceAccountName": app, **pod},
+            },
+        },
+    }
+
+
+def _config_map(s: Settings, name: str, app: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(s, name, app=app),
+        "data": data,
+    }
+
+
+def _secret(s: Settings, name: str, app: str, kind: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(s, name, app=app),
+        "type": kind,
+        "stringData": data,
+    }
+
+
 def namespace(s: Settings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -323,15 +401,7 @@ def ca_documents(s: Settings) -> list[dict[str, Any]]:
         "metadata": _meta(s, f"{CA_NAME}-state", app=CA_NAME),
         "spec": pvc_spec,
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(s, CA_NAME),
-        "spec": {
-            "selector": {"app.kubernetes.io/name": CA_NAME},
-            "ports": [{"name": "https", "port": CA_PORT, "targetPort": "https", "protocol": "TCP"}],
-        },
-    }
+    service = _service(s, CA_NAME, CA_PORT)
     command = [
         "meshcar",
         "ca",
@@ -374,81 +444,35 @@ def ca_documents(s: Settings) -> list[dict[str, Any]]:
         f"test -f {CA_DATA}/root.pem || "
         f"meshcar ca init --dir {CA_DATA} --trust-domain {s.trust_domain}"
     )
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(s, CA_NAME),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},  # one writer of the SQLite store (RWO volume)
-            "selector": {"matchLabels": {"app.kubernetes.io/name": CA_NAME}},
-            "template": {
-                "metadata": {
-                    "labels": _pod_labels(CA_NAME),
-                    "annotations": {ANN_INJECT: "disabled"},
-                },
-                "spec": {
-                    "serviceAccountName": CA_NAME,
-                    "securityContext": _pod_security(fs_group=True),
-                    "initContainers": [
-                        {
-                            "name": "ca-init",  # the root and intermediate, on first start only
-                            "image": s.image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": ["/bin/sh", "-c", init],
-                            "securityContext": _restricted(),
-                            "resources": {
-                                "requests": {"cpu": "50m", "memory": "64Mi"},
-                                "limits": {"cpu": "1", "memory": "256Mi"},
-                            },
-                            "volumeMounts": mounts[:2],
-                        }
-                    ],
-                    "containers": [
-                        {
-                            "name": "ca",
-                            "image": s.image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": command,
-                            "ports": [
-                                {"name": "https", "containerPort": CA_PORT, "protocol": "TCP"}
-                            ],
-                            "readinessProbe": _probe(5),
-                            "livenessProbe": _probe(10),
-                            "resources": {
-                                "requests": {"cpu": "50m", "memory": "64Mi"},
-                                "limits": {"cpu": "1", "memory": "256Mi"},
-                            },
-                            "securityContext": _restricted(),
-                            "volumeMounts": mounts,
-                        }
-                    ],
-                    "volumes": volumes,
-                },
-            },
-        },
+    resources = {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": "1", "memory": "256Mi"},
     }
+    pod = {
+        "securityContext": _pod_security(fs_group=True),
+        "initContainers": [
+            {
+                "name": "ca-init",  # the root and intermediate, on first start only
+                "image": s.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["/bin/sh", "-c", init],
+                "securityContext": _restricted(),
+                "resources": resources,
+                "volumeMounts": mounts[:2],
+            }
+        ],
+        "containers": [_server_container(s, "ca", command, CA_PORT, resources, mounts)],
+        "volumes": volumes,
+    }
+    # one writer of the SQLite store (RWO volume)
+    deployment = _deployment(s, CA_NAME, 1, pod, strategy={"type": "Recreate"})
     docs: list[dict[str, Any]] = [sa, discovery, pvc, service, deployment]
     if s.issuer == "vault":
         if s.vault_ca_pem:
-            docs.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": _meta(s, VAULT_CA_CONFIGMAP, app=CA_NAME),
-                    "data": {"ca.pem": s.vault_ca_pem},
-                }
-            )
+            docs.append(_config_map(s, VAULT_CA_CONFIGMAP, CA_NAME, {"ca.pem": s.vault_ca_pem}))
         if s.include_secrets and s.vault_role_id and s.vault_secret_id:
-            docs.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": _meta(s, VAULT_SECRET, app=CA_NAME),
-                    "type": "Opaque",
-                    "stringData": {"role-id": s.vault_role_id, "secret-id": s.vault_secret_id},
-                }
-            )
+            ids = {"role-id": s.vault_role_id, "secret-id": s.vault_secret_id}
+            docs.append(_secret(s, VAULT_SECRET, CA_NAME, "Opaque", ids))
     return docs
 
 
@@ -459,15 +483,7 @@ def webhook_documents(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
         "metadata": _meta(s, WEBHOOK_NAME),
         "automountServiceAccountToken": False,  # it calls no Kubernetes API: no RBAC
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(s, WEBHOOK_NAME),
-        "spec": {
-            "selector": {"app.kubernetes.io/name": WEBHOOK_NAME},
-            "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}],
-        },
-    }
+    service = _service(s, WEBHOOK_NAME, 443)
     command = [
         "meshcar",
         "webhook",
@@ -480,60 +496,24 @@ def webhook_documents(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
         f"--ca-bundle=/etc/meshcar/ca-bundle/{TRUST_KEY}",
         f"--token-audience={s.token_audience}",
     ]
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(s, WEBHOOK_NAME),
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": WEBHOOK_NAME}},
-            "template": {
-                "metadata": {
-                    "labels": _pod_labels(WEBHOOK_NAME),
-                    "annotations": {ANN_INJECT: "disabled"},
-                },
-                "spec": {
-                    "serviceAccountName": WEBHOOK_NAME,
-                    "automountServiceAccountToken": False,
-                    "securityContext": _pod_security(fs_group=False),
-                    "containers": [
-                        {
-                            "name": "webhook",
-                            "image": s.image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": command,
-                            "ports": [
-                                {"name": "https", "containerPort": WEBHOOK_PORT, "protocol": "TCP"}
-                            ],
-                            "readinessProbe": _probe(5),
-                            "livenessProbe": _probe(10),
-                            "resources": {
-                                "requests": {"cpu": "20m", "memory": "48Mi"},
-                                "limits": {"cpu": "500m", "memory": "128Mi"},
-                            },
-                            "securityContext": _restricted(),
-                            "volumeMounts": [
-                                {
-                                    "name": "tls",
-                                    "mountPath": "/etc/meshcar/webhook-tls",
-                                    "readOnly": True,
-                                },
-                                {
-                                    "name": "ca-bundle",
-                                    "mountPath": "/etc/meshcar/ca-bundle",
-                                    "readOnly": True,
-                                },
-                            ],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "tls", "secret": {"secretName": WEBHOOK_TLS_SECRET}},
-                        {"name": "ca-bundle", "configMap": {"name": TRUST_CONFIGMAP}},
-                    ],
-                },
-            },
-        },
+    resources = {
+        "requests": {"cpu": "20m", "memory": "48Mi"},
+        "limits": {"cpu": "500m", "memory": "128Mi"},
     }
+    mounts: list[dict[str, Any]] = [
+        {"name": "tls", "mountPath": "/etc/meshcar/webhook-tls", "readOnly": True},
+        {"name": "ca-bundle", "mountPath": "/etc/meshcar/ca-bundle", "readOnly": True},
+    ]
+    pod = {
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(fs_group=False),
+        "containers": [_server_container(s, "webhook", command, WEBHOOK_PORT, resources, mounts)],
+        "volumes": [
+            {"name": "tls", "secret": {"secretName": WEBHOOK_TLS_SECRET}},
+            {"name": "ca-bundle", "configMap": {"name": TRUST_CONFIGMAP}},
+        ],
+    }
+    deployment = _deployment(s, WEBHOOK_NAME, 2, pod)
     pdb = {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -591,15 +571,8 @@ def webhook_documents(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
     }
     docs: list[dict[str, Any]] = [sa, service, deployment, pdb, mwc]
     if s.include_secrets:
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": _meta(s, WEBHOOK_TLS_SECRET, app=WEBHOOK_NAME),
-                "type": "kubernetes.io/tls",
-                "stringData": {"tls.crt": pki.cert_pem, "tls.key": pki.key_pem},
-            }
-        )
+        tls = {"tls.crt": pki.cert_pem, "tls.key": pki.key_pem}
+        docs.append(_secret(s, WEBHOOK_TLS_SECRET, WEBHOOK_NAME, "kubernetes.io/tls", tls))
     return docs
 
 
@@ -645,14 +618,7 @@ def network_policies(s: Settings) -> list[dict[str, Any]]:
 def trust_bundle(s: Settings) -> list[dict[str, Any]]:
     if not s.ca_root_pem:
         return []
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": _meta(s, TRUST_CONFIGMAP, app=CA_NAME),
-            "data": {TRUST_KEY: s.ca_root_pem},
-        }
-    ]
+    return [_config_map(s, TRUST_CONFIGMAP, CA_NAME, {TRUST_KEY: s.ca_root_pem})]
 
 
 def render(s: Settings, pki: WebhookPKI) -> list[dict[str, Any]]:
