@@ -71,7 +71,9 @@ def h2c_server() -> Iterator[int]:
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     yield port
+    lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone would not)
     lsock.close()
+    t.join()
 
 
 def test_unary_call_gets_ok_in_trailers(h2c_server: int) -> None:
