@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,8 @@ class GrpcResult:
 
     @property
     def grpc_message(self) -> str:
-        return self.trailers.get("grpc-message", self.headers.get("grpc-message", ""))
+        raw = self.trailers.get("grpc-message", self.headers.get("grpc-message", ""))
+        return urllib.parse.unquote(raw)  # percent-encoded on the wire (gRPC's HTTP/2 spec)
 
     def response(self) -> Any:
         return json.loads(self.messages[0]) if self.messages else None
@@ -259,6 +261,7 @@ def _answer(conn: Any, sid: int, headers: dict[str, str], body: bytes, handler: 
     conn.send_headers(sid, [(":status", "200"), ("content-type", CONTENT_TYPE)])
     if response is not None and status == OK:
         conn.send_data(sid, encode_json(response))
+    encoded = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
     conn.send_headers(
-        sid, [("grpc-status", str(status)), ("grpc-message", message)], end_stream=True
+        sid, [("grpc-status", str(status)), ("grpc-message", encoded)], end_stream=True
     )

@@ -105,6 +105,12 @@ def test_unknown_method_and_bad_message_get_their_status(h2c_server: int) -> Non
     assert r.grpc_status == gw.INVALID_ARGUMENT and "bad QuoteRequest" in r.grpc_message
 
 
+def test_grpc_message_is_percent_encoded_on_the_wire(h2c_server: int) -> None:
+    r = gw.call_unary("127.0.0.1", h2c_server, "payments", "/x.Y/\u00e9t\u00e9%", {})
+    assert r.trailers["grpc-message"] == "unknown method /x.Y/%C3%A9t%C3%A9%25"
+    assert r.grpc_message == "unknown method /x.Y/\u00e9t\u00e9%"
+
+
 def test_trailers_only_status_is_read_from_the_head() -> None:
     r = gw.GrpcResult(http_status=200, headers={"grpc-status": "7"}, trailers_only=True)
     assert r.grpc_status == gw.PERMISSION_DENIED
