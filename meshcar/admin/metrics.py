@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 MAX_LABEL_VALUES = 100  # distinct peer/upstream label values per process, then "other"
 OTHER = "other"
+DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400)  # a connection's lifetime
+Labels = tuple[str, ...]
 
 
 class Bounded:
@@ -84,128 +86,108 @@ class Metrics:
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         r = self.registry
-        self.requests = Counter(
-            "meshcar_requests", "HTTP requests proxied", ["direction", "status"], registry=r
+        self.requests = self._counter(
+            "meshcar_requests", "HTTP requests proxied", ("direction", "status")
         )
-        self.latency = Histogram(
+        self.latency = self._histogram(
             "meshcar_request_duration_seconds",
             "Time from request head to end of response",
-            ["direction"],
-            registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            ("direction",),
         )
-        self.handshakes = Counter(
-            "meshcar_tls_handshakes", "TLS handshakes", ["direction", "result"], registry=r
+        self.handshakes = self._counter(
+            "meshcar_tls_handshakes", "TLS handshakes", ("direction", "result")
         )
-        self.authz_denials = Counter(
-            "meshcar_authz_denials", "Requests refused by the allow list", ["peer"], registry=r
+        self.authz_denials = self._counter(
+            "meshcar_authz_denials", "Requests refused by the allow list", ("peer",)
         )
-        self.authz_decisions = Counter(  # common/authz.py: labels bounded by the config
+        self.authz_decisions = self._counter(
             "meshcar_authz_decisions",
             "Authorization decisions: allow, deny, would_deny (an audit rule's dry run); the "
             "rule that decided (default: none) and the deny reason (caller, host, method, path, "
             "no_identity, unauthenticated)",
-            ["decision", "policy", "reason"],
-            registry=r,
+            ("decision", "policy", "reason"),
         )
-        self.cert_not_after = Gauge(
-            "meshcar_certificate_not_after_seconds",
-            "Unix time the current SVID expires",
-            registry=r,
+        self.cert_not_after = self._gauge(
+            "meshcar_certificate_not_after_seconds", "Unix time the current SVID expires"
         )
-        self.renewals = Counter(
-            "meshcar_certificate_renewals", "Certificate renewals", ["result"], registry=r
+        self.renewals = self._counter(
+            "meshcar_certificate_renewals", "Certificate renewals", ("result",)
         )
-        self.identity_expired = Gauge(
+        self.identity_expired = self._gauge(
             "meshcar_identity_expired",
             "1 while no valid certificate is held (renewal failing past expiry)",
-            registry=r,
         )
-        self.bundle_version = Gauge(
-            "meshcar_trust_bundle_version", "Version of the trust bundle held", registry=r
+        self.bundle_version = self._gauge(
+            "meshcar_trust_bundle_version", "Version of the trust bundle held"
         )
-        self.edge_requests = Counter(
+        self.edge_requests = self._counter(
             "meshcar_edge_requests",
             "Edge HTTP requests (terminate/bridge; passthrough: meshcar_edge_connections)",
-            ["route", "mode", "status"],
-            registry=r,
+            ("route", "mode", "status"),
         )
-        self.edge_bytes = Counter(
+        self.edge_bytes = self._counter(
             "meshcar_edge_bytes",
             "Payload bytes through the edge",
-            ["route", "mode", "direction"],
-            registry=r,
+            ("route", "mode", "direction"),
         )
-        self.pool_connections = Counter(
-            "meshcar_upstream_connections",
-            "Upstream mesh connections opened",
-            ["upstream"],
-            registry=r,
+        self.pool_connections = self._counter(
+            "meshcar_upstream_connections", "Upstream mesh connections opened", ("upstream",)
         )
 
-        self.listener_refusals = Counter(
+        self.listener_refusals = self._counter(
             "meshcar_listener_connections_refused",
             "Downstream connections refused at the listener's connection limit",
-            ["listener"],
-            registry=r,
+            ("listener",),
         )
-        self.upstream_refusals = Counter(
+        self.upstream_refusals = self._counter(
             "meshcar_upstream_connections_refused",
             "Requests answered 503 at an upstream's connection limit",
-            ["upstream"],
-            registry=r,
+            ("upstream",),
         )
-        self.upstream_policy = Counter(  # net/resilient.py: events bounded by the code
+        self.upstream_policy = self._counter(
             "meshcar_upstream_policy_events",
             "Traffic policy events per upstream: retry, budget_exhausted (a retry the budget "
             "refused), circuit_open (fast 503), ejected (outlier), request_timeout",
-            ["upstream", "event"],
-            registry=r,
+            ("upstream", "event"),
         )
-        self.connection_errors = Counter(
+        self.connection_errors = self._counter(
             "meshcar_connection_errors",
             "Connections ended by an unexpected error in meshcar",
-            ["listener"],
-            registry=r,
+            ("listener",),
         )
         # opaque TCP tunnels (sidecar/tcp.py), counted apart from HTTP requests
-        self.tcp_connections = Counter(
+        self.tcp_connections = self._counter(
             "meshcar_tcp_connections",
             "Opaque TCP tunnels ended, by how (closed, idle, denied, dial_failed, ...)",
-            ["direction", "target", "result"],
-            registry=r,
+            ("direction", "target", "result"),
         )
-        self.tcp_bytes = Counter(
+        self.tcp_bytes = self._counter(
             "meshcar_tcp_bytes",
             "Bytes through opaque TCP tunnels (way up: caller to server, down: back)",
-            ["direction", "target", "way"],
-            registry=r,
+            ("direction", "target", "way"),
         )
-        self.tcp_duration = Histogram(
+        self.tcp_duration = self._histogram(
             "meshcar_tcp_connection_duration_seconds",
             "Lifetime of opaque TCP tunnels",
-            ["direction"],
-            registry=r,
-            buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+            (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+            ("direction",),
         )
 
-        self.upgraded = Counter(
+        self.upgraded = self._counter(
             "meshcar_upgraded_connections",
             "Connections switched to another protocol (101: WebSocket, any Upgrade), by end",
-            ["listener", "protocol", "end"],
-            registry=r,
+            ("listener", "protocol", "end"),
         )
-        self.upgraded_active = Gauge(
+        self.upgraded_active = self._gauge(
             "meshcar_upgraded_connections_active",
             "Switched connections relaying now",
-            ["listener", "protocol"],
-            registry=r,
+            ("listener", "protocol"),
         )
-        self.upgraded_bytes = Counter(
+        self.upgraded_bytes = self._counter(
             "meshcar_upgraded_bytes",
             "Bytes relayed on switched connections (up: client to upstream)",
-            ["listener", "direction"],
-            registry=r,
+            ("listener", "direction"),
         )
 
         # issue 15: the process itself (memory, CPU, open fds; Python's version and GC), the
@@ -218,27 +200,35 @@ class Metrics:
         self.identity: str | None = None  # the SPIFFE ID of the certificate (set by the role)
         r.register(_IdentityCollector(self))
         self.peer_names = Bounded(MAX_LABEL_VALUES)
-        self.peer_requests = Counter(
+        self.peer_requests = self._counter(
             "meshcar_peer_requests",
             "HTTP requests by upstream (outbound) or calling SPIFFE ID (inbound) and status "
             f"class; past {MAX_LABEL_VALUES} distinct names per process, the rest count as other",
-            ["direction", "peer", "code"],
-            registry=r,
+            ("direction", "peer", "code"),
         )
-        self.edge_connections = Counter(
+        self.edge_connections = self._counter(
             "meshcar_edge_connections",
             "Edge passthrough connections (TCP, not HTTP requests) ended, by result (closed, "
             "error)",
-            ["route", "result"],
-            registry=r,
+            ("route", "result"),
         )
-        self.edge_connection_duration = Histogram(
+        self.edge_connection_duration = self._histogram(
             "meshcar_edge_connection_duration_seconds",
             "Lifetime of edge passthrough connections",
-            ["route"],
-            registry=r,
-            buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+            (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400),
+            ("route",),
         )
+
+    def _counter(self, name: str, doc: str, labels: Labels = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: Labels = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: Labels
+    ) -> Histogram:
+        return Histogram(name, doc, labels, registry=self.registry, buckets=buckets)
 
     def observe_peer(self, direction: str, peer: str | None, status: int) -> None:
         """Count one request by its upstream or caller (a bounded label) and status class."""
