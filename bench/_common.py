@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def nginx_spec(nginx: str, name: str, conf: Path, probe: Probe) -> ProcSpec:
 
 
 def bulk_rounds(
-    pairs: dict[str, tuple[int, list[int]]],
+    pairs: dict[str, Pair],
     rounds: int,
     cases: Mapping[str, Callable[[int], tuple[float, float]]],
     warm: Callable[[int], object],
@@ -226,6 +227,37 @@ def bulk_rounds(
                 what = f"{name} {case}" if case else name
                 say(f"round {r + 1} {what}: {mib / took:.0f} MiB/s, {cpu / gib:.2f} CPU s/GiB")
     return results
+
+
+Pair = tuple[int, list[int]]  # the port a client sends to, the pids of the pair's two proxies
+
+
+def run_bulk(
+    kind: str,
+    app_code: str,
+    nginx_pair: Callable[[Supervisor, Path, int], Pair],
+    meshcar_pair: Callable[[Supervisor, Path, int], Pair],
+    rounds: int,
+    cases: Mapping[str, Callable[[int], tuple[float, float]]],
+    warm: Callable[[int], object],
+    column: str,
+) -> None:
+    """A bulk bench: the app (app_code run with its port as argument), both pairs in front
+    of it, bulk_rounds over them, then bulk_report."""
+    work = Path(tempfile.mkdtemp(prefix=f"meshcar-{kind}-bench-"))
+    (app_port,) = free_ports(1)
+    app = subprocess.Popen([sys.executable, "-c", app_code, str(app_port)])
+    try:
+        with Supervisor() as sup:
+            pairs = {
+                "nginx": nginx_pair(sup, work, app_port),
+                "meshcar": meshcar_pair(sup, work, app_port),
+            }
+            results = bulk_rounds(pairs, rounds, cases, warm)
+    finally:
+        app.terminate()
+        app.wait()
+    bulk_report(results, list(cases), column)
 
 
 def bulk_report(

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (_common puts the repository on sys.path)
     NGINX_HEAD,
-    bulk_report,
-    bulk_rounds,
+    Pair,
     free_ports,
+    run_bulk,
     spiffe_ids,
     start_nginx,
     start_sidecars,
@@ -133,7 +132,7 @@ def upload(port: int, mib: int, streams: int) -> float:
     return took
 
 
-def nginx_pair(sup: Supervisor, nginx: str, work: Path, sink: int) -> tuple[int, list[int]]:
+def nginx_pair(sup: Supervisor, work: Path, sink: int, nginx: str) -> Pair:
     certs = work / "nginx-certs"
     nginx_pki(certs)
     out_port, in_port, p1, p2 = free_ports(4)
@@ -146,7 +145,7 @@ def nginx_pair(sup: Supervisor, nginx: str, work: Path, sink: int) -> tuple[int,
     return out_port, start_nginx(sup, nginx, work, NGINX_STREAM, roles)
 
 
-def meshcar_pair(sup: Supervisor, work: Path, sink: int) -> tuple[int, list[int]]:
+def meshcar_pair(sup: Supervisor, work: Path, sink: int) -> Pair:
     ca_port, a_in, a_admin, b_in, b_admin, local = free_ports(6)
     ids = spiffe_ids("a", "b")
     sidecars: dict[str, tuple[str, int, dict[str, object]]] = {}
@@ -192,21 +191,11 @@ def main() -> int:
     args = ap.parse_args()
     nginx, _ = ensure_tools()
     streams = [int(x) for x in args.streams.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="meshcar-tcp-bench-"))
-    (sink_port,) = free_ports(1)
-    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
     cases = {f"x{n}": lambda port, n=n: (upload(port, args.mib, n), args.mib * n) for n in streams}
-    try:
-        with Supervisor() as sup:
-            pairs = {
-                "nginx": nginx_pair(sup, nginx, work, sink_port),
-                "meshcar": meshcar_pair(sup, work, sink_port),
-            }
-            results = bulk_rounds(pairs, args.rounds, cases, lambda port: upload(port, 8, 1))
-    finally:
-        sink.terminate()
-        sink.wait()
-    bulk_report(results, list(cases), "streams")
+    pair = partial(nginx_pair, nginx=nginx)
+    run_bulk(
+        "tcp", SINK, pair, meshcar_pair, args.rounds, cases, lambda p: upload(p, 8, 1), "streams"
+    )
     return 0
 
 

@@ -23,10 +23,9 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from websockets.sync.client import connect
@@ -34,9 +33,9 @@ from websockets.sync.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (_common puts the repository on sys.path)
     NGINX_HEAD,
-    bulk_report,
-    bulk_rounds,
+    Pair,
     free_ports,
+    run_bulk,
     spiffe_ids,
     start_nginx,
     start_sidecars,
@@ -113,7 +112,7 @@ def upload(port: int, mib: int) -> float:
     return took
 
 
-def nginx_pair(sup: Supervisor, nginx: str, work: Path, app: int) -> tuple[int, list[int]]:
+def nginx_pair(sup: Supervisor, work: Path, app: int, nginx: str) -> Pair:
     certs = work / "nginx-certs"
     nginx_pki(certs)
     out_port, in_port, p1, p2 = free_ports(4)
@@ -128,7 +127,7 @@ def nginx_pair(sup: Supervisor, nginx: str, work: Path, app: int) -> tuple[int, 
     return out_port, start_nginx(sup, nginx, work, NGINX_HTTP, roles)
 
 
-def meshcar_pair(sup: Supervisor, work: Path, app: int) -> tuple[int, list[int]]:
+def meshcar_pair(sup: Supervisor, work: Path, app: int) -> Pair:
     ca_port, a_in, a_admin, b_in, b_admin, out = free_ports(6)
     ids = spiffe_ids("a", "b")
     sidecars: dict[str, tuple[str, int, dict[str, object]]] = {}
@@ -154,21 +153,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    work = Path(tempfile.mkdtemp(prefix="meshcar-ws-bench-"))
-    (app_port,) = free_ports(1)
-    app = subprocess.Popen([sys.executable, "-c", APP, str(app_port)])
     cases = {"": lambda port: (upload(port, args.mib), args.mib)}
-    try:
-        with Supervisor() as sup:
-            pairs = {
-                "nginx": nginx_pair(sup, nginx, work, app_port),
-                "meshcar": meshcar_pair(sup, work, app_port),
-            }
-            results = bulk_rounds(pairs, args.rounds, cases, lambda port: upload(port, 8))
-    finally:
-        app.terminate()
-        app.wait()
-    bulk_report(results, list(cases), "")
+    pair = partial(nginx_pair, nginx=nginx)
+    run_bulk("ws", APP, pair, meshcar_pair, args.rounds, cases, lambda port: upload(port, 8), "")
     return 0
 
 
