@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from meshcar.admin.metrics import Metrics
 from meshcar.common.config import IdentityConfig
 from meshcar.identity.caclient import CAClient
+from meshcar.identity.follow import Follower
 from meshcar.identity.issuer import Issuer, JoinTokenIssuer, K8sTokenIssuer, VaultIssuer
+from meshcar.identity.rotate import Rotator
+from meshcar.net.workers import Worker
+from meshcar.tls.store import CredentialStore
 
 if TYPE_CHECKING:  # hvac and requests load only when an identity names Vault (issue 12: memory)
     from meshcar.identity.vaultclient import VaultClient
@@ -44,3 +49,24 @@ def issuer_for(ident: IdentityConfig) -> Issuer:
     if ident.k8s_token_file is not None:
         return K8sTokenIssuer(client, ident.k8s_token_file)
     return JoinTokenIssuer(client, ident.token_file)
+
+
+def credential_source(
+    ident: IdentityConfig, worker: Worker | None, metrics: Metrics
+) -> tuple[CredentialStore, Rotator | Follower]:
+    """The role's credential store and what keeps it current: in one process, or worker 0
+    of `workers: N`, the rotation loop talking to the issuer; any other worker follows
+    worker 0's credential from the state directory (identity/follow.py)."""
+    if worker is None or worker.leader:
+        store = CredentialStore(ident.state_dir)
+        rotator = Rotator(
+            store,
+            issuer_for(ident),
+            ident.spiffe_id,
+            metrics=metrics,
+            ttl_seconds=ident.ttl_seconds,
+            fraction=ident.renew_fraction,
+        )
+        return store, rotator
+    store = CredentialStore(ident.state_dir / f"worker-{worker.index}")
+    return store, Follower(store, ident.state_dir, ident.spiffe_id, metrics=metrics)

@@ -30,7 +30,7 @@ from meshcar.admin.workers import merged_metrics
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.config import HostPort
-from meshcar.common.issuer import issuer_for
+from meshcar.common.issuer import credential_source
 from meshcar.common.reload import Prepared, Reloader, restart_keys
 from meshcar.edge.config import EdgeConfig, Mode, load_edge_config
 from meshcar.edge.files import edge_start_problems
@@ -99,23 +99,7 @@ class Edge:
         self.rotator: Rotator | Follower | None = None
         if cfg.identity is not None:  # bridge routes' mesh identity: its certificate's expiry
             self.metrics.identity = cfg.identity.spiffe_id
-        if cfg.identity is not None and worker is not None and not worker.leader:
-            ident = cfg.identity  # worker 0 talks to the CA (identity/follow.py)
-            self.store = CredentialStore(ident.state_dir / f"worker-{worker.index}")
-            self.rotator = Follower(
-                self.store, ident.state_dir, ident.spiffe_id, metrics=self.metrics
-            )
-        elif cfg.identity is not None:
-            ident = cfg.identity
-            self.store = CredentialStore(ident.state_dir)
-            self.rotator = Rotator(
-                self.store,
-                issuer_for(ident),
-                ident.spiffe_id,
-                metrics=self.metrics,
-                ttl_seconds=ident.ttl_seconds,
-                fraction=ident.renew_fraction,
-            )
+            self.store, self.rotator = credential_source(cfg.identity, worker, self.metrics)
         self.backends = Backends(cfg, self.store, self.metrics)
         self.proxy = TerminatingProxy(cfg, self.backends, self.metrics)
         self.tls = TLSListener(cfg, self.proxy, self.backends.balancers, self.metrics)

@@ -29,11 +29,10 @@ from meshcar.admin.workers import merged_metrics
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.files import identity_files, startup_problems
-from meshcar.common.issuer import issuer_for
+from meshcar.common.issuer import credential_source
 from meshcar.common.reload import Prepared, Reloader, restart_keys
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
-from meshcar.identity.follow import Follower
 from meshcar.identity.rotate import Rotator
 from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
@@ -47,7 +46,6 @@ from meshcar.sidecar.config import (
 from meshcar.sidecar.inbound import Inbound
 from meshcar.sidecar.outbound import Outbound
 from meshcar.sidecar.transparent import Transparent
-from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.sidecar")
 
@@ -72,22 +70,7 @@ class Sidecar:
         self.metrics = Metrics()
         ident = cfg.identity
         self.metrics.identity = ident.spiffe_id  # meshcar_certificate_expiry_seconds{identity}
-        self.rotator: Rotator | Follower
-        if worker is None or worker.leader:
-            self.store = CredentialStore(ident.state_dir)
-            self.rotator = Rotator(
-                self.store,
-                issuer_for(ident),
-                ident.spiffe_id,
-                metrics=self.metrics,
-                ttl_seconds=ident.ttl_seconds,
-                fraction=ident.renew_fraction,
-            )
-        else:  # worker 0 talks to the CA; this one takes its credential (identity/follow.py)
-            self.store = CredentialStore(ident.state_dir / f"worker-{worker.index}")
-            self.rotator = Follower(
-                self.store, ident.state_dir, ident.spiffe_id, metrics=self.metrics
-            )
+        self.store, self.rotator = credential_source(ident, worker, self.metrics)
         self.inbound = Inbound(cfg, self.store, self.metrics)
         self.outbound = Outbound(cfg, self.store, self.metrics)
         self.shell = Shell("sidecar", cfg.drain_seconds)
