@@ -25,13 +25,12 @@ import trio
 from prometheus_client import Gauge
 
 from meshcar.admin.metrics import Metrics
-from meshcar.admin.server import AdminHooks, AdminServer
-from meshcar.admin.workers import merged_metrics
+from meshcar.admin.server import AdminHooks
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
-from meshcar.common.config import HostPort
 from meshcar.common.issuer import credential_source
 from meshcar.common.reload import Prepared, Reloader, restart_keys
+from meshcar.common.serving import serve_guarded, start_admin
 from meshcar.edge.config import EdgeConfig, Mode, load_edge_config
 from meshcar.edge.files import edge_start_problems
 from meshcar.edge.health import health_loop
@@ -40,9 +39,8 @@ from meshcar.edge.listener import TLSListener
 from meshcar.errors import ConfigError
 from meshcar.identity.follow import Follower
 from meshcar.identity.rotate import Rotator
-from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
-from meshcar.net.workers import Worker, open_reuseport_listeners, run_workers
+from meshcar.net.workers import Worker, run_workers
 from meshcar.tls.store import CredentialStore
 
 log = logging.getLogger("meshcar.edge")
@@ -246,19 +244,15 @@ class Edge:
         hooks = AdminHooks(self.ready, self.status)
         hooks.routes = self.routes  # GET /routes (loopback only): the dashboard's view
         hooks.config_status = self.reloader.status  # GET /config/status (loopback only)
-        where = cfg.admin_listen
-        if worker is not None and worker.leader:
-            hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
-            self.shell.linger = worker.others_gone
-        elif worker is not None:
-            where = HostPort("127.0.0.1", 0)
-        admin = AdminServer(self.metrics, hooks, cfg.admin_public_paths)
-        listeners = await _listen(
-            shell.services, admin.handle_connection, where, "admin", self.metrics, shell.conns
+        await start_admin(
+            shell,
+            worker,
+            self.metrics,
+            hooks,
+            cfg.admin_listen,
+            cfg.admin_public_paths,
+            lambda: self.worker_ready()[0],
         )
-        if worker is not None:
-            port = 0 if worker.leader else listeners[0].socket.getsockname()[1]
-            shell.services.start_soon(worker.publish_loop, lambda: self.worker_ready()[0], port)
 
     async def _serve_traffic(self, ln: trio.Nursery) -> None:
         """The public listeners (the shell runs them in the scope a drain cancels)."""
@@ -273,38 +267,15 @@ class Edge:
             )
         )
         if cfg.http_listen is not None:
-            await _listen(
+            await serve_guarded(
                 ln,
                 self.redirector.handle_connection,
                 cfg.http_listen,
+                self.shell.conns,
                 "http",
                 self.metrics,
-                self.shell.conns,
                 reuse_port=self.worker is not None,
             )
-
-
-async def _listen(
-    nursery: trio.Nursery,
-    handler,
-    where: HostPort,
-    name: str,  # noqa: ANN001
-    metrics: Metrics,
-    conns: trio.Nursery,
-    *,
-    reuse_port: bool = False,
-) -> list[trio.SocketListener]:
-    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py).
-    `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
-    safe = guarded(handler, name, metrics.count_connection_error)
-    if reuse_port:
-        listeners = await open_reuseport_listeners(where.port, where.host)
-        return await nursery.start(
-            partial(trio.serve_listeners, safe, listeners, handler_nursery=conns)
-        )
-    return await nursery.start(
-        partial(trio.serve_tcp, safe, where.port, host=where.host, handler_nursery=conns)
-    )
 
 
 def main(argv: list[str]) -> int:

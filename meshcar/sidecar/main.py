@@ -24,19 +24,18 @@ from pathlib import Path
 import trio
 
 from meshcar.admin.metrics import Metrics
-from meshcar.admin.server import AdminHooks, AdminServer
-from meshcar.admin.workers import merged_metrics
+from meshcar.admin.server import AdminHooks
 from meshcar.common import accesslog
 from meshcar.common.accesslog import setup_logging
 from meshcar.common.files import identity_files, startup_problems
 from meshcar.common.issuer import credential_source
 from meshcar.common.reload import Prepared, Reloader, restart_keys
+from meshcar.common.serving import serve_guarded, start_admin
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.rotate import Rotator
-from meshcar.net.guard import guarded
 from meshcar.net.shell import Shell, run_process
-from meshcar.net.workers import Worker, open_reuseport_listeners, run_workers
+from meshcar.net.workers import Worker, run_workers
 from meshcar.sidecar.config import (
     HostPort,
     SidecarConfig,
@@ -48,6 +47,7 @@ from meshcar.sidecar.outbound import Outbound
 from meshcar.sidecar.transparent import Transparent
 
 log = logging.getLogger("meshcar.sidecar")
+_listen = serve_guarded  # its old name here, which tests/integration/test_fault_boundary.py uses
 
 
 def _event(name: str, **fields: object) -> None:
@@ -166,7 +166,7 @@ class Sidecar:
     async def _start(self, shell: Shell) -> None:
         cfg = self.cfg
         services, conns = shell.services, shell.conns
-        await self._start_admin(services, conns)
+        await self._start_admin(shell)
         services.start_soon(accesslog.flush_loop)
         if cfg.reload_watch_seconds:  # the config file polled (common/reload.py)
             services.start_soon(self.reloader.watch_loop, cfg.reload_watch_seconds)
@@ -181,28 +181,24 @@ class Sidecar:
             outbound=str(cfg.outbound_listen) if cfg.outbound_listen else None,
         )
 
-    async def _start_admin(self, services: trio.Nursery, conns: trio.Nursery) -> None:
+    async def _start_admin(self, shell: Shell) -> None:
         """The admin listener. With `workers: N` worker 0 serves it, its /metrics merging
         every worker's; the others serve theirs on a loopback port for it (admin/workers.py)."""
         cfg, worker = self.cfg, self.worker
         hooks = AdminHooks(self.ready, self.certs, self.renew, self.shutdown)
         hooks.explain = self.inbound.explain  # GET /authz/explain (loopback only)
         hooks.config_status = self.reloader.status  # GET /config/status (loopback only)
-        where = cfg.admin_listen
-        if worker is not None and worker.leader:
-            hooks.metrics = merged_metrics(self.metrics.render, worker.others_admin_ports)
-            self.shell.linger = worker.others_gone
-        elif worker is not None:
-            where = HostPort("127.0.0.1", 0)
-        admin = AdminServer(self.metrics, hooks, cfg.admin_public_paths)
-        listeners = await _listen(
-            services, admin.handle_connection, where, conns, "admin", self.metrics
+        where = await start_admin(
+            shell,
+            worker,
+            self.metrics,
+            hooks,
+            cfg.admin_listen,
+            cfg.admin_public_paths,
+            lambda: self.worker_ready()[0],
         )
         if worker is None or worker.leader:
             _event("sidecar.admin_listening", listen=str(where))
-        if worker is not None:
-            port = 0 if worker.leader else listeners[0].socket.getsockname()[1]
-            services.start_soon(worker.publish_loop, lambda: self.worker_ready()[0], port)
 
     @property
     def listening(self) -> bool:
@@ -212,7 +208,7 @@ class Sidecar:
         """The traffic listeners (the shell runs them in the scope a drain cancels)."""
         cfg = self.cfg
         self.inbound.drain = self.outbound.drain = self.shell.drain
-        listen = partial(_listen, reuse_port=self.worker is not None)
+        listen = partial(serve_guarded, reuse_port=self.worker is not None)
         await listen(
             ln, self.inbound.handle_connection, cfg.inbound_listen, conns, "inbound", self.metrics
         )
@@ -249,28 +245,6 @@ class Sidecar:
         """Stop accepting, let requests in flight finish (up to `grace` s, default
         drain_seconds), then stop."""
         await self.shell.stop(grace)
-
-
-async def _listen(
-    nursery: trio.Nursery,
-    handler,
-    where: HostPort,
-    conns: trio.Nursery,
-    name: str,
-    metrics: Metrics,
-    *,
-    reuse_port: bool = False,
-) -> list[trio.SocketListener]:
-    """Serve `where`; every connection runs inside its own fault boundary (net/guard.py).
-    `reuse_port`: one of `workers: N`, sharing the port with the other workers."""
-    if reuse_port:
-        listeners = await open_reuseport_listeners(where.port, where.host)
-    else:
-        listeners = await trio.open_tcp_listeners(where.port, host=where.host)
-    safe = guarded(handler, name, metrics.count_connection_error)
-    return await nursery.start(
-        partial(trio.serve_listeners, safe, listeners, handler_nursery=conns)
-    )
 
 
 def first_leaf(exc: BaseException) -> BaseException:
