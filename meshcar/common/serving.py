@@ -1,5 +1,5 @@
-"""Listeners the roles (sidecar, edge) open the same way: a guarded plain TCP listener, and the
-admin listener with its `workers: N` part (admin/workers.py)."""
+"""What the roles (sidecar, edge) serve the same way: a guarded plain TCP listener, the admin
+listener with its `workers: N` part (admin/workers.py), and readiness across the workers."""
 
 from __future__ import annotations
 
@@ -65,3 +65,13 @@ async def start_admin(
         port = 0 if worker.leader else listeners[0].socket.getsockname()[1]
         shell.services.start_soon(worker.publish_loop, worker_ready, port)
     return where
+
+
+def with_workers(own: tuple[bool, str], worker: Worker | None) -> tuple[bool, str]:
+    """A process's readiness `own` (ready, why) and, on worker 0 of N, every other worker's."""
+    ok, why = own
+    if ok and worker is not None:
+        problem = worker.others_not_ready()
+        if problem:
+            return False, problem
+    return ok, why

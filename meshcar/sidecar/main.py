@@ -30,7 +30,7 @@ from meshcar.common.accesslog import setup_logging
 from meshcar.common.files import identity_files, startup_problems
 from meshcar.common.issuer import credential_source
 from meshcar.common.reload import Prepared, Reloader, restart_keys
-from meshcar.common.serving import serve_guarded, start_admin
+from meshcar.common.serving import serve_guarded, start_admin, with_workers
 from meshcar.errors import ConfigError
 from meshcar.identity.caclient import CAError
 from meshcar.identity.rotate import Rotator
@@ -96,12 +96,7 @@ class Sidecar:
 
     def ready(self) -> tuple[bool, str]:
         """This process's readiness and, on worker 0 of N, every other worker's."""
-        ok, why = self.worker_ready()
-        if ok and self.worker is not None:
-            problem = self.worker.others_not_ready()
-            if problem:
-                return False, problem
-        return ok, why
+        return with_workers(self.worker_ready(), self.worker)
 
     def worker_ready(self) -> tuple[bool, str]:
         if self.store.credential is None:
