@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshcar.common.config import Checker
+from meshcar.common.schema import Section
 from meshcar.edge.routes.base import (
     CLIENT_AUTH,
     DENY,
@@ -67,14 +68,23 @@ def _hsts(c: Checker, raw: dict, p: str, kw: Kw) -> None:
         c.bad(p + ".hsts", "must be true or a Strict-Transport-Security value (max-age=...)")
 
 
+def _subsection(c: Checker, raw: dict, p: str, name: str, shape: str, keys: Section) -> dict | None:
+    """raw[name], an optional mapping of `keys` (others reported); None when absent or not
+    a mapping (then reported as not `shape`)."""
+    sub = raw.get(name)
+    if sub is None:
+        return None
+    if not isinstance(sub, dict):
+        c.bad(f"{p}.{name}", f"must be {shape}")
+        return None
+    c.unknown(sub, f"{p}.{name}.", keys)
+    return sub
+
+
 def _rate_limit(c: Checker, raw: dict, p: str, kw: Kw) -> None:
-    rl = raw.get("rate_limit")
+    rl = _subsection(c, raw, p, "rate_limit", "{per_second, burst}", RATE_LIMIT)
     if rl is None:
         return
-    if not isinstance(rl, dict):
-        c.bad(p + ".rate_limit", "must be {per_second, burst}")
-        return
-    c.unknown(rl, p + ".rate_limit.", RATE_LIMIT)
     ps = check_number(c, rl.get("per_second"), p + ".rate_limit.per_second", minimum=0.001)
     burst = check_number(c, rl.get("burst", 1), p + ".rate_limit.burst", minimum=1, integer=True)
     if ps and burst:
@@ -89,13 +99,9 @@ def _max_body(c: Checker, raw: dict, p: str, kw: Kw) -> None:
 
 
 def _timeouts(c: Checker, raw: dict, p: str, kw: Kw) -> None:
-    t = raw.get("timeouts")
+    t = _subsection(c, raw, p, "timeouts", "{per_try_seconds, request_seconds}", ROUTE_TIMEOUTS)
     if t is None:
         return
-    if not isinstance(t, dict):
-        c.bad(p + ".timeouts", "must be {per_try_seconds, request_seconds}")
-        return
-    c.unknown(t, p + ".timeouts.", ROUTE_TIMEOUTS)
     for name, field in (
         ("per_try_seconds", "per_try_timeout"),
         ("request_seconds", "request_timeout"),
