@@ -406,6 +406,33 @@ class LengthRequired(ValueError):
     """A chunked request body: answered 411."""
 
 
+def _proxy_doc(h: Any) -> dict[str, Any]:
+    """The PROXY protocol header the app was given, as the JSON answer shows it."""
+    return {
+        "version": h.version,
+        "command": str(h.command),
+        "source": f"{h.src_addr}:{h.src_port}" if h.src_addr else None,
+        "destination": f"{h.dst_addr}:{h.dst_port}" if h.dst_addr else None,
+    }
+
+
+def _special_route(cfg: Any, route_path: str, doc: dict[str, Any]) -> int:
+    """Run a gRPC or ledger route into `doc`; the status the answer gets (200 or 502)."""
+    special = SPECIAL_ROUTES.get((cfg.name, route_path))
+    if special is None:
+        return 200
+    key, kind, peer = special
+    if kind == "grpc":
+        answer = call_quote(cfg.proxy, peer)
+        failed = answer.get("grpc_status") != grpcwire.OK
+    else:
+        answer = call_ledger(cfg.dbs, peer)
+        failed = bool(answer.get("refused", True))
+    doc[key] = answer
+    # api's routes must succeed (502 otherwise); web's "try" routes report the refusal
+    return 502 if failed and not route_path.startswith("/try-") else 200
+
+
 class DemoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "meshcar-demo-app"
@@ -466,27 +493,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         if isinstance(self.connection, ssl.SSLSocket):
             doc["tls"] = _tls_info(self.connection)
         if self.proxy_header is not None:
-            h = self.proxy_header
-            doc["proxy_protocol"] = {
-                "version": h.version,
-                "command": str(h.command),
-                "source": f"{h.src_addr}:{h.src_port}" if h.src_addr else None,
-                "destination": f"{h.dst_addr}:{h.dst_port}" if h.dst_addr else None,
-            }
-        status = 200
-        special = SPECIAL_ROUTES.get((cfg.name, route_path))
-        if special is not None:
-            key, kind, peer = special
-            if kind == "grpc":
-                answer = call_quote(cfg.proxy, peer)
-                failed = answer.get("grpc_status") != grpcwire.OK
-            else:
-                answer = call_ledger(cfg.dbs, peer)
-                failed = bool(answer.get("refused", True))
-            doc[key] = answer
-            # api's routes must succeed (502 otherwise); web's "try" routes report the refusal
-            if failed and not route_path.startswith("/try-"):
-                status = 502
+            doc["proxy_protocol"] = _proxy_doc(self.proxy_header)
+        status = _special_route(cfg, route_path, doc)
         call = PEER_ROUTES.get((cfg.name, route_path))
         if call is not None:
             answer = call_peer(cfg.proxy, call, self.headers.get("X-Request-Id"))

@@ -118,6 +118,46 @@ def _h2(client_side: bool) -> Any:
     )
 
 
+def _request_headers(
+    authority: str, method: str, timeout: float, metadata: tuple[tuple[str, str], ...]
+) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", method),
+        ("content-type", CONTENT_TYPE),
+        ("te", "trailers"),
+        ("grpc-timeout", f"{max(1, int(timeout * 1000))}m"),
+        *metadata,
+    ]
+
+
+def _client_event(conn: Any, sid: int, ev: Any, result: GrpcResult, body: bytearray) -> bool:
+    """Apply one h2 event of a unary call to `result`; True once the call has ended."""
+    import h2.events
+
+    if isinstance(ev, h2.events.ConnectionTerminated):
+        result.error = f"GOAWAY (error code {ev.error_code})"
+        return True
+    if getattr(ev, "stream_id", None) != sid:
+        return False
+    if isinstance(ev, h2.events.ResponseReceived):
+        result.headers = {str(k): str(v) for k, v in ev.headers}
+        result.http_status = int(result.headers.get(":status", "0"))
+        if ev.stream_ended is not None:
+            result.trailers_only = True
+    elif isinstance(ev, h2.events.DataReceived):
+        body += ev.data
+        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+    elif isinstance(ev, h2.events.TrailersReceived):
+        result.trailers = {str(k): str(v) for k, v in ev.headers}
+    elif isinstance(ev, h2.events.StreamReset):
+        result.error = f"stream reset (error code {ev.error_code})"
+        return True
+    return isinstance(ev, h2.events.StreamEnded)
+
+
 def call_unary(
     host: str,
     port: int,
@@ -138,22 +178,10 @@ def call_unary(
         with socket.create_connection((host, port), timeout=timeout) as sock:
             conn.initiate_connection()
             sid = conn.get_next_available_stream_id()
-            conn.send_headers(
-                sid,
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":authority", authority),
-                    (":path", method),
-                    ("content-type", CONTENT_TYPE),
-                    ("te", "trailers"),
-                    ("grpc-timeout", f"{max(1, int(timeout * 1000))}m"),
-                    *metadata,
-                ],
-            )
+            conn.send_headers(sid, _request_headers(authority, method, timeout, metadata))
             conn.send_data(sid, encode_json(request), end_stream=True)
             sock.sendall(conn.data_to_send())
-            body = b""
+            body = bytearray()
             done = False
             while not done:
                 data = sock.recv(65536)
@@ -161,28 +189,11 @@ def call_unary(
                     result.error = "connection closed before the call ended"
                     break
                 for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
-                        result.headers = {str(k): str(v) for k, v in ev.headers}
-                        result.http_status = int(result.headers.get(":status", "0"))
-                        if ev.stream_ended is not None:
-                            result.trailers_only = True
-                    elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
-                        body += ev.data
-                        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
-                    elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == sid:
-                        result.trailers = {str(k): str(v) for k, v in ev.headers}
-                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
-                        done = True
-                    elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
-                        result.error = f"stream reset (error code {ev.error_code})"
-                        done = True
-                    elif isinstance(ev, h2.events.ConnectionTerminated):
-                        result.error = f"GOAWAY (error code {ev.error_code})"
-                        done = True
+                    done = _client_event(conn, sid, ev, result, body) or done
                 pending = conn.data_to_send()
                 if pending:
                     sock.sendall(pending)
-            result.messages, rest = decode_messages(body)
+            result.messages, rest = decode_messages(bytes(body))
             if rest:
                 result.error = result.error or f"{len(rest)} bytes of a partial message"
             try:
@@ -199,6 +210,26 @@ def call_unary(
 Handler = Callable[[str, dict[str, str], bytes], tuple[int, str, dict[str, Any] | None]]
 
 
+_Streams = dict[int, tuple[dict[str, str], bytearray]]
+
+
+def _server_event(conn: Any, ev: Any, streams: _Streams, handler: Handler) -> None:
+    """Apply one h2 event of a served connection: collect a call, answer it when it ends."""
+    import h2.events
+
+    if isinstance(ev, h2.events.RequestReceived):
+        streams[ev.stream_id] = ({str(k): str(v) for k, v in ev.headers}, bytearray())
+    elif isinstance(ev, h2.events.DataReceived):
+        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        if ev.stream_id in streams:
+            streams[ev.stream_id][1].extend(ev.data)
+    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in streams:
+        headers, body = streams.pop(ev.stream_id)
+        _answer(conn, ev.stream_id, headers, bytes(body), handler)
+    elif isinstance(ev, h2.events.StreamReset):
+        streams.pop(ev.stream_id, None)
+
+
 def serve_h2c(sock: socket.socket, handler: Handler) -> None:
     """Serve one prior-knowledge h2c connection: unary gRPC calls, answered by `handler`.
 
@@ -212,7 +243,7 @@ def serve_h2c(sock: socket.socket, handler: Handler) -> None:
     conn = _h2(client_side=False)
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
-    streams: dict[int, tuple[dict[str, str], bytearray]] = {}
+    streams: _Streams = {}
     while True:
         try:
             data = sock.recv(65536)
@@ -226,20 +257,10 @@ def serve_h2c(sock: socket.socket, handler: Handler) -> None:
             sock.sendall(conn.data_to_send())
             return
         for ev in events:
-            if isinstance(ev, h2.events.RequestReceived):
-                streams[ev.stream_id] = ({str(k): str(v) for k, v in ev.headers}, bytearray())
-            elif isinstance(ev, h2.events.DataReceived):
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if ev.stream_id in streams:
-                    streams[ev.stream_id][1].extend(ev.data)
-            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in streams:
-                headers, body = streams.pop(ev.stream_id)
-                _answer(conn, ev.stream_id, headers, bytes(body), handler)
-            elif isinstance(ev, h2.events.StreamReset):
-                streams.pop(ev.stream_id, None)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            if isinstance(ev, h2.events.ConnectionTerminated):
                 sock.sendall(conn.data_to_send())
                 return
+            _server_event(conn, ev, streams, handler)
         pending = conn.data_to_send()
         if pending:
             sock.sendall(pending)
