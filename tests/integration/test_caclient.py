@@ -100,6 +100,22 @@ async def _serve(nursery: trio.Nursery, ctx: ssl.SSLContext, handler: Handler) -
     return listeners[0].socket.getsockname()[1]
 
 
+StandIn = Callable[..., Awaitable[CAClient]]
+
+
+@pytest.fixture
+async def stand_in(pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery) -> StandIn:
+    """Serves a handler as a stand-in CA (TLS with the pki's server certificate); a CAClient
+    for it that trusts the pki's root, or `root` if given, with CAClient's other options."""
+    _, pki_root, server = pki
+
+    async def start(handler: Handler, root: Path | None = None, **client: float) -> CAClient:
+        port = await _serve(nursery, server, handler)
+        return CAClient(f"https://127.0.0.1:{port}", root or pki_root, **client)
+
+    return start
+
+
 async def _read_request(stream: trio.SSLStream) -> tuple[h11.Request, bytes]:
     conn = h11.Connection(h11.SERVER)
     req, body = None, b""
@@ -107,6 +123,8 @@ async def _read_request(stream: trio.SSLStream) -> tuple[h11.Request, bytes]:
         ev = conn.next_event()
         if ev is h11.NEED_DATA:
             conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(ev, h11.ConnectionClosed):  # else next_event() spins, never yielding
+            raise trio.BrokenResourceError("the client closed before a full request")
         elif isinstance(ev, h11.Request):
             req = ev
         elif isinstance(ev, h11.Data):
@@ -157,36 +175,33 @@ async def test_sign_sends_json_with_the_token_and_reads_a_chunked_answer(
 
 @pytest.mark.parametrize(("status", "retryable"), [(403, False), (429, True), (503, True)])
 async def test_a_refusal_carries_the_status_and_message(
-    pki: tuple[trustme.CA, Path, ssl.SSLContext],
-    nursery: trio.Nursery,
+    stand_in: StandIn,
     status: int,
     retryable: bool,
 ) -> None:
-    _, root, server = pki
 
     async def handler(stream: trio.SSLStream) -> None:
         await _read_request(stream)
         await stream.send_all(_answer(status, b'{"message": "no such token"}'))
 
-    port = await _serve(nursery, server, handler)
+    client = await stand_in(handler)
     with pytest.raises(CAError) as err:
-        await CAClient(f"https://127.0.0.1:{port}", root).sign(SID, token="tok")
+        await client.sign(SID, token="tok")
     assert str(err.value) == f"CA refused: {status} no such token"
     assert err.value.retryable is retryable
 
 
 async def test_bundle_reads_text_and_version_header(
-    pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery
+    stand_in: StandIn,
 ) -> None:
-    _, root, server = pki
 
     async def handler(stream: trio.SSLStream) -> None:
         req, _ = await _read_request(stream)
         assert req.method == b"GET" and req.target == b"/v1/bundle"
         await stream.send_all(_answer(200, b"PEM", X_Meshcar_Bundle_Version="7"))
 
-    port = await _serve(nursery, server, handler)
-    assert await CAClient(f"https://127.0.0.1:{port}", root).bundle() == ("PEM", 7)
+    client = await stand_in(handler)
+    assert await client.bundle() == ("PEM", 7)
 
 
 async def _unreachable(client: CAClient) -> str:
@@ -198,60 +213,52 @@ async def _unreachable(client: CAClient) -> str:
 
 
 async def test_a_close_before_the_full_answer_is_unreachable_and_retryable(
-    pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery
+    stand_in: StandIn,
 ) -> None:
-    _, root, server = pki
 
     async def handler(stream: trio.SSLStream) -> None:
         await _read_request(stream)
         await stream.send_all(_answer(200, b'{"chain": "C"}')[:-5])
 
-    port = await _serve(nursery, server, handler)
-    msg = await _unreachable(CAClient(f"https://127.0.0.1:{port}", root))
+    msg = await _unreachable(await stand_in(handler))
     assert "closed the connection before a full response" in msg
 
 
 async def test_a_body_over_the_bound_is_refused(
-    pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery
+    stand_in: StandIn,
 ) -> None:
-    _, root, server = pki
 
     async def handler(stream: trio.SSLStream) -> None:
         await _read_request(stream)
         await stream.send_all(_answer(200, b"x" * ((1 << 20) + 1)))
 
-    port = await _serve(nursery, server, handler)
-    msg = await _unreachable(CAClient(f"https://127.0.0.1:{port}", root))
+    msg = await _unreachable(await stand_in(handler))
     assert "larger than" in msg
 
 
 async def test_a_silent_ca_times_out(
-    pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery
+    stand_in: StandIn,
 ) -> None:
-    _, root, server = pki
     answered = trio.Event()
 
     async def handler(stream: trio.SSLStream) -> None:
         await _read_request(stream)
         await answered.wait()  # never set: the client's deadline ends the exchange
 
-    port = await _serve(nursery, server, handler)
-    msg = await _unreachable(CAClient(f"https://127.0.0.1:{port}", root, timeout=0.5))
+    msg = await _unreachable(await stand_in(handler, timeout=0.5))
     assert "within 0.5 s" in msg
 
 
 async def test_a_ca_certificate_from_another_root_is_unreachable(
-    tmp_path: Path, pki: tuple[trustme.CA, Path, ssl.SSLContext], nursery: trio.Nursery
+    tmp_path: Path, stand_in: StandIn
 ) -> None:
-    _, _, server = pki
     other = trustme.CA()
     other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
 
     async def handler(stream: trio.SSLStream) -> None:
         await _read_request(stream)
 
-    port = await _serve(nursery, server, handler)
-    msg = await _unreachable(CAClient(f"https://127.0.0.1:{port}", tmp_path / "other.pem"))
+    msg = await _unreachable(await stand_in(handler, tmp_path / "other.pem"))
     assert "CERTIFICATE_VERIFY_FAILED" in msg or "certificate verify failed" in msg
 
 

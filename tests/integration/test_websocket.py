@@ -30,7 +30,7 @@ from websockets.sync.server import ServerConnection, serve
 
 from meshcar.common import accesslog
 from meshcar.tls.store import CredentialStore
-from tests.integration.conftest import Mesh, sid, start_node
+from tests.integration.conftest import Mesh, sid, start_node, start_pair
 from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route, wait_until
 from tests.support.pki import ThrowawayCA
 
@@ -244,16 +244,7 @@ def app():
 @pytest.fixture
 async def ws_mesh(tmp_path: Path, nursery: trio.Nursery, app: WSApp):
     ca = ThrowawayCA.create()
-    server = await start_node(nursery, tmp_path, ca, "api", app.port, [sid("web")], {})
-    client = await start_node(
-        nursery,
-        tmp_path,
-        ca,
-        "web",
-        app.port,
-        [],
-        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-    )
+    client, server = await start_pair(nursery, tmp_path, app.port, ca=ca)
     yield Mesh(ca, app.port, client, server)
     await client.outbound.aclose()
     await server.inbound.aclose()
@@ -357,17 +348,7 @@ async def test_an_upstream_that_does_not_switch_is_an_ordinary_response(
         partial(trio.serve_tcp, partial(_not_switching, answer=answer), 0, host="127.0.0.1")
     )
     app_port = listeners[0].socket.getsockname()[1]
-    ca = ThrowawayCA.create()
-    server = await start_node(nursery, tmp_path, ca, "api", app_port, [sid("web")], {})
-    client = await start_node(
-        nursery,
-        tmp_path,
-        ca,
-        "web",
-        app_port,
-        [],
-        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-    )
+    client, server = await start_pair(nursery, tmp_path, app_port)
     with pytest.raises(InvalidStatus) as err:
         await trio.to_thread.run_sync(mesh_connect, client.outbound_port)
     resp = err.value.response
@@ -386,18 +367,8 @@ async def test_an_upstream_that_does_not_switch_is_an_ordinary_response(
 async def test_a_silent_switched_connection_is_closed_after_the_idle_timeout(
     tmp_path: Path, nursery: trio.Nursery, app: WSApp
 ) -> None:
-    ca = ThrowawayCA.create()
-    server = await start_node(nursery, tmp_path, ca, "api", app.port, [sid("web")], {})
-    client = await start_node(
-        nursery,
-        tmp_path,
-        ca,
-        "web",
-        app.port,
-        [],
-        {"api": {"endpoints": [f"127.0.0.1:{server.inbound_port}"], "spiffe_id": sid("api")}},
-        timeouts={"upgraded_idle_seconds": 0.5},
-    )
+    client_top = {"timeouts": {"upgraded_idle_seconds": 0.5}}
+    client, server = await start_pair(nursery, tmp_path, app.port, client_top=client_top)
 
     def idle_then_closed() -> tuple[str, float]:
         with mesh_connect(client.outbound_port) as ws:
