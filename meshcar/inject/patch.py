@@ -38,6 +38,10 @@ equals injecting once. What cannot be injected raises `InjectError` naming the o
 field of the wrong type (`env` as a mapping, `labels` as a list, a container as a string,
 `volumes: "none"`) raises its subclass `ShapeError`, naming the field's path, before
 anything is read from it.
+The app's protocol (`meshcar.io/app-protocol: h2c` for a gRPC server), the app ports taking
+opaque TCP (`meshcar.io/inbound-tcp-ports`) and the upstreams that are opaque TCP tunnels
+(`meshcar.io/tcp-upstreams: NAME=LOCAL_PORT:TARGET_PORT`, NAME one of meshcar.io/upstreams)
+become `app.protocol`, `inbound.tcp` and `protocol: tcp` upstreams (docs/PROTOCOLS.md).
 The annotation syntax is documented in docs/DEPLOY.md.
 """
 
@@ -66,6 +70,9 @@ ANN_LOG_LEVEL = PREFIX + "log-level"
 ANN_CAPTURE = PREFIX + "capture"
 ANN_EGRESS = PREFIX + "egress"
 ANN_MATCH = PREFIX + "match"
+ANN_APP_PROTOCOL = PREFIX + "app-protocol"
+ANN_INBOUND_TCP = PREFIX + "inbound-tcp-ports"
+ANN_TCP_UPSTREAMS = PREFIX + "tcp-upstreams"
 
 SIDECAR_NAME = "meshcar-proxy"
 INIT_NAME = "meshcar-init"
@@ -360,6 +367,9 @@ class PodSettings:
     egress: str = "allow"  # allow | deny
     egress_proxy: str | None = None  # HOST:PORT of the HTTP_PROXY the app had
     match: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (upstream, original destinations)
+    app_protocol: str = "http1"  # app.protocol: http1 | h2c
+    inbound_tcp: tuple[tuple[int, str], ...] = ()  # inbound.tcp: (app port, proxy_protocol)
+    tcp_upstreams: tuple[tuple[str, int, int], ...] = ()  # (upstream, local_port, target_port)
 
 
 def declared_ports(spec: dict[str, Any]) -> list[int]:
@@ -411,14 +421,100 @@ def parse_match(raw: str, upstreams: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def _match(ann: dict[str, str], ups: dict[str, Any], where: str) -> dict[str, list[str]]:
-    """Original destinations per upstream: its IP-literal endpoints plus meshcar.io/match."""
+def _number(text: str, what: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{what} {text!r} is not a port in 1..65535")
+    return int(text)
+
+
+def parse_inbound_tcp(raw: str) -> list[tuple[int, str]]:
+    """`PORT[:proxy-v2]` entries: the app ports that take opaque TCP from the mesh
+    (`inbound.tcp`), with a PROXY v2 header first for `:proxy-v2`."""
+    out: list[tuple[int, str]] = []
+    for item in _items(raw):
+        port, sep, flag = item.partition(":")
+        if sep and flag != "proxy-v2":
+            raise ValueError(f"{item!r} is not PORT or PORT:proxy-v2")
+        value = _number(port, "port")
+        if value in [p for p, _ in out]:
+            raise ValueError(f"port {value} is given twice")
+        out.append((value, "v2" if sep else "none"))
+    return out
+
+
+def parse_tcp_upstreams(raw: str, upstreams: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """`NAME=LOCAL_PORT:TARGET_PORT` entries: the upstream NAME (of meshcar.io/upstreams) is
+    an opaque TCP tunnel (`protocol: tcp`): the app connects to 127.0.0.1:LOCAL_PORT, the
+    peer's sidecar to its app's TARGET_PORT (one of the peer's inbound-tcp-ports)."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in _items(raw):
+        name, sep, ports = item.partition("=")
+        local, sep2, target = ports.partition(":")
+        if not sep or not sep2:
+            raise ValueError(f"{item!r} is not UPSTREAM=LOCAL_PORT:TARGET_PORT")
+        if name not in upstreams:
+            raise ValueError(f"{item!r}: {name!r} is not an upstream of {ANN_UPSTREAMS}")
+        if name in out:
+            raise ValueError(f"upstream {name!r} is given twice")
+        out[name] = (_number(local, "local port"), _number(target, "target port"))
+    return out
+
+
+def _tcp_settings(
+    ann: dict[str, str], ups: dict[str, Any], ports: dict[str, int | None], where: str
+) -> tuple[str, list[tuple[int, str]], dict[str, tuple[int, int]]]:
+    """app-protocol, inbound-tcp-ports and tcp-upstreams, checked against the pod's ports."""
+    protocol = _choice(ann, ANN_APP_PROTOCOL, "http1", ("http1", "h2c"), where)
+    try:
+        tcp_in = parse_inbound_tcp(ann.get(ANN_INBOUND_TCP, ""))
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_INBOUND_TCP}: {exc}") from None
+    if tcp_in and ports["app"] is None:
+        raise InjectError(
+            f"{where}: annotation {ANN_INBOUND_TCP} needs an app port: "
+            f"set {ANN_APP_PORT} or declare the app's containerPort"
+        )
+    try:
+        tcp_up = parse_tcp_upstreams(ann.get(ANN_TCP_UPSTREAMS, ""), ups)
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_TCP_UPSTREAMS}: {exc}") from None
+    sidecar = {ports[k]: k for k in ("inbound", "outbound", "admin")}
+    locals_seen: dict[int, str] = {}
+    for name, (local, _) in tcp_up.items():
+        clash = sidecar.get(local) or locals_seen.get(local)
+        if clash or local == ports["app"]:
+            raise InjectError(
+                f"{where}: annotation {ANN_TCP_UPSTREAMS}: local port {local} of {name!r} "
+                f"is taken ({clash or 'app'})"
+            )
+        locals_seen[local] = f"upstream {name!r}"
+    for port, _ in tcp_in:
+        if port in sidecar:
+            raise InjectError(
+                f"{where}: annotation {ANN_INBOUND_TCP}: port {port} is the sidecar's "
+                f"{sidecar[port]} port"
+            )
+    return protocol, tcp_in, tcp_up
+
+
+def _match(
+    ann: dict[str, str], ups: dict[str, Any], where: str, tcp: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
+    """Original destinations per upstream: its IP-literal endpoints plus meshcar.io/match.
+    Opaque TCP upstreams (`tcp`) have none: the app dials their local port."""
     try:
         extra = parse_match(ann.get(ANN_MATCH, ""), ups)
     except ValueError as exc:
         raise InjectError(f"{where}: annotation {ANN_MATCH}: {exc}") from None
+    if both := sorted(tcp & extra.keys()):
+        raise InjectError(
+            f"{where}: annotation {ANN_MATCH}: {both[0]!r} is a tcp upstream "
+            f"({ANN_TCP_UPSTREAMS}); transparent capture is for http upstreams only"
+        )
     out: dict[str, list[str]] = {}
     for name, u in ups.items():
+        if name in tcp:
+            continue
         ips = [e for e in u["endpoints"] if _is_ip(e.rpartition(":")[0])]
         out[name] = list(dict.fromkeys(ips + extra.get(name, [])))
     return out
@@ -432,6 +528,22 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _callers(
+    ann: dict[str, str], options: InjectOptions, app_port: int | None, where: str
+) -> list[str]:
+    """meshcar.io/allowed-callers, which needs an app port."""
+    try:
+        callers = parse_allowed_callers(ann.get(ANN_ALLOWED_CALLERS, ""), options.trust_domain)
+    except ValueError as exc:
+        raise InjectError(f"{where}: annotation {ANN_ALLOWED_CALLERS}: {exc}") from None
+    if callers and app_port is None:
+        raise InjectError(
+            f"{where}: annotation {ANN_ALLOWED_CALLERS} needs an app port: "
+            f"set {ANN_APP_PORT} or declare the app's containerPort"
+        )
+    return callers
 
 
 def pod_settings(
@@ -449,15 +561,7 @@ def pod_settings(
     ports = {"app": app_port, "inbound": inbound, "outbound": outbound, "admin": admin}
     if len(set(ports.values())) != len(ports):
         raise InjectError(f"{where}: ports must differ, got {ports}")
-    try:
-        callers = parse_allowed_callers(ann.get(ANN_ALLOWED_CALLERS, ""), options.trust_domain)
-    except ValueError as exc:
-        raise InjectError(f"{where}: annotation {ANN_ALLOWED_CALLERS}: {exc}") from None
-    if callers and app_port is None:
-        raise InjectError(
-            f"{where}: annotation {ANN_ALLOWED_CALLERS} needs an app port: "
-            f"set {ANN_APP_PORT} or declare the app's containerPort"
-        )
+    callers = _callers(ann, options, app_port, where)
     try:
         ups = parse_upstreams(ann.get(ANN_UPSTREAMS, ""), options.trust_domain)
     except ValueError as exc:
@@ -465,7 +569,8 @@ def pod_settings(
     level = ann.get(ANN_LOG_LEVEL)
     if level is not None and level not in ("debug", "info", "warning", "error"):
         raise InjectError(f"{where}: annotation {ANN_LOG_LEVEL}: {level!r} is not a log level")
-    match = _match(ann, ups, where) if capture == "transparent" else {}
+    app_protocol, tcp_in, tcp_up = _tcp_settings(ann, ups, ports, where)
+    match = _match(ann, ups, where, frozenset(tcp_up)) if capture == "transparent" else {}
     return PodSettings(
         mode=mode,
         app_port=app_port,
@@ -479,6 +584,9 @@ def pod_settings(
         egress=egress,
         egress_proxy=_egress_proxy(spec or {}, where, outbound) if capture == "proxy" else None,
         match=tuple((n, tuple(m)) for n, m in match.items()),
+        app_protocol=app_protocol,
+        inbound_tcp=tuple(tcp_in),
+        tcp_upstreams=tuple((n, lp, tp) for n, (lp, tp) in tcp_up.items()),
     )
 
 
@@ -494,36 +602,59 @@ def render_config(settings: PodSettings, options: InjectOptions) -> str:
         identity["ca_bundle"] = f"{TRUST_DIR}/{TRUST_KEY}"
     identity["k8s_token_file"] = TOKEN_PATH
     identity["state_dir"] = STATE_DIR
-    # outbound-only: the sidecar config still has an app and an inbound, but the inbound
-    # listens on loopback and allows no caller, so nothing reaches the (unused) app port
-    in_host = "0.0.0.0" if settings.app_port is not None else "127.0.0.1"
-    matches = dict(settings.match)
-    upstreams: dict[str, Any] = {}
-    for name, eps, sid in settings.upstreams:
-        upstreams[name] = {"endpoints": list(eps), "spiffe_id": sid}
-        if matches.get(name):
-            upstreams[name]["match"] = list(matches[name])
     listen_key = "transparent_listen" if settings.capture == "transparent" else "listen"
     outbound: dict[str, Any] = {
         listen_key: f"127.0.0.1:{settings.outbound_port}",
-        "upstreams": upstreams,
+        "upstreams": _render_upstreams(settings),
         "egress": settings.egress,
     }
     if settings.egress_proxy and settings.egress == "allow":
         outbound["egress_proxy"] = settings.egress_proxy
     config: dict[str, Any] = {
         "identity": identity,
-        "app": {"host": "127.0.0.1", "port": settings.app_port or settings.inbound_port},
-        "inbound": {
-            "listen": f"{in_host}:{settings.inbound_port}",
-            "allow": list(settings.allowed_callers),
-        },
+        **_render_app_inbound(settings),
         "outbound": outbound,
         "admin": {"listen": f"0.0.0.0:{settings.admin_port}"},
     }
     if settings.log_level:
         config["log_level"] = settings.log_level
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _render_upstreams(settings: PodSettings) -> dict[str, Any]:
+    """`outbound.upstreams`: http upstreams (with `match` in transparent capture) and
+    `protocol: tcp` ones (meshcar.io/tcp-upstreams)."""
+    matches = dict(settings.match)
+    tcp = {name: (local, target) for name, local, target in settings.tcp_upstreams}
+    upstreams: dict[str, Any] = {}
+    for name, eps, sid in settings.upstreams:
+        upstreams[name] = {"endpoints": list(eps), "spiffe_id": sid}
+        if name in tcp:
+            upstreams[name] = {"protocol": "tcp", **upstreams[name]}
+            upstreams[name]["local_port"], upstreams[name]["target_port"] = tcp[name]
+        if matches.get(name):
+            upstreams[name]["match"] = list(matches[name])
+    return upstreams
+
+
+def _render_app_inbound(settings: PodSettings) -> dict[str, Any]:
+    """The `app` and `inbound` sections (with `app.protocol` and `inbound.tcp` when set)."""
+    # outbound-only: the sidecar config still has an app and an inbound, but the inbound
+    # listens on loopback and allows no caller, so nothing reaches the (unused) app port
+    in_host = "0.0.0.0" if settings.app_port is not None else "127.0.0.1"
+    app: dict[str, Any] = {"host": "127.0.0.1", "port": settings.app_port or settings.inbound_port}
+    if settings.app_protocol != "http1":
+        app["protocol"] = settings.app_protocol
+    inbound: dict[str, Any] = {
+        "listen": f"{in_host}:{settings.inbound_port}",
+        "allow": list(settings.allowed_callers),
+    }
+    if settings.inbound_tcp:
+        inbound["tcp"] = [
+            {"port": port, **({"proxy_protocol": pp} if pp != "none" else {})}
+            for port, pp in settings.inbound_tcp
+        ]
+    return {"app": app, "inbound": inbound}
 
 
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
@@ -746,6 +877,7 @@ def _check_transparent(spec: dict[str, Any], settings: PodSettings, where: str) 
     if any(c.get("name") == INIT_NAME for c in _all_containers(spec)):
         raise InjectError(f"{where}: container name {INIT_NAME!r} is reserved for meshcar")
     matched = {name for name, dests in settings.match if dests}
+    matched |= {name for name, _, _ in settings.tcp_upstreams}  # dialed at their local port
     for name, _, _ in settings.upstreams:
         if name not in matched:
             raise InjectError(
