@@ -29,11 +29,11 @@ import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
-from meshcar.errors import MeshcarError, UpstreamError
+from meshcar.errors import BodyTooLarge, MeshcarError, UpstreamError
 from meshcar.net.drain import Drain
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import keep_response_headers
-from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, pump
+from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, check_limit, pump
 from meshcar.net.pipeline import Forward
 from meshcar.net.respond import Refuse, error_body, reason_of
 from meshcar.proto.http1 import RequestHead, ResponseHead
@@ -200,7 +200,8 @@ class H2Proxy:
         start = time.perf_counter()
         stats = [0, 0, 0]  # status, bytes in, bytes out
         headers = s.headers or []
-        req = request_head(headers, s.ended)
+        # a body that already arrived whole, with no content-length, still goes on chunked
+        req = request_head(headers, s.ended and not s.chunks)
         hop = None if isinstance(req, str) else stamp(req.headers)  # proto/trace.py
         label: Any = None
         decision: Any = None
@@ -268,9 +269,18 @@ class H2Proxy:
                 stats[0] = exc.status
                 await respond(down, s, exc.status, f"{decision.upstream}: {exc}")
                 return
-            with trio.move_on_after(deadline if deadline is not None else float("inf")) as scope:
-                await relay(down, s, up, out, stats, decision.rewrite_response)
-            if scope.cancelled_caught:
+            limit = decision.max_request_body
+            big: list[BaseException] = []
+            try:
+                with trio.move_on_after(
+                    deadline if deadline is not None else float("inf")
+                ) as scope:
+                    await relay(down, s, up, out, stats, decision.rewrite_response, limit)
+            except* BodyTooLarge as eg:  # a streamed body past max_body_bytes
+                big.append(eg.exceptions[0])
+            if big:
+                await too_large(down, s, big[0], stats)
+            elif scope.cancelled_caught:
                 stats[0] = stats[0] or 200
                 await deadline_exceeded(down, s)
         finally:
@@ -295,13 +305,26 @@ class H2Proxy:
         if failed:
             exc = failed[0]
             status = exc.status if isinstance(exc, MeshcarError) else 502
-            if s.head_sent:
+            if isinstance(exc, BodyTooLarge):
+                await too_large(down, s, exc, stats)
+            elif s.head_sent:
                 await down.reset(s.id, CANCEL)
             else:
                 stats[0] = status
                 await respond(down, s, status, f"{decision.upstream}: {exc}")
         elif sc.cancelled_caught:
             await deadline_exceeded(down, s)
+
+
+async def too_large(down: H2Conn, s: H2Stream, exc: BaseException, stats: list[int]) -> None:
+    """A streamed request body passed the route's max_body_bytes: 413 on the stream if no
+    response head went out yet (then RST_STREAM NO_ERROR for the rest of the body, as
+    `forget` does), else RST_STREAM CANCEL; other streams go on."""
+    if s.head_sent:
+        await down.reset(s.id, CANCEL)
+        return
+    stats[0] = 413
+    await respond(down, s, 413, str(exc))
 
 
 async def deadline_exceeded(down: H2Conn, s: H2Stream) -> None:
@@ -364,9 +387,10 @@ async def relay(
     headers: Headers,
     stats: list[int],
     rewrite: Rewrite = keep_response_headers,
+    limit: int | None = None,
 ) -> None:
     """One exchange: request (headers, body, trailers) up, response down; a reset on either
-    side resets the other."""
+    side resets the other. A request body past `limit` bytes: BodyTooLarge."""
     bodiless = ds.ended and not ds.chunks and ds.trailers is None
     us = await up.request(headers, end=bodiless)
     done = False
@@ -375,7 +399,7 @@ async def relay(
 
             async def request_body() -> None:
                 try:
-                    stats[1] = await pump(down, ds, up, us.id)
+                    stats[1] = await pump(down, ds, up, us.id, limit)
                 except StreamGone:
                     if ds.gone is not None:  # the caller gave up: so does the upstream
                         raise
@@ -484,7 +508,9 @@ async def relay_http1(
         async with trio.open_nursery() as nursery:
             request_done: list[bool] = [ds.ended and not ds.chunks]
             if not request_done[0]:
-                nursery.start_soon(_body_to_http1, down, ds, conn, req.chunked, stats, request_done)
+                limit = decision.max_request_body
+                args = (down, ds, conn, req.chunked, stats, request_done, limit)
+                nursery.start_soon(_body_to_http1, *args)
             if req.method == b"HEAD":
                 conn.parser.expect_no_body()
             reusable = await _response_from_http1(down, ds, conn, stats, decision.rewrite_response)
@@ -497,7 +523,13 @@ async def relay_http1(
 
 
 async def _body_to_http1(
-    down: H2Conn, ds: H2Stream, conn: Any, chunked: bool, stats: list[int], done: list[bool]
+    down: H2Conn,
+    ds: H2Stream,
+    conn: Any,
+    chunked: bool,
+    stats: list[int],
+    done: list[bool],
+    limit: int | None,
 ) -> None:
     while True:
         item = await ds.receive()
@@ -507,6 +539,7 @@ async def _body_to_http1(
             done[0] = True
             return
         data, fc = item
+        check_limit(down, ds, stats[1] + len(data), fc, limit)
         if data:
             await conn.send(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
             stats[1] += len(data)

@@ -37,6 +37,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from meshcar.errors import BodyTooLarge
 from meshcar.net import sockio
 from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.proto.h2guard import PREFACE, FrameGuard, H2Limits
@@ -472,9 +473,10 @@ class H2Conn:
         )
 
 
-async def pump(src: H2Conn, s: H2Stream, dst: H2Conn, dst_id: int) -> int:
+async def pump(src: H2Conn, s: H2Stream, dst: H2Conn, dst_id: int, limit: int | None = None) -> int:
     """Copy stream `s`'s body (and trailers) from `src` to stream `dst_id` of `dst`, a chunk
-    at a time, acknowledging each chunk only once it was written onward; bytes moved."""
+    at a time, acknowledging each chunk only once it was written onward; bytes moved. Past
+    `limit` bytes (a route's max_body_bytes), BodyTooLarge before the chunk goes onward."""
     moved = 0
     while True:
         item = await s.receive()
@@ -482,9 +484,18 @@ async def pump(src: H2Conn, s: H2Stream, dst: H2Conn, dst_id: int) -> int:
             await dst.end_stream(dst_id, s.trailers)
             return moved
         data, fc = item
+        check_limit(src, s, moved + len(data), fc, limit)
         if data:
             await dst.send_data(dst_id, data)
             moved += len(data)
         src.ack(s.id, fc)
         if fc:
             await src.flush()
+
+
+def check_limit(src: H2Conn, s: H2Stream, size: int, fc: int, limit: int | None) -> None:
+    """BodyTooLarge if a request body of `size` bytes passes `limit`; the chunk's window is
+    given back first (the connection's window is every stream's)."""
+    if limit is not None and size > limit:
+        src.ack(s.id, fc)
+        raise BodyTooLarge(f"request body larger than {limit} bytes")

@@ -5,6 +5,7 @@ HSTS kept; an HTTP/1.1-only client still gets HTTP/1.1."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import ssl
 import subprocess
@@ -35,7 +36,7 @@ async def h2_edge(tmp_path: Path, nursery: trio.Nursery):
     store.install(mesh_ca.credential(sid("edge")))
     echo_port = await serve_echo(nursery)
     routes = [
-        terminate_route("www.test", echo_port, hsts=True, http2=True),
+        terminate_route("www.test", echo_port, hsts=True, http2=True, max_body_bytes=1000),
         {
             "host": "api.test",
             "mode": "bridge",
@@ -169,3 +170,89 @@ async def test_edge_refusals_and_limits_on_h2(h2_edge) -> None:
         {"route": "secure.test", "mode": "terminate", "status": "429"},
     )
     assert ok == 6
+
+
+class RawH2:
+    """A raw h2 client (the h2 library) over TLS to the edge: streams of our choosing."""
+
+    def __init__(self, stream: trio.SSLStream) -> None:
+        import h2.config
+        import h2.connection
+
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.status: dict[int, int] = {}
+        self.body: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+        self.reset: dict[int, int] = {}
+
+    @classmethod
+    async def open(cls, port: int, ca_file: Path, host: str) -> RawH2:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        ctx.set_alpn_protocols(["h2"])
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        tls = trio.SSLStream(tcp, ctx, server_hostname=host)
+        await tls.do_handshake()
+        assert tls.selected_alpn_protocol() == "h2"
+        c = cls(tls)
+        await c.flush()
+        return c
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def until(self, done) -> None:
+        import h2.events
+
+        while not done():
+            data = await self.stream.receive_some(65536)
+            assert data, "the edge closed the connection"
+            for ev in self.conn.receive_data(data):
+                sid = getattr(ev, "stream_id", 0)
+                if isinstance(ev, h2.events.ResponseReceived):
+                    self.status[sid] = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.body[sid] = self.body.get(sid, b"") + ev.data
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    self.ended.add(sid)
+                elif isinstance(ev, h2.events.StreamReset):
+                    self.reset[sid] = int(ev.error_code)
+            await self.flush()
+
+
+async def test_streamed_h2_body_past_max_body_bytes_gets_413(h2_edge) -> None:
+    """A request body of undeclared length (DATA frames, no content-length) past the route's
+    max_body_bytes: 413 on that stream and RST_STREAM NO_ERROR for the rest of its body;
+    a GET opened meanwhile and a streamed body under the limit on the same connection are
+    answered (other streams unaffected)."""
+    edge, pki, _ = h2_edge
+    c = await RawH2.open(edge.https, pki.ca_file, "www.test")
+
+    def head(method: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b":method", method), (b":scheme", b"https"), (b":authority", b"www.test")] + [
+            (b":path", b"/up")
+        ]
+
+    with trio.fail_after(30):
+        c.conn.send_headers(1, head(b"POST"))
+        c.conn.send_data(1, b"a" * 800)
+        await c.flush()
+        c.conn.send_headers(3, head(b"GET"), end_stream=True)
+        c.conn.send_data(1, b"b" * 800)  # 1600 > 1000, the body not ended
+        await c.flush()
+        await c.until(lambda: 1 in c.ended and 3 in c.ended)
+        assert c.status[1] == 413, c.body.get(1)
+        assert b"larger than 1000 bytes" in c.body[1]
+        assert c.reset.get(1, 0) == 0  # NO_ERROR: the rest of the body is not wanted
+        assert c.status[3] == 200
+        c.conn.send_headers(5, head(b"POST"))
+        c.conn.send_data(5, b"c" * 600)
+        c.conn.send_data(5, b"d" * 300, end_stream=True)
+        await c.flush()
+        await c.until(lambda: 5 in c.ended)
+    assert c.status[5] == 200 and json.loads(c.body[5])["body_length"] == 900, c.body[5][-300:]
+    await c.stream.aclose()
