@@ -10,16 +10,20 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from meshcar.demo import plan
 from meshcar.demo import scenario as sc
 from meshcar.inject import cli
 from meshcar.inject.patch import (
+    CONFIG_ENV,
     SIDECAR_NAME,
     InjectOptions,
     inject_document,
     parse_allowed_callers,
+    parse_tcp_upstreams,
     parse_upstreams,
 )
 from meshcar.inject.webhook import INJECT_PATH
+from meshcar.sidecar.config import SidecarConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -106,22 +110,25 @@ def test_demo_workloads_are_the_scenario(service: sc.Service) -> None:
         k8s_id(c) for c in service.allowed_callers
     ]
     ups = parse_upstreams(ann.get("meshcar.io/upstreams", ""), sc.TRUST_DOMAIN)
-    assert list(ups) == list(service.upstreams)
+    tcp = parse_tcp_upstreams(ann.get("meshcar.io/tcp-upstreams", ""), ups)
+    assert [n for n in ups if n not in tcp] == list(service.upstreams)
+    dbs = {sc.db_upstream(peer): (peer, port) for peer, port in service.db_upstreams}
+    assert list(tcp) == list(dbs)
     for name, up in ups.items():
-        peer = sc.SCENARIO.service(name)
+        peer = sc.SCENARIO.service(dbs[name][0] if name in dbs else name)
         assert up == {
-            "endpoints": [f"{name}.{NS}.svc:{peer.inbound_port}"],
-            "spiffe_id": k8s_id(name),
+            "endpoints": [f"{peer.name}.{NS}.svc:{peer.inbound_port}"],
+            "spiffe_id": k8s_id(peer.name),
         }
+        if name in dbs:
+            assert tcp[name] == (dbs[name][1], peer.ledger_port)
+    assert ann.get("meshcar.io/app-protocol", "http1") == service.app_protocol
+    ledger = [] if service.ledger_port is None else [str(service.ledger_port)]
+    assert ann.get("meshcar.io/inbound-tcp-ports", "").split() == ledger
     app = tmpl["spec"]["containers"][0]
-    assert app["command"][:6] == [
-        "meshcar",
-        "demo-app",
-        "--name",
-        service.name,
-        "--port",
-        str(service.app_port),
-    ]
+    # the same app arguments as `meshcar demo` and docker-compose.yml (plan.app_args)
+    host = app["command"][7]
+    assert app["command"] == ["meshcar", "demo-app", *plan.app_args(service, host)]
     svc = find("Service", service.name)
     ports = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}
     assert ports[service.inbound_port] == service.inbound_port
@@ -133,6 +140,52 @@ def test_demo_workloads_are_the_scenario(service: sc.Service) -> None:
     side = injected["spec"]["template"]["spec"]["initContainers"][0]
     assert side["name"] == SIDECAR_NAME
     assert {p["containerPort"] for p in side["ports"]} == {service.inbound_port, service.admin_port}
+
+
+def demo_sidecar_config(name: str, mode: str) -> SidecarConfig:
+    """The sidecar config `meshcar inject` renders for a demo Deployment, through the
+    sidecar's own loader (the kubelet's $(VAR) expansion done by hand)."""
+    injected = inject_document(find("Deployment", name), InjectOptions(sidecar_mode=mode))
+    spec = injected["spec"]["template"]["spec"]
+    (side,) = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == SIDECAR_NAME
+    ]
+    text = next(e["value"] for e in side["env"] if e["name"] == CONFIG_ENV)
+    text = text.replace("$(MESHCAR_POD_NAMESPACE)", NS).replace(
+        "$(MESHCAR_POD_SERVICE_ACCOUNT)", name
+    )
+    data = yaml.safe_load(text)
+    data["identity"]["token_file"] = data["identity"].pop("k8s_token_file")
+    return parse_config(data, f"{name}:$MESHCAR_CONFIG")
+
+
+@pytest.mark.parametrize("mode", ["native", "classic"])
+@pytest.mark.parametrize("service", sc.SCENARIO.services, ids=lambda s: s.name)
+def test_injected_demo_sidecars_carry_grpc_and_tcp(service: sc.Service, mode: str) -> None:
+    """Issue 16 / 13: the Kubernetes demo has the gRPC and ledger paths of the compose one."""
+    cfg = demo_sidecar_config(service.name, mode)
+    compose = yaml.safe_load((ROOT / "deploy" / "compose" / f"{service.name}.yaml").read_text())
+    assert cfg.app_protocol == service.app_protocol == compose["app"].get("protocol", "http1")
+    assert cfg.app.port == service.app_port
+    assert [(t.port, t.host, t.proxy_protocol) for t in cfg.tcp_ports] == [
+        (t["port"], "127.0.0.1", t.get("proxy_protocol", "none"))
+        for t in compose["inbound"].get("tcp", [])
+    ]
+    assert list(cfg.allow) == [
+        f"spiffe://{sc.TRUST_DOMAIN}/ns/{NS}/sa/{c}" for c in service.allowed_callers
+    ]
+    ups = {u.name: u for u in cfg.upstreams}
+    want = compose["outbound"]["upstreams"]
+    assert sorted(ups) == sorted(want)
+    for name, u in want.items():
+        got = ups[name]
+        peer = u["endpoints"][0].split(":")[0]
+        assert got.protocol == u.get("protocol", "http")
+        assert (got.local_port, got.target_port) == (u.get("local_port"), u.get("target_port"))
+        assert [str(e) for e in got.endpoints] == [
+            f"{peer}.{NS}.svc:{u['endpoints'][0].split(':')[1]}"
+        ]
+        assert got.spiffe_id == f"spiffe://{sc.TRUST_DOMAIN}/ns/{NS}/sa/{peer}"
 
 
 def test_demo_namespace_is_opted_in_and_matches_the_webhook() -> None:
