@@ -418,3 +418,56 @@ async def test_pods_without_app_port_annotation_are_injected(
     if case == "proxy variables set":
         assert env["NO_PROXY"] == ".corp.example,localhost,127.0.0.1,::1"
         assert cfg["outbound"]["egress_proxy"] == "squid.corp:3128"
+
+
+async def test_grpc_and_tcp_annotations_are_injected(webhook: tuple[str, trustme.CA]) -> None:
+    """Issue 16 / 13: app-protocol, inbound-tcp-ports and tcp-upstreams through the webhook
+    give the same patch as `meshcar inject`, and a config the sidecar's loader accepts."""
+    from meshcar.sidecar.config import parse_config
+
+    url, ca = webhook
+    obj = pod()
+    obj["metadata"]["annotations"].update(
+        {
+            "meshcar.io/app-protocol": "h2c",
+            "meshcar.io/inbound-tcp-ports": "9013 5432:proxy-v2",
+            "meshcar.io/upstreams": "payments=payments.default.svc:7003=default/payments, "
+            "payments-db=payments.default.svc:7003=default/payments",
+            "meshcar.io/tcp-upstreams": "payments-db=7312:9013",
+        }
+    )
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    resp = r.json()["response"]
+    assert resp["allowed"] is True and "warnings" not in resp, resp
+    patched = jsonpatch.apply_patch(obj, json.loads(base64.b64decode(resp["patch"])))
+    assert patched == cli_inject(obj)
+    patched["metadata"]["name"] = "api-7c9d8f-abcde"
+    for version in ("1.29.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(patched, version, strict=True)
+    sidecar = next(c for c in patched["spec"]["initContainers"] if c["name"] == "meshcar-proxy")
+    text = next(e for e in sidecar["env"] if e["name"] == "MESHCAR_CONFIG")["value"]
+    data = yaml.safe_load(
+        text.replace("$(MESHCAR_POD_NAMESPACE)", "default").replace(
+            "$(MESHCAR_POD_SERVICE_ACCOUNT)", "api"
+        )
+    )
+    data["identity"]["token_file"] = data["identity"].pop("k8s_token_file")
+    cfg = parse_config(data, "$MESHCAR_CONFIG")
+    assert cfg.app_protocol == "h2c"
+    assert [(t.port, t.proxy_protocol) for t in cfg.tcp_ports] == [(9013, "none"), (5432, "v2")]
+    ups = {u.name: (u.protocol, u.local_port, u.target_port) for u in cfg.upstreams}
+    assert ups == {"payments": ("http", None, None), "payments-db": ("tcp", 7312, 9013)}
+
+
+async def test_bad_tcp_upstream_annotation_is_allowed_with_a_warning(
+    webhook: tuple[str, trustme.CA],
+) -> None:
+    url, ca = webhook
+    obj = pod()
+    obj["metadata"]["annotations"]["meshcar.io/tcp-upstreams"] = "nope=7312:9013"
+    async with client(ca) as c:
+        r = await c.post(url + "/inject", json=review(obj))
+    resp = r.json()["response"]
+    assert resp["allowed"] is True and "patch" not in resp, resp
+    assert any("meshcar.io/tcp-upstreams" in w for w in resp["warnings"]), resp
