@@ -14,6 +14,7 @@ from meshcar.admin.metrics import Metrics
 from meshcar.admin.server import AdminHooks, AdminServer
 from meshcar.common import accesslog
 from meshcar.dashboard.main import collect
+from tests.support.ports import own_ipv4_or_skip
 
 ROUTES = [{"host": "www.test", "mode": "terminate", "endpoints": ["127.0.0.1:8080"]}]
 
@@ -57,15 +58,7 @@ async def test_routes_is_only_the_edges(nursery: trio.Nursery) -> None:
 
 async def test_recent_and_routes_refused_off_loopback(nursery: trio.Nursery) -> None:
     port = await _serve(nursery, routes=True)
-    try:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a source address
-        own = probe.getsockname()[0]
-        probe.close()
-    except OSError:
-        pytest.skip("this machine has no non-loopback IPv4 address")
-    if own.startswith("127."):
-        pytest.skip("this machine has no non-loopback IPv4 address")
+    own = own_ipv4_or_skip()
     async with httpx.AsyncClient(base_url=f"http://{own}:{port}") as c:
         assert (await c.get("/requests/recent")).status_code == 403
         assert (await c.get("/routes")).status_code == 403

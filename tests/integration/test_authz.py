@@ -5,7 +5,6 @@ only."""
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from meshcar.common import accesslog
 from tests.integration.conftest import NODES, Node, sid, start_node
 from tests.integration.test_admin_lockdown import HOST_IP, _curl_from, other_pod  # noqa: F401
 from tests.integration.test_sidecar_paths_headers import app_saw, req, status_of, via_inbound
+from tests.support.access_lines import access_lines
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 
@@ -142,12 +142,7 @@ async def test_deny_reason_in_metric_and_access_log(authz_mesh: Mesh2, capsys) -
     assert authz_mesh.count("deny", "web-read", "method") == 1
     assert authz_mesh.count("deny", "default", "caller") == 1
     assert authz_mesh.count("allow", "web-read", "") == 1
-    accesslog.flush()
-    lines = [
-        json.loads(x)
-        for x in capsys.readouterr().out.splitlines()
-        if '"direction":"inbound"' in x and '"type":"request"' in x
-    ]
+    lines = access_lines(capsys, '"direction":"inbound"', '"type":"request"')
     by_peer = {(x["peer"], x["status"]): x for x in lines}
     web_denied = by_peer[(sid("web"), 403)]
     assert (web_denied["deny_reason"], web_denied["authz_policy"]) == ("method", "web-read")
@@ -168,12 +163,7 @@ async def test_audit_mode_allows_counts_and_logs(authz_mesh: Mesh2, capsys) -> N
     assert (await authz_mesh.call("batch", "POST", "/jobs/1"))[0] == 200
     assert authz_mesh.count("would_deny", "batch-trial", "path") == 1
     assert authz_mesh.count("allow", "batch-trial", "") == 1
-    accesslog.flush()
-    lines = [
-        json.loads(x)
-        for x in capsys.readouterr().out.splitlines()
-        if '"direction":"inbound"' in x and sid("batch") in x
-    ]
+    lines = access_lines(capsys, '"direction":"inbound"', sid("batch"))
     (audited,) = [x for x in lines if x.get("authz") == "would_deny"]
     assert audited["path"] == "/reports" and audited["status"] == 200
     assert (audited["deny_reason"], audited["authz_policy"]) == ("path", "batch-trial")

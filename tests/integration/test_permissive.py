@@ -9,7 +9,6 @@ and no XFCC; the access log and the metrics say `unauthenticated`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from meshcar.sidecar.config import load_config_text
 from meshcar.sidecar.main import Sidecar
 from tests.integration.conftest import NODES, Mesh, Node, sid, start_node
 from tests.integration.test_sidecar_paths_headers import app_saw, req, status_of, via_inbound
+from tests.support.access_lines import access_lines
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 from tests.support.rawclient import raw_exchange
@@ -44,9 +44,9 @@ def _flush_access_log():
     accesslog.flush()
 
 
-async def curl(port: int, path: str, *headers: str) -> tuple[int, str]:
+async def curl(port: int, path: str, *headers: str, method: str = "GET") -> tuple[int, str]:
     """Plain curl, no TLS: (status, body); status 0 when curl got no HTTP answer."""
-    args = ["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"]
+    args = ["curl", "-sS", "--max-time", "10", "-X", method, "-o", "-", "-w", "\n%{http_code}"]
     for h in headers:
         args += ["-H", h]
     res = await trio.run_process(
@@ -118,12 +118,7 @@ async def test_plaintext_is_403_by_default_with_the_deny_reason(perm, capsys) ->
     assert _count(perm.strict, "deny", "default", "unauthenticated") == 1
     denials = perm.strict.metrics.authz_denials.labels("unauthenticated")._value.get()
     assert denials == 1
-    accesslog.flush()
-    (line,) = [
-        json.loads(x)
-        for x in capsys.readouterr().out.splitlines()
-        if '"direction":"inbound"' in x and '"type":"request"' in x
-    ]
+    (line,) = access_lines(capsys, '"direction":"inbound"', '"type":"request"')
     assert (line["peer"], line["status"], line["deny_reason"]) == (
         "unauthenticated",
         403,
@@ -143,28 +138,9 @@ async def test_plaintext_admitted_by_a_rule_naming_unauthenticated(perm, capsys)
     assert "x-meshcar-peer-identity" not in headers
     assert _count(perm.server, "allow", "legacy-read", "") == 1
     # the rule's other dimensions still apply
-    post = await trio.run_process(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "POST",
-            f"http://127.0.0.1:{perm.server.inbound_port}/pub/page",
-        ],
-        capture_stdout=True,
-    )
-    assert post.stdout == b"403"
+    assert (await curl(perm.server.inbound_port, "/pub/page", method="POST"))[0] == 403
     assert _count(perm.server, "deny", "legacy-read", "method") == 1
-    accesslog.flush()
-    lines = [
-        json.loads(x)
-        for x in capsys.readouterr().out.splitlines()
-        if '"direction":"inbound"' in x and '"type":"request"' in x
-    ]
+    lines = access_lines(capsys, '"direction":"inbound"', '"type":"request"')
     assert {x["peer"] for x in lines} == {"unauthenticated"}
     assert [x["status"] for x in lines] == [200, 403]
     body_m = perm.server.metrics.render().decode()

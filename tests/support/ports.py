@@ -68,3 +68,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return [free_port(host) for _ in range(n)]
+
+
+def own_ipv4_or_skip() -> str:
+    """A non-loopback IPv4 address of this host (the source address of a route to a TEST-NET
+    address: no packet is sent), for tests of loopback-only rules; pytest.skip where none."""
+    import pytest
+
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.connect(("192.0.2.1", 9))
+        own = probe.getsockname()[0]
+        probe.close()
+    except OSError:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    if own.startswith("127."):
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    return own
