@@ -22,7 +22,10 @@ import yaml
 
 from meshcar.inject.patch import (
     ANN_APP_PORT,
+    ANN_APP_PROTOCOL,
     ANN_CAPTURE,
+    ANN_INBOUND_TCP,
+    ANN_TCP_UPSTREAMS,
     InjectError,
     InjectOptions,
     ShapeError,
@@ -190,10 +193,23 @@ def _verdict(before: Any, after: Any) -> str:
             how.append("outbound only: no meshcar.io/app-port and no containerPort")
         else:
             how.append(f"app port {ann.get(ANN_APP_PORT)}")
+        how += _protocols(ann)
         return f"injected ({'; '.join(how)})"
     if is_injectable_kind(before):
         return "skipped (already injected or meshcar.io/inject: disabled)"
     return "skipped (not a workload)"
+
+
+def _protocols(ann: dict[str, str]) -> list[str]:
+    """The gRPC and opaque TCP pieces the annotations asked for (already validated)."""
+    out = []
+    if ann.get(ANN_APP_PROTOCOL, "http1").strip() != "http1":
+        out.append(f"app protocol {ann[ANN_APP_PROTOCOL].strip()}")
+    if ann.get(ANN_INBOUND_TCP, "").strip():
+        out.append(f"inbound tcp {ann[ANN_INBOUND_TCP].strip()}")
+    if ann.get(ANN_TCP_UPSTREAMS, "").strip():
+        out.append(f"tcp upstreams {ann[ANN_TCP_UPSTREAMS].strip()}")
+    return out
 
 
 def _template_annotations(obj: Any) -> dict[str, str]:

@@ -6,7 +6,9 @@ schema, and every rendered sidecar config goes through the sidecar's own loader.
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from meshcar.inject import cli
 from meshcar.inject.patch import InjectOptions, inject_object
 from tests.unit.test_inject import ANNOTATIONS, _refused, workload
 from tests.unit.test_inject_modes import injected, loaded, raw_config
@@ -156,3 +158,18 @@ def test_outbound_only_pod_with_a_tcp_upstream() -> None:
         ("payments-db", "tcp", 7312)
     ]
     assert inject_object(obj, InjectOptions()) != obj
+
+
+def test_the_cli_report_names_the_protocol_pieces() -> None:
+    ann = {
+        **ANNOTATIONS,
+        "meshcar.io/upstreams": UPS,
+        "meshcar.io/app-protocol": "h2c",
+        "meshcar.io/inbound-tcp-ports": "9013",
+        "meshcar.io/tcp-upstreams": "payments-db=7312:9013",
+    }
+    _, report = cli.inject_stream(yaml.safe_dump(workload("Deployment", ann)), InjectOptions())
+    assert report == [
+        "deployment/api (namespace default) injected (proxy; app port 9002; app protocol h2c; "
+        "inbound tcp 9013; tcp upstreams payments-db=7312:9013)"
+    ]
