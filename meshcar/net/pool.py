@@ -19,7 +19,7 @@ UpstreamError 503 "upstream connection limit" and calls `on_refused(group)`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class Pooled:
     idle_since: float = 0.0
     requests: int = 0
     group: str | None = None  # counted against this group's limit while open
+    gen: int = 0  # the key's generation when dialed; a retired generation is never kept
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Pool:
         self.retired = False  # once set, connections are closed after use, never kept
         self.group_limits: dict[str, int] = {}  # max_connections of some groups
         self.idle_timeouts: dict[str, float] = {}  # idle_timeout of some groups
+        self._gens: dict[str, int] = {}  # key -> generation, raised by retire_keys
 
     async def acquire(self, key: str, *, fresh: bool = False) -> tuple[Pooled, bool]:
         """An idle connection for `key` (True) or a new one (False); `fresh`: always new."""
@@ -79,7 +81,11 @@ class Pool:
         while stack.idle and not fresh:
             p = stack.idle.pop()
             # Bytes or EOF that arrived while it sat idle are nobody's response: close it.
-            if now - p.idle_since < idle_timeout and p.conn.clean_idle():
+            if (
+                now - p.idle_since < idle_timeout
+                and p.gen == self._gens.get(key, 0)
+                and p.conn.clean_idle()
+            ):
                 return p, True
             await self.discard(p)
         limit = self.group_limits.get(group, self.max_connections)
@@ -94,6 +100,7 @@ class Pool:
             self._open[group] -= 1
             raise
         p.group = group
+        p.gen = self._gens.get(key, 0)
         return p, False
 
     def open_count(self, group: str) -> int:
@@ -133,6 +140,7 @@ class Pool:
         if (
             reusable
             and not self.retired
+            and p.gen == self._gens.get(p.key, 0)
             and len(stack.idle) < self.max_idle
             and p.conn.clean_idle()
         ):
@@ -141,6 +149,26 @@ class Pool:
             stack.idle.append(p)
         else:
             await self.discard(p)
+
+    def retire_keys(self, keys: Iterable[str]) -> None:
+        """Connections of `keys` (a removed or changed upstream's, on a reload) are never
+        handed out or kept again: idle ones close at `close_retired`, busy ones when their
+        request is done. A connection dialed for the same key afterwards is new and kept."""
+        for key in keys:
+            self._gens[key] = self._gens.get(key, 0) + 1
+
+    async def close_retired(self) -> None:
+        """Close the idle connections whose key was retired."""
+        for key, stack in list(self._stacks.items()):
+            keep = [p for p in stack.idle if p.gen == self._gens.get(key, 0)]
+            gone = [p for p in stack.idle if p.gen != self._gens.get(key, 0)]
+            stack.idle = keep
+            for p in gone:
+                await self.discard(p)
+
+    def keys(self) -> list[str]:
+        """Every key a connection was ever asked for."""
+        return list(self._stacks)
 
     async def retire(self) -> None:
         """Close idle connections now and every busy one when its request is done."""

@@ -47,9 +47,13 @@ class MeshDialer:
         self._peers: dict[str, tuple[MeshPeer, float]] = {}  # endpoint key -> peer, timeout
         self._groups: dict[str, str] = {}  # endpoint key -> upstream (the pool's group)
 
-    def balancer(self, name: str) -> Balancer:
-        """The load balancer of HTTP upstream `name`; its endpoints' keys dial here."""
-        u = self._upstreams[name]
+    def balancer(
+        self, name: str, old: Balancer | None = None, upstream: Upstream | None = None
+    ) -> Balancer:
+        """The load balancer of HTTP upstream `name`; its endpoints' keys dial here. `old`
+        (a reload of an upstream whose peer identity did not change): the endpoints that
+        stay keep their state (latency, outlier ejections). `upstream`: its new config."""
+        u = upstream if upstream is not None else self._upstreams[name]
 
         def make_peer(key: str, host: str, port: int) -> MeshPeer:
             peer = MeshPeer(host, port, u.spiffe_id, name, HostPort(host, port))
@@ -58,7 +62,25 @@ class MeshDialer:
             return peer
 
         targets = [(ep.host, ep.port) for ep in u.endpoints]
-        return Balancer(name, targets, make_peer, u.traffic.dns_refresh)
+        b = Balancer(name, targets, make_peer, u.traffic.dns_refresh)
+        if old is not None:
+            for key, ep in old.by_key.items():  # names (not yet resolved): keep them all
+                if key in b.by_key or not b.endpoints:
+                    b.by_key[key] = ep
+                    ep.peer = self._peers[key][0] if key in self._peers else ep.peer
+            b.endpoints = [b.by_key[e.key] for e in b.endpoints]
+        return b
+
+    def update(self, upstreams: dict[str, Upstream]) -> None:
+        """A reload: dial `upstreams` from now on (a changed one's round robin anew)."""
+        for name, u in upstreams.items():
+            if self._upstreams.get(name) != u:
+                self._rr[name] = itertools.cycle(
+                    [MeshPeer(ep.host, ep.port, u.spiffe_id, name, ep) for ep in u.endpoints]
+                )
+        for name in set(self._rr) - set(upstreams):
+            del self._rr[name]
+        self._upstreams = upstreams
 
     def group(self, key: str) -> str:
         """The upstream a pool key belongs to (its connection limit)."""

@@ -5,8 +5,10 @@ the identity (bootstrap; no mesh traffic is accepted before a certificate exists
 inbound and outbound listeners, all started with `nursery.start` so ports are bound before
 anything reports ready. The process shell (net/shell.py) owns the root nursery, readiness
 while draining, SIGTERM/SIGINT -> drain -> exit and the exit codes. SIGHUP reloads the config
-file (common/reload.py): `inbound.allow` and `inbound.policies` apply live; any other changed
-key is named as needing a restart and keeps its running value.
+file (common/reload.py): `inbound.allow`, `inbound.policies` and the outbound's upstreams
+(endpoints, identity, traffic policy), splits and egress apply live; any other changed key
+(and a new listener: a `local_port`, a `protocol: tcp` upstream) is named as needing a
+restart and keeps its running value.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from meshcar.sidecar.config import (
     load_config_text,
 )
 from meshcar.sidecar.inbound import Inbound
-from meshcar.sidecar.outbound import Outbound
+from meshcar.sidecar.outbound import Outbound, live_upstreams
 from meshcar.sidecar.transparent import Transparent
 
 log = logging.getLogger("meshcar.sidecar")
@@ -54,9 +56,10 @@ def _event(name: str, **fields: object) -> None:
     log.info(json.dumps({"event": name, **fields}, default=str))
 
 
-# What a reload applies live (the inbound's allow list and policies); every other key that
-# changed keeps its running value until a restart, and the reload says so (docs/CONFIG.md).
-LIVE_KEYS = ("allow", "policies")
+# What a reload applies live (the inbound's allow list and policies; the outbound's upstreams,
+# but for listeners, splits and egress); every other key that changed keeps its running value
+# until a restart, and the reload says so (docs/CONFIG.md).
+LIVE_KEYS = ("allow", "policies", "upstreams", "splits", "egress", "egress_proxy")
 
 
 class Sidecar:
@@ -83,14 +86,18 @@ class Sidecar:
         """The reload of `new` (validated): the live keys' objects built; the rest named."""
         keys = [f.name for f in dataclasses.fields(SidecarConfig) if f.name not in LIVE_KEYS]
         restart = restart_keys(self.cfg, new, keys)
-        effective = dataclasses.replace(self.cfg, **{k: getattr(new, k) for k in LIVE_KEYS})
+        upstreams, listeners = live_upstreams(self.cfg.upstreams, new.upstreams)
+        live = {k: getattr(new, k) for k in LIVE_KEYS}
+        effective = dataclasses.replace(self.cfg, **{**live, "upstreams": upstreams})
         swap_inbound = self.inbound.reconfigure(effective)
+        swap_outbound, after = self.outbound.reconfigure(effective)  # last: nothing raises after
 
         def commit() -> None:
             self.cfg = effective
             swap_inbound()
+            swap_outbound()
 
-        return Prepared(commit, restart)
+        return Prepared(commit, restart + listeners, after)
 
     # -- admin hooks -----------------------------------------------------------------------
 

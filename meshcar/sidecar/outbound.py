@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from meshcar.admin.metrics import Metrics
 from meshcar.common.accesslog import log_request
+from meshcar.net.balancer import Balancer
 from meshcar.net.drain import Drain
 from meshcar.net.forward import request_bytes
 from meshcar.net.h2detect import is_h2_preface
@@ -68,6 +71,38 @@ def route_target(
     return _service(host.decode("latin-1")), t.target, None
 
 
+def live_upstreams(
+    old: tuple[Upstream, ...], new: tuple[Upstream, ...]
+) -> tuple[tuple[Upstream, ...], list[str]]:
+    """The upstreams a reload serves, and the restart-only keys that changed: a `protocol:
+    tcp` upstream (added, removed or changed: its own listener) and an HTTP upstream's
+    `local_port` (a listener) keep their running values until a restart."""
+    before = {u.name: u for u in old}
+    after = {u.name: u for u in new}
+    out: list[Upstream] = []
+    restart: list[str] = []
+    for name, u in after.items():
+        served, why = _live_upstream(before.get(name), u)
+        out += [served] if served is not None else []
+        restart += why
+    for name, prev in before.items():
+        if name not in after and (prev.protocol == "tcp" or prev.local_port is not None):
+            restart.append(f"outbound.upstreams.{name}")
+            if prev.protocol == "tcp":
+                out.append(prev)
+    return tuple(out), restart
+
+
+def _live_upstream(prev: Upstream | None, u: Upstream) -> tuple[Upstream | None, list[str]]:
+    """What a reload serves for upstream `u` (`prev`: its running config) and the
+    restart-only keys of it that changed."""
+    key = f"outbound.upstreams.{u.name}"
+    if u.protocol == "tcp" or (prev is not None and prev.protocol == "tcp"):
+        return prev, [key] if prev != u else []
+    port = prev.local_port if prev is not None else None
+    return replace(u, local_port=port), [key + ".local_port"] if u.local_port != port else []
+
+
 class Outbound:
     def __init__(self, cfg: SidecarConfig, store: CredentialStore, metrics: Metrics) -> None:
         self.cfg = cfg
@@ -93,24 +128,90 @@ class Outbound:
             group=self.dialer.group,
         )
         self.policies = {name: self._policy(u) for name, u in self.upstreams.items()}
+        self._pool_limits(self.upstreams)
         self._limits: dict[
             str, ConnectionLimit
         ] = {}  # per listener: the proxy port, each fixed port
 
-    def _policy(self, u: Upstream) -> UpstreamPolicy:
+    def _policy(self, u: Upstream, old: Balancer | None = None) -> UpstreamPolicy:
         """Upstream `u`'s traffic policy (net/resilient.py): balancer, budget, breakers."""
-        t = u.traffic
-        if t.circuit.max_connections is not None:
-            self.pool.group_limits[u.name] = t.circuit.max_connections
-        if t.timeouts.idle is not None:
-            self.pool.idle_timeouts[u.name] = t.timeouts.idle
         counter = self.metrics.upstream_policy
         return UpstreamPolicy(
-            t,
-            self.dialer.balancer(u.name),
+            u.traffic,
+            self.dialer.balancer(u.name, old, u),
             self.cfg.timeouts,
             lambda event: counter.labels(u.name, event).inc(),
         )
+
+    def _pool_limits(self, upstreams: dict[str, Upstream]) -> None:
+        """The pool's per-upstream connection limits and idle lives (circuit, timeouts)."""
+        t = {name: u.traffic for name, u in upstreams.items()}
+        self.pool.group_limits = {
+            n: r.circuit.max_connections for n, r in t.items() if r.circuit.max_connections
+        }
+        self.pool.idle_timeouts = {
+            n: r.timeouts.idle for n, r in t.items() if r.timeouts.idle is not None
+        }
+
+    def reconfigure(self, cfg: SidecarConfig) -> tuple[Callable[[], None], Callable[[], Any]]:
+        """A reload's outbound side (`cfg`: upstreams, splits, egress applied; the rest as
+        running): (commit, after). An unchanged upstream keeps its policy, balancer and pooled
+        connections; a changed one gets a new policy whose endpoints that stay keep their
+        balancer state and pooled connections if the peer identity is the same; the pooled
+        connections of a removed upstream, of a changed identity and of a removed endpoint
+        are retired (idle ones closed by `after`, busy ones when their request is done).
+        A request already decided keeps the objects it started with."""
+        ups = {u.name: u for u in cfg.upstreams if u.protocol == "http"}
+        policies, retire = self._changes(ups)
+        egress_changed = (cfg.egress, cfg.egress_proxy) != (self.cfg.egress, self.cfg.egress_proxy)
+        egress = self.egress
+        if egress_changed:
+            egress = Egress(cfg, self.metrics) if cfg.egress == "allow" else None
+        old_egress = self.egress if egress_changed else None
+        splitter = Splitter(cfg.splits) if cfg.splits != self.cfg.splits else self.splitter
+
+        def commit() -> None:
+            self.cfg = cfg
+            self.upstreams = ups
+            self.dialer.update(ups)
+            self.policies = policies
+            self._pool_limits(ups)
+            self.pool.retire_keys(retire)
+            self.egress, self.splitter = egress, splitter
+            self._h2 = None  # new h2c connections see the new upstreams
+
+        async def after() -> None:
+            await self.pool.close_retired()
+            if old_egress is not None:
+                await old_egress.pool.retire()
+
+        return commit, after
+
+    def _changes(self, ups: dict[str, Upstream]) -> tuple[dict[str, UpstreamPolicy], set[str]]:
+        """A reload's policies (the unchanged upstreams' kept) and the pool keys to retire."""
+        policies: dict[str, UpstreamPolicy] = {}
+        retire: set[str] = set()
+        keys = self.pool.keys()
+
+        def of(name: str) -> set[str]:
+            return {k for k in keys if k == name or self.dialer.group(k) == name}
+
+        for name, u in ups.items():
+            prev = self.upstreams.get(name)
+            if prev == u:
+                policies[name] = self.policies[name]
+                continue
+            same_peer = prev is not None and prev.spiffe_id == u.spiffe_id
+            old = self.policies[name].balancer if same_peer else None
+            policies[name] = self._policy(u, old)
+            if not same_peer:
+                retire |= of(name)
+            elif prev is not None and prev.endpoints != u.endpoints:
+                kept = set(policies[name].balancer.by_key)
+                retire |= {name} | {k for k in of(name) if k != name and k not in kept}
+        for name in set(self.upstreams) - set(ups):
+            retire |= of(name)
+        return policies, retire
 
     async def aclose(self) -> None:
         await self.pool.close_all()

@@ -66,14 +66,14 @@ class Transparent:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         dst = original_dst(stream.socket)
-        name = upstream_for(self.cfg, dst) if dst else None
+        name = upstream_for(self.outbound.cfg, dst) if dst else None  # a reload's too
         if name is not None:
             await self.outbound.serve_connection(stream, fixed=name)
             return
         if dst is not None and tuple(stream.socket.getsockname()[:2]) == dst:
             dst = None  # dialed straight at the listener: never a place to connect to
         where = f"{dst[0]}:{dst[1]}" if dst else "(not a redirected connection)"
-        if dst is not None and self.cfg.egress == "allow":
+        if dst is not None and self.outbound.cfg.egress == "allow":
             await self._pass_through(stream, dst, where)
             return
         log.info(json.dumps({"event": "transparent.no_upstream", "original_dst": where}))
