@@ -35,7 +35,7 @@ from meshcar.net.errors import CONNECTION_ERRORS
 from meshcar.net.forward import keep_response_headers
 from meshcar.net.h2conn import CANCEL, H2Conn, H2Stream, StreamGone, check_limit, pump
 from meshcar.net.pipeline import Forward
-from meshcar.net.respond import Refuse, error_body, reason_of
+from meshcar.net.respond import Refuse, error_body, grpc_refusal, reason_of
 from meshcar.proto.http1 import RequestHead, ResponseHead
 from meshcar.proto.trace import stamp
 
@@ -123,16 +123,15 @@ def is_grpc(headers: Headers) -> bool:
 
 
 async def respond(down: H2Conn, s: H2Stream, status: int, message: str, extra: Any = ()) -> None:
-    """A refusal on stream `s`: the JSON error body, or for gRPC a trailers-only answer (the
-    HTTP status and grpc-status/grpc-message, no body), which gRPC clients read."""
-    hs = [(b":status", str(status).encode())]
-    hs += [(k.lower(), v) for k, v in extra]
+    """A refusal on stream `s`: the JSON error body with its HTTP status, or for gRPC
+    (content-type application/grpc*) a Trailers-Only answer: HTTP 200, grpc-status and
+    grpc-message (`net/respond.py`'s map), no body, as gRPC's HTTP/2 protocol says."""
+    more = [(k.lower(), v) for k, v in extra]
     if s.headers and is_grpc(s.headers):
-        code = {403: b"7", 404: b"12", 429: b"8", 504: b"4"}.get(status, b"14")
-        hs += [(b"content-type", b"application/grpc"), (b"grpc-status", code)]
-        hs.append((b"grpc-message", message.encode("ascii", "replace")[:500]))
-        await down.send_headers(s.id, hs, end=True)
+        hs = grpc_refusal(status, message)
+        await down.send_headers(s.id, hs[:2] + more + hs[2:], end=True)
         return
+    hs = [(b":status", str(status).encode()), *more]
     body = error_body(status, message)
     hs += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await down.send_headers(s.id, hs)

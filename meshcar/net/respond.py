@@ -65,6 +65,48 @@ def reason_of(status: int, decision: object, error: MeshcarError | None) -> str 
     return "upstream_status"
 
 
+# gRPC's status code for a refusal or error answered with this HTTP status (gRPC over
+# HTTP/2: a gRPC error is a Trailers-Only response, HTTP 200 with grpc-status).
+GRPC_STATUS = {
+    400: 13,  # INTERNAL (a malformed request)
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED: allow list, authz, WAF, client certificate
+    404: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 8,  # RESOURCE_EXHAUSTED
+    421: 14,  # UNAVAILABLE (misdirected: another connection may take it)
+    429: 8,  # RESOURCE_EXHAUSTED: rate limit
+    431: 8,
+    502: 14,  # UNAVAILABLE: upstream unreachable, refused, failed
+    503: 14,
+    504: 4,  # DEADLINE_EXCEEDED
+}
+
+
+def grpc_message(message: str) -> bytes:
+    """grpc-message's value: UTF-8, percent-encoded outside printable ASCII and for '%'."""
+    out = bytearray()
+    for byte in message.encode()[:500]:
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def grpc_refusal(status: int, message: str) -> list[tuple[bytes, bytes]]:
+    """The headers of a Trailers-Only gRPC answer to a refusal or error that has HTTP status
+    `status`: 200, application/grpc, grpc-status (UNKNOWN for an unmapped status) and
+    grpc-message (the refusal's text, as the JSON error body carries it)."""
+    code = GRPC_STATUS.get(status, 2)
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", str(code).encode()),
+        (b"grpc-message", grpc_message(message)),
+    ]
+
+
 def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": status, "message": message}).encode() + b"\n"
 

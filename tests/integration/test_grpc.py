@@ -18,6 +18,7 @@ import trio
 
 from tests.integration.conftest import NODES, sid, start_node
 from tests.support.pki import ThrowawayCA
+from tests.support.ports import free_port
 
 grpc = pytest.importorskip("grpc")
 
@@ -179,6 +180,55 @@ async def test_grpc_caller_not_allowed_is_permission_denied(tmp_path, grpc_mesh,
     code, details = await trio.to_thread.run_sync(call)
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert f"{sid('intruder')} is not allowed to call {sid('api')}" in details
+    if shutil.which("curl") is not None:  # a gRPC error is Trailers-Only with HTTP 200
+        head = await curl_grpc_head(tmp_path, intruder.outbound_port)
+        assert head.startswith("HTTP/2 200"), head
+        assert "content-type: application/grpc" in head and "grpc-status: 7" in head, head
+        plain = await curl_grpc_head(tmp_path, intruder.outbound_port, grpc_type=False)
+        assert plain.startswith("HTTP/2 403"), plain  # not gRPC: the JSON refusal as before
+
+
+async def curl_grpc_head(tmp_path: Path, port: int, grpc_type: bool = True) -> str:
+    """The response head curl --http2-prior-knowledge sees for a gRPC-shaped call to `port`."""
+    body = tmp_path / "call.bin"
+    body.write_bytes(GRPC_FRAME)
+    ctype = "application/grpc" if grpc_type else "application/octet-stream"
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null",
+                "-H", "Host: api", "-H", f"content-type: {ctype}", "-H", "te: trailers",
+                "--data-binary", f"@{body}", f"http://127.0.0.1:{port}/{SERVICE}/Unary",
+            ],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+
+    done = await trio.to_thread.run_sync(run)
+    return done.stdout.replace("\r\n", "\n")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (apt-get install curl)")
+async def test_grpc_upstream_unreachable_is_unavailable(tmp_path, grpc_mesh, nursery) -> None:
+    """An upstream nobody listens on: grpcio sees UNAVAILABLE with the outbound's message
+    (HTTP 200 Trailers-Only, grpc-status 14), not an HTTP 502 it has to guess from."""
+    _, _, _, ca = grpc_mesh
+    ups = {"api": {"endpoints": [f"127.0.0.1:{free_port()}"], "spiffe_id": sid("api")}}
+    lonely = await start_node(nursery, tmp_path, ca, "lonely", 1, [], ups)
+
+    def call() -> object:
+        with channel(lonely.outbound_port) as ch:
+            try:
+                ch.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+        return None
+
+    code, details = await trio.to_thread.run_sync(call)
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    assert "api" in details and "Received http2 header" not in details, details
+    head = await curl_grpc_head(tmp_path, lonely.outbound_port)
+    assert head.startswith("HTTP/2 200") and "grpc-status: 14" in head, head
 
 
 GRPC_FRAME = b"\x00" + (5).to_bytes(4, "big") + b"hello"  # one uncompressed message

@@ -94,3 +94,14 @@ async def test_answer_to_a_client_that_is_gone_is_no_error() -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.aclose()
     assert await answer(HttpConn(server, "request"), Refuse(502, "x"), _req(body=False)) is False
+
+
+def test_grpc_refusal_is_trailers_only_with_http_200() -> None:
+    from meshcar.net.respond import grpc_refusal
+
+    codes = {s: dict(grpc_refusal(s, "x"))[b"grpc-status"] for s in (403, 429, 502, 503, 504)}
+    assert codes == {403: b"7", 429: b"8", 502: b"14", 503: b"14", 504: b"4"}
+    hs = dict(grpc_refusal(418, "100% café\n"))
+    assert hs[b":status"] == b"200" and hs[b"content-type"] == b"application/grpc"
+    assert hs[b"grpc-status"] == b"2"  # UNKNOWN
+    assert hs[b"grpc-message"] == b"100%25 caf%C3%A9%0A"  # percent-encoded, as gRPC says
