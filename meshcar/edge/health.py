@@ -66,6 +66,7 @@ async def health_loop(route: Route, backends: Backends, gauge, target: str = "")
         for state in balancer.states:
             ok = await check_once(route, state, hc, backends)
             change = balancer.report(state, ok)
+            backends.health_changed(target, state)  # a policy's balancer (edge/http.py)
             gauge.labels(route.host, str(state.endpoint), kind).set(1 if state.healthy else 0)
             if change:
                 log.warning(

@@ -29,6 +29,7 @@ from meshcar.common.mtls import MeshPeer, MTLSDialer
 from meshcar.edge.config import Backend, EdgeConfig, Route
 from meshcar.edge.policy import Balancer, EndpointState, RateLimiter
 from meshcar.edge.routes.match import Splitter
+from meshcar.net.balancer import Balancer as NetBalancer
 from meshcar.net.connect import open_tcp
 from meshcar.net.drain import Drain
 from meshcar.net.forward import keep_response_headers, request_bytes, request_has_body
@@ -37,6 +38,7 @@ from meshcar.net.httpserver import refuse_http, send_error, serve_http
 from meshcar.net.limits import ConnectionLimit
 from meshcar.net.pipeline import Decision, Forward, Outcome, carry_out
 from meshcar.net.pool import Pool, Pooled
+from meshcar.net.resilient import Resilience, UpstreamPolicy
 from meshcar.net.respond import Refuse, reason_of
 from meshcar.proto.forwarded import apply_forwarded, encode_xfcc, forwarded_for, xfcc_element
 from meshcar.proto.headers import IDENTITY_HEADERS, clean_headers, simple_response
@@ -106,18 +108,25 @@ class Backends:
                 self.balancers[bkey] = Balancer(
                     b.endpoints, b.balance, fall=h.fall if h else 2, rise=h.rise if h else 1
                 )
+        self.timeouts = cfg.timeouts
         self.pool = Pool(
             self._dial,
             idle_timeout=cfg.pool_idle_seconds,
             max_connections=cfg.limits.max_upstream_connections,
-            group=lambda key: key.partition("|")[0].partition("~")[0],  # a route's backend cluster
+            group=_cluster,  # a route's backend cluster
             on_refused=lambda g: metrics.upstream_refusals.labels(g).inc(),
         )
+        # routes with a traffic policy: per target, net/resilient.py's policy and balancer
+        self.policies: dict[str, UpstreamPolicy] = {}
+        self._gen: dict[str, int] = {}  # pool key generation of targets a reload changed
+        for bkey, (r, _b) in self.targets.items():
+            if r.traffic is not None:
+                self.policies[bkey] = self._policy(bkey, r.traffic, self.balancers[bkey])
+        self._apply_limits()
         # bridge routes: the one mTLS dialer (common/mtls.py), handshakes counted as "bridge"
         self.mtls = MTLSDialer(store, metrics, "bridge") if store is not None else None
         self._peers: dict[str, MeshPeer] = {}
         self._retired: dict[str, tuple[Route, Backend]] = {}  # targets the last reload removed
-        self._gen: dict[str, int] = {}  # pool key generation of targets a reload changed
         # the pool's on_release: keeps a new bridge connection's TLS session (bound once)
         self.remember_session: Callable[[Pooled], None] = (
             self.mtls.remember_session if self.mtls is not None else _no_session
@@ -151,9 +160,22 @@ class Backends:
                 if _dialed_as(self.targets[k]) != _dialed_as(targets[k]):
                     self._gen[k] = self._gen.get(k, 0) + 1
             self._retired = {k: v for k, v in self.targets.items() if k not in targets}
-            self.targets, self.balancers = targets, balancers
+            policies = {}
+            for k, (r, _b) in targets.items():
+                old = self.policies.get(k)
+                if r.traffic is None:
+                    continue
+                if old is not None and k not in changed and balancers[k] is self.balancers[k]:
+                    policies[k] = old  # unchanged: its endpoints' health and budget carry on
+                else:
+                    policies[k] = self._policy(k, r.traffic, balancers[k])
+            self.targets, self.balancers, self.policies = targets, balancers, policies
+            self.timeouts = cfg.timeouts
+            self._apply_limits()
             self._peers = {
-                k: p for k, p in self._peers.items() if k.partition("|")[0] not in changed
+                k: p
+                for k, p in self._peers.items()
+                if k.partition("|")[0].partition("@")[0] not in changed
             }
 
         return commit
@@ -164,22 +186,73 @@ class Backends:
         gen = self._gen.get(target)
         return f"{target}~{gen}|{state.endpoint}" if gen else f"{target}|{state.endpoint}"
 
+    def _policy(self, bkey: str, t: Resilience, health: Balancer) -> UpstreamPolicy:
+        """Target `bkey`'s traffic policy (net/resilient.py, as a sidecar upstream's): its
+        P2C balancer's endpoints are those of `health`, in only while the active checks
+        (edge/health.py) and outlier detection both say so. Pool keys: `bkey@host:port`."""
+        gen = self._gen.get(bkey)
+        eps = [(s.endpoint.host, s.endpoint.port) for s in health.states]
+        lb = NetBalancer(f"{bkey}~{gen}" if gen else bkey, eps, _no_peer, resolve=False)
+        for state in health.states:
+            self._mark(lb, state)
+        counter = self.metrics.upstream_policy
+        return UpstreamPolicy(t, lb, self.timeouts, lambda event: counter.labels(bkey, event).inc())
+
+    def _apply_limits(self) -> None:
+        """circuit.max_connections and timeouts.idle_seconds of the targets with a policy."""
+        self.pool.group_limits = {
+            k: p.config.circuit.max_connections
+            for k, p in self.policies.items()
+            if p.config.circuit.max_connections is not None
+        }
+        self.pool.idle_timeouts = {
+            k: p.config.timeouts.idle
+            for k, p in self.policies.items()
+            if p.config.timeouts.idle is not None
+        }
+
+    def health_changed(self, target: str, state: EndpointState) -> None:
+        """An active check's verdict into the target's policy balancer (if it has one)."""
+        pol = self.policies.get(target)
+        if pol is not None:
+            self._mark(pol.balancer, state)
+
+    @staticmethod
+    def _mark(lb: NetBalancer, state: EndpointState) -> None:
+        for ep in lb.endpoints:
+            if ep.host == state.endpoint.host and ep.port == state.endpoint.port:
+                ep.healthy = state.healthy
+
     async def _dial(self, key: str) -> Pooled:
-        tkey, _, ep = key.partition("|")
+        if "@" in key:  # a policy's endpoint (net/balancer.py's key): target@host:port
+            tkey, _, ep = key.partition("@")
+        else:
+            tkey, _, ep = key.partition("|")
         target = tkey.partition("~")[0]
         # a request decided just before a reload removed its target still dials it
         route, backend = self.targets.get(target) or self._retired[target]
         host = route.host
+        connect = route.traffic.timeouts.connect if route.traffic is not None else 5.0
         if route.mode == "terminate":
             h, _, p = ep.rpartition(":")
-            return Pooled(HttpConn(await open_tcp(h, int(p)), "response", quickack=True), key, ep)
+            stream = await open_tcp(h, int(p), connect)
+            return Pooled(HttpConn(stream, "response", quickack=True), key, ep)
         peer = self._peers.get(key)
         if peer is None:  # once per route endpoint
             assert backend.spiffe_id is not None
             h, _, p = ep.rpartition(":")
             peer = self._peers[key] = MeshPeer(h, int(p), backend.spiffe_id, host, ep)
         assert self.mtls is not None
-        return await self.mtls.dial(key, peer)
+        return await self.mtls.dial(key, peer, connect if route.traffic is not None else None)
+
+
+def _cluster(key: str) -> str:
+    """The pool group of a key: its target (`target|ep`, `target~gen|ep`, `target@ep`)."""
+    return key.partition("|")[0].partition("@")[0].partition("~")[0]
+
+
+def _no_peer(key: str, host: str, port: int) -> None:
+    """The edge dials a policy endpoint by its pool key (Backends._dial)."""
 
 
 def _dialed_as(target: tuple[Route, Backend]) -> tuple:
@@ -255,7 +328,7 @@ class TerminatingProxy:
         route = self.cfg.route_for(host) if host else client.sni_route
         out = Outcome()
         hop = stamp(req.headers)  # x-request-id kept or made, traceparent: the edge's span
-        decision, path, backend = self.decide(req, host, route, client)
+        decision, path, backend = self.decide(req, host, route, client, resilient=True)
         try:
             out = await carry_out(down, req, decision, self.cfg.timeouts, "edge")
             return out.keep
@@ -288,10 +361,18 @@ class TerminatingProxy:
             )
 
     def decide(
-        self, req: RequestHead, host: str | None, route: Route | None, client: ClientConn
+        self,
+        req: RequestHead,
+        host: str | None,
+        route: Route | None,
+        client: ClientConn,
+        *,
+        resilient: bool = False,
     ) -> tuple[Decision, str, str | None]:
         """Refuse (module docstring: 400, 421, 404, 403, 429, 413, 503 with no healthy
-        endpoint) or forward to a backend endpoint; and the path and backend to log."""
+        endpoint) or forward to a backend endpoint; and the path and backend to log.
+        `resilient` (HTTP/1.1): a target with a traffic policy goes through it (its
+        balancer picks the endpoint per attempt; the target is logged as the backend)."""
         try:
             target = normalise_target(
                 req.target, req.method, self.cfg.http.path, absolute_schemes=("http", "https")
@@ -309,6 +390,9 @@ class TerminatingProxy:
             return refusal, path, None
         assert route is not None and split is not None
         bkey = self.splitter.pick(split)
+        pol = self.backends.policies.get(bkey) if resilient else None
+        if pol is not None:
+            return self._policy_forward(req, route, client, target, bkey, pol), path, bkey
         state = self.backends.balancers[bkey].pick()
         if state is None:
             return Refuse(503, f"no healthy endpoint for {route.host}"), path, None
@@ -332,6 +416,35 @@ class TerminatingProxy:
             upgrades=self.upgrades,
         )
         return forward, path, str(state.endpoint)
+
+    def _policy_forward(
+        self,
+        req: RequestHead,
+        route: Route,
+        client: ClientConn,
+        target: Target,
+        bkey: str,
+        pol: UpstreamPolicy,
+    ) -> Decision:
+        """Forward through target `bkey`'s policy (net/resilient.py); 503 when every
+        endpoint failed its active health checks."""
+        if not self.backends.balancers[bkey].healthy():
+            return Refuse(503, f"no healthy endpoint for {route.host}")
+        return Forward(
+            request_bytes(req, target.target, self._headers(req, route, client)),
+            self.backends.pool,
+            bkey,
+            route.host,
+            rewrite_response=(
+                (lambda resp, hs: self._response_headers(route, resp, hs))
+                if route.hsts
+                else keep_response_headers
+            ),
+            on_release=self.backends.remember_session,
+            max_request_body=route.max_body_bytes,
+            upgrades=self.upgrades,
+            policy=pol,
+        )
 
     def _misrouted(
         self,

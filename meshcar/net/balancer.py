@@ -12,7 +12,9 @@ Endpoints may be DNS names (compose service names, Kubernetes Services): they ar
 when first needed and again every `dns_refresh` seconds at the next request (one request
 resolves, the others keep the last answer; a failed resolution keeps the last answer too),
 each address becoming an endpoint of its own with its own latency and health. Endpoints
-given as IP addresses are never resolved.
+given as IP addresses are never resolved (nor any, with `resolve=False`: the edge dials its
+backends' names as given). An endpoint an active health check marked down (`healthy`,
+the edge's edge/health.py) is passed over as an ejected one is.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Endpoint:
         "ejections",
         "ejected_until",
         "readmitted_at",
+        "healthy",
     )
 
     def __init__(self, key: str, host: str, port: int, peer: Any) -> None:
@@ -59,6 +62,7 @@ class Endpoint:
         self.ejections = 0
         self.ejected_until = -math.inf
         self.readmitted_at = -math.inf
+        self.healthy = True  # an active health check's verdict (the edge's); in only if both
 
     def observe(self, seconds: float, now: float) -> None:
         """One response's latency into the peak EWMA."""
@@ -87,6 +91,8 @@ class Balancer:
         targets: list[tuple[str, int]],
         make_peer: Callable[[str, str, int], Any],
         dns_refresh: float = 5.0,
+        *,
+        resolve: bool = True,
     ) -> None:
         self.name = name
         self.targets = targets
@@ -96,7 +102,7 @@ class Balancer:
         self.endpoints: list[Endpoint] = []
         self._resolving = False
         self.next_refresh = -math.inf
-        if all(_is_ip(h) for h, _ in targets):
+        if not resolve or all(_is_ip(h) for h, _ in targets):  # names dialed as they are
             self._install([(h, p) for h, p in targets])
             self.next_refresh = math.inf
 
@@ -154,15 +160,16 @@ def _choose(
     eps: list[Endpoint], a: Endpoint, b: Endpoint, avoid: Endpoint | None, now: float
 ) -> Endpoint:
     """The better of the pair `a`, `b`: in (not ejected), not `avoid`, then the cheaper."""
-    a_in, b_in = a.ejected_until <= now, b.ejected_until <= now
+    a_in = a.ejected_until <= now and a.healthy
+    b_in = b.ejected_until <= now and b.healthy
     if avoid is a or avoid is b:
         other = b if avoid is a else a
-        return other if other.ejected_until <= now else avoid
+        return other if (b_in if avoid is a else a_in) else avoid
     if a_in != b_in:
         return a if a_in else b
     if not a_in:  # both out: any endpoint still in, else the sooner back
         for e in eps:
-            if e.ejected_until <= now:
+            if e.ejected_until <= now and e.healthy:
                 return e
         return a if a.ejected_until <= b.ejected_until else b
     return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b

@@ -171,7 +171,10 @@ FULL_EDGE: dict[str, Any] = {
             "hsts": True,
             "rate_limit": {"per_second": 5, "burst": 10},
             "max_body_bytes": 1024,
-            "timeouts": {"per_try_seconds": 5, "request_seconds": 20},
+            "timeouts": dict(FULL_SIDECAR["outbound"]["upstreams"]["b"]["timeouts"]),
+            "retries": dict(FULL_SIDECAR["outbound"]["upstreams"]["b"]["retries"]),
+            "outlier": dict(FULL_SIDECAR["outbound"]["upstreams"]["b"]["outlier"]),
+            "circuit": dict(FULL_SIDECAR["outbound"]["upstreams"]["b"]["circuit"]),
             "client_auth": {"mode": "optional", "ca": "clients.pem"},
             "headers": {"add": {"X-Edge": "1"}, "remove": ["X-Internal"]},
             "deny": [

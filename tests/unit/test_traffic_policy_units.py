@@ -117,6 +117,31 @@ def test_p2c_prefers_the_faster_endpoint_and_passes_over_ejected_ones():
     run(main)
 
 
+def test_an_endpoint_down_by_its_health_check_is_passed_over_as_an_ejected_one():
+    """The edge's active checks set `healthy`: in only while it and outlier detection agree."""
+
+    async def main():
+        b = _balancer(3)
+        x, y, z = b.endpoints
+        x.healthy = False
+        y.ejected_until = trio.current_time() + 5
+        assert all([await b.pick() is z for _ in range(30)])
+        assert all([await b.pick(avoid=z) is z for _ in range(10)])  # nothing else is in
+        x.healthy = True
+        assert {await b.pick() for _ in range(60)} == {x, z}
+
+    run(main)
+
+
+def test_names_are_dialed_as_given_without_resolving():
+    async def main():
+        b = Balancer("web", [("backend.invalid", 80)], lambda k, h, p: None, resolve=False)
+        ep = await b.pick()
+        assert (ep.key, ep.host, ep.port) == ("web@backend.invalid:80", "backend.invalid", 80)
+
+    run(main)
+
+
 def test_pending_requests_raise_an_endpoints_cost():
     async def main():
         b = _balancer(2)

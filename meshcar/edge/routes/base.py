@@ -22,7 +22,9 @@ from meshcar.common.schema import (
     number,
     one_of,
 )
+from meshcar.common.traffic import CIRCUIT, OUTLIER, RETRIES, UPSTREAM_TIMEOUTS
 from meshcar.edge.routes.match import RouteRule, Split
+from meshcar.net.resilient import Resilience
 
 
 class Mode(StrEnum):
@@ -137,15 +139,9 @@ RULE = Section(
     },
 )
 ROUTE_TIMEOUTS = Section(
-    "terminate, bridge: this route's timeouts in seconds (default: the timeouts section)",
-    {
-        "per_try_seconds": key(
-            number(0.1, 86400), "the backend's response head (default: response_head_seconds)"
-        ),
-        "request_seconds": key(
-            number(0.1, 86400), "the whole exchange: 504 before the response, then a close"
-        ),
-    },
+    "terminate, bridge: this route's timeouts in seconds, as an upstream's "
+    "(default: the timeouts section)",
+    dict(UPSTREAM_TIMEOUTS.keys),
 )
 ROUTE = Section(
     "One host's route",
@@ -187,6 +183,9 @@ ROUTE = Section(
         "rate_limit": key(RATE_LIMIT, RATE_LIMIT.doc),
         "max_body_bytes": key(number(0, integer=True), "request bodies over this: 413"),
         "timeouts": key(ROUTE_TIMEOUTS, ROUTE_TIMEOUTS.doc),
+        "retries": key(RETRIES, "terminate, bridge: " + RETRIES.doc),
+        "outlier": key(OUTLIER, "terminate, bridge: " + OUTLIER.doc),
+        "circuit": key(CIRCUIT, "terminate, bridge: " + CIRCUIT.doc),
         "client_auth": key(CLIENT_AUTH, CLIENT_AUTH.doc),
         "headers": key(ROUTE_HEADERS, ROUTE_HEADERS.doc),
         "deny": key(ListOf(DENY), "WAF rules", []),
@@ -281,6 +280,8 @@ class Route:
     )
     rules: tuple[RouteRule, ...] = ()  # first match picks the split (routes/match.py)
     split: Split | None = None  # `backends:` (weighted); None: `backend`, keyed by host
+    # timeouts.connect/idle, retries, outlier, circuit (net/resilient.py); None: none given
+    traffic: Resilience | None = None
 
     def path_matches(self, path: str) -> bool:
         if self.path_exact is not None:

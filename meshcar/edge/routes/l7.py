@@ -10,13 +10,13 @@ from typing import Any
 
 from meshcar.common.config import Checker
 from meshcar.common.schema import Section
+from meshcar.common.traffic import parse_traffic
 from meshcar.edge.routes.base import (
     CLIENT_AUTH,
     DENY,
     DENY_HEADER,
     RATE_LIMIT,
     ROUTE_HEADERS,
-    ROUTE_TIMEOUTS,
     TLS,
     ClientAuth,
     DenyRule,
@@ -25,6 +25,7 @@ from meshcar.edge.routes.base import (
 )
 
 Kw = dict[str, Any]
+TRAFFIC_SECTIONS = ("timeouts", "retries", "outlier", "circuit")
 
 
 def regex(c: Checker, val: Any, path: str) -> re.Pattern[str] | None:
@@ -98,21 +99,17 @@ def _max_body(c: Checker, raw: dict, p: str, kw: Kw) -> None:
         )
 
 
-def _timeouts(c: Checker, raw: dict, p: str, kw: Kw) -> None:
-    t = _subsection(c, raw, p, "timeouts", "{per_try_seconds, request_seconds}", ROUTE_TIMEOUTS)
-    if t is None:
+def _traffic(c: Checker, raw: dict, p: str, kw: Kw) -> None:
+    """timeouts, retries, outlier, circuit: the keys and checker of an upstream's (sidecar)."""
+    given = {k: raw[k] for k in TRAFFIC_SECTIONS if k in raw}
+    if not given:
         return
-    for name, field in (
-        ("per_try_seconds", "per_try_timeout"),
-        ("request_seconds", "request_timeout"),
-    ):
-        if name not in t:
-            continue
-        val = t[name]
-        if isinstance(val, bool) or not isinstance(val, int | float) or not 0.1 <= val <= 86400:
-            c.bad(f"{p}.timeouts.{name}", "must be a number of seconds between 0.1 and 86400")
-        else:
-            kw[field] = float(val)
+    t = parse_traffic(c, given, p)
+    kw["per_try_timeout"], kw["request_timeout"] = t.timeouts.per_try, t.timeouts.request
+    sub = given.get("timeouts")
+    more = isinstance(sub, dict) and ("connect_seconds" in sub or "idle_seconds" in sub)
+    if more or len(given) > ("timeouts" in given):  # more than per-try/request timeouts
+        kw["traffic"] = t
 
 
 def _client_auth(c: Checker, raw: dict, p: str, kw: Kw) -> None:
@@ -209,7 +206,7 @@ L7_CHECKS: tuple[Callable[[Checker, dict, str, Kw], None], ...] = (
     _http2,
     _rate_limit,
     _max_body,
-    _timeouts,
+    _traffic,
     _client_auth,
     _headers,
     _deny,
