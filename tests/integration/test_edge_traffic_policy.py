@@ -18,15 +18,24 @@ import trio
 from meshcar.edge.config import parse_edge_config
 from meshcar.edge.health import health_loop
 from meshcar.errors import ConfigError
+from meshcar.tls.store import CredentialStore
+from tests.integration.conftest import sid, start_node
 from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route, wait_until
+from tests.support.echo_app import serve_echo
 from tests.support.faulty_app import FaultyApp
+from tests.support.pki import ThrowawayCA
+from tests.support.ports import free_port
 
 
-async def _get(port: int, ctx: ssl.SSLContext) -> tuple[int, dict[str, str], bytes, float]:
+async def _get(
+    port: int, ctx: ssl.SSLContext, host: str = "www.test"
+) -> tuple[int, dict[str, str], bytes, float]:
     start = trio.current_time()
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    async with trio.SSLStream(tcp, ctx, server_hostname="www.test") as s:
-        await s.send_all(b"GET /x HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n")
+    async with trio.SSLStream(tcp, ctx, server_hostname=host) as s:
+        await s.send_all(
+            b"GET /x HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n" % host.encode()
+        )
         out = b""
         with trio.fail_after(30):
             while True:
@@ -217,6 +226,62 @@ async def test_the_connect_timeout_fires_at_its_value(tmp_path: Path, nursery):
         await edge.aclose()
         for s in [full, *fillers]:
             s.close()
+
+
+async def test_a_bridge_route_through_the_policy(tmp_path: Path, nursery):
+    """mTLS to a real sidecar through the policy's balancer (a dead endpoint beside it is
+    retried as a connect failure), and the connect timeout covering the TLS handshake."""
+    pki = public_pki(tmp_path)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    echo_port = await serve_echo(nursery)
+    mesh_ca = ThrowawayCA.create()
+    api = await start_node(nursery, tmp_path, mesh_ca, "api", echo_port, [sid("edge")], {})
+    silent = await FaultyApp("silent", "silent").start(nursery)
+    store = CredentialStore(tmp_path / "edge-state")
+    store.install(mesh_ca.credential(sid("edge")))
+
+    def bridge(host: str, ports: list[int], **policy: object) -> dict:
+        return {
+            "host": host,
+            "mode": "bridge",
+            "tls": {"cert": "site.pem", "key": "site.pem"},
+            "backend": {
+                "endpoints": [f"127.0.0.1:{p}" for p in ports],
+                "spiffe_id": sid("api"),
+            },
+            **policy,
+        }
+
+    identity = {
+        "spiffe_id": sid("edge"),
+        "ca_url": "https://127.0.0.1:1",
+        "ca_bundle": "x",
+        "state_dir": str(tmp_path / "edge-state"),
+    }
+    routes = [
+        bridge("www.test", [free_port(), api.inbound_port], outlier={"consecutive_failures": 0}),
+        bridge(
+            "api.test",
+            [silent.port],
+            timeouts={"connect_seconds": 0.6},
+            retries={"max_attempts": 1},
+        ),
+    ]
+    edge = await start_edge(nursery, tmp_path, routes, store, identity=identity)
+    try:
+        attempts = set()
+        for _ in range(10):
+            status, headers, body, _ = await _get(edge.https, ctx)
+            assert status == 200, body
+            attempts.add(headers["x-meshcar-attempts"])
+        assert attempts <= {"1", "2"} and _events(edge, "www.test", "retry") >= 1
+        status, _, body, took = await _get(edge.https, ctx, "api.test")
+        assert status == 504, body
+        assert "timed out" in json.loads(body)["message"]
+        assert 0.6 <= took < 5
+    finally:
+        await edge.aclose()
+        await api.inbound.aclose()
 
 
 def test_traffic_policy_errors_name_file_and_key_all_at_once(tmp_path: Path):
