@@ -70,3 +70,39 @@ def test_a_removed_target_is_still_known_to_the_dialer(tmp_path: Path) -> None:
     b = Backends(_cfg(tmp_path, "spiffe://t.test/svc/api", extra), None, Metrics())
     b.reconfigure(_cfg(tmp_path, "spiffe://t.test/svc/api"))()
     assert "old.t.test" not in b.targets and "old.t.test" in b._retired
+
+
+def _policy_route(host: str, port: int, **policy: Any) -> dict[str, Any]:
+    return {
+        "host": host,
+        "mode": "terminate",
+        "tls": {"cert": "site.pem", "key": "site.pem"},
+        "backend": {"endpoints": [f"127.0.0.1:{port}"]},
+        **policy,
+    }
+
+
+def test_reload_keeps_an_unchanged_traffic_policy_and_rebuilds_a_changed_one(
+    tmp_path: Path,
+) -> None:
+    """A target's policy (net/resilient.py) carries its budget, endpoint health and
+    ejections across a reload that leaves it alone; a changed policy is made anew and the
+    pool's per-target limits follow (circuit.max_connections, timeouts.idle_seconds)."""
+    api = "spiffe://t.test/svc/api"
+    keep = _policy_route("keep.t.test", 7004, retries={"max_attempts": 2})
+    old = _cfg(
+        tmp_path, api, [keep, _policy_route("chg.t.test", 7005, circuit={"max_requests": 5})]
+    )
+    b = Backends(old, CredentialStore(tmp_path / "state"), Metrics())
+    kept, changed = b.policies["keep.t.test"], b.policies["chg.t.test"]
+    assert "www.t.test" not in b.policies  # no policy keys: the plain path
+    kept.balancer.endpoints[0].failures = 3  # state that must survive
+    new = _policy_route(
+        "chg.t.test", 7005, circuit={"max_connections": 3}, timeouts={"idle_seconds": 2}
+    )
+    b.reconfigure(_cfg(tmp_path, api, [keep, new]))()
+    assert b.policies["keep.t.test"] is kept and kept.balancer.endpoints[0].failures == 3
+    assert b.policies["chg.t.test"] is not changed
+    assert b.pool.group_limits == {"chg.t.test": 3}
+    assert b.pool.idle_timeouts == {"chg.t.test": 2.0}
+    assert b.policies["chg.t.test"].balancer.endpoints[0].key == "chg.t.test@127.0.0.1:7005"
