@@ -18,7 +18,7 @@ import trio
 from meshcar.tls.store import CredentialStore
 from tests.integration.conftest import NODES, sid, start_node
 from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route
-from tests.integration.test_grpc import FOUR_MB, call_all, start_grpc_server
+from tests.integration.test_grpc import FOUR_MB, SERVICE, call_all, start_grpc_server
 from tests.support.echo_app import serve_echo
 from tests.support.pki import ThrowawayCA
 
@@ -43,6 +43,7 @@ async def h2_edge(tmp_path: Path, nursery: trio.Nursery):
             "tls": {"cert": "site.pem", "key": "site.pem"},
             "backend": {"endpoints": [f"127.0.0.1:{api.inbound_port}"], "spiffe_id": sid("api")},
             "http2": True,
+            "max_body_bytes": 6 << 20,  # the 4 MB message passes; 8 MB streamed does not
         },
         terminate_route("opt.test", echo_port),  # http2 not set: http/1.1 only
         terminate_route(
@@ -256,3 +257,34 @@ async def test_streamed_h2_body_past_max_body_bytes_gets_413(h2_edge) -> None:
         await c.until(lambda: 5 in c.ended)
     assert c.status[5] == 200 and json.loads(c.body[5])["body_length"] == 900, c.body[5][-300:]
     await c.stream.aclose()
+
+
+async def test_grpc_stream_past_max_body_bytes_on_a_bridge_route(h2_edge) -> None:
+    """A client-streaming call (no content-length) past the bridge route's max_body_bytes:
+    RESOURCE_EXHAUSTED with the edge's message (413 as gRPC, Trailers-Only), and the same
+    channel's next call is answered."""
+    edge, pki, _ = h2_edge
+    roots = pki.ca_file.read_bytes()
+
+    def calls() -> tuple:
+        with grpc.secure_channel(
+            f"127.0.0.1:{edge.https}",
+            grpc.ssl_channel_credentials(root_certificates=roots),
+            options=[
+                ("grpc.ssl_target_name_override", "api.test"),
+                ("grpc.default_authority", "api.test"),
+                ("grpc.enable_http_proxy", 0),
+            ],
+        ) as ch:
+            cs = ch.stream_unary(f"/{SERVICE}/ClientStream")
+            try:
+                cs(iter([b"m" * (1 << 20)] * 8), timeout=30)
+                big = None
+            except grpc.RpcError as exc:
+                big = (exc.code(), exc.details())
+            return big, ch.unary_unary(f"/{SERVICE}/Unary")(b"after", timeout=10)
+
+    big, after = await trio.to_thread.run_sync(calls)
+    assert big is not None and big[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, big
+    assert f"request body larger than {6 << 20} bytes" in big[1], big
+    assert after == b"echo:after5"
