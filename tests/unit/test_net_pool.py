@@ -122,6 +122,33 @@ async def test_retire_closes_idle_now_and_busy_after_use(
     assert pool.open_count("k") == 0
 
 
+async def test_retire_keys_closes_their_idle_and_busy_after_use_and_keeps_the_rest(
+    dialer: Dialer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A reload's retire_keys (a removed upstream's keys): its idle connection closes at
+    close_retired, its busy one after its request, another key's is kept; a connection
+    dialed for the retired key afterwards is kept as usual."""
+    pool = Pool(dialer)
+    idle, busy, other = (
+        await acquire_new(pool),
+        await acquire_new(pool),
+        await acquire_new(pool, "o"),
+    )
+    await pool.release(idle, True)
+    await pool.release(other, True)
+    pool.retire_keys(["k"])
+    await pool.close_retired()
+    assert pool.idle_count("k") == 0 and await dialer.peer_closed(0)
+    assert not await dialer.peer_closed(1)  # the busy one finishes its request
+    await pool.release(busy, True)
+    assert pool.idle_count("k") == 0 and await dialer.peer_closed(1)
+    assert pool.open_count("k") == 0
+    assert (await pool.acquire("o")) == (other, True) and not await dialer.peer_closed(2)
+    new = await acquire_new(pool)
+    await pool.release(new, True)
+    assert (await pool.acquire("k")) == (new, True)
+
+
 @pytest.mark.parametrize("late", [b"X", b""], ids=["byte", "eof"])
 async def test_anything_arriving_while_idle_closes_it(
     dialer: Dialer, late: bytes, autojump_clock: trio.testing.MockClock
