@@ -516,10 +516,13 @@ def test_the_app_port_speaks_only_mtls_to_other_pods(pods: Path) -> None:
     plain = curl("outside", f"http://{url}")
     # accepted (not refused: exit 7) by the mesh listener, which does not answer plaintext
     assert plain.returncode not in (0, 7) and '"service"' not in plain.stdout, plain
-    tls = curl("outside", f"https://{url}", "-k")
-    # a TLS server is there, and it wants a client certificate (TLS 1.3 alert 116)
+    tls = curl("outside", f"https://{url}", "-k", "-v")
+    # a TLS server is there, and it asks for a client certificate: curl -v logs the server's
+    # CertificateRequest. The "certificate required" alert that follows (TLS 1.3 alert 116) can
+    # be lost on a loaded machine when the server's close resets the connection before curl
+    # reads it (curl then says errno 107), so the request for a certificate is the assertion.
     assert tls.returncode != 0 and '"service"' not in tls.stdout, tls
-    assert "certificate required" in tls.stderr, tls.stderr
+    assert "TLS handshake, Request CERT (13)" in tls.stderr, tls.stderr
 
 
 def test_the_app_cannot_bypass_its_sidecar(pods: Path) -> None:
