@@ -167,9 +167,14 @@ def _choose(
         return other if (b_in if avoid is a else a_in) else avoid
     if a_in != b_in:
         return a if a_in else b
-    if not a_in:  # both out: any endpoint still in, else the sooner back
-        for e in eps:
-            if e.ejected_until <= now and e.healthy:
-                return e
-        return a if a.ejected_until <= b.ejected_until else b
+    if not a_in:
+        return _fallback(eps, a, b, now)
     return a if a.ewma * (a.pending + 1) <= b.ewma * (b.pending + 1) else b
+
+
+def _fallback(eps: list[Endpoint], a: Endpoint, b: Endpoint, now: float) -> Endpoint:
+    """Both of the pair out: any endpoint still in, else the one of the pair back sooner."""
+    for e in eps:
+        if e.ejected_until <= now and e.healthy:
+            return e
+    return a if a.ejected_until <= b.ejected_until else b
