@@ -7,7 +7,9 @@ loopback ports, so no other demo may run at the same time.
 from __future__ import annotations
 
 import os
+import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,4 +189,79 @@ def test_a_busy_port_is_named_and_nothing_is_left_running(tmp_path: Path) -> Non
         )
     assert r.returncode == 1
     assert f"{api.inbound_port} (api sidecar inbound (mesh))" in r.stderr
+    assert busy_ports() == []
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_dashboard_from_demo_in_headless_chromium(tmp_path: Path) -> None:
+    """`meshcar dashboard --from-demo` against a running `meshcar demo`, rendered by Chromium:
+    all demo services, their calls (web -> api -> payments), each identity's certificate with
+    its time to expiry, and a request made by this test in the live tail."""
+    from tests.e2e.procs import free_port
+    from tests.e2e.test_dashboard import _loaded_dom, _text
+
+    assert busy_ports() == [], "scenario ports busy before the test"
+    d = tmp_path / "demo"
+    demo = subprocess.Popen(
+        demo_argv("--dir", str(d)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    dash_port = free_port()
+    dash = subprocess.Popen(
+        [sys.executable, "-m", "meshcar.cli", "dashboard", "--from-demo"]
+        + ["--listen", f"127.0.0.1:{dash_port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out = _read_until(demo, "meshcar demo: ready:", START_TIMEOUT)
+        assert "meshcar demo: ready:" in out, out
+        web_app = next(s for s in sc.SCENARIO.services if s.name == "web").app_port
+        for _ in range(3):  # web -> api -> payments through the mesh
+            r = subprocess.run(
+                ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"]
+                + [f"http://127.0.0.1:{web_app}/pay"],
+                capture_output=True,
+                text=True,
+            )
+            assert r.stdout == "200", r
+        probe = f"/v1/dashboard-probe-{os.getpid()}-{time.monotonic_ns() % 100000}"
+        host = f"api.demo.test:{sc.EDGE_HTTPS_PORT}"
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"]
+            + ["--cacert", str(d / "edge-ca.pem"), "--resolve", f"{host}:127.0.0.1"]
+            + [f"https://{host}{probe}"],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0 and r.stdout.isdigit(), r
+
+        dom = _loaded_dom(f"http://127.0.0.1:{dash_port}/", tmp_path / "chrome")
+        services = _text(dom, "services")
+        for s in sc.SCENARIO.services:
+            assert s.name in services, services
+        assert "edge" in services, services
+        calls = _text(dom, "edges")
+        for caller, callee in (("web", "api"), ("api", "payments")):
+            assert re.search(rf"\b{caller}\s+→\s+{callee}\s+\d+\s+100\.0%", calls), calls
+        certs = _text(dom, "certs")
+        for s in sc.SCENARIO.services:
+            assert sc.spiffe_id(s.name) in certs, certs
+        assert any(u in certs for u in ("m ", "h ", "d ")), certs  # a time to expiry
+        tail = _text(dom, "tail")
+        assert probe in tail, tail
+    finally:
+        for p in (dash, demo):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for stream in (demo.stdout, demo.stderr, dash.stderr):
+            if stream is not None:
+                stream.close()
     assert busy_ports() == []
