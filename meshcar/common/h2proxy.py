@@ -277,6 +277,7 @@ class H2Proxy:
                     await relay(down, s, up, out, stats, decision.rewrite_response, limit)
             except* BodyTooLarge as eg:  # a streamed body past max_body_bytes
                 big.append(eg.exceptions[0])
+            ups.answered(up)  # a new connection's TLS session, kept once it has answered
             if big:
                 await too_large(down, s, big[0], stats)
             elif scope.cancelled_caught:
@@ -346,6 +347,14 @@ class _Upstreams:
         self.nursery = nursery
         self.conns: dict[Any, H2Conn] = {}
         self.locks: dict[Any, trio.Lock] = {}
+        # new connections whose opener keeps their TLS session once they answered (TLS 1.3
+        # tickets arrive after the handshake): the callback, called once
+        self.fresh: dict[H2Conn, Callable[[], None]] = {}
+
+    def answered(self, conn: H2Conn) -> None:
+        remember = self.fresh.pop(conn, None)
+        if remember is not None:
+            remember()
 
     async def get(self, endpoint: Any, opener: Callable[[], Awaitable[trio.abc.Stream]]) -> H2Conn:
         conn = self.conns.get(endpoint)
@@ -364,6 +373,9 @@ class _Upstreams:
                     raise
                 self.nursery.start_soon(conn.run)
                 self.conns[endpoint] = conn
+                remember = getattr(opener, "remember", None)
+                if remember is not None:
+                    self.fresh[conn] = lambda: remember(stream)
         return conn
 
 
@@ -456,18 +468,32 @@ class H2ClientContext:
         return ctx
 
 
-def h2_opener(mtls: Any, key: str, peer: Any) -> Callable[[], Awaitable[trio.abc.Stream]]:
-    """How to open an mTLS connection to `peer` that speaks h2 (502 if it does not)."""
+class h2_opener:  # noqa: N801 (a callable, as it was a function)
+    """How to open an mTLS connection to `peer` that speaks h2 (502 if it does not), and
+    `remember(stream)`: keep its TLS session in the dialer's session cache (the same
+    `remember_session` the HTTP/1.1 pool calls on release), so the next connection to the
+    endpoint resumes it."""
 
-    async def open_h2() -> trio.abc.Stream:
-        pooled = await mtls.dial(key, peer)
+    __slots__ = ("mtls", "key", "peer", "pooled")
+
+    def __init__(self, mtls: Any, key: str, peer: Any) -> None:
+        self.mtls = mtls
+        self.key = key
+        self.peer = peer
+        self.pooled: Any = None
+
+    async def __call__(self) -> trio.abc.Stream:
+        pooled = await self.mtls.dial(self.key, self.peer)
         stream = pooled.conn.stream
         if stream.selected_alpn_protocol() != "h2":
             await trio.aclose_forcefully(stream)
-            raise UpstreamError(f"peer at {peer.endpoint} does not speak h2", 502)
+            raise UpstreamError(f"peer at {self.peer.endpoint} does not speak h2", 502)
+        self.pooled = pooled
         return stream
 
-    return open_h2
+    def remember(self, stream: trio.abc.Stream) -> None:
+        if self.pooled is not None and self.pooled.conn.stream is stream:
+            self.mtls.remember_session(self.pooled)
 
 
 class MeshPicker:

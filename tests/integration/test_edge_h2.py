@@ -288,3 +288,31 @@ async def test_grpc_stream_past_max_body_bytes_on_a_bridge_route(h2_edge) -> Non
     assert big is not None and big[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, big
     assert f"request body larger than {6 << 20} bytes" in big[1], big
     assert after == b"echo:after5"
+
+
+async def test_h2_bridge_connections_resume_tls_sessions(h2_edge) -> None:
+    """Issue 13: each h2 bridge connection (edge -> backend sidecar, a new one per client
+    connection) did a full TLS handshake; the second now resumes the first one's session
+    through the mTLS dialer's session cache, as HTTP/1.1 bridge connections do."""
+    edge, pki, _ = h2_edge
+    roots = pki.ca_file.read_bytes()
+
+    def unary(msg: bytes) -> bytes:  # a channel each: a client connection each
+        with grpc.secure_channel(
+            f"127.0.0.1:{edge.https}",
+            grpc.ssl_channel_credentials(root_certificates=roots),
+            options=[
+                ("grpc.ssl_target_name_override", "api.test"),
+                ("grpc.default_authority", "api.test"),
+                ("grpc.enable_http_proxy", 0),
+            ],
+        ) as ch:
+            return ch.unary_unary(f"/{SERVICE}/Unary")(msg, timeout=10)
+
+    assert await trio.to_thread.run_sync(unary, b"one") == b"echo:one3"
+    assert await trio.to_thread.run_sync(unary, b"two") == b"echo:two3"
+
+    def hs(result: str) -> float:
+        return edge.metrics.handshakes.labels("bridge", result)._value.get()
+
+    assert (hs("full"), hs("resumed"), hs("failure")) == (1, 1, 0)
