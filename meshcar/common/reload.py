@@ -11,11 +11,13 @@ handed to the role's `prepare(new)`, which builds every new object (route tables
 allow lists, the edge's SSLContexts from the certificate files read again) and may still
 refuse (ConfigError, OSError, ValueError: an unreadable certificate); it returns a
 `Prepared`: `commit`, a synchronous function that assigns the new objects (no checkpoint in
-it, so no request sees half of a swap), `after`, optional, awaited once the swap is done
-(closing the idle pooled connections of removed upstreams), and `restart_required`, the
-keys that changed but cannot change in a running process (listen addresses, workers,
-identity: those keep their running values until a restart, and the log line and
-/config/status name them). A request already in flight keeps the objects it started with.
+it, so no request sees half of a swap); `after`, optional, awaited once the swap is done
+and before the success is reported (closing the idle pooled connections of removed
+upstreams, opening new listeners; it may add to `restart_required`); and
+`restart_required`, the keys that changed but cannot change in a running process (listen
+addresses, workers, identity: those keep their running values until a restart, and the log
+line and /config/status name them). A request already in flight keeps the objects it
+started with.
 
 `watch_loop(seconds)`: every `seconds`, the file's (mtime_ns, size, inode) are compared with
 the last seen; a change triggers a reload (a rename-into-place, as Kubernetes ConfigMaps do,
@@ -150,6 +152,11 @@ class Reloader(Generic[Cfg]):
                 self._failed(trigger, f"internal error: {type(exc).__name__}: {exc}")
                 return False
             prepared.commit()
+            if prepared.after is not None:  # the swap is done: close and open what it changed
+                try:
+                    await prepared.after()
+                except Exception as exc:  # noqa: BLE001 - the new config serves already
+                    self.event("cleanup_failed", logging.WARNING, error=repr(exc))
             self.hash, self.loaded_at = _digest(data), time.time()
             self.restart_required = prepared.restart_required
             self.reloads.labels("success").inc()
@@ -166,11 +173,6 @@ class Reloader(Generic[Cfg]):
                 hash=self.hash,
                 restart_required=prepared.restart_required,
             )
-            if prepared.after is not None:  # the swap is done: close what it left behind
-                try:
-                    await prepared.after()
-                except Exception as exc:  # noqa: BLE001 - closing old connections never fails it
-                    self.event("cleanup_failed", logging.WARNING, error=repr(exc))
             return True
 
     async def _load_and_prepare(self) -> tuple[bytes, Prepared]:

@@ -6,9 +6,9 @@ inbound and outbound listeners, all started with `nursery.start` so ports are bo
 anything reports ready. The process shell (net/shell.py) owns the root nursery, readiness
 while draining, SIGTERM/SIGINT -> drain -> exit and the exit codes. SIGHUP reloads the config
 file (common/reload.py): `inbound.allow`, `inbound.policies` and the outbound's upstreams
-(endpoints, identity, traffic policy), splits and egress apply live; any other changed key
-(and a new listener: a `local_port`, a `protocol: tcp` upstream) is named as needing a
-restart and keeps its running value.
+(endpoints, identity, traffic policy, an http upstream's `local_port` listener), splits and
+egress apply live; any other changed key (and a `protocol: tcp` upstream) is named as
+needing a restart and keeps its running value.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from meshcar.net.workers import Worker, run_workers
 from meshcar.sidecar.config import (
     HostPort,
     SidecarConfig,
+    Upstream,
     load_config,
     load_config_text,
 )
@@ -81,23 +82,75 @@ class Sidecar:
             "sidecar", source, load_config, self.prepare_reload, self.metrics.registry
         )
         self.shell.on_reload = self.reloader.reload
+        self._traffic: tuple[trio.Nursery, trio.Nursery] | None = None  # (listeners, conns)
+        self._fixed: dict[str, trio.CancelScope] = {}  # upstream -> its local_port listener
 
     def prepare_reload(self, new: SidecarConfig) -> Prepared:
         """The reload of `new` (validated): the live keys' objects built; the rest named."""
         keys = [f.name for f in dataclasses.fields(SidecarConfig) if f.name not in LIVE_KEYS]
         restart = restart_keys(self.cfg, new, keys)
-        upstreams, listeners = live_upstreams(self.cfg.upstreams, new.upstreams)
+        ports = self._traffic is not None  # fixed ports opened and closed live
+        upstreams, listeners = live_upstreams(self.cfg.upstreams, new.upstreams, ports)
         live = {k: getattr(new, k) for k in LIVE_KEYS}
         effective = dataclasses.replace(self.cfg, **{**live, "upstreams": upstreams})
         swap_inbound = self.inbound.reconfigure(effective)
         swap_outbound, after = self.outbound.reconfigure(effective)  # last: nothing raises after
 
+        restart += listeners
+        close, opens = self._fixed_changes(upstreams)
+
         def commit() -> None:
             self.cfg = effective
             swap_inbound()
             swap_outbound()
+            for name in close:  # stops accepting; its connections go on in `conns`
+                self._fixed.pop(name).cancel()
 
-        return Prepared(commit, restart + listeners, after)
+        async def cleanup() -> None:
+            await after()
+            for up in opens:  # a port that cannot be bound: named, the rest still applies
+                try:
+                    await self._open_fixed(up)
+                except* OSError as group:  # raised in the listener's nursery: a group
+                    restart.append(f"outbound.upstreams.{up.name}.local_port")
+                    error = str(group.exceptions[0])
+                    _event("sidecar.config.listen_failed", upstream=up.name, error=error)
+
+        return Prepared(commit, restart, cleanup)
+
+    def _fixed_changes(self, upstreams: tuple[Upstream, ...]) -> tuple[list[str], list[Upstream]]:
+        """A reload's fixed-port listeners (http upstreams' `local_port`): those to close,
+        those to open."""
+        want = {u.name: u for u in upstreams if u.protocol == "http" and u.local_port}
+        running = {  # a protocol: tcp upstream's listener stays (restart-only)
+            u.name: u.local_port
+            for u in self.cfg.upstreams
+            if u.protocol == "http" and u.name in self._fixed
+        }
+        close = [n for n, port in running.items() if n not in want or want[n].local_port != port]
+        opens = [u for n, u in want.items() if n in close or n not in running]
+        return close, opens
+
+    async def _open_fixed(self, up: Upstream) -> None:
+        """Serve upstream `up`'s `local_port` in the traffic nursery, in a scope of its own
+        (a reload that removes it cancels that scope)."""
+        assert self._traffic is not None and up.local_port is not None
+        ln, conns = self._traffic
+        scope = trio.CancelScope()
+        where = HostPort("127.0.0.1", up.local_port)
+        handler = partial(self.outbound.handle_connection, fixed=up.name)
+        reuse = self.worker is not None
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with trio.open_nursery() as n:
+                    await serve_guarded(
+                        n, handler, where, conns, "outbound", self.metrics, reuse_port=reuse
+                    )
+                    task_status.started()
+
+        await ln.start(serve)
+        self._fixed[up.name] = scope
 
     # -- admin hooks -----------------------------------------------------------------------
 
@@ -232,16 +285,10 @@ class Sidecar:
                 "transparent",
                 self.metrics,
             )
+        self._traffic = (ln, conns)
         for up in cfg.upstreams:
             if up.local_port is not None:
-                await listen(
-                    ln,
-                    partial(self.outbound.handle_connection, fixed=up.name),
-                    HostPort("127.0.0.1", up.local_port),
-                    conns,
-                    "outbound",
-                    self.metrics,
-                )
+                await self._open_fixed(up)
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish (up to `grace` s, default

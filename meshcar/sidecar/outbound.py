@@ -72,33 +72,39 @@ def route_target(
 
 
 def live_upstreams(
-    old: tuple[Upstream, ...], new: tuple[Upstream, ...]
+    old: tuple[Upstream, ...], new: tuple[Upstream, ...], ports: bool = False
 ) -> tuple[tuple[Upstream, ...], list[str]]:
     """The upstreams a reload serves, and the restart-only keys that changed: a `protocol:
-    tcp` upstream (added, removed or changed: its own listener) and an HTTP upstream's
-    `local_port` (a listener) keep their running values until a restart."""
+    tcp` upstream (added, removed or changed: its own listener) keeps its running value
+    until a restart, and so does an HTTP upstream's `local_port` unless `ports` (the
+    sidecar opens and closes those listeners live)."""
     before = {u.name: u for u in old}
     after = {u.name: u for u in new}
     out: list[Upstream] = []
     restart: list[str] = []
     for name, u in after.items():
-        served, why = _live_upstream(before.get(name), u)
+        served, why = _live_upstream(before.get(name), u, ports)
         out += [served] if served is not None else []
         restart += why
     for name, prev in before.items():
-        if name not in after and (prev.protocol == "tcp" or prev.local_port is not None):
+        fixed = prev.local_port is not None and not ports
+        if name not in after and (prev.protocol == "tcp" or fixed):
             restart.append(f"outbound.upstreams.{name}")
             if prev.protocol == "tcp":
                 out.append(prev)
     return tuple(out), restart
 
 
-def _live_upstream(prev: Upstream | None, u: Upstream) -> tuple[Upstream | None, list[str]]:
+def _live_upstream(
+    prev: Upstream | None, u: Upstream, ports: bool
+) -> tuple[Upstream | None, list[str]]:
     """What a reload serves for upstream `u` (`prev`: its running config) and the
     restart-only keys of it that changed."""
     key = f"outbound.upstreams.{u.name}"
     if u.protocol == "tcp" or (prev is not None and prev.protocol == "tcp"):
         return prev, [key] if prev != u else []
+    if ports:
+        return u, []
     port = prev.local_port if prev is not None else None
     return replace(u, local_port=port), [key + ".local_port"] if u.local_port != port else []
 

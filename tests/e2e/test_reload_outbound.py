@@ -4,7 +4,8 @@ outbound; the reload adds an upstream, adds an endpoint to api and moves the `sh
 both workers apply it, no request fails, the new upstream answers and the traffic moves (the
 demo apps name themselves in their answers); the unchanged upstream's pooled mTLS connection
 is reused (no new handshake at its peer); an invalid outbound change is rejected by both
-workers with file and key while the old outbound serves."""
+workers with file and key while the old outbound serves; the new upstream's `local_port` is
+opened by the reload in both workers and closed by the one that removes it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import http.client
 import json
 import re
 import signal
+import socket
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.procs import Procs, ca_token, sidecar_identity, wait_until
+from tests.e2e.procs import Procs, ca_token, free_port, sidecar_identity, wait_until
 from tests.e2e.test_reload_sidecar import _reloads
 from tests.e2e.test_workers import _ports, ca, sid, sidecar_cfg  # noqa: F401 (fixture)
 
@@ -108,7 +110,12 @@ def test_outbound_reload_under_load_two_workers(ca, tmp_path: Path, procs: Procs
     assert _get(pay_conn, "api-b")[0] == 502  # not an upstream yet
 
     # valid: api-b added, api gets a second endpoint, shop moves to api-b; both workers
-    after = {**before, "api": up("api", api, api2), "api-b": up("api", api2)}
+    fixed = free_port()  # api-b's local_port: a listener opened by the reload
+    after = {
+        **before,
+        "api": up("api", api, api2),
+        "api-b": {**up("api", api2), "local_port": fixed},
+    }
     _rewrite(web_cfg, {"upstreams": after, "splits": {"shop": [{"upstream": "api-b"}]}})
     web_p.send_signal(signal.SIGHUP)
     wait_until(lambda: _reloads(web["admin"], "success") == {"0": 1, "1": 1}, "both workers")
@@ -117,6 +124,11 @@ def test_outbound_reload_under_load_two_workers(ca, tmp_path: Path, procs: Procs
     for _ in range(8):  # new connections: both workers (SO_REUSEPORT) route to api-b
         fresh = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
         assert _get(fresh, "api-b") == (200, "api2")
+        fresh.close()
+        fresh = http.client.HTTPConnection("127.0.0.1", fixed, timeout=10)  # its fixed port
+        fresh.request("GET", "/hello")
+        r = fresh.getresponse()
+        assert (r.status, json.loads(r.read())["service"]) == (200, "api2")
         fresh.close()
     at_api, at_shop = len(seen["api"]), len(seen["shop"])
     wait_until(
@@ -146,3 +158,24 @@ def test_outbound_reload_under_load_two_workers(ca, tmp_path: Path, procs: Procs
     pay_conn.close()
     statuses = {s for s, _ in seen["api"] + seen["shop"]}
     assert errors == [] and statuses == {200}, (errors[:3], statuses)
+
+    # api-b removed: both workers close its fixed port
+    _rewrite(web_cfg, {"upstreams": before, "splits": {"shop": [{"upstream": "api"}]}})
+    web_p.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(web["admin"], "success") == {"0": 2, "1": 2}, "both removed")
+    for _ in range(8):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", fixed), timeout=5).close()
+
+    # a local_port in use: the reload applies the rest and names the port
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        _rewrite(web_cfg, {"upstreams": {**after, "api-b": {**after["api-b"], "local_port": busy}}})
+        web_p.send_signal(signal.SIGHUP)
+        wait_until(lambda: _reloads(web["admin"], "success") == {"0": 3, "1": 3}, "both applied")
+        st = httpx.get(f"http://127.0.0.1:{web['admin']}/config/status", timeout=5).json()
+        assert st["restart_required"] == ["outbound.upstreams.api-b.local_port"], st
+        wait_until(lambda: "sidecar.config.listen_failed" in procs.log("web"), "the log line")
+        conn = http.client.HTTPConnection("127.0.0.1", web["out"], timeout=10)
+        assert _get(conn, "api-b") == (200, "api2")
+        conn.close()
