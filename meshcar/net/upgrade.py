@@ -191,19 +191,42 @@ async def relay_switched(
     if not ex.response_started:
         raise DownstreamGone(f"client did not take the 101 for {timeouts.write:g}s")
     r.counts.down = len(upstream_first)
-    name = proto.decode("latin-1")
+    try:
+        await relay_streams(
+            r, down.stream, up.stream, client_first, proto.decode("latin-1"), observer
+        )
+    finally:
+        ex.bytes_up += r.counts.up
+        ex.bytes_down = r.counts.down
+    return ex
+
+
+def new_relay(idle: float) -> _Relay:
+    """A relay whose idle deadline (`idle` seconds without a byte either way) starts now."""
+    return _Relay(idle)
+
+
+async def relay_streams(
+    r: _Relay,
+    client: trio.abc.Stream,
+    upstream: trio.abc.Stream,
+    client_first: bytes,
+    name: str,
+    observer: UpgradeObserver | None = None,
+) -> None:
+    """Move bytes both ways until both directions end (or `r`'s idle deadline passes),
+    counted in `r.counts`; the observer and the `upgrade.closed` log line see it. Also
+    the tunnel of a CONNECT (sidecar/egress.py, protocol "connect")."""
     if observer is not None:
         observer.upgrade_opened(name)
     try:
         with r.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(r.one_way, down.stream, up.stream, client_first, True)
-                nursery.start_soon(r.one_way, up.stream, down.stream, b"", False)
+                nursery.start_soon(r.one_way, client, upstream, client_first, True)
+                nursery.start_soon(r.one_way, upstream, client, b"", False)
         if r.scope.cancelled_caught and not r.end:
             r.end = "idle_timeout"
     finally:
-        ex.bytes_up += r.counts.up
-        ex.bytes_down = r.counts.down
         end = r.end or "cancelled"
         if observer is not None:
             observer.upgrade_closed(name, r.counts.up, r.counts.down, end)
@@ -211,4 +234,3 @@ async def relay_switched(
         if r.error:
             entry["error"] = r.error
         log.info(json.dumps(entry | {"bytes_up": r.counts.up, "bytes_down": r.counts.down}))
-    return ex

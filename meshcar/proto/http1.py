@@ -127,11 +127,12 @@ def get_header(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def _upgrade_problem(req: RequestHead) -> str:
+def _upgrade_problem(req: RequestHead, allow_connect: bool = False) -> str:
     """Why an upgrade request (llhttp saw `Connection: upgrade` and Upgrade, or CONNECT)
-    cannot be proxied, or "" (RFC 9110 7.8; RFC 6455 4.1 for websocket)."""
+    cannot be proxied, or "" (RFC 9110 7.8; RFC 6455 4.1 for websocket). CONNECT only
+    where the listener takes it (`allow_connect`: the sidecar's outbound HTTP proxy)."""
     if req.method == b"CONNECT":
-        return "CONNECT is not supported"
+        return "" if allow_connect and req.version == "1.1" else "CONNECT is not supported"
     value = req.header(b"upgrade")
     if value is None or not value.strip():
         return "Connection: upgrade without an Upgrade header"
@@ -141,6 +142,13 @@ def _upgrade_problem(req: RequestHead) -> str:
     if b"websocket" in tokens and req.method != b"GET":
         return "a WebSocket upgrade must be a GET request"
     return ""
+
+
+def _switching(head: RequestHead) -> RequestHead:
+    """An upgrade request (or an allowed CONNECT) as delivered: the connection's last."""
+    if head.method == b"CONNECT":
+        return replace(head, keep_alive=False)
+    return replace(head, upgrade=head.header(b"upgrade"), keep_alive=False)
 
 
 def _check_request_head(version: str, te: bytes | None, headers: Headers) -> None:
@@ -191,6 +199,7 @@ class Http1Parser:
         # what followed its message in the same read is the new protocol's (`upgrade_tail`)
         self.switched = False
         self.upgrade_tail = b""
+        self.allow_connect = False  # deliver CONNECT (keep_alive False) instead of a 501
         self._new_parser()
 
     # -- public API -------------------------------------------------------------------
@@ -427,9 +436,9 @@ class Http1Parser:
         head = self._events[at] if heads else None
         problem = ""
         if isinstance(head, RequestHead):
-            problem = _upgrade_problem(head)
+            problem = _upgrade_problem(head, self.allow_connect)
             if not problem:
-                self._events[at] = replace(head, upgrade=head.header(b"upgrade"), keep_alive=False)
+                self._events[at] = _switching(head)
         elif not (isinstance(head, ResponseHead) and head.status == 101):
             problem = "a protocol switch in a response other than 101"
         if problem:

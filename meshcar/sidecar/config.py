@@ -165,6 +165,9 @@ OUTBOUND = Section(
             "deny",
         ),
         "egress_proxy": key(HOSTPORT, "with egress allow: send non-mesh HTTP via this proxy"),
+        "connect_ports": key(
+            ListOf(PORT), "with egress allow: ports CONNECT (HTTPS_PROXY) may tunnel to", [443]
+        ),
         "splits": key(
             MapOf(ListOf(SPLIT_TO, min_items=1), key_pattern="^[^ /:@]+$"),
             "weighted splits: service name -> [{upstream, weight}] (canaries)",
@@ -229,6 +232,7 @@ class SidecarConfig:
     transparent_listen: HostPort | None = None  # iptables-redirected app traffic
     egress: str = "deny"  # outbound.egress: hosts that are no upstream (allow | deny)
     egress_proxy: HostPort | None = None  # outbound.egress_proxy: non-mesh HTTP goes via it
+    connect_ports: tuple[int, ...] = (443,)  # outbound.connect_ports: CONNECT allowed to
     splits: tuple[TrafficSplit, ...] = ()  # outbound.splits (sidecar/splits.py)
     pool_idle_seconds: float = 30.0  # an idle pooled mesh connection is closed after this
     timeouts: Timeouts = Timeouts()  # head, body, write and idle progress (net/forward.py)
@@ -419,7 +423,13 @@ def _egress(c: Checker, outbound: dict) -> dict[str, Any]:
         proxy = c.hostport(outbound["egress_proxy"], "outbound.egress_proxy")
         if egress != "allow":
             c.bad("outbound.egress_proxy", "needs outbound.egress: allow")
-    return {"egress": egress, "egress_proxy": proxy}
+    ports = outbound.get("connect_ports", [443])
+    if not isinstance(ports, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports
+    ):
+        c.bad("outbound.connect_ports", "must be a list of ports (1-65535)")
+        ports = [443]
+    return {"egress": egress, "egress_proxy": proxy, "connect_ports": tuple(ports)}
 
 
 def _scalars(c: Checker, data: dict) -> tuple[float, str]:

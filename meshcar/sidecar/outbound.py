@@ -41,7 +41,7 @@ from meshcar.proto.path import DEFAULT, PathError, PathOptions, normalise_target
 from meshcar.proto.trace import stamp
 from meshcar.sidecar.config import SidecarConfig, Upstream
 from meshcar.sidecar.dialers import MeshDialer
-from meshcar.sidecar.egress import DENIED, Egress
+from meshcar.sidecar.egress import DENIED, Egress, Tunnel, connect_decision, run_tunnel
 from meshcar.sidecar.splits import Splitter
 from meshcar.sidecar.tcp import TcpOutbound
 from meshcar.tls.store import CredentialStore
@@ -257,6 +257,7 @@ class Outbound:
             await self.h2().serve(stream, lambda req: self.decide(req, fixed), {}, self.drain)
             return
         conn = HttpConn(stream, "request", self.cfg.http.headers, quickack=True)  # app-facing
+        conn.parser.allow_connect = fixed is None  # CONNECT on the proxy port (egress.py)
         await serve_http(
             conn,
             lambda req, c: self.handle_request(req, c, fixed),
@@ -277,8 +278,13 @@ class Outbound:
         start = time.perf_counter()
         out = Outcome()
         hop = stamp(req.headers)  # the app's x-request-id or a new one; a span per hop
-        decision, service = self.decide(req, fixed)
+        decision, service = (
+            self.decide(req, fixed) if req.method != b"CONNECT" else self.tunnel(req)
+        )
         try:
+            if isinstance(decision, Tunnel):  # CONNECT (sidecar/egress.py)
+                out = await run_tunnel(down, req, decision, self.cfg.timeouts)
+                return False
             out = await carry_out(down, req, decision, self.cfg.timeouts, "outbound")
             return out.keep
         finally:
@@ -297,6 +303,11 @@ class Outbound:
                 duration_ms=round(dur * 1000, 3),
                 reason=reason_of(out.status, decision, out.error),
             )
+
+    def tunnel(self, req: RequestHead) -> tuple[Tunnel | Refuse, None]:
+        """A CONNECT on the proxy listener (sidecar/egress.py)."""
+        mesh = set(self.upstreams) | {s.name for s in self.cfg.splits}
+        return connect_decision(req, self.cfg, self.egress, mesh, self.upgrades), None
 
     def decide(self, req: RequestHead, fixed: str | None) -> tuple[Decision, str | None]:
         """Refuse (400: https:// or a target that cannot be normalised; 502: no such
