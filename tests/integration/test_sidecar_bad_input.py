@@ -43,7 +43,8 @@ async def test_https_url_and_connect_are_refused(mesh: Mesh) -> None:
     out = await raw_exchange(
         mesh.client.outbound_port, b"CONNECT api:443 HTTP/1.1\r\nHost: api\r\n\r\n"
     )
-    assert out.startswith(b"HTTP/1.1 501 ")
+    # CONNECT to a mesh upstream's name: refused, naming why (sidecar/egress.py)
+    assert out.startswith(b"HTTP/1.1 403 ") and b"mesh upstream 'api'" in out
 
 
 async def test_tls_garbage_and_plaintext_on_mesh_port(mesh: Mesh) -> None:
