@@ -88,19 +88,7 @@ async def carry_out(
         if decision.request_timeout is not None:
             ex = await _bounded(down, req, decision, timeouts, decision.request_timeout)
             return Outcome(ex.status, ex.bytes_up, ex.bytes_down)
-        ex = await proxy_request(
-            down,
-            req,
-            decision.head,
-            decision.pool,
-            decision.key,
-            decision.rewrite_response,
-            on_release=decision.on_release,
-            max_request_body=decision.max_request_body,
-            response_timeout=decision.response_timeout,
-            timeouts=timeouts,
-            upgrades=decision.upgrades,
-        )
+        ex = await _proxy(down, req, decision, timeouts, None)
     except MeshcarError as exc:
         return await fail(down, req, exc, role, decision.upstream)
     finally:
@@ -115,20 +103,7 @@ async def _bounded(
     """proxy_request within `limit` seconds: a 504 before the response began, else a close."""
     ex = Exchange()
     with trio.move_on_after(limit):
-        return await proxy_request(
-            down,
-            req,
-            d.head,
-            d.pool,
-            d.key,
-            d.rewrite_response,
-            on_release=d.on_release,
-            max_request_body=d.max_request_body,
-            response_timeout=d.response_timeout,
-            timeouts=timeouts,
-            upgrades=d.upgrades,
-            exchange=ex,
-        )
+        return await _proxy(down, req, d, timeouts, ex)
     if ex.response_started:
         raise ResponseStarted(f"request timeout ({limit:g}s) in the response body")
     raise UpstreamError(f"no response within the request timeout ({limit:g}s)", 504)
@@ -144,3 +119,23 @@ async def fail(
         return Outcome(exc.status, keep=False, error=exc)
     keep = await answer(down, refusal, req)
     return Outcome(exc.status, keep=keep, error=exc)
+
+
+async def _proxy(
+    down: HttpConn, req: RequestHead, d: Forward, timeouts: Timeouts, ex: Exchange | None
+) -> Exchange:
+    """proxy_request with what the decision `d` carries; `ex`, if given, records it."""
+    return await proxy_request(
+        down,
+        req,
+        d.head,
+        d.pool,
+        d.key,
+        d.rewrite_response,
+        on_release=d.on_release,
+        max_request_body=d.max_request_body,
+        response_timeout=d.response_timeout,
+        timeouts=timeouts,
+        upgrades=d.upgrades,
+        exchange=ex,
+    )
