@@ -15,6 +15,7 @@ from meshcar.edge.config import parse_edge_config
 from meshcar.errors import ConfigError
 from tests.integration.edge_fixtures import public_pki, start_edge, terminate_route
 from tests.support.faulty_app import FaultyApp
+from tests.support.readall import read_to_close
 
 
 async def _get(port: int, ctx: ssl.SSLContext) -> tuple[int, bytes, float]:
@@ -22,16 +23,7 @@ async def _get(port: int, ctx: ssl.SSLContext) -> tuple[int, bytes, float]:
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     async with trio.SSLStream(tcp, ctx, server_hostname="www.test") as s:
         await s.send_all(b"GET /x HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n")
-        out = b""
-        with trio.fail_after(30):
-            while True:
-                try:
-                    data = await s.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                out += data
+        out = await read_to_close(s)
     head, _, body = out.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body, trio.current_time() - start
 

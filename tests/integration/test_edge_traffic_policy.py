@@ -25,6 +25,7 @@ from tests.support.echo_app import serve_echo
 from tests.support.faulty_app import FaultyApp
 from tests.support.pki import ThrowawayCA
 from tests.support.ports import free_port
+from tests.support.readall import read_to_close
 
 
 async def _get(
@@ -36,16 +37,7 @@ async def _get(
         await s.send_all(
             b"GET /x HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n" % host.encode()
         )
-        out = b""
-        with trio.fail_after(30):
-            while True:
-                try:
-                    data = await s.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                out += data
+        out = await read_to_close(s)
     head, _, body = out.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {}

@@ -20,6 +20,7 @@ from meshcar.sidecar.inbound import Inbound  # noqa: F401  (the server nodes' li
 from tests.integration.conftest import NODES, Node, sid, start_node
 from tests.support.faulty_app import FaultyApp
 from tests.support.pki import ThrowawayCA
+from tests.support.readall import read_to_close
 
 
 @pytest.fixture(autouse=True)
@@ -40,16 +41,7 @@ async def get(port: int, target: str = "/x", method: str = "GET", body: bytes = 
             f"{method} {target} HTTP/1.1\r\nHost: api\r\n{extra}Connection: close\r\n\r\n".encode()
             + body
         )
-        out = b""
-        with trio.fail_after(30):
-            while True:
-                try:
-                    data = await s.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                out += data
+        out = await read_to_close(s)
     head, _, rest = out.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
